@@ -1,0 +1,91 @@
+"""Wire contracts of mes-hub: what integrators code against.
+
+Public surface:
+- ``CloudEvent``: the CloudEvents 1.0 envelope (JSON structured mode).
+- the v1 data models and ``EVENT_TYPES`` (type name -> ``EventType``).
+- ``decode_event`` / ``encode_event``: bytes <-> validated envelope and data.
+- ``nats_subject_for`` / ``check_subject``: the NATS subject rules.
+- ``export_json_schemas``: one JSON Schema file per type.
+
+Errors::
+
+    ContractViolation   every rejection: ``reason``, and ``field`` where one is at fault
+
+This package imports nothing else of mes-hub.
+"""
+
+from contracts._envelope import (
+    CloudEvent,
+    ValidatedEvent,
+    decode_event,
+    encode_event,
+    validate_envelope,
+)
+from contracts._errors import ContractViolation
+from contracts._schema import export_json_schemas
+from contracts._subjects import (
+    DLQ_PREFIX,
+    check_subject,
+    dlq_subject,
+    is_token,
+    nats_subject_for,
+    partition_key,
+    partition_of,
+)
+from contracts._types import (
+    EVENT_TYPES,
+    Availability,
+    AvailabilityV1,
+    ConditionLevel,
+    ConditionV1,
+    ControllerMode,
+    DowntimeReasonV1,
+    EventType,
+    Execution,
+    ExecutionV1,
+    OrderCancelledV1,
+    OrderChangedV1,
+    OrderEndedV1,
+    OrderReleasedV1,
+    OrderStartedV1,
+    PartCountKind,
+    PartCountV1,
+    ScrapV1,
+    Stream,
+)
+
+__all__ = [
+    "DLQ_PREFIX",
+    "EVENT_TYPES",
+    "Availability",
+    "AvailabilityV1",
+    "CloudEvent",
+    "ConditionLevel",
+    "ConditionV1",
+    "ContractViolation",
+    "ControllerMode",
+    "DowntimeReasonV1",
+    "EventType",
+    "Execution",
+    "ExecutionV1",
+    "OrderCancelledV1",
+    "OrderChangedV1",
+    "OrderEndedV1",
+    "OrderReleasedV1",
+    "OrderStartedV1",
+    "PartCountKind",
+    "PartCountV1",
+    "ScrapV1",
+    "Stream",
+    "ValidatedEvent",
+    "check_subject",
+    "decode_event",
+    "dlq_subject",
+    "encode_event",
+    "export_json_schemas",
+    "is_token",
+    "nats_subject_for",
+    "partition_key",
+    "partition_of",
+    "validate_envelope",
+]

@@ -1,0 +1,35 @@
+"""JSON Schema export: one file per v1 type, for integrators' validators and code generators."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from contracts._envelope import CloudEvent
+from contracts._types import EVENT_TYPES
+
+
+def schema_for(type_name: str) -> dict[str, Any]:
+    event_type = EVENT_TYPES[type_name]
+    envelope = CloudEvent.model_json_schema()
+    data = event_type.data_model.model_json_schema()
+    defs = {**envelope.pop("$defs", {}), **data.pop("$defs", {})}
+    envelope["properties"]["type"] = {"const": type_name, "type": "string"}
+    envelope["properties"]["data"] = data
+    envelope["title"] = type_name
+    envelope["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    envelope["$id"] = f"urn:mes-hub:contracts:{type_name}"
+    if defs:
+        envelope["$defs"] = defs
+    return envelope
+
+
+def export_json_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for type_name in sorted(EVENT_TYPES):
+        path = directory / f"{type_name}.schema.json"
+        path.write_text(json.dumps(schema_for(type_name), indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written

@@ -1,0 +1,179 @@
+"""The v1 event types of DESIGN.md, as pydantic models of the CloudEvent ``data``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$"
+Token = Annotated[str, Field(pattern=TOKEN_PATTERN, min_length=1, max_length=128)]
+
+
+# Event times must carry an offset: a naive time on a shop floor is a bug waiting for DST.
+EventTime = AwareDatetime
+
+
+class _Data(BaseModel):
+    # Unknown fields are refused: a typo in an integrator's field name must not pass silently.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Availability(StrEnum):
+    AVAILABLE = "AVAILABLE"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class Execution(StrEnum):
+    ACTIVE = "ACTIVE"
+    READY = "READY"
+    INTERRUPTED = "INTERRUPTED"
+    FEED_HOLD = "FEED_HOLD"
+    STOPPED = "STOPPED"
+    OPTIONAL_STOP = "OPTIONAL_STOP"
+    PROGRAM_STOPPED = "PROGRAM_STOPPED"
+    PROGRAM_COMPLETED = "PROGRAM_COMPLETED"
+    WAIT = "WAIT"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class ControllerMode(StrEnum):
+    AUTOMATIC = "AUTOMATIC"
+    MANUAL = "MANUAL"
+    MANUAL_DATA_INPUT = "MANUAL_DATA_INPUT"
+    SEMI_AUTOMATIC = "SEMI_AUTOMATIC"
+    EDIT = "EDIT"
+
+
+class PartCountKind(StrEnum):
+    ALL = "all"
+    BAD = "bad"
+
+
+class ConditionLevel(StrEnum):
+    NORMAL = "normal"
+    WARNING = "warning"
+    FAULT = "fault"
+    UNAVAILABLE = "unavailable"
+
+
+class AvailabilityV1(_Data):
+    availability: Availability
+
+
+class ExecutionV1(_Data):
+    execution: Execution
+    mode: ControllerMode | None = None
+    program: str | None = Field(default=None, max_length=256)
+
+
+class PartCountV1(_Data):
+    count: int = Field(ge=0, description="The controller's cumulative counter")
+    kind: PartCountKind
+
+
+class ConditionV1(_Data):
+    level: ConditionLevel
+    native_code: str | None = Field(default=None, max_length=128)
+    message: str | None = Field(default=None, max_length=2048)
+
+
+class DowntimeReasonV1(_Data):
+    reason: str = Field(min_length=1, max_length=256, description="Code from the reason catalog")
+    start: EventTime
+    end: EventTime | None = None
+    operator: str = Field(min_length=1, max_length=128)
+    note: str | None = Field(default=None, max_length=2048)
+
+    @model_validator(mode="after")
+    def _end_after_start(self) -> DowntimeReasonV1:
+        if self.end is not None and self.end < self.start:
+            raise ValueError("end must not be before start")
+        return self
+
+
+class OrderStartedV1(_Data):
+    order_id: Token
+
+
+class OrderEndedV1(_Data):
+    order_id: Token
+
+
+class ScrapV1(_Data):
+    order_id: Token | None = None
+    quantity: int = Field(gt=0)
+    reason: str = Field(min_length=1, max_length=256)
+
+
+class OrderReleasedV1(_Data):
+    order_id: Token
+    part_number: str = Field(min_length=1, max_length=128)
+    quantity: int = Field(gt=0)
+    due: EventTime
+    customer: str | None = Field(default=None, max_length=256)
+    machine_id: Token | None = None
+    ideal_cycle_time_s: float = Field(gt=0, description="ISO 22400 planned run time per item (PRI)")
+
+
+class OrderChangedV1(_Data):
+    order_id: Token
+    part_number: str | None = Field(default=None, min_length=1, max_length=128)
+    quantity: int | None = Field(default=None, gt=0)
+    due: EventTime | None = None
+    customer: str | None = Field(default=None, max_length=256)
+    machine_id: Token | None = None
+    ideal_cycle_time_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> OrderChangedV1:
+        if not self.changes():
+            raise ValueError("an order change must change at least one field")
+        return self
+
+    def changes(self) -> dict[str, object]:
+        return self.model_dump(exclude={"order_id"}, exclude_unset=True)
+
+
+class OrderCancelledV1(_Data):
+    order_id: Token
+    reason: str = Field(min_length=1, max_length=1024)
+
+
+Stream = Literal["machine", "operator", "erp"]
+
+
+@dataclass(frozen=True)
+class EventType:
+    """One v1 type: its name, the data model, and where it travels on NATS.
+
+    ``stream`` is the subject family; ``kind`` the last subject token. The CloudEvent ``subject``
+    is a machine id for machine and operator types and an order id for ERP types.
+    """
+
+    name: str
+    data_model: type[_Data]
+    stream: Stream
+    kind: str
+
+
+EVENT_TYPES: dict[str, EventType] = {
+    t.name: t
+    for t in (
+        EventType("mes.machine.availability.v1", AvailabilityV1, "machine", "availability"),
+        EventType("mes.machine.execution.v1", ExecutionV1, "machine", "execution"),
+        EventType("mes.machine.partcount.v1", PartCountV1, "machine", "partcount"),
+        EventType("mes.machine.condition.v1", ConditionV1, "machine", "condition"),
+        EventType(
+            "mes.operator.downtime_reason.v1", DowntimeReasonV1, "operator", "downtime_reason"
+        ),
+        EventType("mes.operator.order_started.v1", OrderStartedV1, "operator", "order_started"),
+        EventType("mes.operator.order_ended.v1", OrderEndedV1, "operator", "order_ended"),
+        EventType("mes.operator.scrap.v1", ScrapV1, "operator", "scrap"),
+        EventType("mes.erp.order.released.v1", OrderReleasedV1, "erp", "released"),
+        EventType("mes.erp.order.changed.v1", OrderChangedV1, "erp", "changed"),
+        EventType("mes.erp.order.cancelled.v1", OrderCancelledV1, "erp", "cancelled"),
+    )
+}

@@ -1,0 +1,112 @@
+"""The composition root: the one place that builds and wires the hub's parts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
+from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
+from hub.settings import Settings
+from hub.store import EventStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hub:
+    """A running hub: NATS (embedded or not), the store, and the ingest partitions."""
+
+    settings: Settings
+    nats_url: str
+    nats: NatsClient
+    jetstream: JetStreamContext
+    store: EventStore
+    publisher: NatsPublisher
+    partitions: list[IngestPartition]
+    embedded_nats: EmbeddedNatsServer | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start_ingest(self) -> None:
+        for partition in self.partitions:
+            self._tasks.append(asyncio.create_task(partition.run(self._stop)))
+
+    def ingest_stats(self) -> IngestStats:
+        total = IngestStats()
+        for partition in self.partitions:
+            stats = partition.ingestor.stats
+            total.applied += stats.applied
+            total.duplicates += stats.duplicates
+            total.rejected += stats.rejected
+            total.batches += stats.batches
+            total.position = max(total.position, stats.position)
+        return total
+
+    async def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Wait until every partition has read to the end of the stream (for tests, demo)."""
+        for partition in self.partitions:
+            partition.caught_up.clear()
+        await asyncio.wait_for(
+            asyncio.gather(*(p.caught_up.wait() for p in self.partitions)), timeout
+        )
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.nats.drain()
+        await asyncio.to_thread(self.store.close)
+        if self.embedded_nats is not None:
+            await asyncio.to_thread(self.embedded_nats.stop)
+
+
+async def build_hub(settings: Settings, *, ingest: bool = True) -> Hub:
+    embedded: EmbeddedNatsServer | None = None
+    url = settings.nats_url
+    if url is None:
+        embedded = EmbeddedNatsServer(settings.nats_data_dir)
+        url = await asyncio.to_thread(embedded.start)
+    try:
+        client = await connect(url)
+        jetstream = client.jetstream()
+        await ensure_streams(jetstream, settings)
+        store = await asyncio.to_thread(EventStore, settings)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    partitions = [
+        IngestPartition(
+            jetstream,
+            Ingestor(
+                store,
+                tracking_name(k, settings.partitions),
+                partition=k,
+                partitions=settings.partitions,
+                snapshot_interval=settings.snapshot_interval,
+            ),
+            batch_size=settings.ingest_batch,
+            kill_after_commit=settings.fault_kill_after_commit,
+        )
+        for k in range(settings.partitions)
+    ]
+    hub = Hub(
+        settings=settings,
+        nats_url=url,
+        nats=client,
+        jetstream=jetstream,
+        store=store,
+        publisher=NatsPublisher(jetstream, settings.site),
+        partitions=partitions,
+        embedded_nats=embedded,
+    )
+    if ingest:
+        hub.start_ingest()
+    return hub

@@ -1,0 +1,379 @@
+"""Domain aggregates: a Machine and an Order, event-sourced with the ``eventsourcing`` library.
+
+Every event keeps the CloudEvent's id, source and event time, so the store answers "who said
+what, when" for auditors. Decisions (e.g. how many parts a counter reading adds) are taken in the
+command methods and recorded in the event; replaying history never re-decides anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from eventsourcing.domain import Aggregate, event
+
+# Aggregate ids are derived from the plant's own ids, so any process finds the same aggregate.
+_ID_NAMESPACE = uuid5(NAMESPACE_URL, "urn:mes-hub")
+
+
+def machine_aggregate_id(site: str, machine_id: str) -> UUID:
+    return uuid5(_ID_NAMESPACE, f"machine/{site}/{machine_id}")
+
+
+def order_aggregate_id(site: str, order_id: str) -> UUID:
+    return uuid5(_ID_NAMESPACE, f"order/{site}/{order_id}")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a fact came from: the CloudEvent id, its source, and the event time."""
+
+    event_id: str
+    source: str
+    time: datetime
+
+
+def _newer(time: datetime, than: datetime | None) -> bool:
+    return than is None or time >= than
+
+
+class Machine(Aggregate):
+    @staticmethod
+    def create_id(site: str, machine_id: str) -> UUID:
+        return machine_aggregate_id(site, machine_id)
+
+    @event("Registered")
+    def __init__(self, site: str, machine_id: str) -> None:
+        self.site = site
+        self.machine_id = machine_id
+        self.availability: str | None = None
+        self.availability_time: datetime | None = None
+        self.execution: str | None = None
+        self.execution_time: datetime | None = None
+        self.mode: str | None = None
+        self.program: str | None = None
+        self.state_since: datetime | None = None
+        self.parts_produced = 0
+        self.parts_bad = 0
+        self.parts_scrapped = 0
+        self.counter_resets = 0
+        # Last accepted reading per counter kind: [value, event time as ISO text].
+        self.counters: dict[str, list[Any]] = {}
+        self.conditions: dict[str, dict[str, Any]] = {}
+        self.order_id: str | None = None
+        self.order_time: datetime | None = None
+        self.last_event_time: datetime | None = None
+        self.downtime_reasons = 0
+
+    # --- commands: decide, then record -------------------------------------------------------
+
+    def report_availability(self, origin: Origin, availability: str) -> None:
+        self._availability_reported(origin.event_id, origin.source, origin.time, availability)
+
+    def report_execution(
+        self, origin: Origin, execution: str, mode: str | None, program: str | None
+    ) -> None:
+        self._execution_reported(
+            origin.event_id, origin.source, origin.time, execution, mode, program
+        )
+
+    def report_part_count(self, origin: Origin, kind: str, count: int) -> None:
+        """Counters are cumulative. The first reading is the baseline and counts nothing; an
+        increase adds the difference; a decrease is a reset and the new value counts as made
+        since the reset. A reading older than the last accepted one counts nothing (the later
+        cumulative value already covers it) but is kept, with ``late`` set."""
+        last = self.counters.get(kind)
+        increment, reset, late = 0, False, False
+        if last is not None:
+            last_value, last_time = int(last[0]), datetime.fromisoformat(last[1])
+            if origin.time < last_time:
+                late = True
+            elif count >= last_value:
+                increment = count - last_value
+            else:
+                reset, increment = True, count
+        self._part_count_reported(
+            origin.event_id,
+            origin.source,
+            origin.time,
+            kind,
+            count,
+            increment,
+            reset,
+            late,
+            self.order_id,
+        )
+
+    def report_condition(
+        self, origin: Origin, level: str, native_code: str | None, message: str | None
+    ) -> None:
+        self._condition_reported(
+            origin.event_id, origin.source, origin.time, level, native_code, message
+        )
+
+    def give_downtime_reason(
+        self,
+        origin: Origin,
+        reason: str,
+        start: datetime,
+        end: datetime | None,
+        operator: str,
+        note: str | None,
+    ) -> None:
+        self._downtime_reason_given(
+            origin.event_id, origin.source, origin.time, reason, start, end, operator, note
+        )
+
+    def start_order(self, origin: Origin, order_id: str) -> None:
+        self._order_started(origin.event_id, origin.source, origin.time, order_id)
+
+    def end_order(self, origin: Origin, order_id: str) -> None:
+        self._order_ended(origin.event_id, origin.source, origin.time, order_id)
+
+    def report_scrap(
+        self, origin: Origin, order_id: str | None, quantity: int, reason: str
+    ) -> None:
+        self._scrap_reported(
+            origin.event_id,
+            origin.source,
+            origin.time,
+            order_id or self.order_id,
+            quantity,
+            reason,
+        )
+
+    # --- events: apply what was decided ------------------------------------------------------
+
+    def _seen(self, time: datetime) -> None:
+        if _newer(time, self.last_event_time):
+            self.last_event_time = time
+
+    @event("AvailabilityReported")
+    def _availability_reported(
+        self, event_id: str, source: str, event_time: datetime, availability: str
+    ) -> None:
+        self._seen(event_time)
+        if _newer(event_time, self.availability_time):
+            self.availability = availability
+            self.availability_time = event_time
+
+    @event("ExecutionReported")
+    def _execution_reported(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        execution: str,
+        mode: str | None,
+        program: str | None,
+    ) -> None:
+        self._seen(event_time)
+        # An older report is kept in the history but does not overwrite the current state.
+        if not _newer(event_time, self.execution_time):
+            return
+        if execution != self.execution:
+            self.state_since = event_time
+        self.execution = execution
+        self.execution_time = event_time
+        if mode is not None:
+            self.mode = mode
+        if program is not None:
+            self.program = program
+
+    @event("PartCountReported")
+    def _part_count_reported(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        kind: str,
+        count: int,
+        increment: int,
+        reset: bool,
+        late: bool,
+        order_id: str | None,
+    ) -> None:
+        self._seen(event_time)
+        if late:
+            return
+        self.counters[kind] = [count, event_time.isoformat()]
+        if reset:
+            self.counter_resets += 1
+        if kind == "bad":
+            self.parts_bad += increment
+        else:
+            self.parts_produced += increment
+
+    @event("ConditionReported")
+    def _condition_reported(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        level: str,
+        native_code: str | None,
+        message: str | None,
+    ) -> None:
+        self._seen(event_time)
+        code = native_code or ""
+        current = self.conditions.get(code)
+        if current is not None and not _newer(event_time, datetime.fromisoformat(current["since"])):
+            return
+        if level == "normal":
+            # MTConnect: NORMAL without a native code clears every active condition.
+            if code:
+                self.conditions.pop(code, None)
+            else:
+                self.conditions.clear()
+            return
+        self.conditions[code] = {
+            "level": level,
+            "native_code": native_code,
+            "message": message,
+            "since": event_time.isoformat(),
+        }
+
+    @event("DowntimeReasonGiven")
+    def _downtime_reason_given(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        reason: str,
+        start: datetime,
+        end: datetime | None,
+        operator: str,
+        note: str | None,
+    ) -> None:
+        self._seen(event_time)
+        self.downtime_reasons += 1
+
+    @event("OrderStarted")
+    def _order_started(
+        self, event_id: str, source: str, event_time: datetime, order_id: str
+    ) -> None:
+        self._seen(event_time)
+        if _newer(event_time, self.order_time):
+            self.order_id = order_id
+            self.order_time = event_time
+
+    @event("OrderEnded")
+    def _order_ended(self, event_id: str, source: str, event_time: datetime, order_id: str) -> None:
+        self._seen(event_time)
+        if self.order_id == order_id and _newer(event_time, self.order_time):
+            self.order_id = None
+            self.order_time = event_time
+
+    @event("ScrapReported")
+    def _scrap_reported(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        order_id: str | None,
+        quantity: int,
+        reason: str,
+    ) -> None:
+        self._seen(event_time)
+        self.parts_scrapped += quantity
+
+
+class Order(Aggregate):
+    """A production order as the ERP released it and the floor ran it.
+
+    An operator may start an order the ERP has not released yet (the release is late or went
+    elsewhere): the order then exists with status ``unreleased`` until the release arrives.
+    """
+
+    @staticmethod
+    def create_id(site: str, order_id: str) -> UUID:
+        return order_aggregate_id(site, order_id)
+
+    @event("Registered")
+    def __init__(self, site: str, order_id: str) -> None:
+        self.site = site
+        self.order_id = order_id
+        self.status = "unreleased"
+        self.part_number: str | None = None
+        self.quantity: int | None = None
+        self.due: datetime | None = None
+        self.customer: str | None = None
+        self.machine_id: str | None = None
+        self.ideal_cycle_time_s: float | None = None
+        self.released_at: datetime | None = None
+        self.cancelled_reason: str | None = None
+        self.running_on: list[str] = []
+        # One entry per run on a machine: {machine_id, start, end}; times as ISO text.
+        self.runs: list[dict[str, Any]] = []
+        self.changes = 0
+
+    def release(self, origin: Origin, fields: dict[str, Any]) -> None:
+        self._released(origin.event_id, origin.source, origin.time, fields)
+
+    def change(self, origin: Origin, fields: dict[str, Any]) -> None:
+        self._changed(origin.event_id, origin.source, origin.time, fields)
+
+    def cancel(self, origin: Origin, reason: str) -> None:
+        self._cancelled(origin.event_id, origin.source, origin.time, reason)
+
+    def start_on(self, origin: Origin, machine_id: str) -> None:
+        self._started(origin.event_id, origin.source, origin.time, machine_id)
+
+    def end_on(self, origin: Origin, machine_id: str) -> None:
+        self._ended(origin.event_id, origin.source, origin.time, machine_id)
+
+    def _set_fields(self, fields: dict[str, Any]) -> None:
+        for name in ("part_number", "quantity", "due", "customer", "machine_id"):
+            if name in fields:
+                setattr(self, name, fields[name])
+        if "ideal_cycle_time_s" in fields:
+            self.ideal_cycle_time_s = float(fields["ideal_cycle_time_s"])
+
+    def _refresh_status(self) -> None:
+        if self.status == "cancelled":
+            return
+        if self.running_on:
+            self.status = "running"
+        elif self.runs:
+            self.status = "ended"
+        elif self.released_at is not None:
+            self.status = "released"
+
+    @event("Released")
+    def _released(
+        self, event_id: str, source: str, event_time: datetime, fields: dict[str, Any]
+    ) -> None:
+        self._set_fields(fields)
+        self.released_at = event_time
+        self._refresh_status()
+
+    @event("Changed")
+    def _changed(
+        self, event_id: str, source: str, event_time: datetime, fields: dict[str, Any]
+    ) -> None:
+        self._set_fields(fields)
+        self.changes += 1
+
+    @event("Cancelled")
+    def _cancelled(self, event_id: str, source: str, event_time: datetime, reason: str) -> None:
+        self.status = "cancelled"
+        self.cancelled_reason = reason
+
+    @event("Started")
+    def _started(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:
+        if machine_id not in self.running_on:
+            self.running_on.append(machine_id)
+        self.runs.append({"machine_id": machine_id, "start": event_time.isoformat(), "end": None})
+        self._refresh_status()
+
+    @event("Ended")
+    def _ended(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:
+        if machine_id in self.running_on:
+            self.running_on.remove(machine_id)
+        for run in reversed(self.runs):
+            if run["machine_id"] == machine_id and run["end"] is None:
+                run["end"] = event_time.isoformat()
+                break
+        self._refresh_status()

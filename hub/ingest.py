@@ -1,0 +1,395 @@
+"""Ingest: CloudEvents from JetStream applied to the event store, exactly once.
+
+Per partition, strictly in sequence: fetch a batch -> validate -> dead-letter the bad ones ->
+apply the good ones to aggregates -> commit events + tracking position + received ids in ONE
+transaction -> ack. The store's tracking position, not the consumer's ack floor, says where to
+resume: on every (re)start the partition's consumer is recreated at ``position + 1``, because
+JetStream redelivers unacked messages out of order after a crash.
+
+A republished event (same CloudEvent id) is dropped by the stream's duplicate window, and
+after that window by the ``received`` table checked here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, Tracking
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from contracts import (
+    DLQ_PREFIX,
+    AvailabilityV1,
+    ConditionV1,
+    ContractViolation,
+    DowntimeReasonV1,
+    ExecutionV1,
+    OrderCancelledV1,
+    OrderChangedV1,
+    OrderEndedV1,
+    OrderReleasedV1,
+    OrderStartedV1,
+    PartCountV1,
+    ScrapV1,
+    ValidatedEvent,
+    check_subject,
+    decode_event,
+    dlq_subject,
+    partition_of,
+)
+from hub.domain import Machine, Order, Origin, machine_aggregate_id, order_aggregate_id
+from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
+from hub.store import Entity, EventStore, Received
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """What ingest needs of a NATS message: its subject, bytes and stream position."""
+
+    subject: str
+    data: bytes
+    stream_seq: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    message: IncomingMessage
+    reason: str
+
+
+@dataclass
+class IngestStats:
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    batches: int = 0
+    position: int = 0
+
+
+@dataclass
+class _Batch:
+    last_seq: int
+    touched: dict[UUID, Aggregate] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+    new_entities: list[Entity] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    duplicates: int = 0
+    versions_before: dict[UUID, int] = field(default_factory=dict)
+
+
+class Ingestor:
+    """The synchronous part of ingest for one partition: no NATS, no asyncio.
+
+    It keeps the partition's aggregates in memory between batches (it is their only writer);
+    after any failure ``reset()`` drops them so they are reloaded from the store.
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        tracking_name: str,
+        partition: int = 0,
+        partitions: int = 1,
+        snapshot_interval: int = 200,
+    ) -> None:
+        self.store = store
+        self.tracking_name = tracking_name
+        self.partition = partition
+        self.partitions = partitions
+        self.snapshot_interval = snapshot_interval
+        self.stats = IngestStats()
+        self._aggregates: dict[UUID, Aggregate] = {}
+
+    def reset(self) -> None:
+        self._aggregates.clear()
+
+    def position(self) -> int:
+        self.stats.position = self.store.tracking_position(self.tracking_name)
+        return self.stats.position
+
+    def prepare(self, messages: list[IncomingMessage]) -> _Batch:
+        """Validate and apply a batch to the in-memory aggregates; nothing is stored yet."""
+        messages = sorted(messages, key=lambda m: m.stream_seq)
+        batch = _Batch(last_seq=messages[-1].stream_seq)
+        valid: list[tuple[IncomingMessage, ValidatedEvent]] = []
+        for message in messages:
+            if message.subject.startswith(DLQ_PREFIX):
+                continue  # the dead letters share the stream; they are not ours to apply
+            if (
+                self.partitions > 1
+                and partition_of(message.subject, self.partitions) != self.partition
+            ):
+                continue
+            try:
+                event = decode_event(message.data)
+                check_subject(message.subject, event)
+            except ContractViolation as violation:
+                batch.rejected.append(Rejected(message, violation.reason))
+                continue
+            valid.append((message, event))
+        already = self.store.received_already([e.id for _, e in valid])
+        for message, event in valid:
+            if event.id in already:
+                batch.duplicates += 1
+                continue
+            already.add(event.id)
+            site = message.subject.split(".")[1]
+            self._apply(batch, site, event)
+            batch.received.append(Received(event.id, message.stream_seq))
+        return batch
+
+    def commit(self, batch: _Batch) -> None:
+        try:
+            self.store.commit(
+                batch.touched.values(),
+                Tracking(self.tracking_name, batch.last_seq),
+                batch.received,
+                batch.new_entities,
+            )
+        except Exception:
+            self.reset()
+            raise
+        self.stats.applied += len(batch.received)
+        self.stats.duplicates += batch.duplicates
+        self.stats.rejected += len(batch.rejected)
+        self.stats.batches += 1
+        self.stats.position = batch.last_seq
+        due = [
+            a
+            for a in batch.touched.values()
+            if a.version // self.snapshot_interval
+            > batch.versions_before[a.id] // self.snapshot_interval
+        ]
+        if due:
+            self.store.snapshot(due)
+
+    # --- applying one event ----------------------------------------------------------------
+
+    def _aggregate(
+        self, batch: _Batch, kind: str, aggregate_id: UUID, create: Callable[[], Aggregate]
+    ) -> Aggregate:
+        aggregate = self._aggregates.get(aggregate_id)
+        if aggregate is None:
+            aggregate = self.store.load(aggregate_id)
+            if aggregate is None:
+                aggregate = create()
+                batch.versions_before[aggregate_id] = 0
+                if isinstance(aggregate, Machine):
+                    entity_id, site = aggregate.machine_id, aggregate.site
+                else:
+                    assert isinstance(aggregate, Order)
+                    entity_id, site = aggregate.order_id, aggregate.site
+                batch.new_entities.append(Entity(kind, site, entity_id, aggregate_id))
+            self._aggregates[aggregate_id] = aggregate
+        batch.versions_before.setdefault(aggregate_id, aggregate.version)
+        batch.touched[aggregate_id] = aggregate
+        return aggregate
+
+    def _machine(self, batch: _Batch, site: str, machine_id: str) -> Machine:
+        machine = self._aggregate(
+            batch,
+            "machine",
+            machine_aggregate_id(site, machine_id),
+            lambda: Machine(site=site, machine_id=machine_id),
+        )
+        assert isinstance(machine, Machine)
+        return machine
+
+    def _order(self, batch: _Batch, site: str, order_id: str) -> Order:
+        order = self._aggregate(
+            batch,
+            "order",
+            order_aggregate_id(site, order_id),
+            lambda: Order(site=site, order_id=order_id),
+        )
+        assert isinstance(order, Order)
+        return order
+
+    def _apply(self, batch: _Batch, site: str, event: ValidatedEvent) -> None:
+        envelope, data = event.envelope, event.data
+        origin = Origin(envelope.id, envelope.source, envelope.time)
+        subject = envelope.subject
+        match data:
+            case AvailabilityV1():
+                self._machine(batch, site, subject).report_availability(
+                    origin, data.availability.value
+                )
+            case ExecutionV1():
+                self._machine(batch, site, subject).report_execution(
+                    origin,
+                    data.execution.value,
+                    data.mode.value if data.mode else None,
+                    data.program,
+                )
+            case PartCountV1():
+                self._machine(batch, site, subject).report_part_count(
+                    origin, data.kind.value, data.count
+                )
+            case ConditionV1():
+                self._machine(batch, site, subject).report_condition(
+                    origin, data.level.value, data.native_code, data.message
+                )
+            case DowntimeReasonV1():
+                self._machine(batch, site, subject).give_downtime_reason(
+                    origin, data.reason, data.start, data.end, data.operator, data.note
+                )
+            case ScrapV1():
+                self._machine(batch, site, subject).report_scrap(
+                    origin, data.order_id, data.quantity, data.reason
+                )
+            case OrderStartedV1():
+                self._machine(batch, site, subject).start_order(origin, data.order_id)
+                self._order(batch, site, data.order_id).start_on(origin, subject)
+            case OrderEndedV1():
+                self._machine(batch, site, subject).end_order(origin, data.order_id)
+                self._order(batch, site, data.order_id).end_on(origin, subject)
+            case OrderReleasedV1():
+                fields = data.model_dump(exclude={"order_id"})
+                self._order(batch, site, subject).release(origin, fields)
+            case OrderChangedV1():
+                self._order(batch, site, subject).change(origin, data.changes())
+            case OrderCancelledV1():
+                self._order(batch, site, subject).cancel(origin, data.reason)
+            case _:  # a type in EVENT_TYPES without a handler is a programming error
+                raise TypeError(f"no handler for {event.event_type.name}")
+
+
+def tracking_name(partition: int, partitions: int) -> str:
+    return f"nats:{STREAM}:ingest:p{partition}of{partitions}"
+
+
+class IngestPartition:
+    """Runs one partition's ingest loop against JetStream until ``stop`` is set."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        ingestor: Ingestor,
+        batch_size: int = 1000,
+        kill_after_commit: int | None = None,
+    ) -> None:
+        self._js = js
+        self.ingestor = ingestor
+        self._batch_size = batch_size
+        self._kill_after_commit = kill_after_commit
+        self._durable = f"ingest-p{ingestor.partition}of{ingestor.partitions}"
+        self.caught_up = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await self._consume(stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "ingest partition %s failed; resuming from the store's position",
+                    self.ingestor.partition,
+                )
+                self.ingestor.reset()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _subscribe(self) -> Any:
+        position = await asyncio.to_thread(self.ingestor.position)
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(STREAM, self._durable)
+        config = ConsumerConfig(
+            durable_name=self._durable,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if position else DeliverPolicy.ALL,
+            opt_start_seq=position + 1 if position else None,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=120,
+            max_ack_pending=self._batch_size * 4,
+            max_deliver=-1,
+            filter_subject="mes.>",
+        )
+        await self._js.add_consumer(STREAM, config)
+        log.info("ingest partition %s resumes after stream seq %d", self._durable, position)
+        return await self._js.pull_subscribe_bind(self._durable, stream=STREAM)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        subscription = await self._subscribe()
+        commits = 0
+        while not stop.is_set():
+            try:
+                messages = await subscription.fetch(self._batch_size, timeout=0.25)
+            except TimeoutError:
+                self.caught_up.set()
+                continue
+            incoming = [
+                IncomingMessage(m.subject, m.data, m.metadata.sequence.stream) for m in messages
+            ]
+            position = self.ingestor.stats.position
+            fresh = [m for m in incoming if m.stream_seq > position]
+            rejected: set[int] = set()
+            if fresh:
+                rejected = await self._process(fresh, stop)
+                commits += 1
+                if self._kill_after_commit is not None and commits >= self._kill_after_commit:
+                    # Failpoint for crash tests: committed, not yet acked.
+                    os.kill(os.getpid(), signal.SIGKILL)
+            for message in messages:
+                if message.metadata.sequence.stream in rejected:
+                    await message.term()
+                else:
+                    await message.ack()
+            if messages and messages[-1].metadata.num_pending == 0:
+                self.caught_up.set()
+
+    async def _process(self, incoming: list[IncomingMessage], stop: asyncio.Event) -> set[int]:
+        """Dead-letter, then commit; returns the stream positions that were rejected."""
+        while True:
+            batch = await asyncio.to_thread(self.ingestor.prepare, incoming)
+            try:
+                for rejected in batch.rejected:
+                    await self._dead_letter(rejected)
+                await asyncio.to_thread(self.ingestor.commit, batch)
+                return {r.message.stream_seq for r in batch.rejected}
+            except IntegrityError:
+                # Another partition wrote the same aggregate (an order touched from two
+                # machines): reload from the store and apply the batch again.
+                log.info("concurrent write on partition %s; retrying batch", self._durable)
+                self.ingestor.reset()
+                if stop.is_set():
+                    raise
+            except Exception:
+                self.ingestor.reset()
+                raise
+
+    async def _dead_letter(self, rejected: Rejected) -> None:
+        message = rejected.message
+        log.warning(
+            "dead-lettered stream seq %d from %s: %s",
+            message.stream_seq,
+            message.subject,
+            rejected.reason,
+        )
+        # The body is the original bytes, untouched; the reason and position go in headers.
+        # Dead-lettering comes before the commit, so a crash in between may repeat it: the
+        # message id makes the repeat a duplicate the stream drops.
+        headers = {
+            DLQ_REASON_HEADER: rejected.reason.replace("\r", " ").replace("\n", " ")[:1024],
+            DLQ_SEQ_HEADER: str(message.stream_seq),
+            MSG_ID_HEADER: f"dlq-{STREAM}-{message.stream_seq}",
+            "Mes-Dlq-Subject": message.subject,
+        }
+        await self._js.publish(
+            dlq_subject(message.subject), message.data, headers=headers, timeout=10
+        )

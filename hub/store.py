@@ -1,0 +1,299 @@
+"""The event store: the ``eventsourcing`` application and its recorders, SQLite or PostgreSQL.
+
+This module is the one place that makes the library's synchronous database calls; async code
+calls ``EventStore`` methods through ``asyncio.to_thread``.
+
+Beside the library's own tables (stored events, snapshots, tracking) each backend keeps two
+tables that are written in the same transaction as the events:
+
+- ``mes_received_events``: every CloudEvent id applied, so a republished event changes nothing
+  even after NATS' duplicate window has passed;
+- ``mes_entities``: the machines and orders the store knows, to list them without a scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate, Snapshot
+from eventsourcing.persistence import Tracking
+from eventsourcing.postgres import PostgresProcessRecorder
+from eventsourcing.sqlite import SQLiteCursor, SQLiteProcessRecorder
+from eventsourcing.utils import Environment
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.sql import SQL, Identifier
+
+from hub.domain import Machine, Order, machine_aggregate_id, order_aggregate_id
+from hub.settings import Settings
+
+RECEIVED_TABLE = "mes_received_events"
+ENTITIES_TABLE = "mes_entities"
+
+
+@dataclass(frozen=True)
+class Received:
+    """A CloudEvent id and the stream position it was applied from."""
+
+    event_id: str
+    stream_seq: int
+
+
+@dataclass(frozen=True)
+class Entity:
+    kind: str  # "machine" or "order"
+    site: str
+    entity_id: str
+    aggregate_id: UUID
+
+
+def _received_rows(kwargs: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(r.event_id, r.stream_seq) for r in kwargs.get("mes_received", ())]
+
+
+def _entity_rows(kwargs: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    return [
+        (e.kind, e.site, e.entity_id, e.aggregate_id.hex) for e in kwargs.get("mes_entities", ())
+    ]
+
+
+class SQLiteHubRecorder(SQLiteProcessRecorder):
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            f"CREATE TABLE IF NOT EXISTS {RECEIVED_TABLE} ("
+            "event_id TEXT PRIMARY KEY, stream_seq INTEGER NOT NULL) WITHOUT ROWID",
+            f"CREATE TABLE IF NOT EXISTS {ENTITIES_TABLE} ("
+            "kind TEXT, site TEXT, entity_id TEXT, aggregate_id TEXT NOT NULL, "
+            "PRIMARY KEY (kind, site, entity_id)) WITHOUT ROWID",
+        ]
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[Any], **kwargs: Any
+    ) -> Sequence[int] | None:
+        returning = super()._insert_events(c, stored_events, **kwargs)
+        received = _received_rows(kwargs)
+        if received:
+            c.executemany(f"INSERT INTO {RECEIVED_TABLE} VALUES (?, ?)", received)
+        entities = _entity_rows(kwargs)
+        if entities:
+            c.executemany(f"INSERT OR IGNORE INTO {ENTITIES_TABLE} VALUES (?, ?, ?, ?)", entities)
+        return returning
+
+    def received_already(self, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(event_ids), 500):
+                chunk = event_ids[start : start + 500]
+                c.execute(
+                    f"SELECT event_id FROM {RECEIVED_TABLE} WHERE event_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found.update(row[0] for row in c.fetchall())
+        return found
+
+    def entities(self, kind: str, site: str | None) -> list[Entity]:
+        with self.datastore.transaction(commit=False) as c:
+            if site is None:
+                c.execute(
+                    f"SELECT * FROM {ENTITIES_TABLE} WHERE kind=? ORDER BY site, entity_id",
+                    (kind,),
+                )
+            else:
+                c.execute(
+                    f"SELECT * FROM {ENTITIES_TABLE} WHERE kind=? AND site=? ORDER BY entity_id",
+                    (kind, site),
+                )
+            return [Entity(r[0], r[1], r[2], UUID(r[3])) for r in c.fetchall()]
+
+
+class PostgresHubRecorder(PostgresProcessRecorder):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        schema = Identifier(self.datastore.schema)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{table} ("
+                "event_id TEXT PRIMARY KEY, stream_seq BIGINT NOT NULL)"
+            ).format(schema=schema, table=Identifier(RECEIVED_TABLE))
+        )
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{table} ("
+                "kind TEXT, site TEXT, entity_id TEXT, aggregate_id TEXT NOT NULL, "
+                "PRIMARY KEY (kind, site, entity_id))"
+            ).format(schema=schema, table=Identifier(ENTITIES_TABLE))
+        )
+
+    def _insert_events(self, curs: Any, stored_events: Sequence[Any], **kwargs: Any) -> None:
+        super()._insert_events(curs, stored_events, **kwargs)
+        schema = Identifier(self.datastore.schema)
+        received = _received_rows(kwargs)
+        if received:
+            curs.executemany(
+                SQL("INSERT INTO {schema}.{table} VALUES (%s, %s)").format(
+                    schema=schema, table=Identifier(RECEIVED_TABLE)
+                ),
+                received,
+            )
+        entities = _entity_rows(kwargs)
+        if entities:
+            curs.executemany(
+                SQL(
+                    "INSERT INTO {schema}.{table} VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                ).format(schema=schema, table=Identifier(ENTITIES_TABLE)),
+                entities,
+            )
+
+    def received_already(self, event_ids: Sequence[str]) -> set[str]:
+        statement = SQL("SELECT event_id FROM {schema}.{table} WHERE event_id = ANY(%s)").format(
+            schema=Identifier(self.datastore.schema), table=Identifier(RECEIVED_TABLE)
+        )
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (list(event_ids),))
+            return {row["event_id"] for row in curs.fetchall()}
+
+    def entities(self, kind: str, site: str | None) -> list[Entity]:
+        table = SQL("{schema}.{table}").format(
+            schema=Identifier(self.datastore.schema), table=Identifier(ENTITIES_TABLE)
+        )
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            if site is None:
+                curs.execute(
+                    SQL("SELECT * FROM {t} WHERE kind=%s ORDER BY site, entity_id").format(t=table),
+                    (kind,),
+                )
+            else:
+                curs.execute(
+                    SQL("SELECT * FROM {t} WHERE kind=%s AND site=%s ORDER BY entity_id").format(
+                        t=table
+                    ),
+                    (kind, site),
+                )
+            return [
+                Entity(r["kind"], r["site"], r["entity_id"], UUID(r["aggregate_id"]))
+                for r in curs.fetchall()
+            ]
+
+
+HubRecorder = SQLiteHubRecorder | PostgresHubRecorder
+
+
+class HubApplication(Application[UUID]):
+    name = "mes_hub"
+
+    def construct_env(self, name: str, env: Any = None) -> Environment:
+        # Settings are read once by hub.settings and passed down: the library must not read
+        # os.environ on its own (the base class would merge it in here).
+        return Environment(name, dict(env or {}))
+
+    def construct_recorder(self) -> Any:
+        # A process recorder: it records tracking positions with the events.
+        return self.factory.process_recorder()
+
+
+def store_environment(settings: Settings) -> dict[str, str]:
+    """The library's configuration, derived from our settings."""
+    env = {
+        "IS_SNAPSHOTTING_ENABLED": "y",
+        "AGGREGATE_CACHE_MAXSIZE": "10000",
+        "CREATE_TABLE": "y",
+    }
+    if settings.store == "sqlite":
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        env |= {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(settings.sqlite_path),
+            "SQLITE_LOCK_TIMEOUT": "30",
+            "PROCESS_RECORDER_TOPIC": "hub.store:SQLiteHubRecorder",
+        }
+        return env
+    if settings.postgres_dsn is None:
+        raise ValueError("store is 'postgres' but postgres_dsn is not set")
+    conninfo = conninfo_to_dict(settings.postgres_dsn.get_secret_value())
+    env |= {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(conninfo.get("dbname", "postgres")),
+        "POSTGRES_HOST": str(conninfo.get("host", "localhost")),
+        "POSTGRES_PORT": str(conninfo.get("port", "5432")),
+        "POSTGRES_USER": str(conninfo.get("user", "postgres")),
+        "POSTGRES_PASSWORD": str(conninfo.get("password", "")),
+        "POSTGRES_SCHEMA": settings.postgres_schema,
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_ENABLE_DB_FUNCTIONS": "n",  # the function path skips our extra inserts
+        "PROCESS_RECORDER_TOPIC": "hub.store:PostgresHubRecorder",
+    }
+    return env
+
+
+class EventStore:
+    """What the hub does with its store, in the plant's terms."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._app = HubApplication(env=store_environment(settings))
+        self._recorder = cast(HubRecorder, self._app.recorder)
+
+    @property
+    def application(self) -> HubApplication:
+        return self._app
+
+    def close(self) -> None:
+        self._app.close()
+
+    # --- writing (the ingest worker is the only writer) --------------------------------------
+
+    def tracking_position(self, tracking_name: str) -> int:
+        return self._recorder.max_tracking_id(tracking_name) or 0
+
+    def received_already(self, event_ids: Sequence[str]) -> set[str]:
+        return self._recorder.received_already(event_ids) if event_ids else set()
+
+    def load(self, aggregate_id: UUID) -> Aggregate | None:
+        try:
+            return cast(Aggregate, self._app.repository.get(aggregate_id, deepcopy_from_cache=True))
+        except AggregateNotFoundError:
+            return None
+
+    def commit(
+        self,
+        aggregates: Iterable[Aggregate],
+        tracking: Tracking,
+        received: Sequence[Received],
+        new_entities: Sequence[Entity],
+    ) -> None:
+        """Store the aggregates' new events, the tracking position, the received ids and the new
+        entities in ONE transaction. Raises ``IntegrityError`` on a concurrent write."""
+        events = [e for aggregate in aggregates for e in aggregate.collect_events()]
+        self._app.events.put(
+            events, tracking=tracking, mes_received=received, mes_entities=new_entities
+        )
+
+    def snapshot(self, aggregates: Iterable[Aggregate]) -> None:
+        # Snapshots are a cache: taken from the writer's in-memory state, outside the commit.
+        assert self._app.snapshots is not None
+        self._app.snapshots.put([Snapshot.take(a) for a in aggregates])
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def machine(self, site: str, machine_id: str) -> Machine | None:
+        found = self.load(machine_aggregate_id(site, machine_id))
+        return found if isinstance(found, Machine) else None
+
+    def order(self, site: str, order_id: str) -> Order | None:
+        found = self.load(order_aggregate_id(site, order_id))
+        return found if isinstance(found, Order) else None
+
+    def machines(self, site: str | None = None) -> list[Machine]:
+        found = (self.load(e.aggregate_id) for e in self._recorder.entities("machine", site))
+        return [m for m in found if isinstance(m, Machine)]
+
+    def orders(self, site: str | None = None) -> list[Order]:
+        found = (self.load(e.aggregate_id) for e in self._recorder.entities("order", site))
+        return [o for o in found if isinstance(o, Order)]
+
+    def event_count(self) -> int:
+        return self._recorder.max_notification_id() or 0
