@@ -1,0 +1,1 @@
+"""Machine adapters, one module per protocol."""

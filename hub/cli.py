@@ -1,0 +1,291 @@
+"""The ``mes-hub`` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from hub.api.app import create_app
+from hub.api.deps import ApiContext
+from hub.bootstrap import Hub, build_hub
+from hub.server import ApiServer
+from hub.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
+)
+contracts_app = typer.Typer(help="Wire contracts for integrators.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Machine and ERP adapters.", no_args_is_help=True)
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(adapter_app, name="adapter")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="mes-hub.toml (settings under [hub])")
+]
+NatsUrlOption = Annotated[
+    str | None, typer.Option("--nats-url", help="NATS server; none: start an embedded one")
+]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Store and NATS data")]
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _logging(level: int, file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = []
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(file))
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main`` with an event that Ctrl-C or SIGTERM sets (for a clean shutdown)."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def _api_keys_or_generated(settings: Settings) -> tuple[Settings, str | None]:
+    if settings.parsed_api_keys():
+        return settings, None
+    key = secrets.token_urlsafe(24)
+    return settings.model_copy(update={"api_keys": f"admin:{key}"}), key
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    nats_url: NatsUrlOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str | None, typer.Option(help="API address")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (0: any free port)")] = None,
+) -> None:
+    """Run ingest and the API until Ctrl-C."""
+    settings = _settings(config, nats_url=nats_url, data_dir=data_dir, api_host=host, api_port=port)
+    _logging(logging.INFO)
+    settings, generated = _api_keys_or_generated(settings)
+
+    async def main(stop: asyncio.Event) -> None:
+        hub = await build_hub(settings)
+        api = _api(hub, settings)
+        api.start()
+        console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")
+        console.print(f"NATS: {hub.nats_url}; store: {settings.store}")
+        if generated:
+            # Printed once on the terminal, never logged: set MES_HUB_API_KEYS to keep keys.
+            console.print(f"No API keys configured; this run's admin key: [bold]{generated}[/]")
+        await stop.wait()
+        await api.stop()
+        await hub.close()
+
+    _run(main)
+
+
+def _api(hub: Hub, settings: Settings) -> ApiServer:
+    context = ApiContext(
+        store=hub.store,
+        publisher=hub.publisher,
+        api_keys=settings.parsed_api_keys(),
+        site=settings.site,
+    )
+    return ApiServer(create_app(context), settings.api_host, settings.api_port)
+
+
+def _machine_table(hub: Hub, elapsed: float, published: int) -> Table:
+    stats = hub.ingest_stats()
+    table = Table(
+        title=f"mes-hub demo — {elapsed:5.0f} s — published {published}, stored {stats.applied}, "
+        f"duplicates {stats.duplicates}, dead-lettered {stats.rejected}",
+        expand=False,
+    )
+    for column in ("machine", "availability", "execution", "since", "program", "parts", "bad"):
+        table.add_column(column)
+    table.add_column("order")
+    table.add_column("alarm")
+    for machine in hub.store.machines(hub.settings.site):
+        colour = {"ACTIVE": "green", "STOPPED": "red", "INTERRUPTED": "yellow"}.get(
+            machine.execution or "", "white"
+        )
+        alarm = next(iter(machine.conditions.values()), None)
+        table.add_row(
+            machine.machine_id,
+            machine.availability or "-",
+            f"[{colour}]{machine.execution or '-'}[/]",
+            machine.state_since.strftime("%H:%M:%S") if machine.state_since else "-",
+            machine.program or "-",
+            str(machine.parts_produced),
+            str(machine.parts_bad),
+            machine.order_id or "-",
+            alarm["message"] if alarm else "",
+        )
+    return table
+
+
+@app.command()
+def demo(
+    machines: Annotated[int, typer.Option(min=1, max=5000, help="Simulated machines")] = 10,
+    speed: Annotated[float, typer.Option(min=0, help="Simulated seconds per second")] = 60.0,
+    duration: Annotated[float, typer.Option(min=0, help="Wall seconds; 0: until Ctrl-C")] = 60.0,
+    seed: Annotated[int, typer.Option(help="Simulator seed")] = 1,
+    data_dir: DataDirOption = None,
+    port: Annotated[int, typer.Option(help="API port (0: any free port)")] = 0,
+) -> None:
+    """Run the whole hub embedded with a simulated factory and show it live."""
+    from adapters.machines.simulator import SimulatorConfig, SimulatorRun, run_simulator
+
+    directory = data_dir or Path(tempfile.mkdtemp(prefix="mes-hub-demo-"))
+    key = secrets.token_urlsafe(24)
+    settings = _settings(
+        None, data_dir=directory, api_port=port, api_keys=f"admin:{key}", nats_url=""
+    )
+    _logging(logging.INFO, directory / "hub.log")
+
+    async def main(stop: asyncio.Event) -> None:
+        hub = await build_hub(settings)
+        api = _api(hub, settings)
+        api.start()
+        console.print(f"[bold]mes-hub demo[/]: {machines} simulated machines at {speed:g}x")
+        console.print(f"API: {api.url}/api/v1/machines   docs: {api.url}/docs")
+        console.print(f"admin key (this run only): [bold]{key}[/]")
+        console.print(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
+        console.print(f"data and log: {directory}\n")
+        progress = SimulatorRun()
+        simulator = asyncio.create_task(
+            run_simulator(
+                SimulatorConfig(machines=machines, seed=seed, site=settings.site),
+                hub.publisher,
+                speed=speed,
+                duration_s=duration or None,
+                progress=progress,
+            )
+        )
+        started = time.monotonic()
+        with Live(console=console, refresh_per_second=2) as live:
+            while not stop.is_set() and not simulator.done():
+                table = await asyncio.to_thread(
+                    _machine_table, hub, time.monotonic() - started, progress.published
+                )
+                live.update(table)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            simulator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await simulator
+            with contextlib.suppress(asyncio.TimeoutError):
+                await hub.wait_caught_up(timeout=30)
+            live.update(
+                await asyncio.to_thread(
+                    _machine_table, hub, time.monotonic() - started, progress.published
+                )
+            )
+        stats = hub.ingest_stats()
+        await api.stop()
+        await hub.close()
+        console.print(
+            f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
+            f"exactly once, {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
+            f"simulated until {progress.simulated_until:%Y-%m-%d %H:%M:%S} UTC. "
+            f"Data kept in {directory}."
+        )
+
+    _run(main)
+
+
+@contracts_app.command("export")
+def contracts_export(
+    directory: Annotated[Path, typer.Argument(help="Where to write the schema files")],
+) -> None:
+    """Write one JSON Schema per v1 event type."""
+    from contracts import export_json_schemas
+
+    for path in export_json_schemas(directory):
+        console.print(str(path))
+
+
+@adapter_app.command("run")
+def adapter_run(
+    protocol: Annotated[str, typer.Argument(help="simulator")],
+    config: ConfigOption = None,
+    nats_url: NatsUrlOption = None,
+    machines: Annotated[int, typer.Option(min=1, help="simulator: machines")] = 10,
+    speed: Annotated[float, typer.Option(min=0, help="simulator: speed, 0 = flat out")] = 60.0,
+    duration: Annotated[float, typer.Option(min=0, help="simulator: wall seconds, 0 = ∞")] = 0.0,
+    max_events: Annotated[int, typer.Option(min=0, help="simulator: stop after N, 0 = ∞")] = 0,
+    seed: Annotated[int, typer.Option(help="simulator: seed")] = 1,
+) -> None:
+    """Run an adapter that publishes to the hub's NATS."""
+    if protocol != "simulator":
+        err_console.print(f"[red]unknown adapter {protocol!r}; available: simulator[/]")
+        raise typer.Exit(2)
+    from adapters.machines.simulator import SimulatorConfig, run_simulator
+    from hub.nats import NatsPublisher, connect
+
+    settings = _settings(config, nats_url=nats_url)
+    if settings.nats_url is None:
+        err_console.print("[red]an adapter needs --nats-url (or MES_HUB_NATS_URL)[/]")
+        raise typer.Exit(2)
+    _logging(logging.INFO)
+    url = settings.nats_url
+
+    async def main(stop: asyncio.Event) -> None:
+        client = await connect(url, name="mes-hub-simulator")
+        publisher = NatsPublisher(client.jetstream(), settings.site)
+        task = asyncio.create_task(
+            run_simulator(
+                SimulatorConfig(machines=machines, seed=seed, site=settings.site),
+                publisher,
+                speed=speed,
+                duration_s=duration or None,
+                max_events=max_events or None,
+            )
+        )
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        task.cancel()
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            run = await task
+            console.print(f"published {run.published} events ({run.duplicates} duplicates)")
+        await client.drain()
+
+    _run(main)
+
+
+def main() -> None:
+    app()
