@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -85,7 +86,7 @@ def _api_keys_or_generated(settings: Settings) -> tuple[Settings, str | None]:
     if settings.parsed_api_keys():
         return settings, None
     key = secrets.token_urlsafe(24)
-    return settings.model_copy(update={"api_keys": f"admin:{key}"}), key
+    return settings.model_copy(update={"api_keys": SecretStr(f"admin:{key}")}), key
 
 
 @app.command()

@@ -69,14 +69,14 @@ class Settings(BaseSettings):
     snapshot_interval: int = Field(default=200, ge=10)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
-    api_keys: str = Field(default="", description="role:key,role:key")
+    api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")
     # Failpoint for crash tests: SIGKILL this process right after the Nth commit, before its ack.
     fault_kill_after_commit: int | None = Field(default=None, ge=1)
 
     @field_validator("api_keys")
     @classmethod
-    def _check_api_keys(cls, value: str) -> str:
-        parse_api_keys(value)
+    def _check_api_keys(cls, value: SecretStr) -> SecretStr:
+        parse_api_keys(value.get_secret_value())
         return value
 
     @field_validator("nats_url")
@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings)
 
     def parsed_api_keys(self) -> list[ApiKey]:
-        return parse_api_keys(self.api_keys)
+        return parse_api_keys(self.api_keys.get_secret_value())
 
     @property
     def sqlite_path(self) -> Path:

@@ -1,0 +1,163 @@
+"""The same store tests on every backend: SQLite file and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from eventsourcing.persistence import IntegrityError, Tracking
+from pydantic import SecretStr
+
+from hub.domain import Machine, Order, Origin
+from hub.ingest import IncomingMessage, Ingestor
+from hub.settings import Settings, load_settings
+from hub.store import Entity, EventStore, Received
+from tests.conftest import T0, cloud_event
+
+
+def origin(event_id: str, seconds: float = 0) -> Origin:
+    return Origin(event_id, "urn:test", T0 + timedelta(seconds=seconds))
+
+
+class StoreContract:
+    """Subclasses provide ``make_settings``; every test runs on each backend."""
+
+    def make_settings(self, tmp_path: Path) -> Settings:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def store_settings(self, tmp_path: Path) -> Settings:
+        return self.make_settings(tmp_path)
+
+    @pytest.fixture
+    def store(self, store_settings: Settings) -> Iterator[EventStore]:
+        store = EventStore(store_settings)
+        yield store
+        store.close()
+
+    def test_events_tracking_and_received_ids_commit_together(self, store: EventStore) -> None:
+        machine = Machine(site="default", machine_id="M1")
+        machine.report_execution(origin("e1"), "ACTIVE", "AUTOMATIC", "O1")
+        store.commit(
+            [machine],
+            Tracking("ingest", 7),
+            [Received("e1", 7)],
+            [Entity("machine", "default", "M1", machine.id)],
+        )
+        assert store.tracking_position("ingest") == 7
+        assert store.received_already(["e1", "e2"]) == {"e1"}
+        loaded = store.machine("default", "M1")
+        assert loaded is not None and loaded.execution == "ACTIVE"
+        assert [m.machine_id for m in store.machines("default")] == ["M1"]
+
+    def test_a_failed_commit_leaves_no_trace(self, store: EventStore) -> None:
+        machine = Machine(site="default", machine_id="M1")
+        store.commit([machine], Tracking("ingest", 1), [Received("e1", 1)], [])
+        # A second writer with a stale copy of the same aggregate collides on its version.
+        stale = store.machine("default", "M1")
+        assert stale is not None
+        fresh = store.machine("default", "M1")
+        assert fresh is not None
+        fresh.report_availability(origin("e2"), "AVAILABLE")
+        store.commit([fresh], Tracking("ingest", 2), [Received("e2", 2)], [])
+        stale.report_availability(origin("e3"), "UNAVAILABLE")
+        with pytest.raises(IntegrityError):
+            store.commit([stale], Tracking("ingest", 3), [Received("e3", 3)], [])
+        assert store.tracking_position("ingest") == 2
+        assert store.received_already(["e3"]) == set()
+        loaded = store.machine("default", "M1")
+        assert loaded is not None and loaded.availability == "AVAILABLE"
+
+    def test_a_received_id_cannot_be_recorded_twice(self, store: EventStore) -> None:
+        first = Machine(site="default", machine_id="M1")
+        store.commit([first], Tracking("ingest", 1), [Received("e1", 1)], [])
+        second = Machine(site="default", machine_id="M2")
+        with pytest.raises(IntegrityError):
+            store.commit([second], Tracking("ingest", 2), [Received("e1", 2)], [])
+        assert store.machine("default", "M2") is None
+
+    def test_snapshots_and_reload_give_the_same_state(
+        self, store: EventStore, store_settings: Settings
+    ) -> None:
+        machine = Machine(site="default", machine_id="M1")
+        for n in range(250):
+            machine.report_part_count(origin(f"p{n}", n), "all", n)
+        store.commit([machine], Tracking("ingest", 1), [], [])
+        store.snapshot([machine])
+        machine.report_part_count(origin("p-last", 1000), "all", 260)
+        store.commit([machine], Tracking("ingest", 2), [], [])
+        reopened = EventStore(store_settings)
+        try:
+            loaded = reopened.machine("default", "M1")
+            assert loaded is not None
+            # baseline 0, +249 up to 249, then +11 up to 260
+            assert (loaded.parts_produced, loaded.version) == (260, machine.version)
+        finally:
+            reopened.close()
+
+    def test_orders_are_listed_by_site(self, store: EventStore) -> None:
+        a, b = Order(site="north", order_id="SO-1"), Order(site="south", order_id="SO-2")
+        store.commit(
+            [a, b],
+            Tracking("ingest", 1),
+            [],
+            [Entity("order", "north", "SO-1", a.id), Entity("order", "south", "SO-2", b.id)],
+        )
+        assert [o.order_id for o in store.orders("north")] == ["SO-1"]
+        assert [o.order_id for o in store.orders()] == ["SO-1", "SO-2"]
+
+    def test_ingestor_applies_once_and_resumes_from_its_position(
+        self, store: EventStore
+    ) -> None:
+        def message(seq: int, count: int, event_id: str) -> IncomingMessage:
+            event = cloud_event(
+                "mes.machine.partcount.v1",
+                "M1",
+                {"count": count, "kind": "all"},
+                at=timedelta(seconds=seq),
+                event_id=event_id,
+            )
+            return IncomingMessage(
+                "mes.default.machine.M1.partcount", event.model_dump_json().encode(), seq
+            )
+
+        ingestor = Ingestor(store, "ingest:p0")
+        ingestor.commit(ingestor.prepare([message(1, 10, "a"), message(2, 12, "b")]))
+        # The same events again (a republish after the duplicate window) and one new one.
+        ingestor.commit(
+            ingestor.prepare([message(3, 12, "b"), message(4, 15, "c"), message(5, 15, "c")])
+        )
+        assert ingestor.stats.duplicates == 2
+        after_restart = Ingestor(store, "ingest:p0")
+        assert after_restart.position() == 5
+        machine = store.machine("default", "M1")
+        assert machine is not None and machine.parts_produced == 5
+
+
+class TestSQLiteStore(StoreContract):
+    def make_settings(self, tmp_path: Path) -> Settings:
+        return load_settings(data_dir=tmp_path / "hub", store="sqlite")
+
+
+@pytest.mark.postgres
+class TestPostgresStore(StoreContract):
+    @pytest.fixture(autouse=True)
+    def _dsn(self, postgres_dsn: str) -> None:
+        self.dsn = postgres_dsn
+
+    def make_settings(self, tmp_path: Path) -> Settings:
+        # A fresh schema per test keeps the tests apart on one server.
+        schema = "t_" + uuid.uuid4().hex[:12]
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        return load_settings(
+            data_dir=tmp_path / "hub",
+            store="postgres",
+            postgres_dsn=SecretStr(self.dsn),
+            postgres_schema=schema,
+        )

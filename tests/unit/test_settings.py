@@ -1,0 +1,66 @@
+"""A bad configuration fails at start with the file (or variable), the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hub.settings import ConfigError, load_settings
+
+
+def test_defaults_run_embedded_with_sqlite() -> None:
+    settings = load_settings()
+    assert (settings.nats_url, settings.store, settings.partitions) == (None, "sqlite", 1)
+
+
+def test_file_key_and_reason_are_named(tmp_path: Path) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text("[hub]\npartitions = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert str(config) in message and "hub.partitions" in message
+    assert "greater than or equal to 1" in message
+
+
+def test_unknown_key_is_refused_with_the_known_ones(tmp_path: Path) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text("[hub]\npartitons = 2\n")
+    with pytest.raises(ConfigError, match=r"hub\.partitons': unknown setting; known settings"):
+        load_settings(config)
+
+
+def test_broken_toml_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text("[hub\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(config)
+
+
+def test_environment_beats_file_and_is_named_when_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text('[hub]\nsite = "plant1"\npartitions = 2\n')
+    monkeypatch.setenv("MES_HUB_PARTITIONS", "4")
+    assert load_settings(config).partitions == 4
+    assert load_settings(config).site == "plant1"
+    monkeypatch.setenv("MES_HUB_PARTITIONS", "many")
+    with pytest.raises(ConfigError, match="environment variable MES_HUB_PARTITIONS"):
+        load_settings(config)
+
+
+def test_weak_or_unknown_api_keys_are_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(api_keys="admin:short-secret")
+    assert "shorter than 16" in str(caught.value)
+    assert "short-secret" not in str(caught.value)
+    with pytest.raises(ConfigError, match="unknown role 'root'"):
+        load_settings(api_keys="root:0123456789abcdef0123")
+
+
+def test_api_keys_never_show_in_repr() -> None:
+    settings = load_settings(api_keys="admin:0123456789abcdef-secret")
+    assert "0123456789abcdef-secret" not in repr(settings)
+    assert "0123456789abcdef-secret" not in repr(settings.parsed_api_keys())
