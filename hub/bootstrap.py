@@ -60,8 +60,10 @@ class Hub:
         self._stop.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Ingest has stopped and acked what it committed; close() flushes those acks. (drain()
+        # would wait out its timeout on the pull subscriptions.)
         with contextlib.suppress(Exception):
-            await self.nats.drain()
+            await self.nats.close()
         await asyncio.to_thread(self.store.close)
         if self.embedded_nats is not None:
             await asyncio.to_thread(self.embedded_nats.stop)

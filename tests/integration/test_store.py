@@ -109,9 +109,7 @@ class StoreContract:
         assert [o.order_id for o in store.orders("north")] == ["SO-1"]
         assert [o.order_id for o in store.orders()] == ["SO-1", "SO-2"]
 
-    def test_ingestor_applies_once_and_resumes_from_its_position(
-        self, store: EventStore
-    ) -> None:
+    def test_ingestor_applies_once_and_resumes_from_its_position(self, store: EventStore) -> None:
         def message(seq: int, count: int, event_id: str) -> IncomingMessage:
             event = cloud_event(
                 "mes.machine.partcount.v1",

@@ -22,7 +22,10 @@ from tests.conftest import cloud_event
 
 EXAMPLES = {
     "mes.machine.availability.v1": ("M1", {"availability": "AVAILABLE"}),
-    "mes.machine.execution.v1": ("M1", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O1"}),
+    "mes.machine.execution.v1": (
+        "M1",
+        {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O1"},
+    ),
     "mes.machine.partcount.v1": ("M1", {"count": 12, "kind": "all"}),
     "mes.machine.condition.v1": ("M1", {"level": "fault", "native_code": "1010", "message": "x"}),
     "mes.operator.downtime_reason.v1": (

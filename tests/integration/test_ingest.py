@@ -1,0 +1,240 @@
+"""Ingest against a real nats-server: exactly once, dead letters, counters, event time."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from contracts import CloudEvent, encode_event
+from hub.bootstrap import Hub, build_hub
+from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, DLQ_STREAM, MSG_ID_HEADER
+from hub.settings import Settings
+from tests.conftest import cloud_event, eventually
+
+
+def partcount(machine: str, count: int, seconds: float, **kw: Any) -> CloudEvent:
+    return cloud_event(
+        "mes.machine.partcount.v1",
+        machine,
+        {"count": count, "kind": "all"},
+        at=timedelta(seconds=seconds),
+        **kw,
+    )
+
+
+async def stored(hub: Hub, applied: int) -> None:
+    await eventually(lambda: hub.ingest_stats().applied >= applied)
+    await hub.wait_caught_up()
+
+
+async def test_a_published_event_reaches_the_machine(hub: Hub) -> None:
+    await hub.publisher.publish(
+        cloud_event("mes.machine.execution.v1", "M1", {"execution": "ACTIVE", "program": "O7"})
+    )
+    await stored(hub, 1)
+    machine = hub.store.machine("default", "M1")
+    assert machine is not None
+    assert (machine.execution, machine.program) == ("ACTIVE", "O7")
+
+
+async def test_a_duplicate_publish_is_counted_once(hub: Hub) -> None:
+    await hub.publisher.publish(partcount("M1", 100, 0))
+    event = partcount("M1", 103, 60)
+    first = await hub.publisher.publish(event)
+    again = await hub.publisher.publish(event)  # inside the duplicate window
+    assert again.duplicate and again.stream_seq == first.stream_seq
+    # Outside the window (no Nats-Msg-Id): the stream takes it, the store must drop it.
+    await hub.jetstream.publish(first.subject, encode_event(event))
+    await hub.publisher.publish(partcount("M1", 104, 120))
+    await stored(hub, 3)
+    machine = hub.store.machine("default", "M1")
+    assert machine is not None and machine.parts_produced == 4
+    assert hub.ingest_stats().duplicates == 1
+
+
+async def test_counter_baseline_then_increases_then_reset(hub: Hub) -> None:
+    for seconds, count in ((0, 5000), (30, 5001), (60, 5003), (90, 2), (120, 4)):
+        await hub.publisher.publish(partcount("M9", count, seconds))
+    await stored(hub, 5)
+    machine = hub.store.machine("default", "M9")
+    assert machine is not None
+    # baseline 5000 counts nothing; +1, +2; reset: 2 made since; +2
+    assert (machine.parts_produced, machine.counter_resets) == (7, 1)
+
+
+async def test_out_of_order_events_are_kept_with_their_own_time(hub: Hub) -> None:
+    late = cloud_event(
+        "mes.machine.execution.v1", "M2", {"execution": "STOPPED"}, at=timedelta(minutes=5)
+    )
+    newer = cloud_event(
+        "mes.machine.execution.v1", "M2", {"execution": "ACTIVE"}, at=timedelta(minutes=10)
+    )
+    await hub.publisher.publish(newer)
+    await hub.publisher.publish(late)
+    await stored(hub, 2)
+    machine = hub.store.machine("default", "M2")
+    assert machine is not None and machine.execution == "ACTIVE"
+    history = list(hub.store.application.events.get(machine.id))
+    recorded = [(e.execution, e.event_time) for e in history if hasattr(e, "execution")]
+    assert recorded == [("ACTIVE", newer.time), ("STOPPED", late.time)]
+
+
+async def test_erp_release_and_operator_start_meet_on_the_order(hub: Hub) -> None:
+    await hub.publisher.publish(
+        cloud_event(
+            "mes.erp.order.released.v1",
+            "SO-42",
+            {
+                "order_id": "SO-42",
+                "part_number": "P-7",
+                "quantity": 50,
+                "due": "2026-03-09T12:00:00+01:00",
+                "ideal_cycle_time_s": 30,
+                "customer": "ACME",
+            },
+        )
+    )
+    await hub.publisher.publish(
+        cloud_event("mes.operator.order_started.v1", "M3", {"order_id": "SO-42"}, at=timedelta(1))
+    )
+    await stored(hub, 2)
+    order = hub.store.order("default", "SO-42")
+    machine = hub.store.machine("default", "M3")
+    assert order is not None and machine is not None
+    assert (order.status, order.running_on, order.quantity) == ("running", ["M3"], 50)
+    assert machine.order_id == "SO-42"
+
+
+BAD_MESSAGES = [
+    ("not JSON", "mes.default.machine.M1.partcount", b"{not json", "not JSON"),
+    ("not a CloudEvent", "mes.default.machine.M1.partcount", b'{"hello": 1}', "not a CloudEvent"),
+    (
+        "unknown type",
+        "mes.default.machine.M1.spindle",
+        encode_event(
+            cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})
+        ).replace(b"mes.machine.partcount.v1", b"mes.machine.spindle.v1"),
+        "unknown event type",
+    ),
+    (
+        "bad data",
+        "mes.default.machine.M1.partcount",
+        encode_event(
+            cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})
+        ).replace(b'"count":1', b'"count":-4'),
+        "data.count",
+    ),
+    (
+        "subject mismatch",
+        "mes.default.machine.M2.partcount",
+        encode_event(cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})),
+        "subject mismatch",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "subject", "body", "reason"), BAD_MESSAGES, ids=[m[0] for m in BAD_MESSAGES]
+)
+async def test_bad_messages_go_to_the_dead_letter_subject_and_the_hub_goes_on(
+    hub: Hub, kind: str, subject: str, body: bytes, reason: str
+) -> None:
+    dead = await hub.nats.subscribe("mes.dlq.>")
+    ack = await hub.jetstream.publish(subject, body)
+    await hub.publisher.publish(
+        cloud_event("mes.machine.availability.v1", "M5", {"availability": "AVAILABLE"})
+    )
+    letter = await dead.next_msg(timeout=20)
+    assert letter.subject == "mes.dlq." + subject
+    assert letter.data == body  # the original bytes, untouched
+    assert reason in letter.headers[DLQ_REASON_HEADER]
+    assert letter.headers[DLQ_SEQ_HEADER] == str(ack.seq)
+    await stored(hub, 1)
+    machine = hub.store.machine("default", "M5")
+    assert machine is not None and machine.availability == "AVAILABLE"
+    assert hub.ingest_stats().rejected == 1
+
+
+async def test_dead_letters_are_kept_in_their_stream_once_even_if_repeated(hub: Hub) -> None:
+    await hub.jetstream.publish("mes.default.machine.M1.partcount", b"garbage")
+    await eventually(lambda: hub.ingest_stats().rejected == 1)
+
+    async def dlq_count() -> bool:
+        info = await hub.jetstream.stream_info(DLQ_STREAM)
+        return bool(info.state.messages == 1)
+
+    await eventually(dlq_count)
+    # A repeat of the dead-lettering (as after a crash before commit) is dropped by msg id.
+    ack = await hub.jetstream.publish(
+        "mes.dlq.mes.default.machine.M1.partcount",
+        b"garbage",
+        headers={MSG_ID_HEADER: "dlq-MES-1"},
+    )
+    assert ack.duplicate
+
+
+async def test_a_restarted_hub_resumes_without_reapplying(settings: Settings) -> None:
+    hub = await build_hub(settings)
+    for n in range(30):
+        await hub.publisher.publish(partcount("M1", n, n * 10))
+    await stored(hub, 30)
+    await hub.close()
+    again = await build_hub(settings)
+    try:
+        for n in range(30, 40):
+            await again.publisher.publish(partcount("M1", n, n * 10))
+        await stored(again, 10)
+        assert again.ingest_stats().applied == 10
+        machine = again.store.machine("default", "M1")
+        assert machine is not None and machine.parts_produced == 39
+    finally:
+        await again.close()
+
+
+async def test_two_partitions_apply_every_event_once(settings: Settings) -> None:
+    hub = await build_hub(settings.model_copy(update={"partitions": 2}))
+    try:
+        events = []
+        for machine in ("M1", "M2", "M3", "M4", "M5", "M6"):
+            events.append(partcount(machine, 0, 0))
+            events += [partcount(machine, n, n) for n in range(1, 21)]
+            events.append(
+                cloud_event("mes.operator.order_started.v1", machine, {"order_id": "SO-shared"})
+            )
+        await hub.publisher.publish_many(events)
+        await stored(hub, len(events))
+        machines = hub.store.machines("default")
+        assert [m.parts_produced for m in machines] == [20] * 6
+        order = hub.store.order("default", "SO-shared")
+        assert order is not None and sorted(order.running_on) == [f"M{i}" for i in range(1, 7)]
+        counts = [p.ingestor.stats.applied for p in hub.partitions]
+        assert all(counts) and sum(counts) == len(events)
+    finally:
+        await hub.close()
+
+
+async def test_cloud_event_bytes_from_outside_code_are_accepted(hub: Hub) -> None:
+    # An integrator's own code: plain JSON, their own client, our subject and Nats-Msg-Id rules.
+    body = json.dumps(
+        {
+            "specversion": "1.0",
+            "id": "erp-7f3a",
+            "source": "sap://plant1",
+            "type": "mes.machine.availability.v1",
+            "time": "2026-03-02T07:00:00.123+01:00",
+            "subject": "LATHE-3",
+            "datacontenttype": "application/json",
+            "data": {"availability": "UNAVAILABLE"},
+        }
+    ).encode()
+    await hub.jetstream.publish(
+        "mes.default.machine.LATHE-3.availability", body, headers={MSG_ID_HEADER: "erp-7f3a"}
+    )
+    await stored(hub, 1)
+    machine = hub.store.machine("default", "LATHE-3")
+    assert machine is not None and machine.availability == "UNAVAILABLE"
+    assert machine.last_event_time is not None
+    assert machine.last_event_time.utcoffset() == timedelta(hours=1)
