@@ -48,7 +48,7 @@ def start_hub(data_dir: Path, nats_url: str, **env: str) -> subprocess.Popen[byt
             str(data_dir),
             "--port",
             "0",
-        ],  # fmt: skip
+        ],
         env={**os.environ, "MES_HUB_INGEST_BATCH": "50", **env},
         stdout=subprocess.DEVNULL,
         stderr=open(data_dir.parent / "hub.stderr", "ab"),

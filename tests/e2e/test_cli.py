@@ -1,0 +1,119 @@
+"""The CLI as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from hub.nats import MSG_ID_HEADER, EmbeddedNatsServer, connect, ensure_streams
+from hub.settings import load_settings
+from tests.conftest import eventually
+
+MES_HUB = [sys.executable, "-m", "hub"]
+
+
+def test_contracts_export_writes_one_schema_per_type(tmp_path: Path) -> None:
+    result = subprocess.run([*MES_HUB, "contracts", "export", str(tmp_path)], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "mes.machine.partcount.v1.schema.json" in names and len(names) == 11
+
+
+def test_a_bad_config_file_fails_at_start_with_file_key_and_reason(tmp_path: Path) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text('[hub]\nstore = "oracle"\n')
+    result = subprocess.run(
+        [*MES_HUB, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert str(config) in result.stderr and "hub.store" in result.stderr
+    assert "'sqlite' or 'postgres'" in result.stderr
+
+
+def test_demo_runs_the_factory_and_exits_with_a_summary(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *MES_HUB,
+            "demo",
+            "--machines",
+            "4",
+            "--speed",
+            "3000",
+            "--duration",
+            "6",
+            "--data-dir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = re.search(r"(\d+) events published, (\d+) stored exactly once", result.stdout)
+    assert summary is not None, result.stdout[-2000:]
+    published, stored = map(int, summary.groups())
+    assert published > 100 and stored == published
+    assert "M0004" in result.stdout and "admin key" in result.stdout
+
+
+async def test_an_event_from_outside_code_appears_in_the_served_api(tmp_path: Path) -> None:
+    with EmbeddedNatsServer(tmp_path / "nats") as nats_server:
+        key = "admin:e2e-0123456789abcdef"
+        port_file = tmp_path / "out.txt"
+        process = subprocess.Popen(
+            [
+                *MES_HUB,
+                "serve",
+                "--nats-url",
+                nats_server.url,
+                "--data-dir",
+                str(tmp_path / "hub"),
+                "--port",
+                "0",
+            ],
+            env={**os.environ, "MES_HUB_API_KEYS": key, "COLUMNS": "200"},
+            stdout=port_file.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await eventually(lambda: "API on" in port_file.read_text(), timeout=60)
+            url = re.search(r"API on (http://\S+)", port_file.read_text())
+            assert url is not None
+            # Outside code: its own NATS client, plain JSON, the contract's subject.
+            client = await connect(nats_server.url)
+            await ensure_streams(client.jetstream(), load_settings())
+            event = {
+                "specversion": "1.0",
+                "id": "plc-gw-1",
+                "source": "urn:plc-gateway",
+                "type": "mes.machine.availability.v1",
+                "time": "2026-03-02T06:00:00Z",
+                "subject": "PRESS-2",
+                "data": {"availability": "AVAILABLE"},
+            }
+            await client.jetstream().publish(
+                "mes.default.machine.PRESS-2.availability",
+                json.dumps(event).encode(),
+                headers={MSG_ID_HEADER: "plc-gw-1"},
+            )
+            await client.close()
+            headers = {"Authorization": "Bearer e2e-0123456789abcdef"}
+            async with httpx.AsyncClient(base_url=url.group(1)) as http:
+
+                async def visible() -> bool:
+                    response = await http.get("/api/v1/machines/PRESS-2", headers=headers)
+                    return response.status_code == 200
+
+                await eventually(visible)
+                body = (await http.get("/api/v1/machines/PRESS-2", headers=headers)).json()
+                assert body["availability"] == "AVAILABLE"
+        finally:
+            process.terminate()
+            assert process.wait(30) == 0
