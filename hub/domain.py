@@ -59,8 +59,9 @@ class Machine(Aggregate):
         self.parts_bad = 0
         self.parts_scrapped = 0
         self.counter_resets = 0
-        # Last accepted reading per counter kind: [value, event time as ISO text].
-        self.counters: dict[str, list[Any]] = {}
+        # Last accepted reading per counter kind, and its event time.
+        self.counter_values: dict[str, int] = {}
+        self.counter_times: dict[str, datetime] = {}
         self.conditions: dict[str, dict[str, Any]] = {}
         self.order_id: str | None = None
         self.order_time: datetime | None = None
@@ -84,11 +85,10 @@ class Machine(Aggregate):
         increase adds the difference; a decrease is a reset and the new value counts as made
         since the reset. A reading older than the last accepted one counts nothing (the later
         cumulative value already covers it) but is kept, with ``late`` set."""
-        last = self.counters.get(kind)
+        last_value = self.counter_values.get(kind)
         increment, reset, late = 0, False, False
-        if last is not None:
-            last_value, last_time = int(last[0]), datetime.fromisoformat(last[1])
-            if origin.time < last_time:
+        if last_value is not None:
+            if origin.time < self.counter_times[kind]:
                 late = True
             elif count >= last_value:
                 increment = count - last_value
@@ -198,7 +198,8 @@ class Machine(Aggregate):
         self._seen(event_time)
         if late:
             return
-        self.counters[kind] = [count, event_time.isoformat()]
+        self.counter_values[kind] = count
+        self.counter_times[kind] = event_time
         if reset:
             self.counter_resets += 1
         if kind == "bad":

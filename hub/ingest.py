@@ -314,7 +314,7 @@ class IngestPartition:
             durable_name=self._durable,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if position else DeliverPolicy.ALL,
             opt_start_seq=position + 1 if position else None,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,
             ack_wait=120,
             max_ack_pending=self._batch_size * 4,
             max_deliver=-1,
@@ -333,8 +333,11 @@ class IngestPartition:
             except TimeoutError:
                 self.caught_up.set()
                 continue
+            # .metadata parses the reply subject on every access: read it once per message.
+            sequences = [m.metadata.sequence.stream for m in messages]
             incoming = [
-                IncomingMessage(m.subject, m.data, m.metadata.sequence.stream) for m in messages
+                IncomingMessage(m.subject, m.data, seq)
+                for m, seq in zip(messages, sequences, strict=True)
             ]
             position = self.ingestor.stats.position
             fresh = [m for m in incoming if m.stream_seq > position]
@@ -345,12 +348,17 @@ class IngestPartition:
                 if self._kill_after_commit is not None and commits >= self._kill_after_commit:
                     # Failpoint for crash tests: committed, not yet acked.
                     os.kill(os.getpid(), signal.SIGKILL)
-            for message in messages:
-                if message.metadata.sequence.stream in rejected:
+            # The consumer acks "all up to": terminate the rejected ones, then one ack for the
+            # rest of the batch (the last message not rejected).
+            last_good = None
+            for message, seq in zip(messages, sequences, strict=True):
+                if seq in rejected:
                     await message.term()
                 else:
-                    await message.ack()
-            if messages and messages[-1].metadata.num_pending == 0:
+                    last_good = message
+            if last_good is not None:
+                await last_good.ack()
+            if messages[-1].metadata.num_pending == 0:
                 self.caught_up.set()
 
     async def _process(self, incoming: list[IncomingMessage], stop: asyncio.Event) -> set[int]:

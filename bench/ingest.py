@@ -1,0 +1,286 @@
+"""Ingest benchmark: 1,000 simulated machines through a running hub, against a raw baseline.
+
+Both runs get the same pre-generated workload on a fresh embedded nats-server:
+- raw:  a bare consumer process that inserts the raw messages into SQLite in batches and acks;
+- hub:  ``mes-hub serve`` (validation, aggregates, event store, tracking, dedupe) on SQLite.
+
+Figures: sustained events/s from first publish to last stored, p50/p99 publish-to-stored latency
+(stored = the consumer's committed position reached the message's stream sequence), peak RSS of
+the consuming process, and the ratio hub/raw.
+
+    .venv/bin/python bench/ingest.py [--events 200000] [--machines 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import itertools
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapters.machines.simulator import SimulatorConfig, factory_events  # noqa: E402
+from contracts import encode_event, nats_subject_for, validate_envelope  # noqa: E402
+from hub.ingest import tracking_name  # noqa: E402
+from hub.nats import MSG_ID_HEADER, EmbeddedNatsServer, connect, ensure_streams  # noqa: E402
+from hub.settings import load_settings  # noqa: E402
+
+
+@dataclass
+class Result:
+    name: str
+    events: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    peak_rss_mb: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def workload(machines: int, events: int) -> list[tuple[str, bytes, str]]:
+    config = SimulatorConfig(machines=machines, seed=42)
+    out = []
+    for event in itertools.islice(factory_events(config), events):
+        out.append(
+            (nats_subject_for("default", validate_envelope(event)), encode_event(event), event.id)
+        )
+    return out
+
+
+class PositionProbe:
+    """Samples a consumer's committed position from its SQLite file, in a thread."""
+
+    def __init__(self, db: Path, query: str, process: psutil.Process) -> None:
+        self.db, self.query, self.process = db, query, process
+        self.times: list[float] = []
+        self.positions: list[int] = []
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        connection: sqlite3.Connection | None = None
+        tick = 0
+        while not self._stop.is_set():
+            tick += 1
+            if tick % 20 == 0:
+                with contextlib.suppress(psutil.Error):
+                    self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            try:
+                if connection is None:
+                    connection = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+                row = connection.execute(self.query).fetchone()
+            except sqlite3.Error:
+                connection = None
+                time.sleep(0.01)
+                continue
+            position = int(row[0] or 0) if row else 0
+            if not self.positions or position > self.positions[-1]:
+                self.times.append(time.perf_counter())
+                self.positions.append(position)
+            time.sleep(0.002)
+
+    def stored_at(self, seq: int) -> float | None:
+        index = bisect.bisect_left(self.positions, seq)
+        return self.times[index] if index < len(self.positions) else None
+
+
+async def drive(
+    name: str,
+    nats_url: str,
+    items: list[tuple[str, bytes, str]],
+    probe: PositionProbe,
+    timeout: float = 600,
+) -> Result:
+    client = await connect(nats_url, name="bench-publisher")
+    js = client.jetstream(publish_async_max_pending=8000)
+    published_at: list[float] = []
+    futures = []
+    first = time.perf_counter()
+    for subject, body, event_id in items:
+        published_at.append(time.perf_counter())
+        futures.append(await js.publish_async(subject, body, headers={MSG_ID_HEADER: event_id}))
+    acks = await asyncio.gather(*futures)
+    await client.close()
+    sequences = [a.seq for a in acks]
+    last_seq = max(sequences)
+    deadline = time.perf_counter() + timeout
+    while probe.stored_at(last_seq) is None:
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{name}: not all events stored within {timeout} s")
+        await asyncio.sleep(0.05)
+    latencies = sorted(
+        (probe.stored_at(seq) or 0) - sent
+        for seq, sent in zip(sequences, published_at, strict=True)
+    )
+    quantiles = statistics.quantiles(latencies, n=100)
+    return Result(
+        name=name,
+        events=len(items),
+        seconds=(probe.stored_at(last_seq) or 0) - first,
+        p50_ms=quantiles[49] * 1000,
+        p99_ms=quantiles[98] * 1000,
+        peak_rss_mb=probe.peak_rss / 2**20,
+    )
+
+
+async def run_raw(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
+    with EmbeddedNatsServer(workdir / "nats-raw") as nats_server:
+        client = await connect(nats_server.url)
+        await ensure_streams(client.jetstream(), load_settings())
+        await client.close()
+        db = workdir / "raw.sqlite"
+        process = subprocess.Popen(
+            [sys.executable, __file__, "raw-consumer", nats_server.url, str(db)]
+        )
+        try:
+            while not db.exists():
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            probe = PositionProbe(db, "SELECT position FROM tracking", psutil.Process(process.pid))
+            probe.start()
+            try:
+                return await drive("raw", nats_server.url, items, probe)
+            finally:
+                probe.stop()
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+async def run_hub(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
+    with EmbeddedNatsServer(workdir / "nats-hub") as nats_server:
+        data_dir = workdir / "hub"
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hub",
+                "serve",
+                "--nats-url",
+                nats_server.url,
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                "0",
+            ],  # fmt: skip
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "hub.log").open("w"),
+            env={**os.environ, "MES_HUB_API_KEYS": "admin:bench-0123456789abcdef"},
+        )
+        try:
+            db = data_dir / "events.sqlite"
+            while not db.exists():
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            query = (
+                "SELECT notification_id FROM tracking "
+                f"WHERE application_name='{tracking_name(0, 1)}'"
+            )
+            probe = PositionProbe(db, query, psutil.Process(process.pid))
+            probe.start()
+            try:
+                return await drive("hub", nats_server.url, items, probe)
+            finally:
+                probe.stop()
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+async def raw_consumer(nats_url: str, db_path: str) -> None:
+    """The baseline: fetch a batch, insert the raw bytes in one transaction, ack."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE IF NOT EXISTS raw (seq INTEGER PRIMARY KEY, subject TEXT, data BLOB)")
+    db.execute("CREATE TABLE IF NOT EXISTS tracking (position INTEGER)")
+    db.execute("INSERT INTO tracking VALUES (0)")
+    db.commit()
+    client = await connect(nats_url)
+    js = client.jetstream()
+    await js.add_consumer(
+        "MES",
+        ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=4000),
+    )
+    subscription = await js.pull_subscribe_bind("raw", stream="MES")
+    while True:
+        try:
+            messages = await subscription.fetch(1000, timeout=0.25)
+        except (TimeoutError, asyncio.TimeoutError):
+            continue
+        rows = [(m.metadata.sequence.stream, m.subject, m.data) for m in messages]
+        with db:
+            db.executemany("INSERT OR IGNORE INTO raw VALUES (?, ?, ?)", rows)
+            db.execute("UPDATE tracking SET position = ?", (max(r[0] for r in rows),))
+        await messages[-1].ack()  # ack-all, as the hub does
+
+
+def print_results(raw: Result, hub: Result) -> None:
+    print()
+    print(
+        f"{'run':<6}{'events':>10}{'seconds':>10}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'peak RSS MB':>14}"
+    )
+    for r in (raw, hub):
+        print(
+            f"{r.name:<6}{r.events:>10}{r.seconds:>10.2f}{r.rate:>12.0f}"
+            f"{r.p50_ms:>10.1f}{r.p99_ms:>10.1f}{r.peak_rss_mb:>14.1f}"
+        )
+    print(f"\nratio hub/raw (events/s): {hub.rate / raw.rate:.2f}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--machines", type=int, default=1000)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    items = workload(args.machines, args.events)
+    print(
+        f"workload: {len(items)} events from {args.machines} simulated machines "
+        f"(generated in {time.perf_counter() - started:.1f} s); {os.cpu_count()} CPUs"
+    )
+    with tempfile.TemporaryDirectory(prefix="mes-hub-bench-") as tmp:
+        workdir = Path(tmp)
+        raw = await run_raw(items, workdir)
+        print(f"raw done: {raw.rate:.0f} events/s")
+        hub = await run_hub(items, workdir)
+        print(f"hub done: {hub.rate:.0f} events/s")
+    print_results(raw, hub)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "raw-consumer":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(raw_consumer(sys.argv[2], sys.argv[3]))
+    else:
+        asyncio.run(main())
