@@ -115,14 +115,20 @@ async def drive(
     nats_url: str,
     items: list[tuple[str, bytes, str]],
     probe: PositionProbe,
+    rate: float | None = None,
     timeout: float = 600,
 ) -> Result:
+    """Publish ``items`` flat out (``rate`` None) or at ``rate`` events/s; wait until stored."""
     client = await connect(nats_url, name="bench-publisher")
     js = client.jetstream(publish_async_max_pending=8000)
     published_at: list[float] = []
     futures = []
     first = time.perf_counter()
-    for subject, body, event_id in items:
+    for n, (subject, body, event_id) in enumerate(items):
+        if rate is not None and n % 20 == 0:
+            wait = first + n / rate - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
         published_at.append(time.perf_counter())
         futures.append(await js.publish_async(subject, body, headers={MSG_ID_HEADER: event_id}))
     acks = await asyncio.gather(*futures)
@@ -149,7 +155,10 @@ async def drive(
     )
 
 
-async def run_raw(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
+async def run_raw(
+    items: list[tuple[str, bytes, str]], workdir: Path, rate: float | None = None
+) -> Result:
+    workdir = Path(tempfile.mkdtemp(dir=workdir))
     with EmbeddedNatsServer(workdir / "nats-raw") as nats_server:
         client = await connect(nats_server.url)
         await ensure_streams(client.jetstream(), load_settings())
@@ -165,7 +174,7 @@ async def run_raw(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
             probe = PositionProbe(db, "SELECT position FROM tracking", psutil.Process(process.pid))
             probe.start()
             try:
-                return await drive("raw", nats_server.url, items, probe)
+                return await drive("raw", nats_server.url, items, probe, rate)
             finally:
                 probe.stop()
         finally:
@@ -173,7 +182,10 @@ async def run_raw(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
             process.wait(30)
 
 
-async def run_hub(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
+async def run_hub(
+    items: list[tuple[str, bytes, str]], workdir: Path, rate: float | None = None
+) -> Result:
+    workdir = Path(tempfile.mkdtemp(dir=workdir))
     with EmbeddedNatsServer(workdir / "nats-hub") as nats_server:
         data_dir = workdir / "hub"
         process = subprocess.Popen(
@@ -188,7 +200,7 @@ async def run_hub(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
                 str(data_dir),
                 "--port",
                 "0",
-            ],  # fmt: skip
+            ],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=(workdir / "hub.log").open("w"),
@@ -206,7 +218,7 @@ async def run_hub(items: list[tuple[str, bytes, str]], workdir: Path) -> Result:
             probe = PositionProbe(db, query, psutil.Process(process.pid))
             probe.start()
             try:
-                return await drive("hub", nats_server.url, items, probe)
+                return await drive("hub", nats_server.url, items, probe, rate)
             finally:
                 probe.stop()
         finally:
@@ -228,13 +240,13 @@ async def raw_consumer(nats_url: str, db_path: str) -> None:
     js = client.jetstream()
     await js.add_consumer(
         "MES",
-        ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=4000),
+        ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.ALL, max_ack_pending=4000),
     )
     subscription = await js.pull_subscribe_bind("raw", stream="MES")
     while True:
         try:
             messages = await subscription.fetch(1000, timeout=0.25)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             continue
         rows = [(m.metadata.sequence.stream, m.subject, m.data) for m in messages]
         with db:
@@ -243,39 +255,47 @@ async def raw_consumer(nats_url: str, db_path: str) -> None:
         await messages[-1].ack()  # ack-all, as the hub does
 
 
-def print_results(raw: Result, hub: Result) -> None:
-    print()
-    print(
-        f"{'run':<6}{'events':>10}{'seconds':>10}{'events/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'peak RSS MB':>14}"
-    )
+def print_results(title: str, raw: Result, hub: Result) -> None:
+    print(f"\n{title}")
+    header = ("run", "events", "seconds", "events/s", "p50 ms", "p99 ms", "peak RSS MB")
+    print(f"{header[0]:<6}" + "".join(f"{h:>12}" for h in header[1:]))
     for r in (raw, hub):
         print(
-            f"{r.name:<6}{r.events:>10}{r.seconds:>10.2f}{r.rate:>12.0f}"
-            f"{r.p50_ms:>10.1f}{r.p99_ms:>10.1f}{r.peak_rss_mb:>14.1f}"
+            f"{r.name:<6}{r.events:>12}{r.seconds:>12.2f}{r.rate:>12.0f}"
+            f"{r.p50_ms:>12.1f}{r.p99_ms:>12.1f}{r.peak_rss_mb:>12.1f}"
         )
-    print(f"\nratio hub/raw (events/s): {hub.rate / raw.rate:.2f}")
+    print(f"ratio hub/raw (events/s): {hub.rate / raw.rate:.2f}")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--events", type=int, default=200_000, help="burst run size")
     parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--paced-rate", type=float, default=2000, help="events/s, 0: skip")
+    parser.add_argument("--paced-events", type=int, default=30_000)
     args = parser.parse_args()
     started = time.perf_counter()
     items = workload(args.machines, args.events)
     print(
         f"workload: {len(items)} events from {args.machines} simulated machines "
-        f"(generated in {time.perf_counter() - started:.1f} s); {os.cpu_count()} CPUs"
+        f"(generated in {time.perf_counter() - started:.1f} s); {os.cpu_count()} CPUs; SQLite"
     )
     with tempfile.TemporaryDirectory(prefix="mes-hub-bench-") as tmp:
         workdir = Path(tmp)
         raw = await run_raw(items, workdir)
-        print(f"raw done: {raw.rate:.0f} events/s")
         hub = await run_hub(items, workdir)
-        print(f"hub done: {hub.rate:.0f} events/s")
-    print_results(raw, hub)
+        print_results("Burst: everything published flat out (latency is mostly queueing)", raw, hub)
+        if args.paced_rate:
+            paced = items[: args.paced_events]
+            raw_paced = await run_raw(paced, workdir, args.paced_rate)
+            hub_paced = await run_hub(paced, workdir, args.paced_rate)
+            print_results(
+                f"Paced: {len(paced)} events at {args.paced_rate:.0f} events/s",
+                raw_paced,
+                hub_paced,
+            )
 
 
 if __name__ == "__main__":

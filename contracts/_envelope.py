@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from contracts._errors import ContractViolation, describe_validation_error
 from contracts._types import EVENT_TYPES, TOKEN_PATTERN, EventType, _Data
@@ -70,18 +80,52 @@ def validate_envelope(envelope: CloudEvent) -> ValidatedEvent:
         data = event_type.data_model.model_validate(envelope.data)
     except ValidationError as exc:
         raise describe_validation_error(exc, prefix="data.") from None
-    order_id = getattr(data, "order_id", None)
-    if event_type.stream == "erp" and order_id != envelope.subject:
+    return _checked(ValidatedEvent(envelope=envelope, event_type=event_type, data=data))
+
+
+def _checked(event: ValidatedEvent) -> ValidatedEvent:
+    """Rules across envelope and data."""
+    if event.event_type.stream != "erp":
+        return event
+    order_id = getattr(event.data, "order_id", None)
+    if order_id != event.envelope.subject:
         raise ContractViolation(
             f"data.order_id {order_id!r} differs from the CloudEvent subject "
-            f"{envelope.subject!r}; for ERP order events they must be equal",
+            f"{event.envelope.subject!r}; for ERP order events they must be equal",
             field="data.order_id",
         )
-    return ValidatedEvent(envelope=envelope, event_type=event_type, data=data)
+    return event
+
+
+@cache
+def _typed_decoder() -> TypeAdapter[Any]:
+    """One validator for every v1 type, chosen by ``type``: envelope and data in one pass."""
+    typed: list[Any] = []
+    for name, event_type in EVENT_TYPES.items():
+        type_name: Any = Literal[name]
+        typed.append(
+            create_model(
+                "CloudEvent_" + name.replace(".", "_"),
+                __base__=CloudEvent,
+                type=(type_name, ...),
+                data=(event_type.data_model, ...),
+            )
+        )
+    union: Any = Annotated[Union[tuple(typed)], Field(discriminator="type")]  # noqa: UP007
+    return TypeAdapter(union)
 
 
 def decode_event(raw: bytes) -> ValidatedEvent:
     """Parse and validate one structured-mode CloudEvent. Raises ``ContractViolation``."""
+    try:
+        envelope = _typed_decoder().validate_json(raw)
+    except ValidationError as exc:
+        _explain_rejection(raw)  # bad input is rare: validate again, step by step, to explain
+        raise describe_validation_error(exc) from None
+    return _checked(ValidatedEvent(envelope, EVENT_TYPES[envelope.type], envelope.data))
+
+
+def _explain_rejection(raw: bytes) -> None:
     try:
         envelope = CloudEvent.model_validate_json(raw)
     except ValidationError as exc:
@@ -93,7 +137,7 @@ def decode_event(raw: bytes) -> ValidatedEvent:
         raise ContractViolation(
             "not a CloudEvent: " + violation.reason, field=violation.field
         ) from None
-    return validate_envelope(envelope)
+    validate_envelope(envelope)
 
 
 def encode_event(envelope: CloudEvent) -> bytes:

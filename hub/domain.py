@@ -39,6 +39,14 @@ def _newer(time: datetime, than: datetime | None) -> bool:
     return than is None or time >= than
 
 
+class MachineEvent(Aggregate.Event):
+    """What every fact about a machine carries: the CloudEvent id, its source, the event time."""
+
+    event_id: str
+    source: str
+    event_time: datetime
+
+
 class Machine(Aggregate):
     @staticmethod
     def create_id(site: str, machine_id: str) -> UUID:
@@ -71,13 +79,13 @@ class Machine(Aggregate):
     # --- commands: decide, then record -------------------------------------------------------
 
     def report_availability(self, origin: Origin, availability: str) -> None:
-        self._availability_reported(origin.event_id, origin.source, origin.time, availability)
+        self._record(self.AvailabilityReported, origin, availability=availability)
 
     def report_execution(
         self, origin: Origin, execution: str, mode: str | None, program: str | None
     ) -> None:
-        self._execution_reported(
-            origin.event_id, origin.source, origin.time, execution, mode, program
+        self._record(
+            self.ExecutionReported, origin, execution=execution, mode=mode, program=program
         )
 
     def report_part_count(self, origin: Origin, kind: str, count: int) -> None:
@@ -94,23 +102,22 @@ class Machine(Aggregate):
                 increment = count - last_value
             else:
                 reset, increment = True, count
-        self._part_count_reported(
-            origin.event_id,
-            origin.source,
-            origin.time,
-            kind,
-            count,
-            increment,
-            reset,
-            late,
-            self.order_id,
+        self._record(
+            self.PartCountReported,
+            origin,
+            kind=kind,
+            count=count,
+            increment=increment,
+            reset=reset,
+            late=late,
+            order_id=self.order_id,
         )
 
     def report_condition(
         self, origin: Origin, level: str, native_code: str | None, message: str | None
     ) -> None:
-        self._condition_reported(
-            origin.event_id, origin.source, origin.time, level, native_code, message
+        self._record(
+            self.ConditionReported, origin, level=level, native_code=native_code, message=message
         )
 
     def give_downtime_reason(
@@ -122,163 +129,169 @@ class Machine(Aggregate):
         operator: str,
         note: str | None,
     ) -> None:
-        self._downtime_reason_given(
-            origin.event_id, origin.source, origin.time, reason, start, end, operator, note
+        self._record(
+            self.DowntimeReasonGiven,
+            origin,
+            reason=reason,
+            start=start,
+            end=end,
+            operator=operator,
+            note=note,
         )
 
     def start_order(self, origin: Origin, order_id: str) -> None:
-        self._order_started(origin.event_id, origin.source, origin.time, order_id)
+        self._record(self.OrderStarted, origin, order_id=order_id)
 
     def end_order(self, origin: Origin, order_id: str) -> None:
-        self._order_ended(origin.event_id, origin.source, origin.time, order_id)
+        self._record(self.OrderEnded, origin, order_id=order_id)
 
     def report_scrap(
         self, origin: Origin, order_id: str | None, quantity: int, reason: str
     ) -> None:
-        self._scrap_reported(
-            origin.event_id,
-            origin.source,
-            origin.time,
-            order_id or self.order_id,
-            quantity,
-            reason,
+        self._record(
+            self.ScrapReported,
+            origin,
+            order_id=order_id or self.order_id,
+            quantity=quantity,
+            reason=reason,
         )
 
-    # --- events: apply what was decided ------------------------------------------------------
+    def _record(self, event_class: type[MachineEvent], origin: Origin, **fields: Any) -> None:
+        self.trigger_event(
+            event_class,
+            event_id=origin.event_id,
+            source=origin.source,
+            event_time=origin.time,
+            **fields,
+        )
 
     def _seen(self, time: datetime) -> None:
         if _newer(time, self.last_event_time):
             self.last_event_time = time
 
-    @event("AvailabilityReported")
-    def _availability_reported(
-        self, event_id: str, source: str, event_time: datetime, availability: str
-    ) -> None:
-        self._seen(event_time)
-        if _newer(event_time, self.availability_time):
-            self.availability = availability
-            self.availability_time = event_time
+    # --- events: the facts, and how each changes the machine -----------------------------------
 
-    @event("ExecutionReported")
-    def _execution_reported(
-        self,
-        event_id: str,
-        source: str,
-        event_time: datetime,
-        execution: str,
-        mode: str | None,
-        program: str | None,
-    ) -> None:
-        self._seen(event_time)
-        # An older report is kept in the history but does not overwrite the current state.
-        if not _newer(event_time, self.execution_time):
-            return
-        if execution != self.execution:
-            self.state_since = event_time
-        self.execution = execution
-        self.execution_time = event_time
-        if mode is not None:
-            self.mode = mode
-        if program is not None:
-            self.program = program
+    class AvailabilityReported(MachineEvent):
+        availability: str
 
-    @event("PartCountReported")
-    def _part_count_reported(
-        self,
-        event_id: str,
-        source: str,
-        event_time: datetime,
-        kind: str,
-        count: int,
-        increment: int,
-        reset: bool,
-        late: bool,
-        order_id: str | None,
-    ) -> None:
-        self._seen(event_time)
-        if late:
-            return
-        self.counter_values[kind] = count
-        self.counter_times[kind] = event_time
-        if reset:
-            self.counter_resets += 1
-        if kind == "bad":
-            self.parts_bad += increment
-        else:
-            self.parts_produced += increment
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            if _newer(self.event_time, machine.availability_time):
+                machine.availability = self.availability
+                machine.availability_time = self.event_time
 
-    @event("ConditionReported")
-    def _condition_reported(
-        self,
-        event_id: str,
-        source: str,
-        event_time: datetime,
-        level: str,
-        native_code: str | None,
-        message: str | None,
-    ) -> None:
-        self._seen(event_time)
-        code = native_code or ""
-        current = self.conditions.get(code)
-        if current is not None and not _newer(event_time, datetime.fromisoformat(current["since"])):
-            return
-        if level == "normal":
-            # MTConnect: NORMAL without a native code clears every active condition.
-            if code:
-                self.conditions.pop(code, None)
+    class ExecutionReported(MachineEvent):
+        execution: str
+        mode: str | None
+        program: str | None
+
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            # An older report is kept in the history but does not overwrite the current state.
+            if not _newer(self.event_time, machine.execution_time):
+                return
+            if self.execution != machine.execution:
+                machine.state_since = self.event_time
+            machine.execution = self.execution
+            machine.execution_time = self.event_time
+            if self.mode is not None:
+                machine.mode = self.mode
+            if self.program is not None:
+                machine.program = self.program
+
+    class PartCountReported(MachineEvent):
+        kind: str
+        count: int
+        increment: int
+        reset: bool
+        late: bool
+        order_id: str | None
+
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            if self.late:
+                return
+            machine.counter_values[self.kind] = self.count
+            machine.counter_times[self.kind] = self.event_time
+            if self.reset:
+                machine.counter_resets += 1
+            if self.kind == "bad":
+                machine.parts_bad += self.increment
             else:
-                self.conditions.clear()
-            return
-        self.conditions[code] = {
-            "level": level,
-            "native_code": native_code,
-            "message": message,
-            "since": event_time.isoformat(),
-        }
+                machine.parts_produced += self.increment
 
-    @event("DowntimeReasonGiven")
-    def _downtime_reason_given(
-        self,
-        event_id: str,
-        source: str,
-        event_time: datetime,
-        reason: str,
-        start: datetime,
-        end: datetime | None,
-        operator: str,
-        note: str | None,
-    ) -> None:
-        self._seen(event_time)
-        self.downtime_reasons += 1
+    class ConditionReported(MachineEvent):
+        level: str
+        native_code: str | None
+        message: str | None
 
-    @event("OrderStarted")
-    def _order_started(
-        self, event_id: str, source: str, event_time: datetime, order_id: str
-    ) -> None:
-        self._seen(event_time)
-        if _newer(event_time, self.order_time):
-            self.order_id = order_id
-            self.order_time = event_time
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            code = self.native_code or ""
+            current = machine.conditions.get(code)
+            if current is not None and not _newer(
+                self.event_time, datetime.fromisoformat(current["since"])
+            ):
+                return
+            if self.level == "normal":
+                # MTConnect: NORMAL without a native code clears every active condition.
+                if code:
+                    machine.conditions.pop(code, None)
+                else:
+                    machine.conditions.clear()
+                return
+            machine.conditions[code] = {
+                "level": self.level,
+                "native_code": self.native_code,
+                "message": self.message,
+                "since": self.event_time.isoformat(),
+            }
 
-    @event("OrderEnded")
-    def _order_ended(self, event_id: str, source: str, event_time: datetime, order_id: str) -> None:
-        self._seen(event_time)
-        if self.order_id == order_id and _newer(event_time, self.order_time):
-            self.order_id = None
-            self.order_time = event_time
+    class DowntimeReasonGiven(MachineEvent):
+        reason: str
+        start: datetime
+        end: datetime | None
+        operator: str
+        note: str | None
 
-    @event("ScrapReported")
-    def _scrap_reported(
-        self,
-        event_id: str,
-        source: str,
-        event_time: datetime,
-        order_id: str | None,
-        quantity: int,
-        reason: str,
-    ) -> None:
-        self._seen(event_time)
-        self.parts_scrapped += quantity
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            machine.downtime_reasons += 1
+
+    class OrderStarted(MachineEvent):
+        order_id: str
+
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            if _newer(self.event_time, machine.order_time):
+                machine.order_id = self.order_id
+                machine.order_time = self.event_time
+
+    class OrderEnded(MachineEvent):
+        order_id: str
+
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            if machine.order_id == self.order_id and _newer(self.event_time, machine.order_time):
+                machine.order_id = None
+                machine.order_time = self.event_time
+
+    class ScrapReported(MachineEvent):
+        order_id: str | None
+        quantity: int
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            machine: Machine = aggregate
+            machine._seen(self.event_time)
+            machine.parts_scrapped += self.quantity
 
 
 class Order(Aggregate):

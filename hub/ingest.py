@@ -112,6 +112,8 @@ class Ingestor:
         self.snapshot_interval = snapshot_interval
         self.stats = IngestStats()
         self._aggregates: dict[UUID, Aggregate] = {}
+        self._absent: set[UUID] = set()  # aggregates the store does not have (this batch)
+        self._ids: dict[tuple[str, str, str], UUID] = {}
 
     def reset(self) -> None:
         self._aggregates.clear()
@@ -141,6 +143,7 @@ class Ingestor:
                 continue
             valid.append((message, event))
         already = self.store.received_already([e.id for _, e in valid])
+        self._find_new_aggregates(valid)
         for message, event in valid:
             if event.id in already:
                 batch.duplicates += 1
@@ -152,12 +155,21 @@ class Ingestor:
         return batch
 
     def commit(self, batch: _Batch) -> None:
+        # A snapshot when an aggregate crosses a multiple of the interval, so loading it
+        # replays fewer than ``snapshot_interval`` events.
+        due = [
+            a
+            for a in batch.touched.values()
+            if a.version // self.snapshot_interval
+            > batch.versions_before[a.id] // self.snapshot_interval
+        ]
         try:
             self.store.commit(
                 batch.touched.values(),
                 Tracking(self.tracking_name, batch.last_seq),
                 batch.received,
                 batch.new_entities,
+                snapshot=due,
             )
         except Exception:
             self.reset()
@@ -167,23 +179,39 @@ class Ingestor:
         self.stats.rejected += len(batch.rejected)
         self.stats.batches += 1
         self.stats.position = batch.last_seq
-        due = [
-            a
-            for a in batch.touched.values()
-            if a.version // self.snapshot_interval
-            > batch.versions_before[a.id] // self.snapshot_interval
-        ]
-        if due:
-            self.store.snapshot(due)
 
     # --- applying one event ----------------------------------------------------------------
+
+    def _aggregate_id(self, kind: str, site: str, entity_id: str) -> UUID:
+        key = (kind, site, entity_id)
+        found = self._ids.get(key)
+        if found is None:
+            make = machine_aggregate_id if kind == "machine" else order_aggregate_id
+            found = self._ids[key] = make(site, entity_id)
+        return found
+
+    def _find_new_aggregates(self, valid: list[tuple[IncomingMessage, ValidatedEvent]]) -> None:
+        """Ask the store once per batch which uncached aggregates exist, so that creating a new
+        machine or order does not cost a failed load each."""
+        wanted: set[UUID] = set()
+        for message, event in valid:
+            site = message.subject.split(".")[1]
+            stream = event.event_type.stream
+            kind = "order" if stream == "erp" else "machine"
+            wanted.add(self._aggregate_id(kind, site, event.envelope.subject))
+            order_id = getattr(event.data, "order_id", None) if stream == "operator" else None
+            if order_id:
+                wanted.add(self._aggregate_id("order", site, order_id))
+        wanted.difference_update(self._aggregates)
+        self._absent = wanted - self.store.existing(list(wanted))
 
     def _aggregate(
         self, batch: _Batch, kind: str, aggregate_id: UUID, create: Callable[[], Aggregate]
     ) -> Aggregate:
         aggregate = self._aggregates.get(aggregate_id)
         if aggregate is None:
-            aggregate = self.store.load(aggregate_id)
+            if aggregate_id not in self._absent:
+                aggregate = self.store.load(aggregate_id)
             if aggregate is None:
                 aggregate = create()
                 batch.versions_before[aggregate_id] = 0
@@ -202,7 +230,7 @@ class Ingestor:
         machine = self._aggregate(
             batch,
             "machine",
-            machine_aggregate_id(site, machine_id),
+            self._aggregate_id("machine", site, machine_id),
             lambda: Machine(site=site, machine_id=machine_id),
         )
         assert isinstance(machine, Machine)
@@ -212,7 +240,7 @@ class Ingestor:
         order = self._aggregate(
             batch,
             "order",
-            order_aggregate_id(site, order_id),
+            self._aggregate_id("order", site, order_id),
             lambda: Order(site=site, order_id=order_id),
         )
         assert isinstance(order, Order)
@@ -265,6 +293,15 @@ class Ingestor:
                 self._order(batch, site, subject).cancel(origin, data.reason)
             case _:  # a type in EVENT_TYPES without a handler is a programming error
                 raise TypeError(f"no handler for {event.event_type.name}")
+
+
+def stream_sequence(reply: str) -> int:
+    """The stream sequence from a JetStream ack subject, without building the client's Metadata
+    (which also parses timestamps, per message):
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.…`` (9 tokens) or, from servers
+    that add domain and account hash, ``$JS.ACK.<domain>.<hash>.<stream>.…`` (12 or more)."""
+    tokens = reply.split(".")
+    return int(tokens[5] if len(tokens) == 9 else tokens[7])
 
 
 def tracking_name(partition: int, partitions: int) -> str:
@@ -333,8 +370,7 @@ class IngestPartition:
             except TimeoutError:
                 self.caught_up.set()
                 continue
-            # .metadata parses the reply subject on every access: read it once per message.
-            sequences = [m.metadata.sequence.stream for m in messages]
+            sequences = [stream_sequence(m.reply) for m in messages]
             incoming = [
                 IncomingMessage(m.subject, m.data, seq)
                 for m, seq in zip(messages, sequences, strict=True)

@@ -54,6 +54,13 @@ def _received_rows(kwargs: dict[str, Any]) -> list[tuple[str, int]]:
     return [(r.event_id, r.stream_seq) for r in kwargs.get("mes_received", ())]
 
 
+def _snapshot_rows(kwargs: dict[str, Any]) -> list[tuple[Any, int, str, bytes]]:
+    return [
+        (s.originator_id, s.originator_version, s.topic, s.state)
+        for s in kwargs.get("mes_snapshots", ())
+    ]
+
+
 def _entity_rows(kwargs: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [
         (e.kind, e.site, e.entity_id, e.aggregate_id.hex) for e in kwargs.get("mes_entities", ())
@@ -61,6 +68,8 @@ def _entity_rows(kwargs: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 class SQLiteHubRecorder(SQLiteProcessRecorder):
+    snapshots_table = "stored_snapshots"  # set by EventStore from the library's snapshot store
+
     def construct_create_table_statements(self) -> list[str]:
         return [
             *super().construct_create_table_statements(),
@@ -69,19 +78,42 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
             f"CREATE TABLE IF NOT EXISTS {ENTITIES_TABLE} ("
             "kind TEXT, site TEXT, entity_id TEXT, aggregate_id TEXT NOT NULL, "
             "PRIMARY KEY (kind, site, entity_id)) WITHOUT ROWID",
+            f"CREATE INDEX IF NOT EXISTS {ENTITIES_TABLE}_aggregate ON {ENTITIES_TABLE} "
+            "(aggregate_id)",
         ]
 
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[Any], **kwargs: Any
     ) -> Sequence[int] | None:
-        returning = super()._insert_events(c, stored_events, **kwargs)
+        # One executemany instead of the library's row-by-row inserts (it executes each row to
+        # return notification ids, which ingest does not use): same table, same statement.
+        c.executemany(
+            self.insert_events_statement,
+            [
+                (
+                    s.originator_id.hex if isinstance(s.originator_id, UUID) else s.originator_id,
+                    s.originator_version,
+                    s.topic,
+                    s.state,
+                )
+                for s in stored_events
+            ],
+        )
+        tracking: Tracking | None = kwargs.get("tracking")
+        if tracking is not None:
+            self._insert_tracking(c, tracking)
         received = _received_rows(kwargs)
         if received:
             c.executemany(f"INSERT INTO {RECEIVED_TABLE} VALUES (?, ?)", received)
         entities = _entity_rows(kwargs)
         if entities:
             c.executemany(f"INSERT OR IGNORE INTO {ENTITIES_TABLE} VALUES (?, ?, ?, ?)", entities)
-        return returning
+        snapshots = [(str(row[0].hex), *row[1:]) for row in _snapshot_rows(kwargs)]
+        if snapshots:
+            c.executemany(
+                f"INSERT OR IGNORE INTO {self.snapshots_table} VALUES (?, ?, ?, ?)", snapshots
+            )
+        return None
 
     def received_already(self, event_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -94,6 +126,20 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
                     chunk,
                 )
                 found.update(row[0] for row in c.fetchall())
+        return found
+
+    def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        found: set[UUID] = set()
+        hexes = [a.hex for a in aggregate_ids]
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(hexes), 500):
+                chunk = hexes[start : start + 500]
+                c.execute(
+                    f"SELECT aggregate_id FROM {ENTITIES_TABLE} WHERE aggregate_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found.update(UUID(row[0]) for row in c.fetchall())
         return found
 
     def entities(self, kind: str, site: str | None) -> list[Entity]:
@@ -112,6 +158,8 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
 
 
 class PostgresHubRecorder(PostgresProcessRecorder):
+    snapshots_table = "mes_hub_snapshots"  # set by EventStore from the library's snapshot store
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         schema = Identifier(self.datastore.schema)
@@ -127,6 +175,13 @@ class PostgresHubRecorder(PostgresProcessRecorder):
                 "kind TEXT, site TEXT, entity_id TEXT, aggregate_id TEXT NOT NULL, "
                 "PRIMARY KEY (kind, site, entity_id))"
             ).format(schema=schema, table=Identifier(ENTITIES_TABLE))
+        )
+        self.sql_create_statements.append(
+            SQL("CREATE INDEX IF NOT EXISTS {index} ON {schema}.{table} (aggregate_id)").format(
+                index=Identifier(ENTITIES_TABLE + "_aggregate"),
+                schema=schema,
+                table=Identifier(ENTITIES_TABLE),
+            )
         )
 
     def _insert_events(self, curs: Any, stored_events: Sequence[Any], **kwargs: Any) -> None:
@@ -148,6 +203,16 @@ class PostgresHubRecorder(PostgresProcessRecorder):
                 ).format(schema=schema, table=Identifier(ENTITIES_TABLE)),
                 entities,
             )
+        snapshots = _snapshot_rows(kwargs)
+        if snapshots:
+            curs.executemany(
+                SQL(
+                    "INSERT INTO {schema}.{table} "
+                    "(originator_id, originator_version, topic, state) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+                ).format(schema=schema, table=Identifier(self.snapshots_table)),
+                snapshots,
+            )
 
     def received_already(self, event_ids: Sequence[str]) -> set[str]:
         statement = SQL("SELECT event_id FROM {schema}.{table} WHERE event_id = ANY(%s)").format(
@@ -156,6 +221,17 @@ class PostgresHubRecorder(PostgresProcessRecorder):
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(statement, (list(event_ids),))
             return {row["event_id"] for row in curs.fetchall()}
+
+    def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        statement = SQL("SELECT aggregate_id FROM {schema}.{table} WHERE aggregate_id = ANY(%s)")
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                statement.format(
+                    schema=Identifier(self.datastore.schema), table=Identifier(ENTITIES_TABLE)
+                ),
+                ([a.hex for a in aggregate_ids],),
+            )
+            return {UUID(row["aggregate_id"]) for row in curs.fetchall()}
 
     def entities(self, kind: str, site: str | None) -> list[Entity]:
         table = SQL("{schema}.{table}").format(
@@ -236,6 +312,10 @@ class EventStore:
     def __init__(self, settings: Settings) -> None:
         self._app = HubApplication(env=store_environment(settings))
         self._recorder = cast(HubRecorder, self._app.recorder)
+        snapshots = self._app.snapshots
+        assert snapshots is not None
+        # Ingest writes snapshots in its own transaction, into the library's snapshot table.
+        self._recorder.snapshots_table = getattr(snapshots.recorder, "events_table_name")  # noqa: B009
 
     @property
     def application(self) -> HubApplication:
@@ -252,6 +332,10 @@ class EventStore:
     def received_already(self, event_ids: Sequence[str]) -> set[str]:
         return self._recorder.received_already(event_ids) if event_ids else set()
 
+    def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these machines and orders the store has (one query, for a whole batch)."""
+        return self._recorder.existing(aggregate_ids) if aggregate_ids else set()
+
     def load(self, aggregate_id: UUID) -> Aggregate | None:
         try:
             return cast(Aggregate, self._app.repository.get(aggregate_id, deepcopy_from_cache=True))
@@ -264,18 +348,20 @@ class EventStore:
         tracking: Tracking,
         received: Sequence[Received],
         new_entities: Sequence[Entity],
+        snapshot: Iterable[Aggregate] = (),
     ) -> None:
-        """Store the aggregates' new events, the tracking position, the received ids and the new
-        entities in ONE transaction. Raises ``IntegrityError`` on a concurrent write."""
+        """Store the aggregates' new events, the tracking position, the received ids, the new
+        entities and snapshots of ``snapshot`` (taken from the state being committed) in ONE
+        transaction. Raises ``IntegrityError`` on a concurrent write."""
         events = [e for aggregate in aggregates for e in aggregate.collect_events()]
+        snapshots = [self._app.mapper.to_stored_event(Snapshot.take(a)) for a in snapshot]
         self._app.events.put(
-            events, tracking=tracking, mes_received=received, mes_entities=new_entities
+            events,
+            tracking=tracking,
+            mes_received=received,
+            mes_entities=new_entities,
+            mes_snapshots=snapshots,
         )
-
-    def snapshot(self, aggregates: Iterable[Aggregate]) -> None:
-        # Snapshots are a cache: taken from the writer's in-memory state, outside the commit.
-        assert self._app.snapshots is not None
-        self._app.snapshots.put([Snapshot.take(a) for a in aggregates])
 
     # --- reading -----------------------------------------------------------------------------
 

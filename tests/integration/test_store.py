@@ -85,12 +85,14 @@ class StoreContract:
         machine = Machine(site="default", machine_id="M1")
         for n in range(250):
             machine.report_part_count(origin(f"p{n}", n), "all", n)
-        store.commit([machine], Tracking("ingest", 1), [], [])
-        store.snapshot([machine])
+        store.commit([machine], Tracking("ingest", 1), [], [], snapshot=[machine])
         machine.report_part_count(origin("p-last", 1000), "all", 260)
         store.commit([machine], Tracking("ingest", 2), [], [])
         reopened = EventStore(store_settings)
         try:
+            assert reopened.application.snapshots is not None
+            snapshots = list(reopened.application.snapshots.get(machine.id))
+            assert [s.originator_version for s in snapshots] == [251]
             loaded = reopened.machine("default", "M1")
             assert loaded is not None
             # baseline 0, +249 up to 249, then +11 up to 260
