@@ -232,6 +232,7 @@ async def raw_consumer(nats_url: str, db_path: str) -> None:
 
     db = sqlite3.connect(db_path)
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=20000")  # the same setting as the hub's store
     db.execute("CREATE TABLE IF NOT EXISTS raw (seq INTEGER PRIMARY KEY, subject TEXT, data BLOB)")
     db.execute("CREATE TABLE IF NOT EXISTS tracking (position INTEGER)")
     db.execute("INSERT INTO tracking VALUES (0)")

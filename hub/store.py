@@ -22,7 +22,13 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, Snapshot
 from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresProcessRecorder
-from eventsourcing.sqlite import SQLiteCursor, SQLiteProcessRecorder
+from eventsourcing.sqlite import (
+    SQLiteConnection,
+    SQLiteConnectionPool,
+    SQLiteCursor,
+    SQLiteFactory,
+    SQLiteProcessRecorder,
+)
 from eventsourcing.utils import Environment
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.sql import SQL, Identifier
@@ -157,6 +163,35 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
             return [Entity(r[0], r[1], r[2], UUID(r[3])) for r in c.fetchall()]
 
 
+# Checkpoint the write-ahead log every ~80 MB instead of SQLite's default ~4 MB. Each ingest
+# batch touches ~1,000 scattered index pages (aggregate ids and CloudEvent ids are random keys);
+# a longer interval copies a page that many batches rewrote back to the database once, not once
+# per batch. Measured here: commit cost at 200k stored events 45 -> 33 us per event.
+SQLITE_WAL_AUTOCHECKPOINT_PAGES = 20_000
+
+
+class _TunedSQLitePool(SQLiteConnectionPool):
+    def _create_connection(self) -> SQLiteConnection:
+        connection = super()._create_connection()
+        # The library offers no on-connect hook; its connection wraps sqlite3's.
+        connection._sqlite_conn.execute(
+            f"PRAGMA wal_autocheckpoint={SQLITE_WAL_AUTOCHECKPOINT_PAGES}"
+        )
+        return connection
+
+
+class HubSQLiteFactory(SQLiteFactory):
+    """The library's SQLite factory, with our connection settings."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        library_pool = self.datastore.pool
+        self.datastore.pool = _TunedSQLitePool(
+            db_name=library_pool.db_name, lock_timeout=library_pool.lock_timeout
+        )
+        library_pool.close()
+
+
 class PostgresHubRecorder(PostgresProcessRecorder):
     snapshots_table = "mes_hub_snapshots"  # set by EventStore from the library's snapshot store
 
@@ -282,7 +317,7 @@ def store_environment(settings: Settings) -> dict[str, str]:
     if settings.store == "sqlite":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         env |= {
-            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "PERSISTENCE_MODULE": "hub.store:HubSQLiteFactory",
             "SQLITE_DBNAME": str(settings.sqlite_path),
             "SQLITE_LOCK_TIMEOUT": "30",
             "PROCESS_RECORDER_TOPIC": "hub.store:SQLiteHubRecorder",
