@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,75 +156,79 @@ async def drive(
     )
 
 
-async def run_raw(
-    items: list[tuple[str, bytes, str]], workdir: Path, rate: float | None = None
+async def measure(
+    name: str,
+    items: list[tuple[str, bytes, str]],
+    workdir: Path,
+    rate: float | None,
+    command: Callable[[str, Path], list[str]],
+    db: Path,
+    position_query: str,
 ) -> Result:
+    """Start a fresh nats-server and the consumer ``command``, then drive the workload."""
     workdir = Path(tempfile.mkdtemp(dir=workdir))
-    with EmbeddedNatsServer(workdir / "nats-raw") as nats_server:
+    with EmbeddedNatsServer(workdir / "nats") as nats_server:
         client = await connect(nats_server.url)
         await ensure_streams(client.jetstream(), load_settings())
         await client.close()
-        db = workdir / "raw.sqlite"
         process = subprocess.Popen(
-            [sys.executable, __file__, "raw-consumer", nats_server.url, str(db)]
+            [sys.executable, *command(nats_server.url, workdir)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / f"{name}.log").open("w"),
+            env={**os.environ, "MES_HUB_API_KEYS": "admin:bench-0123456789abcdef"},
         )
         try:
-            while not db.exists():
+            while not (workdir / db).exists():
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
-            probe = PositionProbe(db, "SELECT position FROM tracking", psutil.Process(process.pid))
+            await asyncio.sleep(1.0)  # let it create its tables and subscribe
+            probe = PositionProbe(workdir / db, position_query, psutil.Process(process.pid))
             probe.start()
             try:
-                return await drive("raw", nats_server.url, items, probe, rate)
+                return await drive(name, nats_server.url, items, probe, rate)
             finally:
                 probe.stop()
         finally:
             process.terminate()
             process.wait(30)
+
+
+async def run_raw(
+    items: list[tuple[str, bytes, str]], workdir: Path, rate: float | None = None
+) -> Result:
+    return await measure(
+        "raw",
+        items,
+        workdir,
+        rate,
+        lambda url, directory: [__file__, "raw-consumer", url, str(directory / "raw.sqlite")],
+        Path("raw.sqlite"),
+        "SELECT position FROM tracking",
+    )
 
 
 async def run_hub(
     items: list[tuple[str, bytes, str]], workdir: Path, rate: float | None = None
 ) -> Result:
-    workdir = Path(tempfile.mkdtemp(dir=workdir))
-    with EmbeddedNatsServer(workdir / "nats-hub") as nats_server:
-        data_dir = workdir / "hub"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hub",
-                "serve",
-                "--nats-url",
-                nats_server.url,
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                "0",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=(workdir / "hub.log").open("w"),
-            env={**os.environ, "MES_HUB_API_KEYS": "admin:bench-0123456789abcdef"},
-        )
-        try:
-            db = data_dir / "events.sqlite"
-            while not db.exists():
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)
-            query = (
-                "SELECT notification_id FROM tracking "
-                f"WHERE application_name='{tracking_name(0, 1)}'"
-            )
-            probe = PositionProbe(db, query, psutil.Process(process.pid))
-            probe.start()
-            try:
-                return await drive("hub", nats_server.url, items, probe, rate)
-            finally:
-                probe.stop()
-        finally:
-            process.terminate()
-            process.wait(30)
+    return await measure(
+        "hub",
+        items,
+        workdir,
+        rate,
+        lambda url, directory: [
+            "-m",
+            "hub",
+            "serve",
+            "--port",
+            "0",
+            "--nats-url",
+            url,
+            "--data-dir",
+            str(directory),
+        ],
+        Path("events.sqlite"),  # under --data-dir
+        f"SELECT notification_id FROM tracking WHERE application_name='{tracking_name(0, 1)}'",
+    )
 
 
 async def raw_consumer(nats_url: str, db_path: str) -> None:

@@ -121,32 +121,27 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
             )
         return None
 
-    def received_already(self, event_ids: Sequence[str]) -> set[str]:
+    def _select_in(self, column: str, table: str, values: Sequence[str]) -> set[str]:
+        """``column`` values of ``table`` found among ``values`` (in chunks: SQLite caps the
+        number of bound parameters)."""
         found: set[str] = set()
         with self.datastore.transaction(commit=False) as c:
-            for start in range(0, len(event_ids), 500):
-                chunk = event_ids[start : start + 500]
+            for start in range(0, len(values), 500):
+                chunk = values[start : start + 500]
                 c.execute(
-                    f"SELECT event_id FROM {RECEIVED_TABLE} WHERE event_id IN "
+                    f"SELECT {column} FROM {table} WHERE {column} IN "
                     f"({','.join('?' * len(chunk))})",
                     chunk,
                 )
                 found.update(row[0] for row in c.fetchall())
         return found
 
+    def received_already(self, event_ids: Sequence[str]) -> set[str]:
+        return self._select_in("event_id", RECEIVED_TABLE, event_ids)
+
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
-        found: set[UUID] = set()
         hexes = [a.hex for a in aggregate_ids]
-        with self.datastore.transaction(commit=False) as c:
-            for start in range(0, len(hexes), 500):
-                chunk = hexes[start : start + 500]
-                c.execute(
-                    f"SELECT aggregate_id FROM {ENTITIES_TABLE} WHERE aggregate_id IN "
-                    f"({','.join('?' * len(chunk))})",
-                    chunk,
-                )
-                found.update(UUID(row[0]) for row in c.fetchall())
-        return found
+        return {UUID(h) for h in self._select_in("aggregate_id", ENTITIES_TABLE, hexes)}
 
     def entities(self, kind: str, site: str | None) -> list[Entity]:
         with self.datastore.transaction(commit=False) as c:
