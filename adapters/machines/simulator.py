@@ -175,7 +175,9 @@ class _MachineScript:
         return t
 
     def _unavailable(self, t: datetime, program: str) -> Generator[CloudEvent, None, datetime]:
+        # Losing the machine, an adapter reports every data item UNAVAILABLE, execution too.
         yield self._event(t, "mes.machine.availability.v1", {"availability": "UNAVAILABLE"})
+        yield self._event(t, "mes.machine.execution.v1", {"execution": "UNAVAILABLE"})
         t += timedelta(seconds=self.rng.uniform(120, 1200))
         yield from self._flush_until(t)
         yield self._event(t, "mes.machine.availability.v1", {"availability": "AVAILABLE"})

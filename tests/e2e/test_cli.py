@@ -117,3 +117,34 @@ async def test_an_event_from_outside_code_appears_in_the_served_api(tmp_path: Pa
         finally:
             process.terminate()
             assert process.wait(30) == 0
+
+
+def test_demo_on_ctrl_c_prints_the_summary_and_exits_zero(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "demo.out"
+    process = subprocess.Popen(
+        [
+            *MES_HUB,
+            "demo",
+            "--machines",
+            "2",
+            "--speed",
+            "600",
+            "--duration",
+            "0",
+            "--data-dir",
+            str(tmp_path / "demo"),
+        ],
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    deadline = time.monotonic() + 60
+    while "admin key" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 0
+    assert re.search(r"\d+ events published, \d+ stored exactly once", out.read_text())

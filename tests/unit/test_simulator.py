@@ -39,6 +39,8 @@ def test_events_come_in_event_time_order_and_show_real_behaviour() -> None:
     assert bad_counts
     availability = Counter(e.data["availability"] for e in events if "availability" in e.type)
     assert availability["UNAVAILABLE"] > 0
+    # An offline spell shows in execution too, as an adapter that lost the machine reports it.
+    assert executions["UNAVAILABLE"] == availability["UNAVAILABLE"]
 
 
 def test_a_counter_reset_shows_as_a_decrease() -> None:
