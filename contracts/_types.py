@@ -115,7 +115,9 @@ class OrderReleasedV1(_Data):
     due: EventTime
     customer: str | None = Field(default=None, max_length=256)
     machine_id: Token | None = None
-    ideal_cycle_time_s: float = Field(gt=0, description="ISO 22400 planned run time per item (PRI)")
+    ideal_cycle_time_s: float = Field(
+        gt=0, allow_inf_nan=False, description="ISO 22400 planned run time per item (PRI)"
+    )
 
 
 class OrderChangedV1(_Data):
@@ -125,7 +127,7 @@ class OrderChangedV1(_Data):
     due: EventTime | None = None
     customer: str | None = Field(default=None, max_length=256)
     machine_id: Token | None = None
-    ideal_cycle_time_s: float | None = Field(default=None, gt=0)
+    ideal_cycle_time_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _changes_something(self) -> OrderChangedV1:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +25,7 @@ from hub.api.app import create_app
 from hub.api.deps import ApiContext
 from hub.bootstrap import Hub, build_hub
 from hub.server import ApiServer
-from hub.settings import ConfigError, Settings, load_settings
+from hub.settings import ConfigError, Settings, load_settings, redacted_url
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -107,7 +108,7 @@ def serve(
         api = _api(hub, settings)
         api.start()
         console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")
-        console.print(f"NATS: {hub.nats_url}; store: {settings.store}")
+        console.print(f"NATS: {redacted_url(hub.nats_url)}; store: {settings.store}")
         if generated:
             # Printed once on the terminal, never logged: set MES_HUB_API_KEYS to keep keys.
             console.print(f"No API keys configured; this run's admin key: [bold]{generated}[/]")
@@ -249,6 +250,10 @@ def adapter_run(
     duration: Annotated[float, typer.Option(min=0, help="simulator: wall seconds, 0 = ∞")] = 0.0,
     max_events: Annotated[int, typer.Option(min=0, help="simulator: stop after N, 0 = ∞")] = 0,
     seed: Annotated[int, typer.Option(help="simulator: seed")] = 1,
+    start: Annotated[
+        datetime | None,
+        typer.Option(help="simulator: simulated start (UTC); same seed and start, same events"),
+    ] = None,
 ) -> None:
     """Run an adapter that publishes to the hub's NATS."""
     if protocol != "simulator":
@@ -269,7 +274,12 @@ def adapter_run(
         publisher = NatsPublisher(client.jetstream(), settings.site)
         task = asyncio.create_task(
             run_simulator(
-                SimulatorConfig(machines=machines, seed=seed, site=settings.site),
+                SimulatorConfig(
+                    machines=machines,
+                    seed=seed,
+                    site=settings.site,
+                    start=(start or datetime.now(UTC)).replace(tzinfo=UTC, microsecond=0),
+                ),
                 publisher,
                 speed=speed,
                 duration_s=duration or None,

@@ -70,6 +70,9 @@ class Machine(Aggregate):
         # Last accepted reading per counter kind, and its event time.
         self.counter_values: dict[str, int] = {}
         self.counter_times: dict[str, datetime] = {}
+        # The earliest reading per kind by event time: [value, ISO time]. A late reading before
+        # it still counts the parts made between the two.
+        self.counter_baselines: dict[str, list[Any]] = {}
         self.conditions: dict[str, dict[str, Any]] = {}
         self.order_id: str | None = None
         self.order_time: datetime | None = None
@@ -91,13 +94,17 @@ class Machine(Aggregate):
     def report_part_count(self, origin: Origin, kind: str, count: int) -> None:
         """Counters are cumulative. The first reading is the baseline and counts nothing; an
         increase adds the difference; a decrease is a reset and the new value counts as made
-        since the reset. A reading older than the last accepted one counts nothing (the later
-        cumulative value already covers it) but is kept, with ``late`` set."""
+        since the reset. A reading older than the last accepted one is kept with ``late`` set:
+        if it is older than the baseline too, the parts between it and the baseline count (it
+        becomes the baseline); otherwise the later cumulative value already covers it."""
         last_value = self.counter_values.get(kind)
         increment, reset, late = 0, False, False
         if last_value is not None:
             if origin.time < self.counter_times[kind]:
                 late = True
+                baseline = self.counter_baselines[kind]
+                if origin.time < datetime.fromisoformat(baseline[1]) and count <= baseline[0]:
+                    increment = baseline[0] - count
             elif count >= last_value:
                 increment = count - last_value
             else:
@@ -212,10 +219,12 @@ class Machine(Aggregate):
         def apply(self, aggregate: Any) -> None:
             machine: Machine = aggregate
             machine._seen(self.event_time)
-            if self.late:
-                return
-            machine.counter_values[self.kind] = self.count
-            machine.counter_times[self.kind] = self.event_time
+            baseline = machine.counter_baselines.get(self.kind)
+            if baseline is None or self.event_time < datetime.fromisoformat(baseline[1]):
+                machine.counter_baselines[self.kind] = [self.count, self.event_time.isoformat()]
+            if not self.late:
+                machine.counter_values[self.kind] = self.count
+                machine.counter_times[self.kind] = self.event_time
             if self.reset:
                 machine.counter_resets += 1
             if self.kind == "bad":

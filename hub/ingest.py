@@ -77,6 +77,7 @@ class IngestStats:
     rejected: int = 0
     batches: int = 0
     position: int = 0
+    conflicts: int = 0  # batches re-applied after a concurrent write
 
 
 @dataclass
@@ -295,6 +296,11 @@ class Ingestor:
                 raise TypeError(f"no handler for {event.event_type.name}")
 
 
+INITIAL_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 5.0
+MAX_CONFLICT_RETRIES = 50
+
+
 def stream_sequence(reply: str) -> int:
     """The stream sequence from a JetStream ack subject, without building the client's Metadata
     (which also parses timestamps, per message):
@@ -324,9 +330,9 @@ class IngestPartition:
         self._kill_after_commit = kill_after_commit
         self._durable = f"ingest-p{ingestor.partition}of{ingestor.partitions}"
         self.caught_up = asyncio.Event()
+        self._backoff = INITIAL_BACKOFF_S
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
         while not stop.is_set():
             try:
                 await self._consume(stop)
@@ -340,8 +346,8 @@ class IngestPartition:
                 )
                 self.ingestor.reset()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
+                    await asyncio.wait_for(stop.wait(), self._backoff)
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
     async def _subscribe(self) -> Any:
         position = await asyncio.to_thread(self.ingestor.position)
@@ -370,6 +376,10 @@ class IngestPartition:
             except TimeoutError:
                 self.caught_up.set()
                 continue
+            if not messages:  # the client can return an empty batch instead of timing out
+                self.caught_up.set()
+                continue
+            self._backoff = INITIAL_BACKOFF_S
             sequences = [stream_sequence(m.reply) for m in messages]
             incoming = [
                 IncomingMessage(m.subject, m.data, seq)
@@ -399,23 +409,40 @@ class IngestPartition:
 
     async def _process(self, incoming: list[IncomingMessage], stop: asyncio.Event) -> set[int]:
         """Dead-letter, then commit; returns the stream positions that were rejected."""
-        while True:
+        rejected: set[int] = set()
+        for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
             batch = await asyncio.to_thread(self.ingestor.prepare, incoming)
+            rejected |= {r.message.stream_seq for r in batch.rejected}
             try:
-                for rejected in batch.rejected:
-                    await self._dead_letter(rejected)
+                for reject in batch.rejected:
+                    await self._dead_letter(reject)
                 await asyncio.to_thread(self.ingestor.commit, batch)
-                return {r.message.stream_seq for r in batch.rejected}
+                return rejected
             except IntegrityError:
                 # Another partition wrote the same aggregate (an order touched from two
-                # machines): reload from the store and apply the batch again.
-                log.info("concurrent write on partition %s; retrying batch", self._durable)
+                # machines), or this batch was committed after all (a connection lost during
+                # COMMIT): reload, drop what the store already has, apply the rest again.
                 self.ingestor.reset()
+                self.ingestor.stats.conflicts += 1
+                position = await asyncio.to_thread(self.ingestor.position)
+                incoming = [m for m in incoming if m.stream_seq > position]
+                log.info(
+                    "concurrent write on %s (attempt %d); store at %d",
+                    self._durable,
+                    attempt,
+                    position,
+                )
+                if not incoming:
+                    return rejected
                 if stop.is_set():
                     raise
+                await asyncio.sleep(min(0.01 * attempt, 0.5))
             except Exception:
                 self.ingestor.reset()
                 raise
+        raise RuntimeError(
+            f"{self._durable}: batch still conflicting after {MAX_CONFLICT_RETRIES} tries"
+        )
 
     async def _dead_letter(self, rejected: Rejected) -> None:
         message = rejected.message

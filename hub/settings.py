@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -35,14 +36,15 @@ class ApiKey(BaseModel):
 def parse_api_keys(value: str) -> list[ApiKey]:
     """``role:key,role:key`` into keys; refuses unknown roles and short (guessable) keys."""
     keys: list[ApiKey] = []
-    for item in (part.strip() for part in value.split(",")):
+    for number, item in enumerate((part.strip() for part in value.split(",")), start=1):
         if not item:
             continue
         role, sep, key = item.partition(":")
         if not sep:
-            raise ValueError("each entry must be role:key")
+            raise ValueError(f"entry {number} must be role:key")
         if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+            # Not echoed: an entry written key:role would print the key.
+            raise ValueError(f"entry {number} has an unknown role; roles are {', '.join(ROLES)}")
         if len(key) < MIN_KEY_LENGTH:
             raise ValueError(
                 f"the key for role {role!r} is shorter than {MIN_KEY_LENGTH} characters"
@@ -79,6 +81,17 @@ class Settings(BaseSettings):
         parse_api_keys(value.get_secret_value())
         return value
 
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _check_postgres_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                conninfo_to_dict(value.get_secret_value())
+            except Exception:
+                # The driver's own message may quote the password: say what, not the value.
+                raise ValueError("not a valid PostgreSQL connection string") from None
+        return value
+
     @field_validator("nats_url")
     @classmethod
     def _check_nats_url(cls, value: str | None) -> str | None:
@@ -109,6 +122,14 @@ class Settings(BaseSettings):
     @property
     def nats_data_dir(self) -> Path:
         return self.data_dir / "nats"
+
+
+def redacted_url(url: str) -> str:
+    """A URL fit to print: any user:password@ is masked."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

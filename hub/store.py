@@ -13,6 +13,7 @@ tables that are written in the same transaction as the events:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -21,7 +22,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, Snapshot
 from eventsourcing.persistence import Tracking
-from eventsourcing.postgres import PostgresProcessRecorder
+from eventsourcing.postgres import PostgresFactory, PostgresProcessRecorder
 from eventsourcing.sqlite import (
     SQLiteConnection,
     SQLiteConnectionPool,
@@ -187,6 +188,20 @@ class HubSQLiteFactory(SQLiteFactory):
         library_pool.close()
 
 
+class HubPostgresFactory(PostgresFactory):
+    """The library's PostgreSQL factory, passing on every DSN parameter it does not name itself
+    (sslmode, sslrootcert, options, application_name, …) instead of dropping them."""
+
+    EXTRA_CONNINFO = "EXTRA_CONNINFO"
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        extra = json.loads(self.env.get(self.EXTRA_CONNINFO) or "{}")
+        connect_kwargs = self.datastore.pool.kwargs  # the pool is not open yet
+        assert isinstance(connect_kwargs, dict)
+        connect_kwargs.update(extra)
+
+
 class PostgresHubRecorder(PostgresProcessRecorder):
     snapshots_table = "mes_hub_snapshots"  # set by EventStore from the library's snapshot store
 
@@ -321,8 +336,11 @@ def store_environment(settings: Settings) -> dict[str, str]:
     if settings.postgres_dsn is None:
         raise ValueError("store is 'postgres' but postgres_dsn is not set")
     conninfo = conninfo_to_dict(settings.postgres_dsn.get_secret_value())
+    named = ("dbname", "host", "port", "user", "password")
+    extra = {k: str(v) for k, v in conninfo.items() if k not in named}
     env |= {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "PERSISTENCE_MODULE": "hub.store:HubPostgresFactory",
+        HubPostgresFactory.EXTRA_CONNINFO: json.dumps(extra),
         "POSTGRES_DBNAME": str(conninfo.get("dbname", "postgres")),
         "POSTGRES_HOST": str(conninfo.get("host", "localhost")),
         "POSTGRES_PORT": str(conninfo.get("port", "5432")),

@@ -3,8 +3,9 @@
 Each machine runs the orders the simulated ERP releases to it: a cycle time per part with jitter,
 micro-stops (a performance loss), long stops with an alarm and an operator's reason (sometimes
 given late), UNAVAILABLE spells (lost connection), the odd counter reset and some bad parts.
-Event times are simulated time; ``speed`` maps it to wall time (0 = as fast as possible).
-The same seed gives the same events with the same ids, so a re-run publishes nothing new.
+Event times are simulated time from ``start``; ``speed`` maps it to wall time (0 = as fast as
+possible). The same seed and start give the same events with the same ids, so repeating a run
+publishes nothing new; a run with another start is a new stretch of production.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class _MachineScript:
         self._seq = itertools.count(1)
         self._held: list[tuple[datetime, int, CloudEvent]] = []  # late events, e.g. reasons
         self._orders = itertools.count(1)
+        # The same seed and start give the same events; another start (the default is now) is
+        # another run, whose events and orders must not pass for repeats of this one's.
+        self.run_tag = config.start.strftime("%y%m%d%H%M%S")
 
     def _event(
         self, at: datetime, type_: str, data: dict[str, Any], subject: str | None = None
@@ -62,7 +66,7 @@ class _MachineScript:
         n = next(self._seq)
         return CloudEvent(
             specversion="1.0",
-            id=f"sim-{self.config.seed}-{self.machine_id}-{n}",
+            id=f"sim-{self.config.seed}-{self.run_tag}-{self.machine_id}-{n}",
             source=f"urn:mes-hub:simulator:{self.config.seed}/{self.machine_id}",
             type=type_,
             time=at,
@@ -86,7 +90,7 @@ class _MachineScript:
         yield self._event(t, "mes.machine.partcount.v1", {"count": counter_all, "kind": "all"})
         yield self._event(t, "mes.machine.partcount.v1", {"count": counter_bad, "kind": "bad"})
         while True:
-            order_id = f"SO-{cfg.seed}-{self.machine_id}-{next(self._orders):04d}"
+            order_id = f"SO-{self.run_tag}-{self.machine_id}-{next(self._orders):03d}"
             quantity = rng.choice((20, 50, 100, 200))
             ideal = round(self.cycle_s * rng.uniform(0.85, 0.95), 1)
             due = t + timedelta(seconds=quantity * self.cycle_s * rng.uniform(1.1, 1.6))

@@ -136,6 +136,30 @@ class StoreContract:
         machine = store.machine("default", "M1")
         assert machine is not None and machine.parts_produced == 5
 
+    def test_two_partitions_writing_one_order_retry_and_both_runs_are_kept(
+        self, store: EventStore
+    ) -> None:
+        def started(machine: str, seq: int) -> IncomingMessage:
+            event = cloud_event("mes.operator.order_started.v1", machine, {"order_id": "SO-1"})
+            return IncomingMessage(
+                f"mes.default.operator.{machine}.order_started",
+                event.model_dump_json().encode(),
+                seq,
+            )
+
+        first = Ingestor(store, "p0")
+        second = Ingestor(store, "p1")
+        ahead = first.prepare([started("M1", 1)])
+        behind = second.prepare([started("M2", 2)])  # loaded the order before M1's commit
+        first.commit(ahead)
+        with pytest.raises(IntegrityError):
+            second.commit(behind)
+        # What IngestPartition does on a conflict: the partition's aggregates are reloaded.
+        second.commit(second.prepare([started("M2", 2)]))
+        order = store.order("default", "SO-1")
+        assert order is not None and order.running_on == ["M1", "M2"]
+        assert store.tracking_position("p1") == 2
+
 
 class TestSQLiteStore(StoreContract):
     def make_settings(self, tmp_path: Path) -> Settings:

@@ -112,6 +112,15 @@ def test_erp_order_id_must_equal_the_subject() -> None:
         decode_event(body)
 
 
+def test_an_infinite_ideal_cycle_time_is_refused() -> None:
+    body = raw(
+        type="mes.erp.order.changed.v1", subject="SO-1", data={"order_id": "SO-1", "quantity": 1}
+    ).replace(b'"quantity": 1', b'"ideal_cycle_time_s": Infinity')
+    with pytest.raises(ContractViolation) as caught:
+        decode_event(body)
+    assert caught.value.field == "data.ideal_cycle_time_s"
+
+
 def test_an_order_change_must_change_something() -> None:
     body = raw(type="mes.erp.order.changed.v1", subject="SO-1", data={"order_id": "SO-1"})
     with pytest.raises(ContractViolation, match="at least one field"):

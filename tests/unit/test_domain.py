@@ -59,6 +59,15 @@ def test_a_late_counter_reading_is_kept_but_counts_nothing() -> None:
     assert late.event_time == T0 + timedelta(seconds=60)  # type: ignore[attr-defined]
 
 
+def test_a_late_reading_older_than_the_baseline_counts_the_parts_up_to_it() -> None:
+    machine = Machine(site="default", machine_id="M1")
+    machine.report_part_count(at(60), "all", 14)  # arrives first: the baseline so far
+    machine.report_part_count(at(0), "all", 10)  # made earlier, arrives late
+    machine.report_part_count(at(120), "all", 15)
+    # In time order: 10, 14, 15 -> 5 parts, whatever order they arrived in.
+    assert machine.parts_produced == 5
+
+
 def test_an_older_execution_report_is_recorded_with_its_own_time_but_does_not_win() -> None:
     machine = Machine(site="default", machine_id="M1")
     machine.report_execution(at(300), "ACTIVE", "AUTOMATIC", "O1000")

@@ -56,8 +56,46 @@ def test_weak_or_unknown_api_keys_are_refused_without_echoing_them() -> None:
         load_settings(api_keys="admin:short-secret")
     assert "shorter than 16" in str(caught.value)
     assert "short-secret" not in str(caught.value)
-    with pytest.raises(ConfigError, match="unknown role 'root'"):
+    with pytest.raises(ConfigError, match="entry 1 has an unknown role"):
         load_settings(api_keys="root:0123456789abcdef0123")
+    # Written the wrong way round, the key would be the "role": it must not be printed.
+    with pytest.raises(ConfigError) as caught:
+        load_settings(api_keys="admin:0123456789abcdef0123,supersecretkey-987654:erp")
+    assert "entry 2 has an unknown role" in str(caught.value)
+    assert "supersecretkey" not in str(caught.value)
+
+
+def test_a_malformed_postgres_dsn_is_refused_without_showing_the_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        # The driver itself would say: unexpected spaces found in "hunter 2" ...
+        load_settings(store="postgres", postgres_dsn="postgresql://mes:hunter 2@db/mes")
+    assert "not a valid PostgreSQL connection string" in str(caught.value)
+    assert "hunter" not in str(caught.value)
+
+
+def test_dsn_parameters_such_as_sslmode_reach_the_driver(tmp_path: Path) -> None:
+    from hub.store import HubPostgresFactory, store_environment
+
+    settings = load_settings(
+        data_dir=tmp_path,
+        store="postgres",
+        postgres_dsn="postgresql://mes:pw@db:5432/mes?sslmode=verify-full&application_name=hub",
+    )
+    factory = HubPostgresFactory(store_environment(settings))
+    kwargs = factory.datastore.pool.kwargs
+    assert isinstance(kwargs, dict)
+    assert (kwargs["sslmode"], kwargs["application_name"], kwargs["host"]) == (
+        "verify-full",
+        "hub",
+        "db",
+    )
+
+
+def test_urls_are_printed_without_credentials() -> None:
+    from hub.settings import redacted_url
+
+    assert redacted_url("nats://hub:s3cret@nats1:4222") == "nats://***@nats1:4222"
+    assert redacted_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
 
 
 def test_api_keys_never_show_in_repr() -> None:

@@ -18,6 +18,15 @@ def test_same_seed_same_events_and_ids() -> None:
     assert len({e.id for e in first}) == len(first)
 
 
+def test_another_start_is_another_run_with_its_own_ids() -> None:
+    first = list(itertools.islice(factory_events(SimulatorConfig(machines=2, start=START)), 50))
+    later = START.replace(hour=8)
+    second = list(itertools.islice(factory_events(SimulatorConfig(machines=2, start=later)), 50))
+    assert not {e.id for e in first} & {e.id for e in second}
+    orders = [e.subject for e in first + second if e.type == "mes.erp.order.released.v1"]
+    assert len(orders) == len(set(orders))
+
+
 def test_events_come_in_event_time_order_and_show_real_behaviour() -> None:
     config = SimulatorConfig(machines=20, seed=1, start=START)
     events = list(itertools.islice(factory_events(config), 40_000))
