@@ -1,0 +1,205 @@
+"""A machine's timeline: contiguous intervals by event time, each with a state and a reason.
+
+States: ``running``; ``stopped`` and ``offline`` (unplanned downtime); ``planned_stop``
+(breaks, planned maintenance, stops an operator labelled with a planned reason); ``no_shift``.
+Facts are placed by their event time whatever order they arrived in, so a late or out-of-order
+event re-slices the intervals it falls into, and a late reason re-labels the stop it covers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from projections.calendar import Calendar, Interval
+
+UNASSIGNED = "unassigned"
+RUNNING, STOPPED, OFFLINE, PLANNED_STOP, NO_SHIFT = (
+    "running",
+    "stopped",
+    "offline",
+    "planned_stop",
+    "no_shift",
+)
+
+
+@dataclass(frozen=True)
+class StateReport:
+    """An availability or execution report (one of the two is set)."""
+
+    time: datetime
+    availability: str | None = None
+    execution: str | None = None
+    program: str | None = None
+
+
+@dataclass(frozen=True)
+class OrderReport:
+    time: datetime
+    order_id: str | None  # None: the order ended
+
+
+@dataclass(frozen=True)
+class ReasonReport:
+    """An operator's reason for the stop(s) in [start, end); ``end`` None: still going on."""
+
+    start: datetime
+    end: datetime | None
+    reason: str
+    given_at: datetime
+
+
+@dataclass(frozen=True)
+class TimelineInterval:
+    start: datetime
+    end: datetime
+    state: str
+    reason: str | None
+    order_id: str | None
+    program: str | None
+    micro_stop: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start).total_seconds()
+
+
+@dataclass(frozen=True)
+class _Segment:
+    start: datetime
+    end: datetime
+    state: str
+    program: str | None
+
+
+def _machine_segments(
+    reports: Iterable[StateReport], window: Interval, micro_stop: timedelta
+) -> list[_Segment]:
+    """What the machine did, before any calendar or reason: running, stopped or offline.
+    Before the first report nothing is known: offline. Silence is not a stop: a state lasts
+    until the next report."""
+    availability, execution, program = "UNAVAILABLE", None, None
+    segments: list[_Segment] = []
+
+    def state() -> str:
+        if availability == "UNAVAILABLE" or execution == "UNAVAILABLE":
+            return OFFLINE
+        return RUNNING if execution == "ACTIVE" else STOPPED
+
+    cursor = window.start
+    for report in sorted(reports, key=lambda r: r.time):
+        if report.time > cursor and report.time <= window.end:
+            segments.append(_Segment(cursor, report.time, state(), program))
+            cursor = report.time
+        elif report.time > window.end:
+            break
+        if report.availability is not None:
+            availability = report.availability
+        if report.execution is not None:
+            execution = report.execution
+            if report.program is not None:
+                program = report.program
+    if cursor < window.end:
+        segments.append(_Segment(cursor, window.end, state(), program))
+    merged: list[_Segment] = []
+    for segment in segments:
+        if merged and merged[-1].state == segment.state and merged[-1].program == segment.program:
+            merged[-1] = replace(merged[-1], end=segment.end)
+        else:
+            merged.append(segment)
+    # A stop shorter than the threshold between running stretches counts as running: a speed
+    # loss, not an availability loss.
+    for i, segment in enumerate(merged):
+        if (
+            segment.state == STOPPED
+            and 0 < i < len(merged) - 1
+            and merged[i - 1].state == RUNNING
+            and merged[i + 1].state == RUNNING
+            and segment.end - segment.start < micro_stop
+        ):
+            merged[i] = replace(segment, state="micro_stop")
+    return merged
+
+
+def build_timeline(
+    window: Interval,
+    calendar: Calendar,
+    reports: Iterable[StateReport],
+    orders: Iterable[OrderReport] = (),
+    reasons: Iterable[ReasonReport] = (),
+    planned_reasons: Mapping[str, bool] | None = None,
+    micro_stop: timedelta = timedelta(seconds=120),
+) -> list[TimelineInterval]:
+    """The machine's intervals in ``window``. ``planned_reasons`` maps a reason code to whether
+    it is a planned stop (from the reason catalog); unknown codes are unplanned."""
+    planned_reasons = planned_reasons or {}
+    segments = _machine_segments(reports, window, micro_stop)
+    shifts = calendar.shifts(window)
+    order_reports = sorted(orders, key=lambda o: o.time)
+    # Latest given reason wins where two overlap.
+    reason_list = sorted(reasons, key=lambda r: r.given_at)
+
+    cuts = {window.start, window.end}
+    cuts.update(s.start for s in segments)
+    for each in shifts:
+        cuts.update((each.interval.start, each.interval.end))
+        for stop in each.planned_stops:
+            cuts.update((stop.interval.start, stop.interval.end))
+    cuts.update(o.time for o in order_reports if window.start < o.time < window.end)
+    for report in reason_list:
+        cuts.update(t for t in (report.start, report.end) if t and window.start < t < window.end)
+    boundaries = sorted(cuts)
+
+    segment_starts = [s.start for s in segments]
+    order_times = [o.time for o in order_reports]
+    pieces: list[TimelineInterval] = []
+    for start, end in itertools.pairwise(boundaries):
+        segment = segments[bisect.bisect_right(segment_starts, start) - 1]
+        k = bisect.bisect_right(order_times, start) - 1
+        order_id = order_reports[k].order_id if k >= 0 else None
+        state, reason, micro = segment.state, None, False
+        if state == "micro_stop":
+            state, micro = RUNNING, True
+        shift = next((s for s in shifts if s.interval.start <= start < s.interval.end), None)
+        planned = (
+            next(
+                (p for p in shift.planned_stops if p.interval.start <= start < p.interval.end), None
+            )
+            if shift
+            else None
+        )
+        if shift is None:
+            state, reason = NO_SHIFT, None
+        elif planned is not None:
+            state, reason = PLANNED_STOP, planned.reason
+        elif state in (STOPPED, OFFLINE):
+            reason = UNASSIGNED
+            for given in reason_list:
+                if given.start <= start and (given.end is None or start < given.end):
+                    reason = given.reason
+            if planned_reasons.get(reason, False):
+                state = PLANNED_STOP
+        pieces.append(TimelineInterval(start, end, state, reason, order_id, segment.program, micro))
+    merged: list[TimelineInterval] = []
+    for piece in pieces:
+        last = merged[-1] if merged else None
+        if last is not None and (
+            last.state,
+            last.reason,
+            last.order_id,
+            last.program,
+            last.micro_stop,
+        ) == (
+            piece.state,
+            piece.reason,
+            piece.order_id,
+            piece.program,
+            piece.micro_stop,
+        ):
+            merged[-1] = replace(last, end=piece.end)
+        else:
+            merged.append(piece)
+    return merged

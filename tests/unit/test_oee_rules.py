@@ -1,0 +1,208 @@
+"""ISO 22400 OEE business rules as worked examples with hand-computed answers."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from projections.calendar import Calendar, Interval, PlannedStop, ShiftPattern, local_days
+from projections.oee import OeeFigures, PartsReport, ScrapReport, compute_oee
+from projections.timeline import OrderReport, ReasonReport, StateReport, build_timeline
+
+DAY = date(2026, 3, 2)  # a Monday
+EARLY = ShiftPattern("early", time(6), time(14), breaks=((time(10), time(10, 30)),))
+SHIFT = Interval(datetime(2026, 3, 2, 6, tzinfo=UTC), datetime(2026, 3, 2, 14, tzinfo=UTC))
+LATER = datetime(2026, 3, 3, tzinfo=UTC)  # "now": the shift is over
+
+
+def at(hh: int, mm: int = 0, ss: int = 0) -> datetime:
+    return datetime(2026, 3, 2, hh, mm, ss, tzinfo=UTC)
+
+
+def active(t: datetime) -> StateReport:
+    return StateReport(t, execution="ACTIVE")
+
+
+def stopped(t: datetime, execution: str = "STOPPED") -> StateReport:
+    return StateReport(t, execution=execution)
+
+
+def oee_of(
+    reports: list[StateReport], calendar: Calendar | None = None, **kw: object
+) -> OeeFigures:
+    calendar = calendar or Calendar(patterns=(EARLY,))
+    timeline = build_timeline(
+        SHIFT,
+        calendar,
+        [StateReport(at(5), availability="AVAILABLE"), *reports],
+        orders=kw.pop("orders", ()),  # type: ignore[arg-type]
+        reasons=kw.pop("reasons", ()),  # type: ignore[arg-type]
+        planned_reasons={"planned/changeover": True, "material/waiting": False},
+    )
+    return compute_oee(
+        SHIFT,
+        timeline,
+        kw.pop("parts", ()),  # type: ignore[arg-type]
+        kw.pop("scrap", ()),  # type: ignore[arg-type]
+        kw.pop("pri", {}),  # type: ignore[arg-type]
+        now=LATER,
+    )
+
+
+def test_a_10_minute_stop_in_an_8_hour_shift_with_a_30_minute_break_gives_440_of_450() -> None:
+    figures = oee_of([active(at(6)), stopped(at(8)), active(at(8, 10))])
+    assert figures.planned_busy_time_s == 450 * 60
+    assert figures.actual_production_time_s == 440 * 60
+    assert figures.availability == pytest.approx(440 / 450)
+    assert figures.downtime_s_by_reason == {"unassigned": 600}
+    assert figures.planned_stop_s_by_reason == {"planned/break": 1800}
+
+
+def test_micro_stops_count_as_running_and_longer_stops_do_not() -> None:
+    micro = oee_of([active(at(6)), stopped(at(7), "INTERRUPTED"), active(at(7, 1, 30))])
+    assert micro.actual_production_time_s == 450 * 60  # the 90 s stop is a speed loss
+    longer = oee_of([active(at(6)), stopped(at(7), "INTERRUPTED"), active(at(7, 3))])
+    assert longer.actual_production_time_s == 447 * 60
+
+
+def test_planned_maintenance_is_taken_out_of_planned_busy_time() -> None:
+    maintenance = PlannedStop(Interval(at(12), at(13)), "planned/maintenance")
+    calendar = Calendar(patterns=(EARLY,), planned_stops=(maintenance,))
+    figures = oee_of([active(at(6)), stopped(at(12)), active(at(13))], calendar)
+    assert figures.planned_busy_time_s == (480 - 30 - 60) * 60
+    assert figures.availability == 1.0
+    assert figures.downtime_s_by_reason == {}
+
+
+def test_an_order_switch_mid_shift_weights_each_part_by_its_own_ideal_cycle_time() -> None:
+    parts = [PartsReport(at(6, 0, 30) + timedelta(minutes=i), "all", 1, "A") for i in range(200)]
+    parts += [
+        PartsReport(at(10, 31) + timedelta(seconds=30 * i), "all", 1, "B") for i in range(400)
+    ]
+    figures = oee_of(
+        [active(at(6))],
+        orders=[OrderReport(at(6), "A"), OrderReport(at(10, 30), "B")],
+        parts=parts,
+        pri={"A": 60.0, "B": 30.0},
+    )
+    assert figures.ideal_time_s == 200 * 60 + 400 * 30  # 24,000 s
+    assert figures.actual_production_time_s == 450 * 60  # 27,000 s
+    assert figures.performance == pytest.approx(24_000 / 27_000)
+
+
+def test_bad_parts_and_operator_scrap_reduce_good_quantity() -> None:
+    figures = oee_of(
+        [active(at(6))],
+        parts=[PartsReport(at(7), "all", 100, "A"), PartsReport(at(7), "bad", 4, "A")],
+        scrap=[ScrapReport(at(9), 6, "A")],
+        pri={"A": 60.0},
+    )
+    assert (figures.produced, figures.bad, figures.scrapped, figures.good) == (100, 4, 6, 90)
+    assert figures.quality == pytest.approx(0.9)
+
+
+def test_a_late_reason_relabels_the_stop_it_covers() -> None:
+    reports = [active(at(6)), stopped(at(8)), active(at(8, 40))]
+    before = oee_of(reports)
+    assert before.downtime_s_by_reason == {"unassigned": 2400}
+    waiting = ReasonReport(at(8), at(8, 40), "material/waiting", given_at=at(11))
+    after = oee_of(reports, reasons=[waiting])
+    assert after.downtime_s_by_reason == {"material/waiting": 2400}
+    assert after.availability == before.availability  # still unplanned
+    # A planned reason makes it a planned stop: out of PBT, availability back to 1.
+    changeover = ReasonReport(at(8), at(8, 40), "planned/changeover", given_at=at(12))
+    relabelled = oee_of(reports, reasons=[waiting, changeover])
+    assert relabelled.planned_busy_time_s == (450 - 40) * 60
+    assert relabelled.availability == 1.0
+
+
+def test_an_out_of_order_event_lands_where_it_belongs() -> None:
+    in_order = [active(at(6)), stopped(at(8)), active(at(8, 10))]
+    scrambled = [active(at(8, 10)), active(at(6)), stopped(at(8))]
+    assert oee_of(scrambled).actual_production_time_s == oee_of(in_order).actual_production_time_s
+
+
+def test_offline_time_is_unassigned_unplanned_downtime() -> None:
+    reports = [
+        active(at(6)),
+        StateReport(at(8), availability="UNAVAILABLE"),
+        StateReport(at(8, 30), availability="AVAILABLE"),
+    ]
+    figures = oee_of(reports)
+    assert figures.planned_busy_time_s == 450 * 60
+    assert figures.actual_production_time_s == 420 * 60
+    assert figures.downtime_s_by_reason == {"unassigned": 1800}
+
+
+def test_before_any_report_nothing_is_known_and_that_is_not_production() -> None:
+    figures = oee_of([active(at(7))])
+    assert figures.actual_production_time_s == 390 * 60
+    assert figures.downtime_s_by_reason == {"unassigned": 3600}
+
+
+def test_a_night_shift_crossing_midnight_is_eight_hours_and_splits_at_midnight() -> None:
+    night = ShiftPattern("night", time(22), time(6))
+    calendar = Calendar(patterns=(night,))
+    window = Interval(at(20), datetime(2026, 3, 3, 8, tzinfo=UTC))
+    shifts = calendar.shifts(window)
+    assert [(s.name, s.interval.seconds / 3600) for s in shifts] == [("night", 8.0)]
+    days = local_days(window, ZoneInfo("UTC"))
+    assert [d.seconds / 3600 for d in days] == [4.0, 8.0]
+    timeline = build_timeline(window, calendar, [StateReport(at(20), "AVAILABLE", "ACTIVE")])
+    busy = [compute_oee(d, timeline, [], [], {}, LATER).planned_busy_time_s / 3600 for d in days]
+    assert busy == [2.0, 6.0]
+
+
+def test_on_the_spring_dst_day_in_berlin_the_night_shift_is_7_hours_and_the_day_23() -> None:
+    berlin = ZoneInfo("Europe/Berlin")
+    calendar = Calendar(time_zone=berlin, patterns=(ShiftPattern("night", time(22), time(6)),))
+    window = Interval(
+        datetime(2026, 3, 28, 12, tzinfo=berlin), datetime(2026, 3, 29, 12, tzinfo=berlin)
+    )
+    (shift,) = calendar.shifts(window)
+    assert shift.interval.seconds == 7 * 3600  # 22:00 CET to 06:00 CEST
+    days = local_days(
+        Interval(datetime(2026, 3, 29, tzinfo=berlin), datetime(2026, 3, 30, tzinfo=berlin)),
+        berlin,
+    )
+    assert [d.seconds / 3600 for d in days] == [23.0]
+
+
+def test_a_site_figure_adds_times_and_counts_never_averages_ratios() -> None:
+    full = oee_of([active(at(6))])  # A = 450/450
+    maintenance = PlannedStop(Interval(at(6), at(12, 30)), "planned/maintenance")
+    mostly_planned = oee_of(
+        [stopped(at(6)), active(at(13))],
+        Calendar(patterns=(EARLY,), planned_stops=(maintenance,)),
+    )  # PBT 12:30-14:00 = 90 min, APT 60 min: A = 2/3
+    site = OeeFigures(SHIFT.start, SHIFT.end)
+    site.add(full)
+    site.add(mostly_planned)
+    assert site.availability == pytest.approx((450 + 60) / (450 + 90))
+    assert site.availability != pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_zero_denominators_give_none_not_an_error() -> None:
+    sunday_off = Calendar(patterns=(ShiftPattern("early", time(6), time(14), frozenset({6})),))
+    figures = oee_of([active(at(6))], sunday_off)  # 2026-03-02 is a Monday: no shift
+    assert figures.planned_busy_time_s == 0
+    assert (figures.availability, figures.performance, figures.quality, figures.oee) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_an_open_bucket_is_provisional() -> None:
+    timeline = build_timeline(SHIFT, Calendar(patterns=(EARLY,)), [active(at(6))])
+    assert compute_oee(SHIFT, timeline, [], [], {}, now=at(9)).provisional
+    assert not compute_oee(SHIFT, timeline, [], [], {}, now=LATER).provisional
+
+
+def test_default_calendar_is_one_24_hour_shift_a_day_in_utc() -> None:
+    day = Interval(datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 3, tzinfo=UTC))
+    (shift,) = Calendar().shifts(day)
+    assert shift.interval == day and shift.planned_stops == ()
