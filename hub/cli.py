@@ -26,6 +26,7 @@ from hub.api.deps import ApiContext
 from hub.bootstrap import Hub, build_hub
 from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings, redacted_url
+from projections.plant import PlantConfig, PlantConfigError, load_plant
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -100,12 +101,13 @@ def serve(
 ) -> None:
     """Run ingest and the API until Ctrl-C."""
     settings = _settings(config, nats_url=nats_url, data_dir=data_dir, api_host=host, api_port=port)
+    plant = _plant(config)
     _logging(logging.INFO)
     settings, generated = _api_keys_or_generated(settings)
 
     async def main(stop: asyncio.Event) -> None:
         hub = await build_hub(settings)
-        api = _api(hub, settings)
+        api = _api(hub, settings, plant)
         api.start()
         console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")
         console.print(f"NATS: {redacted_url(hub.nats_url)}; store: {settings.store}")
@@ -119,12 +121,21 @@ def serve(
     _run(main)
 
 
-def _api(hub: Hub, settings: Settings) -> ApiServer:
+def _plant(config: Path | None) -> PlantConfig:
+    try:
+        return load_plant(config)
+    except PlantConfigError as exc:
+        err_console.print(f"[bold red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _api(hub: Hub, settings: Settings, plant: PlantConfig | None = None) -> ApiServer:
     context = ApiContext(
         store=hub.store,
         publisher=hub.publisher,
         api_keys=settings.parsed_api_keys(),
         site=settings.site,
+        plant=plant or PlantConfig(),
     )
     return ApiServer(create_app(context), settings.api_host, settings.api_port)
 

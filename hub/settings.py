@@ -155,6 +155,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    # Other tables ([plant], adapters' own) are read by their owners.
     hub_section = raw.get("hub", {})
     if not isinstance(hub_section, dict):
         raise ConfigError(f"{path}: key 'hub': must be a table")

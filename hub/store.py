@@ -421,6 +421,10 @@ class EventStore:
         found = self.load(order_aggregate_id(site, order_id))
         return found if isinstance(found, Order) else None
 
+    def machine_history(self, site: str, machine_id: str) -> list[Any]:
+        """Every stored event of one machine, in the order it was recorded."""
+        return list(self._app.events.get(machine_aggregate_id(site, machine_id)))
+
     def machines(self, site: str | None = None) -> list[Machine]:
         found = (self.load(e.aggregate_id) for e in self._recorder.entities("machine", site))
         return [m for m in found if isinstance(m, Machine)]

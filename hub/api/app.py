@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from hub.api.deps import ApiContext
 from hub.api.problems import install_problem_handlers
-from hub.api.routes import events, health, machines, orders
+from hub.api.routes import events, health, machines, oee, orders
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -19,6 +19,6 @@ def create_app(context: ApiContext) -> FastAPI:
     app.state.context = context
     install_problem_handlers(app)
     app.include_router(health.router)
-    for module in (machines, orders, events):
+    for module in (machines, orders, events, oee):
         app.include_router(module.router, prefix="/api/v1")
     return app

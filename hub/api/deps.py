@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -14,6 +14,7 @@ from hub.api.problems import Problem
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
+from projections.plant import PlantConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ApiContext:
     publisher: EventPublisher
     api_keys: list[ApiKey]
     site: str
+    plant: PlantConfig = field(default_factory=PlantConfig)
 
 
 def get_context(request: Request) -> ApiContext:

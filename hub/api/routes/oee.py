@@ -1,0 +1,174 @@
+"""Machine timelines and ISO 22400 OEE, computed from the stored history of each machine."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import AwareDatetime, BaseModel
+
+from hub.api.deps import ApiContext, Context, Reader
+from hub.api.problems import Problem
+from projections.calendar import Interval
+from projections.history import machine_facts
+from projections.report import Bucket, GroupBy, machine_report, machine_timeline, site_report
+
+router = APIRouter(tags=["oee"])
+MAX_WINDOW = timedelta(days=400)
+
+From = Annotated[AwareDatetime, Query(alias="from", description="RFC 3339 with offset")]
+To = Annotated[AwareDatetime, Query(alias="to", description="RFC 3339 with offset")]
+
+
+class TimelineEntry(BaseModel):
+    start: datetime
+    end: datetime
+    state: str
+    reason: str | None
+    order_id: str | None
+    program: str | None
+    micro_stop: bool
+
+
+class TimelineView(BaseModel):
+    machine: str
+    start: datetime
+    end: datetime
+    intervals: list[TimelineEntry]
+
+
+class OeeBucket(BaseModel):
+    start: datetime
+    end: datetime
+    label: str | None
+    availability: float | None
+    performance: float | None
+    quality: float | None
+    oee: float | None
+    planned_busy_time_s: float
+    actual_production_time_s: float
+    ideal_time_s: float
+    produced: int
+    good: int
+    bad: int
+    scrapped: int
+    parts_without_ideal_time: int
+    downtime_s_by_reason: dict[str, float]
+    planned_stop_s_by_reason: dict[str, float]
+    provisional: bool
+
+    @classmethod
+    def of(cls, bucket: Bucket) -> OeeBucket:
+        f = bucket.figures
+        return cls(
+            start=f.start,
+            end=f.end,
+            label=bucket.label,
+            availability=f.availability,
+            performance=f.performance,
+            quality=f.quality,
+            oee=f.oee,
+            planned_busy_time_s=f.planned_busy_time_s,
+            actual_production_time_s=f.actual_production_time_s,
+            ideal_time_s=f.ideal_time_s,
+            produced=f.produced,
+            good=f.good,
+            bad=f.bad,
+            scrapped=f.scrapped,
+            parts_without_ideal_time=f.parts_without_ideal_time,
+            downtime_s_by_reason=f.downtime_s_by_reason,
+            planned_stop_s_by_reason=f.planned_stop_s_by_reason,
+            provisional=f.provisional,
+        )
+
+
+class OeeView(BaseModel):
+    machine: str | None
+    start: datetime
+    end: datetime
+    group_by: GroupBy | None
+    buckets: list[OeeBucket]
+
+    # The contract's field names: "from" and "to".
+    def to_json(self) -> dict[str, Any]:
+        body = self.model_dump(mode="json")
+        body["from"], body["to"] = body.pop("start"), body.pop("end")
+        return body
+
+
+def _window(start: datetime, end: datetime) -> Interval:
+    if end <= start:
+        raise Problem(422, "to must be after from")
+    if end - start > MAX_WINDOW:
+        raise Problem(422, f"the window may be at most {MAX_WINDOW.days} days")
+    return Interval(start.astimezone(UTC), end.astimezone(UTC))
+
+
+def _machine_report(
+    context: ApiContext, machine_id: str, window: Interval, group_by: GroupBy | None
+) -> list[Bucket]:
+    history = context.store.machine_history(context.site, machine_id)
+    if not history:
+        raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
+    facts = machine_facts(history)
+    ideal = {}
+    for order_id in facts.order_ids():
+        order = context.store.order(context.site, order_id)
+        if order is not None and order.ideal_cycle_time_s:
+            ideal[order_id] = order.ideal_cycle_time_s
+    return machine_report(facts, window, group_by, context.plant, ideal, datetime.now(UTC))
+
+
+@router.get("/machines/{machine_id}/timeline", summary="A machine's state intervals")
+async def timeline(
+    machine_id: str, start: From, end: To, context: Context, _: Reader
+) -> dict[str, Any]:
+    window = _window(start, end)
+
+    def build() -> list[TimelineEntry]:
+        history = context.store.machine_history(context.site, machine_id)
+        if not history:
+            raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
+        intervals = machine_timeline(machine_facts(history), window, context.plant)
+        return [TimelineEntry.model_validate(i, from_attributes=True) for i in intervals]
+
+    view = TimelineView(
+        machine=machine_id,
+        start=window.start,
+        end=window.end,
+        intervals=await asyncio.to_thread(build),
+    )
+    body = view.model_dump(mode="json")
+    body["from"], body["to"] = body.pop("start"), body.pop("end")
+    return body
+
+
+@router.get("/oee", summary="ISO 22400 OEE of a machine, or of the site without one")
+async def oee(
+    start: From,
+    end: To,
+    context: Context,
+    _: Reader,
+    machine: str | None = None,
+    group_by: GroupBy | None = None,
+) -> dict[str, Any]:
+    window = _window(start, end)
+
+    def build() -> list[Bucket]:
+        if machine is not None:
+            return _machine_report(context, machine, window, group_by)
+        machines = context.store.machines(context.site)
+        reports = [_machine_report(context, m.machine_id, window, group_by) for m in machines]
+        return site_report(reports, group_by)
+
+    buckets = await asyncio.to_thread(build)
+    view = OeeView(
+        machine=machine,
+        start=window.start,
+        end=window.end,
+        group_by=group_by,
+        buckets=[OeeBucket.of(b) for b in buckets],
+    )
+    return view.to_json()

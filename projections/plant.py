@@ -1,0 +1,147 @@
+"""The plant's configuration for OEE: time zone, shifts, holidays, planned stops, the reason
+catalog and the micro-stop threshold, from the ``[plant]`` table of ``mes-hub.toml``.
+
+```toml
+[plant]
+time_zone = "Europe/Berlin"
+micro_stop_threshold_s = 120
+holidays = ["2026-12-25"]
+
+[[plant.shifts]]
+name = "early"
+start = "06:00"
+end = "14:00"
+days = ["mon", "tue", "wed", "thu", "fri"]
+breaks = [["10:00", "10:30"]]
+
+[[plant.planned_stops]]
+start = "2026-03-07T06:00:00+01:00"
+end = "2026-03-07T14:00:00+01:00"
+reason = "planned/maintenance"
+
+[plant.reasons]            # the catalog: a tree whose leaves say planned or unplanned
+mechanical = { spindle = "unplanned", coolant = "unplanned" }
+material = { waiting = "unplanned" }
+planned = { changeover = "planned", maintenance = "planned", break = "planned" }
+```
+
+With no shifts configured the plant runs one 24-hour shift a day, no breaks (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import date, time
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from projections.calendar import WEEKDAYS, Calendar, Interval, PlannedStop, ShiftPattern
+
+DEFAULT_REASONS: dict[str, Any] = {
+    "planned": {"break": "planned", "changeover": "planned", "maintenance": "planned"},
+}
+
+
+class PlantConfigError(Exception):
+    """A ``[plant]`` setting that cannot be used: names the file, the key and the reason."""
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+ALL_DAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShiftConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    start: time
+    end: time
+    days: list[Weekday] = Field(default_factory=lambda: list(ALL_DAYS))
+    breaks: list[tuple[time, time]] = []
+
+
+class PlannedStopConfig(_Strict):
+    start: AwareDatetime
+    end: AwareDatetime
+    reason: str = "planned/maintenance"
+
+
+class PlantConfig(_Strict):
+    time_zone: str = "UTC"
+    micro_stop_threshold_s: float = Field(default=120.0, ge=0, le=3600)
+    shifts: list[ShiftConfig] = []
+    holidays: list[date] = []
+    planned_stops: list[PlannedStopConfig] = []
+    reasons: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_REASONS))
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+        return value
+
+    @field_validator("reasons")
+    @classmethod
+    def _catalog_leaves(cls, value: dict[str, Any]) -> dict[str, Any]:
+        leaf_kinds(value)
+        return value
+
+    def calendar(self) -> Calendar:
+        zone = ZoneInfo(self.time_zone)
+        patterns = tuple(
+            ShiftPattern(
+                s.name,
+                s.start,
+                s.end,
+                frozenset(WEEKDAYS.index(d) for d in s.days),
+                tuple(s.breaks),
+            )
+            for s in self.shifts
+        )
+        stops = tuple(PlannedStop(Interval(p.start, p.end), p.reason) for p in self.planned_stops)
+        if not patterns:
+            return Calendar(time_zone=zone, holidays=frozenset(self.holidays), planned_stops=stops)
+        return Calendar(zone, patterns, frozenset(self.holidays), stops)
+
+    def planned_reasons(self) -> dict[str, bool]:
+        """Reason code (``a/b``) -> whether it is a planned stop."""
+        return {code: kind == "planned" for code, kind in leaf_kinds(self.reasons).items()}
+
+
+def leaf_kinds(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    leaves: dict[str, str] = {}
+    for name, value in tree.items():
+        code = f"{prefix}{name}"
+        if isinstance(value, dict):
+            leaves |= leaf_kinds(value, code + "/")
+        elif value in ("planned", "unplanned"):
+            leaves[code] = value
+        else:
+            raise ValueError(f'reason {code!r}: a leaf must be "planned" or "unplanned"')
+    return leaves
+
+
+def load_plant(config_file: Path | None) -> PlantConfig:
+    """The ``[plant]`` table of the config file, or the defaults when there is none."""
+    if config_file is None:
+        return PlantConfig()
+    try:
+        raw = tomllib.loads(config_file.read_text()).get("plant", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PlantConfigError(f"{config_file}: {exc}") from None
+    try:
+        return PlantConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [
+            f"{config_file}: key 'plant.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise PlantConfigError("; ".join(problems)) from None

@@ -1,0 +1,171 @@
+"""Timeline and OEE through the HTTP API of a real hub (real NATS, real store)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hub.api.app import create_app
+from hub.api.deps import ApiContext
+from hub.bootstrap import Hub
+from projections.plant import PlantConfig, PlantConfigError, ShiftConfig, load_plant
+from tests.conftest import api_key, cloud_event, eventually
+
+PLANT = PlantConfig(
+    shifts=[
+        ShiftConfig(name="early", start=time(6), end=time(14), breaks=[(time(10), time(10, 30))])
+    ],
+    reasons={"material": {"waiting": "unplanned"}, "planned": {"changeover": "planned"}},
+)
+AUTH = {"Authorization": f"Bearer {api_key('auditor')}"}
+SHIFT = {"from": "2026-03-02T06:00:00Z", "to": "2026-03-02T14:00:00Z"}
+
+
+@pytest.fixture
+async def client(hub: Hub) -> AsyncIterator[httpx.AsyncClient]:
+    context = ApiContext(
+        store=hub.store,
+        publisher=hub.publisher,
+        api_keys=hub.settings.parsed_api_keys(),
+        site=hub.settings.site,
+        plant=PLANT,
+    )
+    transport = httpx.ASGITransport(app=create_app(context))
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+        yield http
+
+
+def at(hh: int, mm: int = 0) -> datetime:
+    return datetime.fromisoformat(f"2026-03-02T{hh:02d}:{mm:02d}:00+00:00")
+
+
+async def shift_with_a_ten_minute_stop(hub: Hub) -> None:
+    events = [
+        cloud_event(
+            "mes.erp.order.released.v1",
+            "SO-1",
+            {
+                "order_id": "SO-1",
+                "part_number": "P-1",
+                "quantity": 500,
+                "due": "2026-03-03T00:00:00Z",
+                "ideal_cycle_time_s": 60,
+            },
+            at=at(5),
+        ),
+        cloud_event("mes.machine.availability.v1", "M1", {"availability": "AVAILABLE"}, at=at(5)),
+        cloud_event("mes.operator.order_started.v1", "M1", {"order_id": "SO-1"}, at=at(5, 59)),
+        cloud_event("mes.machine.partcount.v1", "M1", {"count": 1000, "kind": "all"}, at=at(6)),
+        cloud_event("mes.machine.execution.v1", "M1", {"execution": "ACTIVE"}, at=at(6)),
+        cloud_event("mes.machine.execution.v1", "M1", {"execution": "STOPPED"}, at=at(8)),
+        cloud_event("mes.machine.execution.v1", "M1", {"execution": "ACTIVE"}, at=at(8, 10)),
+        cloud_event("mes.machine.partcount.v1", "M1", {"count": 1400, "kind": "all"}, at=at(13)),
+        cloud_event("mes.machine.partcount.v1", "M1", {"count": 0, "kind": "bad"}, at=at(6)),
+        cloud_event("mes.machine.partcount.v1", "M1", {"count": 8, "kind": "bad"}, at=at(13)),
+    ]
+    await hub.publisher.publish_many(events)
+    await eventually(lambda: hub.ingest_stats().applied == len(events))
+
+
+async def test_shift_oee_through_the_api_with_the_raw_figures(
+    client: httpx.AsyncClient, hub: Hub
+) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    response = await client.get("/api/v1/oee", params={**SHIFT, "machine": "M1"}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["machine"], body["from"], body["group_by"]) == ("M1", "2026-03-02T06:00:00Z", None)
+    (bucket,) = body["buckets"]
+    assert bucket["planned_busy_time_s"] == 450 * 60
+    assert bucket["actual_production_time_s"] == 440 * 60
+    assert bucket["availability"] == pytest.approx(440 / 450)
+    # 400 parts at 60 s ideal = 24,000 s in 26,400 s running; 8 bad
+    assert (bucket["produced"], bucket["bad"], bucket["good"]) == (400, 8, 392)
+    assert bucket["performance"] == pytest.approx(24_000 / 26_400)
+    assert bucket["quality"] == pytest.approx(392 / 400)
+    assert bucket["oee"] == pytest.approx(440 / 450 * 24_000 / 26_400 * 392 / 400)
+    assert bucket["downtime_s_by_reason"] == {"unassigned": 600}
+    assert bucket["provisional"] is False
+
+
+async def test_grouped_by_shift_and_by_order(client: httpx.AsyncClient, hub: Hub) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    day = {"from": "2026-03-02T00:00:00Z", "to": "2026-03-03T00:00:00Z", "machine": "M1"}
+    by_shift = (
+        await client.get("/api/v1/oee", params={**day, "group_by": "shift"}, headers=AUTH)
+    ).json()
+    assert [b["label"] for b in by_shift["buckets"]] == ["early"]
+    by_order = (
+        await client.get("/api/v1/oee", params={**day, "group_by": "order"}, headers=AUTH)
+    ).json()
+    assert [b["label"] for b in by_order["buckets"]] == ["SO-1"]
+    assert by_order["buckets"][0]["produced"] == 400
+
+
+async def test_a_late_reason_relabels_the_stop_in_the_timeline(
+    client: httpx.AsyncClient, hub: Hub
+) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    timeline = await client.get("/api/v1/machines/M1/timeline", params=SHIFT, headers=AUTH)
+    stops = [i for i in timeline.json()["intervals"] if i["state"] == "stopped"]
+    assert [(s["start"], s["reason"]) for s in stops] == [("2026-03-02T08:00:00Z", "unassigned")]
+    await hub.publisher.publish(
+        cloud_event(
+            "mes.operator.downtime_reason.v1",
+            "M1",
+            {
+                "reason": "planned/changeover",
+                "start": "2026-03-02T08:00:00Z",
+                "end": "2026-03-02T08:10:00Z",
+                "operator": "op7",
+            },
+            at=at(11),
+        )
+    )
+    await eventually(lambda: hub.ingest_stats().applied == 11)
+    oee = (await client.get("/api/v1/oee", params={**SHIFT, "machine": "M1"}, headers=AUTH)).json()
+    assert oee["buckets"][0]["availability"] == 1.0  # a planned stop leaves PBT
+    assert oee["buckets"][0]["planned_stop_s_by_reason"]["planned/changeover"] == 600
+
+
+async def test_site_figure_without_machine(client: httpx.AsyncClient, hub: Hub) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    await hub.publisher.publish_many(
+        [
+            cloud_event(
+                "mes.machine.availability.v1", "M2", {"availability": "AVAILABLE"}, at=at(5)
+            ),
+            cloud_event("mes.machine.execution.v1", "M2", {"execution": "ACTIVE"}, at=at(6)),
+        ]
+    )
+    await eventually(lambda: hub.ingest_stats().applied == 12)
+    site = (await client.get("/api/v1/oee", params=SHIFT, headers=AUTH)).json()
+    assert site["machine"] is None
+    assert site["buckets"][0]["planned_busy_time_s"] == 2 * 450 * 60
+    assert site["buckets"][0]["availability"] == pytest.approx((440 + 450) / 900)
+
+
+async def test_bad_windows_are_problems(client: httpx.AsyncClient, hub: Hub) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    backwards = {"from": SHIFT["to"], "to": SHIFT["from"], "machine": "M1"}
+    response = await client.get("/api/v1/oee", params=backwards, headers=AUTH)
+    assert response.status_code == 422 and "after from" in response.json()["detail"]
+    naive = {"from": "2026-03-02T06:00:00", "to": "2026-03-02T14:00:00"}
+    assert (await client.get("/api/v1/oee", params=naive, headers=AUTH)).status_code == 422
+    unknown = await client.get("/api/v1/oee", params={**SHIFT, "machine": "NOPE"}, headers=AUTH)
+    assert unknown.status_code == 404
+    assert (await client.get("/api/v1/oee", params=SHIFT)).status_code == 401
+
+
+def test_a_bad_plant_config_names_file_key_and_reason(tmp_path: Path) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text('[plant]\ntime_zone = "Mars/Olympus"\n[plant.reasons]\nx = { y = "maybe" }\n')
+    with pytest.raises(PlantConfigError) as caught:
+        load_plant(config)
+    message = str(caught.value)
+    assert str(config) in message and "plant.time_zone" in message and "Mars/Olympus" in message
+    assert "plant.reasons" in message and "'x/y'" in message
