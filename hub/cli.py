@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +26,9 @@ from hub.api.deps import ApiContext
 from hub.bootstrap import Hub, build_hub
 from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings, redacted_url
+from projections.calendar import Interval
 from projections.plant import PlantConfig, PlantConfigError, load_plant
+from projections.report import report_from_history
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -140,31 +142,55 @@ def _api(hub: Hub, settings: Settings, plant: PlantConfig | None = None) -> ApiS
     return ApiServer(create_app(context), settings.api_host, settings.api_port)
 
 
-def _machine_table(hub: Hub, elapsed: float, published: int) -> Table:
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _machine_table(
+    hub: Hub, elapsed: float, published: int, since: datetime, until: datetime | None
+) -> Table:
+    """The demo's live view; OEE covers the simulated time so far (default calendar)."""
     stats = hub.ingest_stats()
+    plant = PlantConfig()
+    window = Interval(since, until) if until and until > since else None
+    shifts = plant.calendar().shifts(Interval(until, until + timedelta(seconds=1))) if until else []
     table = Table(
-        title=f"mes-hub demo — {elapsed:5.0f} s — published {published}, stored {stats.applied}, "
-        f"duplicates {stats.duplicates}, dead-lettered {stats.rejected}",
+        title=f"mes-hub demo — {elapsed:4.0f} s — simulated {until or since:%Y-%m-%d %H:%M} UTC, "
+        f"shift {shifts[0].name if shifts else '-'} — published {published}, "
+        f"stored {stats.applied}, duplicates {stats.duplicates}, dead-lettered {stats.rejected}",
         expand=False,
     )
-    for column in ("machine", "availability", "execution", "since", "program", "parts", "bad"):
-        table.add_column(column)
-    table.add_column("order")
-    table.add_column("alarm")
+    for column in ("machine", "avail.", "execution", "order", "parts", "bad", "A", "P", "Q"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("OEE", style="bold", no_wrap=True)
+    table.add_column("alarm", overflow="ellipsis", no_wrap=True)
     for machine in hub.store.machines(hub.settings.site):
         colour = {"ACTIVE": "green", "STOPPED": "red", "INTERRUPTED": "yellow"}.get(
             machine.execution or "", "white"
         )
         alarm = next(iter(machine.conditions.values()), None)
+        figures = None
+        if window is not None:
+            (bucket,) = report_from_history(
+                hub.store.machine_history(machine.site, machine.machine_id),
+                lambda order_id, site=machine.site: hub.store.ideal_cycle_time(site, order_id),
+                window,
+                None,
+                plant,
+                until or since,
+            )
+            figures = bucket.figures
         table.add_row(
             machine.machine_id,
-            machine.availability or "-",
+            (machine.availability or "-")[:5],
             f"[{colour}]{machine.execution or '-'}[/]",
-            machine.state_since.strftime("%H:%M:%S") if machine.state_since else "-",
-            machine.program or "-",
+            machine.order_id or "-",
             str(machine.parts_produced),
             str(machine.parts_bad),
-            machine.order_id or "-",
+            _percent(figures.availability if figures else None),
+            _percent(figures.performance if figures else None),
+            _percent(figures.quality if figures else None),
+            _percent(figures.oee if figures else None),
             alarm["message"] if alarm else "",
         )
     return table
@@ -199,9 +225,10 @@ def demo(
         console.print(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
         console.print(f"data and log: {directory}\n")
         progress = SimulatorRun()
+        simulation = SimulatorConfig(machines=machines, seed=seed, site=settings.site)
         simulator = asyncio.create_task(
             run_simulator(
-                SimulatorConfig(machines=machines, seed=seed, site=settings.site),
+                simulation,
                 hub.publisher,
                 speed=speed,
                 duration_s=duration or None,
@@ -212,7 +239,12 @@ def demo(
         with Live(console=console, refresh_per_second=2) as live:
             while not stop.is_set() and not simulator.done():
                 table = await asyncio.to_thread(
-                    _machine_table, hub, time.monotonic() - started, progress.published
+                    _machine_table,
+                    hub,
+                    time.monotonic() - started,
+                    progress.published,
+                    simulation.start,
+                    progress.simulated_until,
                 )
                 live.update(table)
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -224,7 +256,12 @@ def demo(
                 await hub.wait_caught_up(timeout=30)
             live.update(
                 await asyncio.to_thread(
-                    _machine_table, hub, time.monotonic() - started, progress.published
+                    _machine_table,
+                    hub,
+                    time.monotonic() - started,
+                    progress.published,
+                    simulation.start,
+                    progress.simulated_until,
                 )
             )
         stats = hub.ingest_stats()

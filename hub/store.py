@@ -425,6 +425,10 @@ class EventStore:
         """Every stored event of one machine, in the order it was recorded."""
         return list(self._app.events.get(machine_aggregate_id(site, machine_id)))
 
+    def ideal_cycle_time(self, site: str, order_id: str) -> float | None:
+        order = self.order(site, order_id)
+        return order.ideal_cycle_time_s if order is not None else None
+
     def machines(self, site: str | None = None) -> list[Machine]:
         found = (self.load(e.aggregate_id) for e in self._recorder.entities("machine", site))
         return [m for m in found if isinstance(m, Machine)]

@@ -3,13 +3,13 @@ order."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from projections.calendar import Interval, local_days
-from projections.history import MachineFacts
+from projections.history import MachineFacts, machine_facts
 from projections.oee import OeeFigures, compute_oee
 from projections.plant import PlantConfig
 from projections.timeline import TimelineInterval, build_timeline
@@ -124,3 +124,22 @@ def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -
             total.start, total.end = min(total.start, f.start), max(total.end, f.end)
             total.add(f)
     return sorted(totals.values(), key=lambda b: (b.figures.start, b.label or ""))
+
+
+def report_from_history(
+    history: Iterable[Any],
+    ideal_cycle_time_of: Callable[[str], float | None],
+    window: Interval,
+    group_by: GroupBy | None,
+    plant: PlantConfig,
+    now: datetime,
+) -> list[Bucket]:
+    """A machine's report from its stored events; ``ideal_cycle_time_of`` looks up an order's
+    PRI (None when the order or its PRI is unknown)."""
+    facts = machine_facts(history)
+    ideal = {}
+    for order_id in facts.order_ids():
+        pri = ideal_cycle_time_of(order_id)
+        if pri:
+            ideal[order_id] = pri
+    return machine_report(facts, window, group_by, plant, ideal, now)

@@ -13,7 +13,13 @@ from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from projections.calendar import Interval
 from projections.history import machine_facts
-from projections.report import Bucket, GroupBy, machine_report, machine_timeline, site_report
+from projections.report import (
+    Bucket,
+    GroupBy,
+    machine_timeline,
+    report_from_history,
+    site_report,
+)
 
 router = APIRouter(tags=["oee"])
 MAX_WINDOW = timedelta(days=400)
@@ -112,13 +118,14 @@ def _machine_report(
     history = context.store.machine_history(context.site, machine_id)
     if not history:
         raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
-    facts = machine_facts(history)
-    ideal = {}
-    for order_id in facts.order_ids():
-        order = context.store.order(context.site, order_id)
-        if order is not None and order.ideal_cycle_time_s:
-            ideal[order_id] = order.ideal_cycle_time_s
-    return machine_report(facts, window, group_by, context.plant, ideal, datetime.now(UTC))
+    return report_from_history(
+        history,
+        lambda order_id: context.store.ideal_cycle_time(context.site, order_id),
+        window,
+        group_by,
+        context.plant,
+        datetime.now(UTC),
+    )
 
 
 @router.get("/machines/{machine_id}/timeline", summary="A machine's state intervals")
