@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -173,7 +174,7 @@ def _machine_table(
         if window is not None:
             (bucket,) = report_from_history(
                 hub.store.machine_history(machine.site, machine.machine_id),
-                lambda order_id, site=machine.site: hub.store.ideal_cycle_time(site, order_id),
+                partial(hub.store.ideal_cycle_time, machine.site),
                 window,
                 None,
                 plant,
