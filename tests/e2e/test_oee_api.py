@@ -169,3 +169,36 @@ def test_a_bad_plant_config_names_file_key_and_reason(tmp_path: Path) -> None:
     message = str(caught.value)
     assert str(config) in message and "plant.time_zone" in message and "Mars/Olympus" in message
     assert "plant.reasons" in message and "'x/y'" in message
+
+
+async def test_order_progress_counts_what_the_floor_made(
+    client: httpx.AsyncClient, hub: Hub
+) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    await hub.publisher.publish(
+        cloud_event("mes.operator.order_ended.v1", "M1", {"order_id": "SO-1"}, at=at(13))
+    )
+    await eventually(lambda: hub.ingest_stats().applied == 11)
+    order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
+    progress = order["progress"]
+    # 400 made, 8 bad: 392 good of 500
+    assert (progress["produced"], progress["good"], progress["bad"]) == (400, 392, 8)
+    assert (progress["remaining"], progress["percent_complete"]) == (108, pytest.approx(0.784))
+    assert (progress["actual_start"], progress["actual_end"]) == (
+        "2026-03-02T05:59:00Z",
+        "2026-03-02T13:00:00Z",
+    )
+    # Running 06:00-08:00 and 08:10-13:00: 410 min for 400 parts, against 60 s ideal.
+    assert progress["running_time_s"] == 410 * 60
+    assert progress["actual_cycle_time_s"] == pytest.approx(61.5)
+    assert progress["ideal_cycle_time_s"] == 60
+    assert order["status"] == "ended"
+
+    async def listed(**params: str) -> list[str]:
+        response = await client.get("/api/v1/orders", params=params, headers=AUTH)
+        return [o["order_id"] for o in response.json()]
+
+    assert await listed() == ["SO-1"]
+    assert await listed(status="ended", machine="M1") == ["SO-1"]
+    assert await listed(status="running") == []
+    assert await listed(customer="nobody") == []

@@ -1,22 +1,42 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from hub.api.deps import Context, Reader
+from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import Order
+from projections.history import MachineFacts, machine_facts
+from projections.progress import Run, order_progress
 
 router = APIRouter(prefix="/orders", tags=["orders"])
+
+Status = Literal["unreleased", "released", "running", "ended", "cancelled"]
 
 
 class OrderRun(BaseModel):
     machine_id: str
     start: datetime
     end: datetime | None
+
+
+class Progress(BaseModel):
+    produced: int
+    good: int
+    bad: int
+    scrapped: int
+    remaining: int | None
+    percent_complete: float | None
+    actual_start: datetime | None
+    actual_end: datetime | None
+    machines: list[str]
+    running_time_s: float
+    actual_cycle_time_s: float | None
+    ideal_cycle_time_s: float | None
 
 
 class OrderView(BaseModel):
@@ -35,9 +55,10 @@ class OrderView(BaseModel):
     runs: list[OrderRun]
     changes: int
     version: int
+    progress: Progress
 
     @classmethod
-    def of(cls, order: Order) -> OrderView:
+    def of(cls, order: Order, progress: Progress) -> OrderView:
         return cls(
             site=order.site,
             order_id=order.order_id,
@@ -54,12 +75,62 @@ class OrderView(BaseModel):
             runs=[OrderRun.model_validate(r) for r in order.runs],
             changes=order.changes,
             version=order.version,
+            progress=progress,
         )
 
 
-@router.get("/{order_id}", summary="What the order aggregate knows of one order")
+def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
+    """Each order with its progress; each machine's history is read once for all orders."""
+    facts: dict[str, MachineFacts] = {}
+    views = []
+    now = datetime.now(UTC)
+    for order in orders:
+        runs = [OrderRun.model_validate(r) for r in order.runs]
+        for run in runs:
+            if run.machine_id not in facts:
+                history = context.store.machine_history(context.site, run.machine_id)
+                facts[run.machine_id] = machine_facts(history)
+        progress = order_progress(
+            order.order_id,
+            order.quantity,
+            order.ideal_cycle_time_s,
+            [Run(r.machine_id, r.start, r.end) for r in runs],
+            facts,
+            context.plant,
+            now,
+        )
+        views.append(OrderView.of(order, Progress.model_validate(progress, from_attributes=True)))
+    return views
+
+
+@router.get("", summary="Orders with their progress, filtered by status, customer or machine")
+async def list_orders(
+    context: Context,
+    _: Reader,
+    status: Status | None = None,
+    customer: str | None = None,
+    machine: str | None = None,
+) -> list[OrderView]:
+    def build() -> list[OrderView]:
+        orders = [
+            o
+            for o in context.store.orders(context.site)
+            if (status is None or o.status == status)
+            and (customer is None or o.customer == customer)
+            and (
+                machine is None
+                or machine == o.machine_id
+                or any(r["machine_id"] == machine for r in o.runs)
+            )
+        ]
+        return _views(context, orders)
+
+    return await asyncio.to_thread(build)
+
+
+@router.get("/{order_id}", summary="One order: what the ERP released and what the floor made")
 async def get_order(order_id: str, context: Context, _: Reader) -> OrderView:
     order = await asyncio.to_thread(context.store.order, context.site, order_id)
     if order is None:
         raise Problem(404, f"no order {order_id!r} at site {context.site!r}")
-    return OrderView.of(order)
+    return (await asyncio.to_thread(_views, context, [order]))[0]

@@ -1,0 +1,91 @@
+"""Order progress: what the floor made of an order, from the histories of the machines it ran on.
+
+Produced, bad and scrap come from the parts each machine counted while the order was running
+there; the actual cycle time is the order's running time (micro-stops included) per part made,
+beside the ERP's ideal cycle time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from projections.calendar import Interval
+from projections.history import MachineFacts
+from projections.plant import PlantConfig
+from projections.report import machine_timeline
+from projections.timeline import RUNNING
+
+
+@dataclass(frozen=True)
+class Run:
+    machine_id: str
+    start: datetime
+    end: datetime | None
+
+
+@dataclass(frozen=True)
+class OrderProgress:
+    produced: int
+    good: int
+    bad: int
+    scrapped: int
+    remaining: int | None
+    percent_complete: float | None
+    actual_start: datetime | None
+    actual_end: datetime | None
+    machines: list[str]
+    running_time_s: float
+    actual_cycle_time_s: float | None
+    ideal_cycle_time_s: float | None
+
+
+def order_progress(
+    order_id: str,
+    quantity: int | None,
+    ideal_cycle_time_s: float | None,
+    runs: Sequence[Run],
+    facts_by_machine: Mapping[str, MachineFacts],
+    plant: PlantConfig,
+    now: datetime,
+) -> OrderProgress:
+    produced = bad = scrapped = 0
+    running_s = 0.0
+    # Running time counts whenever the machine executed the order, shift or not.
+    around_the_clock = PlantConfig(micro_stop_threshold_s=plant.micro_stop_threshold_s)
+    machines = sorted({run.machine_id for run in runs})
+    for machine_id in machines:
+        facts = facts_by_machine.get(machine_id)
+        if facts is None:
+            continue
+        produced += sum(
+            p.increment for p in facts.parts if p.order_id == order_id and p.kind != "bad"
+        )
+        bad += sum(p.increment for p in facts.parts if p.order_id == order_id and p.kind == "bad")
+        scrapped += sum(s.quantity for s in facts.scrap if s.order_id == order_id)
+        for run in (r for r in runs if r.machine_id == machine_id):
+            window = Interval(run.start, run.end or now)
+            if window.seconds <= 0:
+                continue
+            running_s += sum(
+                i.seconds
+                for i in machine_timeline(facts, window, around_the_clock)
+                if i.state == RUNNING and i.order_id == order_id
+            )
+    good = max(0, produced - bad - scrapped)
+    ended = [r.end for r in runs]
+    return OrderProgress(
+        produced=produced,
+        good=good,
+        bad=bad,
+        scrapped=scrapped,
+        remaining=max(0, quantity - good) if quantity is not None else None,
+        percent_complete=min(1.0, good / quantity) if quantity else None,
+        actual_start=min((r.start for r in runs), default=None),
+        actual_end=max(e for e in ended if e is not None) if runs and None not in ended else None,
+        machines=machines,
+        running_time_s=running_s,
+        actual_cycle_time_s=running_s / produced if produced else None,
+        ideal_cycle_time_s=ideal_cycle_time_s,
+    )
