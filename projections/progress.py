@@ -15,7 +15,9 @@ from projections.calendar import Interval
 from projections.history import MachineFacts
 from projections.plant import PlantConfig
 from projections.report import machine_timeline
-from projections.timeline import RUNNING
+from projections.timeline import OFFLINE, RUNNING, STOPPED
+
+BUSY = (RUNNING, STOPPED, OFFLINE)  # the states inside planned busy time
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class OrderProgress:
     actual_end: datetime | None
     machines: list[str]
     running_time_s: float
+    busy_time_s: float  # planned busy time while the order was on its machines
     actual_cycle_time_s: float | None
     ideal_cycle_time_s: float | None
 
@@ -51,7 +54,7 @@ def order_progress(
     now: datetime,
 ) -> OrderProgress:
     produced = bad = scrapped = 0
-    running_s = 0.0
+    running_s = busy_s = 0.0
     # Running time counts whenever the machine executed the order, shift or not.
     around_the_clock = PlantConfig(micro_stop_threshold_s=plant.micro_stop_threshold_s)
     machines = sorted({run.machine_id for run in runs})
@@ -73,6 +76,11 @@ def order_progress(
                 for i in machine_timeline(facts, window, around_the_clock)
                 if i.state == RUNNING and i.order_id == order_id
             )
+            busy_s += sum(
+                i.seconds
+                for i in machine_timeline(facts, window, plant)
+                if i.state in BUSY and i.order_id == order_id
+            )
     good = max(0, produced - bad - scrapped)
     ended = [r.end for r in runs]
     return OrderProgress(
@@ -86,6 +94,7 @@ def order_progress(
         actual_end=max(e for e in ended if e is not None) if runs and None not in ended else None,
         machines=machines,
         running_time_s=running_s,
+        busy_time_s=busy_s,
         actual_cycle_time_s=running_s / produced if produced else None,
         ideal_cycle_time_s=ideal_cycle_time_s,
     )

@@ -193,6 +193,10 @@ async def test_order_progress_counts_what_the_floor_made(
     assert progress["actual_cycle_time_s"] == pytest.approx(61.5)
     assert progress["ideal_cycle_time_s"] == 60
     assert order["status"] == "ended"
+    # Planned busy time on the order: 06:00-13:00 less the 30 min break = 390 min, 392 good.
+    assert progress["busy_time_s"] == 390 * 60
+    assert order["forecast"]["effective_cycle_time_s"] == pytest.approx(390 * 60 / 392)
+    assert order["forecast"]["status"] == "late"  # due 2026-03-03, 108 still to make
 
     async def listed(**params: str) -> list[str]:
         response = await client.get("/api/v1/orders", params=params, headers=AUTH)

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import Order
+from projections.forecast import Forecast, forecast
 from projections.history import MachineFacts, machine_facts
 from projections.progress import Run, order_progress
 
@@ -35,8 +36,16 @@ class Progress(BaseModel):
     actual_end: datetime | None
     machines: list[str]
     running_time_s: float
+    busy_time_s: float
     actual_cycle_time_s: float | None
     ideal_cycle_time_s: float | None
+
+
+class DeliveryForecast(BaseModel):
+    eta: datetime | None
+    status: str | None
+    effective_cycle_time_s: float | None
+    basis: str
 
 
 class OrderView(BaseModel):
@@ -56,9 +65,10 @@ class OrderView(BaseModel):
     changes: int
     version: int
     progress: Progress
+    forecast: DeliveryForecast
 
     @classmethod
-    def of(cls, order: Order, progress: Progress) -> OrderView:
+    def of(cls, order: Order, progress: Progress, forecast: DeliveryForecast) -> OrderView:
         return cls(
             site=order.site,
             order_id=order.order_id,
@@ -76,6 +86,7 @@ class OrderView(BaseModel):
             changes=order.changes,
             version=order.version,
             progress=progress,
+            forecast=forecast,
         )
 
 
@@ -99,7 +110,26 @@ def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
             context.plant,
             now,
         )
-        views.append(OrderView.of(order, Progress.model_validate(progress, from_attributes=True)))
+        expected = (
+            forecast(
+                context.plant.calendar(),
+                now,
+                order.due,
+                progress.remaining,
+                progress.busy_time_s,
+                progress.good,
+                order.ideal_cycle_time_s,
+            )
+            if order.status not in ("cancelled",)
+            else Forecast(None, None, None, "none")
+        )
+        views.append(
+            OrderView.of(
+                order,
+                Progress.model_validate(progress, from_attributes=True),
+                DeliveryForecast.model_validate(expected, from_attributes=True),
+            )
+        )
     return views
 
 
