@@ -237,17 +237,20 @@ def demo(
             )
         )
         started = time.monotonic()
+
+        async def table() -> Table:
+            return await asyncio.to_thread(
+                _machine_table,
+                hub,
+                time.monotonic() - started,
+                progress.published,
+                simulation.start,
+                progress.simulated_until,
+            )
+
         with Live(console=console, refresh_per_second=2) as live:
             while not stop.is_set() and not simulator.done():
-                table = await asyncio.to_thread(
-                    _machine_table,
-                    hub,
-                    time.monotonic() - started,
-                    progress.published,
-                    simulation.start,
-                    progress.simulated_until,
-                )
-                live.update(table)
+                live.update(await table())
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
             simulator.cancel()
@@ -255,16 +258,7 @@ def demo(
                 await simulator
             with contextlib.suppress(asyncio.TimeoutError):
                 await hub.wait_caught_up(timeout=30)
-            live.update(
-                await asyncio.to_thread(
-                    _machine_table,
-                    hub,
-                    time.monotonic() - started,
-                    progress.published,
-                    simulation.start,
-                    progress.simulated_until,
-                )
-            )
+            live.update(await table())
         stats = hub.ingest_stats()
         await api.stop()
         await hub.close()

@@ -93,6 +93,25 @@ async def hub(settings: Settings) -> AsyncIterator[Any]:
     await running.close()
 
 
+def api_client(hub: Any, plant: Any = None) -> Any:
+    """An HTTP client on the hub's API app, in process (ASGI), with the hub's real services."""
+    import httpx
+
+    from hub.api.app import create_app
+    from hub.api.deps import ApiContext
+    from projections.plant import PlantConfig
+
+    context = ApiContext(
+        store=hub.store,
+        publisher=hub.publisher,
+        api_keys=hub.settings.parsed_api_keys(),
+        site=hub.settings.site,
+        plant=plant or PlantConfig(),
+    )
+    transport = httpx.ASGITransport(app=create_app(context))
+    return httpx.AsyncClient(transport=transport, base_url="http://hub")
+
+
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 

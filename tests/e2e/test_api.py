@@ -9,24 +9,15 @@ import httpx
 import pytest
 
 from contracts import encode_event
-from hub.api.app import create_app
-from hub.api.deps import ApiContext
 from hub.bootstrap import Hub
-from tests.conftest import api_key, cloud_event, eventually
+from tests.conftest import api_client, api_key, cloud_event, eventually
 
 PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
 async def client(hub: Hub) -> AsyncIterator[httpx.AsyncClient]:
-    context = ApiContext(
-        store=hub.store,
-        publisher=hub.publisher,
-        api_keys=hub.settings.parsed_api_keys(),
-        site=hub.settings.site,
-    )
-    transport = httpx.ASGITransport(app=create_app(context))
-    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+    async with api_client(hub) as http:
         yield http
 
 

@@ -9,11 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hub.api.app import create_app
-from hub.api.deps import ApiContext
 from hub.bootstrap import Hub
 from projections.plant import PlantConfig, PlantConfigError, ShiftConfig, load_plant
-from tests.conftest import api_key, cloud_event, eventually
+from tests.conftest import api_client, api_key, cloud_event, eventually
 
 PLANT = PlantConfig(
     shifts=[
@@ -27,15 +25,7 @@ SHIFT = {"from": "2026-03-02T06:00:00Z", "to": "2026-03-02T14:00:00Z"}
 
 @pytest.fixture
 async def client(hub: Hub) -> AsyncIterator[httpx.AsyncClient]:
-    context = ApiContext(
-        store=hub.store,
-        publisher=hub.publisher,
-        api_keys=hub.settings.parsed_api_keys(),
-        site=hub.settings.site,
-        plant=PLANT,
-    )
-    transport = httpx.ASGITransport(app=create_app(context))
-    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as http:
+    async with api_client(hub, PLANT) as http:
         yield http
 
 

@@ -20,6 +20,7 @@ from projections.report import (
     report_from_history,
     site_report,
 )
+from projections.timeline import TimelineInterval
 
 router = APIRouter(tags=["oee"])
 MAX_WINDOW = timedelta(days=400)
@@ -28,21 +29,11 @@ From = Annotated[AwareDatetime, Query(alias="from", description="RFC 3339 with o
 To = Annotated[AwareDatetime, Query(alias="to", description="RFC 3339 with offset")]
 
 
-class TimelineEntry(BaseModel):
-    start: datetime
-    end: datetime
-    state: str
-    reason: str | None
-    order_id: str | None
-    program: str | None
-    micro_stop: bool
-
-
 class TimelineView(BaseModel):
     machine: str
     start: datetime
     end: datetime
-    intervals: list[TimelineEntry]
+    intervals: list[TimelineInterval]
 
 
 class OeeBucket(BaseModel):
@@ -134,12 +125,11 @@ async def timeline(
 ) -> dict[str, Any]:
     window = _window(start, end)
 
-    def build() -> list[TimelineEntry]:
+    def build() -> list[TimelineInterval]:
         history = context.store.machine_history(context.site, machine_id)
         if not history:
             raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
-        intervals = machine_timeline(machine_facts(history), window, context.plant)
-        return [TimelineEntry.model_validate(i, from_attributes=True) for i in intervals]
+        return machine_timeline(machine_facts(history), window, context.plant)
 
     view = TimelineView(
         machine=machine_id,

@@ -12,7 +12,7 @@ from hub.api.problems import Problem
 from hub.domain import Order
 from projections.forecast import Forecast, forecast
 from projections.history import MachineFacts, machine_facts
-from projections.progress import Run, order_progress
+from projections.progress import OrderProgress, Run, order_progress
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
@@ -23,29 +23,6 @@ class OrderRun(BaseModel):
     machine_id: str
     start: datetime
     end: datetime | None
-
-
-class Progress(BaseModel):
-    produced: int
-    good: int
-    bad: int
-    scrapped: int
-    remaining: int | None
-    percent_complete: float | None
-    actual_start: datetime | None
-    actual_end: datetime | None
-    machines: list[str]
-    running_time_s: float
-    busy_time_s: float
-    actual_cycle_time_s: float | None
-    ideal_cycle_time_s: float | None
-
-
-class DeliveryForecast(BaseModel):
-    eta: datetime | None
-    status: str | None
-    effective_cycle_time_s: float | None
-    basis: str
 
 
 class OrderView(BaseModel):
@@ -64,11 +41,11 @@ class OrderView(BaseModel):
     runs: list[OrderRun]
     changes: int
     version: int
-    progress: Progress
-    forecast: DeliveryForecast
+    progress: OrderProgress
+    forecast: Forecast
 
     @classmethod
-    def of(cls, order: Order, progress: Progress, forecast: DeliveryForecast) -> OrderView:
+    def of(cls, order: Order, progress: OrderProgress, forecast: Forecast) -> OrderView:
         return cls(
             site=order.site,
             order_id=order.order_id,
@@ -123,13 +100,7 @@ def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
             if order.status not in ("cancelled",)
             else Forecast(None, None, None, "none")
         )
-        views.append(
-            OrderView.of(
-                order,
-                Progress.model_validate(progress, from_attributes=True),
-                DeliveryForecast.model_validate(expected, from_attributes=True),
-            )
-        )
+        views.append(OrderView.of(order, progress, expected))
     return views
 
 
