@@ -161,10 +161,16 @@ def _machine_table(
         f"stored {stats.applied}, duplicates {stats.duplicates}, dead-lettered {stats.rejected}",
         expand=False,
     )
-    for column in ("machine", "avail.", "execution", "order", "parts", "bad", "A", "P", "Q"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("OEE", style="bold", no_wrap=True)
-    table.add_column("alarm", overflow="ellipsis", no_wrap=True)
+    # On a narrow terminal the figures matter more than order ids and alarm texts.
+    wide = console.width >= 110
+    for column, width in (("machine", 7), ("avail.", 6), ("execution", 11)):
+        table.add_column(column, no_wrap=True, min_width=width)
+    if wide:
+        table.add_column("order", no_wrap=True, overflow="ellipsis", max_width=26)
+    for column in ("parts", "bad", "A", "P", "Q", "OEE"):
+        table.add_column(column, no_wrap=True, justify="right", min_width=4)
+    if wide:
+        table.add_column("alarm", overflow="ellipsis", no_wrap=True, max_width=20)
     for machine in hub.store.machines(hub.settings.site):
         colour = {"ACTIVE": "green", "STOPPED": "red", "INTERRUPTED": "yellow"}.get(
             machine.execution or "", "white"
@@ -181,19 +187,20 @@ def _machine_table(
                 until or since,
             )
             figures = bucket.figures
-        table.add_row(
+        row = [
             machine.machine_id,
             (machine.availability or "-")[:5],
             f"[{colour}]{machine.execution or '-'}[/]",
-            machine.order_id or "-",
+            *([machine.order_id or "-"] if wide else []),
             str(machine.parts_produced),
             str(machine.parts_bad),
             _percent(figures.availability if figures else None),
             _percent(figures.performance if figures else None),
             _percent(figures.quality if figures else None),
-            _percent(figures.oee if figures else None),
-            alarm["message"] if alarm else "",
-        )
+            f"[bold]{_percent(figures.oee if figures else None)}[/]",
+            *([alarm["message"] if alarm else ""] if wide else []),
+        ]
+        table.add_row(*row)
     return table
 
 
