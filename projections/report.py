@@ -3,6 +3,7 @@ order."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -101,13 +102,23 @@ def machine_report(
             )
             buckets.append(Bucket(figures, order_id))
         return buckets
-    return [
-        Bucket(
-            compute_oee(bucket, timeline, facts.parts, facts.scrap, ideal_cycle_time_s, now),
-            label,
+    # Each bucket gets only the intervals and counts that can fall in it (the timeline is in
+    # time order; counts are sorted once), instead of every bucket scanning everything.
+    parts = sorted(facts.parts, key=lambda p: p.time)
+    scrap = sorted(facts.scrap, key=lambda s: s.time)
+    part_times, scrap_times = [p.time for p in parts], [s.time for s in scrap]
+    interval_ends = [i.end for i in timeline]
+    buckets = []
+    for bucket, label in bucket_windows(window, group_by, plant):
+        first = bisect.bisect_right(interval_ends, bucket.start)
+        last = bisect.bisect_left(interval_ends, bucket.end) + 1
+        p0, p1 = (bisect.bisect_left(part_times, t) for t in (bucket.start, bucket.end))
+        s0, s1 = (bisect.bisect_left(scrap_times, t) for t in (bucket.start, bucket.end))
+        figures = compute_oee(
+            bucket, timeline[first:last], parts[p0:p1], scrap[s0:s1], ideal_cycle_time_s, now
         )
-        for bucket, label in bucket_windows(window, group_by, plant)
-    ]
+        buckets.append(Bucket(figures, label))
+    return buckets
 
 
 def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -> list[Bucket]:
