@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,11 +23,11 @@ def origin(event_id: str, seconds: float = 0) -> Origin:
     return Origin(event_id, "urn:test", T0 + timedelta(seconds=seconds))
 
 
-class StoreContract:
+class StoreContract(ABC):
     """Subclasses provide ``make_settings``; every test runs on each backend."""
 
-    def make_settings(self, tmp_path: Path) -> Settings:
-        raise NotImplementedError
+    @abstractmethod
+    def make_settings(self, tmp_path: Path) -> Settings: ...
 
     @pytest.fixture
     def store_settings(self, tmp_path: Path) -> Settings:
