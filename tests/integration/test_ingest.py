@@ -131,6 +131,12 @@ BAD_MESSAGES = [
         "data.count",
     ),
     (
+        "site not a token",
+        "mes.pläntA.machine.M1.partcount",
+        encode_event(cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})),
+        "subject mismatch",
+    ),
+    (
         "subject mismatch",
         "mes.default.machine.M2.partcount",
         encode_event(cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})),
