@@ -97,9 +97,16 @@ async def wait_stored(data_dir: Path, seq: int) -> None:
     await eventually(lambda: position() >= seq, timeout=60)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(30)
+async def totals_once_stored(
+    process: subprocess.Popen[bytes], data_dir: Path, nats_url: str
+) -> tuple[dict[str, int], dict[str, int], int]:
+    """Let the hub store everything in the stream, stop it cleanly, then read the totals."""
+    try:
+        await wait_stored(data_dir, await last_stream_seq(nats_url))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    return totals(data_dir)
 
 
 async def test_sigkill_between_commit_and_ack_then_restart_gives_exact_totals(
@@ -112,14 +119,10 @@ async def test_sigkill_between_commit_and_ack_then_restart_gives_exact_totals(
     assert await asyncio.to_thread(crashing.wait, 60) == -signal.SIGKILL
     # Committed but never acked. The restart resumes after the store's position (it recreates
     # the consumer there), so nothing committed is applied again.
-    parts, _, received = totals(data_dir)
+    _, _, received = totals(data_dir)
     assert 0 < received < 500
     restarted = start_hub(data_dir, nats_server.url)
-    try:
-        await wait_stored(data_dir, await last_stream_seq(nats_server.url))
-    finally:
-        stop(restarted)
-    parts, versions, received = totals(data_dir)
+    parts, versions, received = await totals_once_stored(restarted, data_dir, nats_server.url)
     assert parts == {m: 99 for m in MACHINES}
     # Registered + 100 readings each: nothing applied twice.
     assert versions == {m: 101 for m in MACHINES}
@@ -143,11 +146,7 @@ async def test_random_sigkills_under_load_lose_and_duplicate_nothing(
         await publisher
         published += 60
         process = start_hub(data_dir, nats_server.url)
-    try:
-        await wait_stored(data_dir, await last_stream_seq(nats_server.url))
-    finally:
-        stop(process)
-    parts, versions, received = totals(data_dir)
+    parts, versions, received = await totals_once_stored(process, data_dir, nats_server.url)
     assert parts == {m: published - 1 for m in MACHINES}
     assert versions == {m: published + 1 for m in MACHINES}
     assert received == published * len(MACHINES)

@@ -111,35 +111,34 @@ async def test_erp_release_and_operator_start_meet_on_the_order(hub: Hub) -> Non
     assert machine.order_id == "SO-42"
 
 
+# A valid event, to be put on the wrong subject or spoilt on purpose.
+GOOD = encode_event(cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"}))
+
 BAD_MESSAGES = [
     ("not JSON", "mes.default.machine.M1.partcount", b"{not json", "not JSON"),
     ("not a CloudEvent", "mes.default.machine.M1.partcount", b'{"hello": 1}', "not a CloudEvent"),
     (
         "unknown type",
         "mes.default.machine.M1.spindle",
-        encode_event(
-            cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})
-        ).replace(b"mes.machine.partcount.v1", b"mes.machine.spindle.v1"),
+        GOOD.replace(b"mes.machine.partcount.v1", b"mes.machine.spindle.v1"),
         "unknown event type",
     ),
     (
         "bad data",
         "mes.default.machine.M1.partcount",
-        encode_event(
-            cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})
-        ).replace(b'"count":1', b'"count":-4'),
+        GOOD.replace(b'"count":1', b'"count":-4'),
         "data.count",
     ),
     (
         "site not a token",
         "mes.pläntA.machine.M1.partcount",
-        encode_event(cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})),
+        GOOD,
         "subject mismatch",
     ),
     (
         "subject mismatch",
         "mes.default.machine.M2.partcount",
-        encode_event(cloud_event("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"})),
+        GOOD,
         "subject mismatch",
     ),
 ]
