@@ -14,6 +14,9 @@ from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.settings import Settings
 from hub.store import EventStore
+from projections.database import PostgresViews, SQLiteViews, ViewDatabase
+from projections.facts_view import MachineFactsView
+from projections.runner import ProjectionWorker, View
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +32,30 @@ class Hub:
     store: EventStore
     publisher: NatsPublisher
     partitions: list[IngestPartition]
+    views: ViewDatabase
+    projections: list[ProjectionWorker]
     embedded_nats: EmbeddedNatsServer | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _projecting: bool = False
 
     def start_ingest(self) -> None:
         for partition in self.partitions:
             self._tasks.append(asyncio.create_task(partition.run(self._stop)))
+
+    def start_projections(self) -> None:
+        poll = self.settings.projection_poll_s
+        self._projecting = True
+        for worker in self.projections:
+            self._tasks.append(asyncio.create_task(worker.run(self._stop, poll)))
+
+    async def wait_projected(self, timeout: float = 30.0) -> None:
+        """Wait until every view has read everything stored so far (for tests, demo)."""
+        end = await asyncio.to_thread(self.store.last_position)
+        async with asyncio.timeout(timeout):
+            # Positions move in the workers' threads; a short poll is simpler than signalling.
+            while any(worker.position < end for worker in self.projections):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
 
     def ingest_stats(self) -> IngestStats:
         total = IngestStats()
@@ -55,6 +75,8 @@ class Hub:
         await asyncio.wait_for(
             asyncio.gather(*(p.caught_up.wait() for p in self.partitions)), timeout
         )
+        if self._projecting:
+            await self.wait_projected(timeout)
 
     async def close(self) -> None:
         self._stop.set()
@@ -64,12 +86,31 @@ class Hub:
         # would wait out its timeout on the pull subscriptions.)
         with contextlib.suppress(Exception):
             await self.nats.close()
+        await asyncio.to_thread(self.views.close)
         await asyncio.to_thread(self.store.close)
         if self.embedded_nats is not None:
             await asyncio.to_thread(self.embedded_nats.stop)
 
 
-async def build_hub(settings: Settings, *, ingest: bool = True) -> Hub:
+def all_views() -> list[View]:
+    return [MachineFactsView()]
+
+
+def open_views(settings: Settings) -> ViewDatabase:
+    if settings.store == "sqlite":
+        return SQLiteViews(settings.views_sqlite_path)
+    assert settings.postgres_dsn is not None  # checked by the store before this
+    return PostgresViews(settings.postgres_dsn.get_secret_value(), settings.postgres_schema)
+
+
+def projection_workers(
+    settings: Settings, store: EventStore, views: ViewDatabase, names: list[str] | None = None
+) -> list[ProjectionWorker]:
+    chosen = [v for v in all_views() if names is None or v.name in names]
+    return [ProjectionWorker(v, store, views, settings.projection_batch) for v in chosen]
+
+
+async def build_hub(settings: Settings, *, ingest: bool = True, projections: bool = True) -> Hub:
     embedded: EmbeddedNatsServer | None = None
     url = settings.nats_url
     if url is None:
@@ -80,6 +121,7 @@ async def build_hub(settings: Settings, *, ingest: bool = True) -> Hub:
         jetstream = client.jetstream()
         await ensure_streams(jetstream, settings)
         store = await asyncio.to_thread(EventStore, settings)
+        views = await asyncio.to_thread(open_views, settings)
     except BaseException:
         if embedded is not None:
             embedded.stop()
@@ -107,8 +149,12 @@ async def build_hub(settings: Settings, *, ingest: bool = True) -> Hub:
         store=store,
         publisher=NatsPublisher(jetstream, settings.site),
         partitions=partitions,
+        views=views,
+        projections=projection_workers(settings, store, views),
         embedded_nats=embedded,
     )
     if ingest:
         hub.start_ingest()
+    if projections:
+        hub.start_projections()
     return hub

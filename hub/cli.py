@@ -28,6 +28,7 @@ from hub.bootstrap import Hub, build_hub
 from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings, redacted_url
 from projections.calendar import Interval
+from projections.facts_view import FactsReader
 from projections.plant import PlantConfig, PlantConfigError, load_plant
 from projections.report import report_from_history
 
@@ -135,6 +136,7 @@ def _plant(config: Path | None) -> PlantConfig:
 def _api(hub: Hub, settings: Settings, plant: PlantConfig | None = None) -> ApiServer:
     context = ApiContext(
         store=hub.store,
+        facts=FactsReader(hub.views),
         publisher=hub.publisher,
         api_keys=settings.parsed_api_keys(),
         site=settings.site,

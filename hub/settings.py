@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     stream_max_age_days: float = Field(default=7.0, gt=0)
     ingest_batch: int = Field(default=1000, ge=1, le=10_000)
     snapshot_interval: int = Field(default=200, ge=10)
+    projection_batch: int = Field(default=5000, ge=1, le=100_000)
+    projection_poll_s: float = Field(default=0.1, gt=0, le=60)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")
@@ -118,6 +120,10 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "events.sqlite"
+
+    @property
+    def views_sqlite_path(self) -> Path:
+        return self.data_dir / "views.sqlite"
 
     @property
     def nats_data_dir(self) -> Path:

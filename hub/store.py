@@ -14,7 +14,7 @@ tables that are written in the same transaction as the events:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from uuid import UUID
@@ -429,6 +429,12 @@ class EventStore:
         order = self.order(site, order_id)
         return order.ideal_cycle_time_s if order is not None else None
 
+    def has_machine(self, site: str, machine_id: str) -> bool:
+        return bool(self.existing([machine_aggregate_id(site, machine_id)]))
+
+    def machine_ids(self, site: str) -> list[str]:
+        return [e.entity_id for e in self._recorder.entities("machine", site)]
+
     def machines(self, site: str | None = None) -> list[Machine]:
         found = (self.load(e.aggregate_id) for e in self._recorder.entities("machine", site))
         return [m for m in found if isinstance(m, Machine)]
@@ -439,3 +445,19 @@ class EventStore:
 
     def event_count(self) -> int:
         return self._recorder.max_notification_id() or 0
+
+    # --- the notification log, as projections read it ---------------------------------------
+
+    def read(
+        self, after: int, limit: int, topics: Collection[str]
+    ) -> tuple[int, list[tuple[int, Any]]]:
+        """Up to ``limit`` stored events after position ``after``: the last position read, and
+        those whose topic is in ``topics``, decoded (the others are skipped undecoded)."""
+        notifications = self._recorder.select_notifications(after, limit, inclusive_of_start=False)
+        if not notifications:
+            return after, []
+        decode = self._app.mapper.to_domain_event
+        return notifications[-1].id, [(n.id, decode(n)) for n in notifications if n.topic in topics]
+
+    def last_position(self) -> int:
+        return self.event_count()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from hub.domain import Machine
@@ -27,7 +28,7 @@ class MachineFacts:
 
 def machine_facts(events: Iterable[Any]) -> MachineFacts:
     facts = MachineFacts()
-    order_events: list[tuple[Any, bool]] = []
+    order_events: list[tuple[datetime, str, bool]] = []
     for event in events:
         match event:
             case Machine.AvailabilityReported():
@@ -47,15 +48,22 @@ def machine_facts(events: Iterable[Any]) -> MachineFacts:
                     ReasonReport(event.start, event.end, event.reason, event.event_time)
                 )
             case Machine.OrderStarted():
-                order_events.append((event, True))
+                order_events.append((event.event_time, event.order_id, True))
             case Machine.OrderEnded():
-                order_events.append((event, False))
-    # Which order runs when, in event-time order: an end only ends the order it names.
-    running: str | None = None
-    for event, started in sorted(order_events, key=lambda pair: pair[0].event_time):
-        if started:
-            running = event.order_id
-        elif running == event.order_id:
-            running = None
-        facts.orders.append(OrderReport(event.event_time, running))
+                order_events.append((event.event_time, event.order_id, False))
+    facts.orders = order_reports(order_events)
     return facts
+
+
+def order_reports(order_events: Iterable[tuple[datetime, str, bool]]) -> list[OrderReport]:
+    """Which order runs when, from (time, order id, started) in the order they were stored:
+    folded in event-time order, and an end only ends the order it names."""
+    reports = []
+    running: str | None = None
+    for time, order_id, started in sorted(order_events, key=lambda e: e[0]):
+        if started:
+            running = order_id
+        elif running == order_id:
+            running = None
+        reports.append(OrderReport(time, running))
+    return reports

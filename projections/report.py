@@ -24,13 +24,19 @@ class Bucket:
     label: str | None = None  # the shift name or order id
 
 
+def facts_window(window: Interval, plant: PlantConfig) -> Interval:
+    """The stretch of facts a report on ``window`` needs: a little wider than asked, so a stop
+    cut by the window edge is judged by its whole length against the micro-stop threshold."""
+    margin = timedelta(seconds=plant.micro_stop_threshold_s)
+    return Interval(window.start - margin, window.end + margin)
+
+
 def machine_timeline(
     facts: MachineFacts, window: Interval, plant: PlantConfig
 ) -> list[TimelineInterval]:
-    # Built a little wider than asked, so a stop cut by the window edge is judged by its whole
-    # length against the micro-stop threshold; then clipped back.
+    # Built on the wider window, then clipped back.
     margin = timedelta(seconds=plant.micro_stop_threshold_s)
-    wide = Interval(window.start - margin, window.end + margin)
+    wide = facts_window(window, plant)
     timeline = build_timeline(
         wide,
         plant.calendar(),
@@ -137,6 +143,24 @@ def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -
     return sorted(totals.values(), key=lambda b: (b.figures.start, b.label or ""))
 
 
+def report_from_facts(
+    facts: MachineFacts,
+    ideal_cycle_time_of: Callable[[str], float | None],
+    window: Interval,
+    group_by: GroupBy | None,
+    plant: PlantConfig,
+    now: datetime,
+) -> list[Bucket]:
+    """A machine's report; ``ideal_cycle_time_of`` looks up an order's PRI (None when the order
+    or its PRI is unknown)."""
+    ideal = {}
+    for order_id in facts.order_ids():
+        pri = ideal_cycle_time_of(order_id)
+        if pri:
+            ideal[order_id] = pri
+    return machine_report(facts, window, group_by, plant, ideal, now)
+
+
 def report_from_history(
     history: Iterable[Any],
     ideal_cycle_time_of: Callable[[str], float | None],
@@ -145,12 +169,7 @@ def report_from_history(
     plant: PlantConfig,
     now: datetime,
 ) -> list[Bucket]:
-    """A machine's report from its stored events; ``ideal_cycle_time_of`` looks up an order's
-    PRI (None when the order or its PRI is unknown)."""
-    facts = machine_facts(history)
-    ideal = {}
-    for order_id in facts.order_ids():
-        pri = ideal_cycle_time_of(order_id)
-        if pri:
-            ideal[order_id] = pri
-    return machine_report(facts, window, group_by, plant, ideal, now)
+    """A machine's report from all its stored events (what the view must agree with)."""
+    return report_from_facts(
+        machine_facts(history), ideal_cycle_time_of, window, group_by, plant, now
+    )

@@ -14,6 +14,7 @@ from hub.api.problems import Problem
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
+from projections.facts_view import FactsReader
 from projections.plant import PlantConfig
 
 
@@ -22,6 +23,7 @@ class ApiContext:
     """What the API needs, handed over by the composition root."""
 
     store: EventStore
+    facts: FactsReader
     publisher: EventPublisher
     api_keys: list[ApiKey]
     site: str

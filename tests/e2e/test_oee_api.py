@@ -59,6 +59,7 @@ async def shift_with_a_ten_minute_stop(hub: Hub) -> None:
     ]
     await hub.publisher.publish_many(events)
     await eventually(lambda: hub.ingest_stats().applied == len(events))
+    await hub.wait_projected()
 
 
 async def test_shift_oee_through_the_api_with_the_raw_figures(
@@ -117,6 +118,7 @@ async def test_a_late_reason_relabels_the_stop_in_the_timeline(
         )
     )
     await eventually(lambda: hub.ingest_stats().applied == 11)
+    await hub.wait_projected()
     oee = (await client.get("/api/v1/oee", params={**SHIFT, "machine": "M1"}, headers=AUTH)).json()
     assert oee["buckets"][0]["availability"] == 1.0  # a planned stop leaves PBT
     assert oee["buckets"][0]["planned_stop_s_by_reason"]["planned/changeover"] == 600
@@ -133,6 +135,7 @@ async def test_site_figure_without_machine(client: httpx.AsyncClient, hub: Hub) 
         ]
     )
     await eventually(lambda: hub.ingest_stats().applied == 12)
+    await hub.wait_projected()
     site = (await client.get("/api/v1/oee", params=SHIFT, headers=AUTH)).json()
     assert site["machine"] is None
     assert site["buckets"][0]["planned_busy_time_s"] == 2 * 450 * 60
@@ -169,6 +172,7 @@ async def test_order_progress_counts_what_the_floor_made(
         cloud_event("mes.operator.order_ended.v1", "M1", {"order_id": "SO-1"}, at=at(13))
     )
     await eventually(lambda: hub.ingest_stats().applied == 11)
+    await hub.wait_projected()
     order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
     progress = order["progress"]
     # 400 made, 8 bad: 392 good of 500

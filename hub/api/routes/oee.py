@@ -1,4 +1,5 @@
-"""Machine timelines and ISO 22400 OEE, computed from the stored history of each machine."""
+"""Machine timelines and ISO 22400 OEE, computed from the machine facts view for the window
+asked."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pydantic import AwareDatetime, BaseModel
 
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
+from hub.domain import machine_aggregate_id
 from projections.calendar import Interval
-from projections.history import machine_facts
+from projections.history import MachineFacts
 from projections.report import (
     Bucket,
     GroupBy,
+    facts_window,
     machine_timeline,
-    report_from_history,
+    report_from_facts,
     site_report,
 )
 from projections.timeline import TimelineInterval
@@ -103,14 +106,18 @@ def _window(start: datetime, end: datetime) -> Interval:
     return Interval(start.astimezone(UTC), end.astimezone(UTC))
 
 
+def _facts(context: ApiContext, machine_id: str, window: Interval) -> MachineFacts:
+    if not context.store.has_machine(context.site, machine_id):
+        raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
+    machine = machine_aggregate_id(context.site, machine_id)
+    return context.facts.window(machine, facts_window(window, context.plant))
+
+
 def _machine_report(
     context: ApiContext, machine_id: str, window: Interval, group_by: GroupBy | None
 ) -> list[Bucket]:
-    history = context.store.machine_history(context.site, machine_id)
-    if not history:
-        raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
-    return report_from_history(
-        history,
+    return report_from_facts(
+        _facts(context, machine_id, window),
         lambda order_id: context.store.ideal_cycle_time(context.site, order_id),
         window,
         group_by,
@@ -126,10 +133,7 @@ async def timeline(
     window = _window(start, end)
 
     def build() -> list[TimelineInterval]:
-        history = context.store.machine_history(context.site, machine_id)
-        if not history:
-            raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
-        return machine_timeline(machine_facts(history), window, context.plant)
+        return machine_timeline(_facts(context, machine_id, window), window, context.plant)
 
     view = TimelineView(
         machine=machine_id,
@@ -156,8 +160,8 @@ async def oee(
     def build() -> list[Bucket]:
         if machine is not None:
             return _machine_report(context, machine, window, group_by)
-        machines = context.store.machines(context.site)
-        reports = [_machine_report(context, m.machine_id, window, group_by) for m in machines]
+        machines = context.store.machine_ids(context.site)
+        reports = [_machine_report(context, m, window, group_by) for m in machines]
         return site_report(reports, group_by)
 
     buckets = await asyncio.to_thread(build)

@@ -9,10 +9,12 @@ from pydantic import BaseModel
 
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
-from hub.domain import Order
+from hub.domain import Order, machine_aggregate_id
+from projections.calendar import Interval
 from projections.forecast import Forecast, forecast
-from projections.history import MachineFacts, machine_facts
+from projections.history import MachineFacts
 from projections.progress import OrderProgress, Run, order_progress
+from projections.report import facts_window
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
@@ -67,23 +69,39 @@ class OrderView(BaseModel):
         )
 
 
-def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
-    """Each order with its progress; each machine's history is read once for all orders."""
+def _facts_of_runs(
+    context: ApiContext, order_id: str, runs: list[Run], now: datetime
+) -> dict[str, MachineFacts]:
+    """What each machine the order ran on did during its runs, with the parts and scrap it
+    counted for the order (whenever they were reported)."""
+    counted = context.facts.order_counts(order_id)
     facts: dict[str, MachineFacts] = {}
+    for machine_id in sorted({run.machine_id for run in runs}):
+        spans = [run for run in runs if run.machine_id == machine_id]
+        start = min(run.start for run in spans)
+        end = max(now if run.end is None else run.end for run in spans)
+        if end <= start:
+            continue
+        machine = machine_aggregate_id(context.site, machine_id)
+        window = context.facts.window(machine, facts_window(Interval(start, end), context.plant))
+        counts = counted.get(machine.hex, MachineFacts())
+        window.parts, window.scrap = counts.parts, counts.scrap
+        facts[machine_id] = window
+    return facts
+
+
+def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
+    """Each order with its progress and delivery forecast."""
     views = []
     now = datetime.now(UTC)
     for order in orders:
-        runs = [OrderRun.model_validate(r) for r in order.runs]
-        for run in runs:
-            if run.machine_id not in facts:
-                history = context.store.machine_history(context.site, run.machine_id)
-                facts[run.machine_id] = machine_facts(history)
+        runs = [Run(r.machine_id, r.start, r.end) for r in map(OrderRun.model_validate, order.runs)]
         progress = order_progress(
             order.order_id,
             order.quantity,
             order.ideal_cycle_time_s,
-            [Run(r.machine_id, r.start, r.end) for r in runs],
-            facts,
+            runs,
+            _facts_of_runs(context, order.order_id, runs, now),
             context.plant,
             now,
         )

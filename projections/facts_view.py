@@ -1,0 +1,202 @@
+"""The machine facts view: every machine fact the timeline, OEE and order progress need, one row
+per stored event, indexed by machine and event time (and by order for parts and scrap).
+
+A query for a window reads only that window's facts plus the few that set the scene (the last
+availability and execution before it, the machine's order starts and ends, the reasons that
+overlap it), instead of the machine's whole history. What it returns is what
+``projections.history.machine_facts`` makes of the whole history, for that window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from hub.domain import Machine
+from projections.calendar import Interval
+from projections.database import Cursor, ViewDatabase
+from projections.history import MachineFacts, order_reports
+from projections.oee import PartsReport, ScrapReport
+from projections.timeline import ReasonReport, StateReport
+
+TABLE = "mes_view_machine_facts"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def to_micros(time: datetime) -> int:
+    """Event time as integer microseconds since the epoch: exact, and ordered by the index."""
+    return (time - _EPOCH) // _MICROSECOND
+
+
+def from_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+# kinds of fact
+AVAILABILITY, EXECUTION, PART, SCRAP, ORDER_START, ORDER_END, REASON = (
+    "availability",
+    "execution",
+    "part",
+    "scrap",
+    "order_start",
+    "order_end",
+    "reason",
+)
+_COLUMNS = "position, machine, kind, time, value, program, quantity, order_id, end_time, given_at"
+
+
+def _row(position: int, event: Any) -> tuple[Any, ...] | None:
+    """The fact row of one stored machine event (None: nothing the views need)."""
+    machine = event.originator_id.hex
+    time = to_micros(event.event_time)
+    match event:
+        case Machine.AvailabilityReported():
+            return (position, machine, AVAILABILITY, time, event.availability, *[None] * 5)
+        case Machine.ExecutionReported():
+            return (position, machine, EXECUTION, time, event.execution, event.program, *[None] * 4)
+        case Machine.PartCountReported() if event.increment:
+            return (position, machine, PART, time, event.kind, None, event.increment,
+                    event.order_id, None, None)  # fmt: skip
+        case Machine.ScrapReported():
+            return (position, machine, SCRAP, time, None, None, event.quantity, event.order_id,
+                    None, None)  # fmt: skip
+        case Machine.OrderStarted():
+            return (position, machine, ORDER_START, time, event.order_id, *[None] * 5)
+        case Machine.OrderEnded():
+            return (position, machine, ORDER_END, time, event.order_id, *[None] * 5)
+        case Machine.DowntimeReasonGiven():
+            end = to_micros(event.end) if event.end is not None else None
+            return (position, machine, REASON, to_micros(event.start), event.reason, None, None,
+                    None, end, time)  # fmt: skip
+    return None
+
+
+class MachineFactsView:
+    """The projection: how the table is made, and what each event adds to it."""
+
+    name = "machine_facts"
+    event_classes: tuple[type, ...] = (
+        Machine.AvailabilityReported,
+        Machine.ExecutionReported,
+        Machine.PartCountReported,
+        Machine.ScrapReported,
+        Machine.OrderStarted,
+        Machine.OrderEnded,
+        Machine.DowntimeReasonGiven,
+    )
+
+    def create(self, cursor: Cursor, dialect: str) -> None:
+        # SQLite: INTEGER PRIMARY KEY is the rowid itself (no second index); PostgreSQL: 64 bits.
+        key = "INTEGER" if dialect == "sqlite" else "BIGINT"
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (position {key} PRIMARY KEY, "
+            "machine TEXT NOT NULL, kind TEXT NOT NULL, time BIGINT NOT NULL, value TEXT, "
+            "program TEXT, quantity BIGINT, order_id TEXT, end_time BIGINT, given_at BIGINT)"
+        )
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {TABLE}_by_time ON {TABLE} (machine, kind, time)"
+        )
+        cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_by_order ON {TABLE} (order_id)")
+
+    def drop(self, cursor: Cursor) -> None:
+        cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
+
+    def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
+        rows = [row for position, event in events if (row := _row(position, event)) is not None]
+        if rows:
+            # A row per stored event, keyed by its position: applying a batch twice (a rebuild
+            # racing the live worker) changes nothing.
+            cursor.executemany(
+                f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({', '.join('?' * 10)}) "
+                "ON CONFLICT (position) DO NOTHING",
+                rows,
+            )
+
+
+class FactsReader:
+    """Queries on the view, answered as ``MachineFacts``."""
+
+    def __init__(self, db: ViewDatabase) -> None:
+        self._db = db
+
+    def window(self, machine: UUID, window: Interval) -> MachineFacts:
+        """The facts that decide the machine's timeline, parts and scrap within ``window``."""
+        key, start, end = machine.hex, to_micros(window.start), to_micros(window.end)
+        select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = ?"
+        latest = " AND time < ? ORDER BY time DESC, position DESC LIMIT 1"
+        with self._db.transaction(write=False) as cursor:
+            rows: list[tuple[Any, ...]] = []
+
+            def fetch(sql: str, *params: Any) -> None:
+                cursor.execute(sql, params)
+                rows.extend(cursor.fetchall())
+
+            # What the machine was doing when the window opened, then what happened in it.
+            fetch(select + latest, key, AVAILABILITY, start)
+            fetch(select + latest, key, EXECUTION, start)
+            fetch(select + " AND program IS NOT NULL" + latest, key, EXECUTION, start)
+            for kind in (AVAILABILITY, EXECUTION, PART, SCRAP):
+                fetch(select + " AND time >= ? AND time <= ?", key, kind, start, end)
+            # Which order runs is a fold over all the machine's order starts and ends.
+            for kind in (ORDER_START, ORDER_END):
+                fetch(select + " AND time <= ?", key, kind, end)
+            fetch(
+                select + " AND time <= ? AND (end_time IS NULL OR end_time > ?)",
+                key,
+                REASON,
+                end,
+                start,
+            )
+        facts = _facts(rows)
+        facts.parts = [p for p in facts.parts if p.time < window.end]
+        facts.scrap = [s for s in facts.scrap if s.time < window.end]
+        return facts
+
+    def order_counts(self, order_id: str) -> dict[str, MachineFacts]:
+        """Parts and scrap counted for an order, by machine (aggregate id hex)."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE order_id = ?", (order_id,))
+            rows = cursor.fetchall()
+        by_machine: dict[str, list[tuple[Any, ...]]] = {}
+        for row in rows:
+            by_machine.setdefault(row[1], []).append(row)
+        return {machine: _facts(machine_rows) for machine, machine_rows in by_machine.items()}
+
+    def has_machine(self, machine: UUID) -> bool:
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(f"SELECT 1 FROM {TABLE} WHERE machine = ? LIMIT 1", (machine.hex,))
+            return bool(cursor.fetchall())
+
+
+def _facts(rows: list[tuple[Any, ...]]) -> MachineFacts:
+    """Rows into facts, in the order the whole history would give them: by event time, then by
+    position (the order they were stored)."""
+    facts = MachineFacts()
+    order_events: list[tuple[datetime, str, bool]] = []
+    seen: set[int] = set()
+    for position, _, kind, time, value, program, quantity, order_id, end_time, given_at in sorted(
+        rows, key=lambda r: (r[3] if r[2] != REASON else r[9], r[0])
+    ):
+        if position in seen:  # the "latest before" queries may return the same row twice
+            continue
+        seen.add(position)
+        at = from_micros(time)
+        match kind:
+            case "availability":
+                facts.states.append(StateReport(at, availability=value))
+            case "execution":
+                facts.states.append(StateReport(at, execution=value, program=program))
+            case "part":
+                facts.parts.append(PartsReport(at, value, quantity, order_id))
+            case "scrap":
+                facts.scrap.append(ScrapReport(at, quantity, order_id))
+            case "order_start" | "order_end":
+                order_events.append((at, value, kind == ORDER_START))
+            case "reason":
+                end = from_micros(end_time) if end_time is not None else None
+                facts.reasons.append(ReasonReport(at, end, value, from_micros(given_at)))
+    facts.orders = order_reports(order_events)
+    return facts

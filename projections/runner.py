@@ -1,0 +1,145 @@
+"""The projection machinery: follow the store's notification log, many events per transaction,
+each view's rows and its tracking position committed together.
+
+The store is polled (the SQLite recorder has no subscribe; polling every ``poll_interval`` is
+also what runs on PostgreSQL, so both behave alike). A restart resumes from the recorded
+position; a rebuild drops a view and reads the log again from the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from eventsourcing.utils import get_topic
+
+from projections.database import (
+    TRACKING_TABLE,
+    Cursor,
+    ViewDatabase,
+    ensure_tracking,
+    position_of,
+    record_position,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EventLog(Protocol):
+    """The store's notification log, as the projections read it."""
+
+    def read(
+        self, after: int, limit: int, topics: Collection[str]
+    ) -> tuple[int, list[tuple[int, Any]]]:
+        """Up to ``limit`` notifications after position ``after``: the last position read (or
+        ``after`` when there is nothing new), and the events whose topic is in ``topics``,
+        decoded, with their positions."""
+        ...
+
+    def last_position(self) -> int: ...
+
+
+class View(Protocol):
+    name: str
+    event_classes: tuple[type, ...]
+
+    def create(self, cursor: Cursor, dialect: str) -> None: ...
+    def drop(self, cursor: Cursor) -> None: ...
+    def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None: ...
+
+
+@dataclass
+class Progress:
+    view: str
+    position: int
+    last: int  # the end of the log when the run began
+
+
+class ProjectionWorker:
+    """Keeps one view up to date with the log."""
+
+    def __init__(
+        self, view: View, log: EventLog, db: ViewDatabase, batch_size: int = 5_000
+    ) -> None:
+        self.view = view
+        self._log = log
+        self._db = db
+        self._batch_size = batch_size
+        self._topics = frozenset(get_topic(cls) for cls in view.event_classes)
+        self.position = 0
+
+    def prepare(self) -> None:
+        ensure_tracking(self._db)
+        with self._db.transaction() as cursor:
+            self.view.create(cursor, self._db.dialect)
+            self.position = position_of(cursor, self.view.name)
+
+    def step(self) -> int:
+        """Apply the next batch; returns how many notifications were read."""
+        last, events = self._log.read(self.position, self._batch_size, self._topics)
+        if last == self.position:
+            return 0
+        with self._db.transaction() as cursor:
+            if position_of(cursor, self.view.name) != self.position:
+                # Someone else (a rebuild) moved this view: start again from where it is.
+                self.position = position_of(cursor, self.view.name)
+                return 0
+            self.view.apply(cursor, events)
+            record_position(cursor, self.view.name, last)
+        read = last - self.position
+        self.position = last
+        return read
+
+    def catch_up(self, on_progress: Callable[[Progress], None] | None = None) -> int:
+        """Apply everything stored so far; returns the number of notifications read."""
+        end = self._log.last_position()
+        total = 0
+        while self.position < end:
+            read = self.step()
+            if read == 0:
+                break
+            total += read
+            if on_progress is not None:
+                on_progress(Progress(self.view.name, self.position, end))
+        return total
+
+    def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
+        """Drop the view and build it again from the first stored event."""
+        ensure_tracking(self._db)
+        with self._db.transaction() as cursor:
+            self.view.drop(cursor)
+            cursor.execute(f"DELETE FROM {TRACKING_TABLE} WHERE view = ?", (self.view.name,))
+            self.view.create(cursor, self._db.dialect)
+        self.position = 0
+        return self.catch_up(on_progress)
+
+    async def run(self, stop: asyncio.Event, poll_interval: float = 0.1) -> None:
+        """Follow the log until ``stop`` is set; a failing batch is logged and retried."""
+        await asyncio.to_thread(self.prepare)
+        while not stop.is_set():
+            try:
+                read = await asyncio.to_thread(self.step)
+            except Exception:
+                log.exception("view %s: batch after position %d failed", self.view.name,
+                              self.position)  # fmt: skip
+                read = 0
+                await _wait(stop, 1.0)
+            if read == 0:
+                await _wait(stop, poll_interval)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def positions(db: ViewDatabase) -> dict[str, int]:
+    """How far each view has read."""
+    ensure_tracking(db)
+    with db.transaction(write=False) as cursor:
+        cursor.execute(f"SELECT view, position FROM {TRACKING_TABLE}")
+        return {str(view): int(position) for view, position in cursor.fetchall()}
