@@ -30,7 +30,7 @@ from hub.settings import ConfigError, Settings, load_settings, redacted_url
 from projections.calendar import Interval
 from projections.facts_view import FactsReader
 from projections.plant import PlantConfig, PlantConfigError, load_plant
-from projections.report import report_from_history
+from projections.report import facts_window, report_from_facts
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -39,6 +39,8 @@ contracts_app = typer.Typer(help="Wire contracts for integrators.", no_args_is_h
 adapter_app = typer.Typer(help="Machine and ERP adapters.", no_args_is_help=True)
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(adapter_app, name="adapter")
+projections_app = typer.Typer(help="Views derived from the event store.", no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -180,8 +182,9 @@ def _machine_table(
         alarm = next(iter(machine.conditions.values()), None)
         figures = None
         if window is not None:
-            (bucket,) = report_from_history(
-                hub.store.machine_history(machine.site, machine.machine_id),
+            facts = FactsReader(hub.views).window(machine.id, facts_window(window, plant))
+            (bucket,) = report_from_facts(
+                facts,
                 partial(hub.store.ideal_cycle_time, machine.site),
                 window,
                 None,
@@ -348,6 +351,75 @@ def adapter_run(
         await client.drain()
 
     _run(main)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str | None, typer.Argument(help="One view; none: every view")] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Drop views and build them again from the first stored event."""
+    from rich.progress import MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
+
+    from hub.bootstrap import all_views, open_views, projection_workers
+    from hub.store import EventStore
+    from projections.runner import Progress as RebuildProgress
+
+    known = [view.name for view in all_views()]
+    if name is not None and name not in known:
+        err_console.print(f"[red]unknown view {name!r}; views: {', '.join(known)}[/]")
+        raise typer.Exit(2)
+    settings = _settings(config, data_dir=data_dir)
+    store = EventStore(settings)
+    views = open_views(settings)
+    try:
+        columns = (
+            *Progress.get_default_columns()[:-1],
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as bar:
+            for worker in projection_workers(settings, store, views, [name] if name else None):
+                task = bar.add_task(worker.view.name, total=store.last_position())
+                started = time.perf_counter()
+
+                def advance(progress: RebuildProgress, task: TaskID = task) -> None:
+                    bar.update(task, completed=progress.position, total=progress.last)
+
+                read = worker.rebuild(advance)
+                seconds = time.perf_counter() - started
+                rate = read / seconds if seconds else 0.0
+                bar.console.print(
+                    f"{worker.view.name}: {read:,} events in {seconds:.1f} s "
+                    f"({rate:,.0f} events/s), position {worker.position}"
+                )
+    finally:
+        views.close()
+        store.close()
+
+
+@projections_app.command("status")
+def projections_status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """How far each view has read the event store."""
+    from hub.bootstrap import all_views, open_views
+    from hub.store import EventStore
+    from projections.runner import positions
+
+    settings = _settings(config, data_dir=data_dir)
+    store = EventStore(settings)
+    views = open_views(settings)
+    try:
+        stored, read = store.last_position(), positions(views)
+        table = Table("view", "position", "behind")
+        for view in all_views():
+            position = read.get(view.name, 0)
+            table.add_row(view.name, str(position), str(stored - position))
+        console.print(f"event store: {stored} events")
+        console.print(table)
+    finally:
+        views.close()
+        store.close()
 
 
 def main() -> None:
