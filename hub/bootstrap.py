@@ -107,7 +107,16 @@ def projection_workers(
     settings: Settings, store: EventStore, views: ViewDatabase, names: list[str] | None = None
 ) -> list[ProjectionWorker]:
     chosen = [v for v in all_views() if names is None or v.name in names]
-    return [ProjectionWorker(v, store, views, settings.projection_batch) for v in chosen]
+    return [
+        ProjectionWorker(
+            view,
+            store,
+            views,
+            settings.projection_batch,
+            kill_after_batches=settings.fault_kill_after_view_batch,
+        )
+        for view in chosen
+    ]
 
 
 async def build_hub(settings: Settings, *, ingest: bool = True, projections: bool = True) -> Hub:

@@ -399,6 +399,26 @@ def projections_rebuild(
         store.close()
 
 
+@projections_app.command("catch-up")
+def projections_catch_up(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Bring every view up to the end of the event store, from where each stopped."""
+    from hub.bootstrap import open_views, projection_workers
+    from hub.store import EventStore
+
+    settings = _settings(config, data_dir=data_dir)
+    store = EventStore(settings)
+    views = open_views(settings)
+    try:
+        for worker in projection_workers(settings, store, views):
+            worker.prepare()
+            before = worker.position
+            read = worker.catch_up()
+            console.print(f"{worker.view.name}: {before} -> {worker.position} ({read:,} events)")
+    finally:
+        views.close()
+        store.close()
+
+
 @projections_app.command("status")
 def projections_status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """How far each view has read the event store."""

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")
     # Failpoint for crash tests: SIGKILL this process right after the Nth commit, before its ack.
     fault_kill_after_commit: int | None = Field(default=None, ge=1)
+    # The same for a view: SIGKILL right after its Nth batch is committed.
+    fault_kill_after_view_batch: int | None = Field(default=None, ge=1)
 
     @field_validator("api_keys")
     @classmethod

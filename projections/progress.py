@@ -11,10 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from hub.domain import machine_aggregate_id
 from projections.calendar import Interval
+from projections.facts_view import FactsReader
 from projections.history import MachineFacts
 from projections.plant import PlantConfig
-from projections.report import machine_timeline
+from projections.report import facts_window, machine_timeline
 from projections.timeline import OFFLINE, RUNNING, STOPPED
 
 BUSY = (RUNNING, STOPPED, OFFLINE)  # the states inside planned busy time
@@ -98,3 +100,29 @@ def order_progress(
         actual_cycle_time_s=running_s / produced if produced else None,
         ideal_cycle_time_s=ideal_cycle_time_s,
     )
+
+
+def facts_of_runs(
+    reader: FactsReader,
+    site: str,
+    order_id: str,
+    runs: Sequence[Run],
+    plant: PlantConfig,
+    now: datetime,
+) -> dict[str, MachineFacts]:
+    """From the facts view: what each machine the order ran on did during its runs, with the
+    parts and scrap it counted for the order (whenever they were reported)."""
+    counted = reader.order_counts(order_id)
+    facts: dict[str, MachineFacts] = {}
+    for machine_id in sorted({run.machine_id for run in runs}):
+        spans = [run for run in runs if run.machine_id == machine_id]
+        start = min(run.start for run in spans)
+        end = max(now if run.end is None else run.end for run in spans)
+        if end <= start:
+            continue
+        machine = machine_aggregate_id(site, machine_id)
+        window = reader.window(machine, facts_window(Interval(start, end), plant))
+        counts = counted.get(machine.hex, MachineFacts())
+        window.parts, window.scrap = counts.parts, counts.scrap
+        facts[machine_id] = window
+    return facts

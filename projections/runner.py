@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -63,9 +65,16 @@ class ProjectionWorker:
     """Keeps one view up to date with the log."""
 
     def __init__(
-        self, view: View, log: EventLog, db: ViewDatabase, batch_size: int = 5_000
+        self,
+        view: View,
+        log: EventLog,
+        db: ViewDatabase,
+        batch_size: int = 5_000,
+        kill_after_batches: int | None = None,
     ) -> None:
         self.view = view
+        self._kill_after_batches = kill_after_batches  # failpoint for crash tests
+        self._batches = 0
         self._log = log
         self._db = db
         self._batch_size = batch_size
@@ -90,6 +99,10 @@ class ProjectionWorker:
                 return 0
             self.view.apply(cursor, events)
             record_position(cursor, self.view.name, last)
+        self._batches += 1
+        if self._kill_after_batches is not None and self._batches >= self._kill_after_batches:
+            log.warning("failpoint: killing the process after batch %d", self._batches)
+            os.kill(os.getpid(), signal.SIGKILL)
         read = last - self.position
         self.position = last
         return read

@@ -9,12 +9,9 @@ from pydantic import BaseModel
 
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
-from hub.domain import Order, machine_aggregate_id
-from projections.calendar import Interval
+from hub.domain import Order
 from projections.forecast import Forecast, forecast
-from projections.history import MachineFacts
-from projections.progress import OrderProgress, Run, order_progress
-from projections.report import facts_window
+from projections.progress import OrderProgress, Run, facts_of_runs, order_progress
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
@@ -69,27 +66,6 @@ class OrderView(BaseModel):
         )
 
 
-def _facts_of_runs(
-    context: ApiContext, order_id: str, runs: list[Run], now: datetime
-) -> dict[str, MachineFacts]:
-    """What each machine the order ran on did during its runs, with the parts and scrap it
-    counted for the order (whenever they were reported)."""
-    counted = context.facts.order_counts(order_id)
-    facts: dict[str, MachineFacts] = {}
-    for machine_id in sorted({run.machine_id for run in runs}):
-        spans = [run for run in runs if run.machine_id == machine_id]
-        start = min(run.start for run in spans)
-        end = max(now if run.end is None else run.end for run in spans)
-        if end <= start:
-            continue
-        machine = machine_aggregate_id(context.site, machine_id)
-        window = context.facts.window(machine, facts_window(Interval(start, end), context.plant))
-        counts = counted.get(machine.hex, MachineFacts())
-        window.parts, window.scrap = counts.parts, counts.scrap
-        facts[machine_id] = window
-    return facts
-
-
 def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
     """Each order with its progress and delivery forecast."""
     views = []
@@ -101,7 +77,7 @@ def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
             order.quantity,
             order.ideal_cycle_time_s,
             runs,
-            _facts_of_runs(context, order.order_id, runs, now),
+            facts_of_runs(context.facts, context.site, order.order_id, runs, context.plant, now),
             context.plant,
             now,
         )
