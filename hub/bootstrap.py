@@ -16,6 +16,7 @@ from hub.settings import Settings
 from hub.store import EventStore
 from projections.database import PostgresViews, SQLiteViews, ViewDatabase
 from projections.facts_view import MachineFactsView
+from projections.orders_view import OrdersView
 from projections.runner import ProjectionWorker, View
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,13 @@ class Hub:
     async def wait_projected(self, timeout: float = 30.0) -> None:
         """Wait until every view has read everything stored so far (for tests, demo)."""
         end = await asyncio.to_thread(self.store.last_position)
-        async with asyncio.timeout(timeout):
-            # Positions move in the workers' threads; a short poll is simpler than signalling.
-            while any(worker.position < end for worker in self.projections):  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        deadline = asyncio.get_running_loop().time() + timeout
+        # Positions move in the workers' threads; a short poll is simpler than signalling.
+        while any(worker.position < end for worker in self.projections):
+            if asyncio.get_running_loop().time() > deadline:
+                behind = {w.view.name: w.position for w in self.projections if w.position < end}
+                raise TimeoutError(f"views still behind store position {end}: {behind}")
+            await asyncio.sleep(0.02)
 
     def ingest_stats(self) -> IngestStats:
         total = IngestStats()
@@ -93,7 +97,7 @@ class Hub:
 
 
 def all_views() -> list[View]:
-    return [MachineFactsView()]
+    return [MachineFactsView(), OrdersView()]
 
 
 def open_views(settings: Settings) -> ViewDatabase:
@@ -131,6 +135,10 @@ async def build_hub(settings: Settings, *, ingest: bool = True, projections: boo
         await ensure_streams(jetstream, settings)
         store = await asyncio.to_thread(EventStore, settings)
         views = await asyncio.to_thread(open_views, settings)
+        workers = projection_workers(settings, store, views)
+        # One after the other: concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL.
+        for worker in workers:
+            await asyncio.to_thread(worker.prepare)
     except BaseException:
         if embedded is not None:
             embedded.stop()
@@ -159,7 +167,7 @@ async def build_hub(settings: Settings, *, ingest: bool = True, projections: boo
         publisher=NatsPublisher(jetstream, settings.site),
         partitions=partitions,
         views=views,
-        projections=projection_workers(settings, store, views),
+        projections=workers,
         embedded_nats=embedded,
     )
     if ingest:

@@ -29,6 +29,7 @@ from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings, redacted_url
 from projections.calendar import Interval
 from projections.facts_view import FactsReader
+from projections.orders_view import OrdersReader
 from projections.plant import PlantConfig, PlantConfigError, load_plant
 from projections.report import facts_window, report_from_facts
 
@@ -139,6 +140,7 @@ def _api(hub: Hub, settings: Settings, plant: PlantConfig | None = None) -> ApiS
     context = ApiContext(
         store=hub.store,
         facts=FactsReader(hub.views),
+        orders=OrdersReader(hub.views),
         publisher=hub.publisher,
         api_keys=settings.parsed_api_keys(),
         site=settings.site,
@@ -185,7 +187,7 @@ def _machine_table(
             facts = FactsReader(hub.views).window(machine.id, facts_window(window, plant))
             (bucket,) = report_from_facts(
                 facts,
-                partial(hub.store.ideal_cycle_time, machine.site),
+                partial(OrdersReader(hub.views).ideal_cycle_times, machine.site),
                 window,
                 None,
                 plant,

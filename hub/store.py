@@ -429,6 +429,11 @@ class EventStore:
         order = self.order(site, order_id)
         return order.ideal_cycle_time_s if order is not None else None
 
+    def ideal_cycle_times(self, site: str, order_ids: Iterable[str]) -> dict[str, float]:
+        """The PRI of each order that has one, from the order aggregates."""
+        found = {o: self.ideal_cycle_time(site, o) for o in order_ids}
+        return {o: seconds for o, seconds in found.items() if seconds is not None}
+
     def has_machine(self, site: str, machine_id: str) -> bool:
         return bool(self.existing([machine_aggregate_id(site, machine_id)]))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
@@ -173,16 +174,13 @@ class FactsReader:
 
 def _facts(rows: list[tuple[Any, ...]]) -> MachineFacts:
     """Rows into facts, in the order the whole history would give them: by event time, then by
-    position (the order they were stored)."""
+    position (the order they were stored); reasons by the time they were given."""
     facts = MachineFacts()
     order_events: list[tuple[datetime, str, bool]] = []
-    seen: set[int] = set()
-    for position, _, kind, time, value, program, quantity, order_id, end_time, given_at in sorted(
-        rows, key=lambda r: (r[3] if r[2] != REASON else r[9], r[0])
-    ):
-        if position in seen:  # the "latest before" queries may return the same row twice
-            continue
-        seen.add(position)
+    unique = {row[0]: row for row in rows}  # the "latest before" queries may overlap
+    reasons = sorted((r for r in unique.values() if r[2] == REASON), key=itemgetter(9, 0))
+    others = sorted((r for r in unique.values() if r[2] != REASON), key=itemgetter(3, 0))
+    for _, _, kind, time, value, program, quantity, order_id, _, _ in others:
         at = from_micros(time)
         match kind:
             case "availability":
@@ -195,8 +193,8 @@ def _facts(rows: list[tuple[Any, ...]]) -> MachineFacts:
                 facts.scrap.append(ScrapReport(at, quantity, order_id))
             case "order_start" | "order_end":
                 order_events.append((at, value, kind == ORDER_START))
-            case "reason":
-                end = from_micros(end_time) if end_time is not None else None
-                facts.reasons.append(ReasonReport(at, end, value, from_micros(given_at)))
+    for _, _, _, start, reason, _, _, _, end, given_at in reasons:
+        until = from_micros(end) if end is not None else None
+        facts.reasons.append(ReasonReport(from_micros(start), until, reason, from_micros(given_at)))
     facts.orders = order_reports(order_events)
     return facts

@@ -88,6 +88,27 @@ class PlantConfig(_Strict):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
         return value
 
+    @field_validator("shifts")
+    @classmethod
+    def _shifts_apart(cls, value: list[ShiftConfig]) -> list[ShiftConfig]:
+        # Overlapping shifts would count the same hour of planned busy time twice.
+        week = 7 * 1440
+        spans: list[tuple[int, int, str]] = []
+        for shift in value:
+            start = shift.start.hour * 60 + shift.start.minute
+            length = (shift.end.hour * 60 + shift.end.minute - start) % 1440 or 1440
+            for day in shift.days:
+                begin = WEEKDAYS.index(day) * 1440 + start
+                spans.append((begin, begin + length, shift.name))
+        spans.sort()
+        # A shift past Sunday midnight wraps onto Monday: compare against the first span too.
+        for (_, end, name), (begin, _, other) in zip(
+            spans, [*spans[1:], (spans[0][0] + week, 0, spans[0][2])] if spans else [], strict=False
+        ):
+            if end > begin:
+                raise ValueError(f"shifts {name!r} and {other!r} overlap")
+        return value
+
     @field_validator("reasons")
     @classmethod
     def _catalog_leaves(cls, value: dict[str, Any]) -> dict[str, Any]:

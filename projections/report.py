@@ -4,7 +4,7 @@ order."""
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -143,27 +143,26 @@ def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -
     return sorted(totals.values(), key=lambda b: (b.figures.start, b.label or ""))
 
 
+IdealCycleTimes = Callable[[Collection[str]], Mapping[str, float]]
+
+
 def report_from_facts(
     facts: MachineFacts,
-    ideal_cycle_time_of: Callable[[str], float | None],
+    ideal_cycle_times: IdealCycleTimes,
     window: Interval,
     group_by: GroupBy | None,
     plant: PlantConfig,
     now: datetime,
 ) -> list[Bucket]:
-    """A machine's report; ``ideal_cycle_time_of`` looks up an order's PRI (None when the order
-    or its PRI is unknown)."""
-    ideal = {}
-    for order_id in facts.order_ids():
-        pri = ideal_cycle_time_of(order_id)
-        if pri:
-            ideal[order_id] = pri
+    """A machine's report; ``ideal_cycle_times`` looks up the PRI of the orders it ran (an
+    order without one is left out)."""
+    ideal = {o: s for o, s in ideal_cycle_times(facts.order_ids()).items() if s}
     return machine_report(facts, window, group_by, plant, ideal, now)
 
 
 def report_from_history(
     history: Iterable[Any],
-    ideal_cycle_time_of: Callable[[str], float | None],
+    ideal_cycle_times: IdealCycleTimes,
     window: Interval,
     group_by: GroupBy | None,
     plant: PlantConfig,
@@ -171,5 +170,5 @@ def report_from_history(
 ) -> list[Bucket]:
     """A machine's report from all its stored events (what the view must agree with)."""
     return report_from_facts(
-        machine_facts(history), ideal_cycle_time_of, window, group_by, plant, now
+        machine_facts(history), ideal_cycle_times, window, group_by, plant, now
     )

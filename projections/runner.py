@@ -132,9 +132,12 @@ class ProjectionWorker:
 
     async def run(self, stop: asyncio.Event, poll_interval: float = 0.1) -> None:
         """Follow the log until ``stop`` is set; a failing batch is logged and retried."""
-        await asyncio.to_thread(self.prepare)
+        prepared = False
         while not stop.is_set():
             try:
+                if not prepared:
+                    await asyncio.to_thread(self.prepare)
+                    prepared = True
                 read = await asyncio.to_thread(self.step)
             except Exception:
                 log.exception("view %s: batch after position %d failed", self.view.name,

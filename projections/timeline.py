@@ -154,6 +154,7 @@ def build_timeline(
     boundaries = sorted(cuts)
 
     segment_starts = [s.start for s in segments]
+    shift_starts = [s.interval.start for s in shifts]  # shifts are in time order, apart
     order_times = [o.time for o in order_reports]
     pieces: list[TimelineInterval] = []
     for start, end in itertools.pairwise(boundaries):
@@ -163,7 +164,8 @@ def build_timeline(
         state, reason, micro = segment.state, None, False
         if state == "micro_stop":
             state, micro = RUNNING, True
-        shift = next((s for s in shifts if s.interval.start <= start < s.interval.end), None)
+        k = bisect.bisect_right(shift_starts, start) - 1
+        shift = shifts[k] if k >= 0 and start < shifts[k].interval.end else None
         planned = (
             next(
                 (p for p in shift.planned_stops if p.interval.start <= start < p.interval.end), None

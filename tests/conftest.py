@@ -100,11 +100,13 @@ def api_client(hub: Any, plant: Any = None) -> Any:
     from hub.api.app import create_app
     from hub.api.deps import ApiContext
     from projections.facts_view import FactsReader
+    from projections.orders_view import OrdersReader
     from projections.plant import PlantConfig
 
     context = ApiContext(
         store=hub.store,
         facts=FactsReader(hub.views),
+        orders=OrdersReader(hub.views),
         publisher=hub.publisher,
         api_keys=hub.settings.parsed_api_keys(),
         site=hub.settings.site,

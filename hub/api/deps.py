@@ -15,6 +15,7 @@ from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
 from projections.facts_view import FactsReader
+from projections.orders_view import OrdersReader
 from projections.plant import PlantConfig
 
 
@@ -24,6 +25,7 @@ class ApiContext:
 
     store: EventStore
     facts: FactsReader
+    orders: OrdersReader
     publisher: EventPublisher
     api_keys: list[ApiKey]
     site: str

@@ -200,3 +200,18 @@ async def test_order_progress_counts_what_the_floor_made(
     assert await listed(status="ended", machine="M1") == ["SO-1"]
     assert await listed(status="running") == []
     assert await listed(customer="nobody") == []
+
+
+def test_overlapping_shifts_are_refused_because_they_would_count_busy_time_twice(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text(
+        "[[plant.shifts]]\nname = 'night'\nstart = '22:00'\nend = '06:00'\ndays = ['sun']\n"
+        "[[plant.shifts]]\nname = 'early'\nstart = '05:30'\nend = '14:00'\ndays = ['mon']\n"
+    )
+    with pytest.raises(PlantConfigError) as caught:
+        load_plant(config)
+    assert "plant.shifts" in str(caught.value) and "'night' and 'early' overlap" in str(
+        caught.value
+    )

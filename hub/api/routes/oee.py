@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -118,7 +119,7 @@ def _machine_report(
 ) -> list[Bucket]:
     return report_from_facts(
         _facts(context, machine_id, window),
-        lambda order_id: context.store.ideal_cycle_time(context.site, order_id),
+        partial(context.orders.ideal_cycle_times, context.site),
         window,
         group_by,
         context.plant,

@@ -1,0 +1,71 @@
+"""The order view: what the OEE and forecast need of each order the ERP released (its ideal
+cycle time, ISO 22400 PRI), without loading the order's aggregate."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from hub.domain import Order, order_aggregate_id
+from projections.database import Cursor, ViewDatabase
+
+TABLE = "mes_view_orders"
+
+
+class OrdersView:
+    name = "orders"
+    # The library makes these classes from the @event decorators, out of mypy's sight.
+    event_classes: tuple[type, ...] = (
+        getattr(Order, "Released"),  # noqa: B009
+        getattr(Order, "Changed"),  # noqa: B009
+    )
+
+    def create(self, cursor: Cursor, dialect: str) -> None:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {TABLE} ("
+            "aggregate_id TEXT PRIMARY KEY, ideal_cycle_time_s DOUBLE PRECISION, "
+            "position BIGINT NOT NULL)"
+        )
+
+    def drop(self, cursor: Cursor) -> None:
+        cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
+
+    def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
+        rows = [
+            (event.originator_id.hex, float(event.fields["ideal_cycle_time_s"]), position)
+            for position, event in events
+            if event.fields.get("ideal_cycle_time_s") is not None
+        ]
+        if rows:
+            # The later change wins; re-applying an older position (a rebuild racing the live
+            # worker) never overwrites a newer one.
+            cursor.executemany(
+                f"INSERT INTO {TABLE} (aggregate_id, ideal_cycle_time_s, position) "
+                "VALUES (?, ?, ?) ON CONFLICT (aggregate_id) DO UPDATE SET "
+                "ideal_cycle_time_s = excluded.ideal_cycle_time_s, position = excluded.position "
+                f"WHERE excluded.position > {TABLE}.position",
+                rows,
+            )
+
+
+class OrdersReader:
+    def __init__(self, db: ViewDatabase) -> None:
+        self._db = db
+
+    def ideal_cycle_times(self, site: str, order_ids: Collection[str]) -> dict[str, float]:
+        """The PRI of each of ``order_ids`` that has one."""
+        by_key = {order_aggregate_id(site, o).hex: o for o in order_ids}
+        found: dict[str, float] = {}
+        keys = list(by_key)
+        with self._db.transaction(write=False) as cursor:
+            for start in range(0, len(keys), 500):  # SQLite caps bound parameters
+                chunk = keys[start : start + 500]
+                cursor.execute(
+                    f"SELECT aggregate_id, ideal_cycle_time_s FROM {TABLE} "
+                    f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for key, seconds in cursor.fetchall():
+                    if seconds is not None:
+                        found[by_key[key]] = float(seconds)
+        return found
