@@ -85,13 +85,13 @@ def validate_envelope(envelope: CloudEvent) -> ValidatedEvent:
 
 def _checked(event: ValidatedEvent) -> ValidatedEvent:
     """Rules across envelope and data."""
-    if event.event_type.stream != "erp":
+    if event.event_type.stream not in ("erp", "hub"):
         return event
     order_id = getattr(event.data, "order_id", None)
     if order_id != event.envelope.subject:
         raise ContractViolation(
             f"data.order_id {order_id!r} differs from the CloudEvent subject "
-            f"{event.envelope.subject!r}; for ERP order events they must be equal",
+            f"{event.envelope.subject!r}; for order events they must be equal",
             field="data.order_id",
         )
     return event

@@ -1,7 +1,8 @@
 """NATS subject rules of contract v1.
 
 ``mes.<site>.machine.<machine_id>.<kind>``, ``mes.<site>.operator.<machine_id>.<kind>``,
-``mes.<site>.erp.order.<order_id>.<kind>``; rejected messages go to ``mes.dlq.<subject>``.
+``mes.<site>.erp.order.<order_id>.<kind>``, ``mes.<site>.hub.order.<order_id>.<kind>`` (what
+the hub itself concludes about an order); rejected messages go to ``mes.dlq.<subject>``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def nats_subject_for(site: str, event: ValidatedEvent) -> str:
             return f"mes.{site}.operator.{subject}.{kind}"
         case "erp":
             return f"mes.{site}.erp.order.{subject}.{kind}"
+        case "hub":
+            return f"mes.{site}.hub.order.{subject}.{kind}"
 
 
 def check_subject(nats_subject: str, event: ValidatedEvent) -> str:
@@ -56,9 +59,10 @@ def dlq_subject(nats_subject: str) -> str:
 
 
 def partition_key(nats_subject: str) -> str:
-    """The entity a subject is about: machine id, or order id for ERP subjects."""
+    """The entity a subject is about: machine id, or order id for order subjects (ERP's and the
+    hub's own, so both land in the order's partition)."""
     tokens = nats_subject.split(".")
-    if len(tokens) >= 6 and tokens[2] == "erp":
+    if len(tokens) >= 6 and tokens[2] in ("erp", "hub"):
         return tokens[4]
     return tokens[3] if len(tokens) >= 4 else nats_subject
 

@@ -144,7 +144,29 @@ class OrderCancelledV1(_Data):
     reason: str = Field(min_length=1, max_length=1024)
 
 
-Stream = Literal["machine", "operator", "erp"]
+class DeliveryStatus(StrEnum):
+    ON_TRACK = "on_track"
+    AT_RISK = "at_risk"
+    LATE = "late"
+    DONE = "done"
+
+
+class DeliveryForecastChangedV1(_Data):
+    """The hub's own event: an order's delivery forecast changed status, or its ETA moved by
+    more than the plant's tolerance. Published by the hub, never accepted from outside."""
+
+    order_id: Token
+    status: DeliveryStatus | None
+    eta: EventTime | None
+    due: EventTime | None
+    remaining: int | None = Field(ge=0)
+    effective_cycle_time_s: float | None = Field(gt=0, allow_inf_nan=False)
+    basis: Literal["observed", "ideal", "none"]
+    previous_status: DeliveryStatus | None = None
+    previous_eta: EventTime | None = None
+
+
+Stream = Literal["machine", "operator", "erp", "hub"]
 
 
 @dataclass(frozen=True)
@@ -177,5 +199,11 @@ EVENT_TYPES: dict[str, EventType] = {
         EventType("mes.erp.order.released.v1", OrderReleasedV1, "erp", "released"),
         EventType("mes.erp.order.changed.v1", OrderChangedV1, "erp", "changed"),
         EventType("mes.erp.order.cancelled.v1", OrderCancelledV1, "erp", "cancelled"),
+        EventType(
+            "mes.hub.delivery_forecast.changed.v1",
+            DeliveryForecastChangedV1,
+            "hub",
+            "delivery_forecast",
+        ),
     )
 }

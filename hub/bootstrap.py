@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -15,8 +16,10 @@ from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.settings import Settings
 from hub.store import EventStore
 from projections.database import PostgresViews, SQLiteViews, ViewDatabase
-from projections.facts_view import MachineFactsView
+from projections.delivery import DeliveryWatch
+from projections.facts_view import FactsReader, MachineFactsView
 from projections.orders_view import OrdersView
+from projections.plant import PlantConfig
 from projections.runner import ProjectionWorker, View
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class Hub:
     partitions: list[IngestPartition]
     views: ViewDatabase
     projections: list[ProjectionWorker]
+    delivery_watch: DeliveryWatch
     embedded_nats: EmbeddedNatsServer | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -49,6 +53,10 @@ class Hub:
         self._projecting = True
         for worker in self.projections:
             self._tasks.append(asyncio.create_task(worker.run(self._stop, poll)))
+
+    def start_delivery_watch(self) -> None:
+        interval = self.settings.forecast_interval_s
+        self._tasks.append(asyncio.create_task(self.delivery_watch.run(self._stop, interval)))
 
     async def wait_projected(self, timeout: float = 30.0) -> None:
         """Wait until every view has read everything stored so far (for tests, demo)."""
@@ -123,7 +131,15 @@ def projection_workers(
     ]
 
 
-async def build_hub(settings: Settings, *, ingest: bool = True, projections: bool = True) -> Hub:
+async def build_hub(
+    settings: Settings,
+    *,
+    ingest: bool = True,
+    projections: bool = True,
+    plant: PlantConfig | None = None,
+) -> Hub:
+    """The hub, with ingest, the views and (with ``projections``) the delivery forecast watch
+    running; ``plant`` is the calendar and rules the forecasts use."""
     embedded: EmbeddedNatsServer | None = None
     url = settings.nats_url
     if url is None:
@@ -158,20 +174,30 @@ async def build_hub(settings: Settings, *, ingest: bool = True, projections: boo
         )
         for k in range(settings.partitions)
     ]
+    publisher = NatsPublisher(jetstream, settings.site)
+    delivery_watch = DeliveryWatch(
+        settings.site,
+        partial(store.orders, settings.site),
+        FactsReader(views),
+        plant or PlantConfig(),
+        publisher,
+    )
     hub = Hub(
         settings=settings,
         nats_url=url,
         nats=client,
         jetstream=jetstream,
         store=store,
-        publisher=NatsPublisher(jetstream, settings.site),
+        publisher=publisher,
         partitions=partitions,
         views=views,
         projections=workers,
+        delivery_watch=delivery_watch,
         embedded_nats=embedded,
     )
     if ingest:
         hub.start_ingest()
     if projections:
         hub.start_projections()
+        hub.start_delivery_watch()
     return hub

@@ -113,7 +113,7 @@ def serve(
     settings, generated = _api_keys_or_generated(settings)
 
     async def main(stop: asyncio.Event) -> None:
-        hub = await build_hub(settings)
+        hub = await build_hub(settings, plant=plant)
         api = _api(hub, settings, plant)
         api.start()
         console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")

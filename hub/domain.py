@@ -310,6 +310,10 @@ class Order(Aggregate):
     elsewhere): the order then exists with status ``unreleased`` until the release arrives.
     """
 
+    # Class defaults, so orders restored from snapshots taken before these existed have them.
+    delivery_forecast: dict[str, Any] | None = None  # the last one published (JSON-ready)
+    delivery_forecast_changes: int = 0
+
     @staticmethod
     def create_id(site: str, order_id: str) -> UUID:
         return order_aggregate_id(site, order_id)
@@ -347,6 +351,9 @@ class Order(Aggregate):
     def end_on(self, origin: Origin, machine_id: str) -> None:
         self._ended(origin.event_id, origin.source, origin.time, machine_id)
 
+    def record_delivery_forecast(self, origin: Origin, forecast: dict[str, Any]) -> None:
+        self._delivery_forecast_changed(origin.event_id, origin.source, origin.time, forecast)
+
     def _set_fields(self, fields: dict[str, Any]) -> None:
         for name in ("part_number", "quantity", "due", "customer", "machine_id"):
             if name in fields:
@@ -383,6 +390,13 @@ class Order(Aggregate):
     def _cancelled(self, event_id: str, source: str, event_time: datetime, reason: str) -> None:
         self.status = "cancelled"
         self.cancelled_reason = reason
+
+    @event("DeliveryForecastChanged")
+    def _delivery_forecast_changed(
+        self, event_id: str, source: str, event_time: datetime, forecast: dict[str, Any]
+    ) -> None:
+        self.delivery_forecast = forecast
+        self.delivery_forecast_changes += 1
 
     @event("Started")
     def _started(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:

@@ -33,6 +33,7 @@ from contracts import (
     AvailabilityV1,
     ConditionV1,
     ContractViolation,
+    DeliveryForecastChangedV1,
     DowntimeReasonV1,
     ExecutionV1,
     OrderCancelledV1,
@@ -198,7 +199,7 @@ class Ingestor:
         for message, event in valid:
             site = message.subject.split(".")[1]
             stream = event.event_type.stream
-            kind = "order" if stream == "erp" else "machine"
+            kind = "order" if stream in ("erp", "hub") else "machine"
             wanted.add(self._aggregate_id(kind, site, event.envelope.subject))
             order_id = getattr(event.data, "order_id", None) if stream == "operator" else None
             if order_id:
@@ -292,6 +293,9 @@ class Ingestor:
                 self._order(batch, site, subject).change(origin, data.changes())
             case OrderCancelledV1():
                 self._order(batch, site, subject).cancel(origin, data.reason)
+            case DeliveryForecastChangedV1():
+                forecast = data.model_dump(mode="json", exclude={"order_id"})
+                self._order(batch, site, subject).record_delivery_forecast(origin, forecast)
             case _:  # a type in EVENT_TYPES without a handler is a programming error
                 raise TypeError(f"no handler for {event.event_type.name}")
 

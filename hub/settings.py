@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     snapshot_interval: int = Field(default=200, ge=10)
     projection_batch: int = Field(default=5000, ge=1, le=100_000)
     projection_poll_s: float = Field(default=0.1, gt=0, le=60)
+    forecast_interval_s: float = Field(default=60.0, gt=0, description="Re-forecast orders every")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")

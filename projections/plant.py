@@ -5,6 +5,7 @@ catalog and the micro-stop threshold, from the ``[plant]`` table of ``mes-hub.to
 [plant]
 time_zone = "Europe/Berlin"
 micro_stop_threshold_s = 120
+forecast_eta_tolerance_s = 1800   # publish a forecast change when the ETA moves more than this
 holidays = ["2026-12-25"]
 
 [[plant.shifts]]
@@ -74,6 +75,8 @@ class PlannedStopConfig(_Strict):
 class PlantConfig(_Strict):
     time_zone: str = "UTC"
     micro_stop_threshold_s: float = Field(default=120.0, ge=0, le=3600)
+    # A delivery forecast's ETA moving by more than this is news (a status change always is).
+    forecast_eta_tolerance_s: float = Field(default=1800.0, gt=0)
     shifts: list[ShiftConfig] = []
     holidays: list[date] = []
     planned_stops: list[PlannedStopConfig] = []

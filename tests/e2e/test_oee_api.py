@@ -215,3 +215,51 @@ def test_overlapping_shifts_are_refused_because_they_would_count_busy_time_twice
     assert "plant.shifts" in str(caught.value) and "'night' and 'early' overlap" in str(
         caught.value
     )
+
+
+async def test_a_forecast_change_is_stored_on_the_order_once_and_announces_lateness(
+    client: httpx.AsyncClient, hub: Hub
+) -> None:
+    await shift_with_a_ten_minute_stop(hub)
+    stored = hub.ingest_stats().applied
+    # 392 good parts in 451 busy minutes (05:59-13:30, one 24-hour shift a day): 69 s a part,
+    # so the 108 still to make take about two hours more, well before the due date.
+    assert await hub.delivery_watch.check(now=at(13, 30)) == 1
+    await eventually(lambda: hub.ingest_stats().applied == stored + 1)
+    order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
+    first = order["published_forecast"]
+    assert order["published_forecast_changes"] == 1
+    assert (first["status"], first["remaining"], first["previous_status"]) == (
+        "on_track",
+        108,
+        None,
+    )
+    assert at(15) < datetime.fromisoformat(first["eta"]) < at(16)
+
+    # Nothing new to tell: no event. Republishing the same change is a duplicate, not news.
+    assert await hub.delivery_watch.check(now=at(13, 40)) == 0
+    again = hub.delivery_watch.changes(datetime.fromisoformat("2026-03-03T01:00:00+00:00"))
+    receipts = await hub.publisher.publish_many(again + again)
+    assert [r.duplicate for r in receipts] == [False, True]
+    await eventually(lambda: hub.ingest_stats().applied == stored + 2)
+    order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
+    late = order["published_forecast"]
+    assert order["published_forecast_changes"] == 2
+    assert (late["status"], late["previous_status"]) == ("late", "on_track")
+    assert late["previous_eta"] == first["eta"]
+
+
+async def test_only_the_hub_may_publish_forecast_changes(client: httpx.AsyncClient) -> None:
+    event = cloud_event(
+        "mes.hub.delivery_forecast.changed.v1",
+        "SO-1",
+        {"order_id": "SO-1", "status": "done", "eta": None, "due": None, "remaining": 0,
+         "effective_cycle_time_s": None, "basis": "none"},
+    )  # fmt: skip
+    admin = {"Authorization": f"Bearer {api_key('admin')}"}
+    response = await client.post(
+        "/api/v1/events",
+        content=event.model_dump_json(),
+        headers={**admin, "Content-Type": "application/cloudevents+json"},
+    )
+    assert response.status_code == 403, response.text

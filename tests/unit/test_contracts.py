@@ -47,6 +47,20 @@ EXAMPLES = {
     ),
     "mes.erp.order.changed.v1": ("SO-1", {"order_id": "SO-1", "quantity": 12}),
     "mes.erp.order.cancelled.v1": ("SO-1", {"order_id": "SO-1", "reason": "duplicate"}),
+    "mes.hub.delivery_forecast.changed.v1": (
+        "SO-1",
+        {
+            "order_id": "SO-1",
+            "status": "at_risk",
+            "eta": "2026-03-04T09:30:00Z",
+            "due": "2026-03-04T00:00:00Z",
+            "remaining": 120,
+            "effective_cycle_time_s": 63.5,
+            "basis": "observed",
+            "previous_status": "on_track",
+            "previous_eta": "2026-03-03T21:00:00Z",
+        },
+    ),
 }
 
 

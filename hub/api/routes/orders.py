@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
@@ -10,8 +10,9 @@ from pydantic import BaseModel
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import Order
-from projections.forecast import Forecast, forecast
-from projections.progress import OrderProgress, Run, facts_of_runs, order_progress
+from projections.delivery import progress_and_forecast
+from projections.forecast import Forecast
+from projections.progress import OrderProgress
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
@@ -42,6 +43,8 @@ class OrderView(BaseModel):
     version: int
     progress: OrderProgress
     forecast: Forecast
+    published_forecast: dict[str, Any] | None  # the last forecast change the hub announced
+    published_forecast_changes: int
 
     @classmethod
     def of(cls, order: Order, progress: OrderProgress, forecast: Forecast) -> OrderView:
@@ -63,37 +66,17 @@ class OrderView(BaseModel):
             version=order.version,
             progress=progress,
             forecast=forecast,
+            published_forecast=order.delivery_forecast,
+            published_forecast_changes=order.delivery_forecast_changes,
         )
 
 
 def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
     """Each order with its progress and delivery forecast."""
-    views = []
     now = datetime.now(UTC)
+    views = []
     for order in orders:
-        runs = [Run(r.machine_id, r.start, r.end) for r in map(OrderRun.model_validate, order.runs)]
-        progress = order_progress(
-            order.order_id,
-            order.quantity,
-            order.ideal_cycle_time_s,
-            runs,
-            facts_of_runs(context.facts, context.site, order.order_id, runs, context.plant, now),
-            context.plant,
-            now,
-        )
-        expected = (
-            forecast(
-                context.plant.calendar(),
-                now,
-                order.due,
-                progress.remaining,
-                progress.busy_time_s,
-                progress.good,
-                order.ideal_cycle_time_s,
-            )
-            if order.status not in ("cancelled",)
-            else Forecast(None, None, None, "none")
-        )
+        progress, expected = progress_and_forecast(order, context.facts, context.plant, now)
         views.append(OrderView.of(order, progress, expected))
     return views
 
