@@ -199,7 +199,7 @@ def live_delay(settings: Settings, rate: float, seconds: float, poll: float) -> 
     """Store events at ``rate``/s in batches every 50 ms while a worker follows the store."""
     store = EventStore(settings)
     views = SQLiteViews(settings.data_dir / "live-views.sqlite")
-    worker = ProjectionWorker(MachineFactsView(), store, views, settings.projection_batch)
+    worker = ProjectionWorker([MachineFactsView()], store, views, settings.projection_batch)
     worker.prepare()
     worker.catch_up()
     seen: list[tuple[int, float]] = []  # (position, time the view committed it)

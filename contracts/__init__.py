@@ -52,6 +52,7 @@ from contracts._types import (
     OrderStartedV1,
     PartCountKind,
     PartCountV1,
+    PlantConfiguredV1,
     ScrapV1,
     Stream,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "OrderStartedV1",
     "PartCountKind",
     "PartCountV1",
+    "PlantConfiguredV1",
     "ScrapV1",
     "Stream",
     "ValidatedEvent",

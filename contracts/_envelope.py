@@ -85,7 +85,7 @@ def validate_envelope(envelope: CloudEvent) -> ValidatedEvent:
 
 def _checked(event: ValidatedEvent) -> ValidatedEvent:
     """Rules across envelope and data."""
-    if event.event_type.stream not in ("erp", "hub"):
+    if event.event_type.stream != "erp" and event.event_type.entity != "order":
         return event
     order_id = getattr(event.data, "order_id", None)
     if order_id != event.envelope.subject:

@@ -1,8 +1,9 @@
 """NATS subject rules of contract v1.
 
 ``mes.<site>.machine.<machine_id>.<kind>``, ``mes.<site>.operator.<machine_id>.<kind>``,
-``mes.<site>.erp.order.<order_id>.<kind>``, ``mes.<site>.hub.order.<order_id>.<kind>`` (what
-the hub itself concludes about an order); rejected messages go to ``mes.dlq.<subject>``.
+``mes.<site>.erp.order.<order_id>.<kind>``, and for what the hub itself records
+``mes.<site>.hub.order.<order_id>.<kind>`` and ``mes.<site>.hub.plant.<site>.<kind>``; rejected
+messages go to ``mes.dlq.<subject>``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def nats_subject_for(site: str, event: ValidatedEvent) -> str:
         case "erp":
             return f"mes.{site}.erp.order.{subject}.{kind}"
         case "hub":
-            return f"mes.{site}.hub.order.{subject}.{kind}"
+            return f"mes.{site}.hub.{event.event_type.entity}.{subject}.{kind}"
 
 
 def check_subject(nats_subject: str, event: ValidatedEvent) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -166,6 +166,15 @@ class DeliveryForecastChangedV1(_Data):
     previous_eta: EventTime | None = None
 
 
+class PlantConfiguredV1(_Data):
+    """The hub's own event: the plant's calendar and reason catalog (the ``[plant]`` table of
+    ``mes-hub.toml``) changed. It applies from ``effective_from``, or from when it was recorded;
+    the first one applies to everything before it too. The subject is the site."""
+
+    plant: dict[str, Any]
+    effective_from: EventTime | None = None
+
+
 Stream = Literal["machine", "operator", "erp", "hub"]
 
 
@@ -174,13 +183,15 @@ class EventType:
     """One v1 type: its name, the data model, and where it travels on NATS.
 
     ``stream`` is the subject family; ``kind`` the last subject token. The CloudEvent ``subject``
-    is a machine id for machine and operator types and an order id for ERP types.
+    is a machine id for machine and operator types, an order id for ERP types, and for the hub's
+    own types the ``entity`` named (an order, or the plant: the site).
     """
 
     name: str
     data_model: type[_Data]
     stream: Stream
     kind: str
+    entity: Literal["order", "plant", ""] = ""
 
 
 EVENT_TYPES: dict[str, EventType] = {
@@ -204,6 +215,10 @@ EVENT_TYPES: dict[str, EventType] = {
             DeliveryForecastChangedV1,
             "hub",
             "delivery_forecast",
+            entity="order",
+        ),
+        EventType(
+            "mes.hub.plant.configured.v1", PlantConfiguredV1, "hub", "configured", entity="plant"
         ),
     )
 }

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 
 from nats.aio.client import Client as NatsClient
@@ -20,7 +21,8 @@ from projections.delivery import DeliveryWatch
 from projections.facts_view import FactsReader, MachineFactsView
 from projections.orders_view import OrdersView
 from projections.plant import PlantConfig
-from projections.runner import ProjectionWorker, View
+from projections.plant_history import configuration_event
+from projections.runner import ProjectionWorker, View, group_by_position
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,17 @@ class Hub:
         for worker in self.projections:
             self._tasks.append(asyncio.create_task(worker.run(self._stop, poll)))
 
+    async def record_plant(self, plant: PlantConfig) -> bool:
+        """Record ``plant`` as the site's configuration if it differs from the last one recorded
+        (ingest stores it, as any other event); returns whether it was new."""
+        recorded = await asyncio.to_thread(self.store.plant, self.settings.site)
+        event = configuration_event(self.settings.site, recorded, plant, datetime.now(UTC))
+        if event is None:
+            return False
+        (receipt,) = await self.publisher.publish_many([event])
+        log.info("plant configuration recorded (%s)", event.id)
+        return not receipt.duplicate
+
     def start_delivery_watch(self) -> None:
         interval = self.settings.forecast_interval_s
         self._tasks.append(asyncio.create_task(self.delivery_watch.run(self._stop, interval)))
@@ -65,7 +78,7 @@ class Hub:
         # Positions move in the workers' threads; a short poll is simpler than signalling.
         while any(worker.position < end for worker in self.projections):
             if asyncio.get_running_loop().time() > deadline:
-                behind = {w.view.name: w.position for w in self.projections if w.position < end}
+                behind = {w.name: w.position for w in self.projections if w.position < end}
                 raise TimeoutError(f"views still behind store position {end}: {behind}")
             await asyncio.sleep(0.02)
 
@@ -116,18 +129,26 @@ def open_views(settings: Settings) -> ViewDatabase:
 
 
 def projection_workers(
-    settings: Settings, store: EventStore, views: ViewDatabase, names: list[str] | None = None
+    settings: Settings,
+    store: EventStore,
+    views: ViewDatabase,
+    names: list[str] | None = None,
+    *,
+    rebuild: bool = False,
 ) -> list[ProjectionWorker]:
+    """Workers for the views named (all by default): one for all the views being rebuilt, or
+    one per group of views that have read equally far."""
     chosen = [v for v in all_views() if names is None or v.name in names]
+    groups = [chosen] if rebuild else group_by_position(views, chosen)
     return [
         ProjectionWorker(
-            view,
+            group,
             store,
             views,
             settings.projection_batch,
             kill_after_batches=settings.fault_kill_after_view_batch,
         )
-        for view in chosen
+        for group in groups
     ]
 
 
@@ -200,4 +221,6 @@ async def build_hub(
     if projections:
         hub.start_projections()
         hub.start_delivery_watch()
+    if plant is not None:
+        await hub.record_plant(plant)
     return hub

@@ -382,8 +382,9 @@ def projections_rebuild(
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=console) as bar:
-            for worker in projection_workers(settings, store, views, [name] if name else None):
-                task = bar.add_task(worker.view.name, total=store.last_position())
+            chosen = [name] if name else None
+            for worker in projection_workers(settings, store, views, chosen, rebuild=True):
+                task = bar.add_task(worker.name, total=store.last_position())
                 started = time.perf_counter()
 
                 def advance(progress: RebuildProgress, task: TaskID = task) -> None:
@@ -393,7 +394,7 @@ def projections_rebuild(
                 seconds = time.perf_counter() - started
                 rate = read / seconds if seconds else 0.0
                 bar.console.print(
-                    f"{worker.view.name}: {read:,} events in {seconds:.1f} s "
+                    f"{worker.name}: {read:,} events in {seconds:.1f} s "
                     f"({rate:,.0f} events/s), position {worker.position}"
                 )
     finally:
@@ -415,7 +416,7 @@ def projections_catch_up(config: ConfigOption = None, data_dir: DataDirOption = 
             worker.prepare()
             before = worker.position
             read = worker.catch_up()
-            console.print(f"{worker.view.name}: {before} -> {worker.position} ({read:,} events)")
+            console.print(f"{worker.name}: {before} -> {worker.position} ({read:,} events)")
     finally:
         views.close()
         store.close()

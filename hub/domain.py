@@ -414,3 +414,44 @@ class Order(Aggregate):
                 run["end"] = event_time.isoformat()
                 break
         self._refresh_status()
+
+
+def plant_aggregate_id(site: str) -> UUID:
+    return uuid5(_ID_NAMESPACE, f"plant/{site}")
+
+
+class Plant(Aggregate):
+    """The site's calendar and reason catalog over time: every configuration ever applied, so
+    a report on last March uses last March's shifts."""
+
+    @staticmethod
+    def create_id(site: str) -> UUID:
+        return plant_aggregate_id(site)
+
+    @event("Registered")
+    def __init__(self, site: str) -> None:
+        self.site = site
+        # {"config": the [plant] table, "effective_from": ISO time or None, "recorded_at": ISO}
+        self.configurations: list[dict[str, Any]] = []
+
+    def configure(
+        self, origin: Origin, config: dict[str, Any], effective_from: datetime | None
+    ) -> None:
+        self._configured(origin.event_id, origin.source, origin.time, config, effective_from)
+
+    @event("Configured")
+    def _configured(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        config: dict[str, Any],
+        effective_from: datetime | None,
+    ) -> None:
+        self.configurations.append(
+            {
+                "config": config,
+                "effective_from": effective_from.isoformat() if effective_from else None,
+                "recorded_at": event_time.isoformat(),
+            }
+        )

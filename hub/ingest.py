@@ -42,6 +42,7 @@ from contracts import (
     OrderReleasedV1,
     OrderStartedV1,
     PartCountV1,
+    PlantConfiguredV1,
     ScrapV1,
     ValidatedEvent,
     check_subject,
@@ -49,7 +50,15 @@ from contracts import (
     dlq_subject,
     partition_of,
 )
-from hub.domain import Machine, Order, Origin, machine_aggregate_id, order_aggregate_id
+from hub.domain import (
+    Machine,
+    Order,
+    Origin,
+    Plant,
+    machine_aggregate_id,
+    order_aggregate_id,
+    plant_aggregate_id,
+)
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
 from hub.store import Entity, EventStore, Received
 
@@ -188,8 +197,12 @@ class Ingestor:
         key = (kind, site, entity_id)
         found = self._ids.get(key)
         if found is None:
-            make = machine_aggregate_id if kind == "machine" else order_aggregate_id
-            found = self._ids[key] = make(site, entity_id)
+            if kind == "plant":
+                found = plant_aggregate_id(site)
+            else:
+                make = machine_aggregate_id if kind == "machine" else order_aggregate_id
+                found = make(site, entity_id)
+            self._ids[key] = found
         return found
 
     def _find_new_aggregates(self, valid: list[tuple[IncomingMessage, ValidatedEvent]]) -> None:
@@ -199,7 +212,7 @@ class Ingestor:
         for message, event in valid:
             site = message.subject.split(".")[1]
             stream = event.event_type.stream
-            kind = "order" if stream in ("erp", "hub") else "machine"
+            kind = event.event_type.entity or ("order" if stream == "erp" else "machine")
             wanted.add(self._aggregate_id(kind, site, event.envelope.subject))
             order_id = getattr(event.data, "order_id", None) if stream == "operator" else None
             if order_id:
@@ -219,6 +232,8 @@ class Ingestor:
                 batch.versions_before[aggregate_id] = 0
                 if isinstance(aggregate, Machine):
                     entity_id, site = aggregate.machine_id, aggregate.site
+                elif isinstance(aggregate, Plant):
+                    entity_id, site = aggregate.site, aggregate.site
                 else:
                     assert isinstance(aggregate, Order)
                     entity_id, site = aggregate.order_id, aggregate.site
@@ -247,6 +262,13 @@ class Ingestor:
         )
         assert isinstance(order, Order)
         return order
+
+    def _plant(self, batch: _Batch, site: str) -> Plant:
+        plant = self._aggregate(
+            batch, "plant", self._aggregate_id("plant", site, site), lambda: Plant(site=site)
+        )
+        assert isinstance(plant, Plant)
+        return plant
 
     def _apply(self, batch: _Batch, site: str, event: ValidatedEvent) -> None:
         envelope, data = event.envelope, event.data
@@ -293,6 +315,8 @@ class Ingestor:
                 self._order(batch, site, subject).change(origin, data.changes())
             case OrderCancelledV1():
                 self._order(batch, site, subject).cancel(origin, data.reason)
+            case PlantConfiguredV1():
+                self._plant(batch, site).configure(origin, data.plant, data.effective_from)
             case DeliveryForecastChangedV1():
                 forecast = data.model_dump(mode="json", exclude={"order_id"})
                 self._order(batch, site, subject).record_delivery_forecast(origin, forecast)

@@ -34,7 +34,14 @@ from eventsourcing.utils import Environment
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.sql import SQL, Identifier
 
-from hub.domain import Machine, Order, machine_aggregate_id, order_aggregate_id
+from hub.domain import (
+    Machine,
+    Order,
+    Plant,
+    machine_aggregate_id,
+    order_aggregate_id,
+    plant_aggregate_id,
+)
 from hub.settings import Settings
 
 RECEIVED_TABLE = "mes_received_events"
@@ -420,6 +427,10 @@ class EventStore:
     def order(self, site: str, order_id: str) -> Order | None:
         found = self.load(order_aggregate_id(site, order_id))
         return found if isinstance(found, Order) else None
+
+    def plant(self, site: str) -> Plant | None:
+        found = self.load(plant_aggregate_id(site))
+        return found if isinstance(found, Plant) else None
 
     def machine_history(self, site: str, machine_id: str) -> list[Any]:
         """Every stored event of one machine, in the order it was recorded."""

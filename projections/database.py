@@ -83,6 +83,8 @@ class SQLiteViews:
             )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoint the log every ~80 MB, not every 4 MB: a rebuild writes a lot at once.
+            connection.execute("PRAGMA wal_autocheckpoint=20000")
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)

@@ -97,6 +97,8 @@ class MachineFactsView:
             "machine TEXT NOT NULL, kind TEXT NOT NULL, time BIGINT NOT NULL, value TEXT, "
             "program TEXT, quantity BIGINT, order_id TEXT, end_time BIGINT, given_at BIGINT)"
         )
+
+    def create_indexes(self, cursor: Cursor) -> None:
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {TABLE}_by_time ON {TABLE} (machine, kind, time)"
         )

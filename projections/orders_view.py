@@ -27,6 +27,9 @@ class OrdersView:
             "position BIGINT NOT NULL)"
         )
 
+    def create_indexes(self, cursor: Cursor) -> None:
+        pass  # the primary key is the only index
+
     def drop(self, cursor: Cursor) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
 

@@ -6,6 +6,7 @@ catalog and the micro-stop threshold, from the ``[plant]`` table of ``mes-hub.to
 time_zone = "Europe/Berlin"
 micro_stop_threshold_s = 120
 forecast_eta_tolerance_s = 1800   # publish a forecast change when the ETA moves more than this
+effective_from = "2026-03-01T00:00:00+01:00"   # optional: applies from then (default: from start)
 holidays = ["2026-12-25"]
 
 [[plant.shifts]]
@@ -81,6 +82,8 @@ class PlantConfig(_Strict):
     holidays: list[date] = []
     planned_stops: list[PlannedStopConfig] = []
     reasons: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_REASONS))
+    # When this configuration starts to apply; none: from when the hub first runs with it.
+    effective_from: AwareDatetime | None = None
 
     @field_validator("time_zone")
     @classmethod

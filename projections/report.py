@@ -13,6 +13,7 @@ from projections.calendar import Interval, local_days
 from projections.history import MachineFacts, machine_facts
 from projections.oee import OeeFigures, compute_oee
 from projections.plant import PlantConfig
+from projections.plant_history import PlantHistory
 from projections.timeline import TimelineInterval, build_timeline
 
 GroupBy = Literal["hour", "shift", "day", "order"]
@@ -172,3 +173,45 @@ def report_from_history(
     return report_from_facts(
         machine_facts(history), ideal_cycle_times, window, group_by, plant, now
     )
+
+
+FactsFor = Callable[[Interval, PlantConfig], MachineFacts]
+
+
+def timeline_over_time(
+    facts_for: FactsFor, window: Interval, plants: PlantHistory
+) -> list[TimelineInterval]:
+    """A machine's timeline, each stretch judged by the plant configuration in force then."""
+    return [
+        interval
+        for piece, plant in plants.segments(window)
+        for interval in machine_timeline(facts_for(piece, plant), piece, plant)
+    ]
+
+
+def report_over_time(
+    facts_for: FactsFor,
+    ideal_cycle_times: IdealCycleTimes,
+    window: Interval,
+    group_by: GroupBy | None,
+    plants: PlantHistory,
+    now: datetime,
+) -> list[Bucket]:
+    """A machine's report over ``window``, cut where the plant configuration changed (a shift,
+    hour or day bucket spanning a change comes in two parts); one bucket or one per order stay
+    one, by adding the parts' raw figures."""
+    reports = [
+        report_from_facts(facts_for(piece, plant), ideal_cycle_times, piece, group_by, plant, now)
+        for piece, plant in plants.segments(window)
+    ]
+    if len(reports) == 1:
+        return reports[0]
+    if group_by == "order":
+        return site_report(reports, "order")
+    if group_by is None:
+        total = Bucket(OeeFigures(window.start, window.end))
+        for report in reports:
+            for bucket in report:
+                total.figures.add(bucket.figures)
+        return [total]
+    return [bucket for report in reports for bucket in report]

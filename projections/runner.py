@@ -49,7 +49,11 @@ class View(Protocol):
     name: str
     event_classes: tuple[type, ...]
 
-    def create(self, cursor: Cursor, dialect: str) -> None: ...
+    def create(self, cursor: Cursor, dialect: str) -> None:
+        """Create the view's tables if they do not exist (without their indexes)."""
+        ...
+
+    def create_indexes(self, cursor: Cursor) -> None: ...
     def drop(self, cursor: Cursor) -> None: ...
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None: ...
 
@@ -62,43 +66,60 @@ class Progress:
 
 
 class ProjectionWorker:
-    """Keeps one view up to date with the log."""
+    """Keeps views that have read equally far up to date with the log: one read of the log
+    feeds them all, and each view's rows and position are committed together."""
 
     def __init__(
         self,
-        view: View,
+        views: Sequence[View],
         log: EventLog,
         db: ViewDatabase,
         batch_size: int = 5_000,
         kill_after_batches: int | None = None,
     ) -> None:
-        self.view = view
+        self.views = list(views)
+        self.name = "+".join(view.name for view in self.views)
         self._kill_after_batches = kill_after_batches  # failpoint for crash tests
         self._batches = 0
         self._log = log
         self._db = db
         self._batch_size = batch_size
-        self._topics = frozenset(get_topic(cls) for cls in view.event_classes)
+        self._topics = {view.name: _topics(view) for view in self.views}
+        self._all_topics = frozenset().union(*self._topics.values())
         self.position = 0
 
     def prepare(self) -> None:
         ensure_tracking(self._db)
         with self._db.transaction() as cursor:
-            self.view.create(cursor, self._db.dialect)
-            self.position = position_of(cursor, self.view.name)
+            for view in self.views:
+                view.create(cursor, self._db.dialect)
+                view.create_indexes(cursor)
+            self.position = self._shared_position(cursor)
+
+    def _shared_position(self, cursor: Cursor) -> int:
+        positions = {position_of(cursor, view.name) for view in self.views}
+        if len(positions) != 1:
+            raise RuntimeError(f"views {self.name} are at different positions: {positions}")
+        return positions.pop()
 
     def step(self) -> int:
         """Apply the next batch; returns how many notifications were read."""
-        last, events = self._log.read(self.position, self._batch_size, self._topics)
+        last, events = self._log.read(self.position, self._batch_size, self._all_topics)
         if last == self.position:
             return 0
         with self._db.transaction() as cursor:
-            if position_of(cursor, self.view.name) != self.position:
-                # Someone else (a rebuild) moved this view: start again from where it is.
-                self.position = position_of(cursor, self.view.name)
+            moved = {position_of(cursor, view.name) for view in self.views} - {self.position}
+            if moved:
+                # Someone else (a rebuild) moved these views: start again from where they are.
+                self.position = min(moved)
                 return 0
-            self.view.apply(cursor, events)
-            record_position(cursor, self.view.name, last)
+            for view in self.views:
+                topics = self._topics[view.name]
+                if len(self.views) == 1:
+                    view.apply(cursor, events)
+                else:
+                    view.apply(cursor, [e for e in events if get_topic(type(e[1])) in topics])
+                record_position(cursor, view.name, last)
         self._batches += 1
         if self._kill_after_batches is not None and self._batches >= self._kill_after_batches:
             log.warning("failpoint: killing the process after batch %d", self._batches)
@@ -117,18 +138,24 @@ class ProjectionWorker:
                 break
             total += read
             if on_progress is not None:
-                on_progress(Progress(self.view.name, self.position, end))
+                on_progress(Progress(self.name, self.position, end))
         return total
 
     def rebuild(self, on_progress: Callable[[Progress], None] | None = None) -> int:
-        """Drop the view and build it again from the first stored event."""
+        """Drop the views and build them again from the first stored event. Indexes are made
+        at the end: building an index once is much cheaper than keeping it up row by row."""
         ensure_tracking(self._db)
         with self._db.transaction() as cursor:
-            self.view.drop(cursor)
-            cursor.execute(f"DELETE FROM {TRACKING_TABLE} WHERE view = ?", (self.view.name,))
-            self.view.create(cursor, self._db.dialect)
+            for view in self.views:
+                view.drop(cursor)
+                cursor.execute(f"DELETE FROM {TRACKING_TABLE} WHERE view = ?", (view.name,))
+                view.create(cursor, self._db.dialect)
         self.position = 0
-        return self.catch_up(on_progress)
+        read = self.catch_up(on_progress)
+        with self._db.transaction() as cursor:
+            for view in self.views:
+                view.create_indexes(cursor)
+        return read
 
     async def run(self, stop: asyncio.Event, poll_interval: float = 0.1) -> None:
         """Follow the log until ``stop`` is set; a failing batch is logged and retried."""
@@ -140,7 +167,7 @@ class ProjectionWorker:
                     prepared = True
                 read = await asyncio.to_thread(self.step)
             except Exception:
-                log.exception("view %s: batch after position %d failed", self.view.name,
+                log.exception("views %s: batch after position %d failed", self.name,
                               self.position)  # fmt: skip
                 read = 0
                 await _wait(stop, 1.0)
@@ -151,6 +178,20 @@ class ProjectionWorker:
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+def _topics(view: View) -> frozenset[str]:
+    return frozenset(get_topic(cls) for cls in view.event_classes)
+
+
+def group_by_position(db: ViewDatabase, views: Sequence[View]) -> list[list[View]]:
+    """Views that have read equally far, together (normally all of them: one read of the log)."""
+    ensure_tracking(db)
+    with db.transaction(write=False) as cursor:
+        groups: dict[int, list[View]] = {}
+        for view in views:
+            groups.setdefault(position_of(cursor, view.name), []).append(view)
+    return list(groups.values())
 
 
 def positions(db: ViewDatabase) -> dict[str, int]:

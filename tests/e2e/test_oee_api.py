@@ -263,3 +263,35 @@ async def test_only_the_hub_may_publish_forecast_changes(client: httpx.AsyncClie
         headers={**admin, "Content-Type": "application/cloudevents+json"},
     )
     assert response.status_code == 403, response.text
+
+
+async def test_each_day_is_judged_by_the_calendar_in_force_that_day(hub: Hub) -> None:
+    # Round the clock until 2 March, then one early shift with a break (recorded back-dated).
+    assert await hub.record_plant(PlantConfig())
+    await eventually(lambda: hub.ingest_stats().applied == 1)
+    early_from_march_2 = PLANT.model_copy(
+        update={"effective_from": datetime.fromisoformat("2026-03-02T00:00:00+00:00")}
+    )
+    assert await hub.record_plant(early_from_march_2)
+    await eventually(lambda: hub.ingest_stats().applied == 2)
+    assert not await hub.record_plant(early_from_march_2)  # unchanged: nothing recorded
+    running = [
+        cloud_event("mes.machine.availability.v1", "M1", {"availability": "AVAILABLE"},
+                    at=datetime.fromisoformat("2026-03-01T00:00:00+00:00")),
+        cloud_event("mes.machine.execution.v1", "M1", {"execution": "ACTIVE"},
+                    at=datetime.fromisoformat("2026-03-01T00:00:00+00:00")),
+    ]  # fmt: skip
+    await hub.publisher.publish_many(running)
+    await eventually(lambda: hub.ingest_stats().applied == 4)
+    await hub.wait_projected()
+    window = {"from": "2026-03-01T00:00:00Z", "to": "2026-03-03T00:00:00Z", "machine": "M1"}
+    async with api_client(hub, early_from_march_2) as client:
+        by_day = await client.get("/api/v1/oee", params={**window, "group_by": "day"}, headers=AUTH)
+        whole = await client.get("/api/v1/oee", params=window, headers=AUTH)
+    assert by_day.status_code == 200, by_day.text
+    first, second = by_day.json()["buckets"]
+    assert first["planned_busy_time_s"] == 24 * 3600  # 1 March: 24 hours
+    assert second["planned_busy_time_s"] == 7.5 * 3600  # 2 March: 06-14 less the break
+    assert second["planned_stop_s_by_reason"] == {"planned/break": 1800}
+    (total,) = whole.json()["buckets"]
+    assert total["planned_busy_time_s"] == 31.5 * 3600

@@ -133,7 +133,7 @@ async def test_a_rebuild_equals_the_view_built_incrementally_during_a_long_run(
         live = rows(settings.views_sqlite_path)
         rebuilt_path = settings.data_dir / "rebuilt.sqlite"
         rebuilt = SQLiteViews(rebuilt_path)
-        worker = ProjectionWorker(MachineFactsView(), hub.store, rebuilt, batch_size=4_000)
+        worker = ProjectionWorker([MachineFactsView()], hub.store, rebuilt, batch_size=4_000)
         read = worker.rebuild()
         rebuilt.close()
         end = hub.store.last_position()
@@ -178,7 +178,7 @@ async def test_a_projection_killed_mid_stream_resumes_and_loses_and_duplicates_n
 
     reference_path = settings.data_dir / "reference.sqlite"
     reference = SQLiteViews(reference_path)
-    ProjectionWorker(MachineFactsView(), stored, reference).rebuild()
+    ProjectionWorker([MachineFactsView()], stored, reference).rebuild()
     reference.close()
     stored.close()
     resumed = rows(settings.views_sqlite_path)
@@ -208,7 +208,7 @@ async def test_on_postgresql_the_live_view_equals_a_rebuild_and_the_history(
         select = f"SELECT * FROM {schema}.{TABLE} ORDER BY position"
         with psycopg.connect(postgres_dsn) as connection:
             live = connection.execute(select).fetchall()
-        worker = ProjectionWorker(MachineFactsView(), hub.store, hub.views, batch_size=1_000)
+        worker = ProjectionWorker([MachineFactsView()], hub.store, hub.views, batch_size=1_000)
         assert await asyncio.to_thread(worker.rebuild) == hub.store.last_position()
         with psycopg.connect(postgres_dsn) as connection:
             assert connection.execute(select).fetchall() == live

@@ -47,6 +47,10 @@ EXAMPLES = {
     ),
     "mes.erp.order.changed.v1": ("SO-1", {"order_id": "SO-1", "quantity": 12}),
     "mes.erp.order.cancelled.v1": ("SO-1", {"order_id": "SO-1", "reason": "duplicate"}),
+    "mes.hub.plant.configured.v1": (
+        "default",
+        {"plant": {"time_zone": "Europe/Berlin"}, "effective_from": "2026-03-01T00:00:00+01:00"},
+    ),
     "mes.hub.delivery_forecast.changed.v1": (
         "SO-1",
         {

@@ -15,14 +15,15 @@ from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import machine_aggregate_id
 from projections.calendar import Interval
-from projections.history import MachineFacts
+from projections.plant_history import PlantHistory
 from projections.report import (
     Bucket,
+    FactsFor,
     GroupBy,
     facts_window,
-    machine_timeline,
-    report_from_facts,
+    report_over_time,
     site_report,
+    timeline_over_time,
 )
 from projections.timeline import TimelineInterval
 
@@ -107,22 +108,30 @@ def _window(start: datetime, end: datetime) -> Interval:
     return Interval(start.astimezone(UTC), end.astimezone(UTC))
 
 
-def _facts(context: ApiContext, machine_id: str, window: Interval) -> MachineFacts:
+def _facts_for(context: ApiContext, machine_id: str) -> FactsFor:
     if not context.store.has_machine(context.site, machine_id):
         raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
     machine = machine_aggregate_id(context.site, machine_id)
-    return context.facts.window(machine, facts_window(window, context.plant))
+    return lambda window, plant: context.facts.window(machine, facts_window(window, plant))
+
+
+def _plants(context: ApiContext) -> PlantHistory:
+    return PlantHistory.of(context.store.plant(context.site), context.plant)
 
 
 def _machine_report(
-    context: ApiContext, machine_id: str, window: Interval, group_by: GroupBy | None
+    context: ApiContext,
+    machine_id: str,
+    window: Interval,
+    group_by: GroupBy | None,
+    plants: PlantHistory,
 ) -> list[Bucket]:
-    return report_from_facts(
-        _facts(context, machine_id, window),
+    return report_over_time(
+        _facts_for(context, machine_id),
         partial(context.orders.ideal_cycle_times, context.site),
         window,
         group_by,
-        context.plant,
+        plants,
         datetime.now(UTC),
     )
 
@@ -134,7 +143,7 @@ async def timeline(
     window = _window(start, end)
 
     def build() -> list[TimelineInterval]:
-        return machine_timeline(_facts(context, machine_id, window), window, context.plant)
+        return timeline_over_time(_facts_for(context, machine_id), window, _plants(context))
 
     view = TimelineView(
         machine=machine_id,
@@ -159,10 +168,11 @@ async def oee(
     window = _window(start, end)
 
     def build() -> list[Bucket]:
+        plants = _plants(context)
         if machine is not None:
-            return _machine_report(context, machine, window, group_by)
+            return _machine_report(context, machine, window, group_by, plants)
         machines = context.store.machine_ids(context.site)
-        reports = [_machine_report(context, m, window, group_by) for m in machines]
+        reports = [_machine_report(context, m, window, group_by, plants) for m in machines]
         return site_report(reports, group_by)
 
     buckets = await asyncio.to_thread(build)

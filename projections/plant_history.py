@@ -1,0 +1,100 @@
+"""Which plant configuration applied when.
+
+Every configuration the hub ran with is recorded on the site's ``Plant`` (a
+``mes.hub.plant.configured.v1`` event, published when ``mes-hub serve`` starts with a changed
+``[plant]`` table). A report cuts its window where the configuration changed and judges each
+piece by the shifts and reason catalog in force then. Rule: at any instant the configuration
+recorded last among those already in effect applies; the first one also covers everything
+before it (there was no other).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from contracts import CloudEvent
+from hub.domain import Plant
+from projections.calendar import Interval
+from projections.plant import PlantConfig
+
+CONFIGURED_TYPE = "mes.hub.plant.configured.v1"
+
+
+def _as_recorded(plant: PlantConfig) -> dict[str, Any]:
+    return plant.model_dump(mode="json", exclude={"effective_from"})
+
+
+@dataclass(frozen=True)
+class Configuration:
+    applies_from: datetime | None  # None: from the beginning
+    plant: PlantConfig
+
+
+class PlantHistory:
+    def __init__(self, configurations: list[Configuration], current: PlantConfig) -> None:
+        self._configurations = configurations  # in the order they were recorded
+        self.current = current
+
+    @classmethod
+    def of(cls, recorded: Plant | None, current: PlantConfig) -> PlantHistory:
+        configurations = []
+        for index, entry in enumerate(recorded.configurations if recorded else []):
+            start = entry["effective_from"] or entry["recorded_at"]
+            configurations.append(
+                Configuration(
+                    None if index == 0 else datetime.fromisoformat(start),
+                    PlantConfig.model_validate(entry["config"]),
+                )
+            )
+        return cls(configurations, current)
+
+    def at(self, time: datetime) -> PlantConfig:
+        applying = [
+            c for c in self._configurations if c.applies_from is None or c.applies_from <= time
+        ]
+        return applying[-1].plant if applying else self.current
+
+    def segments(self, window: Interval) -> list[tuple[Interval, PlantConfig]]:
+        """``window`` cut where the configuration in force changes."""
+        cuts = sorted(
+            {
+                c.applies_from
+                for c in self._configurations
+                if c.applies_from is not None and window.start < c.applies_from < window.end
+            }
+        )
+        edges = [window.start, *cuts, window.end]
+        pieces: list[tuple[Interval, PlantConfig]] = []
+        for start, end in itertools.pairwise(edges):
+            plant = self.at(start)
+            if pieces and pieces[-1][1] == plant:
+                pieces[-1] = (Interval(pieces[-1][0].start, end), plant)
+            else:
+                pieces.append((Interval(start, end), plant))
+        return pieces
+
+
+def configuration_event(
+    site: str, recorded: Plant | None, plant: PlantConfig, now: datetime
+) -> CloudEvent | None:
+    """The event recording ``plant``, or None when it is what was recorded last. Its id is the
+    configuration's number, so a hub restarted before the event was stored repeats the id."""
+    configurations = recorded.configurations if recorded else []
+    if configurations:
+        last = configurations[-1]
+        effective = plant.effective_from.isoformat() if plant.effective_from else None
+        if last["config"] == _as_recorded(plant) and last["effective_from"] == effective:
+            return None
+    return CloudEvent(
+        specversion="1.0",
+        id=f"plant-{site}-{len(configurations) + 1}",
+        source=f"urn:mes-hub:{site}:plant-config",
+        type=CONFIGURED_TYPE,
+        time=now,
+        subject=site,
+        datacontenttype="application/json",
+        data={"plant": _as_recorded(plant), "effective_from": plant.effective_from},
+    )
