@@ -215,7 +215,8 @@ def live_delay(settings: Settings, rate: float, seconds: float, poll: float) -> 
     follower = threading.Thread(target=follow)
     follower.start()
     writer = Writer(store)
-    later = SimulatorConfig(machines=200, seed=9, start=START + timedelta(days=60))
+    # A new stretch of production each run (another start), so nothing is a duplicate.
+    later = SimulatorConfig(machines=200, seed=9, start=datetime.now(UTC).replace(microsecond=0))
     events = factory_events(later)
     committed: list[tuple[int, float, int]] = []  # (last position, commit time, events)
     tick, started = 0.05, time.perf_counter()
@@ -255,12 +256,16 @@ def main() -> None:
     parser.add_argument("--live-rate", type=float, default=1000.0)
     parser.add_argument("--live-seconds", type=float, default=20.0)
     parser.add_argument("--poll", type=float, default=0.1, help="view poll interval, seconds")
+    parser.add_argument("--only-live", action="store_true", help="skip rebuild and queries")
     args = parser.parse_args()
     data_dir = args.workdir / f"mes-hub-bench-projections-{args.events}"
     settings = load_settings(data_dir=data_dir)
     print(f"{os.cpu_count()} CPUs; SQLite; data in {data_dir}")
     build_store(settings, args.machines, args.events)
 
+    if args.only_live:
+        live_delay(settings, args.live_rate, args.live_seconds, args.poll)
+        return
     store = EventStore(settings)
     count, raw_seconds = raw_read(store, settings.projection_batch)
     read, rebuild_seconds = rebuild(settings, store)

@@ -10,7 +10,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -27,7 +27,9 @@ from hub.api.deps import ApiContext
 from hub.bootstrap import Hub, build_hub
 from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings, redacted_url
+from hub.store import EventStore
 from projections.calendar import Interval
+from projections.database import ViewDatabase
 from projections.facts_view import FactsReader
 from projections.orders_view import OrdersReader
 from projections.plant import PlantConfig, PlantConfigError, load_plant
@@ -355,6 +357,24 @@ def adapter_run(
     _run(main)
 
 
+@contextlib.contextmanager
+def _store_and_views(
+    config: Path | None, data_dir: Path | None
+) -> Iterator[tuple[Settings, EventStore, ViewDatabase]]:
+    """The event store and the views, for the projections commands (no NATS needed)."""
+    from hub.bootstrap import open_views
+    from hub.store import EventStore
+
+    settings = _settings(config, data_dir=data_dir)
+    store = EventStore(settings)
+    views = open_views(settings)
+    try:
+        yield settings, store, views
+    finally:
+        views.close()
+        store.close()
+
+
 @projections_app.command("rebuild")
 def projections_rebuild(
     name: Annotated[str | None, typer.Argument(help="One view; none: every view")] = None,
@@ -364,18 +384,14 @@ def projections_rebuild(
     """Drop views and build them again from the first stored event."""
     from rich.progress import MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
 
-    from hub.bootstrap import all_views, open_views, projection_workers
-    from hub.store import EventStore
+    from hub.bootstrap import all_views, projection_workers
     from projections.runner import Progress as RebuildProgress
 
     known = [view.name for view in all_views()]
     if name is not None and name not in known:
         err_console.print(f"[red]unknown view {name!r}; views: {', '.join(known)}[/]")
         raise typer.Exit(2)
-    settings = _settings(config, data_dir=data_dir)
-    store = EventStore(settings)
-    views = open_views(settings)
-    try:
+    with _store_and_views(config, data_dir) as (settings, store, views):
         columns = (
             *Progress.get_default_columns()[:-1],
             MofNCompleteColumn(),
@@ -397,42 +413,28 @@ def projections_rebuild(
                     f"{worker.name}: {read:,} events in {seconds:.1f} s "
                     f"({rate:,.0f} events/s), position {worker.position}"
                 )
-    finally:
-        views.close()
-        store.close()
 
 
 @projections_app.command("catch-up")
 def projections_catch_up(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Bring every view up to the end of the event store, from where each stopped."""
-    from hub.bootstrap import open_views, projection_workers
-    from hub.store import EventStore
+    from hub.bootstrap import projection_workers
 
-    settings = _settings(config, data_dir=data_dir)
-    store = EventStore(settings)
-    views = open_views(settings)
-    try:
+    with _store_and_views(config, data_dir) as (settings, store, views):
         for worker in projection_workers(settings, store, views):
             worker.prepare()
             before = worker.position
             read = worker.catch_up()
             console.print(f"{worker.name}: {before} -> {worker.position} ({read:,} events)")
-    finally:
-        views.close()
-        store.close()
 
 
 @projections_app.command("status")
 def projections_status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """How far each view has read the event store."""
-    from hub.bootstrap import all_views, open_views
-    from hub.store import EventStore
+    from hub.bootstrap import all_views
     from projections.runner import positions
 
-    settings = _settings(config, data_dir=data_dir)
-    store = EventStore(settings)
-    views = open_views(settings)
-    try:
+    with _store_and_views(config, data_dir) as (_, store, views):
         stored, read = store.last_position(), positions(views)
         table = Table("view", "position", "behind")
         for view in all_views():
@@ -440,9 +442,6 @@ def projections_status(config: ConfigOption = None, data_dir: DataDirOption = No
             table.add_row(view.name, str(position), str(stored - position))
         console.print(f"event store: {stored} events")
         console.print(table)
-    finally:
-        views.close()
-        store.close()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from hub.domain import Order
 from hub.ports import EventPublisher
 from projections.facts_view import FactsReader
 from projections.forecast import Forecast, forecast
+from projections.hub_events import hub_event
 from projections.plant import PlantConfig
 from projections.progress import OrderProgress, Run, facts_of_runs, order_progress
 
@@ -133,18 +134,13 @@ class DeliveryWatch:
             if data is None:
                 continue
             number = order.delivery_forecast_changes + 1
+            event_id = f"forecast-{self._site}-{order.order_id}-{number}"
             events.append(
-                CloudEvent(
-                    specversion="1.0",
-                    id=f"forecast-{self._site}-{order.order_id}-{number}",
-                    source=f"urn:mes-hub:{self._site}:delivery-forecast",
-                    type=FORECAST_TYPE,
-                    time=now,
-                    subject=order.order_id,
-                    datacontenttype="application/json",
-                    data=data,
+                hub_event(
+                    self._site, "delivery-forecast", FORECAST_TYPE, event_id, order.order_id,
+                    now, data,
                 )
-            )
+            )  # fmt: skip
         return events
 
     async def check(self, now: datetime | None = None) -> int:

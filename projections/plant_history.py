@@ -18,6 +18,7 @@ from typing import Any
 from contracts import CloudEvent
 from hub.domain import Plant
 from projections.calendar import Interval
+from projections.hub_events import hub_event
 from projections.plant import PlantConfig
 
 CONFIGURED_TYPE = "mes.hub.plant.configured.v1"
@@ -88,13 +89,12 @@ def configuration_event(
         effective = plant.effective_from.isoformat() if plant.effective_from else None
         if last["config"] == _as_recorded(plant) and last["effective_from"] == effective:
             return None
-    return CloudEvent(
-        specversion="1.0",
-        id=f"plant-{site}-{len(configurations) + 1}",
-        source=f"urn:mes-hub:{site}:plant-config",
-        type=CONFIGURED_TYPE,
-        time=now,
-        subject=site,
-        datacontenttype="application/json",
-        data={"plant": _as_recorded(plant), "effective_from": plant.effective_from},
+    return hub_event(
+        site,
+        "plant-config",
+        CONFIGURED_TYPE,
+        f"plant-{site}-{len(configurations) + 1}",
+        site,
+        now,
+        {"plant": _as_recorded(plant), "effective_from": plant.effective_from},
     )
