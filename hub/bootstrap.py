@@ -45,6 +45,7 @@ class Hub:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _projecting: bool = False
+    _watch: asyncio.Task[None] | None = None
 
     def start_ingest(self) -> None:
         for partition in self.partitions:
@@ -69,7 +70,15 @@ class Hub:
 
     def start_delivery_watch(self) -> None:
         interval = self.settings.forecast_interval_s
-        self._tasks.append(asyncio.create_task(self.delivery_watch.run(self._stop, interval)))
+        self._watch = asyncio.create_task(self.delivery_watch.run(self._stop, interval))
+        self._tasks.append(self._watch)
+
+    async def stop_delivery_watch(self) -> None:
+        """Stop re-forecasting (a round under way is cancelled; it published all or nothing)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
 
     async def wait_projected(self, timeout: float = 30.0) -> None:
         """Wait until every view has read everything stored so far (for tests, demo)."""

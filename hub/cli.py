@@ -272,6 +272,8 @@ def demo(
             simulator.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await simulator
+            # No forecast round may publish after the last wait, or the summary would not add up.
+            await hub.stop_delivery_watch()
             with contextlib.suppress(asyncio.TimeoutError):
                 await hub.wait_caught_up(timeout=30)
             live.update(await table())
@@ -280,7 +282,8 @@ def demo(
         await hub.close()
         console.print(
             f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
-            f"exactly once, {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
+            f"exactly once (with {hub.delivery_watch.published} delivery forecast changes the hub "
+            f"published), {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
             f"simulated until {progress.simulated_until:%Y-%m-%d %H:%M:%S} UTC. "
             f"Data kept in {directory}."
         )

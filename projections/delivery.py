@@ -121,6 +121,7 @@ class DeliveryWatch:
         self._reader = reader
         self._plant = plant
         self._publisher = publisher
+        self.published = 0  # forecast changes published (not counting duplicates)
 
     def changes(self, now: datetime) -> list[CloudEvent]:
         tolerance = timedelta(seconds=self._plant.forecast_eta_tolerance_s)
@@ -149,7 +150,9 @@ class DeliveryWatch:
         if not events:
             return 0
         receipts = await self._publisher.publish_many(events)
-        return sum(1 for receipt in receipts if not receipt.duplicate)
+        new = sum(1 for receipt in receipts if not receipt.duplicate)
+        self.published += new
+        return new
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         while not stop.is_set():
