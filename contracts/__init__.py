@@ -55,6 +55,7 @@ from contracts._types import (
     PlantConfiguredV1,
     ScrapV1,
     Stream,
+    Token,
 )
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     "PlantConfiguredV1",
     "ScrapV1",
     "Stream",
+    "Token",
     "ValidatedEvent",
     "check_subject",
     "decode_event",
