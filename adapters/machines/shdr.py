@@ -1,19 +1,55 @@
 """SHDR: the line protocol of MTConnect adapters (TCP 7878), the usual route for older controls
-and RS-232 machines behind a serial-to-TCP gateway."""
+and RS-232 machines behind a serial-to-TCP gateway.
+
+We connect to the adapter as an MTConnect agent would: send ``* PING`` and expect
+``* PONG <ms>`` (the adapter's heartbeat period), then read lines such as::
+
+    2022-08-08T13:51:34.7167146Z|avail|AVAILABLE|pexecution|READY|ppartcount|0
+    2022-08-08T13:51:34.7167146Z|system|FAULT|1010|HIGH||SPINDLE OVERLOAD
+    2022-08-08T13:51:34.7167146Z|OKUMA:pprogram|O1234
+
+Keys are mapped to meanings through the device's ``Devices.xml`` (DataItem ``name`` or ``id``
+and its ``type``) or the config's ``keys``. Conditions and messages take the rest of their line.
+Assets (``@ASSET@``, including ``--multiline--`` bodies) and other items are skipped, never
+choked on. Event times come from the line.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from contracts import Token
+from adapters.machines.base import CONNECTION_CODE, MachineEvents, report_bad_input
+from contracts import CloudEvent, Token
+from hub.ports import EventPublisher
+
+log = logging.getLogger(__name__)
 
 Meaning = Literal[
     "availability", "execution", "controller_mode", "program", "part_count", "bad_part_count",
     "condition", "message", "ignore",
 ]  # fmt: skip
+
+EXECUTIONS = frozenset(
+    {
+        "ACTIVE", "READY", "INTERRUPTED", "FEED_HOLD", "STOPPED", "OPTIONAL_STOP",
+        "PROGRAM_STOPPED", "PROGRAM_COMPLETED", "WAIT", "UNAVAILABLE",
+    }
+)  # fmt: skip
+MODES = frozenset({"AUTOMATIC", "MANUAL", "MANUAL_DATA_INPUT", "SEMI_AUTOMATIC", "EDIT"})
+CONDITION_LEVELS = {"NORMAL": "normal", "WARNING": "warning", "FAULT": "fault",
+                    "UNAVAILABLE": "unavailable"}  # fmt: skip
 
 
 class ShdrConfig(BaseModel):
@@ -26,6 +62,426 @@ class ShdrConfig(BaseModel):
     machine_id: Token | None = None  # the machine of lines without a ``dev:`` prefix
     devices: dict[str, Token] = {}  # SHDR device name (``dev:key``) -> machine id
     devices_xml: Path | None = None  # maps keys (DataItem name or id) to what they mean
+    device: str | None = None  # which device of Devices.xml (name or uuid); default: the first
     keys: dict[str, Meaning] = {}  # key -> meaning; wins over Devices.xml
     heartbeat_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("devices_xml")
+    @classmethod
+    def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base")
+        if value is not None and not value.is_absolute() and base is not None:
+            value = base / value
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    def source(self) -> str:
+        return f"shdr://{self.host}:{self.port}"
+
+
+# --- Devices.xml -----------------------------------------------------------------------------
+
+_TYPE_MEANINGS: dict[str, Meaning] = {
+    "AVAILABILITY": "availability",
+    "EXECUTION": "execution",
+    "CONTROLLER_MODE": "controller_mode",
+    "PROGRAM": "program",
+}
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def devices_xml_meanings(path: Path, device: str | None = None) -> dict[str, Meaning]:
+    """Key (DataItem name and id) -> meaning, for one device of an MTConnectDevices document."""
+    root = ET.parse(path).getroot()  # noqa: S314 - a file the plant's own engineer configured
+    devices = [e for e in root.iter() if _local(e.tag) == "Device"]
+    if device is not None:
+        devices = [d for d in devices if device in (d.get("name"), d.get("uuid"), d.get("id"))]
+        if not devices:
+            raise ValueError(f"{path}: no device named {device!r}")
+    meanings: dict[str, Meaning] = {}
+    for item in (e for d in devices[:1] for e in d.iter() if _local(e.tag) == "DataItem"):
+        meaning = data_item_meaning(
+            item.get("type", ""), item.get("subType"), item.get("category", "")
+        )
+        if meaning is None:
+            continue
+        for key in (item.get("name"), item.get("id")):
+            if key:
+                meanings.setdefault(key, meaning)
+    return meanings
+
+
+def data_item_meaning(type_: str, sub_type: str | None, category: str) -> Meaning | None:
+    if category == "CONDITION":
+        return "condition"
+    if type_ == "PART_COUNT":
+        return "bad_part_count" if (sub_type or "").upper() in ("BAD", "REJECT") else "part_count"
+    if type_ == "MESSAGE":
+        return "message"
+    return _TYPE_MEANINGS.get(type_)
+
+
+# --- lines -----------------------------------------------------------------------------------
+
+
+def split_fields(line: str) -> list[str]:
+    """Split on ``|``; a backslash escapes the next character, and a field in double quotes
+    may hold pipes (the agent's tokenizer rules)."""
+    fields: list[str] = []
+    current: list[str] = []
+    i, quoted, n = 0, False, len(line)
+    while i < n:
+        char = line[i]
+        if char == "\\" and i + 1 < n:
+            current.append(line[i + 1])
+            i += 2
+            continue
+        if char == '"' and (quoted or not current):
+            quoted = not quoted
+        elif char == "|" and not quoted:
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    fields.append("".join(current))
+    return fields
+
+
+@dataclass
+class _MachineState:
+    events: MachineEvents
+    execution: str | None = None
+    mode: str | None = None
+    program: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    available: bool | None = None
+    active_codes: dict[str, set[str]] = field(default_factory=dict)  # condition key -> codes
+
+
+_MULTILINE = re.compile(r"^--multiline--(\w+)$")
+
+
+class ShdrParser:
+    """Turns SHDR lines into contract events, publishing changes only."""
+
+    def __init__(self, config: ShdrConfig) -> None:
+        self.config = config
+        self.keys: dict[str, Meaning] = {}
+        if config.devices_xml is not None:
+            self.keys.update(devices_xml_meanings(config.devices_xml, config.device))
+        self.keys.update(config.keys)
+        self._machines: dict[str, _MachineState] = {}
+        self._multiline_end: str | None = None
+        self.lines = 0
+
+    def machine(self, machine_id: str) -> _MachineState:
+        state = self._machines.get(machine_id)
+        if state is None:
+            state = _MachineState(MachineEvents(machine_id, self.config.source()))
+            self._machines[machine_id] = state
+        return state
+
+    def machines(self) -> list[_MachineState]:
+        return list(self._machines.values())
+
+    def feed(self, line: str) -> list[CloudEvent]:
+        self.lines += 1
+        line = line.rstrip("\r\n")
+        if self._multiline_end is not None:
+            if line == self._multiline_end:
+                self._multiline_end = None
+            return []
+        if not line or line.startswith("*"):
+            return []  # heartbeats and adapter commands (* shdrVersion, * uuid, …)
+        fields = split_fields(line)
+        if len(fields) < 2:
+            return self._bad(None, "a line needs a timestamp and at least one item", line)
+        stamp, items = fields[0], fields[1:]
+        try:
+            at = _parse_time(stamp)
+        except ValueError:
+            return self._bad(None, f"timestamp {stamp!r} is not ISO 8601", line)
+        if items[0].startswith("@"):
+            # Assets: a multiline body runs until its terminator; either way, not our concern.
+            match = (
+                _MULTILINE.match(items[-1]) if items[0] in ("@ASSET@", "@UPDATE_ASSET@") else None
+            )
+            if match:
+                self._multiline_end = items[-1]
+            return []
+        events: list[CloudEvent] = []
+        index = 0
+        while index < len(items):
+            device, _, key = items[index].rpartition(":")
+            machine_id = self.config.devices.get(device) if device else self.config.machine_id
+            meaning = self.keys.get(key) or self.keys.get(items[index])
+            if meaning in ("condition", "message"):
+                # These take the rest of the line.
+                if machine_id is not None:
+                    events += self._apply_rest(machine_id, meaning, key, items[index + 1 :], at,
+                                               stamp)  # fmt: skip
+                break
+            if index + 1 >= len(items):
+                events += self._bad(machine_id, f"item {key!r} has no value", line)
+                break
+            value = items[index + 1]
+            index += 2
+            if machine_id is None or meaning is None or meaning == "ignore":
+                continue
+            events += self._apply(machine_id, meaning, key, value, at, f"{stamp}|{key}")
+        return events
+
+    def _bad(self, machine_id: str | None, what: str, raw: str) -> list[CloudEvent]:
+        machine = (
+            machine_id or self.config.machine_id or next(iter(self.config.devices.values()), None)
+        )
+        if machine is None:
+            log.warning("%s: %s; got %r", self.config.source(), what, raw[:200])
+            return []
+        return [report_bad_input(log, self.machine(machine).events, what, raw, f"{self.lines}")]
+
+    def _apply(
+        self, machine_id: str, meaning: Meaning, key: str, value: str, at: datetime, uid: str
+    ) -> list[CloudEvent]:
+        state = self.machine(machine_id)
+        uid = f"{uid}|{value}"
+        if meaning == "availability":
+            if value not in ("AVAILABLE", "UNAVAILABLE"):
+                return self._bad(machine_id, f"{key}: availability {value!r} is not valid", value)
+            available = value == "AVAILABLE"
+            if available == state.available:
+                return []
+            state.available = available
+            return [state.events.availability(available, at, uid)]
+        if meaning in ("part_count", "bad_part_count"):
+            if value == "UNAVAILABLE":
+                return []
+            try:
+                count = int(float(value)) if "." in value else int(value)
+            except ValueError:
+                return self._bad(machine_id, f"{key}: part count {value!r} is not a number", value)
+            if count < 0:
+                return self._bad(machine_id, f"{key}: part count {count} is negative", value)
+            kind = "bad" if meaning == "bad_part_count" else "all"
+            if state.counts.get(kind) == count:
+                return []
+            state.counts[kind] = count
+            return [state.events.part_count(count, kind, at, uid)]
+        if meaning == "execution":
+            if value not in EXECUTIONS:
+                return self._bad(machine_id, f"{key}: execution {value!r} is not valid", value)
+            if value == state.execution:
+                return []
+            state.execution = value
+        elif meaning == "controller_mode":
+            mode = value if value in MODES else None
+            if value not in MODES and value != "UNAVAILABLE":
+                return self._bad(
+                    machine_id, f"{key}: controller mode {value!r} is not valid", value
+                )
+            if mode == state.mode:
+                return []
+            state.mode = mode
+        elif meaning == "program":
+            program = None if value in ("", "UNAVAILABLE") else value[:256]
+            if program == state.program:
+                return []
+            state.program = program
+        else:
+            return []
+        if state.execution is None:
+            return []  # mode or program before any execution: carried by the first execution
+        return [state.events.execution(state.execution, at, uid, state.mode, state.program)]
+
+    def _apply_rest(
+        self,
+        machine_id: str,
+        meaning: Meaning,
+        key: str,
+        rest: list[str],
+        at: datetime,
+        stamp: str,
+    ) -> list[CloudEvent]:
+        if meaning == "message":
+            return []  # contract v1 has no message type; parsed so the line does not derail
+        if not rest:
+            return self._bad(machine_id, f"condition {key!r} has no level", key)
+        level = CONDITION_LEVELS.get(rest[0].upper())
+        if level is None:
+            return self._bad(
+                machine_id, f"condition {key!r}: level {rest[0]!r} is not valid", rest[0]
+            )
+        code = rest[1] if len(rest) > 1 and rest[1] else None
+        text = rest[4] if len(rest) > 4 and rest[4] else None
+        state = self.machine(machine_id)
+        active = state.active_codes.setdefault(key, set())
+        uid = f"{stamp}|{key}|{'|'.join(rest)}"
+        if level == "normal":
+            # NORMAL without a code clears this item's conditions, not the whole machine's.
+            cleared = sorted(active) if code is None else [code] if code in active else []
+            active.difference_update(cleared)
+            return [state.events.condition("normal", at, f"{uid}|{c}", c) for c in cleared]
+        native = code or key
+        if native in active and level != "unavailable":
+            return []
+        active.add(native)
+        return [state.events.condition(level, at, uid, native, text)]
+
+
+def _parse_time(stamp: str) -> datetime:
+    if not stamp:
+        return datetime.now(UTC)
+    # Agents write up to 7 fractional digits; Python takes 6.
+    text = stamp.replace("Z", "+00:00")
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --- the adapter -----------------------------------------------------------------------------
+
+
+class ShdrAdapter:
+    """Reads one SHDR adapter over TCP; reconnects with backoff; publishes in batches."""
+
+    protocol: ClassVar[str] = "shdr"
+
+    def __init__(self, config: ShdrConfig) -> None:
+        self.config = config
+        self.parser = ShdrParser(config)
+
+    def machine_ids(self) -> list[str]:
+        ids = list(self.config.devices.values())
+        return [self.config.machine_id, *ids] if self.config.machine_id else ids
+
+    async def run(self, publisher: EventPublisher, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.config.host, self.config.port), 10
+                )
+            except (OSError, TimeoutError) as exc:
+                log.warning("%s: cannot connect (%s); retrying in %.1f s",
+                            self.config.source(), exc, backoff)  # fmt: skip
+                await _sleep(stop, backoff)
+                backoff = min(backoff * 2, self.config.reconnect_max_s)
+                continue
+            backoff = 0.5
+            log.info("%s: connected", self.config.source())
+            try:
+                await self._session(reader, writer, publisher, stop)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                log.warning("%s: connection lost (%s)", self.config.source(), exc)
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            if not stop.is_set():
+                await publisher.publish_many(self._lost())
+                await _sleep(stop, backoff)
+
+    def _lost(self) -> list[CloudEvent]:
+        """The machines are out of reach: UNAVAILABLE, once per loss."""
+        events = []
+        for machine_id in self.machine_ids():
+            state = self.parser.machine(machine_id)
+            if state.available is not False:
+                state.available = False
+                key = f"lost|{time.time_ns()}"
+                events.append(state.events.availability(False, None, key))
+                events.append(
+                    state.events.condition("unavailable", None, key, CONNECTION_CODE,
+                                           f"SHDR adapter {self.config.source()} unreachable")
+                )  # fmt: skip
+        return events
+
+    async def _session(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        publisher: EventPublisher,
+        stop: asyncio.Event,
+    ) -> None:
+        writer.write(b"* PING\n")
+        await writer.drain()
+        # An adapter that answers PONG promises to be heard from within its period; one that
+        # does not (older ones) may stay silent as long as nothing changes.
+        heartbeat: float | None = None
+        last_ping = last_heard = time.monotonic()
+        pending: list[CloudEvent] = []
+        while not stop.is_set():
+            try:
+                # Lines come in bursts; publish a burst together, but never sit on events.
+                timeout = 0.05 if pending else 0.5
+                raw = await asyncio.wait_for(reader.readline(), timeout)
+            except TimeoutError:
+                if pending:
+                    await publisher.publish_many(pending)
+                    pending = []
+                now = time.monotonic()
+                if heartbeat is not None and now - last_heard > heartbeat:
+                    raise TimeoutError(f"no heartbeat for {heartbeat:.1f} s") from None
+                if now - last_ping > (heartbeat or self.config.heartbeat_timeout_s) / 2:
+                    writer.write(b"* PING\n")
+                    await writer.drain()
+                    last_ping = now
+                continue
+            if not raw:
+                raise ConnectionResetError("the adapter closed the connection")
+            last_heard = time.monotonic()
+            line = raw.decode("utf-8", errors="replace")
+            if line.startswith("* PONG"):
+                heartbeat = _pong_period(line, self.config.heartbeat_timeout_s)
+                continue
+            pending += self.parser.feed(line)
+            if len(pending) >= 500:
+                await publisher.publish_many(pending)
+                pending = []
+        if pending:
+            await publisher.publish_many(pending)
+
+    async def check(self) -> list[CloudEvent]:
+        """Connect, read what the adapter sends first (its initial snapshot), and return it."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.config.host, self.config.port), 10
+        )
+        events: list[CloudEvent] = []
+        try:
+            writer.write(b"* PING\n")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    raw = await asyncio.wait_for(reader.readline(), 1.0)
+                    if not raw:
+                        break
+                    events += self.parser.feed(raw.decode("utf-8", errors="replace"))
+        finally:
+            writer.close()
+        return events
+
+
+def _pong_period(line: str, current: float) -> float:
+    """``* PONG <ms>``: the adapter promises a heartbeat every <ms>; allow twice that."""
+    parts = line.split()
+    try:
+        return max(0.2, 2 * int(parts[2]) / 1000)
+    except (IndexError, ValueError):
+        return current
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def replay_lines(config: ShdrConfig, lines: Iterable[str]) -> list[CloudEvent]:
+    """Parse a capture offline (``adapter check`` of a file, benchmarks)."""
+    parser = ShdrParser(config)
+    return [event for line in lines for event in parser.feed(line)]
