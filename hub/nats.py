@@ -207,3 +207,41 @@ class NatsPublisher:
                 raise ack
             receipts.append(PublishReceipt(event_id, subject, ack.seq, bool(ack.duplicate)))
         return receipts
+
+
+class ConnectingPublisher:
+    """``EventPublisher`` for processes that must start while NATS may be down (adapters):
+    connects on first use and again after the connection is closed; while NATS cannot be
+    reached, publishing raises (and a store-and-forward buffer in front of it takes over)."""
+
+    def __init__(self, url: str, site: str, name: str, timeout: float = 5.0) -> None:
+        self._url = url
+        self._site = site
+        self._name = name
+        self._timeout = timeout
+        self._client: NatsClient | None = None
+        self._publisher: NatsPublisher | None = None
+
+    async def _connected(self) -> NatsPublisher:
+        if self._client is None or self._client.is_closed or self._publisher is None:
+            self._client = await nats.connect(
+                self._url,
+                name=self._name,
+                connect_timeout=self._timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+            )
+            self._publisher = NatsPublisher(self._client.jetstream(), self._site, self._timeout)
+        return self._publisher
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt:
+        return await (await self._connected()).publish(event)
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        return await (await self._connected()).publish_many(events)
+
+    async def close(self) -> None:
+        if self._client is not None and not self._client.is_closed:
+            with contextlib.suppress(Exception):
+                await self._client.drain()

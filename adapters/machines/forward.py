@@ -1,0 +1,178 @@
+"""Store-and-forward: while NATS cannot be reached, an adapter's events wait in a bounded queue
+on disk and go out in their original order once it is back.
+
+- Nothing is lost: an event is removed from the queue only after JetStream acknowledged it;
+  the queue is a SQLite file, so it survives the adapter being restarted.
+- Nothing is duplicated: an event published twice (its ack was lost in the outage) carries the
+  same CloudEvent id, which JetStream's duplicate window and the hub's store both drop.
+- Order: while anything waits, new events queue behind it instead of overtaking it.
+- Bounded: at ``max_events`` the OLDEST waiting events are dropped to make room (the newest
+  state of a machine matters more than its oldest history), and every drop is logged as an
+  error with the running total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+from contracts import CloudEvent, nats_subject_for, validate_envelope
+from hub.ports import EventPublisher, PublishReceipt
+
+log = logging.getLogger(__name__)
+FLUSH_BATCH = 500
+
+
+class _Queue:
+    """The on-disk FIFO (a SQLite file; one connection, used under a lock from threads)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS waiting (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "event TEXT NOT NULL)"
+        )
+        self._lock = threading.Lock()
+
+    def append(self, events: list[CloudEvent], max_events: int) -> int:
+        """Queue ``events``; returns how many of the oldest were dropped to stay in bounds."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO waiting (event) VALUES (?)", [(e.model_dump_json(),) for e in events]
+            )
+            excess = self._count() - max_events
+            if excess > 0:
+                self._db.execute(
+                    "DELETE FROM waiting WHERE seq IN "
+                    "(SELECT seq FROM waiting ORDER BY seq LIMIT ?)",
+                    (excess,),
+                )
+            self._db.execute("COMMIT")
+            return max(0, excess)
+
+    def oldest(self, limit: int) -> list[tuple[int, CloudEvent]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, event FROM waiting ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [(seq, CloudEvent.model_validate_json(text)) for seq, text in rows]
+
+    def remove_through(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM waiting WHERE seq <= ?", (seq,))
+
+    def _count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM waiting").fetchone()[0])
+
+    def count(self) -> int:
+        with self._lock:
+            return self._count()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class StoreAndForward:
+    """An ``EventPublisher`` in front of another: publishes straight through while it can,
+    queues on disk while it cannot, and flushes the queue in order in the background."""
+
+    def __init__(
+        self,
+        inner: EventPublisher,
+        directory: Path,
+        site: str,
+        max_events: int = 100_000,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self._inner = inner
+        self._queue = _Queue(directory / "buffer.sqlite")
+        self._site = site
+        self.max_events = max_events
+        self._retry_max_s = retry_max_s
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one publisher at a time keeps the order
+        self.buffered = 0  # events that went through the queue
+        self.dropped = 0  # events dropped because the queue was full
+
+    def waiting(self) -> int:
+        return self._queue.count()
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt:
+        (receipt,) = await self.publish_many([event])
+        return receipt
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        if not events:
+            return []
+        async with self._lock:
+            if await asyncio.to_thread(self._queue.count) == 0:
+                try:
+                    return await self._inner.publish_many(events)
+                except Exception as exc:
+                    log.warning("NATS unreachable (%s): buffering on disk",
+                                type(exc).__name__ or exc)  # fmt: skip
+            await self._enqueue(events)
+        self._start_flusher()
+        # Not in the stream yet: no sequence number.
+        return [
+            PublishReceipt(e.id, nats_subject_for(self._site, validate_envelope(e)), None)
+            for e in events
+        ]
+
+    async def _enqueue(self, events: list[CloudEvent]) -> None:
+        dropped = await asyncio.to_thread(self._queue.append, events, self.max_events)
+        self.buffered += len(events)
+        if dropped:
+            self.dropped += dropped
+            log.error(
+                "store-and-forward buffer FULL (%d events): dropped the %d oldest waiting "
+                "events to keep the newest (%d dropped since start); NATS still unreachable",
+                self.max_events, dropped, self.dropped,
+            )  # fmt: skip
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        backoff = 0.2
+        while True:
+            async with self._lock:
+                batch = await asyncio.to_thread(self._queue.oldest, FLUSH_BATCH)
+                if not batch:
+                    log.info("store-and-forward buffer empty: publishing directly again")
+                    return
+                try:
+                    await self._inner.publish_many([event for _, event in batch])
+                except Exception as exc:
+                    log.debug("flush failed (%s); %d waiting", exc, len(batch))
+                else:
+                    await asyncio.to_thread(self._queue.remove_through, batch[-1][0])
+                    backoff = 0.2
+                    continue
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._retry_max_s)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the queue to empty; True if it did."""
+        if self._queue.count():
+            self._start_flusher()
+        with contextlib.suppress(TimeoutError):
+            if self._flusher is not None:
+                await asyncio.wait_for(asyncio.shield(self._flusher), timeout)
+        return self._queue.count() == 0
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        self._queue.close()
