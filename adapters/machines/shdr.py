@@ -23,33 +23,18 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from adapters.machines.base import CONNECTION_CODE, MachineEvents, report_bad_input
+from adapters.machines.base import CONNECTION_CODE, MachineEvents
+from adapters.machines.observations import MachineObserver, Meaning
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
 
 log = logging.getLogger(__name__)
-
-Meaning = Literal[
-    "availability", "execution", "controller_mode", "program", "part_count", "bad_part_count",
-    "condition", "message", "ignore",
-]  # fmt: skip
-
-EXECUTIONS = frozenset(
-    {
-        "ACTIVE", "READY", "INTERRUPTED", "FEED_HOLD", "STOPPED", "OPTIONAL_STOP",
-        "PROGRAM_STOPPED", "PROGRAM_COMPLETED", "WAIT", "UNAVAILABLE",
-    }
-)  # fmt: skip
-MODES = frozenset({"AUTOMATIC", "MANUAL", "MANUAL_DATA_INPUT", "SEMI_AUTOMATIC", "EDIT"})
-CONDITION_LEVELS = {"NORMAL": "normal", "WARNING": "warning", "FAULT": "fault",
-                    "UNAVAILABLE": "unavailable"}  # fmt: skip
 
 
 class ShdrConfig(BaseModel):
@@ -153,17 +138,6 @@ def split_fields(line: str) -> list[str]:
     return fields
 
 
-@dataclass
-class _MachineState:
-    events: MachineEvents
-    execution: str | None = None
-    mode: str | None = None
-    program: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    available: bool | None = None
-    active_codes: dict[str, set[str]] = field(default_factory=dict)  # condition key -> codes
-
-
 _MULTILINE = re.compile(r"^--multiline--(\w+)$")
 
 
@@ -176,18 +150,18 @@ class ShdrParser:
         if config.devices_xml is not None:
             self.keys.update(devices_xml_meanings(config.devices_xml, config.device))
         self.keys.update(config.keys)
-        self._machines: dict[str, _MachineState] = {}
+        self._machines: dict[str, MachineObserver] = {}
         self._multiline_end: str | None = None
         self.lines = 0
 
-    def machine(self, machine_id: str) -> _MachineState:
+    def machine(self, machine_id: str) -> MachineObserver:
         state = self._machines.get(machine_id)
         if state is None:
-            state = _MachineState(MachineEvents(machine_id, self.config.source()))
+            state = MachineObserver(MachineEvents(machine_id, self.config.source()), log)
             self._machines[machine_id] = state
         return state
 
-    def machines(self) -> list[_MachineState]:
+    def machines(self) -> list[MachineObserver]:
         return list(self._machines.values())
 
     def feed(self, line: str) -> list[CloudEvent]:
@@ -209,10 +183,7 @@ class ShdrParser:
             return self._bad(None, f"timestamp {stamp!r} is not ISO 8601", line)
         if items[0].startswith("@"):
             # Assets: a multiline body runs until its terminator; either way, not our concern.
-            match = (
-                _MULTILINE.match(items[-1]) if items[0] in ("@ASSET@", "@UPDATE_ASSET@") else None
-            )
-            if match:
+            if items[0] in ("@ASSET@", "@UPDATE_ASSET@") and _MULTILINE.match(items[-1]):
                 self._multiline_end = items[-1]
             return []
         events: list[CloudEvent] = []
@@ -244,60 +215,12 @@ class ShdrParser:
         if machine is None:
             log.warning("%s: %s; got %r", self.config.source(), what, raw[:200])
             return []
-        return [report_bad_input(log, self.machine(machine).events, what, raw, f"{self.lines}")]
+        return self.machine(machine).bad(what, raw)
 
     def _apply(
         self, machine_id: str, meaning: Meaning, key: str, value: str, at: datetime, uid: str
     ) -> list[CloudEvent]:
-        state = self.machine(machine_id)
-        uid = f"{uid}|{value}"
-        if meaning == "availability":
-            if value not in ("AVAILABLE", "UNAVAILABLE"):
-                return self._bad(machine_id, f"{key}: availability {value!r} is not valid", value)
-            available = value == "AVAILABLE"
-            if available == state.available:
-                return []
-            state.available = available
-            return [state.events.availability(available, at, uid)]
-        if meaning in ("part_count", "bad_part_count"):
-            if value == "UNAVAILABLE":
-                return []
-            try:
-                count = int(float(value)) if "." in value else int(value)
-            except ValueError:
-                return self._bad(machine_id, f"{key}: part count {value!r} is not a number", value)
-            if count < 0:
-                return self._bad(machine_id, f"{key}: part count {count} is negative", value)
-            kind = "bad" if meaning == "bad_part_count" else "all"
-            if state.counts.get(kind) == count:
-                return []
-            state.counts[kind] = count
-            return [state.events.part_count(count, kind, at, uid)]
-        if meaning == "execution":
-            if value not in EXECUTIONS:
-                return self._bad(machine_id, f"{key}: execution {value!r} is not valid", value)
-            if value == state.execution:
-                return []
-            state.execution = value
-        elif meaning == "controller_mode":
-            mode = value if value in MODES else None
-            if value not in MODES and value != "UNAVAILABLE":
-                return self._bad(
-                    machine_id, f"{key}: controller mode {value!r} is not valid", value
-                )
-            if mode == state.mode:
-                return []
-            state.mode = mode
-        elif meaning == "program":
-            program = None if value in ("", "UNAVAILABLE") else value[:256]
-            if program == state.program:
-                return []
-            state.program = program
-        else:
-            return []
-        if state.execution is None:
-            return []  # mode or program before any execution: carried by the first execution
-        return [state.events.execution(state.execution, at, uid, state.mode, state.program)]
+        return self.machine(machine_id).value(meaning, key, value, at, f"{uid}|{value}")
 
     def _apply_rest(
         self,
@@ -312,26 +235,11 @@ class ShdrParser:
             return []  # contract v1 has no message type; parsed so the line does not derail
         if not rest:
             return self._bad(machine_id, f"condition {key!r} has no level", key)
-        level = CONDITION_LEVELS.get(rest[0].upper())
-        if level is None:
-            return self._bad(
-                machine_id, f"condition {key!r}: level {rest[0]!r} is not valid", rest[0]
-            )
+        # level|native code|native severity|qualifier|text
         code = rest[1] if len(rest) > 1 and rest[1] else None
         text = rest[4] if len(rest) > 4 and rest[4] else None
-        state = self.machine(machine_id)
-        active = state.active_codes.setdefault(key, set())
         uid = f"{stamp}|{key}|{'|'.join(rest)}"
-        if level == "normal":
-            # NORMAL without a code clears this item's conditions, not the whole machine's.
-            cleared = sorted(active) if code is None else [code] if code in active else []
-            active.difference_update(cleared)
-            return [state.events.condition("normal", at, f"{uid}|{c}", c) for c in cleared]
-        native = code or key
-        if native in active and level != "unavailable":
-            return []
-        active.add(native)
-        return [state.events.condition(level, at, uid, native, text)]
+        return self.machine(machine_id).condition(key, rest[0], code, text, at, uid)
 
 
 def _parse_time(stamp: str) -> datetime:

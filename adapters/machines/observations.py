@@ -1,0 +1,120 @@
+"""What a machine reported, item by item, turned into contract events: only changes, with
+execution, controller mode and program carried together, and conditions tracked per item.
+Shared by the protocols that report named data items (SHDR, MTConnect)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Literal
+
+from adapters.machines.base import MachineEvents, report_bad_input
+from contracts import CloudEvent
+
+Meaning = Literal[
+    "availability", "execution", "controller_mode", "program", "part_count", "bad_part_count",
+    "condition", "message", "ignore",
+]  # fmt: skip
+
+EXECUTIONS = frozenset(
+    {
+        "ACTIVE", "READY", "INTERRUPTED", "FEED_HOLD", "STOPPED", "OPTIONAL_STOP",
+        "PROGRAM_STOPPED", "PROGRAM_COMPLETED", "WAIT", "UNAVAILABLE",
+    }
+)  # fmt: skip
+MODES = frozenset({"AUTOMATIC", "MANUAL", "MANUAL_DATA_INPUT", "SEMI_AUTOMATIC", "EDIT"})
+CONDITION_LEVELS = {"NORMAL": "normal", "WARNING": "warning", "FAULT": "fault",
+                    "UNAVAILABLE": "unavailable"}  # fmt: skip
+
+
+class MachineObserver:
+    """One machine's last reported state; ``value`` and ``condition`` return the events a new
+    observation makes (none when nothing changed)."""
+
+    def __init__(self, events: MachineEvents, log: logging.Logger) -> None:
+        self.events = events
+        self._log = log
+        self.execution: str | None = None
+        self.mode: str | None = None
+        self.program: str | None = None
+        self.counts: dict[str, int] = {}
+        self.available: bool | None = None
+        self.active_codes: dict[str, set[str]] = {}  # condition item -> active native codes
+        self.bad_inputs = 0
+
+    def bad(self, what: str, raw: object) -> list[CloudEvent]:
+        self.bad_inputs += 1
+        return [report_bad_input(self._log, self.events, what, raw, f"{self.bad_inputs}|{raw}")]
+
+    def value(
+        self, meaning: Meaning, key: str, value: str, at: datetime, uid: str
+    ) -> list[CloudEvent]:
+        if meaning == "availability":
+            if value not in ("AVAILABLE", "UNAVAILABLE"):
+                return self.bad(f"{key}: availability {value!r} is not valid", value)
+            available = value == "AVAILABLE"
+            if available == self.available:
+                return []
+            self.available = available
+            return [self.events.availability(available, at, uid)]
+        if meaning in ("part_count", "bad_part_count"):
+            return self._count(meaning, key, value, at, uid)
+        if meaning == "execution":
+            if value not in EXECUTIONS:
+                return self.bad(f"{key}: execution {value!r} is not valid", value)
+            if value == self.execution:
+                return []
+            self.execution = value
+        elif meaning == "controller_mode":
+            if value not in MODES and value != "UNAVAILABLE":
+                return self.bad(f"{key}: controller mode {value!r} is not valid", value)
+            mode = value if value in MODES else None
+            if mode == self.mode:
+                return []
+            self.mode = mode
+        elif meaning == "program":
+            program = None if value in ("", "UNAVAILABLE") else value[:256]
+            if program == self.program:
+                return []
+            self.program = program
+        else:
+            return []
+        if self.execution is None:
+            return []  # mode or program before any execution: carried by the first execution
+        return [self.events.execution(self.execution, at, uid, self.mode, self.program)]
+
+    def _count(
+        self, meaning: Meaning, key: str, value: str, at: datetime, uid: str
+    ) -> list[CloudEvent]:
+        if value == "UNAVAILABLE":
+            return []
+        try:
+            number = float(value)
+        except ValueError:
+            return self.bad(f"{key}: part count {value!r} is not a number", value)
+        if number < 0 or number != int(number):
+            return self.bad(f"{key}: part count {value!r} is not a whole number ≥ 0", value)
+        kind = "bad" if meaning == "bad_part_count" else "all"
+        count = int(number)
+        if self.counts.get(kind) == count:
+            return []
+        self.counts[kind] = count
+        return [self.events.part_count(count, kind, at, uid)]
+
+    def condition(
+        self, key: str, level: str, code: str | None, text: str | None, at: datetime, uid: str
+    ) -> list[CloudEvent]:
+        normalized = CONDITION_LEVELS.get(level.upper())
+        if normalized is None:
+            return self.bad(f"condition {key!r}: level {level!r} is not valid", level)
+        active = self.active_codes.setdefault(key, set())
+        if normalized == "normal":
+            # NORMAL without a code clears this item's conditions, not the whole machine's.
+            cleared = sorted(active) if code is None else [code] if code in active else []
+            active.difference_update(cleared)
+            return [self.events.condition("normal", at, f"{uid}|{c}", c) for c in cleared]
+        native = code or key
+        if native in active and normalized != "unavailable":
+            return []
+        active.add(native)
+        return [self.events.condition(normalized, at, uid, native, text)]
