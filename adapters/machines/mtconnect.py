@@ -1,10 +1,34 @@
-"""MTConnect agent client (httpx): probe, current, then sample from nextSequence."""
+"""MTConnect agent client (httpx): ``probe``, then ``current``, then ``sample`` from
+``nextSequence``, streamed (multipart, with ``interval``) or, if the agent cannot, polled.
+
+The agent's sequence numbers make the events' ids (with its ``instanceId``), so reading the same
+observation twice publishes nothing new. When the agent restarts (a new ``instanceId``) or the
+client fell behind its buffer (``OUT_OF_RANGE``: data lost), the client resynchronises from
+``current`` and says so in the log and with a ``warning`` condition on each machine.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import ClassVar
+
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts import Token
+from adapters.machines.base import MachineEvents
+from adapters.machines.observations import MachineObserver, Meaning, data_item_meaning
+from contracts import CloudEvent, Token, is_token
+from hub.ports import EventPublisher
+
+log = logging.getLogger(__name__)
+RESYNC_CODE = "MTCONNECT_RESYNC"
 
 
 class MtconnectConfig(BaseModel):
@@ -19,3 +43,334 @@ class MtconnectConfig(BaseModel):
     count: int = Field(default=1000, ge=1, le=100_000)
     streaming: bool = True  # multipart sample stream; False (or if the agent cannot): polling
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+
+
+class AgentError(Exception):
+    """An MTConnectError document (e.g. OUT_OF_RANGE) or a response that is not MTConnect."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class DataItem:
+    device: str  # the device's name
+    meaning: Meaning
+
+
+@dataclass(frozen=True)
+class Observation:
+    item_id: str
+    sequence: int
+    time: datetime
+    tag: str  # Availability, Execution, … or a condition level: Normal, Warning, Fault
+    value: str
+    native_code: str | None = None
+
+
+@dataclass
+class Streams:
+    instance_id: str
+    next_sequence: int
+    first_sequence: int
+    observations: list[Observation] = field(default_factory=list)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _time(text: str) -> datetime:
+    # Agents write up to 7 fractional digits, and older ones no zone: MTConnect times are UTC.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _declare_unbound_prefixes(body: bytes) -> bytes:
+    """Some agents (1.4 with extension items) write ``<x:Motion>`` without declaring ``x``;
+    declare each such prefix on the root element so the rest of the document can be read."""
+    used = set(re.findall(rb"<(\w+):\w", body))
+    declared = set(re.findall(rb"xmlns:(\w+)=", body))
+    missing = used - declared - {b"xml"}
+    if not missing:
+        return body
+    extra = b"".join(b' xmlns:%s="urn:mes-hub:undeclared:%s"' % (p, p) for p in sorted(missing))
+    root = re.search(rb"<(?!\?)(?!!)[\w:]+", body)
+    return body if root is None else body[: root.end()] + extra + body[root.end() :]
+
+
+def _parse(body: bytes) -> ET.Element:
+    try:
+        root = ET.fromstring(body)  # noqa: S314 - the plant's own agent, not the internet
+    except ET.ParseError:
+        try:
+            root = ET.fromstring(_declare_unbound_prefixes(body))  # noqa: S314
+        except ET.ParseError as exc:
+            raise AgentError("INVALID_XML", f"the agent's answer is not XML ({exc})") from None
+    if _local(root.tag) == "MTConnectError":
+        error = next((e for e in root.iter() if _local(e.tag) == "Error"), None)
+        code = error.get("errorCode", "UNKNOWN") if error is not None else "UNKNOWN"
+        text = (error.text or "").strip() if error is not None else ""
+        raise AgentError(code, text)
+    return root
+
+
+def parse_probe(body: bytes) -> dict[str, DataItem]:
+    """dataItemId -> (device, meaning), for the data items we map."""
+    items: dict[str, DataItem] = {}
+    for device in (e for e in _parse(body).iter() if _local(e.tag) == "Device"):
+        name = device.get("name") or device.get("uuid") or device.get("id") or "device"
+        for item in (e for e in device.iter() if _local(e.tag) == "DataItem"):
+            meaning = data_item_meaning(
+                item.get("type", ""), item.get("subType"), item.get("category", "")
+            )
+            if meaning is not None and item.get("id"):
+                items[item.get("id", "")] = DataItem(name, meaning)
+    return items
+
+
+def device_uuids(body: bytes) -> dict[str, str]:
+    return {
+        d.get("name", ""): d.get("uuid", "")
+        for d in _parse(body).iter()
+        if _local(d.tag) == "Device"
+    }
+
+
+def parse_streams(body: bytes) -> Streams:
+    root = _parse(body)
+    if _local(root.tag) != "MTConnectStreams":
+        raise AgentError("NOT_STREAMS", f"expected MTConnectStreams, got {_local(root.tag)}")
+    header = next(e for e in root.iter() if _local(e.tag) == "Header")
+    streams = Streams(
+        header.get("instanceId", ""),
+        int(header.get("nextSequence", "0")),
+        int(header.get("firstSequence", "0")),
+    )
+    for element in root.iter():
+        item_id, sequence = element.get("dataItemId"), element.get("sequence")
+        if item_id is None or sequence is None:
+            continue
+        streams.observations.append(
+            Observation(
+                item_id,
+                int(sequence),
+                _time(element.get("timestamp", "")),
+                _local(element.tag),
+                (element.text or "").strip(),
+                element.get("nativeCode"),
+            )
+        )
+    streams.observations.sort(key=lambda o: o.sequence)
+    return streams
+
+
+class MtconnectAdapter:
+    protocol: ClassVar[str] = "mtconnect"
+
+    def __init__(self, config: MtconnectConfig, transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self._transport = transport
+        self.items: dict[str, DataItem] = {}
+        self.machines: dict[str, MachineObserver] = {}  # by device name
+        self.instance_id: str | None = None
+        self.next_sequence = 0
+        self.resyncs = 0
+
+    # --- mapping ---------------------------------------------------------------------------
+
+    def _machine_id(self, device: str, uuid: str) -> str | None:
+        chosen = self.config.devices
+        if chosen:
+            return chosen.get(device) or chosen.get(uuid)
+        return device if is_token(device) else re.sub(r"[^A-Za-z0-9_-]", "-", device)
+
+    def _learn(self, probe: bytes) -> None:
+        uuids = device_uuids(probe)
+        self.items = {}
+        for item_id, item in parse_probe(probe).items():
+            machine_id = self._machine_id(item.device, uuids.get(item.device, ""))
+            if machine_id is None:
+                continue
+            self.items[item_id] = item
+            if item.device not in self.machines:
+                source = f"mtconnect+{self.config.url.rstrip('/')}/{item.device}"
+                self.machines[item.device] = MachineObserver(MachineEvents(machine_id, source), log)
+        if not self.machines:
+            raise AgentError("NO_DEVICES", f"none of {sorted(self.config.devices)} in the probe")
+
+    def apply(self, streams: Streams) -> list[CloudEvent]:
+        events: list[CloudEvent] = []
+        for observation in streams.observations:
+            item = self.items.get(observation.item_id)
+            if item is None:
+                continue
+            machine = self.machines[item.device]
+            uid = f"{streams.instance_id}|{observation.sequence}|{observation.item_id}"
+            if item.meaning == "condition":
+                text = observation.value or None
+                events += machine.condition(observation.item_id, observation.tag,
+                                            observation.native_code, text, observation.time,
+                                            uid)  # fmt: skip
+            elif item.meaning not in ("message", "ignore"):
+                events += machine.value(
+                    item.meaning, observation.item_id, observation.value, observation.time, uid
+                )
+        return events
+
+    def _resync_events(self, why: str) -> list[CloudEvent]:
+        self.resyncs += 1
+        log.warning("%s: %s; resynchronising from current", self.config.url, why)
+        return [
+            m.events.condition("warning", None, f"resync|{self.resyncs}|{why}", RESYNC_CODE, why)
+            for m in self.machines.values()
+        ]
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.config.url.rstrip("/"),
+            timeout=httpx.Timeout(self.config.timeout_s, read=self.config.timeout_s
+                                  + self.config.heartbeat_ms / 1000),
+            transport=self._transport,
+        )  # fmt: skip
+
+    async def _get(self, client: httpx.AsyncClient, path: str, **params: object) -> bytes:
+        response = await client.get(path, params=params or None)
+        if response.status_code >= 400 and b"MTConnectError" not in response.content[:500]:
+            raise AgentError(f"HTTP_{response.status_code}", response.text[:200])
+        return response.content
+
+    async def _current(self, client: httpx.AsyncClient) -> list[CloudEvent]:
+        streams = parse_streams(await self._get(client, "/current"))
+        self.instance_id = streams.instance_id
+        self.next_sequence = streams.next_sequence
+        return self.apply(streams)
+
+    async def check(self) -> list[CloudEvent]:
+        async with self._client() as client:
+            self._learn(await self._get(client, "/probe"))
+            return await self._current(client)
+
+    async def run(self, publisher: EventPublisher, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                async with self._client() as client:
+                    self._learn(await self._get(client, "/probe"))
+                    await publisher.publish_many(await self._current(client))
+                    backoff = 0.5
+                    await self._follow(client, publisher, stop)
+            except (httpx.HTTPError, OSError, AgentError) as exc:
+                log.warning("%s: %s; reconnecting in %.1f s", self.config.url, exc, backoff)
+                with contextlib.suppress(Exception):
+                    await publisher.publish_many(self._lost(str(exc)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, self.config.reconnect_max_s)
+
+    def _lost(self, why: str) -> list[CloudEvent]:
+        return [e for m in self.machines.values() for e in m.lost(f"MTConnect agent: {why}")]
+
+    async def _follow(
+        self, client: httpx.AsyncClient, publisher: EventPublisher, stop: asyncio.Event
+    ) -> None:
+        """Samples from ``next_sequence`` on, until stopped; resyncs on restart or data loss."""
+        streaming = self.config.streaming and self.config.interval_ms > 0
+        while not stop.is_set():
+            try:
+                if streaming:
+                    streamed = False
+                    async for streams in self._stream(client, stop):
+                        streamed = True
+                        await publisher.publish_many(self._after_sample(streams))
+                    if not streamed and not stop.is_set():
+                        log.info("%s: the agent does not stream; polling", self.config.url)
+                        streaming = False
+                else:
+                    streams = parse_streams(
+                        await self._get(client, "/sample", **{"from": self.next_sequence,
+                                                               "count": self.config.count})
+                    )  # fmt: skip
+                    await publisher.publish_many(self._after_sample(streams))
+                    if not streams.observations:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(
+                                stop.wait(), max(self.config.interval_ms, 100) / 1000
+                            )
+            except AgentError as error:
+                if error.code not in ("OUT_OF_RANGE", "AGENT_RESTARTED"):
+                    raise
+                why = (
+                    "the agent restarted (new instanceId)"
+                    if error.code == "AGENT_RESTARTED"
+                    else f"data lost: sequence {self.next_sequence} is out of the agent's buffer"
+                )
+                events = self._resync_events(why)
+                events += await self._current(client)
+                await publisher.publish_many(events)
+
+    def _after_sample(self, streams: Streams) -> list[CloudEvent]:
+        if self.instance_id is not None and streams.instance_id != self.instance_id:
+            raise AgentError("AGENT_RESTARTED", streams.instance_id)
+        events = self.apply(streams)
+        self.next_sequence = max(self.next_sequence, streams.next_sequence)
+        return events
+
+    async def _stream(
+        self, client: httpx.AsyncClient, stop: asyncio.Event
+    ) -> AsyncIterator[Streams]:
+        params = {
+            "from": self.next_sequence,
+            "count": self.config.count,
+            "interval": self.config.interval_ms,
+            "heartbeat": self.config.heartbeat_ms,
+        }
+        async with client.stream("GET", "/sample", params=params) as response:
+            kind = response.headers.get("content-type", "")
+            if "multipart" not in kind:
+                body = await response.aread()
+                yield parse_streams(body)  # an error document, or one answer: no streaming
+                return
+            boundary = re.search(r'boundary="?([^";]+)"?', kind)
+            if boundary is None:
+                raise AgentError("BAD_STREAM", f"multipart without boundary: {kind}")
+            async for part in multipart_parts(response.aiter_bytes(), boundary.group(1)):
+                yield parse_streams(part)
+                if stop.is_set():
+                    return
+
+
+async def multipart_parts(chunks: AsyncIterator[bytes], boundary: str) -> AsyncIterator[bytes]:
+    """The bodies of a ``multipart/x-mixed-replace`` stream, as each one completes (parts
+    carry a Content-length; without one, a part ends at the next boundary)."""
+    marker = b"--" + boundary.encode()
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        while True:
+            start = buffer.find(marker)
+            if start < 0:
+                break
+            headers_end = buffer.find(b"\r\n\r\n", start)
+            if headers_end < 0:
+                break
+            headers = buffer[start + len(marker) : headers_end].decode("latin-1").lower()
+            length = re.search(r"content-length:\s*(\d+)", headers)
+            body_start = headers_end + 4
+            if length is not None:
+                body_end = body_start + int(length.group(1))
+                if len(buffer) < body_end:
+                    break
+            else:
+                body_end = buffer.find(marker, body_start)
+                if body_end < 0:
+                    break
+            body = buffer[body_start:body_end].strip()
+            buffer = buffer[body_end:]
+            if body:
+                yield body

@@ -8,7 +8,7 @@ import logging
 from datetime import datetime
 from typing import Literal
 
-from adapters.machines.base import MachineEvents, report_bad_input
+from adapters.machines.base import CONNECTION_CODE, MachineEvents, report_bad_input
 from contracts import CloudEvent
 
 Meaning = Literal[
@@ -27,6 +27,24 @@ CONDITION_LEVELS = {"NORMAL": "normal", "WARNING": "warning", "FAULT": "fault",
                     "UNAVAILABLE": "unavailable"}  # fmt: skip
 
 
+_TYPE_MEANINGS: dict[str, Meaning] = {
+    "AVAILABILITY": "availability",
+    "EXECUTION": "execution",
+    "CONTROLLER_MODE": "controller_mode",
+    "PROGRAM": "program",
+}
+
+
+def data_item_meaning(type_: str, sub_type: str | None, category: str) -> Meaning | None:
+    if category == "CONDITION":
+        return "condition"
+    if type_ == "PART_COUNT":
+        return "bad_part_count" if (sub_type or "").upper() in ("BAD", "REJECT") else "part_count"
+    if type_ == "MESSAGE":
+        return "message"
+    return _TYPE_MEANINGS.get(type_)
+
+
 class MachineObserver:
     """One machine's last reported state; ``value`` and ``condition`` return the events a new
     observation makes (none when nothing changed)."""
@@ -41,6 +59,19 @@ class MachineObserver:
         self.available: bool | None = None
         self.active_codes: dict[str, set[str]] = {}  # condition item -> active native codes
         self.bad_inputs = 0
+        self.losses = 0  # times the peer was lost
+
+    def lost(self, why: str) -> list[CloudEvent]:
+        """The peer is out of reach: UNAVAILABLE and a connection condition, once per loss."""
+        if self.available is False:
+            return []
+        self.available = False
+        self.losses += 1
+        key = f"lost|{self.losses}|{why}"
+        return [
+            self.events.availability(False, None, key),
+            self.events.condition("unavailable", None, key, CONNECTION_CODE, why[:1024]),
+        ]
 
     def bad(self, what: str, raw: object) -> list[CloudEvent]:
         self.bad_inputs += 1
@@ -56,7 +87,9 @@ class MachineObserver:
             if available == self.available:
                 return []
             self.available = available
-            return [self.events.availability(available, at, uid)]
+            # After a loss, the same observation read again must not pass for a duplicate of
+            # the one before the loss: it is what makes the machine available again.
+            return [self.events.availability(available, at, f"{uid}|{self.losses}")]
         if meaning in ("part_count", "bad_part_count"):
             return self._count(meaning, key, value, at, uid)
         if meaning == "execution":

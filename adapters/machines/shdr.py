@@ -29,8 +29,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from adapters.machines.base import CONNECTION_CODE, MachineEvents
-from adapters.machines.observations import MachineObserver, Meaning
+from adapters.machines.base import MachineEvents
+from adapters.machines.observations import MachineObserver, Meaning, data_item_meaning
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
 
@@ -68,13 +68,6 @@ class ShdrConfig(BaseModel):
 
 # --- Devices.xml -----------------------------------------------------------------------------
 
-_TYPE_MEANINGS: dict[str, Meaning] = {
-    "AVAILABILITY": "availability",
-    "EXECUTION": "execution",
-    "CONTROLLER_MODE": "controller_mode",
-    "PROGRAM": "program",
-}
-
 
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
@@ -99,16 +92,6 @@ def devices_xml_meanings(path: Path, device: str | None = None) -> dict[str, Mea
             if key:
                 meanings.setdefault(key, meaning)
     return meanings
-
-
-def data_item_meaning(type_: str, sub_type: str | None, category: str) -> Meaning | None:
-    if category == "CONDITION":
-        return "condition"
-    if type_ == "PART_COUNT":
-        return "bad_part_count" if (sub_type or "").upper() in ("BAD", "REJECT") else "part_count"
-    if type_ == "MESSAGE":
-        return "message"
-    return _TYPE_MEANINGS.get(type_)
 
 
 # --- lines -----------------------------------------------------------------------------------
@@ -296,19 +279,8 @@ class ShdrAdapter:
                 await _sleep(stop, backoff)
 
     def _lost(self) -> list[CloudEvent]:
-        """The machines are out of reach: UNAVAILABLE, once per loss."""
-        events = []
-        for machine_id in self.machine_ids():
-            state = self.parser.machine(machine_id)
-            if state.available is not False:
-                state.available = False
-                key = f"lost|{time.time_ns()}"
-                events.append(state.events.availability(False, None, key))
-                events.append(
-                    state.events.condition("unavailable", None, key, CONNECTION_CODE,
-                                           f"SHDR adapter {self.config.source()} unreachable")
-                )  # fmt: skip
-        return events
+        why = f"SHDR adapter {self.config.source()} unreachable"
+        return [e for m in self.machine_ids() for e in self.parser.machine(m).lost(why)]
 
     async def _session(
         self,
