@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import SecretStr
@@ -33,6 +33,9 @@ from projections.database import ViewDatabase
 from projections.facts_view import FactsReader
 from projections.orders_view import OrdersReader
 from projections.plant import PlantConfig, PlantConfigError, load_plant
+
+if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
+    from adapters.machines.config import AdaptersConfig
 from projections.report import facts_window, report_from_facts
 
 app = typer.Typer(
@@ -77,6 +80,10 @@ def _logging(level: int, file: Path | None = None) -> None:
         handlers=handlers,
         force=True,
     )
+    # Libraries' own chatter: one line per HTTP request (httpx), and a traceback each time an
+    # OPC UA server goes away (asyncua), which the adapters already report in one line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 
 
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -302,9 +309,25 @@ def contracts_export(
         console.print(str(path))
 
 
+PROTOCOL_HELP = "mtconnect, shdr, opcua, modbus (entries of the config file) or simulator"
+
+
+def _adapters_config(config: Path | None) -> AdaptersConfig:
+    from adapters.machines.config import AdapterConfigError, load_adapters
+
+    if config is None:
+        err_console.print("[red]--config FILE is required: the machines are in its [adapters][/]")
+        raise typer.Exit(2)
+    try:
+        return load_adapters(config)
+    except AdapterConfigError as exc:
+        err_console.print(f"[bold red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
 @adapter_app.command("run")
 def adapter_run(
-    protocol: Annotated[str, typer.Argument(help="simulator")],
+    protocol: Annotated[str, typer.Argument(help=PROTOCOL_HELP)],
     config: ConfigOption = None,
     nats_url: NatsUrlOption = None,
     machines: Annotated[int, typer.Option(min=1, help="simulator: machines")] = 10,
@@ -317,18 +340,110 @@ def adapter_run(
         typer.Option(help="simulator: simulated start (UTC); same seed and start, same events"),
     ] = None,
 ) -> None:
-    """Run an adapter that publishes to the hub's NATS."""
-    if protocol != "simulator":
-        err_console.print(f"[red]unknown adapter {protocol!r}; available: simulator[/]")
+    """Run adapters that publish to the hub's NATS: every configured machine of a protocol."""
+    from adapters.machines.registry import PROTOCOLS
+
+    if protocol != "simulator" and protocol not in PROTOCOLS:
+        err_console.print(
+            f"[red]unknown adapter {protocol!r}; available: {', '.join(PROTOCOLS)}, simulator[/]"
+        )
         raise typer.Exit(2)
+    settings = _settings(config, nats_url=nats_url)
+    if settings.nats_url is None:
+        err_console.print(
+            "[red]an adapter needs --nats-url (or nats_url in [hub] / MES_HUB_NATS_URL)[/]"
+        )
+        raise typer.Exit(2)
+    _logging(logging.INFO)
+    if protocol == "simulator":
+        _run_simulator(settings, machines, speed, duration, max_events, seed, start)
+    else:
+        _run_adapters(settings, _adapters_config(config), protocol)
+
+
+def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol: str) -> None:
+    from adapters.machines.forward import StoreAndForward
+    from adapters.machines.registry import build_adapters, describe
+    from hub.nats import ConnectingPublisher
+
+    adapters = build_adapters(adapters_config, protocol)
+    if not adapters:
+        err_console.print(f"[red]no [[adapters.{protocol}]] entries in the config file[/]")
+        raise typer.Exit(2)
+    assert settings.nats_url is not None
+    url = settings.nats_url
+    buffer = adapters_config.buffer
+    directory = buffer.directory or settings.data_dir / "adapter-buffer" / protocol
+
+    async def main(stop: asyncio.Event) -> None:
+        link = ConnectingPublisher(url, settings.site, f"mes-hub-adapter-{protocol}")
+        publisher = StoreAndForward(link, directory, settings.site, buffer.max_events)
+        for adapter in adapters:
+            console.print(f"adapter {describe(adapter)} → NATS {redacted_url(url)}")
+        console.print(f"store-and-forward buffer: {directory} (at most {buffer.max_events:,})")
+        tasks = [asyncio.create_task(a.run(publisher, stop)) for a in adapters]
+        await stop.wait()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not await publisher.drain(timeout=5):
+            console.print(f"{publisher.waiting():,} events wait in the buffer for the next run")
+        await publisher.close()
+        await link.close()
+
+    _run(main)
+
+
+@adapter_app.command("check")
+def adapter_check(
+    config: ConfigOption = None,
+    protocol: Annotated[str | None, typer.Option(help="only this protocol's entries")] = None,
+    timeout: Annotated[float, typer.Option(min=1, help="seconds per adapter")] = 15.0,
+) -> None:
+    """Connect once to every configured machine and print what would be published."""
+    from adapters.machines.registry import build_adapters, describe
+
+    adapters = build_adapters(_adapters_config(config), protocol)
+    if not adapters:
+        err_console.print("[red]no adapters configured in [adapters][/]")
+        raise typer.Exit(2)
+    _logging(logging.WARNING)
+
+    async def check_all() -> int:
+        failures = 0
+        for adapter in adapters:
+            try:
+                events = await asyncio.wait_for(adapter.check(), timeout)
+            except Exception as exc:
+                failures += 1
+                err_console.print(f"[red]✗ {describe(adapter)}: {type(exc).__name__}: {exc}[/]")
+                continue
+            table = Table(
+                title=f"✓ {describe(adapter)}: {len(events)} events", title_justify="left"
+            )
+            for column in ("machine", "type", "event time", "data"):
+                table.add_column(column, overflow="fold")
+            for event in events:
+                table.add_row(event.subject, event.type, event.time.isoformat(), str(event.data))
+            console.print(table)
+        return failures
+
+    failures = asyncio.run(check_all())
+    if failures:
+        raise typer.Exit(1)
+
+
+def _run_simulator(
+    settings: Settings,
+    machines: int,
+    speed: float,
+    duration: float,
+    max_events: int,
+    seed: int,
+    start: datetime | None,
+) -> None:
     from adapters.machines.simulator import SimulatorConfig, run_simulator
     from hub.nats import NatsPublisher, connect
 
-    settings = _settings(config, nats_url=nats_url)
-    if settings.nats_url is None:
-        err_console.print("[red]an adapter needs --nats-url (or MES_HUB_NATS_URL)[/]")
-        raise typer.Exit(2)
-    _logging(logging.INFO)
+    assert settings.nats_url is not None
     url = settings.nats_url
 
     async def main(stop: asyncio.Event) -> None:

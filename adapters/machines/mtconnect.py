@@ -239,7 +239,7 @@ class MtconnectAdapter:
             transport=self._transport,
         )  # fmt: skip
 
-    async def _get(self, client: httpx.AsyncClient, path: str, **params: object) -> bytes:
+    async def _get(self, client: httpx.AsyncClient, path: str, **params: int) -> bytes:
         response = await client.get(path, params=params or None)
         if response.status_code >= 400 and b"MTConnectError" not in response.content[:500]:
             raise AgentError(f"HTTP_{response.status_code}", response.text[:200])

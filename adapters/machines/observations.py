@@ -60,6 +60,7 @@ class MachineObserver:
         self.active_codes: dict[str, set[str]] = {}  # condition item -> active native codes
         self.bad_inputs = 0
         self.losses = 0  # times the peer was lost
+        self.connection_down = False  # the ADAPTER_CONNECTION condition is active
 
     def lost(self, why: str) -> list[CloudEvent]:
         """The peer is out of reach: UNAVAILABLE and a connection condition, once per loss."""
@@ -67,6 +68,7 @@ class MachineObserver:
             return []
         self.available = False
         self.losses += 1
+        self.connection_down = True
         key = f"lost|{self.losses}|{why}"
         return [
             self.events.availability(False, None, key),
@@ -89,7 +91,12 @@ class MachineObserver:
             self.available = available
             # After a loss, the same observation read again must not pass for a duplicate of
             # the one before the loss: it is what makes the machine available again.
-            return [self.events.availability(available, at, f"{uid}|{self.losses}")]
+            events = [self.events.availability(available, at, f"{uid}|{self.losses}")]
+            if available and self.connection_down:
+                self.connection_down = False
+                key = f"back|{self.losses}"
+                events.append(self.events.condition("normal", at, key, CONNECTION_CODE))
+            return events
         if meaning in ("part_count", "bad_part_count"):
             return self._count(meaning, key, value, at, uid)
         if meaning == "execution":

@@ -295,16 +295,12 @@ class ShdrAdapter:
         # does not (older ones) may stay silent as long as nothing changes.
         heartbeat: float | None = None
         last_ping = last_heard = time.monotonic()
-        pending: list[CloudEvent] = []
+        buffer = b""
         while not stop.is_set():
             try:
-                # Lines come in bursts; publish a burst together, but never sit on events.
-                timeout = 0.05 if pending else 0.5
-                raw = await asyncio.wait_for(reader.readline(), timeout)
+                # Read what has arrived (many lines at a time), not line by line.
+                chunk = await asyncio.wait_for(reader.read(1 << 16), 0.5)
             except TimeoutError:
-                if pending:
-                    await publisher.publish_many(pending)
-                    pending = []
                 now = time.monotonic()
                 if heartbeat is not None and now - last_heard > heartbeat:
                     raise TimeoutError(f"no heartbeat for {heartbeat:.1f} s") from None
@@ -313,19 +309,19 @@ class ShdrAdapter:
                     await writer.drain()
                     last_ping = now
                 continue
-            if not raw:
+            if not chunk:
                 raise ConnectionResetError("the adapter closed the connection")
             last_heard = time.monotonic()
-            line = raw.decode("utf-8", errors="replace")
-            if line.startswith("* PONG"):
-                heartbeat = _pong_period(line, self.config.heartbeat_timeout_s)
-                continue
-            pending += self.parser.feed(line)
-            if len(pending) >= 500:
-                await publisher.publish_many(pending)
-                pending = []
-        if pending:
-            await publisher.publish_many(pending)
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            events: list[CloudEvent] = []
+            for raw in lines:
+                line = raw.decode("utf-8", errors="replace")
+                if line.startswith("* PONG"):
+                    heartbeat = _pong_period(line, self.config.heartbeat_timeout_s)
+                else:
+                    events += self.parser.feed(line)
+            if events:
+                await publisher.publish_many(events)
 
     async def check(self) -> list[CloudEvent]:
         """Connect, read what the adapter sends first (its initial snapshot), and return it."""

@@ -207,5 +207,6 @@ async def test_a_lost_adapter_makes_the_machine_unavailable_until_it_is_back() -
         peer.lines = ["2026-03-02T07:00:00Z|avail|AVAILABLE|exec|ACTIVE"]
         await peer.start()
         await eventually(lambda: availabilities() == ["AVAILABLE", "UNAVAILABLE", "AVAILABLE"])
-    codes = [d.get("native_code") for _, d in published(publisher, "mes.machine.condition.v1")]
-    assert codes == ["ADAPTER_CONNECTION"]
+    conditions = [(d["level"], d.get("native_code"))
+                  for _, d in published(publisher, "mes.machine.condition.v1")]  # fmt: skip
+    assert conditions == [("unavailable", "ADAPTER_CONNECTION"), ("normal", "ADAPTER_CONNECTION")]

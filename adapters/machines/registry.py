@@ -1,0 +1,37 @@
+"""Which adapter class serves which protocol, and building them from the ``[adapters]`` table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from adapters.machines.base import MachineAdapter
+from adapters.machines.config import AdaptersConfig
+from adapters.machines.modbus import ModbusAdapter
+from adapters.machines.mtconnect import MtconnectAdapter
+from adapters.machines.opcua import OpcuaAdapter
+from adapters.machines.shdr import ShdrAdapter
+
+PROTOCOLS: dict[str, Callable[[Any], MachineAdapter]] = {
+    "mtconnect": MtconnectAdapter,
+    "shdr": ShdrAdapter,
+    "opcua": OpcuaAdapter,
+    "modbus": ModbusAdapter,
+}
+
+
+def build_adapters(config: AdaptersConfig, protocol: str | None = None) -> list[MachineAdapter]:
+    """One adapter per configured entry (of ``protocol``, or of every protocol)."""
+    names = PROTOCOLS if protocol is None else {protocol: PROTOCOLS[protocol]}
+    return [make(entry) for name, make in names.items() for entry in getattr(config, name)]
+
+
+def describe(adapter: MachineAdapter) -> str:
+    """One line for the console: protocol and peer."""
+    config = getattr(adapter, "config", None)
+    peer = (
+        getattr(config, "url", None)
+        or getattr(config, "endpoint", None)
+        or f"{getattr(config, 'host', '?')}:{getattr(config, 'port', '?')}"
+    )
+    return f"{adapter.protocol} {peer}"

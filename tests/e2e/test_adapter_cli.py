@@ -1,0 +1,99 @@
+"""``mes-hub adapter run|check --config FILE`` as a user runs them: real processes, a real SHDR
+peer on loopback, a real hub."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from hub.bootstrap import Hub
+from tests.conftest import eventually
+from tests.integration.test_shdr_adapter import MTCONNECT, ShdrPeer, needs_capture
+
+MES_HUB = [sys.executable, "-m", "hub"]
+
+
+async def mes_hub(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *MES_HUB, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def okuma_config(path: Path, port: int, nats_url: str = "nats://127.0.0.1:1") -> Path:
+    path.write_text(
+        f'[hub]\nnats_url = "{nats_url}"\ndata_dir = "{path.parent / "adapter-data"}"\n\n'
+        f'[[adapters.shdr]]\nhost = "127.0.0.1"\nport = {port}\nmachine_id = "OKUMA-1"\n'
+        f'devices_xml = "{MTCONNECT / "demo_agent_Devices.xml"}"\ndevice = "OKUMA"\n'
+    )
+    return path
+
+
+async def test_a_bad_adapters_table_stops_at_start_with_file_key_and_reason(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mes-hub.toml"
+    config.write_text('[[adapters.shdr]]\nport = 99999\n[[adapters.modbus]]\nmachine_id = "P 1"\n')
+    code, _, err = await mes_hub("adapter", "check", "--config", str(config))
+    err = " ".join(err.split())
+    assert code == 2
+    assert str(config) in err and "adapters.shdr.0.host" in err and "Field required" in err
+    assert "adapters.shdr.0.port" in err and "adapters.modbus.0.machine_id" in err
+
+
+@needs_capture
+async def test_check_connects_once_and_prints_what_it_would_publish(tmp_path: Path) -> None:
+    lines = (MTCONNECT / "demo_agent_okuma_shdr.txt").read_text().splitlines()[:40]
+    peer = ShdrPeer(lines)
+    await peer.start()
+    try:
+        config = okuma_config(tmp_path / "mes-hub.toml", peer.port)
+        code, out, err = await mes_hub("adapter", "check", "--config", str(config))
+    finally:
+        await peer.stop()
+    assert code == 0, err
+    assert "shdr 127.0.0.1" in out and "OKUMA-1" in out
+    assert "mes.machine.execution.v1" in out and "IMTS-2022-2-HOB.MIN" in out
+
+
+@needs_capture
+async def test_adapter_run_feeds_a_running_hub_and_stops_cleanly_on_ctrl_c(
+    hub: Hub, tmp_path: Path
+) -> None:
+    lines = (MTCONNECT / "demo_agent_okuma_shdr.txt").read_text().splitlines()
+    peer = ShdrPeer(lines)
+    await peer.start()
+    config = okuma_config(tmp_path / "mes-hub.toml", peer.port, hub.nats_url)
+    process = await asyncio.create_subprocess_exec(
+        *MES_HUB, "adapter", "run", "shdr", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        site = hub.settings.site
+        await eventually(
+            lambda: (
+                (m := hub.store.machine(site, "OKUMA-1")) is not None
+                and m.counter_values.get("all") is not None
+                and m.execution is not None
+            ),
+            timeout=60,
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        await peer.stop()
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "adapter shdr 127.0.0.1" in out.decode()
+
+
+@pytest.mark.parametrize("protocol", ["nope"])
+async def test_an_unknown_protocol_is_refused(protocol: str, tmp_path: Path) -> None:
+    code, _, err = await mes_hub("adapter", "run", protocol, "--nats-url", "nats://127.0.0.1:1")
+    assert code == 2 and "unknown adapter 'nope'" in err and "mtconnect" in err
