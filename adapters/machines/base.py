@@ -16,7 +16,10 @@ import asyncio
 import hashlib
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
+
+from pydantic import ValidationInfo
 
 from contracts import CloudEvent
 from hub.ports import EventPublisher
@@ -101,6 +104,17 @@ class MachineEvents:
         if message:
             data["message"] = message[:1024]
         return self.event("mes.machine.condition.v1", data, time, key)
+
+
+def config_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A file named in the config: relative to the config file's folder, and it must exist
+    (a pydantic validator body; ``load_adapters`` passes the folder as context)."""
+    base = (info.context or {}).get("base")
+    if value is not None and not value.is_absolute() and base is not None:
+        value = base / value
+    if value is not None and not value.is_file():
+        raise ValueError(f"no such file: {value}")
+    return value
 
 
 def report_bad_input(

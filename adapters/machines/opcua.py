@@ -51,6 +51,7 @@ from adapters.machines.base import (
     BAD_INPUT_CODE,
     CONNECTION_CODE,
     MachineEvents,
+    config_file,
     report_bad_input,
 )
 from contracts import CloudEvent, Token
@@ -83,12 +84,7 @@ class OpcuaConfig(BaseModel):
     @field_validator("certificate", "private_key", "server_certificate")
     @classmethod
     def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        base = (info.context or {}).get("base")
-        if value is not None and not value.is_absolute() and base is not None:
-            value = base / value
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
+        return config_file(value, info)
 
     @model_validator(mode="after")
     def _secure_needs_keys(self) -> OpcuaConfig:

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from adapters.machines.base import MachineEvents
+from adapters.machines.base import MachineEvents, config_file
 from adapters.machines.observations import MachineObserver, Meaning, data_item_meaning
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
@@ -55,12 +55,7 @@ class ShdrConfig(BaseModel):
     @field_validator("devices_xml")
     @classmethod
     def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        base = (info.context or {}).get("base")
-        if value is not None and not value.is_absolute() and base is not None:
-            value = base / value
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file: {value}")
-        return value
+        return config_file(value, info)
 
     def source(self) -> str:
         return f"shdr://{self.host}:{self.port}"
