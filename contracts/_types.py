@@ -70,7 +70,9 @@ class ExecutionV1(_Data):
 
 
 class PartCountV1(_Data):
-    count: int = Field(ge=0, description="The controller's cumulative counter")
+    count: int = Field(
+        ge=0, le=2**63 - 1, description="The controller's cumulative counter (64-bit)"
+    )
     kind: PartCountKind
 
 

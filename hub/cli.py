@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
     from adapters.machines.config import AdaptersConfig
 from projections.report import facts_window, report_from_facts
 
+log = logging.getLogger(__name__)
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
 )
@@ -383,7 +384,12 @@ def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol:
         console.print(f"store-and-forward buffer: {directory} (at most {buffer.max_events:,})")
         tasks = [asyncio.create_task(a.run(publisher, stop)) for a in adapters]
         await stop.wait()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        done, running = await asyncio.wait(tasks, timeout=10)
+        for task in running:  # a publish still waiting on NATS: the buffer keeps its events
+            task.cancel()
+        for task in done:
+            if task.exception() is not None:
+                log.error("adapter stopped with an error", exc_info=task.exception())
         if not await publisher.drain(timeout=5):
             console.print(f"{publisher.waiting():,} events wait in the buffer for the next run")
         await publisher.close()

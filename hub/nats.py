@@ -224,15 +224,27 @@ class ConnectingPublisher:
 
     async def _connected(self) -> NatsPublisher:
         if self._client is None or self._client.is_closed or self._publisher is None:
-            self._client = await nats.connect(
-                self._url,
-                name=self._name,
-                connect_timeout=self._timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-            )
-            self._publisher = NatsPublisher(self._client.jetstream(), self._site, self._timeout)
+            client = NatsClient()
+            try:
+                # Bounded: with endless reconnects the first connect would wait for NATS
+                # forever, and the events meant for the buffer would wait with it.
+                await asyncio.wait_for(
+                    client.connect(
+                        self._url,
+                        name=self._name,
+                        connect_timeout=max(1, round(self._timeout)),
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=1,
+                        allow_reconnect=True,
+                    ),
+                    self._timeout,
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.close()
+                raise
+            self._client = client
+            self._publisher = NatsPublisher(client.jetstream(), self._site, self._timeout)
         return self._publisher
 
     async def publish(self, event: CloudEvent) -> PublishReceipt:

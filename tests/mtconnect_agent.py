@@ -75,6 +75,7 @@ class AgentStandIn:
         self.server: ApiServer | None = None
         self.requests: list[str] = []
         self.fail_with: tuple[int, bytes] | None = None  # make every request answer this
+        self.multipart = True  # False: an agent that answers sample?interval= with one document
 
     def restart(self) -> None:
         """As if the agent process restarted: a new instanceId, sequences from 1 again."""
@@ -212,7 +213,7 @@ class AgentStandIn:
             query = request.query_params
             start = int(query.get("from", self.first_sequence))
             count = int(query.get("count", 100))
-            if "interval" not in query:
+            if "interval" not in query or not self.multipart:
                 body, _ = self.sample(start, count)
                 return Response(body, media_type=xml)
             first, following = self.sample(start, count)

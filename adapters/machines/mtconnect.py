@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,6 +60,7 @@ class AgentError(Exception):
 class DataItem:
     device: str  # the device's name
     meaning: Meaning
+    machine_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,16 @@ class Streams:
     next_sequence: int
     first_sequence: int
     observations: list[Observation] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (data item id, what was wrong)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _local(tag: str) -> str:
@@ -144,18 +157,22 @@ def parse_streams(body: bytes) -> Streams:
     root = _parse(body)
     if _local(root.tag) != "MTConnectStreams":
         raise AgentError("NOT_STREAMS", f"expected MTConnectStreams, got {_local(root.tag)}")
-    header = next(e for e in root.iter() if _local(e.tag) == "Header")
-    streams = Streams(
-        header.get("instanceId", ""),
-        int(header.get("nextSequence", "0")),
-        int(header.get("firstSequence", "0")),
-    )
+    header = next((e for e in root.iter() if _local(e.tag) == "Header"), None)
+    try:
+        assert header is not None
+        streams = Streams(
+            header.get("instanceId", ""),
+            int(header.get("nextSequence", "")),
+            int(header.get("firstSequence", "0")),
+        )
+    except (AssertionError, ValueError):
+        raise AgentError("BAD_HEADER", "the answer has no usable Header") from None
     for element in root.iter():
         item_id, sequence = element.get("dataItemId"), element.get("sequence")
         if item_id is None or sequence is None:
             continue
-        streams.observations.append(
-            Observation(
+        try:
+            observation = Observation(
                 item_id,
                 int(sequence),
                 _time(element.get("timestamp", "")),
@@ -163,7 +180,10 @@ def parse_streams(body: bytes) -> Streams:
                 (element.text or "").strip(),
                 element.get("nativeCode"),
             )
-        )
+        except ValueError as exc:  # a sequence or timestamp that is not one
+            streams.bad.append((item_id, f"observation of {item_id!r} not understood ({exc})"))
+            continue
+        streams.observations.append(observation)
     streams.observations.sort(key=lambda o: o.sequence)
     return streams
 
@@ -171,16 +191,30 @@ def parse_streams(body: bytes) -> Streams:
 class MtconnectAdapter:
     protocol: ClassVar[str] = "mtconnect"
 
-    def __init__(self, config: MtconnectConfig, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self, config: MtconnectConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.config = config
         self._transport = transport
+        # Shown and stored (the events' source): never with a user name or password.
+        self.safe_url = _without_credentials(config.url)
         self.items: dict[str, DataItem] = {}
-        self.machines: dict[str, MachineObserver] = {}  # by device name
+        self.machines: dict[str, MachineObserver] = {}  # by machine id
+        for device, machine_id in config.devices.items():
+            # Known before the first probe, so an agent down at start is reported.
+            self._observer(machine_id, device)
         self.instance_id: str | None = None
         self.next_sequence = 0
         self.resyncs = 0
+        self._sampled = False  # this session got as far as samples
 
     # --- mapping ---------------------------------------------------------------------------
+
+    def _observer(self, machine_id: str, device: str) -> MachineObserver:
+        if machine_id not in self.machines:
+            source = f"mtconnect+{self.safe_url}/{device}"
+            self.machines[machine_id] = MachineObserver(MachineEvents(machine_id, source), log)
+        return self.machines[machine_id]
 
     def _machine_id(self, device: str, uuid: str) -> str | None:
         chosen = self.config.devices
@@ -195,20 +229,22 @@ class MtconnectAdapter:
             machine_id = self._machine_id(item.device, uuids.get(item.device, ""))
             if machine_id is None:
                 continue
-            self.items[item_id] = item
-            if item.device not in self.machines:
-                source = f"mtconnect+{self.config.url.rstrip('/')}/{item.device}"
-                self.machines[item.device] = MachineObserver(MachineEvents(machine_id, source), log)
-        if not self.machines:
+            self.items[item_id] = DataItem(item.device, item.meaning, machine_id)
+            self._observer(machine_id, item.device)
+        if not self.items:
             raise AgentError("NO_DEVICES", f"none of {sorted(self.config.devices)} in the probe")
 
     def apply(self, streams: Streams) -> list[CloudEvent]:
         events: list[CloudEvent] = []
+        for item_id, what in streams.bad:
+            item = self.items.get(item_id)
+            if item is not None:
+                events += self.machines[item.machine_id].bad(what, item_id)
         for observation in streams.observations:
             item = self.items.get(observation.item_id)
             if item is None:
                 continue
-            machine = self.machines[item.device]
+            machine = self.machines[item.machine_id]
             uid = f"{streams.instance_id}|{observation.sequence}|{observation.item_id}"
             if item.meaning == "condition":
                 text = observation.value or None
@@ -223,9 +259,10 @@ class MtconnectAdapter:
 
     def _resync_events(self, why: str) -> list[CloudEvent]:
         self.resyncs += 1
-        log.warning("%s: %s; resynchronising from current", self.config.url, why)
+        key = f"resync|{time.time_ns()}|{why}"
+        log.warning("%s: %s; resynchronising from current", self.safe_url, why)
         return [
-            m.events.condition("warning", None, f"resync|{self.resyncs}|{why}", RESYNC_CODE, why)
+            m.events.condition("warning", None, key, RESYNC_CODE, why)
             for m in self.machines.values()
         ]
 
@@ -259,19 +296,28 @@ class MtconnectAdapter:
     async def run(self, publisher: EventPublisher, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
+            self._sampled = False
             try:
                 async with self._client() as client:
                     self._learn(await self._get(client, "/probe"))
                     await publisher.publish_many(await self._current(client))
-                    backoff = 0.5
                     await self._follow(client, publisher, stop)
             except (httpx.HTTPError, OSError, AgentError) as exc:
-                log.warning("%s: %s; reconnecting in %.1f s", self.config.url, exc, backoff)
-                with contextlib.suppress(Exception):
-                    await publisher.publish_many(self._lost(str(exc)))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
-                backoff = min(backoff * 2, self.config.reconnect_max_s)
+                why = str(exc) or type(exc).__name__
+                log.warning("%s: %s; reconnecting in %.1f s", self.safe_url, why, backoff)
+            except Exception as exc:
+                # Whatever else went wrong, the client must live on: reconnect.
+                why = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: session failed; reconnecting in %.1f s", self.safe_url, backoff)
+            else:
+                continue  # stopped
+            with contextlib.suppress(Exception):
+                await publisher.publish_many(self._lost(why))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            # Only a session that got as far as samples resets the backoff: an agent that
+            # answers probe and current but refuses samples is retried ever more slowly.
+            backoff = 0.5 if self._sampled else min(backoff * 2, self.config.reconnect_max_s)
 
     def _lost(self, why: str) -> list[CloudEvent]:
         return [e for m in self.machines.values() for e in m.lost(f"MTConnect agent: {why}")]
@@ -284,13 +330,12 @@ class MtconnectAdapter:
         while not stop.is_set():
             try:
                 if streaming:
-                    streamed = False
-                    async for streams in self._stream(client, stop):
-                        streamed = True
+                    async for streams, multipart in self._stream(client, stop):
                         await publisher.publish_many(self._after_sample(streams))
-                    if not streamed and not stop.is_set():
-                        log.info("%s: the agent does not stream; polling", self.config.url)
-                        streaming = False
+                        if not multipart and not stop.is_set():
+                            # One plain answer to a streaming request: the agent cannot stream.
+                            log.info("%s: the agent does not stream; polling", self.safe_url)
+                            streaming = False
                 else:
                     streams = parse_streams(
                         await self._get(client, "/sample", **{"from": self.next_sequence,
@@ -311,6 +356,8 @@ class MtconnectAdapter:
                     else f"data lost: sequence {self.next_sequence} is out of the agent's buffer"
                 )
                 events = self._resync_events(why)
+                if error.code == "AGENT_RESTARTED":
+                    self._learn(await self._get(client, "/probe"))  # its devices may have changed
                 events += await self._current(client)
                 await publisher.publish_many(events)
 
@@ -319,11 +366,13 @@ class MtconnectAdapter:
             raise AgentError("AGENT_RESTARTED", streams.instance_id)
         events = self.apply(streams)
         self.next_sequence = max(self.next_sequence, streams.next_sequence)
+        self._sampled = True
         return events
 
     async def _stream(
         self, client: httpx.AsyncClient, stop: asyncio.Event
-    ) -> AsyncIterator[Streams]:
+    ) -> AsyncIterator[tuple[Streams, bool]]:
+        """Each document of a sample stream, and whether it came as a multipart stream."""
         params = {
             "from": self.next_sequence,
             "count": self.config.count,
@@ -334,13 +383,13 @@ class MtconnectAdapter:
             kind = response.headers.get("content-type", "")
             if "multipart" not in kind:
                 body = await response.aread()
-                yield parse_streams(body)  # an error document, or one answer: no streaming
+                yield parse_streams(body), False  # an error document, or one plain answer
                 return
             boundary = re.search(r'boundary="?([^";]+)"?', kind)
             if boundary is None:
                 raise AgentError("BAD_STREAM", f"multipart without boundary: {kind}")
             async for part in multipart_parts(response.aiter_bytes(), boundary.group(1)):
-                yield parse_streams(part)
+                yield parse_streams(part), True
                 if stop.is_set():
                     return
 

@@ -5,7 +5,9 @@ Shared by the protocols that report named data items (SHDR, MTConnect)."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import math
+import time
+from datetime import UTC, datetime
 from typing import Literal
 
 from adapters.machines.base import CONNECTION_CODE, MachineEvents, report_bad_input
@@ -23,6 +25,7 @@ EXECUTIONS = frozenset(
     }
 )  # fmt: skip
 MODES = frozenset({"AUTOMATIC", "MANUAL", "MANUAL_DATA_INPUT", "SEMI_AUTOMATIC", "EDIT"})
+MAX_COUNT = 2**63 - 1  # what a 64-bit counter (and the store) can hold
 CONDITION_LEVELS = {"NORMAL": "normal", "WARNING": "warning", "FAULT": "fault",
                     "UNAVAILABLE": "unavailable"}  # fmt: skip
 
@@ -57,27 +60,31 @@ class MachineObserver:
         self.program: str | None = None
         self.counts: dict[str, int] = {}
         self.available: bool | None = None
-        self.active_codes: dict[str, set[str]] = {}  # condition item -> active native codes
-        self.bad_inputs = 0
-        self.losses = 0  # times the peer was lost
+        # condition item -> {active native code: level}
+        self.active_codes: dict[str, dict[str, str]] = {}
         self.connection_down = False  # the ADAPTER_CONNECTION condition is active
+        self.lost_at: datetime | None = None  # when the peer was last lost
+        self._loss_key = "never"
 
     def lost(self, why: str) -> list[CloudEvent]:
         """The peer is out of reach: UNAVAILABLE and a connection condition, once per loss."""
         if self.available is False:
             return []
         self.available = False
-        self.losses += 1
         self.connection_down = True
-        key = f"lost|{self.losses}|{why}"
+        self.lost_at = datetime.now(UTC)
+        # Keyed by the moment of the loss: unique across restarts of the adapter, unlike a count.
+        self._loss_key = f"lost|{time.time_ns()}"
         return [
-            self.events.availability(False, None, key),
-            self.events.condition("unavailable", None, key, CONNECTION_CODE, why[:1024]),
+            self.events.availability(False, self.lost_at, self._loss_key),
+            self.events.condition(
+                "unavailable", self.lost_at, self._loss_key, CONNECTION_CODE, why[:1024]
+            ),
         ]
 
     def bad(self, what: str, raw: object) -> list[CloudEvent]:
-        self.bad_inputs += 1
-        return [report_bad_input(self._log, self.events, what, raw, f"{self.bad_inputs}|{raw}")]
+        key = f"{time.time_ns()}|{raw!r:.200}"
+        return [report_bad_input(self._log, self.events, what, raw, key)]
 
     def value(
         self, meaning: Meaning, key: str, value: str, at: datetime, uid: str
@@ -89,13 +96,19 @@ class MachineObserver:
             if available == self.available:
                 return []
             self.available = available
-            # After a loss, the same observation read again must not pass for a duplicate of
-            # the one before the loss: it is what makes the machine available again.
-            events = [self.events.availability(available, at, f"{uid}|{self.losses}")]
+            if self.lost_at is not None and at < self.lost_at:
+                # Re-read after a loss (a snapshot repeats the old observation): the machine is
+                # back now, not when that value was first reported, which the hub would place
+                # before the loss and ignore.
+                at = datetime.now(UTC)
+            # After a loss the same observation read again must not pass for a duplicate of the
+            # one before the loss: its key carries the loss it ends.
+            events = [self.events.availability(available, at, f"{uid}|{self._loss_key}")]
             if available and self.connection_down:
                 self.connection_down = False
-                key = f"back|{self.losses}"
-                events.append(self.events.condition("normal", at, key, CONNECTION_CODE))
+                events.append(
+                    self.events.condition("normal", at, f"back|{self._loss_key}", CONNECTION_CODE)
+                )
             return events
         if meaning in ("part_count", "bad_part_count"):
             return self._count(meaning, key, value, at, uid)
@@ -132,8 +145,10 @@ class MachineObserver:
             number = float(value)
         except ValueError:
             return self.bad(f"{key}: part count {value!r} is not a number", value)
-        if number < 0 or number != int(number):
+        if not math.isfinite(number) or number < 0 or number != int(number):
             return self.bad(f"{key}: part count {value!r} is not a whole number ≥ 0", value)
+        if number > MAX_COUNT:
+            return self.bad(f"{key}: part count {value!r} is beyond any counter", value)
         kind = "bad" if meaning == "bad_part_count" else "all"
         count = int(number)
         if self.counts.get(kind) == count:
@@ -147,14 +162,15 @@ class MachineObserver:
         normalized = CONDITION_LEVELS.get(level.upper())
         if normalized is None:
             return self.bad(f"condition {key!r}: level {level!r} is not valid", level)
-        active = self.active_codes.setdefault(key, set())
+        active = self.active_codes.setdefault(key, {})
         if normalized == "normal":
             # NORMAL without a code clears this item's conditions, not the whole machine's.
             cleared = sorted(active) if code is None else [code] if code in active else []
-            active.difference_update(cleared)
+            for cleared_code in cleared:
+                del active[cleared_code]
             return [self.events.condition("normal", at, f"{uid}|{c}", c) for c in cleared]
         native = code or key
-        if native in active and normalized != "unavailable":
+        if active.get(native) == normalized and normalized != "unavailable":
             return []
-        active.add(native)
+        active[native] = normalized  # new, or the same code escalating or easing
         return [self.events.condition(normalized, at, uid, native, text)]

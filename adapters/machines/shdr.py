@@ -116,6 +116,7 @@ def split_fields(line: str) -> list[str]:
     return fields
 
 
+MAX_LINE = 1 << 20  # a peer that never ends its line (a gateway at the wrong baud rate)
 _MULTILINE = re.compile(r"^--multiline--(\w+)$")
 
 
@@ -131,6 +132,8 @@ class ShdrParser:
         self._machines: dict[str, MachineObserver] = {}
         self._multiline_end: str | None = None
         self.lines = 0
+        self._stamp = ""
+        self._seen: dict[str, int] = {}
 
     def machine(self, machine_id: str) -> MachineObserver:
         state = self._machines.get(machine_id)
@@ -143,6 +146,24 @@ class ShdrParser:
         return list(self._machines.values())
 
     def feed(self, line: str) -> list[CloudEvent]:
+        """The events of one line; whatever is wrong with it becomes a bad-input condition."""
+        try:
+            return self._feed(line)
+        except Exception as exc:
+            return self._bad(None, f"line not understood ({type(exc).__name__}: {exc})", line)
+
+    def _uid(self, stamp: str, key: str) -> str:
+        """What makes an item's value unique: its line's timestamp and, when one timestamp
+        carries the same item more than once, which occurrence it is (so ACTIVE, READY, ACTIVE
+        under one coarse timestamp are three facts). Without a timestamp: when it arrived."""
+        if not stamp:
+            return f"{time.time_ns()}|{key}"
+        if stamp != self._stamp:
+            self._stamp, self._seen = stamp, {}
+        n = self._seen[key] = self._seen.get(key, 0) + 1
+        return f"{stamp}|{key}" if n == 1 else f"{stamp}|{key}|{n}"
+
+    def _feed(self, line: str) -> list[CloudEvent]:
         self.lines += 1
         line = line.rstrip("\r\n")
         if self._multiline_end is not None:
@@ -183,8 +204,11 @@ class ShdrParser:
             index += 2
             if machine_id is None or meaning is None or meaning == "ignore":
                 continue
-            events += self._apply(machine_id, meaning, key, value, at, f"{stamp}|{key}")
+            events += self._apply(machine_id, meaning, key, value, at, self._uid(stamp, key))
         return events
+
+    def bad_line(self, what: str, raw: bytes) -> list[CloudEvent]:
+        return self._bad(None, what, raw[:200].decode("utf-8", errors="replace"))
 
     def _bad(self, machine_id: str | None, what: str, raw: str) -> list[CloudEvent]:
         machine = (
@@ -216,7 +240,7 @@ class ShdrParser:
         # level|native code|native severity|qualifier|text
         code = rest[1] if len(rest) > 1 and rest[1] else None
         text = rest[4] if len(rest) > 4 and rest[4] else None
-        uid = f"{stamp}|{key}|{'|'.join(rest)}"
+        uid = f"{self._uid(stamp, key)}|{'|'.join(rest)}"
         return self.machine(machine_id).condition(key, rest[0], code, text, at, uid)
 
 
@@ -249,6 +273,7 @@ class ShdrAdapter:
     async def run(self, publisher: EventPublisher, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
+            heard = False
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(self.config.host, self.config.port), 10
@@ -256,22 +281,27 @@ class ShdrAdapter:
             except (OSError, TimeoutError) as exc:
                 log.warning("%s: cannot connect (%s); retrying in %.1f s",
                             self.config.source(), exc, backoff)  # fmt: skip
-                await _sleep(stop, backoff)
-                backoff = min(backoff * 2, self.config.reconnect_max_s)
-                continue
-            backoff = 0.5
-            log.info("%s: connected", self.config.source())
-            try:
-                await self._session(reader, writer, publisher, stop)
-            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                log.warning("%s: connection lost (%s)", self.config.source(), exc)
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-            if not stop.is_set():
+            else:
+                log.info("%s: connected", self.config.source())
+                try:
+                    heard = await self._session(reader, writer, publisher, stop)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    log.warning("%s: connection lost (%s)", self.config.source(), exc)
+                except Exception:
+                    # Whatever else went wrong, the adapter must live on: reconnect.
+                    log.exception("%s: session failed", self.config.source())
+                finally:
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()
+            if stop.is_set():
+                break
+            # Only a session that brought data resets the backoff: a gateway that accepts and
+            # hangs up at once is retried ever more slowly, not twice a second.
+            backoff = 0.5 if heard else min(backoff * 2, self.config.reconnect_max_s)
+            with contextlib.suppress(Exception):
                 await publisher.publish_many(self._lost())
-                await _sleep(stop, backoff)
+            await _sleep(stop, backoff)
 
     def _lost(self) -> list[CloudEvent]:
         why = f"SHDR adapter {self.config.source()} unreachable"
@@ -283,7 +313,8 @@ class ShdrAdapter:
         writer: asyncio.StreamWriter,
         publisher: EventPublisher,
         stop: asyncio.Event,
-    ) -> None:
+    ) -> bool:
+        """Read until the connection ends; returns whether any data came."""
         writer.write(b"* PING\n")
         await writer.drain()
         # An adapter that answers PONG promises to be heard from within its period; one that
@@ -291,24 +322,29 @@ class ShdrAdapter:
         heartbeat: float | None = None
         last_ping = last_heard = time.monotonic()
         buffer = b""
+        heard = False
         while not stop.is_set():
+            now = time.monotonic()
+            if heartbeat is not None and now - last_heard > heartbeat:
+                raise TimeoutError(f"no heartbeat for {heartbeat:.1f} s")
+            if now - last_ping > (heartbeat or self.config.heartbeat_timeout_s) / 2:
+                # On a schedule, busy or not: an adapter may hold us to the heartbeat too.
+                writer.write(b"* PING\n")
+                await writer.drain()
+                last_ping = now
             try:
                 # Read what has arrived (many lines at a time), not line by line.
                 chunk = await asyncio.wait_for(reader.read(1 << 16), 0.5)
             except TimeoutError:
-                now = time.monotonic()
-                if heartbeat is not None and now - last_heard > heartbeat:
-                    raise TimeoutError(f"no heartbeat for {heartbeat:.1f} s") from None
-                if now - last_ping > (heartbeat or self.config.heartbeat_timeout_s) / 2:
-                    writer.write(b"* PING\n")
-                    await writer.drain()
-                    last_ping = now
                 continue
             if not chunk:
                 raise ConnectionResetError("the adapter closed the connection")
-            last_heard = time.monotonic()
+            heard = True
             *lines, buffer = (buffer + chunk).split(b"\n")
             events: list[CloudEvent] = []
+            if len(buffer) > MAX_LINE:
+                events += self.parser.bad_line(f"a line longer than {MAX_LINE} bytes", buffer)
+                buffer = b""
             for raw in lines:
                 line = raw.decode("utf-8", errors="replace")
                 if line.startswith("* PONG"):
@@ -317,22 +353,33 @@ class ShdrAdapter:
                     events += self.parser.feed(line)
             if events:
                 await publisher.publish_many(events)
+            # Time spent publishing (NATS slow or down) is not the adapter's silence.
+            last_heard = time.monotonic()
+        return heard
 
-    async def check(self) -> list[CloudEvent]:
-        """Connect, read what the adapter sends first (its initial snapshot), and return it."""
+    async def check(self, deadline_s: float = 5.0) -> list[CloudEvent]:
+        """Connect, read what the adapter sends first (its snapshot: until a second of silence,
+        at most ``deadline_s``), and return the events."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self.config.host, self.config.port), 10
         )
         events: list[CloudEvent] = []
+        buffer = b""
+        ends = time.monotonic() + deadline_s
         try:
             writer.write(b"* PING\n")
             await writer.drain()
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    raw = await asyncio.wait_for(reader.readline(), 1.0)
-                    if not raw:
-                        break
-                    events += self.parser.feed(raw.decode("utf-8", errors="replace"))
+            while (left := ends - time.monotonic()) > 0:
+                try:
+                    chunk = await asyncio.wait_for(reader.read(1 << 16), min(1.0, left))
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                *lines, buffer = (buffer + chunk).split(b"\n")
+                for raw in lines:
+                    if not raw.startswith(b"* PONG"):
+                        events += self.parser.feed(raw.decode("utf-8", errors="replace"))
         finally:
             writer.close()
         return events

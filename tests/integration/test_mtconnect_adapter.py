@@ -179,3 +179,45 @@ async def test_check_returns_the_current_state_without_publishing() -> None:
     assert {"mes.machine.availability.v1", "mes.machine.execution.v1",
             "mes.machine.partcount.v1"} <= kinds  # fmt: skip
     assert all(e.subject == "OKUMA-1" for e in events)
+
+
+async def test_an_agent_that_cannot_stream_is_polled() -> None:
+    publisher = InMemoryPublisher()
+    async with agent() as stand_in:
+        stand_in.multipart = False
+        async with client(stand_in, publisher, streaming=True, interval_ms=50):
+            await eventually(lambda: any(r.startswith("/sample") for r in stand_in.requests))
+            stand_in.feed_shdr(okuma_lines(FIXTURES)[:3000])
+            await eventually(lambda: len(counts(publisher)) >= 2)
+            await asyncio.sleep(0.3)  # idle: a polling client waits between requests
+    samples = [r for r in stand_in.requests if r.startswith("/sample")]
+    assert "interval" in samples[0] and "interval" not in samples[-1]
+    assert len(samples) < 50  # not a hot loop of requests
+
+
+async def test_an_agent_down_at_start_makes_its_machines_unavailable() -> None:
+    publisher = InMemoryPublisher()
+    config = MtconnectConfig(url="http://127.0.0.1:9", devices=OKUMA_ONLY, reconnect_max_s=0.2)
+    adapter, stop = MtconnectAdapter(config), asyncio.Event()
+    task = asyncio.create_task(adapter.run(publisher, stop))
+    await eventually(lambda: len(published(publisher, "mes.machine.availability.v1")) == 1)
+    await asyncio.sleep(0.5)  # further failed attempts say nothing new
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    (unavailable,) = published(publisher, "mes.machine.availability.v1")
+    assert unavailable[1] == {"availability": "UNAVAILABLE"}
+
+
+async def test_a_password_in_the_agent_url_is_never_shown_or_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = InMemoryPublisher()
+    url = "http://mes:S3cret@127.0.0.1:9"
+    adapter = MtconnectAdapter(MtconnectConfig(url=url, devices=OKUMA_ONLY, reconnect_max_s=0.2))
+    stop = asyncio.Event()
+    task = asyncio.create_task(adapter.run(publisher, stop))
+    await eventually(lambda: len(publisher.published) >= 1)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert "S3cret" not in caplog.text
+    assert all("S3cret" not in e.envelope.source for _, e in publisher.published)

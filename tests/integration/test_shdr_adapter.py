@@ -210,3 +210,70 @@ async def test_a_lost_adapter_makes_the_machine_unavailable_until_it_is_back() -
     conditions = [(d["level"], d.get("native_code"))
                   for _, d in published(publisher, "mes.machine.condition.v1")]  # fmt: skip
     assert conditions == [("unavailable", "ADAPTER_CONNECTION"), ("normal", "ADAPTER_CONNECTION")]
+
+
+def test_values_no_counter_can_hold_are_reported_not_published_and_never_crash() -> None:
+    from adapters.machines.shdr import ShdrParser
+
+    parser = ShdrParser(ShdrConfig(host="x", machine_id="M1", keys={"count": "part_count"}))
+    for value in ("NaN", "inf", "1e400", "1e19", "-1", "2.5"):
+        (event,) = parser.feed(f"2026-03-02T06:00:00Z|count|{value}")
+        assert event.data["native_code"] == "ADAPTER_INPUT", value
+    assert [e.data for e in parser.feed("2026-03-02T06:00:01Z|count|7")] == [
+        {"count": 7, "kind": "all"}
+    ]
+
+
+def test_a_condition_escalating_on_the_same_code_is_published() -> None:
+    from adapters.machines.shdr import ShdrParser
+
+    parser = ShdrParser(ShdrConfig(host="x", machine_id="M1", keys={"system": "condition"}))
+    (warning,) = parser.feed("2026-03-02T06:00:00Z|system|WARNING|1010|||SPINDLE WARM")
+    (fault,) = parser.feed("2026-03-02T06:00:01Z|system|FAULT|1010|||SPINDLE HOT")
+    (eased,) = parser.feed("2026-03-02T06:00:02Z|system|WARNING|1010|||SPINDLE WARM")
+    assert [e.data["level"] for e in (warning, fault, eased)] == ["warning", "fault", "warning"]
+
+
+def test_one_coarse_timestamp_with_several_values_gives_several_facts() -> None:
+    from adapters.machines.shdr import ShdrParser
+
+    parser = ShdrParser(ShdrConfig(host="x", machine_id="M1", keys={"exec": "execution"}))
+    lines = ["2026-03-02T06:00:00Z|exec|ACTIVE", "2026-03-02T06:00:00Z|exec|READY",
+             "2026-03-02T06:00:00Z|exec|ACTIVE", "|exec|READY", "|exec|ACTIVE"]  # fmt: skip
+    ids = [e.id for line in lines for e in parser.feed(line)]
+    assert len(ids) == len(set(ids)) == 5
+
+
+async def test_back_after_a_loss_the_hub_sees_the_machine_available_again(hub: Hub) -> None:
+    # The gateway repeats its old snapshot line (an old timestamp) after the outage.
+    line = "2026-03-02T06:00:00Z|avail|AVAILABLE|exec|ACTIVE"
+    peer, keys = ShdrPeer([line]), {"avail": "availability", "exec": "execution"}
+    site = hub.settings.site
+
+    def availability() -> str | None:
+        machine = hub.store.machine(site, "M1")
+        return machine.availability if machine else None
+
+    async with running(peer, hub.publisher, machine_id="M1", keys=keys, reconnect_max_s=0.3):
+        await eventually(lambda: availability() == "AVAILABLE")
+        await peer.stop()
+        await eventually(lambda: availability() == "UNAVAILABLE")
+        await peer.start()
+        await eventually(lambda: availability() == "AVAILABLE")
+    machine = hub.store.machine(site, "M1")
+    assert machine is not None and not machine.conditions  # the connection condition cleared
+
+
+async def test_each_loss_is_a_new_fact_even_after_the_adapter_restarts() -> None:
+    publisher = InMemoryPublisher()
+    for _ in range(2):  # two runs of the adapter, the gateway down both times
+        adapter = ShdrAdapter(ShdrConfig(host="127.0.0.1", port=9, machine_id="M1",
+                                         reconnect_max_s=0.2))  # fmt: skip
+        stop = asyncio.Event()
+        task = asyncio.create_task(adapter.run(publisher, stop))
+        before = len(publisher.published)
+        await eventually(lambda b=before: len(publisher.published) > b)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    states = [d["availability"] for _, d in published(publisher, "mes.machine.availability.v1")]
+    assert states == ["UNAVAILABLE", "UNAVAILABLE"]  # the second was not taken for the first

@@ -99,3 +99,34 @@ async def test_the_queue_survives_a_restart_of_the_adapter(tmp_path: Path) -> No
     assert await second.drain(timeout=10)
     await second.close()
     assert [e.id for _, e in reachable.published] == [f"M1-count-{n}" for n in range(30)]
+
+
+async def test_nats_down_when_the_adapter_starts_buffers_and_flushes_when_it_comes(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    from hub.nats import connect, ensure_streams
+    from hub.settings import load_settings
+
+    with socket.socket() as probe:  # a port nothing listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    link = ConnectingPublisher(f"nats://127.0.0.1:{port}", "default", "test", timeout=1.0)
+    forward = StoreAndForward(link, tmp_path / "buffer", "default", retry_max_s=0.3)
+    await asyncio.wait_for(forward.publish_many(readings(0, 20)), 30)  # returns: buffered
+    assert forward.waiting() == 20
+
+    server = EmbeddedNatsServer(tmp_path / "nats", port=port)
+    await asyncio.to_thread(server.start)
+    try:
+        client = await connect(server.url)
+        await ensure_streams(client.jetstream(), load_settings())
+        assert await forward.drain(timeout=30)
+        info = await client.jetstream().stream_info("MES")
+        assert info.state.messages == 20
+        await client.close()
+    finally:
+        await forward.close()
+        await link.close()
+        await asyncio.to_thread(server.stop)
