@@ -205,12 +205,18 @@ async def build_hub(
         for k in range(settings.partitions)
     ]
     publisher = NatsPublisher(jetstream, settings.site)
+
+    def views_caught_up() -> bool:
+        stored = store.last_position()
+        return all(worker.position >= stored for worker in workers)
+
     delivery_watch = DeliveryWatch(
         settings.site,
         partial(store.orders, settings.site),
         FactsReader(views),
         plant or PlantConfig(),
         publisher,
+        ready=views_caught_up,
     )
     hub = Hub(
         settings=settings,

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from psycopg.sql import SQL, Identifier
 from psycopg_pool import ConnectionPool
 
 TRACKING_TABLE = "mes_view_tracking"
@@ -45,6 +46,14 @@ class ViewDatabase(Protocol):
 def ensure_tracking(db: ViewDatabase) -> None:
     with db.transaction() as cursor:
         cursor.execute(_CREATE_TRACKING)
+
+
+def lock_tracking(cursor: Cursor, dialect: str) -> None:
+    """Serialise writers of views: a rebuild and the live worker must not both read a position
+    and then write on top of each other. (SQLite's BEGIN IMMEDIATE already does; PostgreSQL's
+    READ COMMITTED does not.)"""
+    if dialect == "postgres":
+        cursor.execute(f"LOCK TABLE {TRACKING_TABLE} IN SHARE ROW EXCLUSIVE MODE")
 
 
 def position_of(cursor: Cursor, view: str) -> int:
@@ -137,8 +146,8 @@ class PostgresViews:
 
     def __init__(self, conninfo: str, schema: str, pool_size: int = 4) -> None:
         def use_schema(connection: Any) -> None:
-            # The schema name was validated by the settings (lowercase identifier).
-            connection.execute(f"SET search_path TO {schema}")
+            # Quoted: a valid name may still be a reserved word ("order", "user").
+            connection.execute(SQL("SET search_path TO {}").format(Identifier(schema)))
             connection.commit()
 
         self._pool = ConnectionPool(
@@ -152,6 +161,9 @@ class PostgresViews:
             connection.transaction(),
             connection.cursor() as cursor,
         ):
+            if not write:
+                # A query reads several statements: one snapshot for all of them, as on SQLite.
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             yield _PostgresCursor(cursor)
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from projections.progress import OrderProgress, Run, facts_of_runs, order_progre
 log = logging.getLogger(__name__)
 FORECAST_TYPE = "mes.hub.delivery_forecast.changed.v1"
 OPEN = ("unreleased", "released", "running")
+FINAL = ("done", "late")
 
 
 def order_runs(order: Order) -> list[Run]:
@@ -85,7 +86,8 @@ def forecast_change(
     last_status = last.get("status")
     last_eta = datetime.fromisoformat(last["eta"]) if last.get("eta") else None
     changed = expected.status != last_status
-    if not changed and order.status in OPEN:
+    if not changed and order.status in OPEN and expected.status != "done":
+        # (A done forecast's ETA is "now" and moves with the clock: that is no news.)
         if (expected.eta is None) != (last_eta is None):
             changed = True
         elif expected.eta is not None and last_eta is not None:
@@ -115,20 +117,28 @@ class DeliveryWatch:
         reader: FactsReader,
         plant: PlantConfig,
         publisher: EventPublisher,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._site = site
         self._orders = orders
         self._reader = reader
         self._plant = plant
         self._publisher = publisher
+        # Whether the views have read everything stored: a view behind the store would make
+        # every order look as if it had made nothing, and the watch would say so to the world.
+        self._ready = ready
         self.published = 0  # forecast changes published (not counting duplicates)
 
     def changes(self, now: datetime) -> list[CloudEvent]:
+        if not self._ready():
+            log.info("delivery forecasts: the views are catching up; this round is skipped")
+            return []
         tolerance = timedelta(seconds=self._plant.forecast_eta_tolerance_s)
         events = []
         for order in self._orders():
-            done = (order.delivery_forecast or {}).get("status") == "done"
-            if order.status == "cancelled" or (order.status == "ended" and done):
+            told = (order.delivery_forecast or {}).get("status")
+            # An ended order that was announced done or late has nothing more to say.
+            if order.status == "cancelled" or (order.status == "ended" and told in FINAL):
                 continue
             progress, expected = progress_and_forecast(order, self._reader, self._plant, now)
             data = forecast_change(order, expected, progress.remaining, tolerance)

@@ -103,6 +103,12 @@ class MachineFactsView:
             f"CREATE INDEX IF NOT EXISTS {TABLE}_by_time ON {TABLE} (machine, kind, time)"
         )
         cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_by_order ON {TABLE} (order_id)")
+        # The last program before a window, found without walking back through every execution
+        # of a machine that never reports one (PLCs).
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {TABLE}_programs ON {TABLE} (machine, time) "
+            "WHERE kind = 'execution' AND program IS NOT NULL"
+        )
 
     def drop(self, cursor: Cursor) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
@@ -140,7 +146,12 @@ class FactsReader:
             # What the machine was doing when the window opened, then what happened in it.
             fetch(select + latest, key, AVAILABILITY, start)
             fetch(select + latest, key, EXECUTION, start)
-            fetch(select + " AND program IS NOT NULL" + latest, key, EXECUTION, start)
+            # Literal kind, so the planner can use the partial index on programs.
+            programs = (
+                f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = 'execution' "
+                "AND program IS NOT NULL"
+            )
+            fetch(programs + latest, key, start)
             for kind in (AVAILABILITY, EXECUTION, PART, SCRAP):
                 fetch(select + " AND time >= ? AND time <= ?", key, kind, start, end)
             # Which order runs is a fold over all the machine's order starts and ends.

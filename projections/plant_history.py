@@ -11,9 +11,12 @@ before it (there was no other).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from pydantic import ValidationError
 
 from contracts import CloudEvent
 from hub.domain import Plant
@@ -22,6 +25,7 @@ from projections.hub_events import hub_event
 from projections.plant import PlantConfig
 
 CONFIGURED_TYPE = "mes.hub.plant.configured.v1"
+log = logging.getLogger(__name__)
 
 
 def _as_recorded(plant: PlantConfig) -> dict[str, Any]:
@@ -41,15 +45,18 @@ class PlantHistory:
 
     @classmethod
     def of(cls, recorded: Plant | None, current: PlantConfig) -> PlantHistory:
-        configurations = []
+        configurations: list[Configuration] = []
         for index, entry in enumerate(recorded.configurations if recorded else []):
             start = entry["effective_from"] or entry["recorded_at"]
-            configurations.append(
-                Configuration(
-                    None if index == 0 else datetime.fromisoformat(start),
-                    PlantConfig.model_validate(entry["config"]),
-                )
-            )
+            try:
+                plant = PlantConfig.model_validate(entry["config"])
+            except ValidationError as exc:
+                # A record this version cannot read must not take every report down with it:
+                # the configuration before it goes on applying.
+                log.error("plant configuration %d cannot be read (%s); skipped", index + 1, exc)
+                continue
+            applies_from = None if not configurations else datetime.fromisoformat(start)
+            configurations.append(Configuration(applies_from, plant))
         return cls(configurations, current)
 
     def at(self, time: datetime) -> PlantConfig:

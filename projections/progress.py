@@ -69,10 +69,7 @@ def order_progress(
         )
         bad += sum(p.increment for p in facts.parts if p.order_id == order_id and p.kind == "bad")
         scrapped += sum(s.quantity for s in facts.scrap if s.order_id == order_id)
-        for run in (r for r in runs if r.machine_id == machine_id):
-            window = Interval(run.start, run.end or now)
-            if window.seconds <= 0:
-                continue
+        for window in _merged_runs([r for r in runs if r.machine_id == machine_id], now):
             running_s += sum(
                 i.seconds
                 for i in machine_timeline(facts, window, around_the_clock)
@@ -102,6 +99,23 @@ def order_progress(
     )
 
 
+def _merged_runs(runs: Sequence[Run], now: datetime) -> list[Interval]:
+    """One machine's runs of an order as disjoint windows: a start tapped twice must not count
+    the overlap twice."""
+    windows = sorted(
+        (Interval(r.start, r.end or now) for r in runs if (r.end or now) > r.start),
+        key=lambda w: w.start,
+    )
+    merged: list[Interval] = []
+    for window in windows:
+        if merged and window.start <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = Interval(last.start, max(last.end, window.end))
+        else:
+            merged.append(window)
+    return merged
+
+
 def facts_of_runs(
     reader: FactsReader,
     site: str,
@@ -118,10 +132,13 @@ def facts_of_runs(
         spans = [run for run in runs if run.machine_id == machine_id]
         start = min(run.start for run in spans)
         end = max(now if run.end is None else run.end for run in spans)
-        if end <= start:
-            continue
         machine = machine_aggregate_id(site, machine_id)
-        window = reader.window(machine, facts_window(Interval(start, end), plant))
+        # Parts count whatever the runs' times say (a run of no length still made them).
+        window = (
+            reader.window(machine, facts_window(Interval(start, end), plant))
+            if end > start
+            else MachineFacts()
+        )
         counts = counted.get(machine.hex, MachineFacts())
         window.parts, window.scrap = counts.parts, counts.scrap
         facts[machine_id] = window

@@ -141,6 +141,8 @@ def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -
             total = totals[key].figures
             total.start, total.end = min(total.start, f.start), max(total.end, f.end)
             total.add(f)
+    if group_by == "order":  # by order id, as for one machine
+        return sorted(totals.values(), key=lambda b: b.label or "")
     return sorted(totals.values(), key=lambda b: (b.figures.start, b.label or ""))
 
 

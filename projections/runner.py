@@ -24,6 +24,7 @@ from projections.database import (
     Cursor,
     ViewDatabase,
     ensure_tracking,
+    lock_tracking,
     position_of,
     record_position,
 )
@@ -91,16 +92,14 @@ class ProjectionWorker:
     def prepare(self) -> None:
         ensure_tracking(self._db)
         with self._db.transaction() as cursor:
+            lock_tracking(cursor, self._db.dialect)
             for view in self.views:
                 view.create(cursor, self._db.dialect)
                 view.create_indexes(cursor)
-            self.position = self._shared_position(cursor)
+            self.position = min(self._positions(cursor).values())
 
-    def _shared_position(self, cursor: Cursor) -> int:
-        positions = {position_of(cursor, view.name) for view in self.views}
-        if len(positions) != 1:
-            raise RuntimeError(f"views {self.name} are at different positions: {positions}")
-        return positions.pop()
+    def _positions(self, cursor: Cursor) -> dict[str, int]:
+        return {view.name: position_of(cursor, view.name) for view in self.views}
 
     def step(self) -> int:
         """Apply the next batch; returns how many notifications were read."""
@@ -108,17 +107,24 @@ class ProjectionWorker:
         if last == self.position:
             return 0
         with self._db.transaction() as cursor:
-            moved = {position_of(cursor, view.name) for view in self.views} - {self.position}
-            if moved:
-                # Someone else (a rebuild) moved these views: start again from where they are.
-                self.position = min(moved)
+            lock_tracking(cursor, self._db.dialect)
+            positions = self._positions(cursor)
+            if min(positions.values()) != self.position:
+                # Someone else (a rebuild) moved a view: read again from the one furthest back.
+                self.position = min(positions.values())
                 return 0
             for view in self.views:
+                # A view ahead of the others (rebuilt alone) skips what it already has.
+                since = positions[view.name]
+                if since >= last:
+                    continue
                 topics = self._topics[view.name]
-                if len(self.views) == 1:
-                    view.apply(cursor, events)
-                else:
-                    view.apply(cursor, [e for e in events if get_topic(type(e[1])) in topics])
+                view.apply(
+                    cursor,
+                    [e for e in events if e[0] > since and get_topic(type(e[1])) in topics]
+                    if len(self.views) > 1 or since > self.position
+                    else events,
+                )
                 record_position(cursor, view.name, last)
         self._batches += 1
         if self._kill_after_batches is not None and self._batches >= self._kill_after_batches:
@@ -146,6 +152,7 @@ class ProjectionWorker:
         at the end: building an index once is much cheaper than keeping it up row by row."""
         ensure_tracking(self._db)
         with self._db.transaction() as cursor:
+            lock_tracking(cursor, self._db.dialect)
             for view in self.views:
                 view.drop(cursor)
                 cursor.execute(f"DELETE FROM {TRACKING_TABLE} WHERE view = ?", (view.name,))

@@ -237,6 +237,7 @@ async def test_a_forecast_change_is_stored_on_the_order_once_and_announces_laten
     assert at(15) < datetime.fromisoformat(first["eta"]) < at(16)
 
     # Nothing new to tell: no event. Republishing the same change is a duplicate, not news.
+    await hub.wait_projected()  # the watch says nothing while the views are behind the store
     assert await hub.delivery_watch.check(now=at(13, 40)) == 0
     again = hub.delivery_watch.changes(datetime.fromisoformat("2026-03-03T01:00:00+00:00"))
     receipts = await hub.publisher.publish_many(again + again)
@@ -295,3 +296,21 @@ async def test_each_day_is_judged_by_the_calendar_in_force_that_day(hub: Hub) ->
     assert second["planned_stop_s_by_reason"] == {"planned/break": 1800}
     (total,) = whole.json()["buckets"]
     assert total["planned_busy_time_s"] == 31.5 * 3600
+
+
+async def test_the_forecast_watch_stays_silent_while_the_views_are_behind(hub: Hub) -> None:
+    from projections.delivery import DeliveryWatch
+    from projections.facts_view import FactsReader
+
+    await shift_with_a_ten_minute_stop(hub)
+    site = hub.settings.site
+    behind = DeliveryWatch(
+        site, lambda: hub.store.orders(site), FactsReader(hub.views), PlantConfig(),
+        hub.publisher, ready=lambda: False,
+    )  # fmt: skip
+    assert behind.changes(at(13, 30)) == []
+    caught_up = DeliveryWatch(
+        site, lambda: hub.store.orders(site), FactsReader(hub.views), PlantConfig(),
+        hub.publisher,
+    )  # fmt: skip
+    assert [e.subject for e in caught_up.changes(at(13, 30))] == ["SO-1"]

@@ -222,3 +222,28 @@ async def test_on_postgresql_the_live_view_equals_a_rebuild_and_the_history(
         assert machine_timeline(view, window, PLANT) == machine_timeline(history, window, PLANT)
     finally:
         await hub.close()
+
+
+async def test_rebuilding_one_view_while_the_hub_runs_leaves_every_view_following(
+    settings: Settings,
+) -> None:
+    hub = await build_hub(settings.model_copy(update={"projection_batch": 300}))
+    try:
+        await simulate(hub, 3_000)
+        # One view rebuilt alone, by another "process", while the hub's worker follows both.
+        rebuild = ProjectionWorker([MachineFactsView()], hub.store, hub.views, batch_size=500)
+        config = SimulatorConfig(machines=MACHINES, seed=8, start=START, site=hub.settings.site)
+        more = asyncio.create_task(run_simulator(config, hub.publisher, speed=0, max_events=2_000))
+        await asyncio.to_thread(rebuild.rebuild)
+        await more
+        await hub.wait_caught_up(timeout=60)  # every view reaches the end: no livelock
+        positions = {w.name: w.position for w in hub.projections}
+        reference_path = settings.data_dir / "reference.sqlite"
+        reference = SQLiteViews(reference_path)
+        ProjectionWorker([MachineFactsView()], hub.store, reference).rebuild()
+        reference.close()
+        end = hub.store.last_position()
+    finally:
+        await hub.close()
+    assert set(positions.values()) == {end}
+    assert rows(settings.views_sqlite_path) == rows(reference_path)

@@ -59,3 +59,44 @@ def test_no_shifts_within_a_year_gives_no_eta() -> None:
     result = forecast(never, on(2, 6), on(3, 6), 5, 0, 0, 60.0)
     assert result.eta is None and result.status == "at_risk"
     assert result.effective_cycle_time_s == pytest.approx(60.0)
+
+
+def test_a_done_forecast_is_not_announced_again_as_the_clock_moves() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from hub.domain import Order, Origin
+    from projections.delivery import forecast_change
+    from projections.forecast import Forecast
+
+    order = Order(site="s", order_id="SO-1")
+    order.release(Origin("e1", "erp", datetime(2026, 3, 2, tzinfo=UTC)),
+                  {"quantity": 10, "due": datetime(2026, 3, 3, tzinfo=UTC)})  # fmt: skip
+    now = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    first = forecast_change(order, Forecast(now, "done", None, "observed"), 0, timedelta(0))
+    assert first is not None and first["status"] == "done"
+    order.record_delivery_forecast(Origin("f1", "hub", now), first)
+    later = now + timedelta(hours=5)
+    assert (
+        forecast_change(order, Forecast(later, "done", None, "observed"), 0, timedelta(0)) is None
+    )
+
+
+def test_a_start_tapped_twice_does_not_count_the_overlap_twice() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from projections.history import MachineFacts
+    from projections.plant import PlantConfig
+    from projections.progress import Run, order_progress
+    from projections.timeline import OrderReport, StateReport
+
+    t0 = datetime(2026, 3, 2, 6, tzinfo=UTC)
+    facts = MachineFacts(states=[StateReport(t0, availability="AVAILABLE"),
+                                 StateReport(t0, execution="ACTIVE")],
+                         orders=[OrderReport(t0, "SO-1")])  # fmt: skip
+    once = [Run("M1", t0, t0 + timedelta(hours=2))]
+    twice = [Run("M1", t0, None), Run("M1", t0 + timedelta(minutes=30), t0 + timedelta(hours=2))]
+    now = t0 + timedelta(hours=2)
+    args = ("SO-1", 10, 60.0)
+    single = order_progress(*args, once, {"M1": facts}, PlantConfig(), now)
+    double = order_progress(*args, twice, {"M1": facts}, PlantConfig(), now)
+    assert single.running_time_s == double.running_time_s == 7200

@@ -63,3 +63,10 @@ def test_an_unchanged_configuration_is_not_recorded_again_and_numbers_follow_the
     assert configuration_event("s", plant, ALL_DAY, day(2)) is None
     change = configuration_event("s", plant, TWO_SHIFTS, day(2))
     assert change is not None and change.id == "plant-s-2"
+
+
+def test_a_recorded_configuration_this_version_cannot_read_is_skipped() -> None:
+    plant = recorded((ALL_DAY, day(1)), (TWO_SHIFTS, day(10)))
+    plant.configurations[1]["config"]["shifts"] = "every other tuesday"  # unreadable record
+    history = PlantHistory.of(plant, current=EARLY_ONLY)
+    assert history.segments(Interval(day(1), day(20))) == [(Interval(day(1), day(20)), ALL_DAY)]
