@@ -97,3 +97,39 @@ async def test_adapter_run_feeds_a_running_hub_and_stops_cleanly_on_ctrl_c(
 async def test_an_unknown_protocol_is_refused(protocol: str, tmp_path: Path) -> None:
     code, _, err = await mes_hub("adapter", "run", protocol, "--nats-url", "nats://127.0.0.1:1")
     assert code == 2 and "unknown adapter 'nope'" in err and "mtconnect" in err
+
+
+async def test_adapter_run_modbus_feeds_the_hub_from_a_plc(hub: Hub, tmp_path: Path) -> None:
+    from tests.integration.test_modbus_adapter import UNIT, Plc
+
+    plc = Plc()
+    await plc.set("holding", 0, [1])  # running
+    await plc.set("holding", 10, [0, 1234])  # part counter, uint32 big-endian
+    await plc.start()
+    config = tmp_path / "mes-hub.toml"
+    config.write_text(
+        f'[hub]\nnats_url = "{hub.nats_url}"\ndata_dir = "{tmp_path / "adapter-data"}"\n\n'
+        f'[[adapters.modbus]]\nmachine_id = "PRESS-2"\nhost = "127.0.0.1"\nport = {plc.port}\n'
+        f"unit = {UNIT}\npoll_s = 0.1\n"
+        '[[adapters.modbus.registers]]\naddress = 0\nmeaning = "running"\n'
+        '[[adapters.modbus.registers]]\naddress = 10\ntype = "uint32"\nmeaning = "part_count"\n'
+    )
+    process = await asyncio.create_subprocess_exec(
+        *MES_HUB, "adapter", "run", "modbus", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    site = hub.settings.site
+
+    def press() -> tuple[str | None, int]:
+        machine = hub.store.machine(site, "PRESS-2")
+        return (machine.execution, machine.parts_produced) if machine else (None, 0)
+
+    try:
+        await eventually(lambda: press()[0] == "ACTIVE", timeout=60)
+        await plc.set("holding", 10, [0, 1240])  # six parts later
+        await eventually(lambda: press() == ("ACTIVE", 6), timeout=30)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        await plc.stop()
+    assert process.returncode == 0, err.decode()[-2000:]
