@@ -12,6 +12,7 @@ from functools import partial
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from hub.domain import Order
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.settings import Settings
@@ -19,7 +20,7 @@ from hub.store import EventStore
 from projections.database import PostgresViews, SQLiteViews, ViewDatabase
 from projections.delivery import DeliveryWatch
 from projections.facts_view import FactsReader, MachineFactsView
-from projections.orders_view import OrdersView
+from projections.orders_view import OrderStatesView, OrdersView, orders_in_play
 from projections.plant import PlantConfig
 from projections.plant_history import configuration_event
 from projections.runner import ProjectionWorker, View, group_by_position
@@ -127,7 +128,13 @@ class Hub:
 
 
 def all_views() -> list[View]:
-    return [MachineFactsView(), OrdersView()]
+    return [MachineFactsView(), OrdersView(), OrderStatesView()]
+
+
+def open_orders(store: EventStore, views: ViewDatabase, site: str) -> list[Order]:
+    """The orders still in play for delivery forecasts (not every order ever released)."""
+    found = (store.load(aggregate_id) for aggregate_id in orders_in_play(views))
+    return [o for o in found if isinstance(o, Order) and o.site == site]
 
 
 def open_views(settings: Settings) -> ViewDatabase:
@@ -212,7 +219,7 @@ async def build_hub(
 
     delivery_watch = DeliveryWatch(
         settings.site,
-        partial(store.orders, settings.site),
+        partial(open_orders, store, views, settings.site),
         FactsReader(views),
         plant or PlantConfig(),
         publisher,

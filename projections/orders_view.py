@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from typing import Any
+from uuid import UUID
 
 from hub.domain import Order, order_aggregate_id
 from projections.database import Cursor, ViewDatabase
@@ -72,3 +73,65 @@ class OrdersReader:
                     if seconds is not None:
                         found[by_key[key]] = float(seconds)
         return found
+
+
+STATES_TABLE = "mes_view_order_states"
+
+
+class OrderStatesView:
+    """Which orders are still in play for delivery forecasts, so a forecast round loads those
+    and not every order the plant ever had: not cancelled, and not ended after a final (done or
+    late) forecast was announced."""
+
+    name = "order_states"
+    # (made by the library from the @event decorators, out of mypy's sight)
+    event_classes: tuple[type, ...] = tuple(
+        getattr(Order, name)
+        for name in ("Released", "Cancelled", "Started", "Ended", "DeliveryForecastChanged")
+    )
+
+    def create(self, cursor: Cursor, dialect: str) -> None:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {STATES_TABLE} (aggregate_id TEXT PRIMARY KEY, "
+            "cancelled INTEGER NOT NULL, starts INTEGER NOT NULL, ends INTEGER NOT NULL, "
+            "announced TEXT, position BIGINT NOT NULL)"
+        )
+
+    def create_indexes(self, cursor: Cursor) -> None:
+        pass  # the primary key is the only index
+
+    def drop(self, cursor: Cursor) -> None:
+        cursor.execute(f"DROP TABLE IF EXISTS {STATES_TABLE}")
+
+    def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
+        rows = []
+        for position, event in events:
+            kind = type(event).__name__
+            announced = event.forecast.get("status") if kind == "DeliveryForecastChanged" else None
+            rows.append((
+                event.originator_id.hex, int(kind == "Cancelled"), int(kind == "Started"),
+                int(kind == "Ended"), announced, position,
+            ))  # fmt: skip
+        if rows:
+            # Counts add up event by event; the position guard makes a batch applied twice (a
+            # rebuild racing the live worker) count once.
+            cursor.executemany(
+                f"INSERT INTO {STATES_TABLE} VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (aggregate_id) DO UPDATE SET "
+                f"cancelled = {STATES_TABLE}.cancelled + excluded.cancelled, "
+                f"starts = {STATES_TABLE}.starts + excluded.starts, "
+                f"ends = {STATES_TABLE}.ends + excluded.ends, "
+                f"announced = COALESCE(excluded.announced, {STATES_TABLE}.announced), "
+                "position = excluded.position "
+                f"WHERE excluded.position > {STATES_TABLE}.position",
+                rows,
+            )
+
+
+def orders_in_play(db: ViewDatabase) -> list[UUID]:
+    with db.transaction(write=False) as cursor:
+        cursor.execute(
+            f"SELECT aggregate_id FROM {STATES_TABLE} WHERE cancelled = 0 AND NOT "
+            "(announced IN ('done', 'late') AND starts > 0 AND ends >= starts)"
+        )
+        return [UUID(row[0]) for row in cursor.fetchall()]

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contracts import CloudEvent
 from hub.bootstrap import Hub
 from projections.plant import PlantConfig, PlantConfigError, ShiftConfig, load_plant
 from tests.conftest import api_client, api_key, cloud_event, eventually
@@ -314,3 +315,33 @@ async def test_the_forecast_watch_stays_silent_while_the_views_are_behind(hub: H
         hub.publisher,
     )  # fmt: skip
     assert [e.subject for e in caught_up.changes(at(13, 30))] == ["SO-1"]
+
+
+async def test_a_forecast_round_loads_only_the_orders_still_in_play(hub: Hub) -> None:
+    from hub.bootstrap import open_orders
+
+    def release(order_id: str) -> CloudEvent:
+        return cloud_event("mes.erp.order.released.v1", order_id, {
+            "order_id": order_id, "part_number": "P-1", "quantity": 10,
+            "due": "2026-03-03T00:00:00Z", "ideal_cycle_time_s": 60,
+        }, at=at(5))  # fmt: skip
+
+    done = {"order_id": "SO-C", "status": "done", "eta": None, "due": None, "remaining": 0,
+            "effective_cycle_time_s": None, "basis": "observed"}  # fmt: skip
+    events = [
+        release("SO-A"),
+        release("SO-B"),
+        cloud_event("mes.erp.order.cancelled.v1", "SO-B", {"order_id": "SO-B", "reason": "x"}),
+        release("SO-C"),
+        cloud_event("mes.operator.order_started.v1", "M1", {"order_id": "SO-C"}, at=at(6)),
+        cloud_event("mes.operator.order_ended.v1", "M1", {"order_id": "SO-C"}, at=at(7)),
+        cloud_event("mes.hub.delivery_forecast.changed.v1", "SO-C", done, at=at(7)),
+        release("SO-D"),
+        cloud_event("mes.operator.order_started.v1", "M2", {"order_id": "SO-D"}, at=at(6)),
+    ]
+    await hub.publisher.publish_many(events)
+    await eventually(lambda: hub.ingest_stats().applied == len(events))
+    await hub.wait_projected()
+    in_play = open_orders(hub.store, hub.views, hub.settings.site)
+    # Released, and running: in play. Cancelled, and ended after "done": not loaded any more.
+    assert sorted(o.order_id for o in in_play) == ["SO-A", "SO-D"]
