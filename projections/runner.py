@@ -85,8 +85,8 @@ class ProjectionWorker:
         self._log = log
         self._db = db
         self._batch_size = batch_size
-        self._topics = {view.name: _topics(view) for view in self.views}
-        self._all_topics = frozenset().union(*self._topics.values())
+        self._classes = {view.name: frozenset(view.event_classes) for view in self.views}
+        self._all_topics = frozenset().union(*(_topics(view) for view in self.views))
         self.position = 0
 
     def prepare(self) -> None:
@@ -113,18 +113,25 @@ class ProjectionWorker:
                 # Someone else (a rebuild) moved a view: read again from the one furthest back.
                 self.position = min(positions.values())
                 return 0
+            # Each view gets the events of its classes (the class test once per event).
+            by_class: dict[type, list[tuple[int, Any]]] = {}
+            for event in events:
+                by_class.setdefault(type(event[1]), []).append(event)
             for view in self.views:
                 # A view ahead of the others (rebuilt alone) skips what it already has.
                 since = positions[view.name]
                 if since >= last:
                     continue
-                topics = self._topics[view.name]
-                view.apply(
-                    cursor,
-                    [e for e in events if e[0] > since and get_topic(type(e[1])) in topics]
-                    if len(self.views) > 1 or since > self.position
-                    else events,
-                )
+                if len(self.views) == 1 and since == self.position:
+                    mine = events
+                else:
+                    classes = self._classes[view.name]
+                    mine = sorted(
+                        (e for cls, found in by_class.items() if cls in classes for e in found),
+                        key=lambda e: e[0],
+                    )
+                    mine = [e for e in mine if e[0] > since]
+                view.apply(cursor, mine)
                 record_position(cursor, view.name, last)
         self._batches += 1
         if self._kill_after_batches is not None and self._batches >= self._kill_after_batches:
