@@ -13,7 +13,20 @@ from projections.database import Cursor, ViewDatabase
 TABLE = "mes_view_orders"
 
 
-class OrdersView:
+class _KeyedTable:
+    """A view of one table whose primary key is its only index."""
+
+    table: str
+
+    def create_indexes(self, cursor: Cursor) -> None:
+        pass
+
+    def drop(self, cursor: Cursor) -> None:
+        cursor.execute(f"DROP TABLE IF EXISTS {self.table}")
+
+
+class OrdersView(_KeyedTable):
+    table = TABLE
     name = "orders"
     # The library makes these classes from the @event decorators, out of mypy's sight.
     event_classes: tuple[type, ...] = (
@@ -27,12 +40,6 @@ class OrdersView:
             "aggregate_id TEXT PRIMARY KEY, ideal_cycle_time_s DOUBLE PRECISION, "
             "position BIGINT NOT NULL)"
         )
-
-    def create_indexes(self, cursor: Cursor) -> None:
-        pass  # the primary key is the only index
-
-    def drop(self, cursor: Cursor) -> None:
-        cursor.execute(f"DROP TABLE IF EXISTS {TABLE}")
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
         rows = [
@@ -78,12 +85,13 @@ class OrdersReader:
 STATES_TABLE = "mes_view_order_states"
 
 
-class OrderStatesView:
+class OrderStatesView(_KeyedTable):
     """Which orders are still in play for delivery forecasts, so a forecast round loads those
     and not every order the plant ever had: not cancelled, and not ended after a final (done or
     late) forecast was announced."""
 
     name = "order_states"
+    table = STATES_TABLE
     # (made by the library from the @event decorators, out of mypy's sight)
     event_classes: tuple[type, ...] = tuple(
         getattr(Order, name)
@@ -96,12 +104,6 @@ class OrderStatesView:
             "cancelled INTEGER NOT NULL, starts INTEGER NOT NULL, ends INTEGER NOT NULL, "
             "announced TEXT, position BIGINT NOT NULL)"
         )
-
-    def create_indexes(self, cursor: Cursor) -> None:
-        pass  # the primary key is the only index
-
-    def drop(self, cursor: Cursor) -> None:
-        cursor.execute(f"DROP TABLE IF EXISTS {STATES_TABLE}")
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
         rows = []
