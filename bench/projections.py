@@ -171,11 +171,14 @@ def query_latency(settings: Settings, store: EventStore, repeats: int) -> None:
 
     def from_view() -> int:
         facts = reader.window(machine, facts_window(window, PLANT))
+        facts = facts.settle(PLANT.machine_rules(LONG_MACHINE))
         return len(report_from_facts(facts, from_orders_view, window, "shift", PLANT, now))
 
     def from_history() -> int:
         history = store.machine_history(LONG_SITE, LONG_MACHINE)
-        return len(report_from_history(history, from_aggregates, window, "shift", PLANT, now))
+        return len(
+            report_from_history(history, LONG_MACHINE, from_aggregates, window, "shift", PLANT, now)
+        )
 
     history_events = len(store.machine_history(LONG_SITE, LONG_MACHINE))
     print(

@@ -195,6 +195,7 @@ def _machine_table(
         figures = None
         if window is not None:
             facts = FactsReader(hub.views).window(machine.id, facts_window(window, plant))
+            facts = facts.settle(plant.machine_rules(machine.machine_id))
             (bucket,) = report_from_facts(
                 facts,
                 partial(OrdersReader(hub.views).ideal_cycle_times, machine.site),
@@ -209,8 +210,8 @@ def _machine_table(
             (machine.availability or "-")[:5],
             f"[{colour}]{machine.execution or '-'}[/]",
             *([machine.order_id or "-"] if wide else []),
-            str(machine.parts_produced),
-            str(machine.parts_bad),
+            str(figures.produced) if figures else "-",
+            str(figures.bad) if figures else "-",
             _percent(figures.availability if figures else None),
             _percent(figures.performance if figures else None),
             _percent(figures.quality if figures else None),

@@ -47,7 +47,16 @@ class MachineEvent(Aggregate.Event):
     event_time: datetime
 
 
+# The condition the hub shows for an implausible counter reading, until a ``normal`` condition
+# with this code (an operator acknowledging it) is reported after it.
+COUNTER_JUMP = "MES_HUB_COUNTER_JUMP"
+
+
 class Machine(Aggregate):
+    # Class defaults, so machines restored from older snapshots have them.
+    reported: bool = False
+    cleared_at: dict[str, datetime] | None = None  # condition code -> its last ``normal``
+
     @staticmethod
     def create_id(site: str, machine_id: str) -> UUID:
         return machine_aggregate_id(site, machine_id)
@@ -63,16 +72,10 @@ class Machine(Aggregate):
         self.mode: str | None = None
         self.program: str | None = None
         self.state_since: datetime | None = None
-        self.parts_produced = 0
-        self.parts_bad = 0
         self.parts_scrapped = 0
-        self.counter_resets = 0
-        # Last accepted reading per counter kind, and its event time.
+        # The latest reading per counter kind by event time, and that time.
         self.counter_values: dict[str, int] = {}
         self.counter_times: dict[str, datetime] = {}
-        # The earliest reading per kind by event time: [value, ISO time]. A late reading before
-        # it still counts the parts made between the two.
-        self.counter_baselines: dict[str, list[Any]] = {}
         self.conditions: dict[str, dict[str, Any]] = {}
         self.order_id: str | None = None
         self.order_time: datetime | None = None
@@ -92,33 +95,10 @@ class Machine(Aggregate):
         )
 
     def report_part_count(self, origin: Origin, kind: str, count: int) -> None:
-        """Counters are cumulative. The first reading is the baseline and counts nothing; an
-        increase adds the difference; a decrease is a reset and the new value counts as made
-        since the reset. A reading older than the last accepted one is kept with ``late`` set:
-        if it is older than the baseline too, the parts between it and the baseline count (it
-        becomes the baseline); otherwise the later cumulative value already covers it."""
-        last_value = self.counter_values.get(kind)
-        increment, reset, late = 0, False, False
-        if last_value is not None:
-            if origin.time < self.counter_times[kind]:
-                late = True
-                baseline = self.counter_baselines[kind]
-                if origin.time < datetime.fromisoformat(baseline[1]) and count <= baseline[0]:
-                    increment = baseline[0] - count
-            elif count >= last_value:
-                increment = count - last_value
-            else:
-                reset, increment = True, count
-        self._record(
-            self.PartCountReported,
-            origin,
-            kind=kind,
-            count=count,
-            increment=increment,
-            reset=reset,
-            late=late,
-            order_id=self.order_id,
-        )
+        """A counter reading is recorded as read. How many parts it adds depends on its
+        neighbours by event time, which a late reading may change: the projections count
+        (``projections.counters``), not the aggregate."""
+        self._record(self.PartCountReported, origin, kind=kind, count=count)
 
     def report_condition(
         self, origin: Origin, level: str, native_code: str | None, message: str | None
@@ -158,7 +138,9 @@ class Machine(Aggregate):
         self._record(
             self.ScrapReported,
             origin,
-            order_id=order_id or self.order_id,
+            # Without an order id, the scrap belongs to the order running at its event time:
+            # the projections decide, so a late order start re-attributes it.
+            order_id=order_id,
             quantity=quantity,
             reason=reason,
         )
@@ -172,6 +154,16 @@ class Machine(Aggregate):
             **fields,
         )
 
+    def has_reported(self) -> bool:
+        """Whether the machine itself ever reported (availability, execution, a counter or a
+        condition): operator events alone do not make a machine."""
+        return self.reported or bool(
+            self.availability_time or self.execution_time or self.counter_values
+        )
+
+    def _reported(self) -> None:
+        self.reported = True
+
     def _seen(self, time: datetime) -> None:
         if _newer(time, self.last_event_time):
             self.last_event_time = time
@@ -184,6 +176,7 @@ class Machine(Aggregate):
         def apply(self, aggregate: Any) -> None:
             machine: Machine = aggregate
             machine._seen(self.event_time)
+            machine._reported()
             if _newer(self.event_time, machine.availability_time):
                 machine.availability = self.availability
                 machine.availability_time = self.event_time
@@ -196,6 +189,7 @@ class Machine(Aggregate):
         def apply(self, aggregate: Any) -> None:
             machine: Machine = aggregate
             machine._seen(self.event_time)
+            machine._reported()
             # An older report is kept in the history but does not overwrite the current state.
             if not _newer(self.event_time, machine.execution_time):
                 return
@@ -209,28 +203,20 @@ class Machine(Aggregate):
                 machine.program = self.program
 
     class PartCountReported(MachineEvent):
+        # Events stored before counting moved to the projections also carry ``increment``,
+        # ``reset``, ``late`` and ``order_id``: decisions taken at arrival, no longer read.
         kind: str
         count: int
-        increment: int
-        reset: bool
-        late: bool
-        order_id: str | None
 
         def apply(self, aggregate: Any) -> None:
             machine: Machine = aggregate
             machine._seen(self.event_time)
-            baseline = machine.counter_baselines.get(self.kind)
-            if baseline is None or self.event_time < datetime.fromisoformat(baseline[1]):
-                machine.counter_baselines[self.kind] = [self.count, self.event_time.isoformat()]
-            if not self.late:
+            machine._reported()
+            # The latest reading by event time, for the machine's current state.
+            last = machine.counter_times.get(self.kind)
+            if last is None or self.event_time >= last:
                 machine.counter_values[self.kind] = self.count
                 machine.counter_times[self.kind] = self.event_time
-            if self.reset:
-                machine.counter_resets += 1
-            if self.kind == "bad":
-                machine.parts_bad += self.increment
-            else:
-                machine.parts_produced += self.increment
 
     class ConditionReported(MachineEvent):
         level: str
@@ -240,6 +226,7 @@ class Machine(Aggregate):
         def apply(self, aggregate: Any) -> None:
             machine: Machine = aggregate
             machine._seen(self.event_time)
+            machine._reported()
             code = self.native_code or ""
             current = machine.conditions.get(code)
             if current is not None and not _newer(
@@ -247,6 +234,9 @@ class Machine(Aggregate):
             ):
                 return
             if self.level == "normal":
+                cleared = machine.cleared_at or {}
+                if code not in cleared or self.event_time > cleared[code]:
+                    machine.cleared_at = {**cleared, code: self.event_time}
                 # MTConnect: NORMAL without a native code clears every active condition.
                 if code:
                     machine.conditions.pop(code, None)

@@ -1,10 +1,14 @@
 """The machine facts view: every machine fact the timeline, OEE and order progress need, one row
 per stored event, indexed by machine and event time (and by order for parts and scrap).
 
+Counter readings are kept as read (one ``reading`` row each); what they add is decided when
+they are read back (``projections.counters``), so a late reading takes its share.
+
 A query for a window reads only that window's facts plus the few that set the scene (the last
-availability and execution before it, the machine's order starts and ends, the reasons that
-overlap it), instead of the machine's whole history. What it returns is what
-``projections.history.machine_facts`` makes of the whole history, for that window.
+availability and execution before it, the two counter readings before it, the machine's order
+starts and ends, the reasons that overlap it, its first report), instead of the machine's whole
+history. What it returns, settled, is what ``projections.history.machine_facts`` makes of the
+whole history, for that window.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from uuid import UUID
 
 from hub.domain import Machine
 from projections.calendar import Interval
+from projections.counters import CONTEXT, CounterReading, CounterTotals, counter_totals
 from projections.database import Cursor, ViewDatabase
 from projections.history import MachineFacts, order_reports
-from projections.oee import PartsReport, ScrapReport
+from projections.oee import ScrapReport
 from projections.timeline import ReasonReport, StateReport
 
-TABLE = "mes_view_machine_facts"
+# v2: counter readings as read (v1 kept increments decided at arrival); a new name, so a hub
+# upgraded from v1 builds it from the store.
+TABLE = "mes_view_machine_facts_v2"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -37,15 +44,16 @@ def from_micros(value: int) -> datetime:
 
 
 # kinds of fact
-AVAILABILITY, EXECUTION, PART, SCRAP, ORDER_START, ORDER_END, REASON = (
+AVAILABILITY, EXECUTION, SCRAP, ORDER_START, ORDER_END, REASON = (
     "availability",
     "execution",
-    "part",
     "scrap",
     "order_start",
     "order_end",
     "reason",
 )
+# A counter reading's kind names its counter, so the index finds the last ones of each.
+READINGS = {"all": "reading_all", "bad": "reading_bad"}
 _COLUMNS = "position, machine, kind, time, value, program, quantity, order_id, end_time, given_at"
 
 
@@ -58,9 +66,9 @@ def _row(position: int, event: Any) -> tuple[Any, ...] | None:
             return (position, machine, AVAILABILITY, time, event.availability, *[None] * 5)
         case Machine.ExecutionReported():
             return (position, machine, EXECUTION, time, event.execution, event.program, *[None] * 4)
-        case Machine.PartCountReported() if event.increment:
-            return (position, machine, PART, time, event.kind, None, event.increment,
-                    event.order_id, None, None)  # fmt: skip
+        case Machine.PartCountReported():
+            return (position, machine, READINGS[event.kind], time, event.kind, None,
+                    event.count, None, None, None)  # fmt: skip
         case Machine.ScrapReported():
             return (position, machine, SCRAP, time, None, None, event.quantity, event.order_id,
                     None, None)  # fmt: skip
@@ -78,7 +86,7 @@ def _row(position: int, event: Any) -> tuple[Any, ...] | None:
 class MachineFactsView:
     """The projection: how the table is made, and what each event adds to it."""
 
-    name = "machine_facts"
+    name = "machine_facts_v2"
     event_classes: tuple[type, ...] = (
         Machine.AvailabilityReported,
         Machine.ExecutionReported,
@@ -132,7 +140,8 @@ class FactsReader:
         self._db = db
 
     def window(self, machine: UUID, window: Interval) -> MachineFacts:
-        """The facts that decide the machine's timeline, parts and scrap within ``window``."""
+        """The raw facts that decide the machine's timeline, parts and scrap within ``window``
+        (settle them with the machine's rules before use)."""
         key, start, end = machine.hex, to_micros(window.start), to_micros(window.end)
         select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = ?"
         latest = " AND time < ? ORDER BY time DESC, position DESC LIMIT 1"
@@ -152,7 +161,16 @@ class FactsReader:
                 "AND program IS NOT NULL"
             )
             fetch(programs + latest, key, start)
-            for kind in (AVAILABILITY, EXECUTION, PART, SCRAP):
+            # The readings that decide what the window's first readings add.
+            for kind in READINGS.values():
+                fetch(
+                    select + f" AND time <= ? ORDER BY time DESC, quantity DESC LIMIT {CONTEXT}",
+                    key,
+                    kind,
+                    start,
+                )
+                fetch(select + " AND time > ? AND time <= ?", key, kind, start, end)
+            for kind in (AVAILABILITY, EXECUTION, SCRAP):
                 fetch(select + " AND time >= ? AND time <= ?", key, kind, start, end)
             # Which order runs is a fold over all the machine's order starts and ends.
             for kind in (ORDER_START, ORDER_END):
@@ -164,25 +182,60 @@ class FactsReader:
                 end,
                 start,
             )
+            first = _first_report(cursor, key)
         facts = _facts(rows)
-        facts.parts = [p for p in facts.parts if p.time < window.end]
-        facts.scrap = [s for s in facts.scrap if s.time < window.end]
+        facts.first_report = first
+        facts.scrap = [s for s in facts.scrap if s.time <= window.end]
         return facts
 
-    def order_counts(self, order_id: str) -> dict[str, MachineFacts]:
-        """Parts and scrap counted for an order, by machine (aggregate id hex)."""
+    def order_scrap(self, order_id: str) -> dict[str, list[ScrapReport]]:
+        """Scrap reported naming the order, whenever it was reported, by machine (aggregate id
+        hex): an inspection may find it days after the order ran."""
         with self._db.transaction(write=False) as cursor:
-            cursor.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE order_id = ?", (order_id,))
+            cursor.execute(
+                f"SELECT {_COLUMNS} FROM {TABLE} WHERE order_id = ? AND kind = ?",
+                (order_id, SCRAP),
+            )
             rows = cursor.fetchall()
-        by_machine: dict[str, list[tuple[Any, ...]]] = {}
+        by_machine: dict[str, list[ScrapReport]] = {}
         for row in rows:
-            by_machine.setdefault(row[1], []).append(row)
-        return {machine: _facts(machine_rows) for machine, machine_rows in by_machine.items()}
+            by_machine.setdefault(row[1], []).append(
+                ScrapReport(from_micros(row[3]), row[6], order_id)
+            )
+        return by_machine
+
+    def counter_readings(self, machine: UUID) -> list[CounterReading]:
+        """Every counter reading of the machine, for its totals."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT time, value, quantity FROM {TABLE} WHERE machine = ? AND kind IN (?, ?)",
+                (machine.hex, *READINGS.values()),
+            )
+            rows = cursor.fetchall()
+        return [CounterReading(from_micros(time), kind, count) for time, kind, count in rows]
+
+    def counter_totals(self, machine: UUID, max_per_reading: int) -> CounterTotals:
+        """What the machine's counters add over its whole history."""
+        return counter_totals(self.counter_readings(machine), max_per_reading)
 
     def has_machine(self, machine: UUID) -> bool:
         with self._db.transaction(write=False) as cursor:
             cursor.execute(f"SELECT 1 FROM {TABLE} WHERE machine = ? LIMIT 1", (machine.hex,))
             return bool(cursor.fetchall())
+
+
+def _first_report(cursor: Cursor, machine: str) -> datetime | None:
+    """The machine's first report by event time: its first availability, execution or
+    counter reading (each found on the index)."""
+    times = []
+    for kind in (AVAILABILITY, EXECUTION, *READINGS.values()):
+        cursor.execute(
+            f"SELECT MIN(time) FROM {TABLE} WHERE machine = ? AND kind = ?", (machine, kind)
+        )
+        found = cursor.fetchall()
+        if found and found[0][0] is not None:
+            times.append(int(found[0][0]))
+    return from_micros(min(times)) if times else None
 
 
 def _facts(rows: list[tuple[Any, ...]]) -> MachineFacts:
@@ -200,8 +253,8 @@ def _facts(rows: list[tuple[Any, ...]]) -> MachineFacts:
                 facts.states.append(StateReport(at, availability=value))
             case "execution":
                 facts.states.append(StateReport(at, execution=value, program=program))
-            case "part":
-                facts.parts.append(PartsReport(at, value, quantity, order_id))
+            case "reading_all" | "reading_bad":
+                facts.readings.append(CounterReading(at, value, quantity))
             case "scrap":
                 facts.scrap.append(ScrapReport(at, quantity, order_id))
             case "order_start" | "order_end":

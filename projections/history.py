@@ -1,14 +1,23 @@
-"""A machine's stored events, as the facts the timeline and OEE need, placed by event time."""
+"""A machine's stored events, as the facts the timeline and OEE need, placed by event time.
+
+Facts are gathered raw (counter readings as read, scrap with the order it names, if any) and
+then *settled* by the plant's rules for the machine: which parts each reading adds, and which
+order was running, by event time, when the parts were made. Settling is the one place those
+decisions are taken, whether the facts came from the whole history or from the view.
+"""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from hub.domain import Machine
+from projections.counters import IMPLAUSIBLE, CounterReading, CounterStep, steps_by_kind
 from projections.oee import PartsReport, ScrapReport
+from projections.plant import MachineRules
 from projections.timeline import OrderReport, ReasonReport, StateReport
 
 
@@ -17,30 +26,99 @@ class MachineFacts:
     states: list[StateReport] = field(default_factory=list)
     orders: list[OrderReport] = field(default_factory=list)
     reasons: list[ReasonReport] = field(default_factory=list)
-    parts: list[PartsReport] = field(default_factory=list)
+    # Raw: every counter reading (plus the two before a window), and scrap with its stated order.
+    readings: list[CounterReading] = field(default_factory=list)
     scrap: list[ScrapReport] = field(default_factory=list)
+    # The machine's first report by event time (availability, execution or a counter).
+    first_report: datetime | None = None
+    # Settled (``settle``): what the readings add, with the order and program of their time.
+    parts: list[PartsReport] = field(default_factory=list)
+    implausible: list[CounterStep] = field(default_factory=list)
+    exists_from: datetime | None = None
+    rules: MachineRules = field(default_factory=MachineRules)
+    settled: bool = False
 
     def order_ids(self) -> set[str]:
         return {o.order_id for o in self.orders if o.order_id} | {
             p.order_id for p in self.parts if p.order_id
         }
 
+    def settle(self, rules: MachineRules) -> MachineFacts:
+        """The facts with each reading's parts counted and attributed (see module doc)."""
+        if self.settled:
+            return self
+        order_times = [o.time for o in self.orders]
+        programs = _program_changes(self.states)
+        program_times = [time for time, _ in programs]
+
+        def running_order(time: datetime) -> str | None:
+            # Parts reported at ``time`` were made before it: the order running just before.
+            k = bisect.bisect_left(order_times, time) - 1
+            return self.orders[k].order_id if k >= 0 else None
+
+        def running_program(time: datetime) -> str | None:
+            k = bisect.bisect_left(program_times, time) - 1
+            return programs[k][1] if k >= 0 else None
+
+        parts: list[PartsReport] = []
+        implausible: list[CounterStep] = []
+        for steps in steps_by_kind(self.readings, rules.max_parts_per_reading).values():
+            for step in steps:
+                at = step.reading.time
+                if step.status == IMPLAUSIBLE:
+                    implausible.append(step)
+                if step.increment:
+                    parts.append(
+                        PartsReport(
+                            at,
+                            step.reading.kind,
+                            step.increment,
+                            running_order(at),
+                            running_program(at),
+                        )
+                    )
+        parts.sort(key=lambda p: (p.time, p.kind))
+        scrap = [
+            s if s.order_id is not None else replace(s, order_id=running_order(s.time))
+            for s in self.scrap
+        ]
+        return replace(
+            self,
+            parts=parts,
+            scrap=scrap,
+            implausible=implausible,
+            exists_from=rules.commissioned or self.first_report,
+            rules=rules,
+            settled=True,
+        )
+
+
+def _program_changes(states: Iterable[StateReport]) -> list[tuple[datetime, str]]:
+    changes: list[tuple[datetime, str]] = []
+    for report in sorted(states, key=lambda r: r.time):
+        if report.program is not None and (not changes or changes[-1][1] != report.program):
+            changes.append((report.time, report.program))
+    return changes
+
 
 def machine_facts(events: Iterable[Any]) -> MachineFacts:
+    """The raw facts of a machine's whole history (what the view must agree with)."""
     facts = MachineFacts()
     order_events: list[tuple[datetime, str, bool]] = []
+    reported: list[datetime] = []
     for event in events:
         match event:
             case Machine.AvailabilityReported():
+                reported.append(event.event_time)
                 facts.states.append(StateReport(event.event_time, availability=event.availability))
             case Machine.ExecutionReported():
+                reported.append(event.event_time)
                 facts.states.append(
                     StateReport(event.event_time, execution=event.execution, program=event.program)
                 )
-            case Machine.PartCountReported() if event.increment:
-                facts.parts.append(
-                    PartsReport(event.event_time, event.kind, event.increment, event.order_id)
-                )
+            case Machine.PartCountReported():
+                reported.append(event.event_time)
+                facts.readings.append(CounterReading(event.event_time, event.kind, event.count))
             case Machine.ScrapReported():
                 facts.scrap.append(ScrapReport(event.event_time, event.quantity, event.order_id))
             case Machine.DowntimeReasonGiven():
@@ -52,6 +130,7 @@ def machine_facts(events: Iterable[Any]) -> MachineFacts:
             case Machine.OrderEnded():
                 order_events.append((event.event_time, event.order_id, False))
     facts.orders = order_reports(order_events)
+    facts.first_report = min(reported, default=None)
     return facts
 
 
@@ -60,7 +139,8 @@ def order_reports(order_events: Iterable[tuple[datetime, str, bool]]) -> list[Or
     folded in event-time order, and an end only ends the order it names."""
     reports = []
     running: str | None = None
-    for time, order_id, started in sorted(order_events, key=lambda e: e[0]):
+    # At one moment an end comes before a start, whatever order they were stored in.
+    for time, order_id, started in sorted(order_events, key=lambda e: (e[0], e[2], e[1])):
         if started:
             running = order_id
         elif running == order_id:

@@ -3,8 +3,11 @@
 Availability = APT / PBT, Performance = PRI * PQ / APT, Quality = GQ / PQ, OEE = A * P * Q.
 - PBT (planned busy time): time inside shifts that is not a planned stop.
 - APT (actual production time): running time inside PBT (micro-stops count as running).
-- PQ: parts produced (increases of the ``all`` counter) by event time in the bucket;
-  GQ = PQ - bad parts - operator-reported scrap; PRI: the running order's ideal cycle time.
+- PQ: parts produced (what the ``all`` counter's readings add, ``projections.counters``) by
+  event time in the bucket: a reading belongs to the bucket (start, end] it falls in, since it
+  reports what was made up to then; GQ = PQ - bad parts - operator-reported scrap.
+- PRI: the running order's ideal cycle time, else the plant's for its part number, its
+  program, the machine (``[plant]``); parts with none are counted and flagged.
 Every figure comes with the raw times and counts behind it; a zero denominator gives None.
 Site figures add times and counts across machines; they never average ratios.
 """
@@ -12,12 +15,19 @@ Site figures add times and counts across machines; they never average ratios.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from projections.calendar import Interval
-from projections.timeline import OFFLINE, PLANNED_STOP, RUNNING, STOPPED, TimelineInterval
+from projections.timeline import (
+    OFFLINE,
+    PLANNED_STOP,
+    RUNNING,
+    STOPPED,
+    UNASSIGNED,
+    TimelineInterval,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,7 @@ class PartsReport:
     kind: str  # "all" or "bad"
     increment: int
     order_id: str | None
+    program: str | None = None  # running when the parts were made (a PRI fallback)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class OeeFigures:
     bad: int = 0
     scrapped: int = 0
     parts_without_ideal_time: int = 0
+    # Warnings: counter readings not counted as implausible; stops labelled with a reason
+    # code the catalog does not have (counted as unplanned).
+    implausible_readings: int = 0
+    stops_with_unknown_reason: int = 0
     downtime_s_by_reason: dict[str, float] = field(default_factory=dict)
     planned_stop_s_by_reason: dict[str, float] = field(default_factory=dict)
     provisional: bool = False
@@ -80,6 +95,8 @@ class OeeFigures:
         self.bad += other.bad
         self.scrapped += other.scrapped
         self.parts_without_ideal_time += other.parts_without_ideal_time
+        self.implausible_readings += other.implausible_readings
+        self.stops_with_unknown_reason += other.stops_with_unknown_reason
         for mine, theirs in (
             (self.downtime_s_by_reason, other.downtime_s_by_reason),
             (self.planned_stop_s_by_reason, other.planned_stop_s_by_reason),
@@ -93,16 +110,26 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
+IdealTimeOf = Callable[[PartsReport], float | None]
+
+
+def by_order(ideal_cycle_time_s: Mapping[str, float]) -> IdealTimeOf:
+    """PRI from the running order alone."""
+    return lambda report: ideal_cycle_time_s.get(report.order_id or "")
+
+
 def compute_oee(
     bucket: Interval,
     timeline: Iterable[TimelineInterval],
     parts: Iterable[PartsReport],
     scrap: Iterable[ScrapReport],
-    ideal_cycle_time_s: Mapping[str, float],
+    ideal_time_of: IdealTimeOf,
     now: datetime,
     order_id: str | None = None,
+    known_reasons: Collection[str] | None = None,
 ) -> OeeFigures:
-    """OEE of one machine over ``bucket``; with ``order_id``, only while that order ran."""
+    """OEE of one machine over ``bucket``; with ``order_id``, only while that order ran.
+    ``known_reasons``: the catalog's codes, to count stops labelled with any other."""
     figures = OeeFigures(bucket.start, bucket.end, provisional=bucket.end > now)
     downtime: dict[str, float] = defaultdict(float)
     planned: dict[str, float] = defaultdict(float)
@@ -119,10 +146,16 @@ def compute_oee(
             figures.actual_production_time_s += seconds
         elif interval.state in (STOPPED, OFFLINE):
             downtime[interval.reason or "unassigned"] += seconds
+            if (
+                known_reasons is not None
+                and interval.reason not in (None, UNASSIGNED)
+                and interval.reason not in known_reasons
+            ):
+                figures.stops_with_unknown_reason += 1
         elif interval.state == PLANNED_STOP:
             planned[interval.reason or "planned"] += seconds
     for report in parts:
-        if not bucket.start <= report.time < bucket.end:
+        if not bucket.start < report.time <= bucket.end:
             continue
         if order_id is not None and report.order_id != order_id:
             continue
@@ -130,13 +163,13 @@ def compute_oee(
             figures.bad += report.increment
             continue
         figures.produced += report.increment
-        pri = ideal_cycle_time_s.get(report.order_id or "")
+        pri = ideal_time_of(report)
         if pri is None:
             figures.parts_without_ideal_time += report.increment
         else:
             figures.ideal_time_s += pri * report.increment
     for scrapped in scrap:
-        if bucket.start <= scrapped.time < bucket.end and (
+        if bucket.start < scrapped.time <= bucket.end and (
             order_id is None or scrapped.order_id == order_id
         ):
             figures.scrapped += scrapped.quantity

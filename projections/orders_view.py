@@ -1,16 +1,18 @@
 """The order view: what the OEE and forecast need of each order the ERP released (its ideal
-cycle time, ISO 22400 PRI), without loading the order's aggregate."""
+cycle time, ISO 22400 PRI, and its part number for the plant's PRI fallback), without loading
+the order's aggregate."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
 from hub.domain import Order, order_aggregate_id
 from projections.database import Cursor, ViewDatabase
 
-TABLE = "mes_view_orders"
+# v2 adds the part number; a new name, so a hub upgraded from v1 builds it from the store.
+TABLE = "mes_view_orders_v2"
 
 
 class _KeyedTable:
@@ -27,7 +29,7 @@ class _KeyedTable:
 
 class OrdersView(_KeyedTable):
     table = TABLE
-    name = "orders"
+    name = "orders_v2"
     # The library makes these classes from the @event decorators, out of mypy's sight.
     event_classes: tuple[type, ...] = (
         getattr(Order, "Released"),  # noqa: B009
@@ -38,23 +40,27 @@ class OrdersView(_KeyedTable):
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {TABLE} ("
             "aggregate_id TEXT PRIMARY KEY, ideal_cycle_time_s DOUBLE PRECISION, "
-            "position BIGINT NOT NULL)"
+            "part_number TEXT, position BIGINT NOT NULL)"
         )
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
-        rows = [
-            (event.originator_id.hex, float(event.fields["ideal_cycle_time_s"]), position)
-            for position, event in events
-            if event.fields.get("ideal_cycle_time_s") is not None
-        ]
+        rows = []
+        for position, event in events:
+            pri, part_number = (event.fields.get(n) for n in ("ideal_cycle_time_s", "part_number"))
+            if pri is not None or part_number is not None:
+                pri = float(pri) if pri is not None else None
+                rows.append((event.originator_id.hex, pri, part_number, position))
         if rows:
-            # The later change wins; re-applying an older position (a rebuild racing the live
-            # worker) never overwrites a newer one.
+            # A change names only what changed: the later value of each field wins;
+            # re-applying an older position (a rebuild racing the live worker) never
+            # overwrites a newer one.
             cursor.executemany(
-                f"INSERT INTO {TABLE} (aggregate_id, ideal_cycle_time_s, position) "
-                "VALUES (?, ?, ?) ON CONFLICT (aggregate_id) DO UPDATE SET "
-                "ideal_cycle_time_s = excluded.ideal_cycle_time_s, position = excluded.position "
-                f"WHERE excluded.position > {TABLE}.position",
+                f"INSERT INTO {TABLE} (aggregate_id, ideal_cycle_time_s, part_number, position) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (aggregate_id) DO UPDATE SET "
+                f"ideal_cycle_time_s = COALESCE(excluded.ideal_cycle_time_s, "
+                f"{TABLE}.ideal_cycle_time_s), "
+                f"part_number = COALESCE(excluded.part_number, {TABLE}.part_number), "
+                f"position = excluded.position WHERE excluded.position > {TABLE}.position",
                 rows,
             )
 
@@ -63,8 +69,15 @@ class OrdersReader:
     def __init__(self, db: ViewDatabase) -> None:
         self._db = db
 
-    def ideal_cycle_times(self, site: str, order_ids: Collection[str]) -> dict[str, float]:
-        """The PRI of each of ``order_ids`` that has one."""
+    def ideal_cycle_times(
+        self,
+        site: str,
+        order_ids: Collection[str],
+        by_part_number: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        """The PRI of each of ``order_ids`` that has one: its own, else the one of its part
+        number in ``by_part_number`` (the plant's fallback)."""
+        by_part_number = by_part_number or {}
         by_key = {order_aggregate_id(site, o).hex: o for o in order_ids}
         found: dict[str, float] = {}
         keys = list(by_key)
@@ -72,11 +85,13 @@ class OrdersReader:
             for start in range(0, len(keys), 500):  # SQLite caps bound parameters
                 chunk = keys[start : start + 500]
                 cursor.execute(
-                    f"SELECT aggregate_id, ideal_cycle_time_s FROM {TABLE} "
+                    f"SELECT aggregate_id, ideal_cycle_time_s, part_number FROM {TABLE} "
                     f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
                     chunk,
                 )
-                for key, seconds in cursor.fetchall():
+                for key, seconds, part_number in cursor.fetchall():
+                    if seconds is None:
+                        seconds = by_part_number.get(part_number or "")
                     if seconds is not None:
                         found[by_key[key]] = float(seconds)
         return found

@@ -21,6 +21,17 @@ start = "2026-03-07T06:00:00+01:00"
 end = "2026-03-07T14:00:00+01:00"
 reason = "planned/maintenance"
 
+max_parts_per_reading = 10000   # a counter step above this is implausible: kept, not counted
+
+[plant.ideal_cycle_times]       # PRI when the order gives none (the order's value wins)
+part_numbers = { "P-100" = 42.0 }
+programs = { "O1234" = 40.0 }
+
+[plant.machines.LATHE-3]        # per machine: all optional
+commissioned = "2026-03-01T06:00:00+01:00"   # it exists from then, not from its first report
+max_parts_per_reading = 50
+ideal_cycle_time_s = 45.0       # the last fallback for this machine's parts
+
 [plant.reasons]            # the catalog: a tree whose leaves say planned or unplanned
 mechanical = { spindle = "unplanned", coolant = "unplanned" }
 material = { waiting = "unplanned" }
@@ -32,8 +43,11 @@ With no shifts configured the plant runs one 24-hour shift a day, no breaks (DES
 
 from __future__ import annotations
 
+import re
 import tomllib
-from datetime import date, time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -73,6 +87,41 @@ class PlannedStopConfig(_Strict):
     reason: str = "planned/maintenance"
 
 
+class MachinePlantConfig(_Strict):
+    """What the plant says of one machine (``[plant.machines.<id>]``)."""
+
+    # The machine exists from then; without it, from its first report.
+    commissioned: AwareDatetime | None = None
+    max_parts_per_reading: int | None = Field(default=None, ge=1)
+    ideal_cycle_time_s: float | None = Field(default=None, gt=0)
+
+
+class IdealCycleTimesConfig(_Strict):
+    """PRI fallbacks for parts whose order gives none: by part number, then by program."""
+
+    part_numbers: dict[str, float] = {}
+    programs: dict[str, float] = {}
+
+    @field_validator("part_numbers", "programs")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, seconds in value.items():
+            if not seconds > 0:
+                raise ValueError(f"{name!r}: an ideal cycle time must be more than 0 s")
+        return value
+
+
+@dataclass(frozen=True)
+class MachineRules:
+    """The plant's rules for one machine's figures, resolved from ``[plant]``."""
+
+    commissioned: datetime | None = None
+    max_parts_per_reading: int = 10_000
+    ideal_cycle_time_s: float | None = None
+    part_number_cycle_times: Mapping[str, float] = field(default_factory=dict)
+    program_cycle_times: Mapping[str, float] = field(default_factory=dict)
+
+
 class PlantConfig(_Strict):
     time_zone: str = "UTC"
     micro_stop_threshold_s: float = Field(default=120.0, ge=0, le=3600)
@@ -82,6 +131,10 @@ class PlantConfig(_Strict):
     holidays: list[date] = []
     planned_stops: list[PlannedStopConfig] = []
     reasons: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_REASONS))
+    # A counter reading that adds more than this is implausible: kept, counts nothing, warned.
+    max_parts_per_reading: int = Field(default=10_000, ge=1)
+    ideal_cycle_times: IdealCycleTimesConfig = Field(default_factory=IdealCycleTimesConfig)
+    machines: dict[str, MachinePlantConfig] = {}
     # When this configuration starts to apply; none: from when the hub first runs with it.
     effective_from: AwareDatetime | None = None
 
@@ -115,6 +168,14 @@ class PlantConfig(_Strict):
                 raise ValueError(f"shifts {name!r} and {other!r} overlap")
         return value
 
+    @field_validator("machines")
+    @classmethod
+    def _machine_ids(cls, value: dict[str, MachinePlantConfig]) -> dict[str, MachinePlantConfig]:
+        for machine_id in value:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", machine_id):
+                raise ValueError(f"machine id {machine_id!r} must be letters, digits, _ or -")
+        return value
+
     @field_validator("reasons")
     @classmethod
     def _catalog_leaves(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +198,20 @@ class PlantConfig(_Strict):
         if not patterns:
             return Calendar(time_zone=zone, holidays=frozenset(self.holidays), planned_stops=stops)
         return Calendar(zone, patterns, frozenset(self.holidays), stops)
+
+    def machine_rules(self, machine_id: str) -> MachineRules:
+        machine = self.machines.get(machine_id, MachinePlantConfig())
+        return MachineRules(
+            commissioned=machine.commissioned,
+            max_parts_per_reading=machine.max_parts_per_reading or self.max_parts_per_reading,
+            ideal_cycle_time_s=machine.ideal_cycle_time_s,
+            part_number_cycle_times=self.ideal_cycle_times.part_numbers,
+            program_cycle_times=self.ideal_cycle_times.programs,
+        )
+
+    def reason_codes(self) -> list[str]:
+        """The catalog's leaf codes, the only ones an operator may give."""
+        return sorted(leaf_kinds(self.reasons))
 
     def planned_reasons(self) -> dict[str, bool]:
         """Reason code (``a/b``) -> whether it is a planned stop."""

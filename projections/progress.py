@@ -1,8 +1,8 @@
 """Order progress: what the floor made of an order, from the histories of the machines it ran on.
 
-Produced, bad and scrap come from the parts each machine counted while the order was running
-there; the actual cycle time is the order's running time (micro-stops included) per part made,
-beside the ERP's ideal cycle time.
+Produced, bad and scrap come from the parts each machine made while the order was running
+there, by event time; the actual cycle time is the order's running time (micro-stops
+included) per part made, beside the ERP's ideal cycle time.
 """
 
 from __future__ import annotations
@@ -124,22 +124,23 @@ def facts_of_runs(
     plant: PlantConfig,
     now: datetime,
 ) -> dict[str, MachineFacts]:
-    """From the facts view: what each machine the order ran on did during its runs, with the
-    parts and scrap it counted for the order (whenever they were reported)."""
-    counted = reader.order_counts(order_id)
+    """From the facts view, settled: what each machine the order ran on did during its runs.
+    Parts belong to the order running, by event time, when they were made; scrap naming the
+    order counts whenever it was reported, scrap naming none belongs to the order running."""
+    named_scrap = reader.order_scrap(order_id)
     facts: dict[str, MachineFacts] = {}
     for machine_id in sorted({run.machine_id for run in runs}):
         spans = [run for run in runs if run.machine_id == machine_id]
         start = min(run.start for run in spans)
         end = max(now if run.end is None else run.end for run in spans)
         machine = machine_aggregate_id(site, machine_id)
-        # Parts count whatever the runs' times say (a run of no length still made them).
         window = (
             reader.window(machine, facts_window(Interval(start, end), plant))
             if end > start
             else MachineFacts()
         )
-        counts = counted.get(machine.hex, MachineFacts())
-        window.parts, window.scrap = counts.parts, counts.scrap
-        facts[machine_id] = window
+        window.scrap = [s for s in window.scrap if s.order_id is None] + named_scrap.get(
+            machine.hex, []
+        )
+        facts[machine_id] = window.settle(plant.machine_rules(machine_id))
     return facts

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from projections.calendar import Interval, local_days
 from projections.history import MachineFacts, machine_facts
-from projections.oee import OeeFigures, compute_oee
+from projections.oee import OeeFigures, PartsReport, ScrapReport, compute_oee
 from projections.plant import PlantConfig
 from projections.plant_history import PlantHistory
 from projections.timeline import TimelineInterval, build_timeline
@@ -33,11 +33,18 @@ def facts_window(window: Interval, plant: PlantConfig) -> Interval:
 
 
 def machine_timeline(
-    facts: MachineFacts, window: Interval, plant: PlantConfig
+    facts: MachineFacts, window: Interval, plant: PlantConfig, now: datetime | None = None
 ) -> list[TimelineInterval]:
+    """The machine's timeline over ``window``, up to ``now`` at most: the future is unknown."""
+    if now is not None and window.end > now:
+        if window.start >= now:
+            return []
+        window = Interval(window.start, now)
     # Built on the wider window, then clipped back.
     margin = timedelta(seconds=plant.micro_stop_threshold_s)
     wide = facts_window(window, plant)
+    if now is not None and wide.end > now:
+        wide = Interval(wide.start, now)  # the micro-stop margin does not reach past now
     timeline = build_timeline(
         wide,
         plant.calendar(),
@@ -46,6 +53,7 @@ def machine_timeline(
         facts.reasons,
         plant.planned_reasons(),
         micro_stop=margin,
+        exists_from=facts.exists_from,
     )
     clipped = []
     for interval in timeline:
@@ -98,19 +106,46 @@ def machine_report(
     ideal_cycle_time_s: Mapping[str, float],
     now: datetime,
 ) -> list[Bucket]:
-    timeline = machine_timeline(facts, window, plant)
+    """``facts`` settled; ``ideal_cycle_time_s``: the PRI of each order (its own, or its part
+    number's), before the program's and the machine's fallbacks."""
+    if not facts.settled:
+        raise ValueError("settle the facts with the machine's rules first")
+    rules = facts.rules
+    timeline = machine_timeline(facts, window, plant, now)
+    known = set(plant.reason_codes())
+
+    def ideal_time_of(report: PartsReport) -> float | None:
+        return (
+            ideal_cycle_time_s.get(report.order_id or "")
+            or rules.program_cycle_times.get(report.program or "")
+            or rules.ideal_cycle_time_s
+        )
+
+    def figures(
+        bucket: Interval,
+        intervals: list[TimelineInterval],
+        parts: list[PartsReport],
+        scrap: list[ScrapReport],
+        order_id: str | None = None,
+    ) -> OeeFigures:
+        result = compute_oee(bucket, intervals, parts, scrap, ideal_time_of, now, order_id, known)
+        result.implausible_readings = sum(
+            1 for step in facts.implausible if bucket.start < step.reading.time <= bucket.end
+        )
+        return result
+
     if group_by == "order":
         buckets = []
         for order_id in sorted({i.order_id for i in timeline if i.order_id}):
             spans = [i for i in timeline if i.order_id == order_id]
             span = Interval(spans[0].start, spans[-1].end)
-            figures = compute_oee(
-                span, timeline, facts.parts, facts.scrap, ideal_cycle_time_s, now, order_id
+            buckets.append(
+                Bucket(figures(span, timeline, facts.parts, facts.scrap, order_id), order_id)
             )
-            buckets.append(Bucket(figures, order_id))
         return buckets
     # Each bucket gets only the intervals and counts that can fall in it (the timeline is in
-    # time order; counts are sorted once), instead of every bucket scanning everything.
+    # time order; counts are sorted once), instead of every bucket scanning everything. A count
+    # belongs to the bucket (start, end] it falls in: it reports what was made up to then.
     parts = sorted(facts.parts, key=lambda p: p.time)
     scrap = sorted(facts.scrap, key=lambda s: s.time)
     part_times, scrap_times = [p.time for p in parts], [s.time for s in scrap]
@@ -119,12 +154,11 @@ def machine_report(
     for bucket, label in bucket_windows(window, group_by, plant):
         first = bisect.bisect_right(interval_ends, bucket.start)
         last = bisect.bisect_left(interval_ends, bucket.end) + 1
-        p0, p1 = (bisect.bisect_left(part_times, t) for t in (bucket.start, bucket.end))
-        s0, s1 = (bisect.bisect_left(scrap_times, t) for t in (bucket.start, bucket.end))
-        figures = compute_oee(
-            bucket, timeline[first:last], parts[p0:p1], scrap[s0:s1], ideal_cycle_time_s, now
+        p0, p1 = (bisect.bisect_right(part_times, t) for t in (bucket.start, bucket.end))
+        s0, s1 = (bisect.bisect_right(scrap_times, t) for t in (bucket.start, bucket.end))
+        buckets.append(
+            Bucket(figures(bucket, timeline[first:last], parts[p0:p1], scrap[s0:s1]), label)
         )
-        buckets.append(Bucket(figures, label))
     return buckets
 
 
@@ -146,7 +180,9 @@ def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -
     return sorted(totals.values(), key=lambda b: (b.figures.start, b.label or ""))
 
 
-IdealCycleTimes = Callable[[Collection[str]], Mapping[str, float]]
+# The PRI of each of the orders named: the order's own, else the plant's for its part number
+# (the second argument: part number -> seconds). An order with neither is left out.
+IdealCycleTimes = Callable[[Collection[str], Mapping[str, float]], Mapping[str, float]]
 
 
 def report_from_facts(
@@ -157,14 +193,15 @@ def report_from_facts(
     plant: PlantConfig,
     now: datetime,
 ) -> list[Bucket]:
-    """A machine's report; ``ideal_cycle_times`` looks up the PRI of the orders it ran (an
-    order without one is left out)."""
-    ideal = {o: s for o, s in ideal_cycle_times(facts.order_ids()).items() if s}
+    """A machine's report from its settled facts."""
+    by_part_number = plant.ideal_cycle_times.part_numbers
+    ideal = {o: s for o, s in ideal_cycle_times(facts.order_ids(), by_part_number).items() if s}
     return machine_report(facts, window, group_by, plant, ideal, now)
 
 
 def report_from_history(
     history: Iterable[Any],
+    machine_id: str,
     ideal_cycle_times: IdealCycleTimes,
     window: Interval,
     group_by: GroupBy | None,
@@ -172,22 +209,23 @@ def report_from_history(
     now: datetime,
 ) -> list[Bucket]:
     """A machine's report from all its stored events (what the view must agree with)."""
-    return report_from_facts(
-        machine_facts(history), ideal_cycle_times, window, group_by, plant, now
-    )
+    facts = machine_facts(history).settle(plant.machine_rules(machine_id))
+    return report_from_facts(facts, ideal_cycle_times, window, group_by, plant, now)
 
 
+# The settled facts of one machine over a window, under a plant configuration.
 FactsFor = Callable[[Interval, PlantConfig], MachineFacts]
 
 
 def timeline_over_time(
-    facts_for: FactsFor, window: Interval, plants: PlantHistory
+    facts_for: FactsFor, window: Interval, plants: PlantHistory, now: datetime
 ) -> list[TimelineInterval]:
-    """A machine's timeline, each stretch judged by the plant configuration in force then."""
+    """A machine's timeline up to ``now``, each stretch judged by the plant configuration in
+    force then."""
     return [
         interval
         for piece, plant in plants.segments(window)
-        for interval in machine_timeline(facts_for(piece, plant), piece, plant)
+        for interval in machine_timeline(facts_for(piece, plant), piece, plant, now)
     ]
 
 

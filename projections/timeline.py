@@ -1,7 +1,10 @@
 """A machine's timeline: contiguous intervals by event time, each with a state and a reason.
 
 States: ``running``; ``stopped`` and ``offline`` (unplanned downtime); ``planned_stop``
-(breaks, planned maintenance, stops an operator labelled with a planned reason); ``no_shift``.
+(breaks, planned maintenance, stops an operator labelled with a planned reason); ``no_shift``;
+``not_commissioned`` (before the machine existed: its first report or commissioning date).
+A machine that reports execution but never availability is available while it reports;
+``UNAVAILABLE`` in either means offline.
 Facts are placed by their event time whatever order they arrived in, so a late or out-of-order
 event re-slices the intervals it falls into, and a late reason re-labels the stop it covers.
 """
@@ -17,12 +20,13 @@ from datetime import datetime, timedelta
 from projections.calendar import Calendar, Interval
 
 UNASSIGNED = "unassigned"
-RUNNING, STOPPED, OFFLINE, PLANNED_STOP, NO_SHIFT = (
+RUNNING, STOPPED, OFFLINE, PLANNED_STOP, NO_SHIFT, NOT_COMMISSIONED = (
     "running",
     "stopped",
     "offline",
     "planned_stop",
     "no_shift",
+    "not_commissioned",
 )
 
 
@@ -76,26 +80,41 @@ class _Segment:
 
 
 def _machine_segments(
-    reports: Iterable[StateReport], window: Interval, micro_stop: timedelta
+    reports: Iterable[StateReport],
+    window: Interval,
+    micro_stop: timedelta,
+    exists_from: datetime | None,
 ) -> list[_Segment]:
     """What the machine did, before any calendar or reason: running, stopped or offline.
-    Before the first report nothing is known: offline. Silence is not a stop: a state lasts
+    Before ``exists_from`` (None: it never reported) the machine did not exist yet; from then
+    until its first report it is offline. Availability is implied by execution: a machine
+    reporting execution but no availability is available. Silence is not a stop: a state lasts
     until the next report."""
-    availability, execution, program = "UNAVAILABLE", None, None
+    availability: str | None = None
+    execution: str | None = None
+    program: str | None = None
     segments: list[_Segment] = []
 
-    def state() -> str:
+    def state(at: datetime) -> str:
+        if exists_from is None or at < exists_from:
+            return NOT_COMMISSIONED
         if availability == "UNAVAILABLE" or execution == "UNAVAILABLE":
             return OFFLINE
+        if availability is None and execution is None:
+            return OFFLINE  # commissioned, yet silent
         return RUNNING if execution == "ACTIVE" else STOPPED
 
+    cuts = [r for r in reports if r.time <= window.end]
+    if exists_from is not None and window.start < exists_from < window.end:
+        cuts.append(StateReport(exists_from))  # the moment the machine starts to exist
+    # Reports of the very same moment are taken in the order they were stored (a simulator or
+    # adapter sends READY then ACTIVE with one timestamp).
+    cuts.sort(key=lambda r: r.time)
     cursor = window.start
-    for report in sorted(reports, key=lambda r: r.time):
-        if report.time > cursor and report.time <= window.end:
-            segments.append(_Segment(cursor, report.time, state(), program))
+    for report in cuts:
+        if report.time > cursor:
+            segments.append(_Segment(cursor, report.time, state(cursor), program))
             cursor = report.time
-        elif report.time > window.end:
-            break
         if report.availability is not None:
             availability = report.availability
         if report.execution is not None:
@@ -103,7 +122,7 @@ def _machine_segments(
             if report.program is not None:
                 program = report.program
     if cursor < window.end:
-        segments.append(_Segment(cursor, window.end, state(), program))
+        segments.append(_Segment(cursor, window.end, state(cursor), program))
     merged: list[_Segment] = []
     for segment in segments:
         if merged and merged[-1].state == segment.state and merged[-1].program == segment.program:
@@ -132,11 +151,17 @@ def build_timeline(
     reasons: Iterable[ReasonReport] = (),
     planned_reasons: Mapping[str, bool] | None = None,
     micro_stop: timedelta = timedelta(seconds=120),
+    exists_from: datetime | None = None,
 ) -> list[TimelineInterval]:
     """The machine's intervals in ``window``. ``planned_reasons`` maps a reason code to whether
-    it is a planned stop (from the reason catalog); unknown codes are unplanned."""
+    it is a planned stop (from the reason catalog); unknown codes are unplanned.
+    ``exists_from``: the machine's first report or commissioning (None: the first of
+    ``reports``; with none, the machine never reported)."""
     planned_reasons = planned_reasons or {}
-    segments = _machine_segments(reports, window, micro_stop)
+    reports = list(reports)
+    if exists_from is None:
+        exists_from = min((r.time for r in reports), default=None)
+    segments = _machine_segments(reports, window, micro_stop, exists_from)
     shifts = calendar.shifts(window)
     order_reports = sorted(orders, key=lambda o: o.time)
     # Latest given reason wins where two overlap.
@@ -173,7 +198,9 @@ def build_timeline(
             if shift
             else None
         )
-        if shift is None:
+        if state == NOT_COMMISSIONED:
+            reason = None
+        elif shift is None:
             state, reason = NO_SHIFT, None
         elif planned is not None:
             state, reason = PLANNED_STOP, planned.reason

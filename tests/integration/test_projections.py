@@ -85,13 +85,14 @@ async def test_the_view_gives_the_same_timeline_oee_and_progress_as_the_whole_hi
     compared = 0
     for index in range(MACHINES):
         machine_id = machine_name(index)
-        history = machine_facts(store.machine_history(site, machine_id))
+        rules = PLANT.machine_rules(machine_id)
+        history = machine_facts(store.machine_history(site, machine_id)).settle(rules)
         ideal = partial(store.ideal_cycle_times, site)
         ideal_from_view = partial(OrdersReader(hub.views).ideal_cycle_times, site)
         for window in windows(rng, last):
             view = reader.window(
                 machine_aggregate_id(site, machine_id), facts_window(window, PLANT)
-            )
+            ).settle(rules)
             assert machine_timeline(view, window, PLANT) == machine_timeline(history, window, PLANT)
             group_by: GroupBy | None
             for group_by in (None, "hour", "shift", "day", "order"):
@@ -113,7 +114,9 @@ async def test_the_view_gives_the_same_timeline_oee_and_progress_as_the_whole_hi
             for r in order.runs
         ]
         from_history = {
-            run.machine_id: machine_facts(store.machine_history(site, run.machine_id))
+            run.machine_id: machine_facts(store.machine_history(site, run.machine_id)).settle(
+                PLANT.machine_rules(run.machine_id)
+            )
             for run in runs
         }
         from_view = facts_of_runs(reader, site, order.order_id, runs, PLANT, now)
@@ -214,10 +217,13 @@ async def test_on_postgresql_the_live_view_equals_a_rebuild_and_the_history(
             assert connection.execute(select).fetchall() == live
         site, machine_id = hub.settings.site, machine_name(0)
         window = Interval(START, START + timedelta(days=1))
-        view = FactsReader(hub.views).window(
-            machine_aggregate_id(site, machine_id), facts_window(window, PLANT)
+        rules = PLANT.machine_rules(machine_id)
+        view = (
+            FactsReader(hub.views)
+            .window(machine_aggregate_id(site, machine_id), facts_window(window, PLANT))
+            .settle(rules)
         )
-        history = machine_facts(hub.store.machine_history(site, machine_id))
+        history = machine_facts(hub.store.machine_history(site, machine_id)).settle(rules)
         assert len(live) > 3_000
         assert machine_timeline(view, window, PLANT) == machine_timeline(history, window, PLANT)
     finally:

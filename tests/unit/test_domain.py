@@ -14,58 +14,26 @@ def at(seconds: float) -> Origin:
     return Origin(f"e{next(_n)}", "urn:test", T0 + timedelta(seconds=seconds))
 
 
-def test_first_counter_reading_is_the_baseline_and_counts_nothing() -> None:
+def test_a_counter_reading_is_recorded_as_read_and_the_latest_by_event_time_is_current() -> None:
+    # What readings add is decided by the projections (tests/unit/test_counters.py).
     machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(0), "all", 41_250)
-    assert machine.parts_produced == 0
-
-
-def test_each_increase_adds_the_difference() -> None:
-    machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(0), "all", 100)
-    machine.report_part_count(at(60), "all", 101)
-    machine.report_part_count(at(120), "all", 104)
-    assert machine.parts_produced == 4
-
-
-def test_a_decrease_is_a_reset_and_the_new_value_counts_as_made_since() -> None:
-    machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(0), "all", 500)
-    machine.report_part_count(at(60), "all", 502)  # +2
-    machine.report_part_count(at(120), "all", 3)  # reset: 3 made since
-    machine.report_part_count(at(180), "all", 5)  # +2
-    assert machine.parts_produced == 7
-    assert machine.counter_resets == 1
-
-
-def test_bad_counter_is_counted_apart_from_all() -> None:
-    machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(0), "all", 10)
-    machine.report_part_count(at(0), "bad", 2)
-    machine.report_part_count(at(60), "all", 15)
-    machine.report_part_count(at(60), "bad", 3)
-    assert (machine.parts_produced, machine.parts_bad) == (5, 1)
-
-
-def test_a_late_counter_reading_is_kept_but_counts_nothing() -> None:
-    machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(0), "all", 10)
     machine.report_part_count(at(120), "all", 14)
-    machine.report_part_count(at(60), "all", 12)  # arrives late: already inside 14
-    events = machine.collect_events()
-    late = events[-1]
-    assert machine.parts_produced == 4
-    assert late.late is True and late.count == 12  # type: ignore[attr-defined]
-    assert late.event_time == T0 + timedelta(seconds=60)  # type: ignore[attr-defined]
+    machine.report_part_count(at(60), "all", 12)  # late: recorded, not current
+    assert (machine.counter_values["all"], machine.counter_times["all"]) == (
+        14,
+        T0 + timedelta(seconds=120),
+    )
+    late = machine.collect_events()[-1]
+    assert (late.count, late.event_time) == (12, T0 + timedelta(seconds=60))  # type: ignore[attr-defined]
 
 
-def test_a_late_reading_older_than_the_baseline_counts_the_parts_up_to_it() -> None:
+def test_a_machine_has_reported_only_after_a_report_of_its_own() -> None:
     machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(60), "all", 14)  # arrives first: the baseline so far
-    machine.report_part_count(at(0), "all", 10)  # made earlier, arrives late
-    machine.report_part_count(at(120), "all", 15)
-    # In time order: 10, 14, 15 -> 5 parts, whatever order they arrived in.
-    assert machine.parts_produced == 5
+    machine.give_downtime_reason(at(0), "material/waiting", T0, None, "op-7", None)
+    machine.start_order(at(1), "SO-1")
+    assert not machine.has_reported()
+    machine.report_execution(at(2), "ACTIVE", None, None)
+    assert machine.has_reported()
 
 
 def test_an_older_execution_report_is_recorded_with_its_own_time_but_does_not_win() -> None:
@@ -94,17 +62,6 @@ def test_normal_condition_without_code_clears_all_alarms() -> None:
     assert list(machine.conditions) == ["2043"]
     machine.report_condition(at(3), "normal", None, None)
     assert machine.conditions == {}
-
-
-def test_parts_are_attributed_to_the_running_order() -> None:
-    machine = Machine(site="default", machine_id="M1")
-    machine.report_part_count(at(0), "all", 0)
-    machine.start_order(at(1), "SO-1")
-    machine.report_part_count(at(2), "all", 1)
-    machine.end_order(at(3), "SO-1")
-    machine.report_part_count(at(4), "all", 2)
-    orders = [e.order_id for e in machine.collect_events() if hasattr(e, "increment")]  # type: ignore[attr-defined]
-    assert orders == [None, "SO-1", None]
 
 
 def test_order_lifecycle_release_start_end_cancel() -> None:

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from projections.calendar import Calendar, Interval, PlannedStop, ShiftPattern, local_days
-from projections.oee import OeeFigures, PartsReport, ScrapReport, compute_oee
+from projections.oee import OeeFigures, PartsReport, ScrapReport, by_order, compute_oee
 from projections.timeline import OrderReport, ReasonReport, StateReport, build_timeline
 
 DAY = date(2026, 3, 2)  # a Monday
@@ -46,7 +46,7 @@ def oee_of(
         timeline,
         kw.pop("parts", ()),  # type: ignore[arg-type]
         kw.pop("scrap", ()),  # type: ignore[arg-type]
-        kw.pop("pri", {}),  # type: ignore[arg-type]
+        by_order(kw.pop("pri", {})),  # type: ignore[arg-type]
         now=LATER,
     )
 
@@ -151,7 +151,10 @@ def test_a_night_shift_crossing_midnight_is_eight_hours_and_splits_at_midnight()
     days = local_days(window, ZoneInfo("UTC"))
     assert [d.seconds / 3600 for d in days] == [4.0, 8.0]
     timeline = build_timeline(window, calendar, [StateReport(at(20), "AVAILABLE", "ACTIVE")])
-    busy = [compute_oee(d, timeline, [], [], {}, LATER).planned_busy_time_s / 3600 for d in days]
+    busy = [
+        compute_oee(d, timeline, [], [], by_order({}), LATER).planned_busy_time_s / 3600
+        for d in days
+    ]
     assert busy == [2.0, 6.0]
 
 

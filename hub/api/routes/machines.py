@@ -7,9 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from hub.api.deps import Context, Reader
+from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
-from hub.domain import Machine
+from hub.domain import COUNTER_JUMP, Machine
+from projections.counters import CounterTotals
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
@@ -38,9 +39,23 @@ class MachineView(BaseModel):
     last_event_time: datetime | None
     version: int
 
+    implausible_readings: int
+
     @classmethod
-    def of(cls, machine: Machine) -> MachineView:
+    def of(cls, machine: Machine, counters: CounterTotals) -> MachineView:
         conditions: list[dict[str, Any]] = list(machine.conditions.values())
+        jump = counters.last_implausible
+        cleared = (machine.cleared_at or {}).get(COUNTER_JUMP)
+        if jump is not None and (cleared is None or jump.reading.time > cleared):
+            conditions.append(
+                {
+                    "level": "warning",
+                    "native_code": COUNTER_JUMP,
+                    "message": f"part counter {jump.reading.kind!r} went from {jump.previous} "
+                    f"to {jump.reading.count}: implausible, not counted",
+                    "since": jump.reading.time,
+                }
+            )
         return cls(
             site=machine.site,
             machine_id=machine.machine_id,
@@ -49,26 +64,43 @@ class MachineView(BaseModel):
             mode=machine.mode,
             program=machine.program,
             state_since=machine.state_since,
-            parts_produced=machine.parts_produced,
-            parts_bad=machine.parts_bad,
+            parts_produced=counters.produced,
+            parts_bad=counters.bad,
             parts_scrapped=machine.parts_scrapped,
-            counter_resets=machine.counter_resets,
+            counter_resets=counters.resets,
             order_id=machine.order_id,
             conditions=[ConditionView.model_validate(c) for c in conditions],
             last_event_time=machine.last_event_time,
             version=machine.version,
+            implausible_readings=counters.implausible,
         )
+
+
+def _view(context: ApiContext, machine: Machine) -> MachineView:
+    """The machine's state, with its counters as the views count them (by event time, the
+    same figures as its timeline and OEE)."""
+    rules = context.plant.machine_rules(machine.machine_id)
+    counters = context.facts.counter_totals(machine.id, rules.max_parts_per_reading)
+    return MachineView.of(machine, counters)
 
 
 @router.get("", summary="Every machine the hub has heard of, with its current state")
 async def list_machines(context: Context, _: Reader) -> list[MachineView]:
-    machines = await asyncio.to_thread(context.store.machines, context.site)
-    return [MachineView.of(m) for m in machines]
+
+    def build() -> list[MachineView]:
+        return [_view(context, m) for m in context.store.machines(context.site)]
+
+    return await asyncio.to_thread(build)
 
 
 @router.get("/{machine_id}", summary="One machine's current state")
 async def get_machine(machine_id: str, context: Context, _: Reader) -> MachineView:
-    machine = await asyncio.to_thread(context.store.machine, context.site, machine_id)
-    if machine is None:
+
+    def build() -> MachineView | None:
+        machine = context.store.machine(context.site, machine_id)
+        return None if machine is None else _view(context, machine)
+
+    view = await asyncio.to_thread(build)
+    if view is None:
         raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
-    return MachineView.of(machine)
+    return view

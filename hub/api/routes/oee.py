@@ -15,6 +15,8 @@ from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import machine_aggregate_id
 from projections.calendar import Interval
+from projections.history import MachineFacts
+from projections.plant import PlantConfig
 from projections.plant_history import PlantHistory
 from projections.report import (
     Bucket,
@@ -57,6 +59,8 @@ class OeeBucket(BaseModel):
     bad: int
     scrapped: int
     parts_without_ideal_time: int
+    implausible_readings: int
+    stops_with_unknown_reason: int
     downtime_s_by_reason: dict[str, float]
     planned_stop_s_by_reason: dict[str, float]
     provisional: bool
@@ -80,6 +84,8 @@ class OeeBucket(BaseModel):
             bad=f.bad,
             scrapped=f.scrapped,
             parts_without_ideal_time=f.parts_without_ideal_time,
+            implausible_readings=f.implausible_readings,
+            stops_with_unknown_reason=f.stops_with_unknown_reason,
             downtime_s_by_reason=f.downtime_s_by_reason,
             planned_stop_s_by_reason=f.planned_stop_s_by_reason,
             provisional=f.provisional,
@@ -112,7 +118,12 @@ def _facts_for(context: ApiContext, machine_id: str) -> FactsFor:
     if not context.store.has_machine(context.site, machine_id):
         raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
     machine = machine_aggregate_id(context.site, machine_id)
-    return lambda window, plant: context.facts.window(machine, facts_window(window, plant))
+
+    def facts_for(window: Interval, plant: PlantConfig) -> MachineFacts:
+        facts = context.facts.window(machine, facts_window(window, plant))
+        return facts.settle(plant.machine_rules(machine_id))
+
+    return facts_for
 
 
 def _plants(context: ApiContext) -> PlantHistory:
@@ -143,7 +154,9 @@ async def timeline(
     window = _window(start, end)
 
     def build() -> list[TimelineInterval]:
-        return timeline_over_time(_facts_for(context, machine_id), window, _plants(context))
+        return timeline_over_time(
+            _facts_for(context, machine_id), window, _plants(context), datetime.now(UTC)
+        )
 
     view = TimelineView(
         machine=machine_id,

@@ -1,0 +1,116 @@
+"""Part counters by event time: how many parts each reading of a cumulative counter adds.
+
+A machine's counter readings are taken in event-time order (ties: the lower count first),
+whatever order they arrived in. Each reading adds what it moved on from the one before it:
+
+- the first reading is the baseline and adds nothing;
+- an increase adds the difference; a decrease is a reset and adds the new value (the parts made
+  since the reset);
+- a step that would add more than ``max_per_reading`` is implausible: it adds nothing, and is
+  kept and flagged. If the next reading follows on from the one before the implausible one, that
+  one was a glitch and the next counts from before it (0, 10, 2^63-1, 15 adds 10 then 5); if the
+  next follows on from the implausible one, the counter was re-based there and counting goes on
+  from it (100, 1,000,000, 1,000,001 adds 1).
+
+So a reading's share depends only on the two readings before it: a late reading that falls
+between two known ones takes its share and changes what the next two add, and a window's
+figures need only the two readings before it. Worked examples are in ``docs/oee.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+BASELINE, COUNTED, RESET, IMPLAUSIBLE = "baseline", "counted", "reset", "implausible"
+CONTEXT = 2  # readings before a window that decide what the window's readings add
+
+
+@dataclass(frozen=True)
+class CounterReading:
+    time: datetime
+    kind: str  # "all" or "bad"
+    count: int
+
+
+@dataclass(frozen=True)
+class CounterStep:
+    """One reading and what it adds."""
+
+    reading: CounterReading
+    increment: int
+    status: str  # baseline, counted, reset or implausible
+    previous: int | None  # the count it was compared with
+
+
+def _step(before: int, count: int, limit: int) -> tuple[int, str]:
+    """What ``count`` adds after ``before``, judged on the two alone."""
+    added, status = (count - before, COUNTED) if count >= before else (count, RESET)
+    return (0, IMPLAUSIBLE) if added > limit else (added, status)
+
+
+def reading_order(reading: CounterReading) -> tuple[datetime, int]:
+    return reading.time, reading.count
+
+
+def counter_steps(readings: Iterable[CounterReading], max_per_reading: int) -> list[CounterStep]:
+    """The steps of one counter kind's readings, in event-time order. The first two readings
+    have no (or too little) history: give every reading of a window plus the ``CONTEXT`` before
+    it, and read only the window's steps."""
+    ordered = sorted(readings, key=reading_order)
+    steps: list[CounterStep] = []
+    for i, reading in enumerate(ordered):
+        if i == 0:
+            steps.append(CounterStep(reading, 0, BASELINE, None))
+            continue
+        before = ordered[i - 1].count
+        added, status = _step(before, reading.count, max_per_reading)
+        if i >= 2:
+            earlier = ordered[i - 2].count
+            if _step(earlier, before, max_per_reading)[1] == IMPLAUSIBLE:
+                # The reading before was implausible: a glitch if this one follows on from
+                # the one before it.
+                glitch_added, glitch_status = _step(earlier, reading.count, max_per_reading)
+                if glitch_status != IMPLAUSIBLE:
+                    added, status, before = glitch_added, glitch_status, earlier
+        steps.append(CounterStep(reading, added, status, before))
+    return steps
+
+
+def steps_by_kind(
+    readings: Sequence[CounterReading], max_per_reading: int
+) -> dict[str, list[CounterStep]]:
+    kinds: dict[str, list[CounterReading]] = {}
+    for reading in readings:
+        kinds.setdefault(reading.kind, []).append(reading)
+    return {kind: counter_steps(each, max_per_reading) for kind, each in sorted(kinds.items())}
+
+
+@dataclass
+class CounterTotals:
+    """A machine's counters over its whole history."""
+
+    produced: int = 0
+    bad: int = 0
+    resets: int = 0
+    implausible: int = 0
+    last_implausible: CounterStep | None = None
+
+
+def counter_totals(readings: Sequence[CounterReading], max_per_reading: int) -> CounterTotals:
+    totals = CounterTotals()
+    for kind, steps in steps_by_kind(readings, max_per_reading).items():
+        for step in steps:
+            if kind == "bad":
+                totals.bad += step.increment
+            else:
+                totals.produced += step.increment
+            if step.status == RESET:
+                totals.resets += 1
+            elif step.status == IMPLAUSIBLE:
+                totals.implausible += 1
+                last = totals.last_implausible
+                if last is None or reading_order(step.reading) > reading_order(last.reading):
+                    totals.last_implausible = step
+    return totals
