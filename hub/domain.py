@@ -348,7 +348,8 @@ class Order(Aggregate):
         for name in ("part_number", "quantity", "due", "customer", "machine_id"):
             if name in fields:
                 setattr(self, name, fields[name])
-        if "ideal_cycle_time_s" in fields:
+        if fields.get("ideal_cycle_time_s") is not None:
+            # An ERP without cycle times leaves it out: the plant's fallbacks apply.
             self.ideal_cycle_time_s = float(fields["ideal_cycle_time_s"])
 
     def _refresh_status(self) -> None:

@@ -50,10 +50,14 @@ def progress_and_forecast(
     order: Order, reader: FactsReader, plant: PlantConfig, now: datetime
 ) -> tuple[OrderProgress, Forecast]:
     runs = order_runs(order)
+    # The order's own PRI, else the plant's for its part number (docs/oee.md, rule 7).
+    ideal = order.ideal_cycle_time_s or plant.ideal_cycle_times.part_numbers.get(
+        order.part_number or ""
+    )
     progress = order_progress(
         order.order_id,
         order.quantity,
-        order.ideal_cycle_time_s,
+        ideal,
         runs,
         facts_of_runs(reader, order.site, order.order_id, runs, plant, now),
         plant,
@@ -68,7 +72,7 @@ def progress_and_forecast(
         progress.remaining,
         progress.busy_time_s,
         progress.good,
-        order.ideal_cycle_time_s,
+        ideal,
     )
     return progress, expected
 
