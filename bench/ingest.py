@@ -35,8 +35,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.machines.simulator import SimulatorConfig, factory_events  # noqa: E402
-from contracts import encode_event, nats_subject_for, validate_envelope  # noqa: E402
+from adapters.machines.simulator import SimulatorConfig, factory_events, past_start  # noqa: E402
+from contracts import dedupe_key, encode_event, nats_subject_for, validate_envelope  # noqa: E402
 from hub.ingest import tracking_name  # noqa: E402
 from hub.nats import MSG_ID_HEADER, EmbeddedNatsServer, connect, ensure_streams  # noqa: E402
 from hub.settings import load_settings  # noqa: E402
@@ -57,11 +57,16 @@ class Result:
 
 
 def workload(machines: int, events: int) -> list[tuple[str, bytes, str]]:
-    config = SimulatorConfig(machines=machines, seed=42)
+    # Dated in the past: the hub refuses events from the future ([hub] max_clock_skew_s).
+    config = SimulatorConfig(machines=machines, seed=42, start=past_start(0, None))
     out = []
     for event in itertools.islice(factory_events(config), events):
         out.append(
-            (nats_subject_for("default", validate_envelope(event)), encode_event(event), event.id)
+            (
+                nats_subject_for("default", validate_envelope(event)),
+                encode_event(event),
+                dedupe_key(event),
+            )
         )
     return out
 
@@ -125,13 +130,13 @@ async def drive(
     published_at: list[float] = []
     futures = []
     first = time.perf_counter()
-    for n, (subject, body, event_id) in enumerate(items):
+    for n, (subject, body, message_id) in enumerate(items):
         if rate is not None and n % 20 == 0:
             wait = first + n / rate - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
         published_at.append(time.perf_counter())
-        futures.append(await js.publish_async(subject, body, headers={MSG_ID_HEADER: event_id}))
+        futures.append(await js.publish_async(subject, body, headers={MSG_ID_HEADER: message_id}))
     acks = await asyncio.gather(*futures)
     await client.close()
     sequences = [a.seq for a in acks]

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.machines.simulator import SimulatorConfig, factory_events  # noqa: E402
+from adapters.machines.simulator import SimulatorConfig, factory_events, past_start  # noqa: E402
 from contracts import CloudEvent, encode_event, nats_subject_for, validate_envelope  # noqa: E402
 from hub.bootstrap import all_views, open_views, projection_workers  # noqa: E402
 from hub.domain import machine_aggregate_id  # noqa: E402
@@ -219,7 +219,7 @@ def live_delay(settings: Settings, rate: float, seconds: float, poll: float) -> 
     follower.start()
     writer = Writer(store)
     # A new stretch of production each run (another start), so nothing is a duplicate.
-    later = SimulatorConfig(machines=200, seed=9, start=datetime.now(UTC).replace(microsecond=0))
+    later = SimulatorConfig(machines=200, seed=9, start=past_start(0, None))  # never the future
     events = factory_events(later)
     committed: list[tuple[int, float, int]] = []  # (last position, commit time, events)
     tick, started = 0.05, time.perf_counter()

@@ -4,6 +4,8 @@ Public surface:
 - ``CloudEvent``: the CloudEvents 1.0 envelope (JSON structured mode).
 - the v1 data models and ``EVENT_TYPES`` (type name -> ``EventType``).
 - ``decode_event`` / ``encode_event``: bytes <-> validated envelope and data.
+- ``dedupe_key``: what makes an event unique (``source`` + ``id``), as one token.
+- ``check_event_time``: the rule against event times from the future.
 - ``nats_subject_for`` / ``check_subject``: the NATS subject rules.
 - ``export_json_schemas``: one JSON Schema file per type.
 
@@ -17,7 +19,9 @@ This package imports nothing else of mes-hub.
 from contracts._envelope import (
     CloudEvent,
     ValidatedEvent,
+    check_event_time,
     decode_event,
+    dedupe_key,
     encode_event,
     validate_envelope,
 )
@@ -86,8 +90,10 @@ __all__ = [
     "Stream",
     "Token",
     "ValidatedEvent",
+    "check_event_time",
     "check_subject",
     "decode_event",
+    "dedupe_key",
     "dlq_subject",
     "encode_event",
     "export_json_schemas",

@@ -2,57 +2,156 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
+    StrictStr,
     TypeAdapter,
     ValidationError,
     create_model,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from contracts._errors import ContractViolation, describe_validation_error
-from contracts._types import EVENT_TYPES, TOKEN_PATTERN, EventType, _Data
+from contracts._types import EVENT_TYPES, TOKEN_PATTERN, EventTime, EventType, _Data
 
 # CloudEvents extension attribute names: lower-case letters and digits (spec section 3.1.1).
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
 # W3C trace context, as carried by the CloudEvents distributed-tracing extension.
 _TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 
+# Extension attributes (the envelope's other members) are scalars of the CloudEvents 1.0 type
+# system, bounded: Boolean, Integer (32-bit signed) and the string-typed ones (String, URI,
+# URI-reference, Timestamp, Binary as base64).
+MAX_EXTENSIONS = 20
+MAX_EXTENSION_STRING = 1024
+_INTEGER_MIN, _INTEGER_MAX = -(2**31), 2**31 - 1
+
+
+def _extension_value(value: Any) -> str | int | bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not _INTEGER_MIN <= value <= _INTEGER_MAX:
+            raise PydanticCustomError(
+                "extension_attribute",
+                "a CloudEvents Integer is a 32-bit signed integer "
+                "(-2147483648 to 2147483647), got {value}",
+                {"value": value},
+            )
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_EXTENSION_STRING:
+            raise PydanticCustomError(
+                "extension_attribute",
+                "an extension attribute string has at most {limit} characters, got {length}",
+                {"limit": MAX_EXTENSION_STRING, "length": len(value)},
+            )
+        return value
+    kind = {
+        dict: "an object",
+        list: "an array",
+        type(None): "null",
+        float: "a floating-point number",
+    }
+    raise PydanticCustomError(
+        "extension_attribute",
+        "an extension attribute must be a string, an integer or a boolean "
+        "(CloudEvents 1.0 type system), not {kind}",
+        {"kind": kind.get(type(value), type(value).__name__)},
+    )
+
+
+ExtensionValue = Annotated[
+    str | int | bool,
+    PlainValidator(
+        _extension_value,
+        json_schema_input_type=Annotated[str, Field(max_length=MAX_EXTENSION_STRING)]
+        | Annotated[int, Field(ge=_INTEGER_MIN, le=_INTEGER_MAX)]
+        | bool,
+    ),
+]
+
 
 class CloudEvent(BaseModel):
     """A CloudEvent as mes-hub accepts it. ``time`` is the event time at the machine or ERP."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, ExtensionValue] = Field(init=False)
 
     specversion: Literal["1.0"]
-    # The id is also the Nats-Msg-Id header, so it must be printable ASCII without spaces.
-    id: str = Field(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")
-    source: str = Field(min_length=1, max_length=1024)
-    type: str = Field(min_length=1, max_length=256)
-    time: AwareDatetime
-    subject: str = Field(pattern=TOKEN_PATTERN, min_length=1, max_length=128)
+    # Printable ASCII without spaces: safe in logs and headers, and without the line feed that
+    # separates source and id in the dedupe key.
+    id: StrictStr = Field(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")
+    source: StrictStr = Field(min_length=1, max_length=1024)
+    type: StrictStr = Field(min_length=1, max_length=256)
+    time: EventTime
+    subject: StrictStr = Field(pattern=TOKEN_PATTERN, min_length=1, max_length=128)
     datacontenttype: Literal["application/json"] = "application/json"
-    dataschema: str | None = None
-    traceparent: str | None = Field(default=None, pattern=_TRACEPARENT)
-    tracestate: str | None = Field(default=None, max_length=512)
+    dataschema: StrictStr | None = None
+    traceparent: StrictStr | None = Field(default=None, pattern=_TRACEPARENT)
+    tracestate: StrictStr | None = Field(default=None, max_length=512)
     data: dict[str, Any]
 
     @model_validator(mode="after")
     def _extension_names(self) -> CloudEvent:
-        for name in self.model_extra or {}:
+        extensions = self.model_extra or {}
+        if len(extensions) > MAX_EXTENSIONS:
+            raise ValueError(
+                f"at most {MAX_EXTENSIONS} extension attributes are allowed, "
+                f"got {len(extensions)}: {', '.join(sorted(extensions))}"
+            )
+        for name in extensions:
             if not _EXTENSION_NAME.match(name):
                 raise ValueError(
                     f"extension attribute {name!r} must be 1-20 lower-case letters or digits"
                 )
         return self
+
+
+def dedupe_key(envelope: CloudEvent) -> str:
+    """What makes an event unique (CloudEvents 1.0: ``source`` + ``id``), as one fixed-length
+    token: the SHA-256 of ``source``, a line feed and ``id`` (UTF-8), in lower-case hex (64
+    characters). The id cannot contain a line feed, so two different pairs never give the same
+    text. It is the ``Nats-Msg-Id`` of every event the hub publishes, and the key the store
+    keeps of every event applied."""
+    text = f"{envelope.source}\n{envelope.id}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_event_time(envelope: CloudEvent, now: datetime, max_skew_s: float) -> None:
+    """Refuse an event dated more than ``max_skew_s`` after ``now`` (the receiver's clock): the
+    future is unknown, and one event from year 9999 would be the newest state for good."""
+    ahead = (envelope.time - now).total_seconds()
+    if ahead > max_skew_s:
+        when = envelope.time.isoformat().replace("+00:00", "Z")
+        raise ContractViolation(
+            f"time: {when} is {_span(ahead)} ahead of the hub's clock; at most "
+            f"{_seconds(max_skew_s)} s allowed ([hub] max_clock_skew_s)",
+            field="time",
+        )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _span(seconds: float) -> str:
+    """Seconds (to the microsecond) under a day; whole days (rounded down) from a day on."""
+    if seconds < 86_400:
+        return f"{_seconds(seconds)} s"
+    days = int(seconds // 86_400)
+    return f"{days} day" if days == 1 else f"{days} days"
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,35 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
+# Strict types at the edges: an integer field takes a JSON integer only (not "7", 5.0 or true),
+# a string field a JSON string only, a number field a JSON number (not true, not "42.5"). The
+# enums stay as they are: they take their values as JSON strings, in both validation modes.
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$"
-Token = Annotated[str, Field(pattern=TOKEN_PATTERN, min_length=1, max_length=128)]
+Token = Annotated[StrictStr, Field(pattern=TOKEN_PATTERN, min_length=1, max_length=128)]
+
+
+def _rfc3339_text(value: Any) -> Any:
+    """A time on the wire is an RFC 3339 string; a number (seconds since 1970?) or a boolean is
+    refused instead of being read as a Unix time. Python code may pass a ``datetime``."""
+    if isinstance(value, bool | int | float):
+        raise ValueError("must be an RFC 3339 date-time string with an offset, not a number")
+    return value
 
 
 # Event times must carry an offset: a naive time on a shop floor is a bug waiting for DST.
-EventTime = AwareDatetime
+EventTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
 class _Data(BaseModel):
@@ -66,11 +87,11 @@ class AvailabilityV1(_Data):
 class ExecutionV1(_Data):
     execution: Execution
     mode: ControllerMode | None = None
-    program: str | None = Field(default=None, max_length=256)
+    program: StrictStr | None = Field(default=None, max_length=256)
 
 
 class PartCountV1(_Data):
-    count: int = Field(
+    count: StrictInt = Field(
         ge=0, le=2**63 - 1, description="The controller's cumulative counter (64-bit)"
     )
     kind: PartCountKind
@@ -78,16 +99,18 @@ class PartCountV1(_Data):
 
 class ConditionV1(_Data):
     level: ConditionLevel
-    native_code: str | None = Field(default=None, max_length=128)
-    message: str | None = Field(default=None, max_length=2048)
+    native_code: StrictStr | None = Field(default=None, max_length=128)
+    message: StrictStr | None = Field(default=None, max_length=2048)
 
 
 class DowntimeReasonV1(_Data):
-    reason: str = Field(min_length=1, max_length=256, description="Code from the reason catalog")
+    reason: StrictStr = Field(
+        min_length=1, max_length=256, description="Code from the reason catalog"
+    )
     start: EventTime
     end: EventTime | None = None
-    operator: str = Field(min_length=1, max_length=128)
-    note: str | None = Field(default=None, max_length=2048)
+    operator: StrictStr = Field(min_length=1, max_length=128)
+    note: StrictStr | None = Field(default=None, max_length=2048)
 
     @model_validator(mode="after")
     def _end_after_start(self) -> DowntimeReasonV1:
@@ -106,30 +129,35 @@ class OrderEndedV1(_Data):
 
 class ScrapV1(_Data):
     order_id: Token | None = None
-    quantity: int = Field(gt=0)
-    reason: str = Field(min_length=1, max_length=256)
+    quantity: StrictInt = Field(gt=0)
+    reason: StrictStr = Field(min_length=1, max_length=256)
 
 
 class OrderReleasedV1(_Data):
     order_id: Token
-    part_number: str = Field(min_length=1, max_length=128)
-    quantity: int = Field(gt=0)
+    part_number: StrictStr = Field(min_length=1, max_length=128)
+    quantity: StrictInt = Field(gt=0)
     due: EventTime
-    customer: str | None = Field(default=None, max_length=256)
+    customer: StrictStr | None = Field(default=None, max_length=256)
     machine_id: Token | None = None
-    ideal_cycle_time_s: float = Field(
-        gt=0, allow_inf_nan=False, description="ISO 22400 planned run time per item (PRI)"
+    # Optional: an ERP without cycle times leaves it out, and the plant's fallbacks by part
+    # number, program and machine apply ([plant] ideal_cycle_times, docs/oee.md).
+    ideal_cycle_time_s: StrictFloat | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="ISO 22400 planned run time per item (PRI)",
     )
 
 
 class OrderChangedV1(_Data):
     order_id: Token
-    part_number: str | None = Field(default=None, min_length=1, max_length=128)
-    quantity: int | None = Field(default=None, gt=0)
+    part_number: StrictStr | None = Field(default=None, min_length=1, max_length=128)
+    quantity: StrictInt | None = Field(default=None, gt=0)
     due: EventTime | None = None
-    customer: str | None = Field(default=None, max_length=256)
+    customer: StrictStr | None = Field(default=None, max_length=256)
     machine_id: Token | None = None
-    ideal_cycle_time_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    ideal_cycle_time_s: StrictFloat | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _changes_something(self) -> OrderChangedV1:
@@ -143,7 +171,7 @@ class OrderChangedV1(_Data):
 
 class OrderCancelledV1(_Data):
     order_id: Token
-    reason: str = Field(min_length=1, max_length=1024)
+    reason: StrictStr = Field(min_length=1, max_length=1024)
 
 
 class DeliveryStatus(StrEnum):
@@ -161,8 +189,8 @@ class DeliveryForecastChangedV1(_Data):
     status: DeliveryStatus | None
     eta: EventTime | None
     due: EventTime | None
-    remaining: int | None = Field(ge=0)
-    effective_cycle_time_s: float | None = Field(gt=0, allow_inf_nan=False)
+    remaining: StrictInt | None = Field(ge=0)
+    effective_cycle_time_s: StrictFloat | None = Field(gt=0, allow_inf_nan=False)
     basis: Literal["observed", "ideal", "none"]
     previous_status: DeliveryStatus | None = None
     previous_eta: EventTime | None = None

@@ -205,6 +205,7 @@ async def build_hub(
                 partition=k,
                 partitions=settings.partitions,
                 snapshot_interval=settings.snapshot_interval,
+                max_clock_skew_s=settings.max_clock_skew_s,
             ),
             batch_size=settings.ingest_batch,
             kill_after_commit=settings.fault_kill_after_commit,

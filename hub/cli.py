@@ -155,6 +155,7 @@ def _api(hub: Hub, settings: Settings, plant: PlantConfig | None = None) -> ApiS
         api_keys=settings.parsed_api_keys(),
         site=settings.site,
         plant=plant or PlantConfig(),
+        max_clock_skew_s=settings.max_clock_skew_s,
     )
     return ApiServer(create_app(context), settings.api_host, settings.api_port)
 
@@ -232,7 +233,12 @@ def demo(
     port: Annotated[int, typer.Option(help="API port (0: any free port)")] = 0,
 ) -> None:
     """Run the whole hub embedded with a simulated factory and show it live."""
-    from adapters.machines.simulator import SimulatorConfig, SimulatorRun, run_simulator
+    from adapters.machines.simulator import (
+        SimulatorConfig,
+        SimulatorRun,
+        past_start,
+        run_simulator,
+    )
 
     directory = data_dir or Path(tempfile.mkdtemp(prefix="mes-hub-demo-"))
     key = secrets.token_urlsafe(24)
@@ -251,7 +257,12 @@ def demo(
         console.print(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
         console.print(f"data and log: {directory}\n")
         progress = SimulatorRun()
-        simulation = SimulatorConfig(machines=machines, seed=seed, site=settings.site)
+        simulation = SimulatorConfig(
+            machines=machines,
+            seed=seed,
+            site=settings.site,
+            start=past_start(speed, duration or None),  # ends about now: no event from the future
+        )
         simulator = asyncio.create_task(
             run_simulator(
                 simulation,
@@ -447,7 +458,7 @@ def _run_simulator(
     seed: int,
     start: datetime | None,
 ) -> None:
-    from adapters.machines.simulator import SimulatorConfig, run_simulator
+    from adapters.machines.simulator import SimulatorConfig, past_start, run_simulator
     from hub.nats import NatsPublisher, connect
 
     assert settings.nats_url is not None
@@ -462,7 +473,9 @@ def _run_simulator(
                     machines=machines,
                     seed=seed,
                     site=settings.site,
-                    start=(start or datetime.now(UTC)).replace(tzinfo=UTC, microsecond=0),
+                    start=(start or past_start(speed, duration or None)).replace(
+                        tzinfo=UTC, microsecond=0
+                    ),
                 ),
                 publisher,
                 speed=speed,

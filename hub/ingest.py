@@ -1,13 +1,14 @@
 """Ingest: CloudEvents from JetStream applied to the event store, exactly once.
 
 Per partition, strictly in sequence: fetch a batch -> validate -> dead-letter the bad ones ->
-apply the good ones to aggregates -> commit events + tracking position + received ids in ONE
+apply the good ones to aggregates -> commit events + tracking position + received keys in ONE
 transaction -> ack. The store's tracking position, not the consumer's ack floor, says where to
 resume: on every (re)start the partition's consumer is recreated at ``position + 1``, because
 JetStream redelivers unacked messages out of order after a crash.
 
-A republished event (same CloudEvent id) is dropped by the stream's duplicate window, and
-after that window by the ``received`` table checked here.
+A republished event (same CloudEvent ``source`` and ``id``: the same ``dedupe_key``) is dropped
+by the stream's duplicate window, and after that window by the ``received`` table checked here.
+An event dated more than ``max_clock_skew_s`` after the hub's clock is dead-lettered.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -45,8 +47,10 @@ from contracts import (
     PlantConfiguredV1,
     ScrapV1,
     ValidatedEvent,
+    check_event_time,
     check_subject,
     decode_event,
+    dedupe_key,
     dlq_subject,
     partition_of,
 )
@@ -101,11 +105,16 @@ class _Batch:
     versions_before: dict[UUID, int] = field(default_factory=dict)
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Ingestor:
     """The synchronous part of ingest for one partition: no NATS, no asyncio.
 
     It keeps the partition's aggregates in memory between batches (it is their only writer);
-    after any failure ``reset()`` drops them so they are reloaded from the store.
+    after any failure ``reset()`` drops them so they are reloaded from the store. ``clock`` is
+    the hub's clock: an event dated more than ``max_clock_skew_s`` after it is rejected.
     """
 
     def __init__(
@@ -115,12 +124,17 @@ class Ingestor:
         partition: int = 0,
         partitions: int = 1,
         snapshot_interval: int = 200,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        max_clock_skew_s: float = 300.0,
     ) -> None:
         self.store = store
         self.tracking_name = tracking_name
         self.partition = partition
         self.partitions = partitions
         self.snapshot_interval = snapshot_interval
+        self.clock = clock
+        self.max_clock_skew_s = max_clock_skew_s
         self.stats = IngestStats()
         self._aggregates: dict[UUID, Aggregate] = {}
         self._absent: set[UUID] = set()  # aggregates the store does not have (this batch)
@@ -137,6 +151,7 @@ class Ingestor:
         """Validate and apply a batch to the in-memory aggregates; nothing is stored yet."""
         messages = sorted(messages, key=lambda m: m.stream_seq)
         batch = _Batch(last_seq=messages[-1].stream_seq)
+        now = self.clock()
         valid: list[tuple[IncomingMessage, ValidatedEvent]] = []
         for message in messages:
             if message.subject.startswith(DLQ_PREFIX):
@@ -149,20 +164,24 @@ class Ingestor:
             try:
                 event = decode_event(message.data)
                 check_subject(message.subject, event)
+                check_event_time(event.envelope, now, self.max_clock_skew_s)
             except ContractViolation as violation:
                 batch.rejected.append(Rejected(message, violation.reason))
                 continue
             valid.append((message, event))
-        already = self.store.received_already([e.id for _, e in valid])
+        already = self.store.received_events(
+            [e.envelope for _, e in valid], legacy_margin_s=self.max_clock_skew_s
+        )
         self._find_new_aggregates(valid)
         for message, event in valid:
-            if event.id in already:
+            key = dedupe_key(event.envelope)
+            if key in already:
                 batch.duplicates += 1
                 continue
-            already.add(event.id)
+            already.add(key)
             site = message.subject.split(".")[1]
             self._apply(batch, site, event)
-            batch.received.append(Received(event.id, message.stream_seq))
+            batch.received.append(Received(key, message.stream_seq))
         return batch
 
     def commit(self, batch: _Batch) -> None:

@@ -26,7 +26,14 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamSource
 from nats.js.errors import NotFoundError
 
-from contracts import DLQ_PREFIX, CloudEvent, encode_event, nats_subject_for, validate_envelope
+from contracts import (
+    DLQ_PREFIX,
+    CloudEvent,
+    dedupe_key,
+    encode_event,
+    nats_subject_for,
+    validate_envelope,
+)
 from hub.ports import PublishReceipt
 from hub.settings import Settings
 
@@ -171,8 +178,9 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
 
 
 class NatsPublisher:
-    """``EventPublisher`` over JetStream. The CloudEvent id is the ``Nats-Msg-Id``, so a
-    republished event is dropped by the stream's duplicate window (and by the store after)."""
+    """``EventPublisher`` over JetStream. The event's ``dedupe_key`` (its ``source`` and ``id``)
+    is the ``Nats-Msg-Id``, so a republished event is dropped by the stream's duplicate window
+    (and by the store after), while two producers that happen to use the same id are not."""
 
     def __init__(self, js: JetStreamContext, site: str, timeout: float = 10.0) -> None:
         self._js = js
@@ -185,7 +193,7 @@ class NatsPublisher:
     async def publish(self, event: CloudEvent) -> PublishReceipt:
         subject, body = self._subject_and_body(event)
         ack = await self._js.publish(
-            subject, body, timeout=self._timeout, headers={MSG_ID_HEADER: event.id}
+            subject, body, timeout=self._timeout, headers={MSG_ID_HEADER: dedupe_key(event)}
         )
         return PublishReceipt(event.id, subject, ack.seq, bool(ack.duplicate))
 
@@ -195,7 +203,7 @@ class NatsPublisher:
         for event in events:
             subject, body = self._subject_and_body(event)
             future = await self._js.publish_async(
-                subject, body, headers={MSG_ID_HEADER: event.id}, wait_stall=self._timeout
+                subject, body, headers={MSG_ID_HEADER: dedupe_key(event)}, wait_stall=self._timeout
             )
             pending.append((event.id, subject, future))
         acks = await asyncio.wait_for(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from contracts import CloudEvent, ValidatedEvent, nats_subject_for, validate_envelope
+from contracts import CloudEvent, ValidatedEvent, dedupe_key, nats_subject_for, validate_envelope
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class InMemoryPublisher:
     async def publish(self, event: CloudEvent) -> PublishReceipt:
         validated = validate_envelope(event)
         subject = nats_subject_for(self.site, validated)
-        duplicate = any(e.id == event.id for _, e in self.published)
+        # The same event is the same source and id (CloudEvents), as for the NATS publisher.
+        key = dedupe_key(event)
+        duplicate = any(dedupe_key(e.envelope) == key for _, e in self.published)
         if not duplicate:
             self.published.append((subject, validated))
         return PublishReceipt(event.id, subject, len(self.published), duplicate)

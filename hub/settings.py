@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     postgres_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]*$")
     partitions: int = Field(default=1, ge=1, le=64)
     duplicate_window_s: float = Field(default=120.0, gt=0, le=86_400)
+    # An event dated more than this after the hub's clock is refused (API) or dead-lettered.
+    max_clock_skew_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
     stream_max_age_days: float = Field(default=7.0, gt=0)
     ingest_batch: int = Field(default=1000, ge=1, le=10_000)
     snapshot_interval: int = Field(default=200, ge=10)

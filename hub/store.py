@@ -6,16 +6,23 @@ calls ``EventStore`` methods through ``asyncio.to_thread``.
 Beside the library's own tables (stored events, snapshots, tracking) each backend keeps two
 tables that are written in the same transaction as the events:
 
-- ``mes_received_events``: every CloudEvent id applied, so a republished event changes nothing
-  even after NATS' duplicate window has passed;
-- ``mes_entities``: the machines and orders the store knows, to list them without a scan.
+- ``mes_received_events``: the dedupe key (``contracts.dedupe_key``: source + id) of every
+  CloudEvent applied, so a republished event changes nothing even after NATS' duplicate window
+  has passed;
+- ``mes_entities``: the machines and orders the store knows, to list them without a scan;
+
+and ``mes_hub_meta``, a few facts about the store itself. Stores written before the dedupe key
+held the bare CloudEvent id in ``mes_received_events``; the first open by this version records
+that moment (``legacy_received_until``), and those old rows still count for events dated up to
+then (see ``EventStore.received_events``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
@@ -34,6 +41,7 @@ from eventsourcing.utils import Environment
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.sql import SQL, Identifier
 
+from contracts import CloudEvent, dedupe_key
 from hub.domain import (
     Machine,
     Order,
@@ -46,13 +54,19 @@ from hub.settings import Settings
 
 RECEIVED_TABLE = "mes_received_events"
 ENTITIES_TABLE = "mes_entities"
+META_TABLE = "mes_hub_meta"
+# Meta rows: which key the received table holds, and until when it held bare ids.
+RECEIVED_KEY = "received_key"
+RECEIVED_KEY_FORMAT = "sha256(source LF id) hex"
+LEGACY_RECEIVED_UNTIL = "legacy_received_until"
 
 
 @dataclass(frozen=True)
 class Received:
-    """A CloudEvent id and the stream position it was applied from."""
+    """A CloudEvent's dedupe key (``contracts.dedupe_key``) and the stream position it was
+    applied from."""
 
-    event_id: str
+    key: str
     stream_seq: int
 
 
@@ -65,7 +79,7 @@ class Entity:
 
 
 def _received_rows(kwargs: dict[str, Any]) -> list[tuple[str, int]]:
-    return [(r.event_id, r.stream_seq) for r in kwargs.get("mes_received", ())]
+    return [(r.key, r.stream_seq) for r in kwargs.get("mes_received", ())]
 
 
 def _snapshot_rows(kwargs: dict[str, Any]) -> list[tuple[Any, int, str, bytes]]:
@@ -94,7 +108,30 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
             "PRIMARY KEY (kind, site, entity_id)) WITHOUT ROWID",
             f"CREATE INDEX IF NOT EXISTS {ENTITIES_TABLE}_aggregate ON {ENTITIES_TABLE} "
             "(aggregate_id)",
+            f"CREATE TABLE IF NOT EXISTS {META_TABLE} ("
+            "name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
         ]
+
+    def upgrade_received_keys(self, now: str) -> str | None:
+        """On the first open by a version that keys received events by ``dedupe_key``: if the
+        table already has rows (bare ids), record ``now`` as the end of that era. Returns that
+        moment, or None for a store that never held bare ids."""
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(f"SELECT value FROM {META_TABLE} WHERE name=?", (RECEIVED_KEY,))
+            if c.fetchone() is None:
+                c.execute(f"SELECT 1 FROM {RECEIVED_TABLE} LIMIT 1")
+                if c.fetchone() is not None:
+                    c.execute(
+                        f"INSERT OR IGNORE INTO {META_TABLE} VALUES (?, ?)",
+                        (LEGACY_RECEIVED_UNTIL, now),
+                    )
+                c.execute(
+                    f"INSERT OR IGNORE INTO {META_TABLE} VALUES (?, ?)",
+                    (RECEIVED_KEY, RECEIVED_KEY_FORMAT),
+                )
+            c.execute(f"SELECT value FROM {META_TABLE} WHERE name=?", (LEGACY_RECEIVED_UNTIL,))
+            row = c.fetchone()
+            return str(row[0]) if row is not None else None
 
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[Any], **kwargs: Any
@@ -144,8 +181,8 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
                 found.update(row[0] for row in c.fetchall())
         return found
 
-    def received_already(self, event_ids: Sequence[str]) -> set[str]:
-        return self._select_in("event_id", RECEIVED_TABLE, event_ids)
+    def received_already(self, keys: Sequence[str]) -> set[str]:
+        return self._select_in("event_id", RECEIVED_TABLE, keys)
 
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
         hexes = [a.hex for a in aggregate_ids]
@@ -235,6 +272,32 @@ class PostgresHubRecorder(PostgresProcessRecorder):
                 table=Identifier(ENTITIES_TABLE),
             )
         )
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {schema}.{table} ("
+                "name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            ).format(schema=schema, table=Identifier(META_TABLE))
+        )
+
+    def upgrade_received_keys(self, now: str) -> str | None:
+        """See ``SQLiteHubRecorder.upgrade_received_keys``."""
+        schema = Identifier(self.datastore.schema)
+        meta = SQL("{schema}.{table}").format(schema=schema, table=Identifier(META_TABLE))
+        received = SQL("{schema}.{table}").format(schema=schema, table=Identifier(RECEIVED_TABLE))
+        insert = SQL("INSERT INTO {meta} VALUES (%s, %s) ON CONFLICT DO NOTHING").format(meta=meta)
+        select = SQL("SELECT value FROM {meta} WHERE name = %s").format(meta=meta)
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(select, (RECEIVED_KEY,))
+            if curs.fetchone() is None:
+                curs.execute(
+                    SQL("SELECT 1 AS found FROM {received} LIMIT 1").format(received=received)
+                )
+                if curs.fetchone() is not None:
+                    curs.execute(insert, (LEGACY_RECEIVED_UNTIL, now))
+                curs.execute(insert, (RECEIVED_KEY, RECEIVED_KEY_FORMAT))
+            curs.execute(select, (LEGACY_RECEIVED_UNTIL,))
+            row = curs.fetchone()
+            return str(row["value"]) if row is not None else None
 
     def _insert_events(self, curs: Any, stored_events: Sequence[Any], **kwargs: Any) -> None:
         super()._insert_events(curs, stored_events, **kwargs)
@@ -266,12 +329,12 @@ class PostgresHubRecorder(PostgresProcessRecorder):
                 snapshots,
             )
 
-    def received_already(self, event_ids: Sequence[str]) -> set[str]:
+    def received_already(self, keys: Sequence[str]) -> set[str]:
         statement = SQL("SELECT event_id FROM {schema}.{table} WHERE event_id = ANY(%s)").format(
             schema=Identifier(self.datastore.schema), table=Identifier(RECEIVED_TABLE)
         )
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(statement, (list(event_ids),))
+            curs.execute(statement, (list(keys),))
             return {row["event_id"] for row in curs.fetchall()}
 
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
@@ -371,6 +434,9 @@ class EventStore:
         assert snapshots is not None
         # Ingest writes snapshots in its own transaction, into the library's snapshot table.
         self._recorder.snapshots_table = getattr(snapshots.recorder, "events_table_name")  # noqa: B009
+        until = self._recorder.upgrade_received_keys(datetime.now(UTC).isoformat())
+        # Until when the received table held bare CloudEvent ids (None: never).
+        self.legacy_received_until = datetime.fromisoformat(until) if until else None
 
     @property
     def application(self) -> HubApplication:
@@ -384,8 +450,26 @@ class EventStore:
     def tracking_position(self, tracking_name: str) -> int:
         return self._recorder.max_tracking_id(tracking_name) or 0
 
-    def received_already(self, event_ids: Sequence[str]) -> set[str]:
-        return self._recorder.received_already(event_ids) if event_ids else set()
+    def received_already(self, keys: Sequence[str]) -> set[str]:
+        """Which of these dedupe keys the store has applied."""
+        return self._recorder.received_already(keys) if keys else set()
+
+    def received_events(
+        self, events: Sequence[CloudEvent], legacy_margin_s: float = 0.0
+    ) -> set[str]:
+        """The dedupe keys of those ``events`` already applied. In a store upgraded from bare-id
+        keys, an event dated up to the upgrade (plus ``legacy_margin_s``, the clock skew allowed)
+        is also applied already if its bare id is among the old rows."""
+        keys = [dedupe_key(e) for e in events]
+        found = self.received_already(keys)
+        if self.legacy_received_until is None:
+            return found
+        until = self.legacy_received_until + timedelta(seconds=legacy_margin_s)
+        old = [(k, e.id) for k, e in zip(keys, events, strict=True) if e.time <= until]
+        if old:
+            known = self.received_already([event_id for _, event_id in old])
+            found.update(k for k, event_id in old if event_id in known)
+        return found
 
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
         """Which of these machines and orders the store has (one query, for a whole batch)."""
@@ -440,10 +524,25 @@ class EventStore:
         order = self.order(site, order_id)
         return order.ideal_cycle_time_s if order is not None else None
 
-    def ideal_cycle_times(self, site: str, order_ids: Iterable[str]) -> dict[str, float]:
-        """The PRI of each order that has one, from the order aggregates."""
-        found = {o: self.ideal_cycle_time(site, o) for o in order_ids}
-        return {o: seconds for o, seconds in found.items() if seconds is not None}
+    def ideal_cycle_times(
+        self,
+        site: str,
+        order_ids: Iterable[str],
+        by_part_number: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        """The PRI of each order that has one, from the order aggregates: its own, else the
+        one of its part number in ``by_part_number`` (the plant's fallback)."""
+        found: dict[str, float] = {}
+        for order_id in order_ids:
+            order = self.load(order_aggregate_id(site, order_id))
+            if not isinstance(order, Order):
+                continue
+            seconds = order.ideal_cycle_time_s
+            if seconds is None:
+                seconds = (by_part_number or {}).get(order.part_number or "")
+            if seconds is not None:
+                found[order_id] = seconds
+        return found
 
     def has_machine(self, site: str, machine_id: str) -> bool:
         return bool(self.existing([machine_aggregate_id(site, machine_id)]))

@@ -111,6 +111,7 @@ def api_client(hub: Any, plant: Any = None) -> Any:
         api_keys=hub.settings.parsed_api_keys(),
         site=hub.settings.site,
         plant=plant or PlantConfig(),
+        max_clock_skew_s=hub.settings.max_clock_skew_s,
     )
     transport = httpx.ASGITransport(app=create_app(context))
     return httpx.AsyncClient(transport=transport, base_url="http://hub")

@@ -13,11 +13,12 @@ with what was wrong and published as a ``warning`` condition with native code
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import ValidationInfo
 
@@ -26,6 +27,8 @@ from hub.ports import EventPublisher
 
 BAD_INPUT_CODE = "ADAPTER_INPUT"
 CONNECTION_CODE = "ADAPTER_CONNECTION"
+V = TypeVar("V")
+_UNKNOWN: Any = object()
 
 
 class MachineAdapter(Protocol):
@@ -104,6 +107,65 @@ class MachineEvents:
         if message:
             data["message"] = message[:1024]
         return self.event("mes.machine.condition.v1", data, time, key)
+
+
+class Published(Generic[V]):
+    """What an adapter published for one item, by event time: which value was in effect at the
+    hub when (as far as this adapter told it).
+
+    The rule every adapter follows: a reading repeats what was published, and is suppressed,
+    only when its value is the last one published for the item *and* that value is already in
+    effect at the reading's time (a published reading at or before it, none of another value in
+    between). A reading earlier than what was published for the item (a new recording of a
+    capture whose timestamps jump backwards, a replayed buffer, a gateway forwarding old data)
+    is published: nothing an adapter reads is silently dropped. About the ``limit`` latest
+    readings by event time are kept; a reading older than all of them is published (its id is
+    the same as when it was first read, so a re-read is still dropped downstream)."""
+
+    __slots__ = ("_limit", "_times", "_values", "last")
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._times: list[datetime] = []
+        self._values: list[V] = []
+        self._limit = limit
+        self.last: V | None = None  # the value published most recently (whatever its time)
+
+    def __bool__(self) -> bool:
+        return bool(self._times)
+
+    def at(self, when: datetime, default: Any = _UNKNOWN) -> V:
+        """The value in effect at ``when``; ``default`` (or KeyError) before the first."""
+        times = self._times
+        if times and when >= times[-1]:
+            return self._values[-1]  # the usual case: time goes forward
+        index = bisect.bisect_right(times, when)
+        if index:
+            return self._values[index - 1]
+        if default is _UNKNOWN:
+            raise KeyError(when)
+        return default  # type: ignore[no-any-return]
+
+    def known_at(self, when: datetime) -> bool:
+        return bool(self._times) and self._times[0] <= when
+
+    def repeats(self, value: V, when: datetime) -> bool:
+        """Whether publishing ``value`` at ``when`` would tell the hub nothing new."""
+        return self.last == value and self.known_at(when) and self.at(when) == value
+
+    def add(self, value: V, when: datetime) -> None:
+        times = self._times
+        if not times or when >= times[-1]:
+            times.append(when)
+            self._values.append(value)
+        else:
+            index = bisect.bisect_right(times, when)
+            times.insert(index, when)
+            self._values.insert(index, value)
+        self.last = value
+        if len(times) > self._limit + self._limit // 4:
+            # Forget the oldest by event time, a quarter at a time.
+            drop = len(times) - self._limit
+            del times[:drop], self._values[:drop]
 
 
 def config_file(value: Path | None, info: ValidationInfo) -> Path | None:

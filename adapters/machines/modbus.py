@@ -9,7 +9,9 @@ scale) and publishes only what changed since the last publish:
 - ``part_count`` / ``bad_count``: the PLC's cumulative counters, partcount ``all`` / ``bad``;
 - ``alarm_code``: non-zero is a ``fault`` condition with that native code; back to 0 clears it.
 
-A PLC has no timestamps, so every event carries the time of the poll that saw it. The first
+A PLC has no timestamps, so every event carries the time of the poll that saw it. A poll stamped
+earlier than a value's last publication (the host's clock was set back) publishes that value
+again: it is a fact from before what the hub has (``docs/adapters.md``). The first
 successful poll of a run publishes the whole state, led by a ``normal`` condition without a code
 (no condition of this machine is active but those it reports). When the PLC stops answering,
 ``UNAVAILABLE`` and an ``unavailable`` condition ``ADAPTER_CONNECTION`` are published once; the
@@ -372,6 +374,8 @@ class _State:
     problems: dict[str, str] = field(default_factory=dict)
     polled: bool = False
     connection_reported: bool = False  # an ADAPTER_CONNECTION condition is active
+    # When each value ("available", "running", counters, "alarm_code") was last published.
+    published_at: dict[str, datetime] = field(default_factory=dict)
 
     def copy(self) -> _State:
         return _State(
@@ -380,7 +384,15 @@ class _State:
             dict(self.problems),
             self.polled,
             self.connection_reported,
+            dict(self.published_at),
         )
+
+    def repeats(self, item: str, value: object, was: object, at: datetime) -> bool:
+        """Whether ``value`` at ``at`` repeats what was published: the same value, and not
+        earlier than when it was published (the host's clock set back: the poll is a fact
+        from before what the hub has, and is published again)."""
+        published = self.published_at.get(item)
+        return value == was and (published is None or at >= published)
 
 
 class ModbusAdapter:
@@ -467,6 +479,8 @@ class ModbusAdapter:
         key = f"lost|{at.isoformat()}"
         events.append(self.events.condition("unavailable", at, key, CONNECTION_CODE, message))
         new_state = state.copy()
+        if state.available is not False:
+            new_state.published_at["available"] = at
         new_state.available = False
         new_state.connection_reported = True
         return await self._publish(publisher, events, state, new_state)
@@ -509,22 +523,29 @@ class ModbusAdapter:
                 new.values[meaning] = reading.value
         # The PLC answered; it is available unless its own flag, if it has one, says otherwise.
         available = bool(new.values.get("available", True))
-        if available != state.available:
+        if not state.repeats("available", available, state.available, at):
             events.append(self._availability(available, at))
+            new.published_at["available"] = at
         new.available = available
         if state.connection_reported:
             key = f"connected|{at.isoformat()}"
             events.append(self.events.condition("normal", at, key, CONNECTION_CODE))
             new.connection_reported = False
         running = new.values.get("running")
-        if running is not None and running != state.values.get("running"):
+        if running is not None and not state.repeats(
+            "running", running, state.values.get("running"), at
+        ):
             execution = "ACTIVE" if running else "STOPPED"
             events.append(self.events.execution(execution, at, self._key("running", at, running)))
+            new.published_at["running"] = at
         for meaning, kind in _COUNT_KINDS.items():
             count = new.values.get(meaning)
-            if count is not None and count != state.values.get(meaning):
+            if count is not None and not state.repeats(
+                meaning, count, state.values.get(meaning), at
+            ):
                 key = self._key(meaning, at, count)
                 events.append(self.events.part_count(int(count), kind, at, key))
+                new.published_at[meaning] = at
         if not state.polled:
             # A fresh run knows every condition of the machine: clear what an earlier run left.
             events.append(self.events.condition("normal", at, f"conditions|{at.isoformat()}|reset"))
@@ -535,11 +556,12 @@ class ModbusAdapter:
 
     def _alarm_changes(self, old: _State, new: _State, at: datetime) -> list[CloudEvent]:
         code, was = new.values.get("alarm_code"), old.values.get("alarm_code")
-        if code is None or code == was:
+        if code is None or old.repeats("alarm_code", code, was, at):
             return []
         register = self._registers["alarm_code"]
         events = []
-        if was:
+        new.published_at["alarm_code"] = at
+        if was and was != code:
             key = self._key("alarm_code", at, f"{was}->{code}")
             events.append(self.events.condition("normal", at, key, native_code=str(was)))
         if code:

@@ -13,7 +13,9 @@ subscription, ``publishing_interval_ms``) to:
 
 Event times are the values' SourceTimestamps (else ServerTimestamp, else now); event ids come
 from the triggering node, its timestamp and value, so re-reading the same values gives the same
-ids. Only changes are published. ``docs/adapters/opcua.md`` has the full mapping.
+ids. Only changes are published; a value whose SourceTimestamp is earlier than what was
+published for it (a server whose clock went back, a gateway forwarding old data) is published
+even when it repeats. ``docs/adapters/opcua.md`` has the full mapping.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from adapters.machines.base import (
     BAD_INPUT_CODE,
     CONNECTION_CODE,
     MachineEvents,
+    Published,
     config_file,
     report_bad_input,
 )
@@ -58,6 +61,7 @@ from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
 
 log = logging.getLogger(__name__)
+MAX_CONDITION_CODES = 4096  # condition codes whose history is kept
 
 
 class OpcuaConfig(BaseModel):
@@ -248,6 +252,11 @@ class MachineToolState:
         self.execution: dict[str, Any] | None = None
         self.counts: dict[str, int] = {}
         self.conditions: dict[str, tuple[str, str | None]] = {}
+        # What was published, by event time (a repeat is suppressed only when it is not
+        # earlier than what the hub has: see ``Published``).
+        self._executions: Published[dict[str, Any]] = Published()
+        self._published_counts: dict[str, Published[int]] = {k: Published() for k in ("all", "bad")}
+        self._conditions: dict[str, Published[tuple[str, str | None]]] = {}
         self.job: str | None = None
         self._inconsistent: tuple[str, int, int] | None = None  # reported once, not per recount
 
@@ -321,7 +330,7 @@ class MachineToolState:
                 events.append(report_bad_input(log, self.events, f"{spec.path}: {exc}", raw, key))
                 continue
             previous = self.readings.get(node_id)
-            if previous is not None and previous.value == value:
+            if previous is not None and previous.value == value and at >= previous.time:
                 continue
             reading = _Reading(value, at, key)
             self.readings[node_id] = reading
@@ -416,9 +425,10 @@ class MachineToolState:
 
     def _execution(self, layout: Layout, trigger: _Reading) -> list[CloudEvent]:
         data = self.derive_execution(layout)
-        if data is None or data == self.execution:
+        if data is None or self._executions.repeats(data, trigger.time):
             return []
         self.execution = data
+        self._executions.add(data, trigger.time)
         key = "|".join([trigger.key, *(f"{k}={v}" for k, v in data.items())])
         return [
             self.events.execution(
@@ -458,9 +468,12 @@ class MachineToolState:
                 counts["bad"] = completed - good
         for kind, count in counts.items():
             trigger = triggers.get(kind)
-            if count is None or trigger is None or self.counts.get(kind) == count:
+            if count is None or trigger is None:
+                continue
+            if self._published_counts[kind].repeats(count, trigger.time):
                 continue
             self.counts[kind] = count
+            self._published_counts[kind].add(count, trigger.time)
             key = f"{trigger.key}|{kind}={count}"
             events.append(self.events.part_count(count, kind, trigger.time, key))
         return events
@@ -495,9 +508,15 @@ class MachineToolState:
             level = "normal"  # a condition the server no longer keeps: it is over
         else:
             level = _severity_level(severity, alarm_active=False)
-        if self.conditions.get(code) == (level, message):
+        published = self._conditions.get(code)
+        if published is None:
+            if len(self._conditions) >= MAX_CONDITION_CODES:
+                del self._conditions[next(iter(self._conditions))]  # its next event is published
+            published = self._conditions[code] = Published()
+        if published.repeats((level, message), at):
             return []
         self.conditions[code] = (level, message)
+        published.add((level, message), at)
         # EventId is optional in practice: code and level keep two such events apart.
         return [self.events.condition(level, at, f"{key}|{code}|{level}", code, message)]
 

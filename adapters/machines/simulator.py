@@ -197,6 +197,15 @@ def factory_events(config: SimulatorConfig) -> Iterator[CloudEvent]:
     return heapq.merge(*scripts, key=lambda e: e.time)
 
 
+def past_start(speed: float, duration_s: float | None) -> datetime:
+    """A simulated start that lets ``speed`` show: a run of ``duration_s`` wall seconds ends at
+    about now; an endless one (or one flat out) replays the last day, then goes on in real time."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    if speed > 0 and duration_s:
+        return now - timedelta(seconds=speed * duration_s)
+    return now - timedelta(days=1)
+
+
 @dataclass
 class SimulatorRun:
     published: int = 0
@@ -215,7 +224,8 @@ async def run_simulator(
     progress: SimulatorRun | None = None,
 ) -> SimulatorRun:
     """Publish the factory's events. ``speed`` simulated seconds pass per wall second (0: no
-    waiting); stops after ``duration_s`` wall seconds or ``max_events`` events, if given."""
+    waiting), but never ahead of the wall clock; stops after ``duration_s`` wall seconds or
+    ``max_events`` events, if given."""
     run = progress or SimulatorRun()
     wall_start = time.monotonic()
     pending: list[CloudEvent] = []
@@ -244,6 +254,18 @@ async def run_simulator(
                     await asyncio.sleep(wait)
                 if duration_s is not None and time.monotonic() - wall_start >= duration_s:
                     break
+        # A machine cannot report the future (the hub refuses it): a simulation that has caught
+        # up with the present goes on in real time.
+        ahead = (event.time - datetime.now(UTC)).total_seconds()
+        if ahead > 0:
+            if pending:
+                await flush()
+            if duration_s is not None:
+                ahead = min(ahead, duration_s - (time.monotonic() - wall_start))
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            if duration_s is not None and time.monotonic() - wall_start >= duration_s:
+                break
         pending.append(event)
         run.simulated_until = event.time
         if len(pending) >= batch:

@@ -30,6 +30,8 @@ class ApiContext:
     api_keys: list[ApiKey]
     site: str
     plant: PlantConfig = field(default_factory=PlantConfig)
+    # ``[hub] max_clock_skew_s``: an event dated further than this after now is refused.
+    max_clock_skew_s: float = 300.0
 
 
 def get_context(request: Request) -> ApiContext:

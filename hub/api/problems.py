@@ -25,6 +25,9 @@ _TITLES = {
 
 
 class Problem(Exception):
+    """An error answer. ``extensions`` are more members of the problem object (RFC 9457
+    section 3.2), e.g. the codes a client may choose from."""
+
     def __init__(
         self,
         status: int,
@@ -32,12 +35,14 @@ class Problem(Exception):
         *,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        extensions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.errors = errors
         self.headers = headers
+        self.extensions = extensions
 
 
 def problem_response(
@@ -46,8 +51,11 @@ def problem_response(
     detail: str,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
+    # Extension members never replace the standard ones.
+    body: dict[str, Any] = dict(extensions or {})
+    body |= {
         "type": "about:blank",
         "title": _TITLES.get(status, "Error"),
         "status": status,
@@ -62,7 +70,9 @@ def problem_response(
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
-        return problem_response(request, exc.status, exc.detail, exc.errors, exc.headers)
+        return problem_response(
+            request, exc.status, exc.detail, exc.errors, exc.headers, exc.extensions
+        )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -12,6 +12,7 @@ import pytest
 
 from hub.bootstrap import Hub
 from tests.conftest import eventually
+from tests.counting import stored_parts
 from tests.integration.test_shdr_adapter import MTCONNECT, ShdrPeer, needs_capture
 
 MES_HUB = [sys.executable, "-m", "hub"]
@@ -122,7 +123,8 @@ async def test_adapter_run_modbus_feeds_the_hub_from_a_plc(hub: Hub, tmp_path: P
 
     def press() -> tuple[str | None, int]:
         machine = hub.store.machine(site, "PRESS-2")
-        return (machine.execution, machine.parts_produced) if machine else (None, 0)
+        parts = stored_parts(hub.store, site, "PRESS-2") if machine else 0
+        return (machine.execution if machine else None, parts)
 
     try:
         await eventually(lambda: press()[0] == "ACTIVE", timeout=60)

@@ -89,6 +89,11 @@ async def test_structured_event_is_published_then_visible_on_the_machine(
 
 
 async def test_binary_mode_event_is_accepted(client: httpx.AsyncClient, hub: Hub) -> None:
+    # Operator events are for machines the hub knows: M4 reports first.
+    await hub.publisher.publish(
+        cloud_event("mes.machine.availability.v1", "M4", {"availability": "AVAILABLE"})
+    )
+    await eventually(lambda: hub.store.machine("default", "M4") is not None)
     headers = {
         **auth("operator"),
         "Content-Type": "application/json",

@@ -11,11 +11,12 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from contracts import CloudEvent
+from contracts import CloudEvent, dedupe_key
 from hub.nats import STREAM, EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.settings import load_settings
 from hub.store import EventStore
 from tests.conftest import cloud_event, eventually
+from tests.counting import stored_parts
 
 MACHINES = [f"M{i}" for i in range(1, 6)]
 
@@ -78,9 +79,9 @@ def totals(data_dir: Path) -> tuple[dict[str, int], dict[str, int], int]:
     try:
         parts, versions = {}, {}
         for machine in store.machines("default"):
-            parts[machine.machine_id] = machine.parts_produced
+            parts[machine.machine_id] = stored_parts(store, "default", machine.machine_id)
             versions[machine.machine_id] = machine.version
-        received = len(store.received_already([e.id for e in counter_events(0, 400)]))
+        received = len(store.received_already([dedupe_key(e) for e in counter_events(0, 400)]))
         return parts, versions, received
     finally:
         store.close()

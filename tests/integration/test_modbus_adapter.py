@@ -22,6 +22,7 @@ from adapters.machines.config import AdapterConfigError, load_adapters
 from adapters.machines.modbus import ModbusAdapter, ModbusConfig, ModbusRegister
 from hub.ports import InMemoryPublisher
 from tests.conftest import eventually
+from tests.counting import stored_counters
 
 UNIT = 1
 HOLDING_SIZE = 20  # holding registers 0..19 exist; 20 and up answer "illegal address"
@@ -324,7 +325,7 @@ async def test_end_to_end_through_the_hub(plc: Plc, hub: Any) -> None:
         found = await machine()
         return (
             found is not None
-            and found.parts_produced == 3
+            and stored_counters(hub.store, hub.settings.site, found.machine_id).produced == 3
             and found.execution == "ACTIVE"
             and "42" in found.conditions
         )
@@ -334,7 +335,7 @@ async def test_end_to_end_through_the_hub(plc: Plc, hub: Any) -> None:
     found = await machine()
     assert found.availability == "AVAILABLE"
     assert found.conditions["42"]["level"] == "fault"
-    assert found.parts_bad == 0
+    assert stored_counters(hub.store, hub.settings.site, found.machine_id).bad == 0
 
 
 async def test_unavailable_once_then_available_again(

@@ -15,7 +15,13 @@ from adapters.machines.mtconnect import MtconnectAdapter, MtconnectConfig
 from hub.bootstrap import Hub
 from hub.ports import EventPublisher, InMemoryPublisher
 from tests.conftest import eventually, fixtures_dir
-from tests.integration.test_shdr_adapter import changes_in_capture, published
+from tests.integration.test_shdr_adapter import (
+    changes_in_capture,
+    first_values,
+    in_effect,
+    published,
+    recordings,
+)
 from tests.mtconnect_agent import AgentStandIn, okuma_lines
 
 FIXTURES = fixtures_dir() or Path("/nonexistent")
@@ -77,6 +83,29 @@ async def test_every_change_of_the_okuma_capture_arrives_through_the_agent(
     assert [e for e in expected_executions if e not in executions(publisher)] == []
     polled = any("interval" in r for r in stand_in.requests if r.startswith("/sample"))
     assert polled is streaming  # the mode asked for is the mode used
+
+
+async def test_a_recording_that_goes_back_in_time_arrives_through_the_agent() -> None:
+    # The agent keeps each recording's snapshot (AVAILABLE, READY, the program, count 0) as
+    # observations of their own, timed before what the client published already.
+    lines = okuma_lines(FIXTURES)
+    publisher = InMemoryPublisher()
+    async with agent() as stand_in, client(stand_in, publisher) as adapter:
+        await eventually(lambda: any(r.startswith("/sample") for r in stand_in.requests))
+        stand_in.feed_shdr(lines)  # after the client's first look at current: it samples all
+        await eventually(lambda: adapter.next_sequence == stand_in.next_sequence, timeout=30)
+    assert counts(publisher) == changes_in_capture("ppartcount")
+    availability = published(publisher, "mes.machine.availability.v1")
+    execution = published(publisher, "mes.machine.execution.v1")
+    parts = recordings(lines)
+    for recording in parts:
+        start, first = first_values(recording, "avail", "pexecution", "pprogram")
+        assert (start, {"execution": first["pexecution"], "mode": "AUTOMATIC",
+                        "program": first["pprogram"]}) in execution  # fmt: skip
+        assert in_effect(availability, start) == {"availability": "AVAILABLE"}
+    # The second recording starts 14 minutes before the first: its AVAILABLE is published.
+    second, _ = first_values(parts[1], "avail")
+    assert (second, {"availability": "AVAILABLE"}) in availability
 
 
 async def test_two_readers_of_the_same_observations_publish_the_same_ids() -> None:

@@ -25,6 +25,7 @@ from adapters.machines.opcua import OpcuaAdapter, OpcuaConfig
 from contracts import ValidatedEvent
 from hub.ports import InMemoryPublisher
 from tests.conftest import eventually, fixtures_dir
+from tests.counting import stored_parts
 
 NODESETS = (
     "Opc.Ua.Di.NodeSet2.xml",
@@ -443,7 +444,7 @@ async def test_end_to_end_through_the_hub(hub: Any) -> None:
             return (
                 machine is not None
                 and machine.execution == execution
-                and machine.parts_produced == parts
+                and stored_parts(hub.store, site, MACHINE) == parts
             )
 
         async with running(adapter, hub.publisher):

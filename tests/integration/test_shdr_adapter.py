@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from adapters.machines.shdr import ShdrAdapter, ShdrConfig, _parse_time
+from adapters.machines.base import MachineEvents
+from adapters.machines.observations import MachineObserver, Meaning
+from adapters.machines.shdr import ShdrAdapter, ShdrConfig, _parse_time, replay_lines
+from contracts import CloudEvent
 from hub.bootstrap import Hub
 from hub.ports import InMemoryPublisher
 from tests.conftest import eventually, fixtures_dir
@@ -112,6 +116,31 @@ def published(publisher: InMemoryPublisher, type_: str) -> list[tuple[datetime, 
             if e.envelope.type == type_]  # fmt: skip
 
 
+def recordings(lines: list[str]) -> list[list[str]]:
+    """The capture's recordings: each one starts with a line reporting ``avail`` (the
+    adapter's snapshot when a recording began; lines 1, 1390, 6328 and 10605)."""
+    parts: list[list[str]] = []
+    for line in lines:
+        if "|avail|" in line or not parts:
+            parts.append([])
+        parts[-1].append(line)
+    return parts
+
+
+def first_values(recording: list[str], *keys: str) -> tuple[datetime, dict[str, str]]:
+    """A recording's first line's time and the values it gives ``keys``."""
+    fields = recording[0].split("|")
+    values = {fields[i]: fields[i + 1] for i in range(1, len(fields) - 1, 2) if fields[i] in keys}
+    return _parse_time(fields[0]), values
+
+
+def in_effect(facts: list[tuple[datetime, dict[str, object]]], at: datetime) -> dict[str, object]:
+    """What the last published fact at or before ``at`` (by event time) says."""
+    before = [data for time, data in sorted(facts, key=lambda f: f[0]) if time <= at]
+    assert before, f"nothing published at or before {at}"
+    return before[-1]
+
+
 @needs_capture
 async def test_every_execution_and_part_count_change_of_the_okuma_capture_arrives() -> None:
     lines = (MTCONNECT / "demo_agent_okuma_shdr.txt").read_text().splitlines()
@@ -130,13 +159,31 @@ async def test_every_execution_and_part_count_change_of_the_okuma_capture_arrive
     assert [e for e in expected_executions if e not in executions] == []
     assert len(expected_executions) >= 10 and len(expected_counts) >= 5
     assert peer.pings >= 1  # the adapter speaks the heartbeat protocol
-    (availability,) = published(publisher, "mes.machine.availability.v1")
-    assert availability[1] == {"availability": "AVAILABLE"}
+    # Each recording starts over with its snapshot, its time going back before what was
+    # published. Every recording's first execution (with its program) is published at its
+    # first line's time, and AVAILABLE is in effect there: published at that time unless an
+    # earlier recording's AVAILABLE already holds then.
+    availability = published(publisher, "mes.machine.availability.v1")
+    execution = published(publisher, "mes.machine.execution.v1")
+    earliest: datetime | None = None
+    expected_availability = []
+    for recording in recordings(lines):
+        start, first = first_values(recording, "avail", "pexecution", "pprogram")
+        assert (start, {"execution": first["pexecution"], "mode": "AUTOMATIC",
+                        "program": first["pprogram"]}) in execution  # fmt: skip
+        if earliest is None or start < earliest:
+            expected_availability.append((start, {"availability": first["avail"]}))
+        earliest = min(start, earliest or start)
+        assert in_effect(availability, start) == {"availability": "AVAILABLE"}
+    assert availability == expected_availability
+    assert len(availability) == 2  # the first recording's, and the second's 14 minutes earlier
 
 
 @needs_capture
 async def test_replaying_the_capture_again_stores_nothing_new(hub: Hub) -> None:
-    lines = (MTCONNECT / "demo_agent_okuma_shdr.txt").read_text().splitlines()[:2000]
+    # The whole capture: its recordings go back in time, and their repeated first values are
+    # published with ids of their own, the same ids both times.
+    lines = (MTCONNECT / "demo_agent_okuma_shdr.txt").read_text().splitlines()
     stored, peer = [], ShdrPeer(lines)  # the same peer (host and port) both times
     for _ in range(2):
         async with running(peer, hub.publisher, **okuma()) as adapter:
@@ -277,3 +324,94 @@ async def test_each_loss_is_a_new_fact_even_after_the_adapter_restarts() -> None
         await asyncio.wait_for(task, 10)
     states = [d["availability"] for _, d in published(publisher, "mes.machine.availability.v1")]
     assert states == ["UNAVAILABLE", "UNAVAILABLE"]  # the second was not taken for the first
+
+
+# --- the back-in-time rule (``MachineObserver``, shared by SHDR and MTConnect) -------------------
+
+
+def observer() -> MachineObserver:
+    return MachineObserver(MachineEvents("M1", "shdr://gateway:7878"), logging.getLogger("test"))
+
+
+def at(minute: int) -> datetime:
+    return datetime(2026, 3, 2, 6, minute, tzinfo=UTC)
+
+
+def test_a_repeat_is_suppressed_after_what_was_published_and_published_before_it() -> None:
+    cases: list[tuple[Meaning, str]] = [
+        ("execution", "ACTIVE"), ("part_count", "7"), ("availability", "AVAILABLE"),
+    ]  # fmt: skip
+    for meaning, value in cases:
+        machine = observer()
+
+        def read(minute: int, m: Meaning = meaning, v: str = value) -> list[CloudEvent]:
+            return machine.value(m, "k", v, at(minute), f"{at(minute).isoformat()}|k|{v}")
+
+        (first,) = read(10)
+        assert read(20) == [], meaning  # A at t2 > t1: the hub has A in effect then
+        (earlier,) = read(5)  # A at t0 < t1: a new recording, a replayed buffer
+        assert earlier.time == at(5) and earlier.data == first.data, meaning
+        assert earlier.id != first.id, meaning  # another fact, not a duplicate of the first
+        assert read(5) == [] and read(7) == [], meaning  # known now, and in effect from t0
+
+
+def test_a_repeat_of_an_old_value_is_published_where_the_hub_has_another() -> None:
+    machine = observer()
+    assert machine.value("execution", "k", "ACTIVE", at(10), "a") != []
+    assert machine.value("execution", "k", "READY", at(5), "b") != []  # an old buffer
+    # READY again at 06:11: the last value published, later than it, but the hub has ACTIVE
+    # in effect at 06:11 (from 06:10): a change there, not a repeat.
+    (event,) = machine.value("execution", "k", "READY", at(11), "c")
+    assert (event.time, event.data["execution"]) == (at(11), "READY")
+    assert machine.value("execution", "k", "READY", at(6), "d") == []  # READY since 06:05
+
+
+def test_conditions_follow_the_same_rule() -> None:
+    machine = observer()
+
+    def fault(minute: int) -> list[CloudEvent]:
+        return machine.condition("system", "FAULT", "1010", "HOT", at(minute), f"{minute}|f")
+
+    (first,) = fault(10)
+    assert fault(20) == []
+    (earlier,) = fault(5)
+    assert earlier.time == at(5) and earlier.id != first.id
+    assert earlier.data == {"level": "fault", "native_code": "1010", "message": "HOT"}
+    # NORMAL at 06:07 (the fault active then, from 06:05) clears it at 06:07; the fault of
+    # 06:10 is the machine's again from then on, by event time.
+    (cleared,) = machine.condition("system", "NORMAL", None, None, at(7), "7|n")
+    assert (cleared.time, cleared.data) == (at(7), {"level": "normal", "native_code": "1010"})
+    assert machine.condition("system", "NORMAL", None, None, at(8), "8|n") == []
+    # A NORMAL earlier than any fault of the item clears nothing: nothing was active then.
+    assert machine.condition("system", "NORMAL", None, None, at(1), "1|n") == []
+
+
+def test_a_new_recordings_mode_and_program_go_with_its_own_execution() -> None:
+    machine = observer()
+    first_line: list[tuple[Meaning, str]] = [
+        ("controller_mode", "AUTOMATIC"), ("program", "O1"), ("execution", "READY"),
+    ]  # fmt: skip
+    for item, value in first_line:
+        machine.value(item, item, value, at(30), f"30|{item}")
+    assert machine.value("execution", "x", "ACTIVE", at(31), "31|x") != []
+    # A new recording at 06:10, mode and program first on its line: they wait for the
+    # execution of the same moment instead of going out with the ACTIVE of 06:31.
+    assert machine.value("controller_mode", "m", "MANUAL", at(10), "10|m") == []
+    assert machine.value("program", "p", "O2", at(10), "10|p") == []
+    (event,) = machine.value("execution", "x", "READY", at(10), "10|x")
+    assert (event.time, event.data) == (
+        at(10),
+        {"execution": "READY", "mode": "MANUAL", "program": "O2"},
+    )
+    # Later on that recording a program change goes with the execution in effect then.
+    (event,) = machine.value("program", "p", "O3", at(11), "11|p")
+    assert event.data == {"execution": "READY", "mode": "MANUAL", "program": "O3"}
+
+
+@needs_capture
+def test_the_capture_parsed_twice_gives_the_same_events() -> None:
+    lines = (MTCONNECT / "demo_agent_okuma_shdr.txt").read_text().splitlines()
+    config = ShdrConfig.model_validate({"host": "127.0.0.1", **okuma()})
+    first, second = replay_lines(config, lines), replay_lines(config, lines)
+    assert [(e.id, e.data) for e in first] == [(e.id, e.data) for e in second]
+    assert len({e.id for e in first}) == len(first)

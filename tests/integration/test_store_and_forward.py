@@ -17,6 +17,7 @@ from hub.domain import machine_aggregate_id
 from hub.nats import ConnectingPublisher, EmbeddedNatsServer
 from hub.ports import InMemoryPublisher, PublishReceipt
 from tests.conftest import cloud_event, eventually
+from tests.counting import stored_parts
 
 
 def readings(start: int, stop: int) -> list[CloudEvent]:
@@ -51,7 +52,7 @@ async def test_events_published_while_nats_is_down_arrive_once_and_in_order(
 
     site = hub.settings.site
     await eventually(
-        lambda: (m := hub.store.machine(site, "M1")) is not None and m.parts_produced == 299,
+        lambda: stored_parts(hub.store, site, "M1") == 299,
         timeout=60,
     )
     history = hub.store.machine_history(site, "M1")

@@ -109,6 +109,9 @@ def raw(**override: object) -> bytes:
         (raw(data={"count": -1, "kind": "all"}), "data.count", "greater than or equal to 0"),
         (raw(data={"count": 1, "kind": "good"}), "data.kind", "'all' or 'bad'"),
         (raw(data={"count": 1, "kind": "all", "extra": 1}), "data.extra", "not permitted"),
+        # Strict types (issue 8): never coerced, see tests/unit/test_edges.py for the rest.
+        (raw(data={"count": "7", "kind": "all"}), "data.count", "valid integer"),
+        (raw(hall={"number": 2}), "hall", "not an object"),
     ],
 )
 def test_rejections_name_the_field_and_the_rule(

@@ -1,19 +1,36 @@
 """CloudEvents over HTTP (structured, batched and binary mode), published to NATS.
 
-The API never writes the store: it publishes, and ingest applies (one way in)."""
+The API never writes the store: it publishes, and ingest applies (one way in). Besides the
+contract, it refuses what ingest would have to keep but the sender can still put right: an
+event dated too far ahead of the hub's clock (400, as ingest does), an operator event for a
+machine the hub does not know (404), a downtime reason that is not in the catalog (400). A
+batch is published whole or not at all."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from contracts import CloudEvent, ContractViolation, validate_envelope
-from hub.api.deps import Caller, Context, EventWriter
+from contracts import (
+    CloudEvent,
+    ContractViolation,
+    DowntimeReasonV1,
+    ValidatedEvent,
+    check_event_time,
+    dedupe_key,
+    nats_subject_for,
+    validate_envelope,
+)
+from hub.api.deps import ApiContext, Caller, Context, EventWriter
 from hub.api.problems import Problem
+from hub.store import EventStore
 
 router = APIRouter(prefix="/events", tags=["events"])
 
@@ -60,7 +77,9 @@ def _json(body: bytes) -> Any:
         raise Problem(400, f"not JSON: {exc}") from None
 
 
-def _check(raw: Any, caller: Caller, index: int | None = None) -> CloudEvent:
+def _check(
+    raw: Any, caller: Caller, context: ApiContext, now: datetime, index: int | None = None
+) -> ValidatedEvent:
     where = f"event {index}: " if index is not None else ""
     try:
         envelope = CloudEvent.model_validate(raw)
@@ -79,7 +98,72 @@ def _check(raw: Any, caller: Caller, index: int | None = None) -> CloudEvent:
         raise Problem(
             403, f"{where}role {caller.role!r} may not send {validated.event_type.name!r} events"
         )
-    return envelope
+    try:
+        check_event_time(envelope, now, context.max_clock_skew_s)
+    except ContractViolation as violation:
+        errors = [{"field": "time", "rule": violation.reason}]
+        raise Problem(400, where + violation.reason, errors=errors) from None
+    if isinstance(validated.data, DowntimeReasonV1):
+        _check_reason(validated.data.reason, context, where)
+    return validated
+
+
+def _check_reason(reason: str, context: ApiContext, where: str) -> None:
+    """Over NATS an unknown code is kept (and reported as unknown); a person at the API can
+    still pick one of the catalog's codes."""
+    codes = sorted(context.plant.planned_reasons())
+    if reason in codes:
+        return
+    listed = ", ".join(codes) if codes else "none (the catalog [plant.reasons] is empty)"
+    rule = f"unknown reason code {reason!r}; the reason catalog's codes are: {listed}"
+    raise Problem(
+        400,
+        f"{where}data.reason: {rule}",
+        errors=[{"field": "data.reason", "rule": rule}],
+        extensions={"reason_codes": codes},
+    )
+
+
+def _never_reported(store: EventStore, site: str, machine_ids: Sequence[str]) -> list[str]:
+    """Those of ``machine_ids`` the store has no report of (no machine, or only operator input)."""
+    unknown = []
+    for machine_id in machine_ids:
+        machine = store.machine(site, machine_id)
+        if machine is None or not machine.has_reported():
+            unknown.append(machine_id)
+    return unknown
+
+
+async def _check_machines_known(
+    context: ApiContext, events: list[ValidatedEvent], batch: bool
+) -> None:
+    """An operator event needs a machine the hub knows: one that has reported (or does earlier
+    in this very batch) or that ``[plant.machines]`` configures. Otherwise it would create a
+    phantom machine, present in every site figure from then on."""
+    reporting: set[str] = set()
+    first_use: dict[str, int] = {}
+    for index, event in enumerate(events):
+        machine_id = event.envelope.subject
+        if event.event_type.stream == "machine":
+            reporting.add(machine_id)
+        elif (
+            event.event_type.stream == "operator"
+            and machine_id not in reporting
+            and machine_id not in context.plant.machines
+        ):
+            first_use.setdefault(machine_id, index)
+    if not first_use:
+        return
+    unknown = await asyncio.to_thread(_never_reported, context.store, context.site, list(first_use))
+    if unknown:
+        machine_id = unknown[0]
+        where = f"event {first_use[machine_id]}: " if batch else ""
+        raise Problem(
+            404,
+            f"{where}no machine {machine_id!r} at site {context.site!r}: it has never reported "
+            "and is not configured in [plant.machines]",
+            extensions={"machine_id": machine_id},
+        )
 
 
 @router.post(
@@ -93,20 +177,38 @@ async def post_events(request: Request, context: Context, caller: EventWriter) -
     if len(body) > MAX_BODY_BYTES:
         raise Problem(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    now = datetime.now(UTC)
     if content_type == BATCH:
         raw_events = _json(body)
         if not isinstance(raw_events, list) or not raw_events:
             raise Problem(400, "a batch must be a non-empty JSON array of CloudEvents")
-        events = [_check(raw, caller, i) for i, raw in enumerate(raw_events)]
+        events = [_check(raw, caller, context, now, i) for i, raw in enumerate(raw_events)]
     elif content_type == STRUCTURED:
-        events = [_check(_json(body), caller)]
+        events = [_check(_json(body), caller, context, now)]
     else:
-        events = [_check(_binary_mode(request, body), caller)]
+        events = [_check(_binary_mode(request, body), caller, context, now)]
+    await _check_machines_known(context, events, content_type == BATCH)
+    # Already applied (same source and id), however long ago: answered as a duplicate and not
+    # published again. A repeat still in NATS' duplicate window is answered so by NATS.
+    envelopes = [e.envelope for e in events]
+    applied = await asyncio.to_thread(
+        context.store.received_events, envelopes, context.max_clock_skew_s
+    )
+    fresh = [e for e in envelopes if dedupe_key(e) not in applied]
     try:
-        receipts = await context.publisher.publish_many(events)
+        receipts = iter(await context.publisher.publish_many(fresh) if fresh else [])
     except Exception as exc:
         raise Problem(503, f"could not publish to NATS: {type(exc).__name__}") from None
-    accepted = [Accepted(id=r.event_id, subject=r.subject, duplicate=r.duplicate) for r in receipts]
+    accepted = []
+    for event in events:
+        if dedupe_key(event.envelope) in applied:
+            subject = nats_subject_for(context.site, event)
+            accepted.append(Accepted(id=event.id, subject=subject, duplicate=True))
+        else:
+            receipt = next(receipts)
+            accepted.append(
+                Accepted(id=receipt.event_id, subject=receipt.subject, duplicate=receipt.duplicate)
+            )
     payload: Any = (
         [a.model_dump() for a in accepted] if content_type == BATCH else accepted[0].model_dump()
     )
