@@ -210,7 +210,7 @@ def _machine_table(
             machine.machine_id,
             (machine.availability or "-")[:5],
             f"[{colour}]{machine.execution or '-'}[/]",
-            *([machine.order_id or "-"] if wide else []),
+            *([FactsReader(hub.views).current_order(machine.id) or "-"] if wide else []),
             str(figures.produced) if figures else "-",
             str(figures.bad) if figures else "-",
             _percent(figures.availability if figures else None),

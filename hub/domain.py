@@ -303,6 +303,9 @@ class Order(Aggregate):
     # Class defaults, so orders restored from snapshots taken before these existed have them.
     delivery_forecast: dict[str, Any] | None = None  # the last one published (JSON-ready)
     delivery_forecast_changes: int = 0
+    # Every start and end as tapped: {machine_id, time (ISO), started}; None on orders stored
+    # before moves were kept (their runs are the starting point).
+    moves: list[dict[str, Any]] | None = None
 
     @staticmethod
     def create_id(site: str, order_id: str) -> UUID:
@@ -391,20 +394,55 @@ class Order(Aggregate):
 
     @event("Started")
     def _started(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:
-        if machine_id not in self.running_on:
-            self.running_on.append(machine_id)
-        self.runs.append({"machine_id": machine_id, "start": event_time.isoformat(), "end": None})
-        self._refresh_status()
+        self._move(machine_id, event_time, started=True)
 
     @event("Ended")
     def _ended(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:
-        if machine_id in self.running_on:
-            self.running_on.remove(machine_id)
-        for run in reversed(self.runs):
-            if run["machine_id"] == machine_id and run["end"] is None:
-                run["end"] = event_time.isoformat()
-                break
+        self._move(machine_id, event_time, started=False)
+
+    def _move(self, machine_id: str, time: datetime, started: bool) -> None:
+        """Record a start or end and derive the runs by event time, whatever order the taps
+        arrived in (a late end closes the run it belongs to, not the last one stored)."""
+        if self.moves is None:  # an order stored before moves were kept: start from its runs
+            self.moves = [
+                {"machine_id": run["machine_id"], "time": run[edge], "started": edge == "start"}
+                for run in self.runs
+                for edge in ("start", "end")
+                if run[edge] is not None
+            ]
+        self.moves = [
+            *self.moves,
+            {"machine_id": machine_id, "time": time.isoformat(), "started": started},
+        ]
+        self.runs = order_runs(self.moves)
+        self.running_on = sorted({r["machine_id"] for r in self.runs if r["end"] is None})
         self._refresh_status()
+
+
+def order_runs(moves: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An order's runs per machine from its starts and ends, folded in event-time order: a
+    start opens a run unless one is open on that machine; an end closes the open run. At one
+    moment the open run ends first, then starts, then the end of a run started at that very
+    moment (a run of no length). An end with no open run changes nothing."""
+    runs: list[dict[str, Any]] = []
+    open_runs: dict[str, dict[str, Any]] = {}
+    by_time: dict[datetime, list[dict[str, Any]]] = {}
+    for move in moves:
+        by_time.setdefault(datetime.fromisoformat(move["time"]), []).append(move)
+    for time in sorted(by_time):
+        moves_now = by_time[time]
+        ended = {m["machine_id"] for m in moves_now if not m["started"]}
+        for machine_id in sorted(ended & open_runs.keys()):
+            open_runs.pop(machine_id)["end"] = time.isoformat()
+            ended.discard(machine_id)
+        for machine_id in sorted({m["machine_id"] for m in moves_now if m["started"]}):
+            if machine_id not in open_runs:
+                run = {"machine_id": machine_id, "start": time.isoformat(), "end": None}
+                runs.append(run)
+                open_runs[machine_id] = run
+        for machine_id in sorted(ended & open_runs.keys()):
+            open_runs.pop(machine_id)["end"] = time.isoformat()
+    return runs
 
 
 def plant_aggregate_id(site: str) -> UUID:

@@ -19,7 +19,7 @@ figures need only the two readings before it. Worked examples are in ``docs/oee.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,28 +54,36 @@ def reading_order(reading: CounterReading) -> tuple[datetime, int]:
     return reading.time, reading.count
 
 
+def fold_counts(counts: Sequence[int], limit: int) -> Iterator[tuple[int, str, int | None]]:
+    """(increment, status, count compared with) of each count, in the order given (event-time
+    order): the rule of the module doc, on plain integers."""
+    for i, count in enumerate(counts):
+        if i == 0:
+            yield 0, BASELINE, None
+            continue
+        before = counts[i - 1]
+        added, status = _step(before, count, limit)
+        if i >= 2:
+            earlier = counts[i - 2]
+            if _step(earlier, before, limit)[1] == IMPLAUSIBLE:
+                # The reading before was implausible: a glitch if this one follows on from
+                # the one before it.
+                glitch_added, glitch_status = _step(earlier, count, limit)
+                if glitch_status != IMPLAUSIBLE:
+                    added, status, before = glitch_added, glitch_status, earlier
+        yield added, status, before
+
+
 def counter_steps(readings: Iterable[CounterReading], max_per_reading: int) -> list[CounterStep]:
     """The steps of one counter kind's readings, in event-time order. The first two readings
     have no (or too little) history: give every reading of a window plus the ``CONTEXT`` before
     it, and read only the window's steps."""
     ordered = sorted(readings, key=reading_order)
-    steps: list[CounterStep] = []
-    for i, reading in enumerate(ordered):
-        if i == 0:
-            steps.append(CounterStep(reading, 0, BASELINE, None))
-            continue
-        before = ordered[i - 1].count
-        added, status = _step(before, reading.count, max_per_reading)
-        if i >= 2:
-            earlier = ordered[i - 2].count
-            if _step(earlier, before, max_per_reading)[1] == IMPLAUSIBLE:
-                # The reading before was implausible: a glitch if this one follows on from
-                # the one before it.
-                glitch_added, glitch_status = _step(earlier, reading.count, max_per_reading)
-                if glitch_status != IMPLAUSIBLE:
-                    added, status, before = glitch_added, glitch_status, earlier
-        steps.append(CounterStep(reading, added, status, before))
-    return steps
+    folded = fold_counts([r.count for r in ordered], max_per_reading)
+    return [
+        CounterStep(reading, added, status, before)
+        for reading, (added, status, before) in zip(ordered, folded, strict=True)
+    ]
 
 
 def steps_by_kind(
@@ -97,19 +105,23 @@ class CounterTotals:
     implausible: int = 0
     last_implausible: CounterStep | None = None
 
+    def count(self, kind: str, increment: int, status: str) -> None:
+        if kind == "bad":
+            self.bad += increment
+        else:
+            self.produced += increment
+        if status == RESET:
+            self.resets += 1
+        elif status == IMPLAUSIBLE:
+            self.implausible += 1
+
 
 def counter_totals(readings: Sequence[CounterReading], max_per_reading: int) -> CounterTotals:
     totals = CounterTotals()
     for kind, steps in steps_by_kind(readings, max_per_reading).items():
         for step in steps:
-            if kind == "bad":
-                totals.bad += step.increment
-            else:
-                totals.produced += step.increment
-            if step.status == RESET:
-                totals.resets += 1
-            elif step.status == IMPLAUSIBLE:
-                totals.implausible += 1
+            totals.count(kind, step.increment, step.status)
+            if step.status == IMPLAUSIBLE:
                 last = totals.last_implausible
                 if last is None or reading_order(step.reading) > reading_order(last.reading):
                     totals.last_implausible = step

@@ -21,7 +21,15 @@ from uuid import UUID
 
 from hub.domain import Machine
 from projections.calendar import Interval
-from projections.counters import CONTEXT, CounterReading, CounterTotals, counter_totals
+from projections.counters import (
+    CONTEXT,
+    IMPLAUSIBLE,
+    CounterReading,
+    CounterStep,
+    CounterTotals,
+    fold_counts,
+    reading_order,
+)
 from projections.database import Cursor, ViewDatabase
 from projections.history import MachineFacts, order_reports
 from projections.oee import ScrapReport
@@ -204,19 +212,44 @@ class FactsReader:
             )
         return by_machine
 
-    def counter_readings(self, machine: UUID) -> list[CounterReading]:
-        """Every counter reading of the machine, for its totals."""
+    def current_order(self, machine: UUID) -> str | None:
+        """The order the machine runs now, by event time (the fold over its starts and ends)."""
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
-                f"SELECT time, value, quantity FROM {TABLE} WHERE machine = ? AND kind IN (?, ?)",
-                (machine.hex, *READINGS.values()),
+                f"SELECT time, value, kind FROM {TABLE} WHERE machine = ? AND kind IN (?, ?)",
+                (machine.hex, ORDER_START, ORDER_END),
             )
             rows = cursor.fetchall()
-        return [CounterReading(from_micros(time), kind, count) for time, kind, count in rows]
+        reports = order_reports(
+            (from_micros(time), order_id, kind == ORDER_START) for time, order_id, kind in rows
+        )
+        return reports[-1].order_id if reports else None
 
     def counter_totals(self, machine: UUID, max_per_reading: int) -> CounterTotals:
-        """What the machine's counters add over its whole history."""
-        return counter_totals(self.counter_readings(machine), max_per_reading)
+        """What the machine's counters add over its whole history: every reading, in
+        event-time order from the index, folded as plain integers (no objects per reading)."""
+        totals = CounterTotals()
+        with self._db.transaction(write=False) as cursor:
+            for kind, tag in READINGS.items():
+                cursor.execute(
+                    f"SELECT time, quantity FROM {TABLE} WHERE machine = ? AND kind = ? "
+                    "ORDER BY time, quantity",
+                    (machine.hex, tag),
+                )
+                rows = cursor.fetchall()
+                last: tuple[int, int | None] | None = None
+                folded = fold_counts([count for _, count in rows], max_per_reading)
+                for i, (added, status, before) in enumerate(folded):
+                    totals.count(kind, added, status)
+                    if status == IMPLAUSIBLE:
+                        last = (i, before)
+                if last is not None:
+                    time, count = rows[last[0]]
+                    reading = CounterReading(from_micros(time), kind, count)
+                    mine = totals.last_implausible
+                    if mine is None or reading_order(reading) > reading_order(mine.reading):
+                        totals.last_implausible = CounterStep(reading, 0, IMPLAUSIBLE, last[1])
+        return totals
 
     def has_machine(self, machine: UUID) -> bool:
         with self._db.transaction(write=False) as cursor:

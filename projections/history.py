@@ -33,7 +33,8 @@ class MachineFacts:
     first_report: datetime | None = None
     # Settled (``settle``): what the readings add, with the order and program of their time.
     parts: list[PartsReport] = field(default_factory=list)
-    implausible: list[CounterStep] = field(default_factory=list)
+    # Implausible readings, each with the order running when it was read.
+    implausible: list[tuple[CounterStep, str | None]] = field(default_factory=list)
     exists_from: datetime | None = None
     rules: MachineRules = field(default_factory=MachineRules)
     settled: bool = False
@@ -61,12 +62,12 @@ class MachineFacts:
             return programs[k][1] if k >= 0 else None
 
         parts: list[PartsReport] = []
-        implausible: list[CounterStep] = []
+        implausible: list[tuple[CounterStep, str | None]] = []
         for steps in steps_by_kind(self.readings, rules.max_parts_per_reading).values():
             for step in steps:
                 at = step.reading.time
                 if step.status == IMPLAUSIBLE:
-                    implausible.append(step)
+                    implausible.append((step, running_order(at)))
                 if step.increment:
                     parts.append(
                         PartsReport(
@@ -135,15 +136,25 @@ def machine_facts(events: Iterable[Any]) -> MachineFacts:
 
 
 def order_reports(order_events: Iterable[tuple[datetime, str, bool]]) -> list[OrderReport]:
-    """Which order runs when, from (time, order id, started) in the order they were stored:
-    folded in event-time order, and an end only ends the order it names."""
+    """Which order runs when, from (time, order id, started), whatever order they were stored
+    in: folded in event-time order; an end only ends the order it names. At one moment, the end
+    of the order running before it comes first, then the starts, then the end of an order
+    started at that very moment (a run of no length)."""
+    by_time: dict[datetime, list[tuple[str, bool]]] = {}
+    for time, order_id, started in order_events:
+        by_time.setdefault(time, []).append((order_id, started))
     reports = []
     running: str | None = None
-    # At one moment an end comes before a start, whatever order they were stored in.
-    for time, order_id, started in sorted(order_events, key=lambda e: (e[0], e[2], e[1])):
-        if started:
-            running = order_id
-        elif running == order_id:
+    for time in sorted(by_time):
+        moves = by_time[time]
+        ends = {order_id for order_id, started in moves if not started}
+        if running in ends:
+            ends.discard(running)  # this end is the running order's; a later one is not
+            running = None
+        starts = sorted(order_id for order_id, started in moves if started)
+        if starts:
+            running = starts[-1]  # two starts at one moment: one order, chosen by its id
+        if running in ends:
             running = None
         reports.append(OrderReport(time, running))
     return reports

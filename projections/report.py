@@ -130,7 +130,10 @@ def machine_report(
     ) -> OeeFigures:
         result = compute_oee(bucket, intervals, parts, scrap, ideal_time_of, now, order_id, known)
         result.implausible_readings = sum(
-            1 for step in facts.implausible if bucket.start < step.reading.time <= bucket.end
+            1
+            for step, running in facts.implausible
+            if bucket.start < step.reading.time <= bucket.end
+            and (order_id is None or running == order_id)
         )
         return result
 
@@ -139,9 +142,10 @@ def machine_report(
         for order_id in sorted({i.order_id for i in timeline if i.order_id}):
             spans = [i for i in timeline if i.order_id == order_id]
             span = Interval(spans[0].start, spans[-1].end)
-            buckets.append(
-                Bucket(figures(span, timeline, facts.parts, facts.scrap, order_id), order_id)
-            )
+            result = figures(span, timeline, facts.parts, facts.scrap, order_id)
+            # Still running at now (the timeline ends there): its figures are not final.
+            result.provisional = result.provisional or span.end >= now
+            buckets.append(Bucket(result, order_id))
         return buckets
     # Each bucket gets only the intervals and counts that can fall in it (the timeline is in
     # time order; counts are sorted once), instead of every bucket scanning everything. A count
@@ -152,6 +156,8 @@ def machine_report(
     interval_ends = [i.end for i in timeline]
     buckets = []
     for bucket, label in bucket_windows(window, group_by, plant):
+        if group_by is not None and bucket.start >= now:
+            break  # the future is unknown: no buckets for it
         first = bisect.bisect_right(interval_ends, bucket.start)
         last = bisect.bisect_left(interval_ends, bucket.end) + 1
         p0, p1 = (bisect.bisect_right(part_times, t) for t in (bucket.start, bucket.end))

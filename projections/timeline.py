@@ -165,7 +165,9 @@ def build_timeline(
     shifts = calendar.shifts(window)
     order_reports = sorted(orders, key=lambda o: o.time)
     # Latest given reason wins where two overlap.
-    reason_list = sorted(reasons, key=lambda r: r.given_at)
+    reason_list = sorted(
+        reasons, key=lambda r: (r.given_at, r.start, r.end or r.start, r.reason)
+    )  # at one moment, in one order whatever order they were stored in
 
     cuts = {window.start, window.end}
     cuts.update(s.start for s in segments)

@@ -20,7 +20,7 @@ AUTH = {"Authorization": f"Bearer {api_key('auditor')}"}
 PLANT = PlantConfig.model_validate(
     {
         "ideal_cycle_times": {"part_numbers": {"P-7": 20.0}},
-        "machines": {"SPARE-1": {"commissioned": "2026-03-01T00:00:00Z"}},
+        "machines": {"SPARE-1": {"commissioned": "2026-03-02T12:00:00Z"}},
     }
 )
 BIG = 2**63 - 1
@@ -101,6 +101,13 @@ async def test_three_arrival_orders_give_the_same_parts_timeline_oee_and_order_p
         assert [b["produced"] for b in hours] == [10, 9, 3]
         order = (await client.get(f"/api/v1/orders/SO-{machine}", headers=AUTH)).json()
         assert order["progress"]["produced"] == 19
+        # The run is 06:10-08:00 whichever tap arrived first.
+        assert (order["status"], order["running_on"]) == ("ended", [])
+        assert [(r["start"], r["end"]) for r in order["runs"]] == [
+            ("2026-03-02T06:10:00Z", "2026-03-02T08:00:00Z")
+        ]
+        assert order["progress"]["actual_end"] == "2026-03-02T08:00:00Z"
+        assert state["order_id"] is None
         timeline = await client.get(
             f"/api/v1/machines/{machine}/timeline", params=window, headers=AUTH
         )
@@ -173,14 +180,28 @@ async def test_a_day_before_any_report_has_no_downtime_for_the_site(
 ) -> None:
     await store(hub, morning("M1", "SO-1"))
     sunday = {"from": "2026-03-01T00:00:00Z", "to": "2026-03-02T00:00:00Z"}
-    # SPARE-1 is configured as commissioned on 1 March but never reported: the day is its
-    # downtime, not M1's (which first reported on 2 March).
+    # M1 first reported on Monday 06:00; SPARE-1 never reported and is commissioned from
+    # Monday 12:00: Sunday is nobody's downtime.
     (site,) = (await oee(client, **sunday))["buckets"]
     assert (site["planned_busy_time_s"], site["downtime_s_by_reason"]) == (0, {})
     (m1,) = (await oee(client, machine="M1", **sunday))["buckets"]
     assert (m1["planned_busy_time_s"], m1["availability"]) == (0, None)
     timeline = await client.get("/api/v1/machines/M1/timeline", params=sunday, headers=AUTH)
     assert {i["state"] for i in timeline.json()["intervals"]} == {"not_commissioned"}
+    # From its commissioning, SPARE-1's silence is offline downtime in the site figures:
+    # 12:00-13:00, M1 still running (1 h) and SPARE-1 offline (1 h).
+    noon = {"from": "2026-03-02T12:00:00Z", "to": "2026-03-02T13:00:00Z"}
+    (site,) = (await oee(client, **noon))["buckets"]
+    assert (site["planned_busy_time_s"], site["actual_production_time_s"]) == (7_200, 3_600)
+    assert site["downtime_s_by_reason"] == {"unassigned": 3_600}
+    before_and_after = {"from": "2026-03-02T11:00:00Z", "to": "2026-03-02T13:00:00Z"}
+    timeline = await client.get(
+        "/api/v1/machines/SPARE-1/timeline", params=before_and_after, headers=AUTH
+    )
+    assert [(i["start"][11:16], i["state"]) for i in timeline.json()["intervals"]] == [
+        ("11:00", "not_commissioned"),
+        ("12:00", "offline"),
+    ]
 
 
 async def test_a_jump_to_2_63_changes_nothing_and_warns_until_acknowledged(

@@ -382,3 +382,33 @@ def test_the_limit_is_per_plant_and_per_machine() -> None:
     assert plant.machine_rules("PRESS-2").max_parts_per_reading == 1000
     assert steps(0, 150, limit=100) == [(0, BASELINE), (0, IMPLAUSIBLE)]
     assert steps(0, 150, limit=1000) == [(0, BASELINE), (150, COUNTED)]
+
+
+def test_an_order_started_and_ended_at_one_moment_is_a_run_of_no_length() -> None:
+    from projections.history import order_reports
+
+    t = at(10)
+    # A runs from 06:00; at 06:10 A ends and B starts (a changeover), and C is started and
+    # ended at once (a mistaken tap): after 06:10 B runs, in any arrival order.
+    moves = [(at(0), "A", True), (t, "A", False), (t, "B", True)]
+    for arrival in itertools.permutations(moves):
+        assert [r.order_id for r in order_reports(arrival)] == ["A", "B"]
+    zero = [(at(0), "A", True), (t, "C", True), (t, "C", False)]
+    for arrival in itertools.permutations(zero):
+        assert [r.order_id for r in order_reports(arrival)] == ["A", None]
+
+
+def test_an_orders_runs_follow_event_time_whatever_order_the_taps_arrived_in() -> None:
+    from hub.domain import Order
+
+    taps = [("start", 10, "M1"), ("end", 30, "M1"), ("start", 40, "M1"), ("end", 50, "M1")]
+    for arrival in itertools.permutations(taps):
+        order = Order(site="default", order_id="SO-1")
+        for kind, minutes, machine in arrival:
+            tap = order.start_on if kind == "start" else order.end_on
+            tap(_origin(minutes), machine)
+        assert [(r["start"], r["end"]) for r in order.runs] == [
+            (at(10).isoformat(), at(30).isoformat()),
+            (at(40).isoformat(), at(50).isoformat()),
+        ]
+        assert (order.status, order.running_on) == ("ended", [])

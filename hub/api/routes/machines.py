@@ -42,7 +42,7 @@ class MachineView(BaseModel):
     implausible_readings: int
 
     @classmethod
-    def of(cls, machine: Machine, counters: CounterTotals) -> MachineView:
+    def of(cls, machine: Machine, counters: CounterTotals, order_id: str | None) -> MachineView:
         conditions: list[dict[str, Any]] = list(machine.conditions.values())
         jump = counters.last_implausible
         cleared = (machine.cleared_at or {}).get(COUNTER_JUMP)
@@ -68,7 +68,7 @@ class MachineView(BaseModel):
             parts_bad=counters.bad,
             parts_scrapped=machine.parts_scrapped,
             counter_resets=counters.resets,
-            order_id=machine.order_id,
+            order_id=order_id,
             conditions=[ConditionView.model_validate(c) for c in conditions],
             last_event_time=machine.last_event_time,
             version=machine.version,
@@ -77,11 +77,11 @@ class MachineView(BaseModel):
 
 
 def _view(context: ApiContext, machine: Machine) -> MachineView:
-    """The machine's state, with its counters as the views count them (by event time, the
-    same figures as its timeline and OEE)."""
+    """The machine's state, with its counters and current order as the views decide them (by
+    event time, as its timeline and OEE)."""
     rules = context.plant.machine_rules(machine.machine_id)
     counters = context.facts.counter_totals(machine.id, rules.max_parts_per_reading)
-    return MachineView.of(machine, counters)
+    return MachineView.of(machine, counters, context.facts.current_order(machine.id))
 
 
 @router.get("", summary="Every machine the hub has heard of, with its current state")

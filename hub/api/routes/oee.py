@@ -115,7 +115,10 @@ def _window(start: datetime, end: datetime) -> Interval:
 
 
 def _facts_for(context: ApiContext, machine_id: str) -> FactsFor:
-    if not context.store.has_machine(context.site, machine_id):
+    # A machine configured in [plant.machines] counts before its first report (from its
+    # commissioning date, if it has one).
+    known = machine_id in context.plant.machines
+    if not known and not context.store.has_machine(context.site, machine_id):
         raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
     machine = machine_aggregate_id(context.site, machine_id)
 
@@ -184,7 +187,7 @@ async def oee(
         plants = _plants(context)
         if machine is not None:
             return _machine_report(context, machine, window, group_by, plants)
-        machines = context.store.machine_ids(context.site)
+        machines = sorted({*context.store.machine_ids(context.site), *context.plant.machines})
         reports = [_machine_report(context, m, window, group_by, plants) for m in machines]
         return site_report(reports, group_by)
 
