@@ -44,8 +44,10 @@ from hub.ingest import IncomingMessage, Ingestor  # noqa: E402
 from hub.settings import Settings, load_settings  # noqa: E402
 from hub.store import EventStore  # noqa: E402
 from projections.calendar import Interval  # noqa: E402
+from projections.counters import counter_totals  # noqa: E402
 from projections.database import SQLiteViews  # noqa: E402
 from projections.facts_view import FactsReader, MachineFactsView  # noqa: E402
+from projections.history import machine_facts  # noqa: E402
 from projections.orders_view import OrdersReader  # noqa: E402
 from projections.plant import PlantConfig, ShiftConfig  # noqa: E402
 from projections.report import facts_window, report_from_facts, report_from_history  # noqa: E402
@@ -195,6 +197,27 @@ def query_latency(settings: Settings, store: EventStore, repeats: int) -> None:
             f"  {name:<14} runs {runs:>3}  p50 {ms(percentile(timings, 50)):>10}  "
             f"p99 {ms(percentile(timings, 99)):>10}  max {ms(max(timings)):>10}"
         )
+    # The machine's counters (GET /api/v1/machines/{id}): a fresh reader folds every reading;
+    # a reader that has read them folds only what came since (here: nothing), the baseline
+    # being the whole-history fold on reading objects.
+    limit = PLANT.max_parts_per_reading
+    cold = FactsReader(views)
+    started = time.perf_counter()
+    totals = cold.counter_totals(machine, limit)
+    first = time.perf_counter() - started
+    warm = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        cold.counter_totals(machine, limit)
+        warm.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    readings = machine_facts(store.machine_history(LONG_SITE, LONG_MACHINE)).readings
+    assert counter_totals(readings, limit).produced == totals.produced
+    baseline = time.perf_counter() - started
+    print(
+        f"machine counters ({len(readings):,} readings, {totals.produced:,} parts): first read "
+        f"{ms(first)}, then p50 {ms(percentile(warm, 50))}; from the whole history {ms(baseline)}"
+    )
     views.close()
 
 

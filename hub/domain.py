@@ -48,7 +48,7 @@ class MachineEvent(Aggregate.Event):
 
 
 # The condition the hub shows for an implausible counter reading, until a ``normal`` condition
-# with this code (an operator acknowledging it) is reported after it.
+# with this code is reported after it (an admin or integrator acknowledging it: a machine event).
 COUNTER_JUMP = "MES_HUB_COUNTER_JUMP"
 
 

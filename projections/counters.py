@@ -105,6 +105,14 @@ class CounterTotals:
     implausible: int = 0
     last_implausible: CounterStep | None = None
 
+    def count_many(self, kind: str, added: int, resets: int, implausible: int) -> None:
+        if kind == "bad":
+            self.bad += added
+        else:
+            self.produced += added
+        self.resets += resets
+        self.implausible += implausible
+
     def count(self, kind: str, increment: int, status: str) -> None:
         if kind == "bad":
             self.bad += increment

@@ -13,7 +13,9 @@ whole history, for that window.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from typing import Any
@@ -24,6 +26,7 @@ from projections.calendar import Interval
 from projections.counters import (
     CONTEXT,
     IMPLAUSIBLE,
+    RESET,
     CounterReading,
     CounterStep,
     CounterTotals,
@@ -119,6 +122,13 @@ class MachineFactsView:
             f"CREATE INDEX IF NOT EXISTS {TABLE}_by_time ON {TABLE} (machine, kind, time)"
         )
         cursor.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_by_order ON {TABLE} (order_id)")
+        # The readings stored since a machine's counters were last read (``counter_totals``):
+        # one small index per counter kind.
+        for tag in READINGS.values():
+            cursor.execute(
+                f"CREATE INDEX IF NOT EXISTS {TABLE}_{tag}_since ON {TABLE} "
+                f"(machine, position) WHERE kind = '{tag}'"
+            )
         # The last program before a window, found without walking back through every execution
         # of a machine that never reports one (PLCs).
         cursor.execute(
@@ -146,6 +156,9 @@ class FactsReader:
 
     def __init__(self, db: ViewDatabase) -> None:
         self._db = db
+        # What each counter added up to, and how far it was read (see ``counter_totals``).
+        self._counters: dict[tuple[str, str, int], _Counter] = {}
+        self._lock = threading.Lock()
 
     def window(self, machine: UUID, window: Interval) -> MachineFacts:
         """The raw facts that decide the machine's timeline, parts and scrap within ``window``
@@ -226,35 +239,91 @@ class FactsReader:
         return reports[-1].order_id if reports else None
 
     def counter_totals(self, machine: UUID, max_per_reading: int) -> CounterTotals:
-        """What the machine's counters add over its whole history: every reading, in
-        event-time order from the index, folded as plain integers (no objects per reading)."""
+        """What the machine's counters add over its whole history. The first call folds every
+        reading (in event-time order, from the index, as plain integers); later calls fold only
+        the readings stored since, when they all come after the last one by event time, and
+        fold everything again when a late reading arrived."""
         totals = CounterTotals()
         with self._db.transaction(write=False) as cursor:
             for kind, tag in READINGS.items():
-                cursor.execute(
-                    f"SELECT time, quantity FROM {TABLE} WHERE machine = ? AND kind = ? "
-                    "ORDER BY time, quantity",
-                    (machine.hex, tag),
-                )
-                rows = cursor.fetchall()
-                last: tuple[int, int | None] | None = None
-                folded = fold_counts([count for _, count in rows], max_per_reading)
-                for i, (added, status, before) in enumerate(folded):
-                    totals.count(kind, added, status)
-                    if status == IMPLAUSIBLE:
-                        last = (i, before)
-                if last is not None:
-                    time, count = rows[last[0]]
+                key = (machine.hex, tag, max_per_reading)
+                with self._lock:
+                    known = self._counters.get(key)
+                counter = _counter_since(cursor, machine.hex, tag, max_per_reading, known)
+                with self._lock:
+                    self._counters[key] = counter
+                    if len(self._counters) > _COUNTER_CACHE:
+                        self._counters.pop(next(iter(self._counters)))
+                totals.count_many(kind, counter.added, counter.resets, counter.implausible)
+                jump = counter.last_implausible
+                if jump is not None:
+                    time, count, before = jump
                     reading = CounterReading(from_micros(time), kind, count)
                     mine = totals.last_implausible
                     if mine is None or reading_order(reading) > reading_order(mine.reading):
-                        totals.last_implausible = CounterStep(reading, 0, IMPLAUSIBLE, last[1])
+                        totals.last_implausible = CounterStep(reading, 0, IMPLAUSIBLE, before)
         return totals
 
     def has_machine(self, machine: UUID) -> bool:
         with self._db.transaction(write=False) as cursor:
             cursor.execute(f"SELECT 1 FROM {TABLE} WHERE machine = ? LIMIT 1", (machine.hex,))
             return bool(cursor.fetchall())
+
+
+_COUNTER_CACHE = 20_000  # counters remembered by a reader (two per machine)
+
+
+@dataclass(frozen=True)
+class _Counter:
+    """One counter's fold over its readings up to ``position``: the sums, the last implausible
+    reading (time, count, compared with), and the last two readings (time, count) by event
+    time, which decide what the next readings add."""
+
+    position: int
+    added: int
+    resets: int
+    implausible: int
+    last_implausible: tuple[int, int, int | None] | None
+    tail: tuple[tuple[int, int], ...]
+
+
+def _counter_since(
+    cursor: Cursor, machine: str, tag: str, limit: int, known: _Counter | None
+) -> _Counter:
+    # The kind written out (one of ours, not input), so the planner can use the partial index.
+    select = f"SELECT position, time, quantity FROM {TABLE} WHERE machine = ? AND kind = '{tag}'"
+    if known is not None:
+        cursor.execute(select + " AND position > ?", (machine, known.position))
+        fresh = sorted(cursor.fetchall(), key=lambda row: (row[1], row[2]))
+        if not fresh:
+            return known
+        first = (fresh[0][1], fresh[0][2])
+        if not known.tail or first >= known.tail[-1]:
+            # Every new reading comes after the known ones: fold them on from the tail.
+            return _fold(fresh, limit, known)
+    cursor.execute(select + " ORDER BY time, quantity", (machine,))
+    return _fold(cursor.fetchall(), limit, None)
+
+
+def _fold(rows: list[tuple[Any, ...]], limit: int, known: _Counter | None) -> _Counter:
+    tail = list(known.tail) if known is not None else []
+    counts = [count for _, count in tail] + [count for _, _, count in rows]
+    added = known.added if known is not None else 0
+    resets = known.resets if known is not None else 0
+    implausible = known.implausible if known is not None else 0
+    jump = known.last_implausible if known is not None else None
+    for i, (step, status, before) in enumerate(fold_counts(counts, limit)):
+        if i < len(tail):
+            continue  # the tail's own steps are already counted
+        added += step
+        resets += status == RESET
+        if status == IMPLAUSIBLE:
+            implausible += 1
+            _, time, count = rows[i - len(tail)]
+            jump = (time, count, before)
+    position = max([row[0] for row in rows] + [known.position if known else 0])
+    readings = tail + [(time, count) for _, time, count in rows]
+    return _Counter(position, added, resets, implausible, jump, tuple(readings[-CONTEXT:]))
 
 
 def _first_report(cursor: Cursor, machine: str) -> datetime | None:

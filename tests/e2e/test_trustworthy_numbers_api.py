@@ -223,7 +223,7 @@ async def test_a_jump_to_2_63_changes_nothing_and_warns_until_acknowledged(
         await oee(client, machine="M1", **{"from": "2026-03-02T06:00Z", "to": "2026-03-02T07:00Z"})
     )["buckets"]
     assert (bucket["produced"], bucket["implausible_readings"]) == (5, 2)
-    # An operator acknowledges it with a normal condition of that code.
+    # Acknowledged by a normal condition of that code (a machine event: admin or adapter).
     await store(
         hub,
         [
