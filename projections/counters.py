@@ -57,20 +57,24 @@ def reading_order(reading: CounterReading) -> tuple[datetime, int]:
 def fold_counts(counts: Sequence[int], limit: int) -> Iterator[tuple[int, str, int | None]]:
     """(increment, status, count compared with) of each count, in the order given (event-time
     order): the rule of the module doc, on plain integers."""
+    # Whether the step from the reading before last to the last one was implausible on its
+    # own (before any glitch reading): decides whether the next reading may skip it.
+    last_implausible = False
     for i, count in enumerate(counts):
         if i == 0:
             yield 0, BASELINE, None
             continue
         before = counts[i - 1]
         added, status = _step(before, count, limit)
-        if i >= 2:
+        raw_implausible = status == IMPLAUSIBLE
+        if last_implausible:
+            # The reading before was implausible: a glitch if this one follows on from the
+            # one before it.
             earlier = counts[i - 2]
-            if _step(earlier, before, limit)[1] == IMPLAUSIBLE:
-                # The reading before was implausible: a glitch if this one follows on from
-                # the one before it.
-                glitch_added, glitch_status = _step(earlier, count, limit)
-                if glitch_status != IMPLAUSIBLE:
-                    added, status, before = glitch_added, glitch_status, earlier
+            glitch_added, glitch_status = _step(earlier, count, limit)
+            if glitch_status != IMPLAUSIBLE:
+                added, status, before = glitch_added, glitch_status, earlier
+        last_implausible = raw_implausible
         yield added, status, before
 
 

@@ -12,10 +12,16 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from hub.domain import Machine
-from projections.counters import IMPLAUSIBLE, CounterReading, CounterStep, steps_by_kind
+from projections.counters import (
+    IMPLAUSIBLE,
+    CounterReading,
+    CounterStep,
+    fold_counts,
+)
 from projections.oee import PartsReport, ScrapReport
 from projections.plant import MachineRules
 from projections.timeline import OrderReport, ReasonReport, StateReport
@@ -63,22 +69,20 @@ class MachineFacts:
 
         parts: list[PartsReport] = []
         implausible: list[tuple[CounterStep, str | None]] = []
-        for steps in steps_by_kind(self.readings, rules.max_parts_per_reading).values():
-            for step in steps:
-                at = step.reading.time
-                if step.status == IMPLAUSIBLE:
-                    implausible.append((step, running_order(at)))
-                if step.increment:
+        limit = rules.max_parts_per_reading
+        for kind, readings in sorted(_by_kind(self.readings).items()):
+            counts = [reading.count for reading in readings]
+            for reading, (added, status, before) in zip(
+                readings, fold_counts(counts, limit), strict=True
+            ):
+                at = reading.time
+                if status == IMPLAUSIBLE:
+                    implausible.append((CounterStep(reading, 0, status, before), running_order(at)))
+                elif added:
                     parts.append(
-                        PartsReport(
-                            at,
-                            step.reading.kind,
-                            step.increment,
-                            running_order(at),
-                            running_program(at),
-                        )
+                        PartsReport(at, kind, added, running_order(at), running_program(at))
                     )
-        parts.sort(key=lambda p: (p.time, p.kind))
+        parts.sort(key=attrgetter("time", "kind"))
         scrap = [
             s if s.order_id is not None else replace(s, order_id=running_order(s.time))
             for s in self.scrap
@@ -92,6 +96,14 @@ class MachineFacts:
             rules=rules,
             settled=True,
         )
+
+
+def _by_kind(readings: Iterable[CounterReading]) -> dict[str, list[CounterReading]]:
+    """Each counter's readings in event-time order."""
+    kinds: dict[str, list[CounterReading]] = {}
+    for reading in sorted(readings, key=attrgetter("time", "count")):  # as reading_order
+        kinds.setdefault(reading.kind, []).append(reading)
+    return kinds
 
 
 def _program_changes(states: Iterable[StateReport]) -> list[tuple[datetime, str]]:

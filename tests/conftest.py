@@ -134,6 +134,28 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield server.get_uri()
 
 
+def fresh_schema(dsn: str) -> str:
+    """A new, empty schema on the test server, so tests on one server stay apart."""
+    import psycopg
+
+    schema = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    return schema
+
+
+def postgres_settings(dsn: str, data_dir: Path) -> Settings:
+    """Settings of a hub whose store is a fresh schema on the test server."""
+    from pydantic import SecretStr
+
+    return load_settings(
+        data_dir=data_dir,
+        store="postgres",
+        postgres_dsn=SecretStr(dsn),
+        postgres_schema=fresh_schema(dsn),
+    )
+
+
 def fixtures_dir() -> Path | None:
     """../shared/fixtures beside the repository (CI has it; a user's clone may not)."""
     candidate = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

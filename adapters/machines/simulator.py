@@ -242,28 +242,19 @@ async def run_simulator(
         elapsed = time.monotonic() - wall_start
         if duration_s is not None and elapsed >= duration_s:
             break
+        wait = 0.0
         if speed > 0:
-            due = (event.time - config.start).total_seconds() / speed
-            if due > elapsed:
-                if pending:
-                    await flush()
-                wait = due - (time.monotonic() - wall_start)
-                if duration_s is not None:
-                    wait = min(wait, duration_s - (time.monotonic() - wall_start))
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if duration_s is not None and time.monotonic() - wall_start >= duration_s:
-                    break
+            wait = (event.time - config.start).total_seconds() / speed - elapsed
         # A machine cannot report the future (the hub refuses it): a simulation that has caught
         # up with the present goes on in real time.
-        ahead = (event.time - datetime.now(UTC)).total_seconds()
-        if ahead > 0:
+        wait = max(wait, (event.time - datetime.now(UTC)).total_seconds())
+        if wait > 0:
             if pending:
                 await flush()
             if duration_s is not None:
-                ahead = min(ahead, duration_s - (time.monotonic() - wall_start))
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+                wait = min(wait, duration_s - (time.monotonic() - wall_start))
+            if wait > 0:
+                await asyncio.sleep(wait)
             if duration_s is not None and time.monotonic() - wall_start >= duration_s:
                 break
         pending.append(event)

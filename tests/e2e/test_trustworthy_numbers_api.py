@@ -286,3 +286,27 @@ async def test_an_order_without_an_ideal_cycle_time_takes_its_part_numbers(
     (bucket,) = (await oee(client, **window))["buckets"]
     assert (bucket["ideal_time_s"], bucket["parts_without_ideal_time"]) == (600, 0)
     assert bucket["performance"] == pytest.approx(0.5)
+
+
+async def test_an_unknown_reason_code_over_nats_is_kept_and_counted_as_a_warning(
+    client: httpx.AsyncClient, hub: Hub
+) -> None:
+    # The API refuses the code (tests/e2e/test_edges_api.py); a gateway publishing straight to
+    # NATS gets it stored: the 20-minute stop carries it, unplanned, with a warning count.
+    execution = "mes.machine.execution.v1"
+    reason = {"reason": "coolant/empty", "start": "2026-03-02T06:30:00Z", "operator": "op-7",
+              "end": "2026-03-02T06:50:00Z"}  # fmt: skip
+    await store(
+        hub,
+        [
+            cloud_event(execution, "M1", {"execution": "ACTIVE"}, at=at(6)),
+            cloud_event(execution, "M1", {"execution": "STOPPED"}, at=at(6, 30)),
+            cloud_event(execution, "M1", {"execution": "ACTIVE"}, at=at(6, 50)),
+            cloud_event("mes.operator.downtime_reason.v1", "M1", reason, at=at(6, 55)),
+        ],
+    )
+    window = {"from": "2026-03-02T06:00:00Z", "to": "2026-03-02T07:00:00Z", "machine": "M1"}
+    (bucket,) = (await oee(client, **window))["buckets"]
+    assert bucket["downtime_s_by_reason"] == {"coolant/empty": 1_200}
+    assert bucket["stops_with_unknown_reason"] == 1
+    assert bucket["availability"] == pytest.approx(40 / 60)

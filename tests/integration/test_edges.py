@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from abc import abstractmethod
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from pydantic import SecretStr
 
 from contracts import CloudEvent, encode_event
 from hub.bootstrap import Hub
@@ -23,7 +21,8 @@ from hub.ingest import IncomingMessage, Ingestor
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
 from hub.settings import Settings, load_settings
 from hub.store import EventStore
-from tests.conftest import T0, eventually
+from tests.conftest import T0, eventually, postgres_settings
+from tests.integration.test_store import OnEveryStore
 
 # Reference values from coreutils: printf 'urn:plc:A\n42' | sha256sum (and urn:plc:B).
 KEY_A_42 = "6600dce9211f917c453c182e5f674f42b2ff47475f07b5c31503e58168164710"
@@ -57,25 +56,12 @@ def facts(store: EventStore) -> list[tuple[str, str, str, datetime]]:
     ]
 
 
-class EdgesOnEveryStore(ABC):
+class EdgesOnEveryStore(OnEveryStore):
     """Subclasses provide the settings and raw SQL on their backend."""
-
-    @abstractmethod
-    def make_settings(self, tmp_path: Path) -> Settings: ...
 
     @abstractmethod
     def run_sql(self, settings: Settings, statements: list[str]) -> None:
         """Run statements naming ``{received}`` and ``{meta}`` (the hub's tables)."""
-
-    @pytest.fixture
-    def store_settings(self, tmp_path: Path) -> Settings:
-        return self.make_settings(tmp_path)
-
-    @pytest.fixture
-    def store(self, store_settings: Settings) -> Iterator[EventStore]:
-        store = EventStore(store_settings)
-        yield store
-        store.close()
 
     def test_an_event_from_the_future_is_rejected_and_changes_nothing(
         self, store: EventStore
@@ -213,15 +199,7 @@ class TestPostgresEdges(EdgesOnEveryStore):
         self.dsn = postgres_dsn
 
     def make_settings(self, tmp_path: Path) -> Settings:
-        schema = "t_" + uuid.uuid4().hex[:12]
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-        return load_settings(
-            data_dir=tmp_path / "hub",
-            store="postgres",
-            postgres_dsn=SecretStr(self.dsn),
-            postgres_schema=schema,
-        )
+        return postgres_settings(self.dsn, tmp_path / "hub")
 
     def run_sql(self, settings: Settings, statements: list[str]) -> None:
         schema = settings.postgres_schema

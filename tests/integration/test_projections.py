@@ -10,7 +10,6 @@ import random
 import sqlite3
 import subprocess
 import sys
-import uuid
 from datetime import UTC, datetime, time, timedelta
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,7 @@ from projections.plant import PlantConfig, ShiftConfig
 from projections.progress import Run, facts_of_runs, order_progress
 from projections.report import GroupBy, facts_window, machine_timeline, report_from_facts
 from projections.runner import ProjectionWorker
+from tests.conftest import fresh_schema
 
 START = datetime(2026, 3, 2, 5, 0, tzinfo=UTC)
 MACHINES = 6
@@ -194,9 +194,7 @@ async def test_a_projection_killed_mid_stream_resumes_and_loses_and_duplicates_n
 async def test_on_postgresql_the_live_view_equals_a_rebuild_and_the_history(
     settings: Settings, postgres_dsn: str
 ) -> None:
-    schema = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
-        connection.execute(f"CREATE SCHEMA {schema}")
+    schema = fresh_schema(postgres_dsn)
     on_postgres = settings.model_copy(
         update={
             "store": "postgres",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from datetime import timedelta
@@ -10,13 +9,12 @@ from pathlib import Path
 
 import pytest
 from eventsourcing.persistence import IntegrityError, Tracking
-from pydantic import SecretStr
 
 from hub.domain import Machine, Order, Origin
 from hub.ingest import IncomingMessage, Ingestor
 from hub.settings import Settings, load_settings
 from hub.store import Entity, EventStore, Received
-from tests.conftest import T0, cloud_event
+from tests.conftest import T0, cloud_event, postgres_settings
 from tests.counting import stored_parts
 
 
@@ -24,8 +22,8 @@ def origin(event_id: str, seconds: float = 0) -> Origin:
     return Origin(event_id, "urn:test", T0 + timedelta(seconds=seconds))
 
 
-class StoreContract(ABC):
-    """Subclasses provide ``make_settings``; every test runs on each backend."""
+class OnEveryStore(ABC):
+    """A store per test on the backend a subclass gives by ``make_settings``."""
 
     @abstractmethod
     def make_settings(self, tmp_path: Path) -> Settings: ...
@@ -39,6 +37,10 @@ class StoreContract(ABC):
         store = EventStore(store_settings)
         yield store
         store.close()
+
+
+class StoreContract(OnEveryStore):
+    """Subclasses provide ``make_settings``; every test runs on each backend."""
 
     def test_events_tracking_and_received_ids_commit_together(self, store: EventStore) -> None:
         machine = Machine(site="default", machine_id="M1")
@@ -175,15 +177,4 @@ class TestPostgresStore(StoreContract):
         self.dsn = postgres_dsn
 
     def make_settings(self, tmp_path: Path) -> Settings:
-        # A fresh schema per test keeps the tests apart on one server.
-        schema = "t_" + uuid.uuid4().hex[:12]
-        import psycopg
-
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-        return load_settings(
-            data_dir=tmp_path / "hub",
-            store="postgres",
-            postgres_dsn=SecretStr(self.dsn),
-            postgres_schema=schema,
-        )
+        return postgres_settings(self.dsn, tmp_path / "hub")
