@@ -4,11 +4,12 @@ the order's aggregate."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from hub.domain import Order, order_aggregate_id
+from hub.domain import Order, order_aggregate_id, order_runs
 from projections.database import Cursor, ViewDatabase
 
 # v2 adds the part number; a new name, so a hub upgraded from v1 builds it from the store.
@@ -97,15 +98,19 @@ class OrdersReader:
         return found
 
 
-STATES_TABLE = "mes_view_order_states"
+# v2 keeps each order's taps and whether a run is open by event time (v1 counted starts and ends,
+# which a start tapped twice or a stray end would throw off); a new name, so a hub upgraded from
+# v1 builds it from the store.
+STATES_TABLE = "mes_view_order_states_v2"
 
 
 class OrderStatesView(_KeyedTable):
     """Which orders are still in play for delivery forecasts, so a forecast round loads those
-    and not every order the plant ever had: not cancelled, and not ended after a final (done or
-    late) forecast was announced."""
+    and not every order the plant ever had: not cancelled, and not ended (no run open, by event
+    time, as the order itself folds its taps) after a final (done or late) forecast was
+    announced."""
 
-    name = "order_states"
+    name = "order_states_v2"
     table = STATES_TABLE
     # (made by the library from the @event decorators, out of mypy's sight)
     event_classes: tuple[type, ...] = tuple(
@@ -116,32 +121,56 @@ class OrderStatesView(_KeyedTable):
     def create(self, cursor: Cursor, dialect: str) -> None:
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {STATES_TABLE} (aggregate_id TEXT PRIMARY KEY, "
-            "cancelled INTEGER NOT NULL, starts INTEGER NOT NULL, ends INTEGER NOT NULL, "
-            "announced TEXT, position BIGINT NOT NULL)"
+            "cancelled INTEGER NOT NULL, moves TEXT NOT NULL, ran INTEGER NOT NULL, "
+            "running INTEGER NOT NULL, announced TEXT, position BIGINT NOT NULL)"
         )
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
-        rows = []
+        keys = sorted({event.originator_id.hex for _, event in events})
+        rows: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), 500):  # SQLite caps bound parameters
+            chunk = keys[start : start + 500]
+            cursor.execute(
+                f"SELECT aggregate_id, cancelled, moves, announced, position FROM {STATES_TABLE} "
+                f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for key, cancelled, moves, announced, position in cursor.fetchall():
+                rows[key] = {"cancelled": cancelled, "moves": json.loads(moves),
+                             "announced": announced, "position": position}  # fmt: skip
+        changed: set[str] = set()
         for position, event in events:
+            key = event.originator_id.hex
+            row = rows.setdefault(
+                key, {"cancelled": 0, "moves": [], "announced": None, "position": 0}
+            )
+            if position <= row["position"]:
+                continue  # already applied (a rebuild racing the live worker)
             kind = type(event).__name__
-            announced = event.forecast.get("status") if kind == "DeliveryForecastChanged" else None
-            rows.append((
-                event.originator_id.hex, int(kind == "Cancelled"), int(kind == "Started"),
-                int(kind == "Ended"), announced, position,
-            ))  # fmt: skip
-        if rows:
-            # Counts add up event by event; the position guard makes a batch applied twice (a
-            # rebuild racing the live worker) count once.
+            if kind == "Cancelled":
+                row["cancelled"] = 1
+            elif kind in ("Started", "Ended"):
+                row["moves"].append({"machine_id": event.machine_id,
+                                     "time": event.event_time.isoformat(),
+                                     "started": kind == "Started"})  # fmt: skip
+            elif kind == "DeliveryForecastChanged":
+                row["announced"] = event.forecast.get("status") or row["announced"]
+            row["position"] = position
+            changed.add(key)
+        if changed:
+            values = []
+            for key in sorted(changed):
+                row = rows[key]
+                runs = order_runs(row["moves"])
+                running = any(run["end"] is None for run in runs)
+                values.append((key, row["cancelled"], json.dumps(row["moves"]), int(bool(runs)),
+                               int(running), row["announced"], row["position"]))  # fmt: skip
             cursor.executemany(
-                f"INSERT INTO {STATES_TABLE} VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (aggregate_id) DO UPDATE SET "
-                f"cancelled = {STATES_TABLE}.cancelled + excluded.cancelled, "
-                f"starts = {STATES_TABLE}.starts + excluded.starts, "
-                f"ends = {STATES_TABLE}.ends + excluded.ends, "
-                f"announced = COALESCE(excluded.announced, {STATES_TABLE}.announced), "
-                "position = excluded.position "
-                f"WHERE excluded.position > {STATES_TABLE}.position",
-                rows,
+                f"INSERT INTO {STATES_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (aggregate_id) DO UPDATE SET cancelled = excluded.cancelled, "
+                "moves = excluded.moves, ran = excluded.ran, running = excluded.running, "
+                "announced = excluded.announced, position = excluded.position",
+                values,
             )
 
 
@@ -149,6 +178,6 @@ def orders_in_play(db: ViewDatabase) -> list[UUID]:
     with db.transaction(write=False) as cursor:
         cursor.execute(
             f"SELECT aggregate_id FROM {STATES_TABLE} WHERE cancelled = 0 AND NOT "
-            "(announced IN ('done', 'late') AND starts > 0 AND ends >= starts)"
+            "(announced IN ('done', 'late') AND ran = 1 AND running = 0)"
         )
         return [UUID(row[0]) for row in cursor.fetchall()]

@@ -105,6 +105,32 @@ class StoreContract(OnEveryStore):
         finally:
             reopened.close()
 
+    def test_an_order_snapshot_from_before_taps_were_kept_is_replayed_by_event_time(
+        self, store: EventStore, store_settings: Settings
+    ) -> None:
+        # The end (08:00) arrived before the start (06:10). The old fold lost the end: its
+        # snapshot says "running since 06:10". Loading replays the events instead.
+        order = Order(site="default", order_id="SO-1")
+        order.end_on(origin("end", 2 * 3600), "M1")
+        order.start_on(origin("start", 600), "M1")
+        store.commit([order], Tracking("ingest", 1), [], [])
+        assert order.status == "ended"
+        order.moves = None  # the state an older version snapshotted
+        order.runs = [{"machine_id": "M1", "start": (T0 + timedelta(seconds=600)).isoformat(),
+                       "end": None}]  # fmt: skip
+        order.status, order.running_on = "running", ["M1"]
+        store.commit([], Tracking("ingest", 2), [], [], snapshot=[order])
+        reopened = EventStore(store_settings)
+        try:
+            loaded = reopened.order("default", "SO-1")
+            assert loaded is not None
+            assert (loaded.status, loaded.running_on) == ("ended", [])
+            assert [(r["start"], r["end"]) for r in loaded.runs] == [
+                ((T0 + timedelta(seconds=600)).isoformat(), (T0 + timedelta(hours=2)).isoformat())
+            ]
+        finally:
+            reopened.close()
+
     def test_orders_are_listed_by_site(self, store: EventStore) -> None:
         a, b = Order(site="north", order_id="SO-1"), Order(site="south", order_id="SO-2")
         store.commit(

@@ -4,6 +4,7 @@ asked."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Annotated, Any
@@ -114,10 +115,14 @@ def _window(start: datetime, end: datetime) -> Interval:
     return Interval(start.astimezone(UTC), end.astimezone(UTC))
 
 
-def _facts_for(context: ApiContext, machine_id: str) -> FactsFor:
-    # A machine configured in [plant.machines] counts before its first report (from its
-    # commissioning date, if it has one).
-    known = machine_id in context.plant.machines
+def _configured(plants: PlantHistory, window: Interval) -> set[str]:
+    """The machines ``[plant.machines]`` names in any configuration in force over ``window``:
+    they count before their first report (from their commissioning date, if they have one)."""
+    return {m for _, plant in plants.segments(window) for m in plant.machines}
+
+
+def _facts_for(context: ApiContext, machine_id: str, configured: Collection[str] = ()) -> FactsFor:
+    known = machine_id in configured or machine_id in context.plant.machines
     if not known and not context.store.has_machine(context.site, machine_id):
         raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
     machine = machine_aggregate_id(context.site, machine_id)
@@ -141,7 +146,7 @@ def _machine_report(
     plants: PlantHistory,
 ) -> list[Bucket]:
     return report_over_time(
-        _facts_for(context, machine_id),
+        _facts_for(context, machine_id, _configured(plants, window)),
         partial(context.orders.ideal_cycle_times, context.site),
         window,
         group_by,
@@ -157,9 +162,9 @@ async def timeline(
     window = _window(start, end)
 
     def build() -> list[TimelineInterval]:
-        return timeline_over_time(
-            _facts_for(context, machine_id), window, _plants(context), datetime.now(UTC)
-        )
+        plants = _plants(context)
+        facts_for = _facts_for(context, machine_id, _configured(plants, window))
+        return timeline_over_time(facts_for, window, plants, datetime.now(UTC))
 
     view = TimelineView(
         machine=machine_id,
@@ -187,7 +192,7 @@ async def oee(
         plants = _plants(context)
         if machine is not None:
             return _machine_report(context, machine, window, group_by, plants)
-        machines = sorted({*context.store.machine_ids(context.site), *context.plant.machines})
+        machines = sorted({*context.store.machine_ids(context.site), *_configured(plants, window)})
         reports = [_machine_report(context, m, window, group_by, plants) for m in machines]
         return site_report(reports, group_by)
 
