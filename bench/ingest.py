@@ -259,6 +259,8 @@ async def raw_consumer(nats_url: str, db_path: str) -> None:
             messages = await subscription.fetch(1000, timeout=0.25)
         except TimeoutError:
             continue
+        if not messages:  # the client can return an empty batch instead of timing out
+            continue
         rows = [(m.metadata.sequence.stream, m.subject, m.data) for m in messages]
         with db:
             db.executemany("INSERT OR IGNORE INTO raw VALUES (?, ?, ?)", rows)
