@@ -43,15 +43,15 @@ from hub.domain import machine_aggregate_id  # noqa: E402
 from hub.ingest import IncomingMessage, Ingestor  # noqa: E402
 from hub.settings import Settings, load_settings  # noqa: E402
 from hub.store import EventStore  # noqa: E402
-from projections.calendar import Interval  # noqa: E402
-from projections.counters import counter_totals  # noqa: E402
-from projections.database import SQLiteViews  # noqa: E402
-from projections.facts_view import FactsReader, MachineFactsView  # noqa: E402
-from projections.history import machine_facts  # noqa: E402
-from projections.orders_view import OrdersReader  # noqa: E402
-from projections.plant import PlantConfig, ShiftConfig  # noqa: E402
-from projections.report import facts_window, report_from_facts, report_from_history  # noqa: E402
-from projections.runner import ProjectionWorker  # noqa: E402
+from projections.rules.calendar import Interval  # noqa: E402
+from projections.rules.counters import counter_totals  # noqa: E402
+from projections.rules.history import machine_facts  # noqa: E402
+from projections.rules.plant import PlantConfig, ShiftConfig  # noqa: E402
+from projections.rules.report import facts_window, report_from_facts, report_from_history  # noqa: E402
+from projections.views.database import SQLiteViews  # noqa: E402
+from projections.views.facts_view import FactsReader, MachineFactsView  # noqa: E402
+from projections.views.orders_view import OrdersReader  # noqa: E402
+from projections.views.runner import ProjectionWorker  # noqa: E402
 
 START = datetime(2026, 9, 1, tzinfo=UTC)
 LONG_SITE, LONG_MACHINE = "longrun", "M0001"

@@ -17,13 +17,13 @@ from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.settings import Settings
 from hub.store import EventStore
-from projections.database import PostgresViews, SQLiteViews, ViewDatabase
-from projections.delivery import DeliveryWatch
-from projections.facts_view import FactsReader, MachineFactsView
-from projections.orders_view import OrderStatesView, OrdersView, orders_in_play
-from projections.plant import PlantConfig
-from projections.plant_history import configuration_event
-from projections.runner import ProjectionWorker, View, group_by_position
+from projections.processes.forecast_watch import ForecastWatch
+from projections.rules.plant import PlantConfig
+from projections.rules.plant_history import configuration_event
+from projections.views.database import PostgresViews, SQLiteViews, ViewDatabase
+from projections.views.facts_view import FactsReader, MachineFactsView
+from projections.views.orders_view import OrderStatesView, OrdersView, orders_in_play
+from projections.views.runner import ProjectionWorker, View, group_by_position
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Hub:
     partitions: list[IngestPartition]
     views: ViewDatabase
     projections: list[ProjectionWorker]
-    delivery_watch: DeliveryWatch
+    forecast_watch: ForecastWatch
     embedded_nats: EmbeddedNatsServer | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -69,12 +69,12 @@ class Hub:
         log.info("plant configuration recorded (%s)", event.id)
         return not receipt.duplicate
 
-    def start_delivery_watch(self) -> None:
+    def start_forecast_watch(self) -> None:
         interval = self.settings.forecast_interval_s
-        self._watch = asyncio.create_task(self.delivery_watch.run(self._stop, interval))
+        self._watch = asyncio.create_task(self.forecast_watch.run(self._stop, interval))
         self._tasks.append(self._watch)
 
-    async def stop_delivery_watch(self) -> None:
+    async def stop_forecast_watch(self) -> None:
         """Stop re-forecasting (a round under way is cancelled; it published all or nothing)."""
         if self._watch is not None:
             self._watch.cancel()
@@ -218,7 +218,7 @@ async def build_hub(
         stored = store.last_position()
         return all(worker.position >= stored for worker in workers)
 
-    delivery_watch = DeliveryWatch(
+    forecast_watch = ForecastWatch(
         settings.site,
         partial(open_orders, store, views, settings.site),
         FactsReader(views),
@@ -236,14 +236,14 @@ async def build_hub(
         partitions=partitions,
         views=views,
         projections=workers,
-        delivery_watch=delivery_watch,
+        forecast_watch=forecast_watch,
         embedded_nats=embedded,
     )
     if ingest:
         hub.start_ingest()
     if projections:
         hub.start_projections()
-        hub.start_delivery_watch()
+        hub.start_forecast_watch()
     if plant is not None:
         await hub.record_plant(plant)
     return hub

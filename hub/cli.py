@@ -28,15 +28,16 @@ from hub.bootstrap import Hub, build_hub
 from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings, redacted_url
 from hub.store import EventStore
-from projections.calendar import Interval
-from projections.database import ViewDatabase
-from projections.facts_view import FactsReader
-from projections.orders_view import OrdersReader
-from projections.plant import PlantConfig, PlantConfigError, load_plant
+from projections.config import PlantConfigError, load_plant
+from projections.rules.calendar import Interval
+from projections.rules.plant import PlantConfig
+from projections.views.database import ViewDatabase
+from projections.views.facts_view import FactsReader
+from projections.views.orders_view import OrdersReader
 
 if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
     from adapters.machines.config import AdaptersConfig
-from projections.report import facts_window, report_from_facts
+from projections.rules.report import facts_window, report_from_facts
 
 log = logging.getLogger(__name__)
 app = typer.Typer(
@@ -293,7 +294,7 @@ def demo(
             with contextlib.suppress(asyncio.CancelledError):
                 await simulator
             # No forecast round may publish after the last wait, or the summary would not add up.
-            await hub.stop_delivery_watch()
+            await hub.stop_forecast_watch()
             with contextlib.suppress(asyncio.TimeoutError):
                 await hub.wait_caught_up(timeout=30)
             live.update(await table())
@@ -302,7 +303,7 @@ def demo(
         await hub.close()
         console.print(
             f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
-            f"exactly once (with {hub.delivery_watch.published} delivery forecast changes the hub "
+            f"exactly once (with {hub.forecast_watch.published} delivery forecast changes the hub "
             f"published), {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
             f"simulated until {progress.simulated_until:%Y-%m-%d %H:%M:%S} UTC. "
             f"Data kept in {directory}."
@@ -375,7 +376,7 @@ def adapter_run(
 
 
 def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol: str) -> None:
-    from adapters.machines.forward import StoreAndForward
+    from adapters.forward import StoreAndForward
     from adapters.machines.registry import build_adapters, describe
     from hub.nats import ConnectingPublisher
 
@@ -523,7 +524,7 @@ def projections_rebuild(
     from rich.progress import MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
 
     from hub.bootstrap import all_views, projection_workers
-    from projections.runner import Progress as RebuildProgress
+    from projections.views.runner import Progress as RebuildProgress
 
     known = [view.name for view in all_views()]
     if name is not None and name not in known:
@@ -570,7 +571,7 @@ def projections_catch_up(config: ConfigOption = None, data_dir: DataDirOption = 
 def projections_status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """How far each view has read the event store."""
     from hub.bootstrap import all_views
-    from projections.runner import positions
+    from projections.views.runner import positions
 
     with _store_and_views(config, data_dir) as (_, store, views):
         stored, read = store.last_position(), positions(views)

@@ -97,7 +97,7 @@ class Machine(Aggregate):
     def report_part_count(self, origin: Origin, kind: str, count: int) -> None:
         """A counter reading is recorded as read. How many parts it adds depends on its
         neighbours by event time, which a late reading may change: the projections count
-        (``projections.counters``), not the aggregate."""
+        (``projections.rules.counters``), not the aggregate."""
         self._record(self.PartCountReported, origin, kind=kind, count=count)
 
     def report_condition(

@@ -99,9 +99,9 @@ def api_client(hub: Any, plant: Any = None) -> Any:
 
     from hub.api.app import create_app
     from hub.api.deps import ApiContext
-    from projections.facts_view import FactsReader
-    from projections.orders_view import OrdersReader
-    from projections.plant import PlantConfig
+    from projections.rules.plant import PlantConfig
+    from projections.views.facts_view import FactsReader
+    from projections.views.orders_view import OrdersReader
 
     context = ApiContext(
         store=hub.store,

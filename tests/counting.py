@@ -1,14 +1,14 @@
 """What a machine's stored counter readings add up to, read from its whole stored history with
-the projections' own rule (``projections.counters``): for tests of ingest and adapters, which
+the projections' own rule (``projections.rules.counters``): for tests of ingest and adapters, which
 check what reached the store, not how far the views have read."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from projections.counters import CounterTotals, counter_totals
-from projections.history import machine_facts
-from projections.plant import PlantConfig
+from projections.rules.counters import CounterTotals, counter_totals
+from projections.rules.history import machine_facts
+from projections.rules.plant import PlantConfig
 
 
 def stored_counters(store: Any, site: str, machine_id: str) -> CounterTotals:

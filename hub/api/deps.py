@@ -14,9 +14,9 @@ from hub.api.problems import Problem
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
-from projections.facts_view import FactsReader
-from projections.orders_view import OrdersReader
-from projections.plant import PlantConfig
+from projections.rules.plant import PlantConfig
+from projections.views.facts_view import FactsReader
+from projections.views.orders_view import OrdersReader
 
 
 @dataclass(frozen=True)

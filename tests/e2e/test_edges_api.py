@@ -17,7 +17,7 @@ from contracts import CloudEvent
 from hub.bootstrap import Hub, build_hub
 from hub.nats import STREAM
 from hub.settings import Settings
-from projections.plant import MachinePlantConfig, PlantConfig
+from projections.rules.plant import MachinePlantConfig, PlantConfig
 from tests.conftest import api_client, api_key, cloud_event, eventually
 
 PROBLEM = "application/problem+json"

@@ -11,7 +11,8 @@ import pytest
 
 from contracts import CloudEvent
 from hub.bootstrap import Hub
-from projections.plant import PlantConfig, PlantConfigError, ShiftConfig, load_plant
+from projections.config import PlantConfigError, load_plant
+from projections.rules.plant import PlantConfig, ShiftConfig
 from tests.conftest import api_client, api_key, cloud_event, eventually
 
 PLANT = PlantConfig(
@@ -225,7 +226,7 @@ async def test_a_forecast_change_is_stored_on_the_order_once_and_announces_laten
     stored = hub.ingest_stats().applied
     # 392 good parts in 451 busy minutes (05:59-13:30, one 24-hour shift a day): 69 s a part,
     # so the 108 still to make take about two hours more, well before the due date.
-    assert await hub.delivery_watch.check(now=at(13, 30)) == 1
+    assert await hub.forecast_watch.check(now=at(13, 30)) == 1
     await eventually(lambda: hub.ingest_stats().applied == stored + 1)
     order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
     first = order["published_forecast"]
@@ -239,8 +240,8 @@ async def test_a_forecast_change_is_stored_on_the_order_once_and_announces_laten
 
     # Nothing new to tell: no event. Republishing the same change is a duplicate, not news.
     await hub.wait_projected()  # the watch says nothing while the views are behind the store
-    assert await hub.delivery_watch.check(now=at(13, 40)) == 0
-    again = hub.delivery_watch.changes(datetime.fromisoformat("2026-03-03T01:00:00+00:00"))
+    assert await hub.forecast_watch.check(now=at(13, 40)) == 0
+    again = hub.forecast_watch.changes(datetime.fromisoformat("2026-03-03T01:00:00+00:00"))
     receipts = await hub.publisher.publish_many(again + again)
     assert [r.duplicate for r in receipts] == [False, True]
     await eventually(lambda: hub.ingest_stats().applied == stored + 2)
@@ -300,17 +301,17 @@ async def test_each_day_is_judged_by_the_calendar_in_force_that_day(hub: Hub) ->
 
 
 async def test_the_forecast_watch_stays_silent_while_the_views_are_behind(hub: Hub) -> None:
-    from projections.delivery import DeliveryWatch
-    from projections.facts_view import FactsReader
+    from projections.processes.forecast_watch import ForecastWatch
+    from projections.views.facts_view import FactsReader
 
     await shift_with_a_ten_minute_stop(hub)
     site = hub.settings.site
-    behind = DeliveryWatch(
+    behind = ForecastWatch(
         site, lambda: hub.store.orders(site), FactsReader(hub.views), PlantConfig(),
         hub.publisher, ready=lambda: False,
     )  # fmt: skip
     assert behind.changes(at(13, 30)) == []
-    caught_up = DeliveryWatch(
+    caught_up = ForecastWatch(
         site, lambda: hub.store.orders(site), FactsReader(hub.views), PlantConfig(),
         hub.publisher,
     )  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 
 from contracts import CloudEvent
 from hub.bootstrap import Hub
-from projections.plant import PlantConfig
+from projections.rules.plant import PlantConfig
 from tests.conftest import api_client, api_key, cloud_event, eventually
 
 AUTH = {"Authorization": f"Bearer {api_key('auditor')}"}

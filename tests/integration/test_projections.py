@@ -24,15 +24,15 @@ from hub.bootstrap import Hub, build_hub
 from hub.domain import machine_aggregate_id
 from hub.settings import Settings
 from hub.store import EventStore
-from projections.calendar import Interval
-from projections.database import SQLiteViews
-from projections.facts_view import TABLE, FactsReader, MachineFactsView
-from projections.history import machine_facts
-from projections.orders_view import OrdersReader
-from projections.plant import PlantConfig, ShiftConfig
-from projections.progress import Run, facts_of_runs, order_progress
-from projections.report import GroupBy, facts_window, machine_timeline, report_from_facts
-from projections.runner import ProjectionWorker
+from projections.rules.calendar import Interval
+from projections.rules.history import machine_facts
+from projections.rules.plant import PlantConfig, ShiftConfig
+from projections.rules.progress import Run, order_progress
+from projections.rules.report import GroupBy, facts_window, machine_timeline, report_from_facts
+from projections.views.database import SQLiteViews
+from projections.views.facts_view import TABLE, FactsReader, MachineFactsView, facts_of_runs
+from projections.views.orders_view import OrdersReader
+from projections.views.runner import ProjectionWorker
 from tests.conftest import fresh_schema
 
 START = datetime(2026, 3, 2, 5, 0, tzinfo=UTC)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from adapters.machines.forward import StoreAndForward
+from adapters.forward import StoreAndForward
 from contracts import CloudEvent
 from hub.bootstrap import Hub
 from hub.domain import machine_aggregate_id
@@ -88,6 +91,53 @@ async def test_a_full_buffer_says_so_and_keeps_the_newest_events(
     assert await forward.drain(timeout=10)
     await forward.close()
     assert [e.id for _, e in reachable.published] == [f"M1-count-{n}" for n in range(150, 250)]
+
+
+async def test_no_sqlite_call_of_the_queue_runs_on_the_event_loop_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection the queue makes records the thread of its opening, of each statement
+    (SQLite's trace callback runs where the statement runs) and of its closing."""
+    calls: list[tuple[str, int]] = []
+
+    class Recording(sqlite3.Connection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            calls.append(("connect", threading.get_ident()))
+            super().__init__(*args, **kwargs)
+            self.set_trace_callback(lambda sql: calls.append((sql, threading.get_ident())))
+
+        def close(self) -> None:
+            calls.append(("close", threading.get_ident()))
+            super().close()
+
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=Recording, **kw)
+    )
+    loop_thread = threading.get_ident()
+
+    # Open, enqueue past the bound (drop-oldest), count, restart, peek and delete, close.
+    first = StoreAndForward(Unreachable(), tmp_path, "default", max_events=100)
+    for chunk in range(0, 250, 50):
+        await first.publish_many(readings(chunk, chunk + 50))
+    assert (first.waiting(), first.dropped) == (100, 150)
+    await first.close()
+    reachable = InMemoryPublisher()
+    second = StoreAndForward(reachable, tmp_path, "default")
+    assert second.waiting() == 100
+    assert await second.drain(timeout=10)
+    await second.publish_many(readings(250, 260))  # straight through again
+    await second.close()
+    assert [e.id for _, e in reachable.published] == [f"M1-count-{n}" for n in range(150, 260)]
+
+    statements = [sql for sql, _ in calls]
+    for expected in ("connect", "CREATE TABLE", "INSERT INTO waiting", "WHERE seq IN (SELECT",
+                     "SELECT seq, event", "DELETE FROM waiting WHERE seq <=", "count(*)",
+                     "close"):  # fmt: skip
+        assert any(expected in sql for sql in statements), expected
+    assert statements.count("connect") == statements.count("close") == 2
+    on_the_loop = [sql for sql, thread in calls if thread == loop_thread]
+    assert on_the_loop == []
 
 
 async def test_the_queue_survives_a_restart_of_the_adapter(tmp_path: Path) -> None:

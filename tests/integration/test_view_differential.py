@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from hub.domain import Machine, Origin
-from projections.calendar import Interval
-from projections.counters import counter_totals
-from projections.database import SQLiteViews
-from projections.facts_view import FactsReader, MachineFactsView
-from projections.history import machine_facts
-from projections.plant import PlantConfig
-from projections.report import GroupBy, facts_window, machine_timeline, report_from_facts
+from projections.rules.calendar import Interval
+from projections.rules.counters import counter_totals
+from projections.rules.history import machine_facts
+from projections.rules.plant import PlantConfig
+from projections.rules.report import GroupBy, facts_window, machine_timeline, report_from_facts
+from projections.views.database import SQLiteViews
+from projections.views.facts_view import FactsReader, MachineFactsView
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
 BIG = 2**63 - 1

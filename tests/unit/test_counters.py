@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from hub.domain import Machine, Origin
-from projections.calendar import Interval
-from projections.counters import (
+from projections.rules.calendar import Interval
+from projections.rules.counters import (
     BASELINE,
     COUNTED,
     IMPLAUSIBLE,
@@ -23,10 +23,10 @@ from projections.counters import (
     counter_steps,
     counter_totals,
 )
-from projections.history import MachineFacts, machine_facts
-from projections.plant import PlantConfig
-from projections.report import machine_report, machine_timeline
-from projections.timeline import NOT_COMMISSIONED, OFFLINE, RUNNING, STOPPED
+from projections.rules.history import MachineFacts, machine_facts
+from projections.rules.plant import PlantConfig
+from projections.rules.report import machine_report, machine_timeline
+from projections.rules.timeline import NOT_COMMISSIONED, OFFLINE, RUNNING, STOPPED
 
 T0 = datetime(2026, 3, 2, 6, tzinfo=UTC)  # a Monday, 06:00 UTC
 NOW = datetime(2026, 3, 4, tzinfo=UTC)
@@ -293,7 +293,7 @@ def test_the_ideal_cycle_time_falls_back_to_part_number_program_then_machine() -
         found |= {o: by_part_number[part_numbers[o]] for o in order_ids if o in part_numbers}
         return found
 
-    from projections.report import report_from_facts
+    from projections.rules.report import report_from_facts
 
     (bucket,) = report_from_facts(facts, orders_pri, Interval(at(0), at(240)), None, plant, NOW)
     assert bucket.figures.ideal_time_s == 300 + 200 + 120 + 60
@@ -385,7 +385,7 @@ def test_the_limit_is_per_plant_and_per_machine() -> None:
 
 
 def test_an_order_started_and_ended_at_one_moment_is_a_run_of_no_length() -> None:
-    from projections.history import order_reports
+    from projections.rules.history import order_reports
 
     t = at(10)
     # A runs from 06:00; at 06:10 A ends and B starts (a changeover), and C is started and

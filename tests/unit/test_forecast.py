@@ -6,8 +6,8 @@ from datetime import UTC, datetime, time
 
 import pytest
 
-from projections.calendar import Calendar, ShiftPattern
-from projections.forecast import forecast, production_end
+from projections.rules.calendar import Calendar, ShiftPattern
+from projections.rules.forecast import forecast, production_end
 
 WEEKDAYS_EARLY = ShiftPattern(
     "early", time(6), time(14), frozenset(range(5)), ((time(10), time(10, 30)),)
@@ -65,8 +65,8 @@ def test_a_done_forecast_is_not_announced_again_as_the_clock_moves() -> None:
     from datetime import UTC, datetime, timedelta
 
     from hub.domain import Order, Origin
-    from projections.delivery import forecast_change
-    from projections.forecast import Forecast
+    from projections.processes.forecast_watch import forecast_change
+    from projections.rules.forecast import Forecast
 
     order = Order(site="s", order_id="SO-1")
     order.release(Origin("e1", "erp", datetime(2026, 3, 2, tzinfo=UTC)),
@@ -84,10 +84,10 @@ def test_a_done_forecast_is_not_announced_again_as_the_clock_moves() -> None:
 def test_a_start_tapped_twice_does_not_count_the_overlap_twice() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from projections.history import MachineFacts
-    from projections.plant import PlantConfig
-    from projections.progress import Run, order_progress
-    from projections.timeline import OrderReport, StateReport
+    from projections.rules.history import MachineFacts
+    from projections.rules.plant import PlantConfig
+    from projections.rules.progress import Run, order_progress
+    from projections.rules.timeline import OrderReport, StateReport
 
     t0 = datetime(2026, 3, 2, 6, tzinfo=UTC)
     facts = MachineFacts(states=[StateReport(t0, availability="AVAILABLE"),

@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from projections.calendar import Calendar, Interval, PlannedStop, ShiftPattern, local_days
-from projections.oee import OeeFigures, PartsReport, ScrapReport, by_order, compute_oee
-from projections.timeline import OrderReport, ReasonReport, StateReport, build_timeline
+from projections.rules.calendar import Calendar, Interval, PlannedStop, ShiftPattern, local_days
+from projections.rules.oee import OeeFigures, PartsReport, ScrapReport, by_order, compute_oee
+from projections.rules.timeline import OrderReport, ReasonReport, StateReport, build_timeline
 
 DAY = date(2026, 3, 2)  # a Monday
 EARLY = ShiftPattern("early", time(6), time(14), breaks=((time(10), time(10, 30)),))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 
 from hub.domain import Origin, Plant
-from projections.calendar import Interval
-from projections.plant import PlantConfig, ShiftConfig
-from projections.plant_history import PlantHistory, configuration_event
+from projections.rules.calendar import Interval
+from projections.rules.plant import PlantConfig, ShiftConfig
+from projections.rules.plant_history import PlantHistory, configuration_event
 
 ALL_DAY = PlantConfig()
 EARLY_ONLY = PlantConfig(shifts=[ShiftConfig(name="early", start=time(6), end=time(14))])

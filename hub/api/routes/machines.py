@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import COUNTER_JUMP, Machine
-from projections.counters import CounterTotals
+from projections.rules.counters import CounterTotals
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 

@@ -15,11 +15,11 @@ from pydantic import AwareDatetime, BaseModel
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import machine_aggregate_id
-from projections.calendar import Interval
-from projections.history import MachineFacts
-from projections.plant import PlantConfig
-from projections.plant_history import PlantHistory
-from projections.report import (
+from projections.rules.calendar import Interval
+from projections.rules.history import MachineFacts
+from projections.rules.plant import PlantConfig
+from projections.rules.plant_history import PlantHistory
+from projections.rules.report import (
     Bucket,
     FactsFor,
     GroupBy,
@@ -28,7 +28,7 @@ from projections.report import (
     site_report,
     timeline_over_time,
 )
-from projections.timeline import TimelineInterval
+from projections.rules.timeline import TimelineInterval
 
 router = APIRouter(tags=["oee"])
 MAX_WINDOW = timedelta(days=400)

@@ -10,9 +10,9 @@ from pydantic import BaseModel
 from hub.api.deps import ApiContext, Context, Reader
 from hub.api.problems import Problem
 from hub.domain import Order
-from projections.delivery import progress_and_forecast
-from projections.forecast import Forecast
-from projections.progress import OrderProgress
+from projections.processes.forecast_watch import progress_and_forecast
+from projections.rules.forecast import Forecast
+from projections.rules.progress import OrderProgress
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 

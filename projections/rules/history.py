@@ -16,15 +16,15 @@ from operator import attrgetter
 from typing import Any
 
 from hub.domain import Machine
-from projections.counters import (
+from projections.rules.counters import (
     IMPLAUSIBLE,
     CounterReading,
     CounterStep,
     fold_counts,
 )
-from projections.oee import PartsReport, ScrapReport
-from projections.plant import MachineRules
-from projections.timeline import OrderReport, ReasonReport, StateReport
+from projections.rules.oee import PartsReport, ScrapReport
+from projections.rules.plant import MachineRules
+from projections.rules.timeline import OrderReport, ReasonReport, StateReport
 
 
 @dataclass

@@ -20,9 +20,9 @@ from pydantic import ValidationError
 
 from contracts import CloudEvent
 from hub.domain import Plant
-from projections.calendar import Interval
-from projections.hub_events import hub_event
-from projections.plant import PlantConfig
+from projections.rules.calendar import Interval
+from projections.rules.hub_events import hub_event
+from projections.rules.plant import PlantConfig
 
 CONFIGURED_TYPE = "mes.hub.plant.configured.v1"
 log = logging.getLogger(__name__)

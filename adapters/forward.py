@@ -1,5 +1,6 @@
-"""Store-and-forward: while NATS cannot be reached, an adapter's events wait in a bounded queue
-on disk and go out in their original order once it is back.
+"""Store-and-forward, for every adapter (machine or ERP): while NATS cannot be reached, an
+adapter's events wait in a bounded queue on disk and go out in their original order once it is
+back.
 
 - Nothing is lost: an event is removed from the queue only after JetStream acknowledged it;
   the queue is a SQLite file, so it survives the adapter being restarted.
@@ -8,7 +9,10 @@ on disk and go out in their original order once it is back.
 - Order: while anything waits, new events queue behind it instead of overtaking it.
 - Bounded: at ``max_events`` the OLDEST waiting events are dropped to make room (the newest
   state of a machine matters more than its oldest history), and every drop is logged as an
-  error with the running total.
+  error with the running total. An adapter whose events are never superseded by later ones
+  (an ERP adapter's orders) needs a ``max_events`` that the queue does not reach.
+- Off the event loop: the SQLite file is opened, written, read and closed by one worker thread
+  of the queue's own; the loop hands it the work and awaits the answer.
 """
 
 from __future__ import annotations
@@ -17,33 +21,62 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from contracts import CloudEvent, nats_subject_for, validate_envelope
 from hub.ports import EventPublisher, PublishReceipt
 
 log = logging.getLogger(__name__)
 FLUSH_BATCH = 500
+T = TypeVar("T")
 
 
 class _Queue:
-    """The on-disk FIFO (a SQLite file; one connection, used under a lock from threads)."""
+    """The on-disk FIFO: a SQLite file whose one connection belongs to one worker thread.
+
+    The synchronous methods run in that thread only, handed to it by ``run`` (the connection
+    keeps sqlite3's same-thread check, so a call from any other thread fails loudly), one at a
+    time in the order they were handed over: opening first, closing last. ``size`` counts the
+    waiting events, so reading it touches neither the disk nor the worker.
+    """
 
     def __init__(self, path: Path) -> None:
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-and-forward")
+        self._closed = False
+        self.size = 0  # events waiting; written by the worker only
+        # Not opened here, where the event loop would wait for the disk: the worker opens the
+        # file before anything else it is given.
+        self.opened: Future[None] = self._worker.submit(self._open, path)
+
+    async def run(self, method: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._worker.submit(method, *args))
+
+    async def count(self) -> int:
+        if not self.opened.done():
+            # Queued behind the open (awaiting ``opened`` itself would cancel the open when
+            # the awaiting task is cancelled).
+            await self.run(lambda: None)
+        self.opened.result()  # raises if the file could not be opened
+        return self.size
+
+    def _open(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS waiting (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "event TEXT NOT NULL)"
         )
-        self._lock = threading.Lock()
+        self.size = self._count()
 
     def append(self, events: list[CloudEvent], max_events: int) -> int:
         """Queue ``events``; returns how many of the oldest were dropped to stay in bounds."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        self.opened.result()  # the open's own error, if it failed
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
             self._db.executemany(
                 "INSERT INTO waiting (event) VALUES (?)", [(e.model_dump_json(),) for e in events]
             )
@@ -55,29 +88,39 @@ class _Queue:
                     (excess,),
                 )
             self._db.execute("COMMIT")
-            return max(0, excess)
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self.size = self._count()
+        return max(0, excess)
 
     def oldest(self, limit: int) -> list[tuple[int, CloudEvent]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, event FROM waiting ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
+        self.opened.result()
+        rows = self._db.execute(
+            "SELECT seq, event FROM waiting ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
         return [(seq, CloudEvent.model_validate_json(text)) for seq, text in rows]
 
     def remove_through(self, seq: int) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM waiting WHERE seq <= ?", (seq,))
+        self.opened.result()
+        self.size -= self._db.execute("DELETE FROM waiting WHERE seq <= ?", (seq,)).rowcount
 
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM waiting").fetchone()[0])
 
-    def count(self) -> int:
-        with self._lock:
-            return self._count()
-
-    def close(self) -> None:
-        with self._lock:
+    def _close(self) -> None:
+        if self.opened.exception() is None:
             self._db.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.run(self._close)
+        finally:
+            self._worker.shutdown(wait=False)
 
 
 class StoreAndForward:
@@ -103,7 +146,10 @@ class StoreAndForward:
         self.dropped = 0  # events dropped because the queue was full
 
     def waiting(self) -> int:
-        return self._queue.count()
+        """How many events wait in the queue: a counter, the disk is not read. Only right after
+        the publisher was made can this wait, for the worker to finish opening the file."""
+        self._queue.opened.result()
+        return self._queue.size
 
     async def publish(self, event: CloudEvent) -> PublishReceipt:
         (receipt,) = await self.publish_many([event])
@@ -113,7 +159,7 @@ class StoreAndForward:
         if not events:
             return []
         async with self._lock:
-            if await asyncio.to_thread(self._queue.count) == 0:
+            if await self._queue.count() == 0:
                 try:
                     return await self._inner.publish_many(events)
                 except Exception as exc:
@@ -128,7 +174,7 @@ class StoreAndForward:
         ]
 
     async def _enqueue(self, events: list[CloudEvent]) -> None:
-        dropped = await asyncio.to_thread(self._queue.append, events, self.max_events)
+        dropped = await self._queue.run(self._queue.append, events, self.max_events)
         self.buffered += len(events)
         if dropped:
             self.dropped += dropped
@@ -146,7 +192,7 @@ class StoreAndForward:
         backoff = 0.2
         while True:
             async with self._lock:
-                batch = await asyncio.to_thread(self._queue.oldest, FLUSH_BATCH)
+                batch = await self._queue.run(self._queue.oldest, FLUSH_BATCH)
                 if not batch:
                     log.info("store-and-forward buffer empty: publishing directly again")
                     return
@@ -155,7 +201,7 @@ class StoreAndForward:
                 except Exception as exc:
                     log.debug("flush failed (%s); %d waiting", exc, len(batch))
                 else:
-                    await asyncio.to_thread(self._queue.remove_through, batch[-1][0])
+                    await self._queue.run(self._queue.remove_through, batch[-1][0])
                     backoff = 0.2
                     continue
             await asyncio.sleep(backoff)
@@ -163,16 +209,16 @@ class StoreAndForward:
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for the queue to empty; True if it did."""
-        if self._queue.count():
+        if await self._queue.count():
             self._start_flusher()
         with contextlib.suppress(TimeoutError):
             if self._flusher is not None:
                 await asyncio.wait_for(asyncio.shield(self._flusher), timeout)
-        return self._queue.count() == 0
+        return await self._queue.count() == 0
 
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        self._queue.close()
+        await self._queue.close()

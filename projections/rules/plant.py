@@ -44,17 +44,15 @@ With no shifts configured the plant runs one 24-hour shift a day, no breaks (DES
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from projections.calendar import WEEKDAYS, Calendar, Interval, PlannedStop, ShiftPattern
+from projections.rules.calendar import WEEKDAYS, Calendar, Interval, PlannedStop, ShiftPattern
 
 DEFAULT_REASONS: dict[str, Any] = {
     "planned": {"break": "planned", "changeover": "planned", "maintenance": "planned"},
@@ -231,19 +229,13 @@ def leaf_kinds(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return leaves
 
 
-def load_plant(config_file: Path | None) -> PlantConfig:
-    """The ``[plant]`` table of the config file, or the defaults when there is none."""
-    if config_file is None:
-        return PlantConfig()
-    try:
-        raw = tomllib.loads(config_file.read_text()).get("plant", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PlantConfigError(f"{config_file}: {exc}") from None
+def plant_from_table(raw: Any, source: str) -> PlantConfig:
+    """The ``[plant]`` table as read from ``source`` (a file name, for the error message)."""
     try:
         return PlantConfig.model_validate(raw)
     except ValidationError as exc:
         problems = [
-            f"{config_file}: key 'plant.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
+            f"{source}: key 'plant.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
             for e in exc.errors(include_url=False)
         ]
         raise PlantConfigError("; ".join(problems)) from None

@@ -23,11 +23,11 @@ from typing import Any
 from contracts import CloudEvent
 from hub.domain import Order
 from hub.ports import EventPublisher
-from projections.facts_view import FactsReader
-from projections.forecast import Forecast, forecast
-from projections.hub_events import hub_event
-from projections.plant import PlantConfig
-from projections.progress import OrderProgress, Run, facts_of_runs, order_progress
+from projections.rules.forecast import Forecast, forecast
+from projections.rules.hub_events import hub_event
+from projections.rules.plant import PlantConfig
+from projections.rules.progress import OrderProgress, Run, order_progress
+from projections.views.facts_view import FactsReader, facts_of_runs
 
 log = logging.getLogger(__name__)
 FORECAST_TYPE = "mes.hub.delivery_forecast.changed.v1"
@@ -111,7 +111,7 @@ def forecast_change(
     }
 
 
-class DeliveryWatch:
+class ForecastWatch:
     """Re-forecasts the orders still in play and publishes the changes."""
 
     def __init__(

@@ -11,13 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from hub.domain import machine_aggregate_id
-from projections.calendar import Interval
-from projections.facts_view import FactsReader
-from projections.history import MachineFacts
-from projections.plant import PlantConfig
-from projections.report import facts_window, machine_timeline
-from projections.timeline import OFFLINE, RUNNING, STOPPED
+from projections.rules.calendar import Interval
+from projections.rules.history import MachineFacts
+from projections.rules.plant import PlantConfig
+from projections.rules.report import machine_timeline
+from projections.rules.timeline import OFFLINE, RUNNING, STOPPED
 
 BUSY = (RUNNING, STOPPED, OFFLINE)  # the states inside planned busy time
 
@@ -114,33 +112,3 @@ def _merged_runs(runs: Sequence[Run], now: datetime) -> list[Interval]:
         else:
             merged.append(window)
     return merged
-
-
-def facts_of_runs(
-    reader: FactsReader,
-    site: str,
-    order_id: str,
-    runs: Sequence[Run],
-    plant: PlantConfig,
-    now: datetime,
-) -> dict[str, MachineFacts]:
-    """From the facts view, settled: what each machine the order ran on did during its runs.
-    Parts belong to the order running, by event time, when they were made; scrap naming the
-    order counts whenever it was reported, scrap naming none belongs to the order running."""
-    named_scrap = reader.order_scrap(order_id)
-    facts: dict[str, MachineFacts] = {}
-    for machine_id in sorted({run.machine_id for run in runs}):
-        spans = [run for run in runs if run.machine_id == machine_id]
-        start = min(run.start for run in spans)
-        end = max(now if run.end is None else run.end for run in spans)
-        machine = machine_aggregate_id(site, machine_id)
-        window = (
-            reader.window(machine, facts_window(Interval(start, end), plant))
-            if end > start
-            else MachineFacts()
-        )
-        window.scrap = [s for s in window.scrap if s.order_id is None] + named_scrap.get(
-            machine.hex, []
-        )
-        facts[machine_id] = window.settle(plant.machine_rules(machine_id))
-    return facts

@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 from hub.domain import Order, order_aggregate_id, order_runs
-from projections.database import Cursor, ViewDatabase
+from projections.views.database import Cursor, ViewDatabase
 
 # v2 adds the part number; a new name, so a hub upgraded from v1 builds it from the store.
 TABLE = "mes_view_orders_v2"

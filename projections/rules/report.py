@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from projections.calendar import Interval, local_days
-from projections.history import MachineFacts, machine_facts
-from projections.oee import OeeFigures, PartsReport, ScrapReport, compute_oee
-from projections.plant import PlantConfig
-from projections.plant_history import PlantHistory
-from projections.timeline import TimelineInterval, build_timeline
+from projections.rules.calendar import Interval, local_days
+from projections.rules.history import MachineFacts, machine_facts
+from projections.rules.oee import OeeFigures, PartsReport, ScrapReport, compute_oee
+from projections.rules.plant import PlantConfig
+from projections.rules.plant_history import PlantHistory
+from projections.rules.timeline import TimelineInterval, build_timeline
 
 GroupBy = Literal["hour", "shift", "day", "order"]
 

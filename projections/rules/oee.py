@@ -19,8 +19,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from projections.calendar import Interval
-from projections.timeline import (
+from projections.rules.calendar import Interval
+from projections.rules.timeline import (
     OFFLINE,
     PLANNED_STOP,
     RUNNING,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from projections.calendar import Calendar, Interval
+from projections.rules.calendar import Calendar, Interval
 
 ForecastStatus = Literal["on_track", "at_risk", "late", "done"]
 Basis = Literal["observed", "ideal", "none"]

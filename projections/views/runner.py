@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from eventsourcing.utils import get_topic
 
-from projections.database import (
+from projections.views.database import (
     TRACKING_TABLE,
     Cursor,
     ViewDatabase,

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from projections.calendar import Calendar, Interval
+from projections.rules.calendar import Calendar, Interval
 
 UNASSIGNED = "unassigned"
 RUNNING, STOPPED, OFFLINE, PLANNED_STOP, NO_SHIFT, NOT_COMMISSIONED = (

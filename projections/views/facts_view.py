@@ -2,12 +2,12 @@
 per stored event, indexed by machine and event time (and by order for parts and scrap).
 
 Counter readings are kept as read (one ``reading`` row each); what they add is decided when
-they are read back (``projections.counters``), so a late reading takes its share.
+they are read back (``projections.rules.counters``), so a late reading takes its share.
 
 A query for a window reads only that window's facts plus the few that set the scene (the last
 availability and execution before it, the two counter readings before it, the machine's order
 starts and ends, the reasons that overlap it, its first report), instead of the machine's whole
-history. What it returns, settled, is what ``projections.history.machine_facts`` makes of the
+history. What it returns, settled, is what ``projections.rules.history.machine_facts`` makes of the
 whole history, for that window.
 """
 
@@ -21,9 +21,9 @@ from operator import itemgetter
 from typing import Any
 from uuid import UUID
 
-from hub.domain import Machine
-from projections.calendar import Interval
-from projections.counters import (
+from hub.domain import Machine, machine_aggregate_id
+from projections.rules.calendar import Interval
+from projections.rules.counters import (
     CONTEXT,
     IMPLAUSIBLE,
     RESET,
@@ -33,10 +33,13 @@ from projections.counters import (
     fold_counts,
     reading_order,
 )
-from projections.database import Cursor, ViewDatabase
-from projections.history import MachineFacts, order_reports
-from projections.oee import ScrapReport
-from projections.timeline import ReasonReport, StateReport
+from projections.rules.history import MachineFacts, order_reports
+from projections.rules.oee import ScrapReport
+from projections.rules.plant import PlantConfig
+from projections.rules.progress import Run
+from projections.rules.report import facts_window
+from projections.rules.timeline import ReasonReport, StateReport
+from projections.views.database import Cursor, ViewDatabase
 
 # v2: counter readings as read (v1 kept increments decided at arrival); a new name, so a hub
 # upgraded from v1 builds it from the store.
@@ -365,4 +368,34 @@ def _facts(rows: list[tuple[Any, ...]]) -> MachineFacts:
         until = from_micros(end) if end is not None else None
         facts.reasons.append(ReasonReport(from_micros(start), until, reason, from_micros(given_at)))
     facts.orders = order_reports(order_events)
+    return facts
+
+
+def facts_of_runs(
+    reader: FactsReader,
+    site: str,
+    order_id: str,
+    runs: Sequence[Run],
+    plant: PlantConfig,
+    now: datetime,
+) -> dict[str, MachineFacts]:
+    """From the facts view, settled: what each machine the order ran on did during its runs.
+    Parts belong to the order running, by event time, when they were made; scrap naming the
+    order counts whenever it was reported, scrap naming none belongs to the order running."""
+    named_scrap = reader.order_scrap(order_id)
+    facts: dict[str, MachineFacts] = {}
+    for machine_id in sorted({run.machine_id for run in runs}):
+        spans = [run for run in runs if run.machine_id == machine_id]
+        start = min(run.start for run in spans)
+        end = max(now if run.end is None else run.end for run in spans)
+        machine = machine_aggregate_id(site, machine_id)
+        window = (
+            reader.window(machine, facts_window(Interval(start, end), plant))
+            if end > start
+            else MachineFacts()
+        )
+        window.scrap = [s for s in window.scrap if s.order_id is None] + named_scrap.get(
+            machine.hex, []
+        )
+        facts[machine_id] = window.settle(plant.machine_rules(machine_id))
     return facts
