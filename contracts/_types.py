@@ -1,4 +1,4 @@
-"""The v1 event types of DESIGN.md, as pydantic models of the CloudEvent ``data``."""
+"""The v1 event types (docs/contract.md), as pydantic models of the CloudEvent ``data``."""
 
 from __future__ import annotations
 

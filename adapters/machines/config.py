@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -54,10 +54,6 @@ class AdaptersConfig(BaseModel):
     shdr: list[ShdrConfig] = []
     opcua: list[OpcuaConfig] = []
     modbus: list[ModbusConfig] = []
-
-    def entries(self, protocol: str | None = None) -> list[Any]:
-        protocols = ("mtconnect", "shdr", "opcua", "modbus") if protocol is None else (protocol,)
-        return [entry for name in protocols for entry in getattr(self, name)]
 
 
 def load_adapters(config_file: Path) -> AdaptersConfig:

@@ -38,7 +38,7 @@ material = { waiting = "unplanned" }
 planned = { changeover = "planned", maintenance = "planned", break = "planned" }
 ```
 
-With no shifts configured the plant runs one 24-hour shift a day, no breaks (DESIGN.md).
+With no shifts configured the plant runs one 24-hour shift a day, no breaks (docs/oee.md).
 """
 
 from __future__ import annotations

@@ -267,11 +267,6 @@ class FactsReader:
                         totals.last_implausible = CounterStep(reading, 0, IMPLAUSIBLE, before)
         return totals
 
-    def has_machine(self, machine: UUID) -> bool:
-        with self._db.transaction(write=False) as cursor:
-            cursor.execute(f"SELECT 1 FROM {TABLE} WHERE machine = ? LIMIT 1", (machine.hex,))
-            return bool(cursor.fetchall())
-
 
 _COUNTER_CACHE = 20_000  # counters remembered by a reader (two per machine)
 
