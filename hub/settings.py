@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,98 @@ MIN_KEY_LENGTH = 16
 
 
 class ConfigError(Exception):
-    """A setting that cannot be used; the message names where it came from, the key and why."""
+    """A setting that cannot be used: where it came from (a file or an environment variable),
+    the key (``section.name``; None for the file as a whole) and why. Several problems found at
+    once travel together (``also``); the message lists them all."""
+
+    def __init__(
+        self,
+        source: str,
+        key: str | None = None,
+        reason: str = "",
+        *,
+        also: Sequence[ConfigError] = (),
+    ) -> None:
+        self.source, self.key, self.reason, self.also = source, key, reason, tuple(also)
+        super().__init__("; ".join(problem.line for problem in (self, *self.also)))
+
+    @property
+    def line(self) -> str:
+        if self.key is None:
+            return f"{self.source}: {self.reason}" if self.reason else self.source
+        return f"{self.source}: key '{self.key}': {self.reason}"
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigError]) -> ConfigError:
+        first, *rest = problems
+        return cls(first.source, first.key, first.reason, also=rest)
+
+
+# --- sections of the config file, with environment overrides --------------------------------
+
+
+def env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def section_values(
+    section: str, table: Any, source: str, env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A section's table from the file with ``MES_HUB_<SECTION>__<KEY>`` environment overrides
+    (``__`` again for nested keys, the parts between the first and the last kept as written, as
+    ids; the value is read as a TOML value when it is one, e.g. ``50``, ``["a", "b"]`` or
+    ``{ "P-7" = 20.0 }``, else as text) and ``…_FILE`` ones (the value is the file's content: for
+    passwords and secrets mounted as files). Returns the values and where each top-level key
+    came from, for the error messages."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, section, "must be a table")
+    values: dict[str, Any] = dict(table)
+    origins = {key: source for key in values}
+    prefix = f"{ENV_PREFIX}{section.upper()}__"
+    for name in sorted(env):
+        if not name.startswith(prefix) or name == prefix:
+            continue
+        path = name[len(prefix) :].split("__")
+        text = env[name]
+        if path[-1].endswith("_FILE"):
+            path[-1] = path[-1][: -len("_FILE")]
+            try:
+                value: Any = Path(text).read_text().rstrip("\n")
+            except OSError as exc:
+                where = ".".join([section, *(p.lower() for p in path)])
+                raise ConfigError(
+                    f"environment variable {name}", where, f"cannot read {text}: {exc.strerror}"
+                ) from None
+        else:
+            value = _env_value(text)
+        # The first and last parts name settings (lower case); parts between are kept as
+        # written: they may be ids (MES_HUB_PLANT__MACHINES__PRESS_2__COMMISSIONED).
+        path[0], path[-1] = path[0].lower(), path[-1].lower()
+        node = values
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[path[-1]] = value
+        origins[path[0]] = f"environment variable {name}"
+    return values, origins
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def validation_problems(
+    exc: ValidationError, section: str, origins: Mapping[str, str], default_source: str
+) -> list[ConfigError]:
+    """Pydantic's errors as ``ConfigError``s, each naming its source, key and reason."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = [str(part) for part in err["loc"]]
+        source = origins.get(loc[0], default_source) if loc else default_source
+        problems.append(ConfigError(source, ".".join([section, *loc]), err["msg"]))
+    return problems
 
 
 class ApiKey(BaseModel):
@@ -144,46 +236,62 @@ def redacted_url(url: str) -> str:
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Read settings once. ``overrides`` are command-line options (None means not given)."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    file_values: dict[str, Any] = {}
+    """Read settings once. ``overrides`` are command-line options (None means not given);
+    then ``MES_HUB_HUB__<KEY>`` (or ``…_FILE``) and ``MES_HUB_<KEY>`` environment variables;
+    then the ``[hub]`` table. (``hub.config.load_config`` reads every section at once.)"""
     if config_file is None and os.environ.get(ENV_PREFIX + "CONFIG"):
         config_file = Path(os.environ[ENV_PREFIX + "CONFIG"])
-    if config_file is not None:
-        file_values = _read_toml(config_file)
-    env_keys = {name for name in Settings.model_fields if (ENV_PREFIX + name).upper() in os.environ}
-    merged_file = {k: v for k, v in file_values.items() if k not in env_keys and k not in overrides}
-    try:
-        return Settings(**merged_file, **overrides)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc, config_file, file_values, env_keys, overrides)) from None
+    document = read_toml(config_file) if config_file is not None else {}
+    return settings_section(document.get("hub", {}), config_file, **overrides)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The whole config file, parsed once."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    # Other tables ([plant], adapters' own) are read by their owners.
-    hub_section = raw.get("hub", {})
-    if not isinstance(hub_section, dict):
-        raise ConfigError(f"{path}: key 'hub': must be a table")
-    unknown = sorted(set(hub_section) - set(Settings.model_fields))
+
+
+def settings_section(table: Any, config_file: Path | None, **overrides: Any) -> Settings:
+    """The ``[hub]`` section (``table``, as read from ``config_file``) under the environment and
+    the command-line ``overrides``."""
+    env = os.environ
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not isinstance(table, dict):
+        raise ConfigError(f"{config_file}: key 'hub': must be a table")
+    unknown = sorted(set(table) - set(Settings.model_fields))
     if unknown:
         raise ConfigError(
-            f"{path}: key 'hub.{unknown[0]}': unknown setting; known settings are "
+            f"{config_file}: key 'hub.{unknown[0]}': unknown setting; known settings are "
             + ", ".join(sorted(Settings.model_fields))
         )
-    return dict(hub_section)
+    file_values = dict(table)
+    values, origins = section_values("hub", file_values, str(config_file), env)
+    from_section_env = {k for k, origin in origins.items() if origin.startswith("environment")}
+    env_keys = {name for name in Settings.model_fields if (ENV_PREFIX + name).upper() in env}
+    merged = {
+        k: v
+        for k, v in values.items()
+        if k not in overrides and (k in from_section_env or k not in env_keys)
+    }
+    try:
+        return Settings(**merged, **overrides)
+    except ValidationError as exc:
+        where = {**{k: f"environment variable {ENV_PREFIX}{k.upper()}" for k in env_keys},
+                 **{k: origins[k] for k in from_section_env}}  # fmt: skip
+        raise ConfigError(_explain(exc, config_file, file_values, where, overrides)) from None
 
 
 def _explain(
     exc: ValidationError,
     config_file: Path | None,
     file_values: dict[str, Any],
-    env_keys: set[str],
+    env_sources: dict[str, str],
     overrides: dict[str, Any],
 ) -> str:
     lines = []
@@ -191,8 +299,8 @@ def _explain(
         key = str(err["loc"][0]) if err["loc"] else "?"
         if key in overrides:
             where = f"option --{key.replace('_', '-')}"
-        elif key in env_keys:
-            where = f"environment variable {ENV_PREFIX}{key.upper()}"
+        elif key in env_sources:
+            where = env_sources[key]
         elif key in file_values:
             where = f"{config_file}: key 'hub.{key}'"
         else:

@@ -21,9 +21,11 @@ Each protocol module defines its own entry model; see ``docs/adapters.md``.
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,9 +33,12 @@ from adapters.machines.modbus import ModbusConfig
 from adapters.machines.mtconnect import MtconnectConfig
 from adapters.machines.opcua import OpcuaConfig
 from adapters.machines.shdr import ShdrConfig
+from hub.settings import ConfigError, section_values, validation_problems
+
+SECTION = "adapters"
 
 
-class AdapterConfigError(Exception):
+class AdapterConfigError(ConfigError):
     """An ``[adapters]`` setting that cannot be used: names the file, the key and the reason."""
 
 
@@ -56,18 +61,21 @@ class AdaptersConfig(BaseModel):
     modbus: list[ModbusConfig] = []
 
 
-def load_adapters(config_file: Path) -> AdaptersConfig:
+def adapters_section(
+    table: Any, source: str, base: Path, env: Mapping[str, str] | None = None
+) -> AdaptersConfig:
+    """The section as read from ``source``, with ``MES_HUB_ADAPTERS__<KEY>`` overrides; file
+    names in it are relative to ``base`` (the config file's folder)."""
+    values, origins = section_values(SECTION, table, source, os.environ if env is None else env)
     try:
-        raw = tomllib.loads(config_file.read_text()).get("adapters", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise AdapterConfigError(f"{config_file}: {exc}") from None
-    base = config_file.parent
-    try:
-        config = AdaptersConfig.model_validate(raw, context={"base": base})
+        return AdaptersConfig.model_validate(values, context={"base": base})
     except ValidationError as exc:
-        problems = [
-            f"{config_file}: key 'adapters.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
-            for e in exc.errors(include_url=False)
-        ]
-        raise AdapterConfigError("; ".join(problems)) from None
-    return config
+        raise AdapterConfigError.of(validation_problems(exc, SECTION, origins, source)) from None
+
+
+def load_adapters(config_file: Path, env: Mapping[str, str] | None = None) -> AdaptersConfig:
+    try:
+        raw = tomllib.loads(config_file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise AdapterConfigError(str(config_file), None, str(exc)) from None
+    return adapters_section(raw.get(SECTION, {}), str(config_file), config_file.parent, env)

@@ -50,17 +50,13 @@ from datetime import date, datetime, time
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from projections.rules.calendar import WEEKDAYS, Calendar, Interval, PlannedStop, ShiftPattern
 
 DEFAULT_REASONS: dict[str, Any] = {
     "planned": {"break": "planned", "changeover": "planned", "maintenance": "planned"},
 }
-
-
-class PlantConfigError(Exception):
-    """A ``[plant]`` setting that cannot be used: names the file, the key and the reason."""
 
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -227,15 +223,3 @@ def leaf_kinds(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             raise ValueError(f'reason {code!r}: a leaf must be "planned" or "unplanned"')
     return leaves
-
-
-def plant_from_table(raw: Any, source: str) -> PlantConfig:
-    """The ``[plant]`` table as read from ``source`` (a file name, for the error message)."""
-    try:
-        return PlantConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = [
-            f"{source}: key 'plant.{'.'.join(str(p) for p in e['loc'])}': {e['msg']}"
-            for e in exc.errors(include_url=False)
-        ]
-        raise PlantConfigError("; ".join(problems)) from None
