@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from hub.api.deps import ApiContext
 from hub.domain import Order
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
+from hub.ports import EventPublisher
 from hub.settings import Settings
 from hub.store import EventStore
 from projections.processes.forecast_watch import ForecastWatch
@@ -22,64 +26,93 @@ from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
 from projections.views.database import PostgresViews, SQLiteViews, ViewDatabase
 from projections.views.facts_view import FactsReader, MachineFactsView
-from projections.views.orders_view import OrderStatesView, OrdersView, orders_in_play
+from projections.views.orders_view import (
+    OrdersReader,
+    OrderStatesView,
+    OrdersView,
+    orders_in_play,
+)
 from projections.views.runner import ProjectionWorker, View, group_by_position
 
 log = logging.getLogger(__name__)
 
 
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A long-running part of the hub: an ingest partition, a view worker, the forecast watch
+    (next: the outbox senders, the audit sealer). ``run`` returns when ``stop`` is set."""
+
+    name: str
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
 @dataclass
 class Hub:
-    """A running hub: NATS (embedded or not), the store, and the ingest partitions."""
+    """A running hub: NATS (embedded or not), the store, the views and its services, all run
+    under one task group (``start``) and stopped together (``close``)."""
 
     settings: Settings
     nats_url: str
     nats: NatsClient
     jetstream: JetStreamContext
     store: EventStore
-    publisher: NatsPublisher
+    publisher: EventPublisher
     partitions: list[IngestPartition]
     views: ViewDatabase
     projections: list[ProjectionWorker]
     forecast_watch: ForecastWatch
+    clock: Clock = utc_now
     embedded_nats: EmbeddedNatsServer | None = None
+    services: list[Service] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _projecting: bool = False
-    _watch: asyncio.Task[None] | None = None
+    _group: asyncio.Task[None] | None = None
+    _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
-    def start_ingest(self) -> None:
-        for partition in self.partitions:
-            self._tasks.append(asyncio.create_task(partition.run(self._stop)))
+    def start(self) -> None:
+        """Run every service under one task group: one that fails stops the others (each
+        retries what it can retry itself), and ``close`` stops them all."""
 
-    def start_projections(self) -> None:
-        poll = self.settings.projection_poll_s
-        self._projecting = True
-        for worker in self.projections:
-            self._tasks.append(asyncio.create_task(worker.run(self._stop, poll)))
+        async def supervise() -> None:
+            async with asyncio.TaskGroup() as group:
+                for service in self.services:
+                    task = group.create_task(service.run(self._stop), name=service.name)
+                    self._running[service.name] = task
+
+        self._group = asyncio.create_task(supervise(), name="hub services")
+
+    def running(self) -> dict[str, asyncio.Task[None]]:
+        """The services started so far, by name."""
+        return dict(self._running)
+
+    async def stop_service(self, name: str) -> None:
+        """Stop one service now (the demo stops the forecast watch before its last count; a
+        round under way is cancelled, and it published all or nothing)."""
+        task = self._running.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def record_plant(self, plant: PlantConfig) -> bool:
         """Record ``plant`` as the site's configuration if it differs from the last one recorded
         (ingest stores it, as any other event); returns whether it was new."""
         recorded = await asyncio.to_thread(self.store.plant, self.settings.site)
-        event = configuration_event(self.settings.site, recorded, plant, datetime.now(UTC))
+        event = configuration_event(self.settings.site, recorded, plant, self.clock())
         if event is None:
             return False
         (receipt,) = await self.publisher.publish_many([event])
         log.info("plant configuration recorded (%s)", event.id)
         return not receipt.duplicate
 
-    def start_forecast_watch(self) -> None:
-        interval = self.settings.forecast_interval_s
-        self._watch = asyncio.create_task(self.forecast_watch.run(self._stop, interval))
-        self._tasks.append(self._watch)
-
     async def stop_forecast_watch(self) -> None:
-        """Stop re-forecasting (a round under way is cancelled; it published all or nothing)."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await self.stop_service(FORECAST_WATCH)
 
     async def wait_projected(self, timeout: float = 30.0) -> None:
         """Wait until every view has read everything stored so far (for tests, demo)."""
@@ -110,13 +143,14 @@ class Hub:
         await asyncio.wait_for(
             asyncio.gather(*(p.caught_up.wait() for p in self.partitions)), timeout
         )
-        if self._projecting:
+        if any(s.name.startswith(VIEWS) for s in self.services):
             await self.wait_projected(timeout)
 
     async def close(self) -> None:
         self._stop.set()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._group is not None:
+            with contextlib.suppress(Exception):
+                await self._group
         # Ingest has stopped and acked what it committed; close() flushes those acks. (drain()
         # would wait out its timeout on the pull subscriptions.)
         with contextlib.suppress(Exception):
@@ -125,6 +159,23 @@ class Hub:
         await asyncio.to_thread(self.store.close)
         if self.embedded_nats is not None:
             await asyncio.to_thread(self.embedded_nats.stop)
+
+
+INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
+
+
+def api_context(hub: Hub, plant: PlantConfig | None = None) -> ApiContext:
+    """What the API needs of a running hub: built here, for ``serve``, the demo and the tests."""
+    return ApiContext(
+        store=hub.store,
+        facts=FactsReader(hub.views),
+        orders=OrdersReader(hub.views),
+        publisher=hub.publisher,
+        api_keys=hub.settings.parsed_api_keys(),
+        site=hub.settings.site,
+        plant=plant or PlantConfig(),
+        max_clock_skew_s=hub.settings.max_clock_skew_s,
+    )
 
 
 def all_views() -> list[View]:
@@ -171,12 +222,18 @@ def projection_workers(
 async def build_hub(
     settings: Settings,
     *,
+    store: EventStore | None = None,
+    publisher: EventPublisher | None = None,
+    clock: Clock = utc_now,
     ingest: bool = True,
     projections: bool = True,
     plant: PlantConfig | None = None,
 ) -> Hub:
-    """The hub, with ingest, the views and (with ``projections``) the delivery forecast watch
-    running; ``plant`` is the calendar and rules the forecasts use."""
+    """The hub with production parts by default: NATS (embedded unless ``settings.nats_url``),
+    the event store of ``settings``, the NATS publisher, the wall clock. Tests pass their own
+    ``store``, ``publisher`` (e.g. ``hub.ports.InMemoryPublisher``) or ``clock``. Services
+    running: ingest (``ingest``), the views and the delivery forecast watch (``projections``);
+    ``plant`` is the calendar and rules the forecasts use, recorded as the site's configuration."""
     embedded: EmbeddedNatsServer | None = None
     url = settings.nats_url
     if url is None:
@@ -186,7 +243,8 @@ async def build_hub(
         client = await connect(url)
         jetstream = client.jetstream()
         await ensure_streams(jetstream, settings)
-        store = await asyncio.to_thread(EventStore, settings)
+        if store is None:
+            store = await asyncio.to_thread(EventStore, settings)
         views = await asyncio.to_thread(open_views, settings)
         workers = projection_workers(settings, store, views)
         # One after the other: concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL.
@@ -196,15 +254,17 @@ async def build_hub(
         if embedded is not None:
             embedded.stop()
         raise
+    events_store = store
     partitions = [
         IngestPartition(
             jetstream,
             Ingestor(
-                store,
+                events_store,
                 tracking_name(k, settings.partitions),
                 partition=k,
                 partitions=settings.partitions,
                 snapshot_interval=settings.snapshot_interval,
+                clock=clock,
                 max_clock_skew_s=settings.max_clock_skew_s,
             ),
             batch_size=settings.ingest_batch,
@@ -212,38 +272,47 @@ async def build_hub(
         )
         for k in range(settings.partitions)
     ]
-    publisher = NatsPublisher(jetstream, settings.site)
+    if publisher is None:
+        publisher = NatsPublisher(jetstream, settings.site)
 
     def views_caught_up() -> bool:
-        stored = store.last_position()
+        stored = events_store.last_position()
         return all(worker.position >= stored for worker in workers)
 
     forecast_watch = ForecastWatch(
         settings.site,
-        partial(open_orders, store, views, settings.site),
+        partial(open_orders, events_store, views, settings.site),
         FactsReader(views),
         plant or PlantConfig(),
         publisher,
         ready=views_caught_up,
     )
+    services: list[Service] = []
+    if ingest:
+        services += [Service(f"{INGEST}:p{p.ingestor.partition}", p.run) for p in partitions]
+    if projections:
+        poll = settings.projection_poll_s
+        services += [
+            Service(f"{VIEWS}:{w.name}", partial(w.run, poll_interval=poll)) for w in workers
+        ]
+        interval = settings.forecast_interval_s
+        services.append(Service(FORECAST_WATCH, partial(forecast_watch.run, interval_s=interval)))
     hub = Hub(
         settings=settings,
         nats_url=url,
         nats=client,
         jetstream=jetstream,
-        store=store,
+        store=events_store,
         publisher=publisher,
         partitions=partitions,
         views=views,
         projections=workers,
         forecast_watch=forecast_watch,
+        clock=clock,
         embedded_nats=embedded,
+        services=services,
     )
-    if ingest:
-        hub.start_ingest()
-    if projections:
-        hub.start_projections()
-        hub.start_forecast_watch()
+    hub.start()
     if plant is not None:
         await hub.record_plant(plant)
     return hub

@@ -98,21 +98,9 @@ def api_client(hub: Any, plant: Any = None) -> Any:
     import httpx
 
     from hub.api.app import create_app
-    from hub.api.deps import ApiContext
-    from projections.rules.plant import PlantConfig
-    from projections.views.facts_view import FactsReader
-    from projections.views.orders_view import OrdersReader
+    from hub.bootstrap import api_context
 
-    context = ApiContext(
-        store=hub.store,
-        facts=FactsReader(hub.views),
-        orders=OrdersReader(hub.views),
-        publisher=hub.publisher,
-        api_keys=hub.settings.parsed_api_keys(),
-        site=hub.settings.site,
-        plant=plant or PlantConfig(),
-        max_clock_skew_s=hub.settings.max_clock_skew_s,
-    )
+    context = api_context(hub, plant)
     transport = httpx.ASGITransport(app=create_app(context))
     return httpx.AsyncClient(transport=transport, base_url="http://hub")
 
