@@ -9,6 +9,9 @@ JetStream redelivers unacked messages out of order after a crash.
 A republished event (same CloudEvent ``source`` and ``id``: the same ``dedupe_key``) is dropped
 by the stream's duplicate window, and after that window by the ``received`` table checked here.
 An event dated more than ``max_clock_skew_s`` after the hub's clock is dead-lettered.
+
+``Ingestor`` is the synchronous part, with no NATS: it needs of the store only ``IngestStore``
+(``hub.store.EventStore`` in production, an in-memory fake in the unit tests).
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import Tracking
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -33,6 +36,7 @@ from nats.js.errors import NotFoundError
 from contracts import (
     DLQ_PREFIX,
     AvailabilityV1,
+    CloudEvent,
     ConditionV1,
     ContractViolation,
     DeliveryForecastChangedV1,
@@ -63,10 +67,87 @@ from hub.domain import (
     order_aggregate_id,
     plant_aggregate_id,
 )
+from hub.errors import ConcurrentWrite
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
-from hub.store import Entity, EventStore, Received
+from hub.store import Entity, Received
 
 log = logging.getLogger(__name__)
+_A = TypeVar("_A", bound=Aggregate)
+
+
+class IngestStore(Protocol):
+    """What ingest needs of the event store (``hub.store.EventStore`` implements it)."""
+
+    def tracking_position(self, tracking_name: str) -> int: ...
+
+    def received_events(
+        self, events: Sequence[CloudEvent], legacy_margin_s: float = 0.0
+    ) -> set[str]: ...
+
+    def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]: ...
+
+    def load(self, aggregate_id: UUID) -> Aggregate | None: ...
+
+    def commit(
+        self,
+        aggregates: Iterable[Aggregate],
+        tracking: Tracking,
+        received: Sequence[Received],
+        new_entities: Sequence[Entity],
+        snapshot: Iterable[Aggregate] = (),
+    ) -> None:
+        """All of it in one transaction, or ``ConcurrentWrite`` and nothing."""
+        ...
+
+
+class Target(NamedTuple):
+    """An aggregate an event touches: its kind, its site and its id there (the plant's is the
+    site)."""
+
+    kind: Literal["machine", "order", "plant"]
+    site: str
+    entity_id: str
+
+
+def targets(site: str, event: ValidatedEvent) -> tuple[Target, ...]:
+    """The aggregates ``event`` touches, the one its subject names first: the machine of a
+    machine or operator event, the order of an ERP event, the entity a hub event names (an
+    order, or the site's plant); an operator's start or end of an order touches that order too.
+
+    ``contracts.partition_key`` makes the same first choice from the NATS subject alone, before
+    decoding: an event is ingested by its first target's partition. (An order an operator starts
+    is written from the machine's partition too; a concurrent write there is retried.)"""
+    event_type = event.event_type
+    kind = event_type.entity or ("order" if event_type.stream == "erp" else "machine")
+    first = Target(kind, site, site if kind == "plant" else event.envelope.subject)
+    if isinstance(event.data, OrderStartedV1 | OrderEndedV1):
+        return first, Target("order", site, event.data.order_id)
+    return (first,)
+
+
+def aggregate_id(target: Target) -> UUID:
+    if target.kind == "plant":
+        return plant_aggregate_id(target.site)
+    make = machine_aggregate_id if target.kind == "machine" else order_aggregate_id
+    return make(target.site, target.entity_id)
+
+
+def _new_aggregate(target: Target) -> Aggregate:
+    match target.kind:
+        case "machine":
+            return Machine(site=target.site, machine_id=target.entity_id)
+        case "order":
+            return Order(site=target.site, order_id=target.entity_id)
+        case "plant":
+            return Plant(site=target.site)
+
+
+def _one(kind: type[_A], aggregates: Sequence[Aggregate]) -> _A:
+    """The aggregate of ``kind`` among those an event touches."""
+    for aggregate in aggregates:
+        if isinstance(aggregate, kind):
+            return aggregate
+    raise TypeError(f"the event touches no {kind.__name__}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +200,7 @@ class Ingestor:
 
     def __init__(
         self,
-        store: EventStore,
+        store: IngestStore,
         tracking_name: str,
         partition: int = 0,
         partitions: int = 1,
@@ -138,7 +219,7 @@ class Ingestor:
         self.stats = IngestStats()
         self._aggregates: dict[UUID, Aggregate] = {}
         self._absent: set[UUID] = set()  # aggregates the store does not have (this batch)
-        self._ids: dict[tuple[str, str, str], UUID] = {}
+        self._ids: dict[Target, UUID] = {}
 
     def reset(self) -> None:
         self._aggregates.clear()
@@ -152,7 +233,7 @@ class Ingestor:
         messages = sorted(messages, key=lambda m: m.stream_seq)
         batch = _Batch(last_seq=messages[-1].stream_seq)
         now = self.clock()
-        valid: list[tuple[IncomingMessage, ValidatedEvent]] = []
+        valid: list[tuple[IncomingMessage, ValidatedEvent, tuple[Target, ...]]] = []
         for message in messages:
             if message.subject.startswith(DLQ_PREFIX):
                 continue  # the dead letters share the stream; they are not ours to apply
@@ -163,24 +244,23 @@ class Ingestor:
                 continue
             try:
                 event = decode_event(message.data)
-                check_subject(message.subject, event)
+                site = check_subject(message.subject, event)
                 check_event_time(event.envelope, now, self.max_clock_skew_s)
             except ContractViolation as violation:
                 batch.rejected.append(Rejected(message, violation.reason))
                 continue
-            valid.append((message, event))
+            valid.append((message, event, targets(site, event)))
         already = self.store.received_events(
-            [e.envelope for _, e in valid], legacy_margin_s=self.max_clock_skew_s
+            [e.envelope for _, e, _ in valid], legacy_margin_s=self.max_clock_skew_s
         )
-        self._find_new_aggregates(valid)
-        for message, event in valid:
+        self._find_new_aggregates(t for _, _, touched in valid for t in touched)
+        for message, event, touched in valid:
             key = dedupe_key(event.envelope)
             if key in already:
                 batch.duplicates += 1
                 continue
             already.add(key)
-            site = message.subject.split(".")[1]
-            self._apply(batch, site, event)
+            self._apply(event, [self._aggregate(batch, target) for target in touched])
             batch.received.append(Received(key, message.stream_seq))
         return batch
 
@@ -212,133 +292,81 @@ class Ingestor:
 
     # --- applying one event ----------------------------------------------------------------
 
-    def _aggregate_id(self, kind: str, site: str, entity_id: str) -> UUID:
-        key = (kind, site, entity_id)
-        found = self._ids.get(key)
+    def _aggregate_id(self, target: Target) -> UUID:
+        found = self._ids.get(target)
         if found is None:
-            if kind == "plant":
-                found = plant_aggregate_id(site)
-            else:
-                make = machine_aggregate_id if kind == "machine" else order_aggregate_id
-                found = make(site, entity_id)
-            self._ids[key] = found
+            found = self._ids[target] = aggregate_id(target)
         return found
 
-    def _find_new_aggregates(self, valid: list[tuple[IncomingMessage, ValidatedEvent]]) -> None:
+    def _find_new_aggregates(self, touched: Iterable[Target]) -> None:
         """Ask the store once per batch which uncached aggregates exist, so that creating a new
         machine or order does not cost a failed load each."""
-        wanted: set[UUID] = set()
-        for message, event in valid:
-            site = message.subject.split(".")[1]
-            stream = event.event_type.stream
-            kind = event.event_type.entity or ("order" if stream == "erp" else "machine")
-            wanted.add(self._aggregate_id(kind, site, event.envelope.subject))
-            order_id = getattr(event.data, "order_id", None) if stream == "operator" else None
-            if order_id:
-                wanted.add(self._aggregate_id("order", site, order_id))
+        wanted = {self._aggregate_id(target) for target in touched}
         wanted.difference_update(self._aggregates)
         self._absent = wanted - self.store.existing(list(wanted))
 
-    def _aggregate(
-        self, batch: _Batch, kind: str, aggregate_id: UUID, create: Callable[[], Aggregate]
-    ) -> Aggregate:
-        aggregate = self._aggregates.get(aggregate_id)
+    def _aggregate(self, batch: _Batch, target: Target) -> Aggregate:
+        key = self._aggregate_id(target)
+        aggregate = self._aggregates.get(key)
         if aggregate is None:
-            if aggregate_id not in self._absent:
-                aggregate = self.store.load(aggregate_id)
+            if key not in self._absent:
+                aggregate = self.store.load(key)
             if aggregate is None:
-                aggregate = create()
-                batch.versions_before[aggregate_id] = 0
-                if isinstance(aggregate, Machine):
-                    entity_id, site = aggregate.machine_id, aggregate.site
-                elif isinstance(aggregate, Plant):
-                    entity_id, site = aggregate.site, aggregate.site
-                else:
-                    assert isinstance(aggregate, Order)
-                    entity_id, site = aggregate.order_id, aggregate.site
-                batch.new_entities.append(Entity(kind, site, entity_id, aggregate_id))
-            self._aggregates[aggregate_id] = aggregate
-        batch.versions_before.setdefault(aggregate_id, aggregate.version)
-        batch.touched[aggregate_id] = aggregate
+                aggregate = _new_aggregate(target)
+                batch.versions_before[key] = 0
+                batch.new_entities.append(Entity(target.kind, target.site, target.entity_id, key))
+            self._aggregates[key] = aggregate
+        batch.versions_before.setdefault(key, aggregate.version)
+        batch.touched[key] = aggregate
         return aggregate
 
-    def _machine(self, batch: _Batch, site: str, machine_id: str) -> Machine:
-        machine = self._aggregate(
-            batch,
-            "machine",
-            self._aggregate_id("machine", site, machine_id),
-            lambda: Machine(site=site, machine_id=machine_id),
-        )
-        assert isinstance(machine, Machine)
-        return machine
-
-    def _order(self, batch: _Batch, site: str, order_id: str) -> Order:
-        order = self._aggregate(
-            batch,
-            "order",
-            self._aggregate_id("order", site, order_id),
-            lambda: Order(site=site, order_id=order_id),
-        )
-        assert isinstance(order, Order)
-        return order
-
-    def _plant(self, batch: _Batch, site: str) -> Plant:
-        plant = self._aggregate(
-            batch, "plant", self._aggregate_id("plant", site, site), lambda: Plant(site=site)
-        )
-        assert isinstance(plant, Plant)
-        return plant
-
-    def _apply(self, batch: _Batch, site: str, event: ValidatedEvent) -> None:
+    def _apply(self, event: ValidatedEvent, touched: Sequence[Aggregate]) -> None:
+        """Apply ``event`` to the aggregates it touches (``targets``, loaded or new)."""
         envelope, data = event.envelope, event.data
         origin = Origin(envelope.id, envelope.source, envelope.time)
         subject = envelope.subject
         match data:
             case AvailabilityV1():
-                self._machine(batch, site, subject).report_availability(
-                    origin, data.availability.value
-                )
+                _one(Machine, touched).report_availability(origin, data.availability.value)
             case ExecutionV1():
-                self._machine(batch, site, subject).report_execution(
+                _one(Machine, touched).report_execution(
                     origin,
                     data.execution.value,
                     data.mode.value if data.mode else None,
                     data.program,
                 )
             case PartCountV1():
-                self._machine(batch, site, subject).report_part_count(
-                    origin, data.kind.value, data.count
-                )
+                _one(Machine, touched).report_part_count(origin, data.kind.value, data.count)
             case ConditionV1():
-                self._machine(batch, site, subject).report_condition(
+                _one(Machine, touched).report_condition(
                     origin, data.level.value, data.native_code, data.message
                 )
             case DowntimeReasonV1():
-                self._machine(batch, site, subject).give_downtime_reason(
+                _one(Machine, touched).give_downtime_reason(
                     origin, data.reason, data.start, data.end, data.operator, data.note
                 )
             case ScrapV1():
-                self._machine(batch, site, subject).report_scrap(
+                _one(Machine, touched).report_scrap(
                     origin, data.order_id, data.quantity, data.reason
                 )
             case OrderStartedV1():
-                self._machine(batch, site, subject).start_order(origin, data.order_id)
-                self._order(batch, site, data.order_id).start_on(origin, subject)
+                _one(Machine, touched).start_order(origin, data.order_id)
+                _one(Order, touched).start_on(origin, subject)
             case OrderEndedV1():
-                self._machine(batch, site, subject).end_order(origin, data.order_id)
-                self._order(batch, site, data.order_id).end_on(origin, subject)
+                _one(Machine, touched).end_order(origin, data.order_id)
+                _one(Order, touched).end_on(origin, subject)
             case OrderReleasedV1():
                 fields = data.model_dump(exclude={"order_id"})
-                self._order(batch, site, subject).release(origin, fields)
+                _one(Order, touched).release(origin, fields)
             case OrderChangedV1():
-                self._order(batch, site, subject).change(origin, data.changes())
+                _one(Order, touched).change(origin, data.changes())
             case OrderCancelledV1():
-                self._order(batch, site, subject).cancel(origin, data.reason)
+                _one(Order, touched).cancel(origin, data.reason)
             case PlantConfiguredV1():
-                self._plant(batch, site).configure(origin, data.plant, data.effective_from)
+                _one(Plant, touched).configure(origin, data.plant, data.effective_from)
             case DeliveryForecastChangedV1():
                 forecast = data.model_dump(mode="json", exclude={"order_id"})
-                self._order(batch, site, subject).record_delivery_forecast(origin, forecast)
+                _one(Order, touched).record_delivery_forecast(origin, forecast)
             case _:  # a type in EVENT_TYPES without a handler is a programming error
                 raise TypeError(f"no handler for {event.event_type.name}")
 
@@ -465,7 +493,7 @@ class IngestPartition:
                     await self._dead_letter(reject)
                 await asyncio.to_thread(self.ingestor.commit, batch)
                 return rejected
-            except IntegrityError:
+            except ConcurrentWrite:
                 # Another partition wrote the same aggregate (an order touched from two
                 # machines), or this batch was committed after all (a connection lost during
                 # COMMIT): reload, drop what the store already has, apply the rest again.

@@ -16,13 +16,15 @@ from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from hub.errors import MesHubError
+
 ENV_PREFIX = "MES_HUB_"
 ROLES = ("admin", "operator", "erp", "supplier", "auditor")
 Role = Literal["admin", "operator", "erp", "supplier", "auditor"]
 MIN_KEY_LENGTH = 16
 
 
-class ConfigError(Exception):
+class ConfigError(MesHubError):
     """A setting that cannot be used: where it came from (a file or an environment variable),
     the key (``section.name``; None for the file as a whole) and why. Several problems found at
     once travel together (``also``); the message lists them all."""

@@ -9,7 +9,8 @@ tables that are written in the same transaction as the events:
 - ``mes_received_events``: the dedupe key (``contracts.dedupe_key``: source + id) of every
   CloudEvent applied, so a republished event changes nothing even after NATS' duplicate window
   has passed;
-- ``mes_entities``: the machines and orders the store knows, to list them without a scan;
+- ``mes_entities``: the machines, orders and plants (one per site) the store knows, to list
+  them without a scan;
 
 and ``mes_hub_meta``, a few facts about the store itself. Stores written before the dedupe key
 held the bare CloudEvent id in ``mes_received_events``; the first open by this version records
@@ -28,7 +29,7 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.domain import Aggregate, Snapshot
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.postgres import PostgresFactory, PostgresProcessRecorder
 from eventsourcing.sqlite import (
     SQLiteConnection,
@@ -50,6 +51,7 @@ from hub.domain import (
     order_aggregate_id,
     plant_aggregate_id,
 )
+from hub.errors import ConcurrentWrite
 from hub.settings import Settings
 
 RECEIVED_TABLE = "mes_received_events"
@@ -72,7 +74,7 @@ class Received:
 
 @dataclass(frozen=True)
 class Entity:
-    kind: str  # "machine" or "order"
+    kind: str  # "machine", "order" or "plant" (whose entity_id is its site)
     site: str
     entity_id: str
     aggregate_id: UUID
@@ -499,16 +501,21 @@ class EventStore:
     ) -> None:
         """Store the aggregates' new events, the tracking position, the received ids, the new
         entities and snapshots of ``snapshot`` (taken from the state being committed) in ONE
-        transaction. Raises ``IntegrityError`` on a concurrent write."""
+        transaction. Raises ``ConcurrentWrite`` when another writer got there first (an
+        aggregate version, received key or tracking position already taken): then nothing of
+        this commit is stored."""
         events = [e for aggregate in aggregates for e in aggregate.collect_events()]
         snapshots = [self._app.mapper.to_stored_event(Snapshot.take(a)) for a in snapshot]
-        self._app.events.put(
-            events,
-            tracking=tracking,
-            mes_received=received,
-            mes_entities=new_entities,
-            mes_snapshots=snapshots,
-        )
+        try:
+            self._app.events.put(
+                events,
+                tracking=tracking,
+                mes_received=received,
+                mes_entities=new_entities,
+                mes_snapshots=snapshots,
+            )
+        except IntegrityError as exc:
+            raise ConcurrentWrite(str(exc)) from exc
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -527,10 +534,6 @@ class EventStore:
     def machine_history(self, site: str, machine_id: str) -> list[Any]:
         """Every stored event of one machine, in the order it was recorded."""
         return list(self._app.events.get(machine_aggregate_id(site, machine_id)))
-
-    def ideal_cycle_time(self, site: str, order_id: str) -> float | None:
-        order = self.order(site, order_id)
-        return order.ideal_cycle_time_s if order is not None else None
 
     def ideal_cycle_times(
         self,
@@ -566,9 +569,6 @@ class EventStore:
         found = (self.load(e.aggregate_id) for e in self._recorder.entities("order", site))
         return [o for o in found if isinstance(o, Order)]
 
-    def event_count(self) -> int:
-        return self._recorder.max_notification_id() or 0
-
     # --- the notification log, as projections read it ---------------------------------------
 
     def read(
@@ -583,4 +583,6 @@ class EventStore:
         return notifications[-1].id, [(n.id, decode(n)) for n in notifications if n.topic in topics]
 
     def last_position(self) -> int:
-        return self.event_count()
+        """The position of the last stored event in the notification log (0 for an empty
+        store). Not a count: PostgreSQL's positions may have gaps."""
+        return self._recorder.max_notification_id() or 0

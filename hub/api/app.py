@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from hub.api.deps import ApiContext
-from hub.api.problems import install_problem_handlers
+from hub.api.problems import install_problem_handlers, problems
 from hub.api.routes import events, health, machines, oee, orders
 
 
@@ -19,6 +19,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.state.context = context
     install_problem_handlers(app)
     app.include_router(health.router)
+    # Every route under /api/v1 wants a key with an admitted role, and checks its parameters.
     for module in (machines, orders, events, oee):
-        app.include_router(module.router, prefix="/api/v1")
+        app.include_router(module.router, prefix="/api/v1", responses=problems(401, 403, 422))
     return app

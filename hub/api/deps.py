@@ -1,15 +1,21 @@
-"""Dependencies of the routes: the services, and who may call what."""
+"""Dependencies of the routes: the services each route uses, and who may call it.
+
+The composition root hands the app one ``ApiContext``; routes do not take it whole but name the
+services they use (``Store``, ``Facts``, ``Orders``, ``Publisher``, ``Plant``, ``Site``,
+``MaxClockSkew``) and the callers they admit (``Reader``, ``EventWriter``: roles from
+``hub.api.policy``)."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from hub.api.policy import EVENT_WRITERS, READERS
 from hub.api.problems import Problem
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
@@ -17,6 +23,8 @@ from hub.store import EventStore
 from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,13 +42,37 @@ class ApiContext:
     max_clock_skew_s: float = 300.0
 
 
-def get_context(request: Request) -> ApiContext:
+async def get_context(request: Request) -> ApiContext:
     context = request.app.state.context
     assert isinstance(context, ApiContext)
     return context
 
 
+# The whole context, for a route that has not moved to the aliases below yet.
 Context = Annotated[ApiContext, Depends(get_context)]
+
+# --- the services ----------------------------------------------------------------------------
+
+
+def _service(part: Callable[[ApiContext], T]) -> Callable[[ApiContext], Awaitable[T]]:
+    """A dependency giving one part of the context."""
+
+    async def dependency(context: Context) -> T:
+        return part(context)
+
+    return dependency
+
+
+Store = Annotated[EventStore, Depends(_service(lambda c: c.store))]
+Facts = Annotated[FactsReader, Depends(_service(lambda c: c.facts))]
+Orders = Annotated[OrdersReader, Depends(_service(lambda c: c.orders))]
+Publisher = Annotated[EventPublisher, Depends(_service(lambda c: c.publisher))]
+Plant = Annotated[PlantConfig, Depends(_service(lambda c: c.plant))]
+Site = Annotated[str, Depends(_service(lambda c: c.site))]
+MaxClockSkew = Annotated[float, Depends(_service(lambda c: c.max_clock_skew_s))]
+
+# --- the callers -----------------------------------------------------------------------------
+
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
 
@@ -49,10 +81,10 @@ class Caller:
     role: Role
 
 
-def _identify(context: ApiContext, presented: str) -> Caller | None:
+def _identify(api_keys: list[ApiKey], presented: str) -> Caller | None:
     # Compare against every key in constant time, so timing tells nothing about near misses.
     found: Caller | None = None
-    for api_key in context.api_keys:
+    for api_key in api_keys:
         if hmac.compare_digest(api_key.key.get_secret_value().encode(), presented.encode()):
             found = Caller(api_key.role)
     return found
@@ -70,7 +102,7 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
             raise Problem(
                 401, "an API key is required: Authorization: Bearer <key>", headers=challenge
             )
-        caller = _identify(context, credentials.credentials)
+        caller = _identify(context.api_keys, credentials.credentials)
         if caller is None:
             raise Problem(401, "the API key is not valid", headers=challenge)
         if caller.role not in roles:
@@ -83,6 +115,5 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
     return check
 
 
-READERS: tuple[Role, ...] = ("admin", "operator", "erp", "auditor")
-EventWriter = Annotated[Caller, Depends(require("admin", "operator", "erp"))]
 Reader = Annotated[Caller, Depends(require(*READERS))]
+EventWriter = Annotated[Caller, Depends(require(*EVENT_WRITERS))]

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_JSON = "application/problem+json"
@@ -22,6 +23,31 @@ _TITLES = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+class FieldError(BaseModel):
+    field: str
+    rule: str
+
+
+class ProblemDetails(BaseModel):
+    """An error answer (RFC 9457), as ``application/problem+json``. Some carry more members
+    (RFC 9457 section 3.2), e.g. the codes a client may choose from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[FieldError] | None = None
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route that may answer with these problems (for the OpenAPI
+    schema; ``install_problem_handlers`` documents them as ``application/problem+json``)."""
+    return {s: {"model": ProblemDetails, "description": _TITLES[s]} for s in statuses}
 
 
 class Problem(Exception):
@@ -91,6 +117,22 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(request, 500, "internal error; see the hub's log")
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # FastAPI files every declared response under application/json; problems are not.
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    for status, answer in operation.get("responses", {}).items():
+                        content = answer.get("content", {})
+                        if status[:1] in "45" and "application/json" in content:
+                            content[PROBLEM_JSON] = content.pop("application/json")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)

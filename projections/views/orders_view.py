@@ -97,33 +97,106 @@ class OrdersReader:
                         found[by_key[key]] = float(seconds)
         return found
 
+    def page(
+        self,
+        site: str,
+        *,
+        status: str | None = None,
+        customer: str | None = None,
+        machine: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[tuple[str, UUID]]:
+        """One page of ``site``'s orders (order id and aggregate id), by order id: up to
+        ``limit`` after the order id ``after``, with the ``status`` and ``customer`` asked and
+        ``machine`` either the one the ERP named or one the order ran on."""
+        where, params = ["site = ?"], [site]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if customer is not None:
+            where.append("customer = ?")
+            params.append(customer)
+        if after is not None:
+            where.append("order_id > ?")
+            params.append(after)
+        if machine is not None:
+            where.append(
+                f"(machine_id = ? OR aggregate_id IN "
+                f"(SELECT aggregate_id FROM {MACHINES_TABLE} WHERE machine_id = ?))"
+            )
+            params += [machine, machine]
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT order_id, aggregate_id FROM {STATES_TABLE} "
+                f"WHERE {' AND '.join(where)} ORDER BY order_id LIMIT ?",
+                [*params, limit],
+            )
+            return [(str(order_id), UUID(key)) for order_id, key in cursor.fetchall()]
 
-# v2 keeps each order's taps and whether a run is open by event time (v1 counted starts and ends,
-# which a start tapped twice or a stray end would throw off); a new name, so a hub upgraded from
-# v1 builds it from the store.
-STATES_TABLE = "mes_view_order_states_v2"
+
+# v3 adds what the order list filters and pages by (site, order id, status, customer, the machine
+# the ERP named and those the order ran on); v2 kept each order's taps and whether a run is open
+# by event time (v1 counted starts and ends, which a start tapped twice or a stray end would
+# throw off). A new name each time, so an upgraded hub builds it from the store.
+STATES_TABLE = "mes_view_order_states_v3"
+MACHINES_TABLE = "mes_view_order_machines_v3"  # (machine, order) for each machine an order ran on
+_STATE_COLUMNS = ("site", "order_id", "status", "customer", "machine_id", "released", "cancelled",
+                  "followed", "moves", "ran", "running", "announced", "position")  # fmt: skip
+_LIST_FIELDS = ("customer", "machine_id")  # from the release and the changes that name them
 
 
 class OrderStatesView(_KeyedTable):
-    """Which orders are still in play for delivery forecasts, so a forecast round loads those
-    and not every order the plant ever had: not cancelled, and not ended (no run open, by event
-    time, as the order itself folds its taps) after a final (done or late) forecast was
-    announced."""
+    """Each order's state, without loading its aggregate:
 
-    name = "order_states_v2"
+    - which orders are still in play for delivery forecasts, so a forecast round loads those and
+      not every order the plant ever had: not cancelled, and not ended (no run open, by event
+      time, as the order itself folds its taps) after a final (done or late) forecast was
+      announced. An order only registered or changed (a change ahead of its release) is not
+      followed yet;
+    - what the order list filters by (``OrdersReader.page``): site, order id, status (as
+      ``Order`` decides it), customer, the machine the ERP named and those it ran on.
+    """
+
+    name = "order_states_v3"
     table = STATES_TABLE
     # (made by the library from the @event decorators, out of mypy's sight)
     event_classes: tuple[type, ...] = tuple(
         getattr(Order, name)
-        for name in ("Released", "Cancelled", "Started", "Ended", "DeliveryForecastChanged")
-    )
+        for name in (
+            "Registered", "Released", "Changed", "Cancelled", "Started", "Ended",
+            "DeliveryForecastChanged",
+        )
+    )  # fmt: skip
 
     def create(self, cursor: Cursor, dialect: str) -> None:
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {STATES_TABLE} (aggregate_id TEXT PRIMARY KEY, "
-            "cancelled INTEGER NOT NULL, moves TEXT NOT NULL, ran INTEGER NOT NULL, "
-            "running INTEGER NOT NULL, announced TEXT, position BIGINT NOT NULL)"
+            "site TEXT, order_id TEXT, status TEXT NOT NULL, customer TEXT, machine_id TEXT, "
+            "released INTEGER NOT NULL, cancelled INTEGER NOT NULL, followed INTEGER NOT NULL, "
+            "moves TEXT NOT NULL, ran INTEGER NOT NULL, running INTEGER NOT NULL, announced TEXT, "
+            "position BIGINT NOT NULL)"
         )
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {MACHINES_TABLE} (machine_id TEXT, aggregate_id TEXT, "
+            "PRIMARY KEY (machine_id, aggregate_id))"
+        )
+
+    def create_indexes(self, cursor: Cursor) -> None:
+        # The list's pages: by order id within a site, filtered or not.
+        for name, columns in (
+            ("by_id", "site, order_id"),
+            ("by_status", "site, status, order_id"),
+            ("by_customer", "site, customer, order_id"),
+            ("by_machine", "site, machine_id"),
+        ):
+            cursor.execute(
+                f"CREATE INDEX IF NOT EXISTS {STATES_TABLE}_{name} ON {STATES_TABLE} ({columns})"
+            )
+
+    def drop(self, cursor: Cursor) -> None:
+        super().drop(cursor)
+        cursor.execute(f"DROP TABLE IF EXISTS {MACHINES_TABLE}")
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
         keys = sorted({event.originator_id.hex for _, event in events})
@@ -131,23 +204,30 @@ class OrderStatesView(_KeyedTable):
         for start in range(0, len(keys), 500):  # SQLite caps bound parameters
             chunk = keys[start : start + 500]
             cursor.execute(
-                f"SELECT aggregate_id, cancelled, moves, announced, position FROM {STATES_TABLE} "
+                f"SELECT aggregate_id, {', '.join(_STATE_COLUMNS)} FROM {STATES_TABLE} "
                 f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
                 chunk,
             )
-            for key, cancelled, moves, announced, position in cursor.fetchall():
-                rows[key] = {"cancelled": cancelled, "moves": json.loads(moves),
-                             "announced": announced, "position": position}  # fmt: skip
+            for key, *columns in cursor.fetchall():
+                rows[key] = dict(zip(_STATE_COLUMNS, columns, strict=True))
+                rows[key]["moves"] = json.loads(rows[key]["moves"])
         changed: set[str] = set()
         for position, event in events:
             key = event.originator_id.hex
             row = rows.setdefault(
-                key, {"cancelled": 0, "moves": [], "announced": None, "position": 0}
-            )
+                key,
+                {"site": None, "order_id": None, "customer": None, "machine_id": None,
+                 "released": 0, "cancelled": 0, "followed": 0, "moves": [], "announced": None,
+                 "position": 0},
+            )  # fmt: skip
             if position <= row["position"]:
                 continue  # already applied (a rebuild racing the live worker)
             kind = type(event).__name__
-            if kind == "Cancelled":
+            if kind == "Registered":
+                row["site"], row["order_id"] = event.site, event.order_id
+            elif kind in ("Released", "Changed"):
+                row.update((f, event.fields[f]) for f in _LIST_FIELDS if f in event.fields)
+            elif kind == "Cancelled":
                 row["cancelled"] = 1
             elif kind in ("Started", "Ended"):
                 row["moves"].append({"machine_id": event.machine_id,
@@ -155,29 +235,54 @@ class OrderStatesView(_KeyedTable):
                                      "started": kind == "Started"})  # fmt: skip
             elif kind == "DeliveryForecastChanged":
                 row["announced"] = event.forecast.get("status") or row["announced"]
+            if kind == "Released":
+                row["released"] = 1
+            if kind not in ("Registered", "Changed"):
+                row["followed"] = 1
             row["position"] = position
             changed.add(key)
-        if changed:
-            values = []
-            for key in sorted(changed):
-                row = rows[key]
-                runs = order_runs(row["moves"])
-                running = any(run["end"] is None for run in runs)
-                values.append((key, row["cancelled"], json.dumps(row["moves"]), int(bool(runs)),
-                               int(running), row["announced"], row["position"]))  # fmt: skip
+        if not changed:
+            return
+        values: list[tuple[Any, ...]] = []
+        ran_on: list[tuple[str, str]] = []
+        for key in sorted(changed):
+            row = rows[key]
+            runs = order_runs(row["moves"])
+            row["ran"], row["running"] = int(bool(runs)), int(any(r["end"] is None for r in runs))
+            row["status"] = _status(row)
+            stored = {**row, "moves": json.dumps(row["moves"])}
+            values.append((key, *(stored[c] for c in _STATE_COLUMNS)))
+            ran_on.extend((machine, key) for machine in sorted({r["machine_id"] for r in runs}))
+        cursor.executemany(
+            f"INSERT INTO {STATES_TABLE} (aggregate_id, {', '.join(_STATE_COLUMNS)}) "
+            f"VALUES (?, {', '.join('?' * len(_STATE_COLUMNS))}) ON CONFLICT (aggregate_id) "
+            f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _STATE_COLUMNS)}",
+            values,
+        )
+        if ran_on:
             cursor.executemany(
-                f"INSERT INTO {STATES_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (aggregate_id) DO UPDATE SET cancelled = excluded.cancelled, "
-                "moves = excluded.moves, ran = excluded.ran, running = excluded.running, "
-                "announced = excluded.announced, position = excluded.position",
-                values,
+                f"INSERT INTO {MACHINES_TABLE} (machine_id, aggregate_id) VALUES (?, ?) "
+                "ON CONFLICT (machine_id, aggregate_id) DO NOTHING",
+                ran_on,
             )
+
+
+def _status(row: Mapping[str, Any]) -> str:
+    """The order's status, as ``Order`` keeps it: cancelled for good; else running while a run
+    is open, ended once it ran, released once the ERP released it, unreleased before."""
+    if row["cancelled"]:
+        return "cancelled"
+    if row["running"]:
+        return "running"
+    if row["ran"]:
+        return "ended"
+    return "released" if row["released"] else "unreleased"
 
 
 def orders_in_play(db: ViewDatabase) -> list[UUID]:
     with db.transaction(write=False) as cursor:
         cursor.execute(
-            f"SELECT aggregate_id FROM {STATES_TABLE} WHERE cancelled = 0 AND NOT "
-            "(announced IN ('done', 'late') AND ran = 1 AND running = 0)"
+            f"SELECT aggregate_id FROM {STATES_TABLE} WHERE followed = 1 AND cancelled = 0 AND "
+            "NOT (announced IN ('done', 'late') AND ran = 1 AND running = 0)"
         )
         return [UUID(row[0]) for row in cursor.fetchall()]

@@ -8,9 +8,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import Tracking
 
 from hub.domain import Machine, Order, Origin
+from hub.errors import ConcurrentWrite
 from hub.ingest import IncomingMessage, Ingestor
 from hub.settings import Settings, load_settings
 from hub.store import Entity, EventStore, Received
@@ -68,7 +69,7 @@ class StoreContract(OnEveryStore):
         fresh.report_availability(origin("e2"), "AVAILABLE")
         store.commit([fresh], Tracking("ingest", 2), [Received("e2", 2)], [])
         stale.report_availability(origin("e3"), "UNAVAILABLE")
-        with pytest.raises(IntegrityError):
+        with pytest.raises(ConcurrentWrite):
             store.commit([stale], Tracking("ingest", 3), [Received("e3", 3)], [])
         assert store.tracking_position("ingest") == 2
         assert store.received_already(["e3"]) == set()
@@ -79,7 +80,7 @@ class StoreContract(OnEveryStore):
         first = Machine(site="default", machine_id="M1")
         store.commit([first], Tracking("ingest", 1), [Received("e1", 1)], [])
         second = Machine(site="default", machine_id="M2")
-        with pytest.raises(IntegrityError):
+        with pytest.raises(ConcurrentWrite):
             store.commit([second], Tracking("ingest", 2), [Received("e1", 2)], [])
         assert store.machine("default", "M2") is None
 
@@ -182,7 +183,7 @@ class StoreContract(OnEveryStore):
         ahead = first.prepare([started("M1", 1)])
         behind = second.prepare([started("M2", 2)])  # loaded the order before M1's commit
         first.commit(ahead)
-        with pytest.raises(IntegrityError):
+        with pytest.raises(ConcurrentWrite):
             second.commit(behind)
         # What IngestPartition does on a conflict: the partition's aggregates are reloaded.
         second.commit(second.prepare([started("M2", 2)]))

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from contracts import (
@@ -28,24 +27,23 @@ from contracts import (
     nats_subject_for,
     validate_envelope,
 )
-from hub.api.deps import ApiContext, Caller, Context, EventWriter
-from hub.api.problems import Problem
+from hub.api.deps import Caller, EventWriter, MaxClockSkew, Plant, Publisher, Site, Store
+from hub.api.policy import may_send
+from hub.api.problems import Problem, problems
 from hub.store import EventStore
+from projections.rules.plant import PlantConfig
 
 router = APIRouter(prefix="/events", tags=["events"])
 
 MAX_BODY_BYTES = 1024 * 1024
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
-# Which event families each role may send: an operator tablet must not release ERP orders.
-ALLOWED_STREAMS = {
-    "admin": {"machine", "operator", "erp"},
-    "operator": {"operator"},
-    "erp": {"erp"},
-}
 
 
 class Accepted(BaseModel):
+    """One event's receipt: its id, the NATS subject it travels on, and whether the hub had it
+    already (then it was not published again)."""
+
     id: str
     subject: str
     duplicate: bool
@@ -78,7 +76,12 @@ def _json(body: bytes) -> Any:
 
 
 def _check(
-    raw: Any, caller: Caller, context: ApiContext, now: datetime, index: int | None = None
+    raw: Any,
+    caller: Caller,
+    now: datetime,
+    max_skew_s: float,
+    plant: PlantConfig,
+    index: int | None = None,
 ) -> ValidatedEvent:
     where = f"event {index}: " if index is not None else ""
     try:
@@ -94,24 +97,24 @@ def _check(
     except ContractViolation as violation:
         errors = [{"field": violation.field or "(event)", "rule": violation.reason}]
         raise Problem(400, where + violation.reason, errors=errors) from None
-    if validated.event_type.stream not in ALLOWED_STREAMS.get(caller.role, set()):
+    if not may_send(caller.role, validated.event_type.stream):
         raise Problem(
             403, f"{where}role {caller.role!r} may not send {validated.event_type.name!r} events"
         )
     try:
-        check_event_time(envelope, now, context.max_clock_skew_s)
+        check_event_time(envelope, now, max_skew_s)
     except ContractViolation as violation:
         errors = [{"field": "time", "rule": violation.reason}]
         raise Problem(400, where + violation.reason, errors=errors) from None
     if isinstance(validated.data, DowntimeReasonV1):
-        _check_reason(validated.data.reason, context, where)
+        _check_reason(validated.data.reason, plant, where)
     return validated
 
 
-def _check_reason(reason: str, context: ApiContext, where: str) -> None:
+def _check_reason(reason: str, plant: PlantConfig, where: str) -> None:
     """Over NATS an unknown code is kept (and reported as unknown); a person at the API can
     still pick one of the catalog's codes."""
-    codes = sorted(context.plant.planned_reasons())
+    codes = sorted(plant.planned_reasons())
     if reason in codes:
         return
     listed = ", ".join(codes) if codes else "none (the catalog [plant.reasons] is empty)"
@@ -135,7 +138,7 @@ def _never_reported(store: EventStore, site: str, machine_ids: Sequence[str]) ->
 
 
 async def _check_machines_known(
-    context: ApiContext, events: list[ValidatedEvent], batch: bool
+    store: EventStore, plant: PlantConfig, site: str, events: list[ValidatedEvent], batch: bool
 ) -> None:
     """An operator event needs a machine the hub knows: one that has reported (or does earlier
     in this very batch) or that ``[plant.machines]`` configures. Otherwise it would create a
@@ -149,18 +152,18 @@ async def _check_machines_known(
         elif (
             event.event_type.stream == "operator"
             and machine_id not in reporting
-            and machine_id not in context.plant.machines
+            and machine_id not in plant.machines
         ):
             first_use.setdefault(machine_id, index)
     if not first_use:
         return
-    unknown = await asyncio.to_thread(_never_reported, context.store, context.site, list(first_use))
+    unknown = await asyncio.to_thread(_never_reported, store, site, list(first_use))
     if unknown:
         machine_id = unknown[0]
         where = f"event {first_use[machine_id]}: " if batch else ""
         raise Problem(
             404,
-            f"{where}no machine {machine_id!r} at site {context.site!r}: it has never reported "
+            f"{where}no machine {machine_id!r} at site {site!r}: it has never reported "
             "and is not configured in [plant.machines]",
             extensions={"machine_id": machine_id},
         )
@@ -170,9 +173,22 @@ async def _check_machines_known(
     "",
     status_code=202,
     summary="Accept CloudEvents and publish them to the hub",
-    responses={202: {"description": "Published; ingest applies it shortly"}},
+    description="One event (structured or binary mode) is answered with one receipt, a batch "
+    "with one receipt per event, in its order.",
+    responses={
+        202: {"description": "Published; ingest applies it shortly"},
+        **problems(400, 404, 413, 415, 503),
+    },
 )
-async def post_events(request: Request, context: Context, caller: EventWriter) -> JSONResponse:
+async def post_events(
+    request: Request,
+    store: Store,
+    publisher: Publisher,
+    plant: Plant,
+    site: Site,
+    max_skew_s: MaxClockSkew,
+    caller: EventWriter,
+) -> Accepted | list[Accepted]:
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise Problem(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
@@ -182,34 +198,31 @@ async def post_events(request: Request, context: Context, caller: EventWriter) -
         raw_events = _json(body)
         if not isinstance(raw_events, list) or not raw_events:
             raise Problem(400, "a batch must be a non-empty JSON array of CloudEvents")
-        events = [_check(raw, caller, context, now, i) for i, raw in enumerate(raw_events)]
+        events = [
+            _check(raw, caller, now, max_skew_s, plant, i) for i, raw in enumerate(raw_events)
+        ]
     elif content_type == STRUCTURED:
-        events = [_check(_json(body), caller, context, now)]
+        events = [_check(_json(body), caller, now, max_skew_s, plant)]
     else:
-        events = [_check(_binary_mode(request, body), caller, context, now)]
-    await _check_machines_known(context, events, content_type == BATCH)
+        events = [_check(_binary_mode(request, body), caller, now, max_skew_s, plant)]
+    await _check_machines_known(store, plant, site, events, content_type == BATCH)
     # Already applied (same source and id), however long ago: answered as a duplicate and not
     # published again. A repeat still in NATS' duplicate window is answered so by NATS.
     envelopes = [e.envelope for e in events]
-    applied = await asyncio.to_thread(
-        context.store.received_events, envelopes, context.max_clock_skew_s
-    )
+    applied = await asyncio.to_thread(store.received_events, envelopes, max_skew_s)
     fresh = [e for e in envelopes if dedupe_key(e) not in applied]
     try:
-        receipts = iter(await context.publisher.publish_many(fresh) if fresh else [])
+        receipts = iter(await publisher.publish_many(fresh) if fresh else [])
     except Exception as exc:
         raise Problem(503, f"could not publish to NATS: {type(exc).__name__}") from None
     accepted = []
     for event in events:
         if dedupe_key(event.envelope) in applied:
-            subject = nats_subject_for(context.site, event)
+            subject = nats_subject_for(site, event)
             accepted.append(Accepted(id=event.id, subject=subject, duplicate=True))
         else:
             receipt = next(receipts)
             accepted.append(
                 Accepted(id=receipt.event_id, subject=receipt.subject, duplicate=receipt.duplicate)
             )
-    payload: Any = (
-        [a.model_dump() for a in accepted] if content_type == BATCH else accepted[0].model_dump()
-    )
-    return JSONResponse(payload, status_code=202)
+    return accepted if content_type == BATCH else accepted[0]

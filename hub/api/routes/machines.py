@@ -7,10 +7,12 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from hub.api.deps import ApiContext, Context, Reader
-from hub.api.problems import Problem
+from hub.api.deps import Facts, Plant, Reader, Site, Store
+from hub.api.problems import Problem, problems
 from hub.domain import COUNTER_JUMP, Machine
 from projections.rules.counters import CounterTotals
+from projections.rules.plant import PlantConfig
+from projections.views.facts_view import FactsReader
 
 router = APIRouter(prefix="/machines", tags=["machines"])
 
@@ -76,31 +78,35 @@ class MachineView(BaseModel):
         )
 
 
-def _view(context: ApiContext, machine: Machine) -> MachineView:
+def _view(facts: FactsReader, plant: PlantConfig, machine: Machine) -> MachineView:
     """The machine's state, with its counters and current order as the views decide them (by
     event time, as its timeline and OEE)."""
-    rules = context.plant.machine_rules(machine.machine_id)
-    counters = context.facts.counter_totals(machine.id, rules.max_parts_per_reading)
-    return MachineView.of(machine, counters, context.facts.current_order(machine.id))
+    rules = plant.machine_rules(machine.machine_id)
+    counters = facts.counter_totals(machine.id, rules.max_parts_per_reading)
+    return MachineView.of(machine, counters, facts.current_order(machine.id))
 
 
 @router.get("", summary="Every machine the hub has heard of, with its current state")
-async def list_machines(context: Context, _: Reader) -> list[MachineView]:
+async def list_machines(
+    store: Store, facts: Facts, plant: Plant, site: Site, _: Reader
+) -> list[MachineView]:
 
     def build() -> list[MachineView]:
-        return [_view(context, m) for m in context.store.machines(context.site)]
+        return [_view(facts, plant, m) for m in store.machines(site)]
 
     return await asyncio.to_thread(build)
 
 
-@router.get("/{machine_id}", summary="One machine's current state")
-async def get_machine(machine_id: str, context: Context, _: Reader) -> MachineView:
+@router.get("/{machine_id}", summary="One machine's current state", responses=problems(404))
+async def get_machine(
+    machine_id: str, store: Store, facts: Facts, plant: Plant, site: Site, _: Reader
+) -> MachineView:
 
     def build() -> MachineView | None:
-        machine = context.store.machine(context.site, machine_id)
-        return None if machine is None else _view(context, machine)
+        machine = store.machine(site, machine_id)
+        return None if machine is None else _view(facts, plant, machine)
 
     view = await asyncio.to_thread(build)
     if view is None:
-        raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
+        raise Problem(404, f"no machine {machine_id!r} at site {site!r}")
     return view

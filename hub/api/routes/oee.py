@@ -1,35 +1,24 @@
-"""Machine timelines and ISO 22400 OEE, computed from the machine facts view for the window
-asked."""
+"""Machine timelines and ISO 22400 OEE over the window asked, from the OEE entry point
+(``hub.reports``)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import AwareDatetime, BaseModel
 
-from hub.api.deps import ApiContext, Context, Reader
+from hub.api.deps import Context, Reader
 from hub.api.problems import Problem
-from hub.domain import machine_aggregate_id
+from hub.reports import Reports, UnknownMachine
 from projections.rules.calendar import Interval
-from projections.rules.history import MachineFacts
-from projections.rules.plant import PlantConfig
-from projections.rules.plant_history import PlantHistory
-from projections.rules.report import (
-    Bucket,
-    FactsFor,
-    GroupBy,
-    facts_window,
-    report_over_time,
-    site_report,
-    timeline_over_time,
-)
+from projections.rules.report import Bucket, GroupBy
 from projections.rules.timeline import TimelineInterval
 
+T = TypeVar("T")
 router = APIRouter(tags=["oee"])
 MAX_WINDOW = timedelta(days=400)
 
@@ -115,62 +104,34 @@ def _window(start: datetime, end: datetime) -> Interval:
     return Interval(start.astimezone(UTC), end.astimezone(UTC))
 
 
-def _configured(plants: PlantHistory, window: Interval) -> set[str]:
-    """The machines ``[plant.machines]`` names in any configuration in force over ``window``:
-    they count before their first report (from their commissioning date, if they have one)."""
-    return {m for _, plant in plants.segments(window) for m in plant.machines}
+async def _reports(context: Context) -> Reports:
+    return Reports(context.store, context.facts, context.orders, context.site, context.plant)
 
 
-def _facts_for(context: ApiContext, machine_id: str, configured: Collection[str] = ()) -> FactsFor:
-    known = machine_id in configured or machine_id in context.plant.machines
-    if not known and not context.store.has_machine(context.site, machine_id):
-        raise Problem(404, f"no machine {machine_id!r} at site {context.site!r}")
-    machine = machine_aggregate_id(context.site, machine_id)
-
-    def facts_for(window: Interval, plant: PlantConfig) -> MachineFacts:
-        facts = context.facts.window(machine, facts_window(window, plant))
-        return facts.settle(plant.machine_rules(machine_id))
-
-    return facts_for
+OeeReports = Annotated[Reports, Depends(_reports)]
 
 
-def _plants(context: ApiContext) -> PlantHistory:
-    return PlantHistory.of(context.store.plant(context.site), context.plant)
-
-
-def _machine_report(
-    context: ApiContext,
-    machine_id: str,
-    window: Interval,
-    group_by: GroupBy | None,
-    plants: PlantHistory,
-) -> list[Bucket]:
-    return report_over_time(
-        _facts_for(context, machine_id, _configured(plants, window)),
-        partial(context.orders.ideal_cycle_times, context.site),
-        window,
-        group_by,
-        plants,
-        datetime.now(UTC),
-    )
+async def _off_the_loop(build: Callable[[], T]) -> T:
+    try:
+        return await asyncio.to_thread(build)
+    except UnknownMachine as exc:
+        raise Problem(404, str(exc)) from None
 
 
 @router.get("/machines/{machine_id}/timeline", summary="A machine's state intervals")
 async def timeline(
-    machine_id: str, start: From, end: To, context: Context, _: Reader
+    machine_id: str, start: From, end: To, reports: OeeReports, _: Reader
 ) -> dict[str, Any]:
     window = _window(start, end)
 
     def build() -> list[TimelineInterval]:
-        plants = _plants(context)
-        facts_for = _facts_for(context, machine_id, _configured(plants, window))
-        return timeline_over_time(facts_for, window, plants, datetime.now(UTC))
+        return reports.machine_timeline(machine_id, window, datetime.now(UTC))
 
     view = TimelineView(
         machine=machine_id,
         start=window.start,
         end=window.end,
-        intervals=await asyncio.to_thread(build),
+        intervals=await _off_the_loop(build),
     )
     body = view.model_dump(mode="json")
     body["from"], body["to"] = body.pop("start"), body.pop("end")
@@ -181,7 +142,7 @@ async def timeline(
 async def oee(
     start: From,
     end: To,
-    context: Context,
+    reports: OeeReports,
     _: Reader,
     machine: str | None = None,
     group_by: GroupBy | None = None,
@@ -189,14 +150,12 @@ async def oee(
     window = _window(start, end)
 
     def build() -> list[Bucket]:
-        plants = _plants(context)
+        now = datetime.now(UTC)
         if machine is not None:
-            return _machine_report(context, machine, window, group_by, plants)
-        machines = sorted({*context.store.machine_ids(context.site), *_configured(plants, window)})
-        reports = [_machine_report(context, m, window, group_by, plants) for m in machines]
-        return site_report(reports, group_by)
+            return reports.machine_oee(machine, window, group_by, now)
+        return reports.site_oee(window, group_by, now)
 
-    buckets = await asyncio.to_thread(build)
+    buckets = await _off_the_loop(build)
     view = OeeView(
         machine=machine,
         start=window.start,

@@ -2,27 +2,45 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
-from hub.api.deps import ApiContext, Context, Reader
-from hub.api.problems import Problem
+from contracts import DeliveryStatus
+from hub.api.deps import Facts, Orders, Plant, Reader, Site, Store
+from hub.api.problems import Problem, problems
 from hub.domain import Order
 from projections.processes.forecast_watch import progress_and_forecast
 from projections.rules.forecast import Forecast
+from projections.rules.plant import PlantConfig
 from projections.rules.progress import OrderProgress
+from projections.views.facts_view import FactsReader
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 
 Status = Literal["unreleased", "released", "running", "ended", "cancelled"]
+MAX_PAGE = 1000
 
 
 class OrderRun(BaseModel):
     machine_id: str
     start: datetime
     end: datetime | None
+
+
+class PublishedForecast(BaseModel):
+    """The last delivery forecast change the hub announced for the order (the data of its
+    ``mes.hub.delivery_forecast.changed.v1`` event, without the order id)."""
+
+    status: DeliveryStatus | None
+    eta: datetime | None
+    due: datetime | None
+    remaining: int | None
+    effective_cycle_time_s: float | None
+    basis: Literal["observed", "ideal", "none"]
+    previous_status: DeliveryStatus | None = None
+    previous_eta: datetime | None = None
 
 
 class OrderView(BaseModel):
@@ -43,11 +61,12 @@ class OrderView(BaseModel):
     version: int
     progress: OrderProgress
     forecast: Forecast
-    published_forecast: dict[str, Any] | None  # the last forecast change the hub announced
+    published_forecast: PublishedForecast | None
     published_forecast_changes: int
 
     @classmethod
     def of(cls, order: Order, progress: OrderProgress, forecast: Forecast) -> OrderView:
+        published = order.delivery_forecast
         return cls(
             site=order.site,
             order_id=order.order_id,
@@ -66,49 +85,82 @@ class OrderView(BaseModel):
             version=order.version,
             progress=progress,
             forecast=forecast,
-            published_forecast=order.delivery_forecast,
+            published_forecast=PublishedForecast.model_validate(published) if published else None,
             published_forecast_changes=order.delivery_forecast_changes,
         )
 
 
-def _views(context: ApiContext, orders: list[Order]) -> list[OrderView]:
+def _views(facts: FactsReader, plant: PlantConfig, orders: list[Order]) -> list[OrderView]:
     """Each order with its progress and delivery forecast."""
     now = datetime.now(UTC)
     views = []
     for order in orders:
-        progress, expected = progress_and_forecast(order, context.facts, context.plant, now)
+        progress, expected = progress_and_forecast(order, facts, plant, now)
         views.append(OrderView.of(order, progress, expected))
     return views
 
 
-@router.get("", summary="Orders with their progress, filtered by status, customer or machine")
+@router.get(
+    "",
+    summary="Orders with their progress, a page at a time, filtered by status, customer or machine",
+    description="Orders by order id, at most `limit` (default 100, at most 1000) a page. When "
+    'there are more, the `Link` header gives the next page (`rel="next"`): the same query with '
+    "`after` set to the last order id of this one. The filters are those of the order list "
+    "view, which follows the store within moments; each order is shown as the store has it.",
+    responses={
+        200: {
+            "headers": {
+                "Link": {
+                    "description": 'The next page, `<url>; rel="next"`, when there is one',
+                    "schema": {"type": "string"},
+                }
+            }
+        }
+    },
+)
 async def list_orders(
-    context: Context,
+    request: Request,
+    response: Response,
+    store: Store,
+    orders: Orders,
+    facts: Facts,
+    plant: Plant,
+    site: Site,
     _: Reader,
     status: Status | None = None,
     customer: str | None = None,
-    machine: str | None = None,
+    machine: Annotated[
+        str | None, Query(description="the machine the ERP named, or one the order ran on")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="orders per page")] = 100,
+    after: Annotated[
+        str | None, Query(description="the cursor: list the orders after this order id")
+    ] = None,
 ) -> list[OrderView]:
     def build() -> list[OrderView]:
-        orders = [
-            o
-            for o in context.store.orders(context.site)
-            if (status is None or o.status == status)
-            and (customer is None or o.customer == customer)
-            and (
-                machine is None
-                or machine == o.machine_id
-                or any(r["machine_id"] == machine for r in o.runs)
-            )
-        ]
-        return _views(context, orders)
+        # One more than asked, to know whether there is a next page.
+        listed = orders.page(
+            site, status=status, customer=customer, machine=machine, after=after, limit=limit + 1
+        )
+        if len(listed) > limit:
+            listed = listed[:limit]
+            following = request.url.include_query_params(after=listed[-1][0])
+            response.headers["Link"] = f'<{following}>; rel="next"'
+        found = (store.load(aggregate_id) for _, aggregate_id in listed)
+        return _views(facts, plant, [o for o in found if isinstance(o, Order)])
 
     return await asyncio.to_thread(build)
 
 
-@router.get("/{order_id}", summary="One order: what the ERP released and what the floor made")
-async def get_order(order_id: str, context: Context, _: Reader) -> OrderView:
-    order = await asyncio.to_thread(context.store.order, context.site, order_id)
+@router.get(
+    "/{order_id}",
+    summary="One order: what the ERP released and what the floor made",
+    responses=problems(404),
+)
+async def get_order(
+    order_id: str, store: Store, facts: Facts, plant: Plant, site: Site, _: Reader
+) -> OrderView:
+    order = await asyncio.to_thread(store.order, site, order_id)
     if order is None:
-        raise Problem(404, f"no order {order_id!r} at site {context.site!r}")
-    return (await asyncio.to_thread(_views, context, [order]))[0]
+        raise Problem(404, f"no order {order_id!r} at site {site!r}")
+    return (await asyncio.to_thread(_views, facts, plant, [order]))[0]

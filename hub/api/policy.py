@@ -1,0 +1,32 @@
+"""Who may do what through the API: the roles, who may read, and which event families each role
+may send. Every route admits roles from here (``hub.api.deps`` turns them into dependencies);
+nothing else in the API names a role.
+
+The roles (keys from ``MES_HUB_API_KEYS`` or the config file):
+
+- ``admin``: everything;
+- ``operator``: reads, and sends operator events (a tablet at the machine);
+- ``erp``: reads, and sends ERP order events;
+- ``auditor``: reads;
+- ``supplier``: admitted by no route yet.
+"""
+
+from __future__ import annotations
+
+from contracts import Stream
+from hub.settings import Role
+
+READERS: tuple[Role, ...] = ("admin", "operator", "erp", "auditor")
+
+# Which event families each role may send: an operator tablet must not release ERP orders, and
+# only the hub itself publishes its own ("hub") events.
+SENDS: dict[Role, frozenset[Stream]] = {
+    "admin": frozenset({"machine", "operator", "erp"}),
+    "operator": frozenset({"operator"}),
+    "erp": frozenset({"erp"}),
+}
+EVENT_WRITERS: tuple[Role, ...] = tuple(SENDS)
+
+
+def may_send(role: Role, stream: Stream) -> bool:
+    return stream in SENDS.get(role, frozenset())

@@ -1,0 +1,105 @@
+"""``mes-hub projections``: rebuild, catch up and inspect the views (no NATS needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hub.cli.shared import ConfigOption, DataDirOption, console, err_console, settings_or_exit
+from hub.settings import Settings
+from hub.store import EventStore
+from projections.views.database import ViewDatabase
+
+app = typer.Typer(help="Views derived from the event store.", no_args_is_help=True)
+
+
+@contextlib.contextmanager
+def _store_and_views(
+    config: Path | None, data_dir: Path | None
+) -> Iterator[tuple[Settings, EventStore, ViewDatabase]]:
+    """The event store and the views, for the projections commands (no NATS needed)."""
+    from hub.bootstrap import open_views
+
+    settings = settings_or_exit(config, data_dir=data_dir)
+    store = EventStore(settings)
+    views = open_views(settings)
+    try:
+        yield settings, store, views
+    finally:
+        views.close()
+        store.close()
+
+
+@app.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str | None, typer.Argument(help="One view; none: every view")] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Drop views and build them again from the first stored event."""
+    from rich.progress import MofNCompleteColumn, Progress, TaskID, TimeRemainingColumn
+
+    from hub.bootstrap import all_views, projection_workers
+    from projections.views.runner import Progress as RebuildProgress
+
+    known = [view.name for view in all_views()]
+    if name is not None and name not in known:
+        err_console.print(f"[red]unknown view {name!r}; views: {', '.join(known)}[/]")
+        raise typer.Exit(2)
+    with _store_and_views(config, data_dir) as (settings, store, views):
+        columns = (
+            *Progress.get_default_columns()[:-1],
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as bar:
+            chosen = [name] if name else None
+            for worker in projection_workers(settings, store, views, chosen, rebuild=True):
+                task = bar.add_task(worker.name, total=store.last_position())
+                started = time.perf_counter()
+
+                def advance(progress: RebuildProgress, task: TaskID = task) -> None:
+                    bar.update(task, completed=progress.position, total=progress.last)
+
+                read = worker.rebuild(advance)
+                seconds = time.perf_counter() - started
+                rate = read / seconds if seconds else 0.0
+                bar.console.print(
+                    f"{worker.name}: {read:,} events in {seconds:.1f} s "
+                    f"({rate:,.0f} events/s), position {worker.position}"
+                )
+
+
+@app.command("catch-up")
+def projections_catch_up(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Bring every view up to the end of the event store, from where each stopped."""
+    from hub.bootstrap import projection_workers
+
+    with _store_and_views(config, data_dir) as (settings, store, views):
+        for worker in projection_workers(settings, store, views):
+            worker.prepare()
+            before = worker.position
+            read = worker.catch_up()
+            console.print(f"{worker.name}: {before} -> {worker.position} ({read:,} events)")
+
+
+@app.command("status")
+def projections_status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """How far each view has read the event store."""
+    from hub.bootstrap import all_views
+    from projections.views.runner import positions
+
+    with _store_and_views(config, data_dir) as (_, store, views):
+        stored, read = store.last_position(), positions(views)
+        table = Table("view", "position", "behind")
+        for view in all_views():
+            position = read.get(view.name, 0)
+            table.add_row(view.name, str(position), str(stored - position))
+        console.print(f"event store: {stored} events")
+        console.print(table)

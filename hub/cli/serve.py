@@ -1,0 +1,63 @@
+"""``mes-hub serve``: ingest, the views and the API, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Annotated
+
+import typer
+from pydantic import SecretStr
+
+from hub.bootstrap import build_hub
+from hub.cli.shared import (
+    ConfigOption,
+    DataDirOption,
+    NatsUrlOption,
+    api_server,
+    console,
+    plant_or_exit,
+    run_until_signal,
+    settings_or_exit,
+    setup_logging,
+)
+from hub.settings import Settings, redacted_url
+
+
+def _api_keys_or_generated(settings: Settings) -> tuple[Settings, str | None]:
+    if settings.parsed_api_keys():
+        return settings, None
+    key = secrets.token_urlsafe(24)
+    return settings.model_copy(update={"api_keys": SecretStr(f"admin:{key}")}), key
+
+
+def serve(
+    config: ConfigOption = None,
+    nats_url: NatsUrlOption = None,
+    data_dir: DataDirOption = None,
+    host: Annotated[str | None, typer.Option(help="API address")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (0: any free port)")] = None,
+) -> None:
+    """Run ingest and the API until Ctrl-C."""
+    settings = settings_or_exit(
+        config, nats_url=nats_url, data_dir=data_dir, api_host=host, api_port=port
+    )
+    plant = plant_or_exit(config)
+    setup_logging(logging.INFO)
+    settings, generated = _api_keys_or_generated(settings)
+
+    async def main(stop: asyncio.Event) -> None:
+        hub = await build_hub(settings, plant=plant)
+        api = api_server(hub, plant)
+        api.start()
+        console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")
+        console.print(f"NATS: {redacted_url(hub.nats_url)}; store: {settings.store}")
+        if generated:
+            # Printed once on the terminal, never logged: set MES_HUB_API_KEYS to keep keys.
+            console.print(f"No API keys configured; this run's admin key: [bold]{generated}[/]")
+        await stop.wait()
+        await api.stop()
+        await hub.close()
+
+    run_until_signal(main)

@@ -1,0 +1,113 @@
+"""What the command groups share: the common options, configuration loaded or the process ends
+with exit code 2, logging, running until a signal, and the API server of a running hub."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from hub.api.app import create_app
+from hub.bootstrap import Hub, api_context
+from hub.server import ApiServer
+from hub.settings import ConfigError, Settings, load_settings
+from projections.config import load_plant
+from projections.rules.plant import PlantConfig
+
+if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
+    from adapters.machines.config import AdaptersConfig
+
+T = TypeVar("T")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="mes-hub.toml (settings under [hub])")
+]
+NatsUrlOption = Annotated[
+    str | None, typer.Option("--nats-url", help="NATS server; none: start an embedded one")
+]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Store and NATS data")]
+
+
+# --- configuration, or exit ----------------------------------------------------------------------
+
+
+def config_or_exit(load: Callable[[], T]) -> T:
+    """What ``load`` returns; if it refuses the configuration (``ConfigError``, which every
+    section's error is), the error on stderr and exit code 2."""
+    try:
+        return load()
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def settings_or_exit(config: Path | None, **overrides: object) -> Settings:
+    """``[hub]``; ``overrides``: the command's options (None: not given)."""
+    return config_or_exit(lambda: load_settings(config, **overrides))
+
+
+def plant_or_exit(config: Path | None) -> PlantConfig:
+    """``[plant]``, or the defaults without a config file."""
+    return config_or_exit(lambda: load_plant(config))
+
+
+def adapters_or_exit(config: Path | None) -> AdaptersConfig:
+    """``[adapters]``: the config file is required, the machines are in it."""
+    from adapters.machines.config import load_adapters
+
+    if config is None:
+        err_console.print("[red]--config FILE is required: the machines are in its [adapters][/]")
+        raise typer.Exit(2)
+    return config_or_exit(lambda: load_adapters(config))
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def setup_logging(level: int, file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = []
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(file))
+    else:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    # Libraries' own chatter: one line per HTTP request (httpx), and a traceback each time an
+    # OPC UA server goes away (asyncua), which the adapters already report in one line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main`` with an event that Ctrl-C or SIGTERM sets (for a clean shutdown)."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def api_server(hub: Hub, plant: PlantConfig | None = None) -> ApiServer:
+    """The API of a running hub (``serve`` and ``demo``), on its settings' address."""
+    settings = hub.settings
+    return ApiServer(create_app(api_context(hub, plant)), settings.api_host, settings.api_port)

@@ -1,0 +1,286 @@
+"""The API without NATS: the fake publisher keeps what the API publishes, and the test hands it
+to ingest itself (the Ingestor on a store and views in SQLite files in a temp dir)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from contracts import CloudEvent, encode_event
+from hub.api.app import create_app
+from hub.bootstrap import all_views, api_context
+from hub.domain import order_aggregate_id
+from hub.ingest import IncomingMessage, Ingestor
+from hub.ports import InMemoryPublisher, PublishReceipt
+from hub.settings import Settings, load_settings
+from hub.store import EventStore
+from projections.views.database import SQLiteViews
+from projections.views.orders_view import orders_in_play
+from projections.views.runner import ProjectionWorker
+from tests.conftest import API_ROLES, T0, api_client, api_key, cloud_event
+
+PROBLEM = "application/problem+json"
+
+
+@dataclass
+class HubWithoutNats:
+    """What ``api_context`` takes of a hub, with the fake publisher in place of NATS."""
+
+    settings: Settings
+    store: EventStore
+    views: SQLiteViews
+    publisher: InMemoryPublisher = field(default_factory=InMemoryPublisher)
+    delivered: int = 0
+
+    def deliver(self) -> None:
+        """Ingest what was published since the last call, and bring the views up to date."""
+        fresh = self.publisher.published[self.delivered :]
+        messages = [
+            IncomingMessage(subject, encode_event(event.envelope), self.delivered + n)
+            for n, (subject, event) in enumerate(fresh, start=1)
+        ]
+        if messages:
+            ingestor = Ingestor(self.store, "test", clock=lambda: T0 + timedelta(days=30))
+            ingestor.commit(ingestor.prepare(messages))
+        self.delivered += len(fresh)
+        worker = ProjectionWorker(all_views(), self.store, self.views)
+        worker.prepare()
+        worker.catch_up()
+
+
+@pytest.fixture
+def floor(tmp_path: Path) -> Iterator[HubWithoutNats]:
+    settings = load_settings(
+        data_dir=tmp_path / "hub",
+        api_keys=",".join(f"{role}:{api_key(role)}" for role in API_ROLES),
+    )
+    hub = HubWithoutNats(settings, EventStore(settings), SQLiteViews(tmp_path / "views.sqlite"))
+    yield hub
+    hub.views.close()
+    hub.store.close()
+
+
+@pytest.fixture
+async def client(floor: HubWithoutNats) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(floor) as http:
+        yield http
+
+
+def auth(role: str = "admin") -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key(role)}"}
+
+
+async def post(client: httpx.AsyncClient, role: str, *events: CloudEvent) -> httpx.Response:
+    body = json.dumps([json.loads(encode_event(e)) for e in events])
+    headers = {**auth(role), "Content-Type": "application/cloudevents-batch+json"}
+    return await client.post("/api/v1/events", content=body, headers=headers)
+
+
+def released(order_id: str, **data: Any) -> CloudEvent:
+    fields = {"part_number": "P-1", "quantity": 10, "due": "2026-03-09T00:00:00Z"} | data
+    return cloud_event("mes.erp.order.released.v1", order_id, {"order_id": order_id, **fields})
+
+
+def started(machine: str, order_id: str, minutes: int = 0) -> CloudEvent:
+    return cloud_event("mes.operator.order_started.v1", machine, {"order_id": order_id},
+                       at=timedelta(minutes=minutes))  # fmt: skip
+
+
+def ended(machine: str, order_id: str, minutes: int) -> CloudEvent:
+    return cloud_event("mes.operator.order_ended.v1", machine, {"order_id": order_id},
+                       at=timedelta(minutes=minutes))  # fmt: skip
+
+
+def available(machine: str) -> CloudEvent:
+    return cloud_event("mes.machine.availability.v1", machine, {"availability": "AVAILABLE"})
+
+
+async def test_an_event_is_published_and_only_ingest_makes_it_visible(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    event = cloud_event("mes.machine.execution.v1", "M1", {"execution": "ACTIVE"})
+    response = await client.post(
+        "/api/v1/events",
+        content=encode_event(event),
+        headers={**auth(), "Content-Type": "application/cloudevents+json"},
+    )
+    assert response.status_code == 202
+    assert response.json() == {
+        "id": event.id,
+        "subject": "mes.default.machine.M1.execution",
+        "duplicate": False,
+    }
+    assert [s for s, _ in floor.publisher.published] == ["mes.default.machine.M1.execution"]
+    # The API does not write the store: one way in.
+    assert (await client.get("/api/v1/machines/M1", headers=auth())).status_code == 404
+    floor.deliver()
+    machine = await client.get("/api/v1/machines/M1", headers=auth("auditor"))
+    assert machine.status_code == 200 and machine.json()["execution"] == "ACTIVE"
+    # Stored already: answered as a duplicate, not published again.
+    again = await post(client, "admin", event)
+    assert again.json() == [{**response.json(), "duplicate": True}]
+    assert len(floor.publisher.published) == 1
+
+
+@pytest.mark.parametrize(
+    ("role", "event", "status"),
+    [
+        ("operator", available("M1"), 403),
+        ("operator", released("SO-1"), 403),
+        ("erp", available("M1"), 403),
+        ("erp", released("SO-1"), 202),
+        ("admin", released("SO-1"), 202),
+        ("auditor", released("SO-1"), 403),
+        ("supplier", released("SO-1"), 403),
+    ],
+)
+async def test_each_role_sends_only_its_event_families(
+    client: httpx.AsyncClient, role: str, event: CloudEvent, status: int
+) -> None:
+    response = await post(client, role, event)
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert response.headers["content-type"] == PROBLEM
+
+
+async def test_an_operator_event_for_a_machine_never_heard_of_is_404(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    response = await post(client, "operator", started("M9", "SO-1"))
+    assert response.status_code == 404 and response.json()["machine_id"] == "M9"
+    assert floor.publisher.published == []
+
+
+async def test_a_publisher_that_fails_is_a_503(floor: HubWithoutNats) -> None:
+    class Down(InMemoryPublisher):
+        async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+            raise ConnectionError("no NATS")
+
+    floor.publisher = Down()
+    async with api_client(floor) as client:
+        response = await post(client, "admin", available("M1"))
+    assert response.status_code == 503 and response.headers["content-type"] == PROBLEM
+    assert "ConnectionError" in response.json()["detail"]
+
+
+async def orders_on(floor: HubWithoutNats, client: httpx.AsyncClient) -> None:
+    """Six orders, each status among them; SO-1 ran on M1 though the ERP named M2; SO-6 is only
+    a change ahead of its release."""
+    await post(client, "admin", available("M1"), available("M2"))
+    floor.deliver()  # operator events are for machines the hub knows
+    await post(
+        client,
+        "erp",
+        released("SO-1", customer="ACME", machine_id="M2"),
+        released("SO-2", customer="ACME"),
+        released("SO-3", customer="Initech"),
+        released("SO-5"),
+        cloud_event("mes.erp.order.cancelled.v1", "SO-5", {"order_id": "SO-5", "reason": "x"}),
+        cloud_event("mes.erp.order.changed.v1", "SO-6", {"order_id": "SO-6", "customer": "ACME"}),
+    )
+    taps = await post(
+        client,
+        "operator",
+        started("M1", "SO-1"),
+        ended("M1", "SO-1", 30),
+        started("M2", "SO-2", 40),
+        started("M1", "SO-4", 50),  # ahead of its release: unreleased, running
+    )
+    assert taps.status_code == 202, taps.text
+    floor.deliver()
+
+
+async def listed(client: httpx.AsyncClient, **params: Any) -> list[str]:
+    response = await client.get("/api/v1/orders", params=params, headers=auth())
+    assert response.status_code == 200, response.text
+    return [o["order_id"] for o in response.json()]
+
+
+async def test_the_order_list_filters_as_the_orders_say(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    await orders_on(floor, client)
+    everything = (await client.get("/api/v1/orders", headers=auth())).json()
+    assert [o["order_id"] for o in everything] == ["SO-1", "SO-2", "SO-3", "SO-4", "SO-5", "SO-6"]
+    # Each status filter finds exactly the orders whose own status it is.
+    statuses = {o["order_id"]: o["status"] for o in everything}
+    assert set(statuses.values()) == {"unreleased", "released", "running", "ended", "cancelled"}
+    for status in ("unreleased", "released", "running", "ended", "cancelled"):
+        assert await listed(client, status=status) == [
+            order for order, its in statuses.items() if its == status
+        ]
+    assert await listed(client, customer="ACME") == ["SO-1", "SO-2", "SO-6"]
+    # By machine: the one the ERP named, or one the order ran on.
+    assert await listed(client, machine="M1") == ["SO-1", "SO-4"]
+    assert await listed(client, machine="M2") == ["SO-1", "SO-2"]
+    assert await listed(client, machine="M1", status="running") == ["SO-4"]
+    assert await listed(client, machine="M3") == []
+
+
+async def test_the_order_list_comes_a_page_at_a_time(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    await orders_on(floor, client)
+    pages, url = [], "/api/v1/orders?limit=2"
+    while url:
+        response = await client.get(url, headers=auth())
+        pages.append([o["order_id"] for o in response.json()])
+        link = response.headers.get("link")
+        url = link[1 : link.index(">")] if link else ""
+        assert not link or link.endswith('; rel="next"')
+    assert pages == [["SO-1", "SO-2"], ["SO-3", "SO-4"], ["SO-5", "SO-6"]]
+    assert await listed(client, customer="ACME", limit=1, after="SO-1") == ["SO-2"]
+    for limit in (0, 1001):
+        response = await client.get("/api/v1/orders", params={"limit": limit}, headers=auth())
+        assert response.status_code == 422 and response.headers["content-type"] == PROBLEM
+
+
+async def test_an_order_is_answered_whole(client: httpx.AsyncClient, floor: HubWithoutNats) -> None:
+    await orders_on(floor, client)
+    body = (await client.get("/api/v1/orders/SO-1", headers=auth("erp"))).json()
+    assert (body["status"], body["customer"], body["machine_id"]) == ("ended", "ACME", "M2")
+    assert body["runs"] == [
+        {"machine_id": "M1", "start": "2026-03-02T06:00:00Z", "end": "2026-03-02T06:30:00Z"}
+    ]
+    assert body["published_forecast"] is None and body["progress"]["produced"] == 0
+
+
+def test_every_answer_of_the_api_is_described(floor: HubWithoutNats) -> None:
+    schema = create_app(api_context(floor)).openapi()  # type: ignore[arg-type]
+    # (The OEE routes answer with their own field names, "from" and "to"; not described yet.)
+    undescribed = {"/api/v1/oee", "/api/v1/machines/{machine_id}/timeline"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            ok = next(status for status in answers if status.startswith("2"))
+            content = answers[ok]["content"]["application/json"]["schema"]
+            if path not in undescribed:
+                assert (
+                    "$ref" in content
+                    or "$ref" in content.get("items", {})
+                    or any(
+                        "$ref" in s or "$ref" in s.get("items", {})
+                        for s in content.get("anyOf", ())
+                    )
+                ), (method, path, content)
+            if path.startswith("/api/v1"):
+                for status in ("401", "403", "422"):
+                    problem = answers[status]["content"][PROBLEM]["schema"]
+                    assert problem == {"$ref": "#/components/schemas/ProblemDetails"}
+
+
+async def test_forecasts_follow_the_orders_in_play_only(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    await orders_on(floor, client)
+    found = set(orders_in_play(floor.views))
+    assert {order_aggregate_id("default", f"SO-{n}") for n in (2, 3, 4)} <= found
+    # Not SO-5 (cancelled), nor SO-6 (changed ahead of its release: not followed yet).
+    assert not found & {order_aggregate_id("default", f"SO-{n}") for n in (5, 6)}

@@ -1,0 +1,185 @@
+"""Ingest without NATS or a database: the Ingestor against the in-memory store."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from contracts import (
+    CloudEvent,
+    decode_event,
+    encode_event,
+    nats_subject_for,
+    partition_key,
+    partition_of,
+    validate_envelope,
+)
+from hub.domain import Machine, Order, Plant, machine_aggregate_id, order_aggregate_id
+from hub.errors import ConcurrentWrite, MesHubError
+from hub.ingest import IncomingMessage, Ingestor, Target, aggregate_id, targets
+from hub.store import Entity
+from tests.conftest import T0, cloud_event
+from tests.fakes import InMemoryStore
+from tests.unit.test_contracts import EXAMPLES
+
+
+@pytest.fixture
+def store() -> InMemoryStore:
+    return InMemoryStore()
+
+
+def message(event: CloudEvent, seq: int, site: str = "default", **override: Any) -> IncomingMessage:
+    subject = nats_subject_for(site, validate_envelope(event))
+    return IncomingMessage(override.get("subject", subject), encode_event(event), seq)
+
+
+def ingest(ingestor: Ingestor, *messages: IncomingMessage) -> Any:
+    batch = ingestor.prepare(list(messages))
+    ingestor.commit(batch)
+    return batch
+
+
+def execution(machine: str, value: str, seconds: float = 0, **kw: Any) -> CloudEvent:
+    return cloud_event(
+        "mes.machine.execution.v1",
+        machine,
+        {"execution": value},
+        at=timedelta(seconds=seconds),
+        **kw,
+    )
+
+
+def test_a_batch_is_applied_and_committed_with_its_position(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0)
+    ingest(
+        ingestor,
+        message(execution("M1", "ACTIVE"), 4),
+        message(execution("M1", "FEED_HOLD", 60), 5),
+        message(execution("M2", "READY"), 6),
+    )
+    assert store.tracking_position("p0") == 6 and ingestor.position() == 6
+    m1 = store.load(machine_aggregate_id("default", "M1"))
+    assert isinstance(m1, Machine) and m1.execution == "FEED_HOLD"
+    assert [(e.kind, e.entity_id) for e in store.entities] == [("machine", "M1"), ("machine", "M2")]
+    assert (ingestor.stats.applied, ingestor.stats.batches) == (3, 1)
+
+
+def test_a_republished_event_is_applied_once(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0)
+    event = execution("M1", "ACTIVE")
+    batch = ingest(ingestor, message(event, 1), message(event, 2))
+    assert (len(batch.received), batch.duplicates) == (1, 1)
+    # Long after: a fresh Ingestor (a restart) still knows it from the store.
+    again = ingest(Ingestor(store, "p0", clock=lambda: T0), message(event, 3))
+    assert (len(again.received), again.duplicates) == (0, 1)
+    machine = store.load(machine_aggregate_id("default", "M1"))
+    assert machine is not None and machine.version == 2  # registered, one execution
+
+
+def test_bad_messages_are_rejected_and_the_position_still_moves(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0, max_clock_skew_s=300)
+    future = execution("M1", "ACTIVE", seconds=301)
+    batch = ingest(
+        ingestor,
+        IncomingMessage("mes.default.machine.M1.execution", b"{nope", 1),
+        message(execution("M1", "ACTIVE"), 2, subject="mes.default.machine.M9.execution"),
+        message(future, 3),
+    )
+    reasons = [r.reason for r in batch.rejected]
+    assert [r.message.stream_seq for r in batch.rejected] == [1, 2, 3]
+    assert "not JSON" in reasons[0]
+    assert "subject mismatch" in reasons[1] and "ahead of the hub's clock" in reasons[2]
+    assert store.events == {} and store.tracking_position("p0") == 3
+    assert ingestor.stats.rejected == 3
+
+
+def test_starting_an_order_touches_the_machine_and_the_order(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0)
+    started = cloud_event("mes.operator.order_started.v1", "M1", {"order_id": "SO-1"})
+    ingest(ingestor, message(started, 1, site="north"))
+    machine = store.load(machine_aggregate_id("north", "M1"))
+    order = store.load(order_aggregate_id("north", "SO-1"))
+    assert isinstance(machine, Machine) and machine.order_id == "SO-1"
+    assert isinstance(order, Order) and order.running_on == ["M1"]
+    assert store.entities == [
+        Entity("machine", "north", "M1", machine.id),
+        Entity("order", "north", "SO-1", order.id),
+    ]
+
+
+def test_the_plant_is_an_entity_named_by_its_site(store: InMemoryStore) -> None:
+    subject, data = EXAMPLES["mes.hub.plant.configured.v1"]
+    event = cloud_event("mes.hub.plant.configured.v1", subject, data)
+    ingest(Ingestor(store, "p0", clock=lambda: T0), message(event, 1))
+    (entity,) = store.entities
+    assert (entity.kind, entity.site, entity.entity_id) == ("plant", "default", "default")
+    plant = store.load(entity.aggregate_id)
+    assert isinstance(plant, Plant) and len(plant.configurations) == 1
+
+
+def test_a_partition_applies_only_its_own_subjects(store: InMemoryStore) -> None:
+    events = [execution(f"M{n}", "ACTIVE") for n in range(12)]
+    messages = [message(e, seq) for seq, e in enumerate(events, start=1)]
+    mine = [m for m in messages if partition_of(m.subject, 3) == 1]
+    assert 0 < len(mine) < len(messages)
+    ingest(Ingestor(store, "p1of3", partition=1, partitions=3, clock=lambda: T0), *messages)
+    assert sorted(e.entity_id for e in store.entities) == sorted(
+        m.subject.split(".")[3] for m in mine
+    )
+    assert store.tracking_position("p1of3") == len(messages)  # the others are passed over
+
+
+def test_a_snapshot_is_taken_when_an_aggregate_crosses_the_interval(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", snapshot_interval=3, clock=lambda: T0)
+    seq = itertools.count(1)
+    ingest(ingestor, message(execution("M1", "ACTIVE", 0), next(seq)))  # v2
+    assert store.snapshots == []
+    ingest(ingestor, message(execution("M1", "READY", 1), next(seq)))  # v3
+    ingest(ingestor, message(execution("M1", "ACTIVE", 2), next(seq)))  # v4
+    assert store.snapshots == [(machine_aggregate_id("default", "M1"), 3)]
+
+
+def test_a_concurrent_write_is_refused_whole_and_applies_after_a_reset(
+    store: InMemoryStore,
+) -> None:
+    def started(machine: str, seq: int) -> IncomingMessage:
+        event = cloud_event("mes.operator.order_started.v1", machine, {"order_id": "SO-1"})
+        return message(event, seq)
+
+    first, second = Ingestor(store, "p0", clock=lambda: T0), Ingestor(store, "p1", clock=lambda: T0)
+    ahead = first.prepare([started("M1", 1)])
+    behind = second.prepare([started("M2", 2)])  # loaded the order before M1's commit
+    first.commit(ahead)
+    with pytest.raises(ConcurrentWrite) as refused:
+        second.commit(behind)
+    assert isinstance(refused.value, MesHubError)
+    assert store.load(machine_aggregate_id("default", "M2")) is None
+    assert store.tracking_position("p1") == 0
+    # What IngestPartition does on a conflict: the aggregates are reloaded, the batch retried.
+    second.commit(second.prepare([started("M2", 2)]))
+    order = store.load(order_aggregate_id("default", "SO-1"))
+    assert isinstance(order, Order) and order.running_on == ["M1", "M2"]
+
+
+@pytest.mark.parametrize("type_name", sorted(EXAMPLES))
+def test_an_events_first_target_is_the_entity_its_partition_is_keyed_by(type_name: str) -> None:
+    subject, data = EXAMPLES[type_name]
+    event = decode_event(encode_event(cloud_event(type_name, subject, data)))
+    touched = targets("default", event)
+    assert partition_key(nats_subject_for("default", event)) == touched[0].entity_id
+    expected_kind = {"machine": "machine", "operator": "machine", "erp": "order"}.get(
+        event.event_type.stream, event.event_type.entity
+    )
+    assert touched[0] == Target(expected_kind, "default", subject)  # type: ignore[arg-type]
+    if type_name in ("mes.operator.order_started.v1", "mes.operator.order_ended.v1"):
+        assert touched[1:] == (Target("order", "default", "SO-1"),)
+    else:
+        assert len(touched) == 1
+
+
+def test_aggregate_ids_are_the_domains() -> None:
+    assert aggregate_id(Target("machine", "s", "M1")) == machine_aggregate_id("s", "M1")
+    assert aggregate_id(Target("order", "s", "SO-1")) == order_aggregate_id("s", "SO-1")
