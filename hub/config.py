@@ -20,6 +20,7 @@ not import it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,10 @@ class Config:
 
 
 def load_config(
-    path: Path | None = None, *, adapters: bool = False, **hub_overrides: Any
+    path: Path | None = None,
+    *,
+    adapters: bool = False,
+    hub_overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Read the file once (``path``, else ``MES_HUB_CONFIG``, else none: defaults and the
     environment) and validate every section; ``hub_overrides`` are command-line options.
@@ -60,7 +64,7 @@ def load_config(
         raise ConfigError(
             source, unknown[0], "unknown section; known sections are " + ", ".join(SECTIONS)
         )
-    hub = settings_section(document.get("hub", {}), path, **hub_overrides)
+    hub = settings_section(document.get("hub", {}), path, **(hub_overrides or {}))
     plant = plant_section(document.get("plant", {}), source)
     adapter_config = None
     if adapters:

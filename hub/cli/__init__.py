@@ -6,9 +6,9 @@
 - ``projections``: ``rebuild``, ``catch-up`` and ``status`` of the views;
 - ``contracts``: ``export`` of the JSON Schemas;
 - ``shared``: what they share — the common options (``--config``, ``--data-dir``,
-  ``--nats-url``), configuration loaded or exit code 2 (``settings_or_exit``, ``plant_or_exit``,
-  ``adapters_or_exit``, all through ``config_or_exit``), logging, ``run_until_signal`` and the
-  API server of a running hub.
+  ``--nats-url``), configuration loaded or exit code 2 (``config_file_or_exit``: every section
+  read once; ``settings_or_exit``, ``adapters_or_exit``; all through ``config_or_exit``),
+  logging, ``run_until_signal`` and the API server of a running hub.
 
 Adding a command group (``erp``, ``webhooks``, ``audit``, …): write ``hub/cli/<group>.py`` with
 its own ``app = typer.Typer(help="…", no_args_is_help=True)`` and its commands

@@ -16,10 +16,9 @@ from hub.cli.shared import (
     DataDirOption,
     NatsUrlOption,
     api_server,
+    config_file_or_exit,
     console,
-    plant_or_exit,
     run_until_signal,
-    settings_or_exit,
     setup_logging,
 )
 from hub.settings import Settings, redacted_url
@@ -40,10 +39,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="API port (0: any free port)")] = None,
 ) -> None:
     """Run ingest and the API until Ctrl-C."""
-    settings = settings_or_exit(
+    loaded = config_file_or_exit(
         config, nats_url=nats_url, data_dir=data_dir, api_host=host, api_port=port
     )
-    plant = plant_or_exit(config)
+    settings, plant = loaded.hub, loaded.plant
     setup_logging(logging.INFO)
     settings, generated = _api_keys_or_generated(settings)
 

@@ -17,9 +17,9 @@ from rich.console import Console
 
 from hub.api.app import create_app
 from hub.bootstrap import Hub, api_context
+from hub.config import Config, load_config
 from hub.server import ApiServer
 from hub.settings import ConfigError, Settings, load_settings
-from projections.config import load_plant
 from projections.rules.plant import PlantConfig
 
 if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
@@ -51,14 +51,15 @@ def config_or_exit(load: Callable[[], T]) -> T:
         raise typer.Exit(2) from None
 
 
+def config_file_or_exit(config: Path | None, **overrides: object) -> Config:
+    """Every section of the config file, read once (``hub.config.load_config``): ``[hub]``
+    under the command's ``overrides`` (None: not given), and ``[plant]``."""
+    return config_or_exit(lambda: load_config(config, hub_overrides=overrides))
+
+
 def settings_or_exit(config: Path | None, **overrides: object) -> Settings:
     """``[hub]``; ``overrides``: the command's options (None: not given)."""
     return config_or_exit(lambda: load_settings(config, **overrides))
-
-
-def plant_or_exit(config: Path | None) -> PlantConfig:
-    """``[plant]``, or the defaults without a config file."""
-    return config_or_exit(lambda: load_plant(config))
 
 
 def adapters_or_exit(config: Path | None) -> AdaptersConfig:

@@ -59,7 +59,7 @@ def test_every_section_takes_environment_overrides(
     assert str(loaded.plant.machines["PRESS_2"].commissioned) == "2026-03-01 06:00:00+00:00"
     assert loaded.adapters is not None and loaded.adapters.buffer.max_events == 2000
     # The command line wins over the environment.
-    assert load_config(config, partitions=8).hub.partitions == 8
+    assert load_config(config, hub_overrides={"partitions": 8}).hub.partitions == 8
 
 
 def test_a_secret_can_come_from_a_file_named_in_the_environment(
