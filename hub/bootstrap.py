@@ -71,6 +71,7 @@ class Hub:
     clock: Clock = utc_now
     embedded_nats: EmbeddedNatsServer | None = None
     services: list[Service] = field(default_factory=list)
+    owns_store: bool = True  # False when the caller passed the store in: theirs to close
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _group: asyncio.Task[None] | None = None
     _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -86,6 +87,14 @@ class Hub:
                     self._running[service.name] = task
 
         self._group = asyncio.create_task(supervise(), name="hub services")
+        self._group.add_done_callback(self._report_failure)
+
+    def _report_failure(self, group: asyncio.Task[None]) -> None:
+        # A service that raised has stopped them all (each retries what it can retry itself):
+        # say so at once, not only when the hub is closed.
+        if not group.cancelled() and group.exception() is not None:
+            log.error("the hub's services stopped: %r", group.exception(),
+                      exc_info=group.exception())  # fmt: skip
 
     def running(self) -> dict[str, asyncio.Task[None]]:
         """The services started so far, by name."""
@@ -149,14 +158,15 @@ class Hub:
     async def close(self) -> None:
         self._stop.set()
         if self._group is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # already logged by _report_failure
                 await self._group
         # Ingest has stopped and acked what it committed; close() flushes those acks. (drain()
         # would wait out its timeout on the pull subscriptions.)
         with contextlib.suppress(Exception):
             await self.nats.close()
         await asyncio.to_thread(self.views.close)
-        await asyncio.to_thread(self.store.close)
+        if self.owns_store:
+            await asyncio.to_thread(self.store.close)
         if self.embedded_nats is not None:
             await asyncio.to_thread(self.embedded_nats.stop)
 
@@ -243,6 +253,7 @@ async def build_hub(
         client = await connect(url)
         jetstream = client.jetstream()
         await ensure_streams(jetstream, settings)
+        owns_store = store is None
         if store is None:
             store = await asyncio.to_thread(EventStore, settings)
         views = await asyncio.to_thread(open_views, settings)
@@ -311,8 +322,13 @@ async def build_hub(
         clock=clock,
         embedded_nats=embedded,
         services=services,
+        owns_store=owns_store,
     )
-    hub.start()
-    if plant is not None:
-        await hub.record_plant(plant)
+    try:
+        hub.start()
+        if plant is not None:
+            await hub.record_plant(plant)
+    except BaseException:
+        await hub.close()
+        raise
     return hub

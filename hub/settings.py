@@ -92,15 +92,37 @@ def section_values(
         # The first and last parts name settings (lower case); parts between are kept as
         # written: they may be ids (MES_HUB_PLANT__MACHINES__PRESS_2__COMMISSIONED).
         path[0], path[-1] = path[0].lower(), path[-1].lower()
-        node = values
-        for key in path[:-1]:
-            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
-        node[path[-1]] = value
+        node: Any = values
+        for depth, key in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                # An entry of an array of tables ([[adapters.opcua]] number 0, …).
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+                continue
+            if not isinstance(node, dict):
+                where = ".".join([section, *path[: depth + 1]])
+                raise ConfigError(
+                    f"environment variable {name}",
+                    where,
+                    "no such entry to override (an array of tables is indexed from 0)",
+                )
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
         origins[path[0]] = f"environment variable {name}"
     return values, origins
 
 
 def _env_value(text: str) -> Any:
+    """A TOML array, inline table or quoted string is read as such; anything else stays text
+    (the section's model converts ``50`` or ``true`` where it wants a number or a flag, and an
+    all-digit password stays a password)."""
+    if not text.lstrip().startswith(("[", "{", '"')):
+        return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -107,3 +107,19 @@ def test_an_unknown_section_is_refused_naming_the_known_ones(config: Path) -> No
     config.write_text(CONFIG + '\n[plnat]\ntime_zone = "UTC"\n')
     with pytest.raises(ConfigError, match=r"key 'plnat': unknown section; known sections are hub"):
         load_config(config)
+
+
+def test_an_entry_of_an_array_of_tables_takes_its_secret_from_a_file(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # [[adapters.shdr]] entry 0's port from the environment; a digits-only value stays text
+    # until the model converts it, and a site of digits stays a site.
+    monkeypatch.setenv("MES_HUB_ADAPTERS__SHDR__0__PORT", "7879")
+    monkeypatch.setenv("MES_HUB_HUB__SITE", "2024")
+    loaded = load_config(config, adapters=True)
+    assert loaded.adapters is not None and loaded.adapters.shdr[0].port == 7879
+    assert loaded.hub.site == "2024"
+    monkeypatch.setenv("MES_HUB_ADAPTERS__SHDR__3__PORT", "7879")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, adapters=True)
+    assert caught.value.key == "adapters.shdr.3"
