@@ -168,8 +168,8 @@ def query_latency(settings: Settings, store: EventStore, repeats: int) -> None:
     machine = machine_aggregate_id(LONG_SITE, LONG_MACHINE)
     window = Interval(START, START + timedelta(days=30))
     now = START + timedelta(days=31)
-    from_orders_view = partial(OrdersReader(views).ideal_cycle_times, LONG_SITE)
-    from_aggregates = partial(store.ideal_cycle_times, LONG_SITE)
+    from_orders_view = partial(OrdersReader(views).order_cycle_facts, LONG_SITE)
+    from_aggregates = partial(store.order_cycle_facts, LONG_SITE)
 
     def from_view() -> int:
         facts = reader.window(machine, facts_window(window, PLANT))

@@ -108,7 +108,7 @@ class Reports:
     ) -> list[Bucket]:
         return report_over_time(
             self._facts_for(machine_id, configured),
-            partial(self.orders.ideal_cycle_times, self.site),
+            partial(self.orders.order_cycle_facts, self.site),
             window,
             group_by,
             plants,

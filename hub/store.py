@@ -21,7 +21,7 @@ then (see ``EventStore.received_events``).
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -535,24 +535,16 @@ class EventStore:
         """Every stored event of one machine, in the order it was recorded."""
         return list(self._app.events.get(machine_aggregate_id(site, machine_id)))
 
-    def ideal_cycle_times(
-        self,
-        site: str,
-        order_ids: Iterable[str],
-        by_part_number: Mapping[str, float] | None = None,
-    ) -> dict[str, float]:
-        """The PRI of each order that has one, from the order aggregates: its own, else the
-        one of its part number in ``by_part_number`` (the plant's fallback)."""
-        found: dict[str, float] = {}
+    def order_cycle_facts(
+        self, site: str, order_ids: Iterable[str]
+    ) -> dict[str, tuple[float | None, str | None]]:
+        """What each known order says of its PRI, from the order aggregates: (its own ideal
+        cycle time, its part number). The plant's fallbacks are the projections' rules."""
+        found: dict[str, tuple[float | None, str | None]] = {}
         for order_id in order_ids:
             order = self.load(order_aggregate_id(site, order_id))
-            if not isinstance(order, Order):
-                continue
-            seconds = order.ideal_cycle_time_s
-            if seconds is None:
-                seconds = (by_part_number or {}).get(order.part_number or "")
-            if seconds is not None:
-                found[order_id] = seconds
+            if isinstance(order, Order):
+                found[order_id] = (order.ideal_cycle_time_s, order.part_number)
         return found
 
     def has_machine(self, site: str, machine_id: str) -> bool:

@@ -50,10 +50,7 @@ def progress_and_forecast(
     order: Order, reader: FactsReader, plant: PlantConfig, now: datetime
 ) -> tuple[OrderProgress, Forecast]:
     runs = order_runs(order)
-    # The order's own PRI, else the plant's for its part number (docs/oee.md, rule 7).
-    ideal = order.ideal_cycle_time_s or plant.ideal_cycle_times.part_numbers.get(
-        order.part_number or ""
-    )
+    ideal = plant.order_ideal_cycle_time(order.ideal_cycle_time_s, order.part_number)
     progress = order_progress(
         order.order_id,
         order.quantity,

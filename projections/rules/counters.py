@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 
 BASELINE, COUNTED, RESET, IMPLAUSIBLE = "baseline", "counted", "reset", "implausible"
 CONTEXT = 2  # readings before a window that decide what the window's readings add
@@ -90,13 +91,12 @@ def counter_steps(readings: Iterable[CounterReading], max_per_reading: int) -> l
     ]
 
 
-def steps_by_kind(
-    readings: Sequence[CounterReading], max_per_reading: int
-) -> dict[str, list[CounterStep]]:
+def by_kind(readings: Iterable[CounterReading]) -> dict[str, list[CounterReading]]:
+    """Each counter's readings in event-time order (``reading_order``), kinds in name order."""
     kinds: dict[str, list[CounterReading]] = {}
-    for reading in readings:
+    for reading in sorted(readings, key=attrgetter("time", "count")):  # as reading_order
         kinds.setdefault(reading.kind, []).append(reading)
-    return {kind: counter_steps(each, max_per_reading) for kind, each in sorted(kinds.items())}
+    return dict(sorted(kinds.items()))
 
 
 @dataclass
@@ -130,11 +130,13 @@ class CounterTotals:
 
 def counter_totals(readings: Sequence[CounterReading], max_per_reading: int) -> CounterTotals:
     totals = CounterTotals()
-    for kind, steps in steps_by_kind(readings, max_per_reading).items():
-        for step in steps:
-            totals.count(kind, step.increment, step.status)
-            if step.status == IMPLAUSIBLE:
-                last = totals.last_implausible
-                if last is None or reading_order(step.reading) > reading_order(last.reading):
-                    totals.last_implausible = step
+    for kind, ordered in by_kind(readings).items():
+        folded = fold_counts([reading.count for reading in ordered], max_per_reading)
+        for reading, (added, status, before) in zip(ordered, folded, strict=True):
+            totals.count(kind, added, status)
+            last = totals.last_implausible
+            if status == IMPLAUSIBLE and (
+                last is None or reading_order(reading) > reading_order(last.reading)
+            ):
+                totals.last_implausible = CounterStep(reading, 0, status, before)
     return totals

@@ -20,6 +20,7 @@ from projections.rules.counters import (
     IMPLAUSIBLE,
     CounterReading,
     CounterStep,
+    by_kind,
     fold_counts,
 )
 from projections.rules.oee import PartsReport, ScrapReport
@@ -70,7 +71,7 @@ class MachineFacts:
         parts: list[PartsReport] = []
         implausible: list[tuple[CounterStep, str | None]] = []
         limit = rules.max_parts_per_reading
-        for kind, readings in sorted(_by_kind(self.readings).items()):
+        for kind, readings in by_kind(self.readings).items():
             counts = [reading.count for reading in readings]
             for reading, (added, status, before) in zip(
                 readings, fold_counts(counts, limit), strict=True
@@ -96,14 +97,6 @@ class MachineFacts:
             rules=rules,
             settled=True,
         )
-
-
-def _by_kind(readings: Iterable[CounterReading]) -> dict[str, list[CounterReading]]:
-    """Each counter's readings in event-time order."""
-    kinds: dict[str, list[CounterReading]] = {}
-    for reading in sorted(readings, key=attrgetter("time", "count")):  # as reading_order
-        kinds.setdefault(reading.kind, []).append(reading)
-    return kinds
 
 
 def _program_changes(states: Iterable[StateReport]) -> list[tuple[datetime, str]]:

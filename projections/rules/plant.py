@@ -193,6 +193,11 @@ class PlantConfig(_Strict):
             return Calendar(time_zone=zone, holidays=frozenset(self.holidays), planned_stops=stops)
         return Calendar(zone, patterns, frozenset(self.holidays), stops)
 
+    def order_ideal_cycle_time(self, own: float | None, part_number: str | None) -> float | None:
+        """An order's PRI: its own, else the plant's for its part number (then, per part, the
+        program's and the machine's: ``MachineRules``)."""
+        return own or self.ideal_cycle_times.part_numbers.get(part_number or "")
+
     def machine_rules(self, machine_id: str) -> MachineRules:
         machine = self.machines.get(machine_id, MachinePlantConfig())
         return MachineRules(

@@ -186,29 +186,32 @@ def site_report(machine_reports: list[list[Bucket]], group_by: GroupBy | None) -
     return sorted(totals.values(), key=lambda b: (b.figures.start, b.label or ""))
 
 
-# The PRI of each of the orders named: the order's own, else the plant's for its part number
-# (the second argument: part number -> seconds). An order with neither is left out.
-IdealCycleTimes = Callable[[Collection[str], Mapping[str, float]], Mapping[str, float]]
+# What each of the orders named says of its PRI: (its own ideal cycle time, its part number);
+# an order not known is left out. The plant's fallbacks are applied here, in the rules.
+OrderCycleFacts = Callable[[Collection[str]], Mapping[str, tuple[float | None, str | None]]]
 
 
 def report_from_facts(
     facts: MachineFacts,
-    ideal_cycle_times: IdealCycleTimes,
+    order_cycle_facts: OrderCycleFacts,
     window: Interval,
     group_by: GroupBy | None,
     plant: PlantConfig,
     now: datetime,
 ) -> list[Bucket]:
     """A machine's report from its settled facts."""
-    by_part_number = plant.ideal_cycle_times.part_numbers
-    ideal = {o: s for o, s in ideal_cycle_times(facts.order_ids(), by_part_number).items() if s}
+    ideal = {
+        order_id: seconds
+        for order_id, (own, part_number) in order_cycle_facts(facts.order_ids()).items()
+        if (seconds := plant.order_ideal_cycle_time(own, part_number))
+    }
     return machine_report(facts, window, group_by, plant, ideal, now)
 
 
 def report_from_history(
     history: Iterable[Any],
     machine_id: str,
-    ideal_cycle_times: IdealCycleTimes,
+    order_cycle_facts: OrderCycleFacts,
     window: Interval,
     group_by: GroupBy | None,
     plant: PlantConfig,
@@ -216,7 +219,7 @@ def report_from_history(
 ) -> list[Bucket]:
     """A machine's report from all its stored events (what the view must agree with)."""
     facts = machine_facts(history).settle(plant.machine_rules(machine_id))
-    return report_from_facts(facts, ideal_cycle_times, window, group_by, plant, now)
+    return report_from_facts(facts, order_cycle_facts, window, group_by, plant, now)
 
 
 # The settled facts of one machine over a window, under a plant configuration.
@@ -237,7 +240,7 @@ def timeline_over_time(
 
 def report_over_time(
     facts_for: FactsFor,
-    ideal_cycle_times: IdealCycleTimes,
+    order_cycle_facts: OrderCycleFacts,
     window: Interval,
     group_by: GroupBy | None,
     plants: PlantHistory,
@@ -247,7 +250,7 @@ def report_over_time(
     hour or day bucket spanning a change comes in two parts); one bucket or one per order stay
     one, by adding the parts' raw figures."""
     reports = [
-        report_from_facts(facts_for(piece, plant), ideal_cycle_times, piece, group_by, plant, now)
+        report_from_facts(facts_for(piece, plant), order_cycle_facts, piece, group_by, plant, now)
         for piece, plant in plants.segments(window)
     ]
     if len(reports) == 1:

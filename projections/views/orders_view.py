@@ -16,6 +16,18 @@ from projections.views.database import Cursor, ViewDatabase
 TABLE = "mes_view_orders_v2"
 
 
+def rows_by_key(cursor: Cursor, select: str, keys: Collection[str]) -> list[tuple[Any, ...]]:
+    """``select … WHERE aggregate_id IN keys``, a chunk at a time (SQLite caps bound
+    parameters)."""
+    keys = list(keys)
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        cursor.execute(f"{select} WHERE aggregate_id IN ({', '.join('?' * len(chunk))})", chunk)
+        rows.extend(cursor.fetchall())
+    return rows
+
+
 class _KeyedTable:
     """A view of one table whose primary key is its only index."""
 
@@ -70,32 +82,20 @@ class OrdersReader:
     def __init__(self, db: ViewDatabase) -> None:
         self._db = db
 
-    def ideal_cycle_times(
-        self,
-        site: str,
-        order_ids: Collection[str],
-        by_part_number: Mapping[str, float] | None = None,
-    ) -> dict[str, float]:
-        """The PRI of each of ``order_ids`` that has one: its own, else the one of its part
-        number in ``by_part_number`` (the plant's fallback)."""
-        by_part_number = by_part_number or {}
+    def order_cycle_facts(
+        self, site: str, order_ids: Collection[str]
+    ) -> dict[str, tuple[float | None, str | None]]:
+        """What each of ``order_ids`` the view knows says of its PRI: (its own ideal cycle
+        time, its part number). The plant's fallbacks are the rules' (``PlantConfig``)."""
         by_key = {order_aggregate_id(site, o).hex: o for o in order_ids}
-        found: dict[str, float] = {}
-        keys = list(by_key)
         with self._db.transaction(write=False) as cursor:
-            for start in range(0, len(keys), 500):  # SQLite caps bound parameters
-                chunk = keys[start : start + 500]
-                cursor.execute(
-                    f"SELECT aggregate_id, ideal_cycle_time_s, part_number FROM {TABLE} "
-                    f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
-                    chunk,
-                )
-                for key, seconds, part_number in cursor.fetchall():
-                    if seconds is None:
-                        seconds = by_part_number.get(part_number or "")
-                    if seconds is not None:
-                        found[by_key[key]] = float(seconds)
-        return found
+            rows = rows_by_key(
+                cursor, f"SELECT aggregate_id, ideal_cycle_time_s, part_number FROM {TABLE}", by_key
+            )
+        return {
+            by_key[key]: (float(seconds) if seconds is not None else None, part_number)
+            for key, seconds, part_number in rows
+        }
 
     def page(
         self,
@@ -201,16 +201,10 @@ class OrderStatesView(_KeyedTable):
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
         keys = sorted({event.originator_id.hex for _, event in events})
         rows: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(keys), 500):  # SQLite caps bound parameters
-            chunk = keys[start : start + 500]
-            cursor.execute(
-                f"SELECT aggregate_id, {', '.join(_STATE_COLUMNS)} FROM {STATES_TABLE} "
-                f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-            for key, *columns in cursor.fetchall():
-                rows[key] = dict(zip(_STATE_COLUMNS, columns, strict=True))
-                rows[key]["moves"] = json.loads(rows[key]["moves"])
+        select = f"SELECT aggregate_id, {', '.join(_STATE_COLUMNS)} FROM {STATES_TABLE}"
+        for key, *columns in rows_by_key(cursor, select, keys):
+            rows[key] = dict(zip(_STATE_COLUMNS, columns, strict=True))
+            rows[key]["moves"] = json.loads(rows[key]["moves"])
         changed: set[str] = set()
         for position, event in events:
             key = event.originator_id.hex

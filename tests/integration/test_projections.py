@@ -87,8 +87,8 @@ async def test_the_view_gives_the_same_timeline_oee_and_progress_as_the_whole_hi
         machine_id = machine_name(index)
         rules = PLANT.machine_rules(machine_id)
         history = machine_facts(store.machine_history(site, machine_id)).settle(rules)
-        ideal = partial(store.ideal_cycle_times, site)
-        ideal_from_view = partial(OrdersReader(hub.views).ideal_cycle_times, site)
+        ideal = partial(store.order_cycle_facts, site)
+        ideal_from_view = partial(OrdersReader(hub.views).order_cycle_facts, site)
         for window in windows(rng, last):
             view = reader.window(
                 machine_aggregate_id(site, machine_id), facts_window(window, PLANT)

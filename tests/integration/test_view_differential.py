@@ -99,8 +99,8 @@ def stored(facts: list[tuple[Any, ...]]) -> tuple[Machine, list[Any]]:
     return machine, list(machine.collect_events())[1:]  # without "Registered"
 
 
-def ideal(order_ids: Any, by_part_number: Any) -> dict[str, float]:
-    return {o: {"A": 10.0, "B": 20.0}[o] for o in order_ids if o in ("A", "B")}
+def ideal(order_ids: Any) -> dict[str, tuple[float | None, str | None]]:
+    return {o: ({"A": 10.0, "B": 20.0}[o], None) for o in order_ids if o in ("A", "B")}
 
 
 @pytest.mark.parametrize("seed", range(100))

@@ -285,13 +285,10 @@ def test_the_ideal_cycle_time_falls_back_to_part_number_program_then_machine() -
     events = list(machine.collect_events())
     facts = machine_facts(events).settle(plant.machine_rules("M1"))
 
-    def orders_pri(order_ids: Any, by_part_number: Any) -> dict[str, float]:
+    def orders_pri(order_ids: Any) -> dict[str, tuple[float | None, str | None]]:
         # What the orders view answers: SO-A has its own PRI, SO-B only its part number.
-        own = {"SO-A": 30.0}
-        part_numbers = {"SO-B": "P-7"}
-        found = {o: own[o] for o in order_ids if o in own}
-        found |= {o: by_part_number[part_numbers[o]] for o in order_ids if o in part_numbers}
-        return found
+        known = {"SO-A": (30.0, "P-7"), "SO-B": (None, "P-7")}  # SO-A: its own 30 s wins
+        return {o: known[o] for o in order_ids if o in known}
 
     from projections.rules.report import report_from_facts
 
