@@ -268,7 +268,7 @@ async def build_hub(
     events_store = store
     partitions = [
         IngestPartition(
-            jetstream,
+            client,
             Ingestor(
                 events_store,
                 tracking_name(k, settings.partitions),

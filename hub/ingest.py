@@ -24,12 +24,12 @@ import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+from typing import Literal, NamedTuple, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import Tracking
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
@@ -69,6 +69,7 @@ from hub.domain import (
 )
 from hub.errors import ConcurrentWrite
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
+from hub.pull import PullConsumer
 from hub.store import Entity, Received
 
 log = logging.getLogger(__name__)
@@ -376,15 +377,6 @@ MAX_BACKOFF_S = 5.0
 MAX_CONFLICT_RETRIES = 50
 
 
-def stream_sequence(reply: str) -> int:
-    """The stream sequence from a JetStream ack subject, without building the client's Metadata
-    (which also parses timestamps, per message):
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.…`` (9 tokens) or, from servers
-    that add domain and account hash, ``$JS.ACK.<domain>.<hash>.<stream>.…`` (12 or more)."""
-    tokens = reply.split(".")
-    return int(tokens[5] if len(tokens) == 9 else tokens[7])
-
-
 def tracking_name(partition: int, partitions: int) -> str:
     return f"nats:{STREAM}:ingest:p{partition}of{partitions}"
 
@@ -394,12 +386,13 @@ class IngestPartition:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        client: NatsClient,
         ingestor: Ingestor,
         batch_size: int = 1000,
         kill_after_commit: int | None = None,
     ) -> None:
-        self._js = js
+        self._client = client
+        self._js = client.jetstream()
         self.ingestor = ingestor
         self._batch_size = batch_size
         self._kill_after_commit = kill_after_commit
@@ -424,7 +417,7 @@ class IngestPartition:
                     await asyncio.wait_for(stop.wait(), self._backoff)
                 self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
-    async def _subscribe(self) -> Any:
+    async def _subscribe(self) -> PullConsumer:
         position = await asyncio.to_thread(self.ingestor.position)
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(STREAM, self._durable)
@@ -440,28 +433,31 @@ class IngestPartition:
         )
         await self._js.add_consumer(STREAM, config)
         log.info("ingest partition %s resumes after stream seq %d", self._durable, position)
-        return await self._js.pull_subscribe_bind(self._durable, stream=STREAM)
+        consumer = PullConsumer(self._client, STREAM, self._durable, self._batch_size)
+        await consumer.start()
+        return consumer
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        subscription = await self._subscribe()
+        consumer = await self._subscribe()
+        try:
+            await self._consume_from(consumer, stop)
+        finally:
+            await consumer.stop()
+
+    async def _consume_from(self, consumer: PullConsumer, stop: asyncio.Event) -> None:
         commits = 0
         while not stop.is_set():
-            try:
-                messages = await subscription.fetch(self._batch_size, timeout=0.25)
-            except TimeoutError:
-                self.caught_up.set()
-                continue
-            if not messages:  # the client can return an empty batch instead of timing out
+            deliveries = await consumer.fetch(timeout=0.25)
+            if not deliveries:
                 self.caught_up.set()
                 continue
             self._backoff = INITIAL_BACKOFF_S
-            sequences = [stream_sequence(m.reply) for m in messages]
-            incoming = [
-                IncomingMessage(m.subject, m.data, seq)
-                for m, seq in zip(messages, sequences, strict=True)
-            ]
             position = self.ingestor.stats.position
-            fresh = [m for m in incoming if m.stream_seq > position]
+            fresh = [
+                IncomingMessage(d.message.subject, d.message.data, d.stream_seq)
+                for d in deliveries
+                if d.stream_seq > position
+            ]
             rejected: set[int] = set()
             if fresh:
                 rejected = await self._process(fresh, stop)
@@ -472,14 +468,14 @@ class IngestPartition:
             # The consumer acks "all up to": terminate the rejected ones, then one ack for the
             # rest of the batch (the last message not rejected).
             last_good = None
-            for message, seq in zip(messages, sequences, strict=True):
-                if seq in rejected:
-                    await message.term()
+            for delivery in deliveries:
+                if delivery.stream_seq in rejected:
+                    await delivery.message.term()
                 else:
-                    last_good = message
+                    last_good = delivery.message
             if last_good is not None:
                 await last_good.ack()
-            if messages[-1].metadata.num_pending == 0:
+            if deliveries[-1].pending == 0:
                 self.caught_up.set()
 
     async def _process(self, incoming: list[IncomingMessage], stop: asyncio.Event) -> set[int]:

@@ -83,11 +83,14 @@ def test_order_lifecycle_release_start_end_cancel() -> None:
     )
 
 
-def test_stream_sequence_is_read_from_both_ack_subject_forms() -> None:
-    from hub.ingest import stream_sequence
+def test_stream_and_consumer_sequence_and_pending_are_read_from_both_ack_subject_forms() -> None:
+    from hub.pull import ack_fields
 
-    assert stream_sequence("$JS.ACK.MES.ingest-p0of1.1.4711.4700.1772430000000000000.12") == 4711
-    assert (
-        stream_sequence("$JS.ACK.hub.ACCHASH.MES.ingest-p0of1.1.4711.4700.1772430000000000000.12.x")
-        == 4711
+    assert ack_fields("$JS.ACK.MES.ingest-p0of1.1.4711.4700.1772430000000000000.12") == (
+        4711,
+        4700,
+        12,
     )
+    assert ack_fields(
+        "$JS.ACK.hub.ACCHASH.MES.ingest-p0of1.1.4711.4700.1772430000000000000.12.x"
+    ) == (4711, 4700, 12)
