@@ -48,7 +48,7 @@ async def get_context(request: Request) -> ApiContext:
     return context
 
 
-# The whole context, for a route that has not moved to the aliases below yet.
+# The whole context, which the services and callers below are built from (routes name those).
 Context = Annotated[ApiContext, Depends(get_context)]
 
 # --- the services ----------------------------------------------------------------------------

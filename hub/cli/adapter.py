@@ -16,10 +16,11 @@ from hub.cli.shared import (
     ConfigOption,
     NatsUrlOption,
     adapters_or_exit,
+    config_file_or_exit,
+    config_file_required,
     console,
     err_console,
     run_until_signal,
-    settings_or_exit,
     setup_logging,
 )
 from hub.settings import Settings, redacted_url
@@ -55,17 +56,23 @@ def adapter_run(
             f"[red]unknown adapter {protocol!r}; available: {', '.join(PROTOCOLS)}, simulator[/]"
         )
         raise typer.Exit(2)
-    settings = settings_or_exit(config, nats_url=nats_url)
+    # The file is read once: [hub], and for a machine protocol its [adapters].
+    machine_adapters = protocol != "simulator" and config is not None
+    loaded = config_file_or_exit(config, adapters=machine_adapters, nats_url=nats_url)
+    settings = loaded.hub
     if settings.nats_url is None:
         err_console.print(
             "[red]an adapter needs --nats-url (or nats_url in [hub] / MES_HUB_NATS_URL)[/]"
         )
         raise typer.Exit(2)
-    setup_logging(logging.INFO)
     if protocol == "simulator":
+        setup_logging(logging.INFO)
         _run_simulator(settings, machines, speed, duration, max_events, seed, start)
-    else:
-        _run_adapters(settings, adapters_or_exit(config), protocol)
+        return
+    config_file_required(config)
+    assert loaded.adapters is not None
+    setup_logging(logging.INFO)
+    _run_adapters(settings, loaded.adapters, protocol)
 
 
 def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol: str) -> None:

@@ -25,6 +25,7 @@ from hub.cli.shared import (
     settings_or_exit,
     setup_logging,
 )
+from hub.ingest import IngestStats
 from hub.reports import Reports
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
@@ -121,64 +122,78 @@ def demo(
     )
     setup_logging(logging.INFO, directory / "hub.log")
 
+    plant = PlantConfig()  # the defaults: one 24-hour shift a day, UTC
+
+    async def show(hub: Hub, stop: asyncio.Event) -> tuple[SimulatorRun, IngestStats]:
+        """Serve the API and run the factory until the simulation ends or ``stop``; what was
+        published, and what ingest made of it."""
+        api = api_server(hub, plant)
+        try:
+            api.start()
+            # The table's figures come from the entry point the API's come from, on one plant.
+            facts, orders = FactsReader(hub.views), OrdersReader(hub.views)
+            reports = Reports(hub.store, facts, orders, settings.site, plant)
+            console.print(f"[bold]mes-hub demo[/]: {machines} simulated machines at {speed:g}x")
+            console.print(f"API: {api.url}/api/v1/machines   docs: {api.url}/docs")
+            console.print(f"admin key (this run only): [bold]{key}[/]")
+            console.print(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
+            console.print(f"data and log: {directory}\n")
+            progress = SimulatorRun()
+            simulation = SimulatorConfig(
+                machines=machines,
+                seed=seed,
+                site=settings.site,
+                start=past_start(speed, duration or None),  # ends about now: none from the future
+            )
+            simulator = asyncio.create_task(
+                run_simulator(
+                    simulation,
+                    hub.publisher,
+                    speed=speed,
+                    duration_s=duration or None,
+                    progress=progress,
+                )
+            )
+            started = time.monotonic()
+
+            async def table() -> Table:
+                return await asyncio.to_thread(
+                    _machine_table,
+                    hub,
+                    reports,
+                    time.monotonic() - started,
+                    progress.published,
+                    simulation.start,
+                    progress.simulated_until,
+                )
+
+            try:
+                with Live(console=console, refresh_per_second=2) as live:
+                    while not stop.is_set() and not simulator.done():
+                        live.update(await table())
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 1.0)
+                    simulator.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await simulator
+                    # No forecast round may publish after the last wait, or the summary would
+                    # not add up.
+                    await hub.stop_forecast_watch()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await hub.wait_caught_up(timeout=30)
+                    live.update(await table())
+            finally:
+                simulator.cancel()
+            return progress, hub.ingest_stats()
+        finally:
+            await api.stop()
+
     async def main(stop: asyncio.Event) -> None:
         hub = await build_hub(settings)
-        plant = PlantConfig()  # the defaults: one 24-hour shift a day, UTC
-        api = api_server(hub, plant)
-        api.start()
-        # The table's figures come from the entry point the API's come from, on the same plant.
-        facts, orders = FactsReader(hub.views), OrdersReader(hub.views)
-        reports = Reports(hub.store, facts, orders, settings.site, plant)
-        console.print(f"[bold]mes-hub demo[/]: {machines} simulated machines at {speed:g}x")
-        console.print(f"API: {api.url}/api/v1/machines   docs: {api.url}/docs")
-        console.print(f"admin key (this run only): [bold]{key}[/]")
-        console.print(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
-        console.print(f"data and log: {directory}\n")
-        progress = SimulatorRun()
-        simulation = SimulatorConfig(
-            machines=machines,
-            seed=seed,
-            site=settings.site,
-            start=past_start(speed, duration or None),  # ends about now: no event from the future
-        )
-        simulator = asyncio.create_task(
-            run_simulator(
-                simulation,
-                hub.publisher,
-                speed=speed,
-                duration_s=duration or None,
-                progress=progress,
-            )
-        )
-        started = time.monotonic()
-
-        async def table() -> Table:
-            return await asyncio.to_thread(
-                _machine_table,
-                hub,
-                reports,
-                time.monotonic() - started,
-                progress.published,
-                simulation.start,
-                progress.simulated_until,
-            )
-
-        with Live(console=console, refresh_per_second=2) as live:
-            while not stop.is_set() and not simulator.done():
-                live.update(await table())
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-            simulator.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await simulator
-            # No forecast round may publish after the last wait, or the summary would not add up.
-            await hub.stop_forecast_watch()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await hub.wait_caught_up(timeout=30)
-            live.update(await table())
-        stats = hub.ingest_stats()
-        await api.stop()
-        await hub.close()
+        try:  # the hub owns the embedded nats-server and the store: closed on every path
+            progress, stats = await show(hub, stop)
+        finally:
+            await hub.close()
         console.print(
             f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
             f"exactly once (with {hub.forecast_watch.published} delivery forecast changes the hub "

@@ -48,15 +48,21 @@ def serve(
 
     async def main(stop: asyncio.Event) -> None:
         hub = await build_hub(settings, plant=plant)
-        api = api_server(hub, plant)
-        api.start()
-        console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")
-        console.print(f"NATS: {redacted_url(hub.nats_url)}; store: {settings.store}")
-        if generated:
-            # Printed once on the terminal, never logged: set MES_HUB_API_KEYS to keep keys.
-            console.print(f"No API keys configured; this run's admin key: [bold]{generated}[/]")
-        await stop.wait()
-        await api.stop()
-        await hub.close()
+        try:  # the hub owns the embedded nats-server and the store: closed on every path
+            api = api_server(hub, plant)
+            try:
+                api.start()
+                console.print(f"mes-hub API on [bold]{api.url}[/] (docs: {api.url}/docs)")
+                console.print(f"NATS: {redacted_url(hub.nats_url)}; store: {settings.store}")
+                if generated:
+                    # Printed once on the terminal, never logged: set MES_HUB_API_KEYS to keep.
+                    console.print(
+                        f"No API keys configured; this run's admin key: [bold]{generated}[/]"
+                    )
+                await stop.wait()
+            finally:
+                await api.stop()
+        finally:
+            await hub.close()
 
     run_until_signal(main)

@@ -51,10 +51,13 @@ def config_or_exit(load: Callable[[], T]) -> T:
         raise typer.Exit(2) from None
 
 
-def config_file_or_exit(config: Path | None, **overrides: object) -> Config:
+def config_file_or_exit(
+    config: Path | None, *, adapters: bool = False, **overrides: object
+) -> Config:
     """Every section of the config file, read once (``hub.config.load_config``): ``[hub]``
-    under the command's ``overrides`` (None: not given), and ``[plant]``."""
-    return config_or_exit(lambda: load_config(config, hub_overrides=overrides))
+    under the command's ``overrides`` (None: not given), ``[plant]``, and ``[adapters]`` if
+    ``adapters``."""
+    return config_or_exit(lambda: load_config(config, adapters=adapters, hub_overrides=overrides))
 
 
 def settings_or_exit(config: Path | None, **overrides: object) -> Settings:
@@ -66,10 +69,16 @@ def adapters_or_exit(config: Path | None) -> AdaptersConfig:
     """``[adapters]``: the config file is required, the machines are in it."""
     from adapters.machines.config import load_adapters
 
+    path = config_file_required(config)
+    return config_or_exit(lambda: load_adapters(path))
+
+
+def config_file_required(config: Path | None) -> Path:
+    """``config``; without one, the error on stderr and exit code 2 (the machines are in it)."""
     if config is None:
         err_console.print("[red]--config FILE is required: the machines are in its [adapters][/]")
         raise typer.Exit(2)
-    return config_or_exit(lambda: load_adapters(config))
+    return config
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -109,6 +118,15 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 
 def api_server(hub: Hub, plant: PlantConfig | None = None) -> ApiServer:
-    """The API of a running hub (``serve`` and ``demo``), on its settings' address."""
+    """The API of a running hub (``serve`` and ``demo``), on its settings' address; if it cannot
+    listen there, the error on stderr and exit code 1 (the caller closes the hub)."""
     settings = hub.settings
-    return ApiServer(create_app(api_context(hub, plant)), settings.api_host, settings.api_port)
+    app = create_app(api_context(hub, plant))
+    try:
+        return ApiServer(app, settings.api_host, settings.api_port)
+    except OSError as exc:  # e.g. the port is taken: one line, exit code 1
+        err_console.print(
+            f"[bold red]cannot serve the API on {settings.api_host}:{settings.api_port}:[/] "
+            f"{exc.strerror or exc}"
+        )
+        raise typer.Exit(1) from None

@@ -7,10 +7,13 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from adapters.machines.config import AdaptersConfig
 from hub.bootstrap import Hub
+from hub.settings import Settings
 from tests.conftest import eventually
 from tests.counting import stored_parts
 from tests.integration.test_shdr_adapter import MTCONNECT, ShdrPeer, needs_capture
@@ -135,3 +138,35 @@ async def test_adapter_run_modbus_feeds_the_hub_from_a_plc(hub: Hub, tmp_path: P
         _, err = await asyncio.wait_for(process.communicate(), 30)
         await plc.stop()
     assert process.returncode == 0, err.decode()[-2000:]
+
+
+def test_adapter_run_reads_the_config_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from hub.cli import adapter, app
+
+    config = tmp_path / "mes-hub.toml"
+    config.write_text(
+        '[hub]\nnats_url = "nats://127.0.0.1:1"\n\n'
+        '[[adapters.shdr]]\nhost = "127.0.0.1"\nport = 7878\nmachine_id = "OKUMA-1"\n'
+    )
+    reads: list[Path] = []
+    read_text = Path.read_text
+
+    def counting_read_text(path: Path, *args: Any, **kwargs: Any) -> str:
+        if path == config:
+            reads.append(path)
+        return read_text(path, *args, **kwargs)
+
+    ran: list[tuple[Settings, AdaptersConfig, str]] = []
+    monkeypatch.setattr(Path, "read_text", counting_read_text)
+    monkeypatch.setattr(adapter, "_run_adapters", lambda *args: ran.append(args))
+    monkeypatch.setattr(adapter, "setup_logging", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(app, ["adapter", "run", "shdr", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert reads == [config]
+    ((settings, adapters, protocol),) = ran
+    assert (settings.nats_url, protocol) == ("nats://127.0.0.1:1", "shdr")
+    assert [entry.machine_id for entry in adapters.shdr] == ["OKUMA-1"]

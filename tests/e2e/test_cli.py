@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
+import pytest
+from typer.testing import CliRunner
 
+from hub.bootstrap import Hub, build_hub
+from hub.cli import app
 from hub.nats import MSG_ID_HEADER, EmbeddedNatsServer, connect, ensure_streams
 from hub.settings import load_settings
 from tests.conftest import eventually
@@ -152,3 +161,69 @@ def test_demo_on_ctrl_c_prints_the_summary_and_exits_zero(tmp_path: Path) -> Non
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 0
     assert re.search(r"\d+ events published, \d+ stored exactly once", out.read_text())
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_serve_on_a_taken_port_exits_with_a_clear_error(tmp_path: Path) -> None:
+    data_dir = tmp_path / "hub"
+    with taken_port() as port:
+        result = subprocess.run(
+            [*MES_HUB, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+            env={**os.environ, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    error = " ".join(result.stderr.split())
+    assert result.returncode == 1, error
+    assert f"cannot serve the API on 127.0.0.1:{port}: Address already in use" in error, error
+    assert "Traceback" not in error
+    assert (data_dir / "nats").is_dir()  # the hub, with its embedded nats-server, was up
+    left = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(str(data_dir) in arg for arg in p.info["cmdline"] or ())
+    ]
+    assert left == []
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_hub_whose_api_cannot_listen_is_closed(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, so that the hub's nats-server is this process's child: closed, not left to
+    die with its parent."""
+    built: list[Hub] = []
+    closed: list[Hub] = []
+
+    async def recording_build_hub(*args: Any, **kwargs: Any) -> Hub:
+        hub = await build_hub(*args, **kwargs)
+        built.append(hub)
+        close = hub.close
+
+        async def recording_close() -> None:
+            await close()
+            closed.append(hub)
+
+        hub.close = recording_close  # type: ignore[method-assign]
+        return hub
+
+    monkeypatch.setattr(f"hub.cli.{command}.build_hub", recording_build_hub)
+    monkeypatch.setattr(f"hub.cli.{command}.setup_logging", lambda *args, **kwargs: None)
+    data_dir = tmp_path / "hub"
+    with taken_port() as port:
+        result = CliRunner().invoke(
+            app, [command, "--port", str(port), "--data-dir", str(data_dir)], env={"COLUMNS": "200"}
+        )
+    assert result.exit_code == 1, result.output
+    assert "Address already in use" in " ".join(result.stderr.split())
+    assert (len(built), len(closed)) == (1, 1)  # the one hub built, closed
+    children = psutil.Process().children(recursive=True)
+    assert not [c for c in children if any(str(data_dir) in arg for arg in c.cmdline())]

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime, BaseModel
+from pydantic import AwareDatetime, BaseModel, Field
 
-from hub.api.deps import Context, Reader
+from hub.api.deps import Facts, Orders, Plant, Reader, Site, Store
 from hub.api.problems import Problem
 from hub.reports import Reports, UnknownMachine
 from projections.rules.calendar import Interval
@@ -26,11 +26,17 @@ From = Annotated[AwareDatetime, Query(alias="from", description="RFC 3339 with o
 To = Annotated[AwareDatetime, Query(alias="to", description="RFC 3339 with offset")]
 
 
+# The contract's field names for the window are "from" and "to" (``start`` and ``end`` in
+# Python); they come last in the answer, as they always have.
+WindowStart = Annotated[datetime, Field(serialization_alias="from")]
+WindowEnd = Annotated[datetime, Field(serialization_alias="to")]
+
+
 class TimelineView(BaseModel):
     machine: str
-    start: datetime
-    end: datetime
     intervals: list[TimelineInterval]
+    start: WindowStart
+    end: WindowEnd
 
 
 class OeeBucket(BaseModel):
@@ -84,16 +90,10 @@ class OeeBucket(BaseModel):
 
 class OeeView(BaseModel):
     machine: str | None
-    start: datetime
-    end: datetime
     group_by: GroupBy | None
     buckets: list[OeeBucket]
-
-    # The contract's field names: "from" and "to".
-    def to_json(self) -> dict[str, Any]:
-        body = self.model_dump(mode="json")
-        body["from"], body["to"] = body.pop("start"), body.pop("end")
-        return body
+    start: WindowStart
+    end: WindowEnd
 
 
 def _window(start: datetime, end: datetime) -> Interval:
@@ -104,8 +104,8 @@ def _window(start: datetime, end: datetime) -> Interval:
     return Interval(start.astimezone(UTC), end.astimezone(UTC))
 
 
-async def _reports(context: Context) -> Reports:
-    return Reports(context.store, context.facts, context.orders, context.site, context.plant)
+async def _reports(store: Store, facts: Facts, orders: Orders, site: Site, plant: Plant) -> Reports:
+    return Reports(store, facts, orders, site, plant)
 
 
 OeeReports = Annotated[Reports, Depends(_reports)]
@@ -121,21 +121,18 @@ async def _off_the_loop(build: Callable[[], T]) -> T:
 @router.get("/machines/{machine_id}/timeline", summary="A machine's state intervals")
 async def timeline(
     machine_id: str, start: From, end: To, reports: OeeReports, _: Reader
-) -> dict[str, Any]:
+) -> TimelineView:
     window = _window(start, end)
 
     def build() -> list[TimelineInterval]:
         return reports.machine_timeline(machine_id, window, datetime.now(UTC))
 
-    view = TimelineView(
+    return TimelineView(
         machine=machine_id,
+        intervals=await _off_the_loop(build),
         start=window.start,
         end=window.end,
-        intervals=await _off_the_loop(build),
     )
-    body = view.model_dump(mode="json")
-    body["from"], body["to"] = body.pop("start"), body.pop("end")
-    return body
 
 
 @router.get("/oee", summary="ISO 22400 OEE of a machine, or of the site without one")
@@ -146,7 +143,7 @@ async def oee(
     _: Reader,
     machine: str | None = None,
     group_by: GroupBy | None = None,
-) -> dict[str, Any]:
+) -> OeeView:
     window = _window(start, end)
 
     def build() -> list[Bucket]:
@@ -156,11 +153,10 @@ async def oee(
         return reports.site_oee(window, group_by, now)
 
     buckets = await _off_the_loop(build)
-    view = OeeView(
+    return OeeView(
         machine=machine,
-        start=window.start,
-        end=window.end,
         group_by=group_by,
         buckets=[OeeBucket.of(b) for b in buckets],
+        start=window.start,
+        end=window.end,
     )
-    return view.to_json()
