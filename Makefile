@@ -31,6 +31,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/ingest_stages.py
 	$(BIN)/python bench/projections.py
 	$(BIN)/python bench/adapters.py
 

@@ -1,12 +1,17 @@
 """Ingest benchmark: 1,000 simulated machines through a running hub, against a raw baseline.
 
-Both runs get the same pre-generated workload on a fresh embedded nats-server:
-- raw:  a bare consumer process that inserts the raw messages into SQLite in batches and acks;
-- hub:  ``mes-hub serve`` (validation, aggregates, event store, tracking, dedupe) on SQLite.
+Every run gets the same pre-generated workload on a fresh embedded nats-server:
+- raw:      a bare consumer process that inserts the raw messages into SQLite in batches and
+            acks, reading JetStream with nats-py's ``fetch()``;
+- raw-pull: the same, reading with the hub's pull consumer (``hub.pull``), so the baseline gets
+            whatever the hub's cheaper pull gets;
+- hub:      ``mes-hub serve`` (validation, aggregates, event store, tracking, dedupe) on SQLite,
+            its views kept by its views process.
 
 Figures: sustained events/s from first publish to last stored, p50/p99 publish-to-stored latency
 (stored = the consumer's committed position reached the message's stream sequence), peak RSS of
-the consuming process, and the ratio hub/raw.
+the consuming processes (the hub's with its views process), the ratios hub/raw and hub/raw-pull,
+and for the hub how long after the last event was stored its views had read it too.
 
     .venv/bin/python bench/ingest.py [--events 200000] [--machines 1000]
 """
@@ -29,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -50,6 +56,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     peak_rss_mb: float
+    views_lag_s: float | None = None  # the hub's views: last event read minus last stored
 
     @property
     def rate(self) -> float:
@@ -72,7 +79,8 @@ def workload(machines: int, events: int) -> list[tuple[str, bytes, str]]:
 
 
 class PositionProbe:
-    """Samples a consumer's committed position from its SQLite file, in a thread."""
+    """Samples a consumer's committed position from its SQLite file, in a thread, and the
+    resident memory of the consumer and its children."""
 
     def __init__(self, db: Path, query: str, process: psutil.Process) -> None:
         self.db, self.query, self.process = db, query, process
@@ -96,7 +104,9 @@ class PositionProbe:
             tick += 1
             if tick % 20 == 0:
                 with contextlib.suppress(psutil.Error):
-                    self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+                    family = [self.process, *self.process.children(recursive=True)]
+                    rss = sum(p.memory_info().rss for p in family)
+                    self.peak_rss = max(self.peak_rss, rss)
             try:
                 if connection is None:
                     connection = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
@@ -169,6 +179,7 @@ async def measure(
     command: Callable[[str, Path], list[str]],
     db: Path,
     position_query: str,
+    views_lag: Callable[[Path], float] | None = None,
 ) -> Result:
     """Start a fresh nats-server and the consumer ``command``, then drive the workload."""
     workdir = Path(tempfile.mkdtemp(dir=workdir))
@@ -190,26 +201,48 @@ async def measure(
             probe = PositionProbe(workdir / db, position_query, psutil.Process(process.pid))
             probe.start()
             try:
-                return await drive(name, nats_server.url, items, probe, rate)
+                result = await drive(name, nats_server.url, items, probe, rate)
             finally:
                 probe.stop()
+            if views_lag is not None:
+                stored_at = probe.stored_at(probe.positions[-1]) or time.perf_counter()
+                result.views_lag_s = await asyncio.to_thread(views_lag, workdir) - stored_at
+            return result
         finally:
             process.terminate()
             process.wait(30)
 
 
 async def run_raw(
-    items: list[tuple[str, bytes, str]], workdir: Path, rate: float | None = None
+    items: list[tuple[str, bytes, str]],
+    workdir: Path,
+    rate: float | None = None,
+    pull: str = "stock",
 ) -> Result:
     return await measure(
-        "raw",
+        "raw" if pull == "stock" else "raw-pull",
         items,
         workdir,
         rate,
-        lambda url, directory: [__file__, "raw-consumer", url, str(directory / "raw.sqlite")],
+        lambda url, directory: [__file__, "raw-consumer", url, str(directory / "raw.sqlite"), pull],
         Path("raw.sqlite"),
         "SELECT position FROM tracking",
     )
+
+
+def views_read_everything(directory: Path, timeout: float = 600) -> float:
+    """When the hub's views had read every stored event (polled; perf_counter time)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        with contextlib.suppress(sqlite3.Error):
+            with sqlite3.connect(f"file:{directory / 'events.sqlite'}?mode=ro", uri=True) as db:
+                (stored,) = db.execute("SELECT MAX(rowid) FROM stored_events").fetchone()
+            with sqlite3.connect(f"file:{directory / 'views.sqlite'}?mode=ro", uri=True) as db:
+                (read,) = db.execute("SELECT MIN(position) FROM mes_view_tracking").fetchone()
+            if stored and read is not None and read >= stored:
+                return time.perf_counter()
+        time.sleep(0.05)
+    raise RuntimeError(f"the views did not read everything within {timeout} s")
 
 
 async def run_hub(
@@ -233,12 +266,15 @@ async def run_hub(
         ],
         Path("events.sqlite"),  # under --data-dir
         f"SELECT notification_id FROM tracking WHERE application_name='{tracking_name(0, 1)}'",
+        views_read_everything,
     )
 
 
-async def raw_consumer(nats_url: str, db_path: str) -> None:
+async def raw_consumer(nats_url: str, db_path: str, pull: str) -> None:
     """The baseline: fetch a batch, insert the raw bytes in one transaction, ack."""
     from nats.js.api import AckPolicy, ConsumerConfig
+
+    from hub.pull import PullConsumer
 
     db = sqlite3.connect(db_path)
     db.execute("PRAGMA journal_mode=WAL")
@@ -253,31 +289,45 @@ async def raw_consumer(nats_url: str, db_path: str) -> None:
         "MES",
         ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.ALL, max_ack_pending=4000),
     )
-    subscription = await js.pull_subscribe_bind("raw", stream="MES")
-    while True:
+    if pull == "stock":
+        subscription = await js.pull_subscribe_bind("raw", stream="MES")
+    else:
+        consumer = PullConsumer(client, "MES", "raw", 1000)
+        await consumer.start()
+
+    async def fetch() -> list[tuple[int, str, bytes, Any]]:
+        if pull != "stock":
+            batch = await consumer.fetch(timeout=0.25)
+            return [(d.stream_seq, d.message.subject, d.message.data, d.message) for d in batch]
         try:
             messages = await subscription.fetch(1000, timeout=0.25)
         except TimeoutError:
+            return []
+        return [(m.metadata.sequence.stream, m.subject, m.data, m) for m in messages]
+
+    while True:
+        got = await fetch()
+        if not got:  # (the stock client can return an empty batch instead of timing out)
             continue
-        if not messages:  # the client can return an empty batch instead of timing out
-            continue
-        rows = [(m.metadata.sequence.stream, m.subject, m.data) for m in messages]
         with db:
-            db.executemany("INSERT OR IGNORE INTO raw VALUES (?, ?, ?)", rows)
-            db.execute("UPDATE tracking SET position = ?", (max(r[0] for r in rows),))
-        await messages[-1].ack()  # ack-all, as the hub does
+            db.executemany("INSERT OR IGNORE INTO raw VALUES (?, ?, ?)", [g[:3] for g in got])
+            db.execute("UPDATE tracking SET position = ?", (max(g[0] for g in got),))
+        await got[-1][3].ack()  # ack-all, as the hub does
 
 
-def print_results(title: str, raw: Result, hub: Result) -> None:
+def print_results(title: str, raw: Result, raw_pull: Result, hub: Result) -> None:
     print(f"\n{title}")
     header = ("run", "events", "seconds", "events/s", "p50 ms", "p99 ms", "peak RSS MB")
-    print(f"{header[0]:<6}" + "".join(f"{h:>12}" for h in header[1:]))
-    for r in (raw, hub):
+    print(f"{header[0]:<9}" + "".join(f"{h:>12}" for h in header[1:]))
+    for r in (raw, raw_pull, hub):
         print(
-            f"{r.name:<6}{r.events:>12}{r.seconds:>12.2f}{r.rate:>12.0f}"
+            f"{r.name:<9}{r.events:>12}{r.seconds:>12.2f}{r.rate:>12.0f}"
             f"{r.p50_ms:>12.1f}{r.p99_ms:>12.1f}{r.peak_rss_mb:>12.1f}"
         )
     print(f"ratio hub/raw (events/s): {hub.rate / raw.rate:.2f}")
+    print(f"ratio hub/raw-pull (events/s): {hub.rate / raw_pull.rate:.2f}")
+    if hub.views_lag_s is not None:
+        print(f"hub views: every stored event read {hub.views_lag_s:.1f} s after the last stored")
 
 
 async def main() -> None:
@@ -298,15 +348,19 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mes-hub-bench-") as tmp:
         workdir = Path(tmp)
         raw = await run_raw(items, workdir)
+        raw_pull = await run_raw(items, workdir, pull="hub")
         hub = await run_hub(items, workdir)
-        print_results("Burst: everything published flat out (latency is mostly queueing)", raw, hub)
+        title = "Burst: everything published flat out (latency is mostly queueing)"
+        print_results(title, raw, raw_pull, hub)
         if args.paced_rate:
             paced = items[: args.paced_events]
             raw_paced = await run_raw(paced, workdir, args.paced_rate)
+            raw_pull_paced = await run_raw(paced, workdir, args.paced_rate, pull="hub")
             hub_paced = await run_hub(paced, workdir, args.paced_rate)
             print_results(
                 f"Paced: {len(paced)} events at {args.paced_rate:.0f} events/s",
                 raw_paced,
+                raw_pull_paced,
                 hub_paced,
             )
 
@@ -314,6 +368,6 @@ async def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "raw-consumer":
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(raw_consumer(sys.argv[2], sys.argv[3]))
+            asyncio.run(raw_consumer(sys.argv[2], sys.argv[3], sys.argv[4]))
     else:
         asyncio.run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,11 +16,12 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from hub.api.deps import ApiContext
+from hub.children import ChildProcess
 from hub.domain import Order
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.ports import EventPublisher
-from hub.settings import Settings
+from hub.settings import Settings, settings_json
 from hub.store import EventStore
 from projections.processes.forecast_watch import ForecastWatch
 from projections.rules.plant import PlantConfig
@@ -32,7 +34,7 @@ from projections.views.orders_view import (
     OrdersView,
     orders_in_play,
 )
-from projections.views.runner import ProjectionWorker, View, group_by_position
+from projections.views.runner import ProjectionWorker, View, group_by_position, positions
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,11 @@ class Hub:
     publisher: EventPublisher
     partitions: list[IngestPartition]
     views: ViewDatabase
-    projections: list[ProjectionWorker]
     forecast_watch: ForecastWatch
     clock: Clock = utc_now
     embedded_nats: EmbeddedNatsServer | None = None
     services: list[Service] = field(default_factory=list)
+    views_process: ChildProcess | None = None  # None: the views are not kept by this hub
     owns_store: bool = True  # False when the caller passed the store in: theirs to close
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _group: asyncio.Task[None] | None = None
@@ -123,16 +125,19 @@ class Hub:
     async def stop_forecast_watch(self) -> None:
         await self.stop_service(FORECAST_WATCH)
 
+    async def view_positions(self) -> dict[str, int]:
+        """How far each view has read the store (they are kept by the views process)."""
+        return await asyncio.to_thread(view_positions, self.views)
+
     async def wait_projected(self, timeout: float = 30.0) -> None:
         """Wait until every view has read everything stored so far (for tests, demo)."""
         end = await asyncio.to_thread(self.store.last_position)
         deadline = asyncio.get_running_loop().time() + timeout
-        # Positions move in the workers' threads; a short poll is simpler than signalling.
-        while any(worker.position < end for worker in self.projections):
+        # The positions move in another process: a short poll of its tracking table.
+        while behind := {n: p for n, p in (await self.view_positions()).items() if p < end}:
             if asyncio.get_running_loop().time() > deadline:
-                behind = {w.name: w.position for w in self.projections if w.position < end}
                 raise TimeoutError(f"views still behind store position {end}: {behind}")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
 
     def ingest_stats(self) -> IngestStats:
         total = IngestStats()
@@ -152,7 +157,7 @@ class Hub:
         await asyncio.wait_for(
             asyncio.gather(*(p.caught_up.wait() for p in self.partitions)), timeout
         )
-        if any(s.name.startswith(VIEWS) for s in self.services):
+        if any(s.name == VIEWS for s in self.services):
             await self.wait_projected(timeout)
 
     async def close(self) -> None:
@@ -190,6 +195,12 @@ def api_context(hub: Hub, plant: PlantConfig | None = None) -> ApiContext:
 
 def all_views() -> list[View]:
     return [MachineFactsView(), OrdersView(), OrderStatesView()]
+
+
+def view_positions(views: ViewDatabase) -> dict[str, int]:
+    """How far each of the hub's views has read the store (0: not begun)."""
+    recorded = positions(views)
+    return {view.name: recorded.get(view.name, 0) for view in all_views()}
 
 
 def open_orders(store: EventStore, views: ViewDatabase, site: str) -> list[Order]:
@@ -288,7 +299,7 @@ async def build_hub(
 
     def views_caught_up() -> bool:
         stored = events_store.last_position()
-        return all(worker.position >= stored for worker in workers)
+        return all(position >= stored for position in view_positions(views).values())
 
     forecast_watch = ForecastWatch(
         settings.site,
@@ -299,13 +310,12 @@ async def build_hub(
         ready=views_caught_up,
     )
     services: list[Service] = []
+    views_child = views_process(settings) if projections else None
     if ingest:
         services += [Service(f"{INGEST}:p{p.ingestor.partition}", p.run) for p in partitions]
     if projections:
-        poll = settings.projection_poll_s
-        services += [
-            Service(f"{VIEWS}:{w.name}", partial(w.run, poll_interval=poll)) for w in workers
-        ]
+        assert views_child is not None
+        services.append(Service(VIEWS, views_child.run))
         interval = settings.forecast_interval_s
         services.append(Service(FORECAST_WATCH, partial(forecast_watch.run, interval_s=interval)))
     hub = Hub(
@@ -317,11 +327,11 @@ async def build_hub(
         publisher=publisher,
         partitions=partitions,
         views=views,
-        projections=workers,
         forecast_watch=forecast_watch,
         clock=clock,
         embedded_nats=embedded,
         services=services,
+        views_process=views_child,
         owns_store=owns_store,
     )
     try:
@@ -332,3 +342,31 @@ async def build_hub(
         await hub.close()
         raise
     return hub
+
+
+def views_process(settings: Settings) -> ChildProcess:
+    """The views, kept up to date in a process of their own (``follow_views``), which gets
+    ``settings`` on its standard input."""
+    argv = [sys.executable, "-m", "hub", "projections", "follow", "--settings-from-stdin"]
+    return ChildProcess("the views process", argv, settings_json(settings), nice=10)
+
+
+async def follow_views(settings: Settings, stop: asyncio.Event) -> None:
+    """Keep every view up to date with the store until ``stop`` is set: what the views process
+    runs. Each group of views that have read equally far has its worker; a batch that fails is
+    logged and retried."""
+    store = await asyncio.to_thread(EventStore, settings)
+    try:
+        views = await asyncio.to_thread(open_views, settings)
+        try:
+            workers = projection_workers(settings, store, views)
+            for worker in workers:
+                await asyncio.to_thread(worker.prepare)
+            poll = settings.projection_poll_s
+            async with asyncio.TaskGroup() as group:
+                for worker in workers:
+                    group.create_task(worker.run(stop, poll_interval=poll), name=worker.name)
+        finally:
+            await asyncio.to_thread(views.close)
+    finally:
+        await asyncio.to_thread(store.close)

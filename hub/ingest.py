@@ -69,8 +69,8 @@ from hub.domain import (
 )
 from hub.errors import ConcurrentWrite
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
-from hub.pull import PullConsumer
-from hub.store import Entity, Received
+from hub.pull import Delivery, PullConsumer
+from hub.store import Entity, Received, Sealed
 
 log = logging.getLogger(__name__)
 _A = TypeVar("_A", bound=Aggregate)
@@ -89,13 +89,16 @@ class IngestStore(Protocol):
 
     def load(self, aggregate_id: UUID) -> Aggregate | None: ...
 
-    def commit(
+    def seal(self, aggregates: Iterable[Aggregate], snapshot: Iterable[Aggregate] = ()) -> Sealed:
+        """The aggregates' new events, and snapshots of ``snapshot``, as they will be stored."""
+        ...
+
+    def write(
         self,
-        aggregates: Iterable[Aggregate],
+        sealed: Sealed,
         tracking: Tracking,
         received: Sequence[Received],
         new_entities: Sequence[Entity],
-        snapshot: Iterable[Aggregate] = (),
     ) -> None:
         """All of it in one transaction, or ``ConcurrentWrite`` and nothing."""
         ...
@@ -178,6 +181,7 @@ class IngestStats:
 
 @dataclass
 class _Batch:
+    incoming: list[IncomingMessage]
     last_seq: int
     touched: dict[UUID, Aggregate] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
@@ -185,6 +189,7 @@ class _Batch:
     rejected: list[Rejected] = field(default_factory=list)
     duplicates: int = 0
     versions_before: dict[UUID, int] = field(default_factory=dict)
+    sealed: Sealed = field(default_factory=lambda: Sealed((), ()))  # what the commit writes
 
 
 def utc_now() -> datetime:
@@ -229,10 +234,12 @@ class Ingestor:
         self.stats.position = self.store.tracking_position(self.tracking_name)
         return self.stats.position
 
-    def prepare(self, messages: list[IncomingMessage]) -> _Batch:
-        """Validate and apply a batch to the in-memory aggregates; nothing is stored yet."""
+    def prepare(self, messages: list[IncomingMessage], after: _Batch | None = None) -> _Batch:
+        """Validate and apply a batch to the in-memory aggregates and seal what is to be
+        stored; nothing is stored yet. ``after``: a batch prepared before this one and not
+        committed yet (its events count as received)."""
         messages = sorted(messages, key=lambda m: m.stream_seq)
-        batch = _Batch(last_seq=messages[-1].stream_seq)
+        batch = _Batch(messages, last_seq=messages[-1].stream_seq)
         now = self.clock()
         valid: list[tuple[IncomingMessage, ValidatedEvent, tuple[Target, ...]]] = []
         for message in messages:
@@ -254,6 +261,8 @@ class Ingestor:
         already = self.store.received_events(
             [e.envelope for _, e, _ in valid], legacy_margin_s=self.max_clock_skew_s
         )
+        if after is not None:
+            already.update(r.key for r in after.received)
         self._find_new_aggregates(t for _, _, touched in valid for t in touched)
         for message, event, touched in valid:
             key = dedupe_key(event.envelope)
@@ -263,9 +272,6 @@ class Ingestor:
             already.add(key)
             self._apply(event, [self._aggregate(batch, target) for target in touched])
             batch.received.append(Received(key, message.stream_seq))
-        return batch
-
-    def commit(self, batch: _Batch) -> None:
         # A snapshot when an aggregate crosses a multiple of the interval, so loading it
         # replays fewer than ``snapshot_interval`` events.
         due = [
@@ -274,17 +280,18 @@ class Ingestor:
             if a.version // self.snapshot_interval
             > batch.versions_before[a.id] // self.snapshot_interval
         ]
-        try:
-            self.store.commit(
-                batch.touched.values(),
-                Tracking(self.tracking_name, batch.last_seq),
-                batch.received,
-                batch.new_entities,
-                snapshot=due,
-            )
-        except Exception:
-            self.reset()
-            raise
+        batch.sealed = self.store.seal(batch.touched.values(), due)
+        return batch
+
+    def commit(self, batch: _Batch) -> None:
+        """Store a prepared batch. It touches no aggregate, so it may run while the next batch
+        is prepared. After a failure the caller ``reset``s (and prepares again)."""
+        self.store.write(
+            batch.sealed,
+            Tracking(self.tracking_name, batch.last_seq),
+            batch.received,
+            batch.new_entities,
+        )
         self.stats.applied += len(batch.received)
         self.stats.duplicates += batch.duplicates
         self.stats.rejected += len(batch.rejected)
@@ -372,6 +379,15 @@ class Ingestor:
                 raise TypeError(f"no handler for {event.event_type.name}")
 
 
+@dataclass(frozen=True)
+class _Committing:
+    """A batch whose commit runs in a thread while the next batch is prepared."""
+
+    deliveries: list[Delivery]
+    batch: _Batch
+    commit: asyncio.Future[None]
+
+
 INITIAL_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 5.0
 MAX_CONFLICT_RETRIES = 50
@@ -399,6 +415,7 @@ class IngestPartition:
         self._durable = f"ingest-p{ingestor.partition}of{ingestor.partitions}"
         self.caught_up = asyncio.Event()
         self._backoff = INITIAL_BACKOFF_S
+        self._commits = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -445,38 +462,103 @@ class IngestPartition:
             await consumer.stop()
 
     async def _consume_from(self, consumer: PullConsumer, stop: asyncio.Event) -> None:
-        commits = 0
-        while not stop.is_set():
-            deliveries = await consumer.fetch(timeout=0.25)
-            if not deliveries:
-                self.caught_up.set()
-                continue
-            self._backoff = INITIAL_BACKOFF_S
-            position = self.ingestor.stats.position
-            fresh = [
-                IncomingMessage(d.message.subject, d.message.data, d.stream_seq)
-                for d in deliveries
-                if d.stream_seq > position
-            ]
-            rejected: set[int] = set()
-            if fresh:
-                rejected = await self._process(fresh, stop)
-                commits += 1
-                if self._kill_after_commit is not None and commits >= self._kill_after_commit:
-                    # Failpoint for crash tests: committed, not yet acked.
-                    os.kill(os.getpid(), signal.SIGKILL)
-            # The consumer acks "all up to": terminate the rejected ones, then one ack for the
-            # rest of the batch (the last message not rejected).
-            last_good = None
-            for delivery in deliveries:
-                if delivery.stream_seq in rejected:
-                    await delivery.message.term()
-                else:
-                    last_good = delivery.message
-            if last_good is not None:
-                await last_good.ack()
-            if deliveries[-1].pending == 0:
-                self.caught_up.set()
+        """Fetch, prepare, commit, ack; a batch is prepared while the one before it is being
+        committed (the database work of a commit leaves the interpreter free), and acked once
+        its commit is done."""
+        committing: _Committing | None = None
+        try:
+            while not stop.is_set():
+                # While a commit runs, take what has come and prepare it meanwhile; with
+                # nothing there, finish the commit first: its ack should not wait.
+                deliveries = await consumer.fetch(timeout=0 if committing else 0.25)
+                if not deliveries:
+                    if committing is None:
+                        self.caught_up.set()
+                    else:
+                        await self._finish(committing, stop)
+                        committing = None
+                    continue
+                self._backoff = INITIAL_BACKOFF_S
+                done = committing.batch.last_seq if committing else self.ingestor.stats.position
+                fresh = [
+                    IncomingMessage(d.message.subject, d.message.data, d.stream_seq)
+                    for d in deliveries
+                    if d.stream_seq > done
+                ]
+                if not fresh:  # redelivered, every one applied already
+                    if committing is not None:
+                        await self._finish(committing, stop)
+                        committing = None
+                    await self._ack(deliveries, set())
+                    continue
+                after = committing.batch if committing else None
+                batch = await asyncio.to_thread(self.ingestor.prepare, fresh, after)
+                for reject in batch.rejected:
+                    await self._dead_letter(reject)
+                if committing is not None:
+                    redone = await self._finish(committing, stop, then=(deliveries, batch))
+                    committing = None
+                    if redone:
+                        continue
+                commit = asyncio.ensure_future(asyncio.to_thread(self.ingestor.commit, batch))
+                committing = _Committing(deliveries, batch, commit)
+        finally:
+            if committing is not None:
+                # Stopping or failing: the commit under way ends in its thread either way.
+                # Wait for it (the store must not close under it) and ack it if it succeeded.
+                try:
+                    await self._finish(committing, stop)
+                except Exception:
+                    log.exception("the last commit of %s failed", self._durable)
+
+    async def _finish(
+        self,
+        committing: _Committing,
+        stop: asyncio.Event,
+        then: tuple[list[Delivery], _Batch] | None = None,
+    ) -> bool:
+        """Wait for a commit, then ack its deliveries. A concurrent write refuses it whole,
+        and with it the batch prepared on top of it (``then``): both are applied again, one
+        at a time. Returns whether ``then`` was committed so (if not, the caller commits it).
+        """
+        deliveries = committing.deliveries
+        try:
+            await committing.commit
+        except ConcurrentWrite:
+            self.ingestor.reset()
+            self.ingestor.stats.conflicts += 1
+            incoming = committing.batch.incoming
+            if then is not None:
+                deliveries, incoming = deliveries + then[0], incoming + then[1].incoming
+            position = await asyncio.to_thread(self.ingestor.position)
+            incoming = [m for m in incoming if m.stream_seq > position]
+            rejected = await self._process(incoming, stop) if incoming else set()
+            self._committed()
+            await self._ack(deliveries, rejected)
+            return True
+        self._committed()
+        await self._ack(deliveries, {r.message.stream_seq for r in committing.batch.rejected})
+        return False
+
+    def _committed(self) -> None:
+        self._commits += 1
+        if self._kill_after_commit is not None and self._commits >= self._kill_after_commit:
+            # Failpoint for crash tests: committed, not yet acked.
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _ack(self, deliveries: list[Delivery], rejected: set[int]) -> None:
+        """The consumer acks "all up to": terminate the rejected ones, then one ack for the
+        rest (the last delivery not rejected)."""
+        last_good = None
+        for delivery in deliveries:
+            if delivery.stream_seq in rejected:
+                await delivery.message.term()
+            else:
+                last_good = delivery.message
+        if last_good is not None:
+            await last_good.ack()
+        if deliveries[-1].pending == 0:
+            self.caught_up.set()
 
     async def _process(self, incoming: list[IncomingMessage], stop: asyncio.Event) -> set[int]:
         """Dead-letter, then commit; returns the stream positions that were rejected."""

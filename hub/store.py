@@ -426,6 +426,14 @@ def store_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """A batch's new events and snapshots as they are stored (``EventStore.seal``)."""
+
+    events: Sequence[Any]
+    snapshots: Sequence[Any]
+
+
 class EventStore:
     """What the hub does with its store, in the plant's terms."""
 
@@ -491,6 +499,39 @@ class EventStore:
             return cast(Aggregate, project_aggregate(None, events))
         return found
 
+    def seal(self, aggregates: Iterable[Aggregate], snapshot: Iterable[Aggregate] = ()) -> Sealed:
+        """The aggregates' new events and snapshots of ``snapshot``, taken now and put in the
+        form they are stored in: after this the aggregates may change (ingest prepares the
+        next batch) while ``write`` stores these."""
+        mapper = self._app.mapper
+        events = [e for aggregate in aggregates for e in aggregate.collect_events()]
+        return Sealed(
+            [mapper.to_stored_event(e) for e in events],
+            [mapper.to_stored_event(Snapshot.take(a)) for a in snapshot],
+        )
+
+    def write(
+        self,
+        sealed: Sealed,
+        tracking: Tracking,
+        received: Sequence[Received],
+        new_entities: Sequence[Entity],
+    ) -> None:
+        """Store what ``seal`` took, the tracking position, the received ids and the new
+        entities in ONE transaction. Raises ``ConcurrentWrite`` when another writer got there
+        first (an aggregate version, received key or tracking position already taken): then
+        nothing of this write is stored."""
+        try:
+            self._recorder.insert_events(
+                list(sealed.events),
+                tracking=tracking,
+                mes_received=received,
+                mes_entities=new_entities,
+                mes_snapshots=sealed.snapshots,
+            )
+        except IntegrityError as exc:
+            raise ConcurrentWrite(str(exc)) from exc
+
     def commit(
         self,
         aggregates: Iterable[Aggregate],
@@ -499,23 +540,8 @@ class EventStore:
         new_entities: Sequence[Entity],
         snapshot: Iterable[Aggregate] = (),
     ) -> None:
-        """Store the aggregates' new events, the tracking position, the received ids, the new
-        entities and snapshots of ``snapshot`` (taken from the state being committed) in ONE
-        transaction. Raises ``ConcurrentWrite`` when another writer got there first (an
-        aggregate version, received key or tracking position already taken): then nothing of
-        this commit is stored."""
-        events = [e for aggregate in aggregates for e in aggregate.collect_events()]
-        snapshots = [self._app.mapper.to_stored_event(Snapshot.take(a)) for a in snapshot]
-        try:
-            self._app.events.put(
-                events,
-                tracking=tracking,
-                mes_received=received,
-                mes_entities=new_entities,
-                mes_snapshots=snapshots,
-            )
-        except IntegrityError as exc:
-            raise ConcurrentWrite(str(exc)) from exc
+        """``seal`` then ``write``, at once."""
+        self.write(self.seal(aggregates, snapshot), tracking, received, new_entities)
 
     # --- reading -----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from eventsourcing.persistence import Tracking
 
 from contracts import CloudEvent, dedupe_key
 from hub.errors import ConcurrentWrite
-from hub.store import Entity, Received
+from hub.store import Entity, Received, Sealed
 
 
 class InMemoryStore:
@@ -44,15 +44,20 @@ class InMemoryStore:
         assert found is None or isinstance(found, Aggregate)
         return found
 
-    def commit(
+    def seal(self, aggregates: Iterable[Aggregate], snapshot: Iterable[Aggregate] = ()) -> Sealed:
+        return Sealed(
+            [e for aggregate in aggregates for e in aggregate.collect_events()],
+            [(a.id, a.version) for a in snapshot],
+        )
+
+    def write(
         self,
-        aggregates: Iterable[Aggregate],
+        sealed: Sealed,
         tracking: Tracking,
         received: Sequence[Received],
         new_entities: Sequence[Entity],
-        snapshot: Iterable[Aggregate] = (),
     ) -> None:
-        pending = [e for aggregate in aggregates for e in aggregate.collect_events()]
+        pending = sealed.events
         versions = {a: len(events) for a, events in self.events.items()}
         for event in pending:
             expected = versions.get(event.originator_id, 0) + 1
@@ -69,5 +74,5 @@ class InMemoryStore:
         self.tracking.setdefault(tracking.application_name, set()).add(tracking.notification_id)
         self.received.update((r.key, r.stream_seq) for r in received)
         self.entities.extend(new_entities)
-        self.snapshots.extend((a.id, a.version) for a in snapshot)
+        self.snapshots.extend(sealed.snapshots)
         self.commits += 1

@@ -103,3 +103,28 @@ def projections_status(config: ConfigOption = None, data_dir: DataDirOption = No
             table.add_row(view.name, str(position), str(stored - position))
         console.print(f"event store: {stored} events")
         console.print(table)
+
+
+@app.command("follow")
+def projections_follow(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    settings_from_stdin: Annotated[
+        bool, typer.Option(hidden=True, help="Settings JSON on stdin (how serve starts it)")
+    ] = False,
+) -> None:
+    """Keep every view up to date with the event store until stopped (Ctrl-C or SIGTERM).
+    ``serve`` runs this in a process of its own; run it yourself to keep the views elsewhere."""
+    import logging
+    import sys
+
+    from hub.bootstrap import follow_views
+    from hub.cli.shared import config_or_exit, run_until_signal, setup_logging
+    from hub.settings import settings_from_json
+
+    if settings_from_stdin:
+        settings = config_or_exit(lambda: settings_from_json(sys.stdin.buffer.read()))
+    else:
+        settings = settings_or_exit(config, data_dir=data_dir)
+    setup_logging(logging.INFO)
+    run_until_signal(lambda stop: follow_views(settings, stop))

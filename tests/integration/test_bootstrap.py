@@ -31,7 +31,7 @@ async def test_a_publisher_and_a_clock_passed_in_are_the_ones_the_hub_uses(
         )
         assert [s.name for s in hub.services] == [
             "ingest:p0",
-            "views:machine_facts_v2+orders_v2+order_states_v3",
+            "views",
             FORECAST_WATCH,
         ]
         # Ingest judges "the future" by that clock too: 06:00 is accepted, 12:10 (ten minutes

@@ -235,6 +235,37 @@ async def test_two_partitions_apply_every_event_once(settings: Settings) -> None
         await hub.close()
 
 
+async def test_conflicts_between_partitions_redo_the_batches_built_on_them_exactly_once(
+    settings: Settings,
+) -> None:
+    # Two partitions, small batches: each commits a batch while it prepares the next on top of
+    # it. Machines of both partitions start and end the same order all the time, so a commit is
+    # often refused (the other partition wrote the order first), and with it the batch already
+    # prepared on it; both are applied again. Every tap must land once on the order.
+    hub = await build_hub(settings.model_copy(update={"partitions": 2, "ingest_batch": 20}))
+    try:
+        machines = [f"M{i}" for i in range(1, 9)]
+        events = []
+        for round_ in range(25):
+            for machine in machines:
+                kind = "started" if round_ % 2 == 0 else "ended"
+                events.append(
+                    cloud_event(f"mes.operator.order_{kind}.v1", machine,
+                                {"order_id": "SO-shared"}, at=timedelta(minutes=round_))
+                )  # fmt: skip
+                events.append(partcount(machine, round_, round_ * 60))
+        await hub.publisher.publish_many(events)
+        await stored(hub, len(events))
+        order = hub.store.order("default", "SO-shared")
+        assert order is not None and order.moves is not None
+        assert len(order.moves) == 25 * len(machines)  # each start and end once
+        assert sorted(stored_parts(hub.store, "default", m) for m in machines) == [24] * 8
+        assert sum(p.ingestor.stats.applied for p in hub.partitions) == len(events)
+        assert sum(p.ingestor.stats.conflicts for p in hub.partitions) > 0
+    finally:
+        await hub.close()
+
+
 async def test_cloud_event_bytes_from_outside_code_are_accepted(hub: Hub) -> None:
     # An integrator's own code: plain JSON, their own client, our subject and Nats-Msg-Id rules.
     body = json.dumps(

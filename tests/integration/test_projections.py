@@ -241,7 +241,7 @@ async def test_rebuilding_one_view_while_the_hub_runs_leaves_every_view_followin
         await asyncio.to_thread(rebuild.rebuild)
         await more
         await hub.wait_caught_up(timeout=60)  # every view reaches the end: no livelock
-        positions = {w.name: w.position for w in hub.projections}
+        positions = await hub.view_positions()
         reference_path = settings.data_dir / "reference.sqlite"
         reference = SQLiteViews(reference_path)
         ProjectionWorker([MachineFactsView()], hub.store, reference).rebuild()
@@ -251,3 +251,33 @@ async def test_rebuilding_one_view_while_the_hub_runs_leaves_every_view_followin
         await hub.close()
     assert set(positions.values()) == {end}
     assert rows(settings.views_sqlite_path) == rows(reference_path)
+
+
+async def test_a_views_process_killed_again_and_again_is_restarted_and_loses_nothing(
+    settings: Settings,
+) -> None:
+    # The views process kills itself (SIGKILL) after every fourth batch it commits; the hub
+    # starts it again each time, and it resumes from the position it committed with its rows.
+    crashing = settings.model_copy(
+        update={"projection_batch": 400, "fault_kill_after_view_batch": 4}
+    )
+    hub = await build_hub(crashing)
+    assert hub.views_process is not None
+    try:
+        await simulate(hub, 6_000)
+        await hub.wait_projected(timeout=120)
+        starts, child = hub.views_process.starts, hub.views_process.pid
+        end = hub.store.last_position()
+        reference_path = settings.data_dir / "reference.sqlite"
+        reference = SQLiteViews(reference_path)
+        ProjectionWorker([MachineFactsView()], hub.store, reference).rebuild()
+        reference.close()
+    finally:
+        await hub.close()
+    assert end > 6_000 and starts >= end // (4 * 400)  # killed every 1,600 events or so
+    assert child is not None and child != os.getpid()
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # closing the hub stopped its views process
+    live = rows(settings.views_sqlite_path)
+    assert live == rows(reference_path)
+    assert len({row[0] for row in live}) == len(live) > 3_000

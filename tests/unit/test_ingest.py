@@ -159,6 +159,7 @@ def test_a_concurrent_write_is_refused_whole_and_applies_after_a_reset(
     assert store.load(machine_aggregate_id("default", "M2")) is None
     assert store.tracking_position("p1") == 0
     # What IngestPartition does on a conflict: the aggregates are reloaded, the batch retried.
+    second.reset()
     second.commit(second.prepare([started("M2", 2)]))
     order = store.load(order_aggregate_id("default", "SO-1"))
     assert isinstance(order, Order) and order.running_on == ["M1", "M2"]

@@ -102,3 +102,34 @@ def test_api_keys_never_show_in_repr() -> None:
     settings = load_settings(api_keys="admin:0123456789abcdef-secret")
     assert "0123456789abcdef-secret" not in repr(settings)
     assert "0123456789abcdef-secret" not in repr(settings.parsed_api_keys())
+
+
+def test_a_child_process_gets_every_setting_secrets_included_and_nothing_from_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hub.settings import settings_from_json, settings_json
+
+    parent = load_settings(
+        data_dir=tmp_path / "hub",
+        store="postgres",
+        postgres_dsn="postgresql://mes:hunter2@db:5433/mes?sslmode=require",
+        api_keys="admin:0123456789abcdef0123",
+        projection_batch=321,
+    )
+    # The child's environment says otherwise: what the parent read wins.
+    monkeypatch.setenv("MES_HUB_PROJECTION_BATCH", "999")
+    child = settings_from_json(settings_json(parent))
+    assert child == parent
+    assert child.postgres_dsn is not None
+    assert child.postgres_dsn.get_secret_value().startswith("postgresql://mes:hunter2@db:5433")
+
+
+def test_settings_a_hub_cannot_run_with_are_refused_on_stdin_without_echoing_them() -> None:
+    from hub.settings import settings_from_json
+
+    with pytest.raises(ConfigError, match="standard input: not the settings JSON"):
+        settings_from_json(b"api_keys=admin:secret")
+    with pytest.raises(ConfigError) as caught:
+        settings_from_json(b'{"api_keys": "admin:short-secret", "store": "nowhere"}')
+    assert "standard input: settings a hub cannot run with" in str(caught.value)
+    assert "short-secret" not in str(caught.value)
