@@ -199,7 +199,7 @@ def all_views() -> list[View]:
 
 def view_positions(views: ViewDatabase) -> dict[str, int]:
     """How far each of the hub's views has read the store (0: not begun)."""
-    recorded = positions(views)
+    recorded = positions(views, prepared=True)  # (the hub prepared the views when it started)
     return {view.name: recorded.get(view.name, 0) for view in all_views()}
 
 
@@ -346,7 +346,9 @@ async def build_hub(
 
 def views_process(settings: Settings) -> ChildProcess:
     """The views, kept up to date in a process of their own (``follow_views``), which gets
-    ``settings`` on its standard input."""
+    ``settings`` as its first line of input. It runs at a lower priority than the hub: on a
+    small machine under a burst, ingest (what acks the plant's data) gets the CPU first and the
+    views follow (``bench/ingest.py`` measures how far behind)."""
     argv = [sys.executable, "-m", "hub", "projections", "follow", "--settings-from-stdin"]
     return ChildProcess("the views process", argv, settings_json(settings), nice=10)
 

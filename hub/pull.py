@@ -5,22 +5,26 @@ hub's burst rates that was about a sixth of ingest's CPU. ``PullConsumer`` asks 
 batch with one request whose replies land on an inbox of its own (a plain buffered
 subscription), and asks for the next batch while the caller is still committing this one.
 
-What a pull request can answer besides messages, and what is done with it:
+What comes back besides messages (under the request's own reply subject, where messages come
+under their stream subject), and what is done with it:
 
-- ``100`` idle heartbeat: the server and the request are alive.
-- ``404`` no messages / ``408`` request expired: the request ended with fewer than asked.
-- ``409``: the request ended (``Exceeded MaxWaiting``, ``Leadership Change``, ``Server
-  Shutdown``, …), asked again on the next fetch; ``Consumer Deleted`` or a push consumer is an
-  error (``PullFailed``): the caller recreates the consumer where its store says.
-- Silence: no message, heartbeat or status for ``STALL_HEARTBEATS`` heartbeats while a request
-  is open means the request was lost (a dropped connection loses the server's pending pulls):
-  ``PullFailed``.
-- A reconnect: the requests made before it are forgotten and asked again.
+- ``100`` idle heartbeat: the server and the request are alive; it also says which delivery the
+  server made last (``Nats-Last-Consumer``).
+- ``404`` / ``408``: a request ended with fewer messages than it asked for; ``409``: it ended or
+  was refused (``Leadership Change``, ``Server Shutdown``, …). What it still owed
+  (``Nats-Pending-Messages``) is no longer due, and the next fetch asks again. ``409 Consumer
+  Deleted`` or a push consumer is an error (``PullFailed``): the caller recreates the consumer
+  where its store says.
+- Silence: no message, heartbeat or status for ``STALL_HEARTBEATS`` heartbeats while messages are
+  due (a request dropped without a word, e.g. over the server's waiting limit) is ``PullFailed``.
+- A reconnect is ``PullFailed``: the requests of the old connection are gone, and the caller
+  starts again from what it stored (the server may even have restarted from an older state).
 
 Nothing delivered may be lost between the server and the caller, because the caller acks "all
-up to" the last message it committed: the consumer sequence of each delivery is checked, and a
-gap (a message dropped by the client, or delivered to a request lost in a reconnect) is a
-``PullFailed``, raised before the messages after the gap are handed out.
+up to" the last message it committed: every delivery takes the next consumer sequence (a
+redelivery too), so a gap in them — a message dropped by the client, or delivered to a request
+lost in a reconnect, or seen from a heartbeat — is a ``PullFailed``, raised before anything
+after the gap is handed out.
 """
 
 from __future__ import annotations
@@ -93,15 +97,15 @@ class PullConsumer:
         self._inbox = ""
         self._subscription: Subscription | None = None
         self._numbers = itertools.count(1)
-        # Request reply subject -> messages still due, oldest request first. (Statuses come
-        # under the request's subject.)
-        self._open: dict[str, int] = {}
+        # Messages asked for and not yet come or called off. (The server spreads its deliveries
+        # over the open requests as it likes: only the total can be known.)
+        self._due = 0
         self._buffer: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
         self._failure: PullFailed | None = None
         self._last_consumer_seq = 0  # consumer sequences start at 1
         self._last_heard = 0.0
-        self._reconnects = 0
+        self._reconnects = 0  # the client's count when this consumer started
 
     async def start(self) -> None:
         self._inbox = self._client.new_inbox()
@@ -123,10 +127,8 @@ class PullConsumer:
         """Up to ``batch`` deliveries, in the order the server sent them; an empty list when
         none came within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
-        if self._client.stats["reconnects"] != self._reconnects:
-            # The server dropped the requests of the old connection (or will, when they expire).
-            self._reconnects = self._client.stats["reconnects"]
-            self._open.clear()
+        if self._client.stats["reconnects"] != self._reconnects and self._failure is None:
+            self._failure = PullFailed("the connection to NATS was made again")
         await self._ask()
         deadline = loop.time() + timeout
         while not self._buffer and self._failure is None:
@@ -134,15 +136,14 @@ class PullConsumer:
             now = loop.time()
             if now >= deadline:
                 return []
-            if self._open and now - self._last_heard > STALL_HEARTBEATS * self._heartbeat_s:
-                self._failure = PullFailed(
-                    f"no message or heartbeat for {now - self._last_heard:.1f} s"
-                )
-                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(deadline - now, self._heartbeat_s))
-            if not self._open and self._failure is None:
-                await self._ask()  # the request ended (expired or refused): ask again
+            # (Judged after waiting: heartbeats queued while the loop was busy count.)
+            silent = loop.time() - self._last_heard
+            if self._due and silent > STALL_HEARTBEATS * self._heartbeat_s:
+                self._failure = PullFailed(f"no message or heartbeat for {silent:.1f} s")
+            elif not self._due and self._failure is None:
+                await self._ask()  # the requests ended (expired or refused): ask again
         if self._buffer:  # hand out what came before a failure, then raise on the next fetch
             count = min(len(self._buffer), self._batch)
             return [self._buffer.popleft() for _ in range(count)]
@@ -151,8 +152,7 @@ class PullConsumer:
 
     async def _ask(self) -> None:
         """Ask for a batch when less than one batch is on its way or waiting here."""
-        due = sum(self._open.values())
-        if due + len(self._buffer) >= self._batch:
+        if self._failure is not None or self._due + len(self._buffer) >= self._batch:
             return
         reply = f"{self._inbox}.{next(self._numbers)}"
         request = {
@@ -160,10 +160,10 @@ class PullConsumer:
             "expires": self._expires_ns,
             "idle_heartbeat": int(self._heartbeat_s * 1e9),
         }
-        self._open[reply] = self._batch
-        if not due:
+        if not self._due:
             # The silence watch starts with the request, not with the last message heard.
             self._last_heard = asyncio.get_running_loop().time()
+        self._due += self._batch
         try:
             await self._client.publish(
                 self._next_subject, json.dumps(request).encode(), reply=reply
@@ -173,26 +173,17 @@ class PullConsumer:
 
     async def _on_message(self, message: Msg) -> None:
         self._last_heard = asyncio.get_running_loop().time()
-        headers = message.headers
-        status = headers.get(_STATUS) if headers else None
-        if status is not None:
-            self._on_status(message.subject, status, headers or {})
+        if message.subject.startswith(self._inbox):  # a status of one of the requests
+            headers = message.headers or {}
+            self._on_status(headers.get(_STATUS, ""), headers)
             return
         if self._failure is not None:
             return  # after a gap nothing more is handed out: the consumer is recreated
         stream_seq, consumer_seq, pending = ack_fields(message.reply)
         if not self._all_arrived(consumer_seq - 1):
             return
-        # (A redelivery comes again with a number already seen.)
-        self._last_consumer_seq = max(self._last_consumer_seq, consumer_seq)
-        # A message comes under its own subject, not the request's: the server fills the
-        # requests in the order they were made, so it counts against the oldest one open.
-        for reply, due in self._open.items():
-            if due <= 1:
-                del self._open[reply]
-            else:
-                self._open[reply] = due - 1
-            break
+        self._last_consumer_seq = consumer_seq
+        self._due = max(self._due - 1, 0)
         self._buffer.append(Delivery(message, stream_seq, consumer_seq, pending))
         self._arrived.set()
 
@@ -207,7 +198,7 @@ class PullConsumer:
             return False
         return True
 
-    def _on_status(self, reply: str, status: str, headers: dict[str, str]) -> None:
+    def _on_status(self, status: str, headers: dict[str, str]) -> None:
         description = headers.get(_DESCRIPTION, "")
         if status == "100":
             # An idle heartbeat: alive. It says what the server delivered last, so a delivery
@@ -219,6 +210,9 @@ class PullConsumer:
         if status == "409" and ("Deleted" in description or "push" in description):
             self._failure = PullFailed(f"the consumer is gone: {status} {description}")
         elif status not in ("404", "408", "409"):
-            self._failure = PullFailed(f"unexpected status {status} {description}")
-        self._open.pop(reply, None)  # this request has ended
+            self._failure = PullFailed(f"unexpected status {status!r} {description}")
+        # The request has ended: what it still owed is not coming. (Without the count, none is
+        # taken as due: asking again for too much is harmless, waiting for nothing is not.)
+        owed = headers.get("Nats-Pending-Messages", "")
+        self._due = max(self._due - int(owed), 0) if owed.isdigit() else 0
         self._arrived.set()

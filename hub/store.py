@@ -434,6 +434,17 @@ class Sealed:
     snapshots: Sequence[Any]
 
 
+@dataclass(frozen=True)
+class Commit:
+    """What one ingest commit writes, all in one transaction: the sealed events and snapshots,
+    the partition's position, the dedupe keys received and the new machines and orders."""
+
+    sealed: Sealed
+    tracking: Tracking
+    received: Sequence[Received]
+    new_entities: Sequence[Entity]
+
+
 class EventStore:
     """What the hub does with its store, in the plant's terms."""
 
@@ -510,24 +521,17 @@ class EventStore:
             [mapper.to_stored_event(Snapshot.take(a)) for a in snapshot],
         )
 
-    def write(
-        self,
-        sealed: Sealed,
-        tracking: Tracking,
-        received: Sequence[Received],
-        new_entities: Sequence[Entity],
-    ) -> None:
-        """Store what ``seal`` took, the tracking position, the received ids and the new
-        entities in ONE transaction. Raises ``ConcurrentWrite`` when another writer got there
-        first (an aggregate version, received key or tracking position already taken): then
-        nothing of this write is stored."""
+    def write(self, commit: Commit) -> None:
+        """Store a ``Commit`` in ONE transaction. Raises ``ConcurrentWrite`` when another writer
+        got there first (an aggregate version, received key or tracking position already
+        taken): then nothing of it is stored."""
         try:
             self._recorder.insert_events(
-                list(sealed.events),
-                tracking=tracking,
-                mes_received=received,
-                mes_entities=new_entities,
-                mes_snapshots=sealed.snapshots,
+                list(commit.sealed.events),
+                tracking=commit.tracking,
+                mes_received=commit.received,
+                mes_entities=commit.new_entities,
+                mes_snapshots=commit.sealed.snapshots,
             )
         except IntegrityError as exc:
             raise ConcurrentWrite(str(exc)) from exc
@@ -541,7 +545,7 @@ class EventStore:
         snapshot: Iterable[Aggregate] = (),
     ) -> None:
         """``seal`` then ``write``, at once."""
-        self.write(self.seal(aggregates, snapshot), tracking, received, new_entities)
+        self.write(Commit(self.seal(aggregates, snapshot), tracking, received, new_entities))
 
     # --- reading -----------------------------------------------------------------------------
 

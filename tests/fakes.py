@@ -8,11 +8,10 @@ from uuid import UUID
 
 from eventsourcing.application import project_aggregate
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import Tracking
 
 from contracts import CloudEvent, dedupe_key
 from hub.errors import ConcurrentWrite
-from hub.store import Entity, Received, Sealed
+from hub.store import Commit, Entity, Sealed
 
 
 class InMemoryStore:
@@ -50,13 +49,8 @@ class InMemoryStore:
             [(a.id, a.version) for a in snapshot],
         )
 
-    def write(
-        self,
-        sealed: Sealed,
-        tracking: Tracking,
-        received: Sequence[Received],
-        new_entities: Sequence[Entity],
-    ) -> None:
+    def write(self, commit: Commit) -> None:
+        sealed, tracking, received = commit.sealed, commit.tracking, commit.received
         pending = sealed.events
         versions = {a: len(events) for a, events in self.events.items()}
         for event in pending:
@@ -73,6 +67,6 @@ class InMemoryStore:
             self.events.setdefault(event.originator_id, []).append(event)
         self.tracking.setdefault(tracking.application_name, set()).add(tracking.notification_id)
         self.received.update((r.key, r.stream_seq) for r in received)
-        self.entities.extend(new_entities)
+        self.entities.extend(commit.new_entities)
         self.snapshots.extend(sealed.snapshots)
         self.commits += 1

@@ -110,21 +110,31 @@ def projections_follow(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
     settings_from_stdin: Annotated[
-        bool, typer.Option(hidden=True, help="Settings JSON on stdin (how serve starts it)")
+        bool,
+        typer.Option(
+            hidden=True, help="Settings JSON as the first line of input; stop when input ends"
+        ),
     ] = False,
 ) -> None:
     """Keep every view up to date with the event store until stopped (Ctrl-C or SIGTERM).
     ``serve`` runs this in a process of its own; run it yourself to keep the views elsewhere."""
+    import asyncio
     import logging
-    import sys
 
     from hub.bootstrap import follow_views
+    from hub.children import read_settings_line, stop_when_input_ends
     from hub.cli.shared import config_or_exit, run_until_signal, setup_logging
     from hub.settings import settings_from_json
 
-    if settings_from_stdin:
-        settings = config_or_exit(lambda: settings_from_json(sys.stdin.buffer.read()))
+    if settings_from_stdin:  # started by a hub
+        settings = config_or_exit(lambda: settings_from_json(read_settings_line()))
     else:
         settings = settings_or_exit(config, data_dir=data_dir)
     setup_logging(logging.INFO)
-    run_until_signal(lambda stop: follow_views(settings, stop))
+
+    async def main(stop: asyncio.Event) -> None:
+        if settings_from_stdin:
+            stop_when_input_ends(stop)
+        await follow_views(settings, stop)
+
+    run_until_signal(main)

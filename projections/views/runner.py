@@ -208,9 +208,11 @@ def group_by_position(db: ViewDatabase, views: Sequence[View]) -> list[list[View
     return list(groups.values())
 
 
-def positions(db: ViewDatabase) -> dict[str, int]:
-    """How far each view has read."""
-    ensure_tracking(db)
+def positions(db: ViewDatabase, *, prepared: bool = False) -> dict[str, int]:
+    """How far each view has read. ``prepared``: the tracking table is known to exist, so only
+    read (a writer's lock would wait on, and hold up, the views being written)."""
+    if not prepared:
+        ensure_tracking(db)
     with db.transaction(write=False) as cursor:
         cursor.execute(f"SELECT view, position FROM {TRACKING_TABLE}")
         return {str(view): int(position) for view, position in cursor.fetchall()}

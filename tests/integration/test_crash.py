@@ -151,3 +151,33 @@ async def test_random_sigkills_under_load_lose_and_duplicate_nothing(
     assert parts == {m: published - 1 for m in MACHINES}
     assert versions == {m: published + 1 for m in MACHINES}
     assert received == published * len(MACHINES)
+
+
+async def test_a_hub_killed_takes_its_views_process_with_it(
+    tmp_path: Path, nats_server: EmbeddedNatsServer
+) -> None:
+    import psutil
+
+    data_dir = tmp_path / "hub"
+    data_dir.mkdir()
+    hub = start_hub(data_dir, nats_server.url)
+    try:
+
+        def views_process() -> list[psutil.Process]:
+            return [
+                child for child in psutil.Process(hub.pid).children() if "follow" in child.cmdline()
+            ]
+
+        await eventually(lambda: bool(views_process()), timeout=30)
+        (child,) = views_process()
+        # Its settings came on its input: none of the hub's MES_HUB_* variables, no secret on
+        # its command line.
+        assert not [k for k in child.environ() if k.startswith("MES_HUB_")]
+        assert child.cmdline()[-3:] == ["projections", "follow", "--settings-from-stdin"]
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(10)
+        await eventually(lambda: not child.is_running() or child.status() == "zombie", 20)
+    finally:
+        if hub.poll() is None:
+            hub.kill()
+            hub.wait()

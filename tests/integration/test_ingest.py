@@ -288,3 +288,46 @@ async def test_cloud_event_bytes_from_outside_code_are_accepted(hub: Hub) -> Non
     assert machine is not None and machine.availability == "UNAVAILABLE"
     assert machine.last_event_time is not None
     assert machine.last_event_time.utcoffset() == timedelta(hours=1)
+
+
+async def test_ingest_cancelled_mid_commit_returns_only_once_the_commit_has_ended(
+    settings: Settings,
+) -> None:
+    # A commit runs in a thread, which cannot be stopped. When ingest is cancelled (a sibling
+    # service failed, or the hub stops it), it must return only once the write has ended: the
+    # hub closes the store next, and nothing may write it after that.
+    import threading
+    import time
+
+    from hub.store import EventStore
+
+    class SlowStore(EventStore):
+        def __init__(self, settings: Settings) -> None:
+            super().__init__(settings)
+            self.writing = threading.Event()
+            self.in_progress = 0
+
+        def write(self, *args: Any, **kwargs: Any) -> None:
+            self.in_progress += 1
+            self.writing.set()
+            try:
+                time.sleep(0.5)
+                super().write(*args, **kwargs)
+            finally:
+                self.in_progress -= 1
+
+    store = SlowStore(settings)
+    hub = await build_hub(settings, store=store, projections=False)
+    try:
+        await hub.publisher.publish_many([partcount("M1", n, n) for n in range(50)])
+        await asyncio.to_thread(store.writing.wait, 20)
+        await hub.stop_service("ingest:p0")  # cancels the task mid-write
+        assert store.in_progress == 0
+    finally:
+        await hub.close()
+    # What was written is whole: as many readings stored as the position says were taken.
+    position = store.tracking_position("nats:MES:ingest:p0of1")
+    machine = store.machine("default", "M1")
+    assert position > 0 and machine is not None
+    assert machine.version == 1 + position  # registered, then one event per reading
+    store.close()
