@@ -20,8 +20,9 @@ from hub.children import ChildProcess
 from hub.domain import Order
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
+from hub.nats_auth import NATS_URL_FILE, nats_identities, server_config, signing_key
 from hub.ports import EventPublisher
-from hub.settings import Settings, settings_json
+from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
 from projections.processes.forecast_watch import ForecastWatch
 from projections.rules.plant import PlantConfig
@@ -63,9 +64,11 @@ class Hub:
     settings: Settings
     nats_url: str
     nats: NatsClient
+    api_nats: NatsClient  # the API's own connection, as the ``api`` identity
     jetstream: JetStreamContext
     store: EventStore
-    publisher: EventPublisher
+    publisher: EventPublisher  # the hub's own (signs the hub's events)
+    api_publisher: EventPublisher
     partitions: list[IngestPartition]
     views: ViewDatabase
     forecast_watch: ForecastWatch
@@ -167,8 +170,9 @@ class Hub:
                 await self._group
         # Ingest has stopped and acked what it committed; close() flushes those acks. (drain()
         # would wait out its timeout on the pull subscriptions.)
-        with contextlib.suppress(Exception):
-            await self.nats.close()
+        for client in (self.nats, self.api_nats):
+            with contextlib.suppress(Exception):
+                await client.close()
         await asyncio.to_thread(self.views.close)
         if self.owns_store:
             await asyncio.to_thread(self.store.close)
@@ -185,7 +189,7 @@ def api_context(hub: Hub, plant: PlantConfig | None = None) -> ApiContext:
         store=hub.store,
         facts=FactsReader(hub.views),
         orders=OrdersReader(hub.views),
-        publisher=hub.publisher,
+        publisher=hub.api_publisher,
         api_keys=hub.settings.parsed_api_keys(),
         site=hub.settings.site,
         plant=plant or PlantConfig(),
@@ -257,11 +261,27 @@ async def build_hub(
     ``plant`` is the calendar and rules the forecasts use, recorded as the site's configuration."""
     embedded: EmbeddedNatsServer | None = None
     url = settings.nats_url
+    credentials = await asyncio.to_thread(nats_identities, settings)
     if url is None:
-        embedded = EmbeddedNatsServer(settings.nats_data_dir)
+        assert credentials is not None
+        authorization = server_config(credentials, settings.site)
+        embedded = EmbeddedNatsServer(settings.nats_data_dir, authorization=authorization)
         url = await asyncio.to_thread(embedded.start)
+        # Where adapters on this machine find it (mes-hub nats credentials).
+        await asyncio.to_thread((settings.data_dir / NATS_URL_FILE).write_text, url)
+    elif credentials is None:
+        log.warning(
+            "NATS at %s is used without identities (nats_identities): whoever reaches it may "
+            "publish any event; see docs/nats.md",
+            redacted_url(url),
+        )
+    api_client: NatsClient | None = None
     try:
-        client = await connect(url)
+        client = await connect(url, credentials=credentials["hub"] if credentials else None)
+        # The API publishes as its own NATS identity: never the hub's own events.
+        api_client = await connect(
+            url, "mes-hub-api", credentials=credentials["api"] if credentials else None
+        )
         jetstream = client.jetstream()
         await ensure_streams(jetstream, settings)
         owns_store = store is None
@@ -273,10 +293,13 @@ async def build_hub(
         for worker in workers:
             await asyncio.to_thread(worker.prepare)
     except BaseException:
+        if api_client is not None:
+            await api_client.close()
         if embedded is not None:
             embedded.stop()
         raise
     events_store = store
+    key = await asyncio.to_thread(signing_key, settings.data_dir)
     partitions = [
         IngestPartition(
             client,
@@ -288,14 +311,16 @@ async def build_hub(
                 snapshot_interval=settings.snapshot_interval,
                 clock=clock,
                 max_clock_skew_s=settings.max_clock_skew_s,
+                hub_key=key,
             ),
             batch_size=settings.ingest_batch,
             kill_after_commit=settings.fault_kill_after_commit,
         )
         for k in range(settings.partitions)
     ]
+    api_publisher = publisher or NatsPublisher(api_client.jetstream(), settings.site)
     if publisher is None:
-        publisher = NatsPublisher(jetstream, settings.site)
+        publisher = NatsPublisher(jetstream, settings.site, signing_key=key)
 
     def views_caught_up() -> bool:
         stored = events_store.last_position()
@@ -322,9 +347,11 @@ async def build_hub(
         settings=settings,
         nats_url=url,
         nats=client,
+        api_nats=api_client,
         jetstream=jetstream,
         store=events_store,
         publisher=publisher,
+        api_publisher=api_publisher,
         partitions=partitions,
         views=views,
         forecast_watch=forecast_watch,

@@ -69,6 +69,7 @@ from hub.domain import (
 )
 from hub.errors import ConcurrentWrite
 from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
+from hub.nats_auth import SIGNATURE_HEADER, signed_by
 from hub.pull import Delivery, PullConsumer
 from hub.store import Commit, Entity, Received, Sealed
 
@@ -151,11 +152,13 @@ def _one(kind: type[_A], aggregates: Sequence[Aggregate]) -> _A:
 
 @dataclass(frozen=True)
 class IncomingMessage:
-    """What ingest needs of a NATS message: its subject, bytes and stream position."""
+    """What ingest needs of a NATS message: its subject, bytes and stream position, and the
+    hub's signature if it has one (``hub.nats_auth``)."""
 
     subject: str
     data: bytes
     stream_seq: int
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,8 +212,13 @@ class Ingestor:
         *,
         clock: Callable[[], datetime] = utc_now,
         max_clock_skew_s: float = 300.0,
+        hub_key: bytes | None = None,
     ) -> None:
         self.store = store
+        # With it, a hub event (its forecasts, the plant's configuration) is taken only if the
+        # hub signed it: NATS permissions keep others from publishing one, and this would
+        # still refuse it if they did not.
+        self.hub_key = hub_key
         self.tracking_name = tracking_name
         self.partition = partition
         self.partitions = partitions
@@ -249,6 +257,7 @@ class Ingestor:
                 event = decode_event(message.data)
                 site = check_subject(message.subject, event)
                 check_event_time(event.envelope, now, self.max_clock_skew_s)
+                self._check_hub_signature(message, event)
             except ContractViolation as violation:
                 batch.rejected.append(Rejected(message, violation.reason))
                 continue
@@ -288,6 +297,15 @@ class Ingestor:
         self.stats.rejected += len(batch.rejected)
         self.stats.batches += 1
         self.stats.position = batch.last_seq
+
+    def _check_hub_signature(self, message: IncomingMessage, event: ValidatedEvent) -> None:
+        if self.hub_key is None or event.event_type.stream != "hub":
+            return
+        if not signed_by(self.hub_key, message.data, message.signature):
+            raise ContractViolation(
+                f"a hub event the hub did not publish (no valid {SIGNATURE_HEADER})",
+                field="type",
+            )
 
     # --- applying one event ----------------------------------------------------------------
 
@@ -496,7 +514,12 @@ class IngestPartition:
                 self._backoff = INITIAL_BACKOFF_S
                 done = committing.batch.last_seq if committing else self.ingestor.stats.position
                 fresh = [
-                    IncomingMessage(d.message.subject, d.message.data, d.stream_seq)
+                    IncomingMessage(
+                        d.message.subject,
+                        d.message.data,
+                        d.stream_seq,
+                        (d.message.headers or {}).get(SIGNATURE_HEADER),
+                    )
                     for d in deliveries
                     if d.stream_seq > done
                 ]

@@ -34,6 +34,7 @@ from contracts import (
     nats_subject_for,
     validate_envelope,
 )
+from hub.nats_auth import SIGNATURE_HEADER, Credentials, signature
 from hub.ports import PublishReceipt
 from hub.settings import Settings
 
@@ -68,10 +69,11 @@ def _die_with_parent() -> None:
 class EmbeddedNatsServer:
     """A real nats-server child process with JetStream, on a free loopback port."""
 
-    def __init__(self, data_dir: Path, port: int = -1) -> None:
+    def __init__(self, data_dir: Path, port: int = -1, authorization: str | None = None) -> None:
         self.data_dir = data_dir
         self.port = port
         self.url = ""
+        self._authorization = authorization  # nats-server's users and their permissions
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> str:
@@ -81,9 +83,18 @@ class EmbeddedNatsServer:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         log_file = (self.data_dir / "nats-server.log").open("ab")
+        config: list[str] = []
+        if self._authorization is not None:
+            # Passwords inside: readable by the hub's user only.
+            path = self.data_dir / "nats-server.conf"
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+            path.write_text(self._authorization)
+            config = ["--config", str(path)]
         self._process = subprocess.Popen(
             [
                 nats_server_binary(),
+                *config,
                 "--addr",
                 "127.0.0.1",
                 "--port",
@@ -139,13 +150,17 @@ class EmbeddedNatsServer:
         self.stop()
 
 
-async def connect(url: str, name: str = "mes-hub") -> NatsClient:
+async def connect(
+    url: str, name: str = "mes-hub", credentials: Credentials | None = None
+) -> NatsClient:
     return await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         allow_reconnect=True,
+        user=credentials.user if credentials else None,
+        password=credentials.password if credentials else None,
     )
 
 
@@ -180,21 +195,35 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
 class NatsPublisher:
     """``EventPublisher`` over JetStream. The event's ``dedupe_key`` (its ``source`` and ``id``)
     is the ``Nats-Msg-Id``, so a republished event is dropped by the stream's duplicate window
-    (and by the store after), while two producers that happen to use the same id are not."""
+    (and by the store after), while two producers that happen to use the same id are not. With
+    ``signing_key`` (the hub's own publisher) the hub's events are signed, and ingest takes no
+    hub event without that signature."""
 
-    def __init__(self, js: JetStreamContext, site: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        site: str,
+        timeout: float = 10.0,
+        signing_key: bytes | None = None,
+    ) -> None:
         self._js = js
         self._site = site
         self._timeout = timeout
+        self._signing_key = signing_key
 
     def _subject_and_body(self, event: CloudEvent) -> tuple[str, bytes]:
         return nats_subject_for(self._site, validate_envelope(event)), encode_event(event)
 
+    def _headers(self, event: CloudEvent, subject: str, body: bytes) -> dict[str, str]:
+        headers = {MSG_ID_HEADER: dedupe_key(event)}
+        if self._signing_key is not None and subject.startswith(f"mes.{self._site}.hub."):
+            headers[SIGNATURE_HEADER] = signature(self._signing_key, body)
+        return headers
+
     async def publish(self, event: CloudEvent) -> PublishReceipt:
         subject, body = self._subject_and_body(event)
-        ack = await self._js.publish(
-            subject, body, timeout=self._timeout, headers={MSG_ID_HEADER: dedupe_key(event)}
-        )
+        headers = self._headers(event, subject, body)
+        ack = await self._js.publish(subject, body, timeout=self._timeout, headers=headers)
         return PublishReceipt(event.id, subject, ack.seq, bool(ack.duplicate))
 
     async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
@@ -202,8 +231,9 @@ class NatsPublisher:
         pending = []
         for event in events:
             subject, body = self._subject_and_body(event)
+            headers = self._headers(event, subject, body)
             future = await self._js.publish_async(
-                subject, body, headers={MSG_ID_HEADER: dedupe_key(event)}, wait_stall=self._timeout
+                subject, body, headers=headers, wait_stall=self._timeout
             )
             pending.append((event.id, subject, future))
         acks = await asyncio.wait_for(
@@ -222,11 +252,19 @@ class ConnectingPublisher:
     connects on first use and again after the connection is closed; while NATS cannot be
     reached, publishing raises (and a store-and-forward buffer in front of it takes over)."""
 
-    def __init__(self, url: str, site: str, name: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        site: str,
+        name: str,
+        timeout: float = 5.0,
+        credentials: Credentials | None = None,
+    ) -> None:
         self._url = url
         self._site = site
         self._name = name
         self._timeout = timeout
+        self._credentials = credentials
         self._client: NatsClient | None = None
         self._publisher: NatsPublisher | None = None
 
@@ -244,6 +282,8 @@ class ConnectingPublisher:
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=1,
                         allow_reconnect=True,
+                        user=self._credentials.user if self._credentials else None,
+                        password=self._credentials.password if self._credentials else None,
                     ),
                     self._timeout,
                 )

@@ -176,6 +176,14 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".mes-hub"), description="Event store, NATS data, keys")
     site: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]+$")
     nats_url: str | None = Field(default=None, description="Empty: start an embedded nats-server")
+    nats_identities: Path | None = Field(
+        default=None,
+        description="External NATS: the hub's and its API's passwords (docs/nats.md); the "
+        "embedded server's are made in the data dir",
+    )
+    nats_credentials: Path | None = Field(
+        default=None, description="An adapter's NATS credentials (mes-hub nats credentials)"
+    )
     store: Literal["sqlite", "postgres"] = "sqlite"
     postgres_dsn: SecretStr | None = Field(
         default=None, description="postgresql://user:password@host:port/dbname"

@@ -5,6 +5,7 @@
 - ``adapter``: ``adapter run`` and ``adapter check``, the machine adapters and the simulator;
 - ``projections``: ``rebuild``, ``catch-up`` and ``status`` of the views;
 - ``contracts``: ``export`` of the JSON Schemas;
+- ``nats``: ``credentials`` of an identity for an adapter host (``hub.nats_auth``);
 - ``shared``: what they share — the common options (``--config``, ``--data-dir``,
   ``--nats-url``), configuration loaded or exit code 2 (``config_file_or_exit``: every section
   read once; ``settings_or_exit``, ``adapters_or_exit``; all through ``config_or_exit``),
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import typer
 
-from hub.cli import adapter, contracts, demo, projections, serve
+from hub.cli import adapter, contracts, demo, nats, projections, serve
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -36,6 +37,7 @@ app.command("demo")(demo.demo)
 app.add_typer(contracts.app, name="contracts")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(projections.app, name="projections")
+app.add_typer(nats.app, name="nats")
 
 __all__ = ["app", "main"]
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -18,6 +20,7 @@ from hub.cli.shared import (
     adapters_or_exit,
     config_file_or_exit,
     config_file_required,
+    config_or_exit,
     console,
     err_console,
     run_until_signal,
@@ -27,6 +30,7 @@ from hub.settings import Settings, redacted_url
 
 if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
     from adapters.machines.config import AdaptersConfig
+    from hub.nats_auth import Credentials
 
 log = logging.getLogger("hub.cli")  # the CLI's one logger, whichever group logs
 app = typer.Typer(help="Machine and ERP adapters.", no_args_is_help=True)
@@ -38,6 +42,14 @@ def adapter_run(
     protocol: Annotated[str, typer.Argument(help=PROTOCOL_HELP)],
     config: ConfigOption = None,
     nats_url: NatsUrlOption = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="The buffer's folder; on the hub's machine, its data dir: the adapter finds "
+            "the hub's NATS and its identity there",
+        ),
+    ] = None,
     machines: Annotated[int, typer.Option(min=1, help="simulator: machines")] = 10,
     speed: Annotated[float, typer.Option(min=0, help="simulator: speed, 0 = flat out")] = 60.0,
     duration: Annotated[float, typer.Option(min=0, help="simulator: wall seconds, 0 = ∞")] = 0.0,
@@ -58,24 +70,43 @@ def adapter_run(
         raise typer.Exit(2)
     # The file is read once: [hub], and for a machine protocol its [adapters].
     machine_adapters = protocol != "simulator" and config is not None
-    loaded = config_file_or_exit(config, adapters=machine_adapters, nats_url=nats_url)
+    loaded = config_file_or_exit(
+        config, adapters=machine_adapters, nats_url=nats_url, data_dir=data_dir
+    )
     settings = loaded.hub
-    if settings.nats_url is None:
+    from hub.nats_auth import Identity, adapter_link
+
+    # The simulator plays machines and their operators: as the API does, it sends both.
+    identity: Identity = "api" if protocol == "simulator" else "machines"
+    url, credentials = config_or_exit(lambda: adapter_link(settings, identity))
+    if url is None:
         err_console.print(
-            "[red]an adapter needs --nats-url (or nats_url in [hub] / MES_HUB_NATS_URL)[/]"
+            "[red]an adapter needs --nats-url (or nats_url in [hub] / MES_HUB_NATS_URL), or a "
+            "hub started from the same --data-dir on this machine[/]"
         )
         raise typer.Exit(2)
+    link = NatsLink(url, credentials)
     if protocol == "simulator":
         setup_logging(logging.INFO)
-        _run_simulator(settings, machines, speed, duration, max_events, seed, start)
+        _run_simulator(settings, link, machines, speed, duration, max_events, seed, start)
         return
     config_file_required(config)
     assert loaded.adapters is not None
     setup_logging(logging.INFO)
-    _run_adapters(settings, loaded.adapters, protocol)
+    _run_adapters(settings, link, loaded.adapters, protocol)
 
 
-def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol: str) -> None:
+@dataclass(frozen=True)
+class NatsLink:
+    """Where the hub's NATS is, and the adapter's identity there (None: an open NATS)."""
+
+    url: str
+    credentials: Credentials | None
+
+
+def _run_adapters(
+    settings: Settings, link: NatsLink, adapters_config: AdaptersConfig, protocol: str
+) -> None:
     from adapters.forward import StoreAndForward
     from adapters.machines.registry import build_adapters, describe
     from hub.nats import ConnectingPublisher
@@ -84,16 +115,16 @@ def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol:
     if not adapters:
         err_console.print(f"[red]no [[adapters.{protocol}]] entries in the config file[/]")
         raise typer.Exit(2)
-    assert settings.nats_url is not None
-    url = settings.nats_url
     buffer = adapters_config.buffer
     directory = buffer.directory or settings.data_dir / "adapter-buffer" / protocol
 
     async def main(stop: asyncio.Event) -> None:
-        link = ConnectingPublisher(url, settings.site, f"mes-hub-adapter-{protocol}")
-        publisher = StoreAndForward(link, directory, settings.site, buffer.max_events)
+        nats = ConnectingPublisher(
+            link.url, settings.site, f"mes-hub-adapter-{protocol}", credentials=link.credentials
+        )
+        publisher = StoreAndForward(nats, directory, settings.site, buffer.max_events)
         for adapter in adapters:
-            console.print(f"adapter {describe(adapter)} → NATS {redacted_url(url)}")
+            console.print(f"adapter {describe(adapter)} → NATS {redacted_url(link.url)}")
         console.print(f"store-and-forward buffer: {directory} (at most {buffer.max_events:,})")
         tasks = [asyncio.create_task(a.run(publisher, stop)) for a in adapters]
         await stop.wait()
@@ -106,7 +137,7 @@ def _run_adapters(settings: Settings, adapters_config: AdaptersConfig, protocol:
         if not await publisher.drain(timeout=5):
             console.print(f"{publisher.waiting():,} events wait in the buffer for the next run")
         await publisher.close()
-        await link.close()
+        await nats.close()
 
     run_until_signal(main)
 
@@ -152,6 +183,7 @@ def adapter_check(
 
 def _run_simulator(
     settings: Settings,
+    link: NatsLink,
     machines: int,
     speed: float,
     duration: float,
@@ -162,11 +194,8 @@ def _run_simulator(
     from adapters.machines.simulator import SimulatorConfig, past_start, run_simulator
     from hub.nats import NatsPublisher, connect
 
-    assert settings.nats_url is not None
-    url = settings.nats_url
-
     async def main(stop: asyncio.Event) -> None:
-        client = await connect(url, name="mes-hub-simulator")
+        client = await connect(link.url, name="mes-hub-simulator", credentials=link.credentials)
         publisher = NatsPublisher(client.jetstream(), settings.site)
         task = asyncio.create_task(
             run_simulator(

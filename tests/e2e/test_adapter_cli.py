@@ -160,13 +160,13 @@ def test_adapter_run_reads_the_config_file_once(
             reads.append(path)
         return read_text(path, *args, **kwargs)
 
-    ran: list[tuple[Settings, AdaptersConfig, str]] = []
+    ran: list[tuple[Settings, Any, AdaptersConfig, str]] = []
     monkeypatch.setattr(Path, "read_text", counting_read_text)
     monkeypatch.setattr(adapter, "_run_adapters", lambda *args: ran.append(args))
     monkeypatch.setattr(adapter, "setup_logging", lambda *args, **kwargs: None)
     result = CliRunner().invoke(app, ["adapter", "run", "shdr", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert reads == [config]
-    ((settings, adapters, protocol),) = ran
-    assert (settings.nats_url, protocol) == ("nats://127.0.0.1:1", "shdr")
+    ((settings, link, adapters, protocol),) = ran
+    assert (settings.nats_url, link.url, protocol) == ("nats://127.0.0.1:1",) * 2 + ("shdr",)
     assert [entry.machine_id for entry in adapters.shdr] == ["OKUMA-1"]

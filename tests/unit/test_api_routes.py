@@ -39,6 +39,10 @@ class HubWithoutNats:
     publisher: InMemoryPublisher = field(default_factory=InMemoryPublisher)
     delivered: int = 0
 
+    @property
+    def api_publisher(self) -> InMemoryPublisher:  # the API's (in a real hub, its own identity)
+        return self.publisher
+
     def deliver(self) -> None:
         """Ingest what was published since the last call, and bring the views up to date."""
         fresh = self.publisher.published[self.delivered :]

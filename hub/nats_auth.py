@@ -1,0 +1,170 @@
+"""Who may publish and read what on NATS: one identity per kind of client, with permissions.
+
+Without them any client that reaches NATS could publish ``mes.<site>.hub.plant…configured`` (a
+planned stop over years zeroes a site's OEE) or a delivery forecast, past every API role. So:
+
+- ``hub``: the hub itself (ingest, the forecast watch, the plant's configuration): everything.
+- ``api``: the hub's API, which publishes what its callers may send (machine, operator and ERP
+  events, never the hub's own).
+- ``machines``: machine adapters: ``mes.<site>.machine.>`` only.
+- ``erp``: ERP adapters: ``mes.<site>.erp.>`` only.
+- ``reader``: integrators who subscribe: may read ``mes.>``, may publish nothing.
+
+Every identity but ``reader`` may receive on ``_INBOX.>`` (a JetStream publish waits for its
+ack there). With the embedded server the hub generates a password per identity once, keeps them
+in ``<data_dir>/nats-credentials.json`` (mode 0600), and starts nats-server with these users;
+``mes-hub nats credentials --identity machines`` prints one identity's file for an adapter
+host. For an external NATS the same permissions are set up there (docs/nats.md), and the hub
+is given the file. The hub also signs what it publishes of its own (an HMAC with a key only it
+holds), and ingest refuses a hub event that is not signed so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hub.settings import ConfigError, Settings
+
+Identity = Literal["hub", "api", "machines", "erp", "reader"]
+IDENTITIES: tuple[Identity, ...] = ("hub", "api", "machines", "erp", "reader")
+SIGNATURE_HEADER = "Mes-Hub-Signature"
+CREDENTIALS_FILE = "nats-credentials.json"
+NATS_URL_FILE = "nats.url"  # the embedded server's URL, for adapters on the same machine
+SIGNING_KEY_FILE = "hub-signing.key"
+
+
+def permissions(identity: Identity, site: str) -> dict[str, Any]:
+    """The NATS permissions of ``identity`` at ``site`` (nats-server's configuration form)."""
+    families = {"api": ["machine", "operator", "erp"], "machines": ["machine"], "erp": ["erp"]}
+    if identity == "hub":
+        return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    if identity == "reader":
+        return {"publish": {"deny": [">"]}, "subscribe": {"allow": ["mes.>"]}}
+    return {
+        "publish": {"allow": [f"mes.{site}.{family}.>" for family in families[identity]]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One identity's user and password on a NATS server."""
+
+    user: str
+    password: str
+
+    def __repr__(self) -> str:  # never show the password
+        return f"Credentials(user={self.user!r}, password='**********')"
+
+    def document(self, url: str) -> dict[str, str]:
+        return {"url": url, "user": self.user, "password": self.password}
+
+
+def write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.chmod(path, 0o600)  # an older file kept its mode through O_CREAT
+
+
+def identities(path: Path) -> dict[Identity, Credentials]:
+    """Every identity's password, from a file ``{"hub": "…", "api": "…", …}``."""
+    try:
+        stored = json.loads(path.read_text())
+        return {i: Credentials(i, str(stored[i])) for i in IDENTITIES}
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "file not found") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            str(path), None, f"not a NATS identities file (a password for each of {IDENTITIES})"
+        ) from None
+
+
+def generated_credentials(data_dir: Path) -> dict[Identity, Credentials]:
+    """The identities' credentials kept in the data dir, made on first use."""
+    path = data_dir / CREDENTIALS_FILE
+    if path.exists():
+        return identities(path)
+    made = new_credentials()
+    write_private(path, json.dumps({i: c.password for i, c in made.items()}, indent=2))
+    return made
+
+
+def new_credentials() -> dict[Identity, Credentials]:
+    return {i: Credentials(i, secrets.token_urlsafe(24)) for i in IDENTITIES}
+
+
+def read_credentials(path: Path) -> tuple[Credentials, str | None]:
+    """An identity's credentials file (``mes-hub nats credentials`` writes them), and the URL
+    it names, if any."""
+    try:
+        document = json.loads(path.read_text())
+        url = document.get("url")
+        credentials = Credentials(str(document["user"]), str(document["password"]))
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "file not found") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(str(path), None, "not a NATS credentials file (user, password)") from None
+    return credentials, str(url) if url else None
+
+
+def server_config(credentials: dict[Identity, Credentials], site: str) -> str:
+    """The ``authorization`` block of nats-server's configuration (JSON is valid there)."""
+    users = [
+        {"user": c.user, "password": c.password, "permissions": permissions(i, site)}
+        for i, c in credentials.items()
+    ]
+    return "authorization " + json.dumps({"users": users}, indent=2) + "\n"
+
+
+def signing_key(data_dir: Path) -> bytes:
+    """The key the hub signs its own events with, made on first use (mode 0600)."""
+    path = data_dir / SIGNING_KEY_FILE
+    if not path.exists():
+        write_private(path, secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def signature(key: bytes, body: bytes) -> str:
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def signed_by(key: bytes, body: bytes, claimed: str | None) -> bool:
+    return claimed is not None and hmac.compare_digest(signature(key, body), claimed)
+
+
+def nats_identities(settings: Settings) -> dict[Identity, Credentials] | None:
+    """The identities' credentials: made in the data dir for the embedded server, read from
+    ``nats_identities`` for an external one; None: an external NATS without them (open)."""
+    if settings.nats_url is None:
+        return generated_credentials(settings.data_dir)
+    if settings.nats_identities is not None:
+        return identities(settings.nats_identities)
+    return None
+
+
+def adapter_link(
+    settings: Settings, identity: Identity = "machines"
+) -> tuple[str | None, Credentials | None]:
+    """Where an adapter finds the hub's NATS and who it is there: ``nats_url`` and
+    ``nats_credentials``; on the hub's own machine, failing those, what the hub left in its data
+    dir (the embedded server's URL and ``identity``'s credentials)."""
+    url = settings.nats_url
+    url_file = settings.data_dir / NATS_URL_FILE
+    if url is None and url_file.exists():
+        url = url_file.read_text().strip() or None
+    if settings.nats_credentials is not None:
+        credentials, named = read_credentials(settings.nats_credentials)
+        return url or named, credentials
+    generated = settings.data_dir / CREDENTIALS_FILE
+    if generated.exists():
+        return url, identities(generated)[identity]
+    return url, None

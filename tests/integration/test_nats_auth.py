@@ -1,0 +1,127 @@
+"""NATS identities (hub/nats_auth.py): the embedded server lets each identity publish only its
+families, and ingest takes no hub event the hub did not sign, even from an open NATS."""
+
+from __future__ import annotations
+
+import json
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+from contracts import encode_event
+from hub.bootstrap import Hub, build_hub
+from hub.nats import connect
+from hub.nats_auth import CREDENTIALS_FILE, IDENTITIES, Credentials, identities
+from hub.settings import Settings, load_settings
+from projections.rules.plant import PlantConfig
+from projections.rules.plant_history import configuration_event
+from tests.conftest import API_ROLES, api_key, eventually
+
+SUBJECTS = {
+    "machine": "mes.default.machine.M1.execution",
+    "operator": "mes.default.operator.M1.downtime",
+    "erp": "mes.default.erp.order.SO-1.released",
+    "hub": "mes.default.hub.plant.default.configured",
+    "dead letters": "mes.dlq.mes.default.machine.M1.execution",
+    "another site": "mes.other.machine.M1.execution",
+}
+ALLOWED = {
+    "hub": set(SUBJECTS),
+    "api": {"machine", "operator", "erp"},
+    "machines": {"machine"},
+    "erp": {"erp"},
+    "reader": set(),
+}
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> Hub:
+    settings = load_settings(
+        data_dir=tmp_path / "hub",
+        api_keys=",".join(f"{role}:{api_key(role)}" for role in API_ROLES),
+    )
+    hub = await build_hub(settings, projections=False)
+    yield hub  # type: ignore[misc]
+    await hub.close()
+
+
+async def may_publish(url: str, credentials: Credentials, subject: str) -> bool:
+    errors: list[Exception] = []
+
+    async def on_error(error: Exception) -> None:
+        errors.append(error)
+
+    client = await nats.connect(
+        url, user=credentials.user, password=credentials.password, error_cb=on_error
+    )
+    try:
+        await client.jetstream().publish(subject, b"{}", timeout=0.5)
+        return True
+    except (NatsError, TimeoutError):
+        await client.flush(timeout=1)
+        # Refused by the server: it says so (a permissions violation), the stream never acks.
+        assert any("ermission" in str(e) for e in errors), errors
+        return False
+    finally:
+        await client.close()
+
+
+async def test_each_identity_may_publish_its_families_only(embedded: Hub) -> None:
+    path = embedded.settings.data_dir / CREDENTIALS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    credentials = identities(path)
+    found = {
+        identity: {
+            family
+            for family, subject in SUBJECTS.items()
+            if await may_publish(embedded.nats_url, credentials[identity], subject)
+        }
+        for identity in IDENTITIES
+    }
+    assert found == ALLOWED
+
+
+async def test_a_wrong_password_or_none_is_refused(embedded: Hub) -> None:
+    for login in ({"user": "machines", "password": "guessed"}, {}):
+        with pytest.raises(NatsError):
+            await nats.connect(embedded.nats_url, allow_reconnect=False, connect_timeout=2, **login)
+
+
+async def test_the_reader_sees_what_is_published(embedded: Hub) -> None:
+    credentials = identities(embedded.settings.data_dir / CREDENTIALS_FILE)
+    reader = await connect(embedded.nats_url, credentials=credentials["reader"])
+    seen: list[str] = []
+
+    async def on_message(message: Msg) -> None:
+        seen.append(message.subject)
+
+    subscription = await reader.subscribe("mes.>", cb=on_message)
+    await reader.flush()
+    await may_publish(embedded.nats_url, credentials["machines"], SUBJECTS["machine"])
+    await eventually(lambda: SUBJECTS["machine"] in seen, timeout=10)
+    await subscription.unsubscribe()
+    await reader.close()
+
+
+async def test_a_hub_event_the_hub_did_not_sign_is_dead_lettered_not_stored(
+    hub: Hub, settings: Settings
+) -> None:
+    # An open NATS (no identities): anyone may publish there, so the signature is what holds.
+    forged = configuration_event("default", None, PlantConfig(time_zone="UTC"), datetime.now(UTC))
+    assert forged is not None
+    await hub.jetstream.publish(SUBJECTS["hub"], encode_event(forged))
+    await eventually(lambda: hub.ingest_stats().rejected == 1)
+    assert hub.store.plant("default") is None
+    # The hub's own, signed, is taken.
+    assert await hub.record_plant(PlantConfig(time_zone="UTC"))
+    await eventually(lambda: hub.ingest_stats().applied == 1)
+    assert hub.store.plant("default") is not None
+    dead = await hub.jetstream.get_last_msg("MES", "mes.dlq." + SUBJECTS["hub"])
+    assert dead.headers is not None
+    assert "the hub did not publish" in dead.headers["Mes-Dlq-Reason"]
+    assert json.loads(dead.data)["id"] == forged.id
