@@ -68,7 +68,13 @@ from hub.domain import (
     plant_aggregate_id,
 )
 from hub.errors import ConcurrentWrite
-from hub.nats import DLQ_REASON_HEADER, DLQ_SEQ_HEADER, MSG_ID_HEADER, STREAM
+from hub.nats import (
+    DLQ_REASON_HEADER,
+    DLQ_SEQ_HEADER,
+    MSG_ID_HEADER,
+    STREAM,
+    dead_lettered_positions,
+)
 from hub.nats_auth import SIGNATURE_HEADER, signed_by
 from hub.pull import Delivery, PullConsumer
 from hub.store import Commit, Entity, Received, Sealed
@@ -448,6 +454,7 @@ class IngestPartition:
         self.caught_up = asyncio.Event()
         self._backoff = INITIAL_BACKOFF_S
         self._commits = 0
+        self._dead_lettered: set[int] = set()  # stream positions in the dead-letter stream
         self._threads: set[asyncio.Future[Any]] = set()  # prepares and commits under way
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -483,6 +490,7 @@ class IngestPartition:
         )
         await self._js.add_consumer(STREAM, config)
         log.info("ingest partition %s resumes after stream seq %d", self._durable, position)
+        self._dead_lettered = await dead_lettered_positions(self._js)
         consumer = PullConsumer(self._client, STREAM, self._durable, self._batch_size)
         await consumer.start()
         return consumer
@@ -649,6 +657,9 @@ class IngestPartition:
 
     async def _dead_letter(self, rejected: Rejected) -> None:
         message = rejected.message
+        if message.stream_seq in self._dead_lettered:
+            log.info("stream seq %d was dead-lettered before", message.stream_seq)
+            return
         log.warning(
             "dead-lettered stream seq %d from %s: %s",
             message.stream_seq,
@@ -667,3 +678,4 @@ class IngestPartition:
         await self._js.publish(
             dlq_subject(message.subject), message.data, headers=headers, timeout=10
         )
+        self._dead_lettered.add(message.stream_seq)

@@ -23,7 +23,14 @@ from types import TracebackType
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig, StreamSource
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamSource,
+)
 from nats.js.errors import NotFoundError
 
 from contracts import (
@@ -190,6 +197,35 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+
+
+async def dead_lettered_positions(js: JetStreamContext) -> set[int]:
+    """The positions in the event stream already dead-lettered, read from the headers of the
+    dead-letter stream (it keeps them for good): so that a hub reading the stream again — a
+    fresh store, more partitions — does not dead-letter the same message twice, long after the
+    stream's duplicate window."""
+    info = await js.stream_info(DLQ_STREAM)
+    if not info.state.messages:
+        return set()
+    config = ConsumerConfig(headers_only=True, ack_policy=AckPolicy.NONE, inactive_threshold=60)
+    subscription = await js.pull_subscribe(DLQ_PREFIX + ">", stream=DLQ_STREAM, config=config)
+    found: set[int] = set()
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(1000, timeout=2)
+            except TimeoutError:
+                break
+            for message in messages:
+                position = (message.headers or {}).get(DLQ_SEQ_HEADER, "")
+                if position.isdigit():
+                    found.add(int(position))
+            if not messages or messages[-1].metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+    return found
 
 
 class NatsPublisher:

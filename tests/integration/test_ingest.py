@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -331,3 +332,31 @@ async def test_ingest_cancelled_mid_commit_returns_only_once_the_commit_has_ende
     assert position > 0 and machine is not None
     assert machine.version == 1 + position  # registered, then one event per reading
     store.close()
+
+
+async def test_a_fresh_store_reading_the_stream_again_dead_letters_nothing_twice(
+    tmp_path: Path, settings: Settings
+) -> None:
+    # The stream's duplicate window (1 s here) is long past when the second hub, on a fresh
+    # store, reads the stream from the start: the dead-letter stream itself says what it has.
+    short_window = settings.model_copy(update={"duplicate_window_s": 1.0})
+    first = await build_hub(short_window, projections=False)
+    try:
+        for n in range(3):
+            await first.jetstream.publish("mes.default.machine.M1.partcount", b"garbage %d" % n)
+        await first.publisher.publish(partcount("M1", 1, 0))
+        await eventually(lambda: first.ingest_stats().rejected == 3)
+    finally:
+        await first.close()
+    await asyncio.sleep(1.5)
+    again = await build_hub(
+        short_window.model_copy(update={"data_dir": tmp_path / "fresh"}), projections=False
+    )
+    try:
+        await eventually(lambda: again.ingest_stats().rejected == 3)
+        assert again.ingest_stats().applied == 1
+        await asyncio.sleep(0.5)  # the dead-letter stream sources asynchronously
+        info = await again.jetstream.stream_info(DLQ_STREAM)
+        assert info.state.messages == 3
+    finally:
+        await again.close()

@@ -298,3 +298,34 @@ async def test_forecasts_follow_the_orders_in_play_only(
     assert {order_aggregate_id("default", f"SO-{n}") for n in (2, 3, 4)} <= found
     # Not SO-5 (cancelled), nor SO-6 (changed ahead of its release: not followed yet).
     assert not found & {order_aggregate_id("default", f"SO-{n}") for n in (5, 6)}
+
+
+class CountedBody:
+    """A request body of ``total`` bytes sent in 64 KiB chunks, counting what was read of it."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.sent < self.total:
+            self.sent += self.CHUNK
+            yield b" " * self.CHUNK
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_a_body_over_1_mib_is_refused_without_being_read_whole(
+    client: httpx.AsyncClient, declared: bool
+) -> None:
+    body = CountedBody(50 * 1024 * 1024)
+    headers = {**auth("operator"), "Content-Type": "application/cloudevents-batch+json"}
+    if declared:
+        headers["Content-Length"] = str(body.total)
+    response = await client.post("/api/v1/events", content=body, headers=headers)
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "larger than 1048576 bytes" in response.json()["detail"]
+    # Read no further than the limit and a chunk (none at all when the length said it).
+    assert body.sent <= (0 if declared else 1024 * 1024) + CountedBody.CHUNK

@@ -49,6 +49,24 @@ class Accepted(BaseModel):
     duplicate: bool
 
 
+async def limited_body(request: Request, limit: int) -> bytes:
+    """The body, read no further than ``limit`` bytes: a larger one is refused (413) as soon as
+    its Content-Length says so, or, sent in chunks, as soon as the limit is passed — never read
+    whole into memory first."""
+    too_large = Problem(413, f"the body is larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _binary_mode(request: Request, body: bytes) -> dict[str, Any]:
     """CloudEvents HTTP binding, binary mode: attributes in ce-* headers, data in the body."""
     attributes: dict[str, Any] = {
@@ -189,9 +207,7 @@ async def post_events(
     max_skew_s: MaxClockSkew,
     caller: EventWriter,
 ) -> Accepted | list[Accepted]:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise Problem(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    body = await limited_body(request, MAX_BODY_BYTES)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     now = datetime.now(UTC)
     if content_type == BATCH:
