@@ -19,8 +19,21 @@ from hub.api.deps import ApiContext
 from hub.children import ChildProcess
 from hub.domain import Order
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
-from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
-from hub.nats_auth import NATS_URL_FILE, nats_identities, server_config, signing_key
+from hub.nats import (
+    STREAM,
+    EmbeddedNatsServer,
+    NatsPublisher,
+    connect,
+    ensure_streams,
+    usual_port_if_free,
+)
+from hub.nats_auth import (
+    NATS_URL_FILE,
+    nats_identities,
+    server_config,
+    signing_key,
+    signing_since,
+)
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
@@ -154,14 +167,19 @@ class Hub:
         return total
 
     async def wait_caught_up(self, timeout: float = 30.0) -> None:
-        """Wait until every partition has read to the end of the stream (for tests, demo)."""
-        for partition in self.partitions:
-            partition.caught_up.clear()
-        await asyncio.wait_for(
-            asyncio.gather(*(p.caught_up.wait() for p in self.partitions)), timeout
-        )
+        """Wait until every partition has stored its position at (or past) the end of the
+        stream as it is now, and the views have read the store that far (for tests, demo).
+        Counted, not guessed from a quiet moment: a loaded machine can be quiet for a while."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        end = (await self.jetstream.stream_info(STREAM)).state.last_seq
+        while behind := [p for p in self.partitions if p.ingestor.stats.position < end]:
+            if loop.time() > deadline:
+                positions = {p.ingestor.tracking_name: p.ingestor.stats.position for p in behind}
+                raise TimeoutError(f"ingest still behind stream position {end}: {positions}")
+            await asyncio.sleep(0.02)
         if any(s.name == VIEWS for s in self.services):
-            await self.wait_projected(timeout)
+            await self.wait_projected(max(deadline - loop.time(), 1.0))
 
     async def close(self) -> None:
         self._stop.set()
@@ -265,7 +283,10 @@ async def build_hub(
     if url is None:
         assert credentials is not None
         authorization = server_config(credentials, settings.site)
-        embedded = EmbeddedNatsServer(settings.nats_data_dir, authorization=authorization)
+        port = await asyncio.to_thread(usual_port_if_free)
+        embedded = EmbeddedNatsServer(
+            settings.nats_data_dir, port=port, authorization=authorization
+        )
         url = await asyncio.to_thread(embedded.start)
         # Where adapters on this machine find it (mes-hub nats credentials).
         await asyncio.to_thread((settings.data_dir / NATS_URL_FILE).write_text, url)
@@ -275,6 +296,7 @@ async def build_hub(
             "publish any event; see docs/nats.md",
             redacted_url(url),
         )
+    client: NatsClient | None = None
     api_client: NatsClient | None = None
     try:
         client = await connect(url, credentials=credentials["hub"] if credentials else None)
@@ -293,13 +315,16 @@ async def build_hub(
         for worker in workers:
             await asyncio.to_thread(worker.prepare)
     except BaseException:
-        if api_client is not None:
-            await api_client.close()
+        for opened in (client, api_client):
+            if opened is not None:
+                await opened.close()
         if embedded is not None:
             embedded.stop()
         raise
     events_store = store
     key = await asyncio.to_thread(signing_key, settings.data_dir)
+    stream_end = (await jetstream.stream_info(STREAM)).state.last_seq
+    signed_after = await asyncio.to_thread(signing_since, settings.data_dir, stream_end)
     partitions = [
         IngestPartition(
             client,
@@ -312,6 +337,7 @@ async def build_hub(
                 clock=clock,
                 max_clock_skew_s=settings.max_clock_skew_s,
                 hub_key=key,
+                signed_after=signed_after,
             ),
             batch_size=settings.ingest_batch,
             kill_after_commit=settings.fault_kill_after_commit,

@@ -219,12 +219,15 @@ class Ingestor:
         clock: Callable[[], datetime] = utc_now,
         max_clock_skew_s: float = 300.0,
         hub_key: bytes | None = None,
+        signed_after: int = 0,
     ) -> None:
         self.store = store
-        # With it, a hub event (its forecasts, the plant's configuration) is taken only if the
-        # hub signed it: NATS permissions keep others from publishing one, and this would
-        # still refuse it if they did not.
+        # With it, a hub event (its forecasts, the plant's configuration) after stream position
+        # ``signed_after`` is taken only if the hub signed it: NATS permissions keep others from
+        # publishing one, and this would still refuse it if they did not. (Those before were
+        # published before signing began: a store reading the stream again takes them.)
         self.hub_key = hub_key
+        self.signed_after = signed_after
         self.tracking_name = tracking_name
         self.partition = partition
         self.partitions = partitions
@@ -306,6 +309,8 @@ class Ingestor:
 
     def _check_hub_signature(self, message: IncomingMessage, event: ValidatedEvent) -> None:
         if self.hub_key is None or event.event_type.stream != "hub":
+            return
+        if message.stream_seq <= self.signed_after:
             return
         if not signed_by(self.hub_key, message.data, message.signature):
             raise ContractViolation(

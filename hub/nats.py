@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -41,7 +42,7 @@ from contracts import (
     nats_subject_for,
     validate_envelope,
 )
-from hub.nats_auth import SIGNATURE_HEADER, Credentials, signature
+from hub.nats_auth import SIGNATURE_HEADER, Credentials, inbox_prefix, signature
 from hub.ports import PublishReceipt
 from hub.settings import Settings
 
@@ -157,6 +158,20 @@ class EmbeddedNatsServer:
         self.stop()
 
 
+USUAL_PORT = 4222
+
+
+def usual_port_if_free(host: str = "127.0.0.1") -> int:
+    """NATS's usual port when nothing listens there (adapter configs and scripts keep working
+    across restarts), else -1: nats-server picks a free one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, USUAL_PORT))
+        except OSError:
+            return -1
+    return USUAL_PORT
+
+
 async def connect(
     url: str, name: str = "mes-hub", credentials: Credentials | None = None
 ) -> NatsClient:
@@ -168,6 +183,7 @@ async def connect(
         allow_reconnect=True,
         user=credentials.user if credentials else None,
         password=credentials.password if credentials else None,
+        inbox_prefix=inbox_prefix(credentials.user) if credentials else "_INBOX",
     )
 
 
@@ -320,6 +336,9 @@ class ConnectingPublisher:
                         allow_reconnect=True,
                         user=self._credentials.user if self._credentials else None,
                         password=self._credentials.password if self._credentials else None,
+                        inbox_prefix=(
+                            inbox_prefix(self._credentials.user) if self._credentials else "_INBOX"
+                        ),
                     ),
                     self._timeout,
                 )

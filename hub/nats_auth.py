@@ -10,9 +10,10 @@ planned stop over years zeroes a site's OEE) or a delivery forecast, past every 
 - ``erp``: ERP adapters: ``mes.<site>.erp.>`` only.
 - ``reader``: integrators who subscribe: may read ``mes.>``, may publish nothing.
 
-Every identity but ``reader`` may receive on ``_INBOX.>`` (a JetStream publish waits for its
-ack there). With the embedded server the hub generates a password per identity once, keeps them
-in ``<data_dir>/nats-credentials.json`` (mode 0600), and starts nats-server with these users;
+Every identity but ``reader`` may receive on an inbox of its own, ``_INBOX_<identity>.>`` (a
+JetStream publish waits for its ack there), and on no one else's. With the embedded server the
+hub generates a password per identity once, keeps them in ``<data_dir>/nats-credentials.json``
+(mode 0600), and starts nats-server with these users;
 ``mes-hub nats credentials --identity machines`` prints one identity's file for an adapter
 host. For an external NATS the same permissions are set up there (docs/nats.md), and the hub
 is given the file. The hub also signs what it publishes of its own (an HMAC with a key only it
@@ -38,6 +39,7 @@ SIGNATURE_HEADER = "Mes-Hub-Signature"
 CREDENTIALS_FILE = "nats-credentials.json"
 NATS_URL_FILE = "nats.url"  # the embedded server's URL, for adapters on the same machine
 SIGNING_KEY_FILE = "hub-signing.key"
+SIGNING_SINCE_FILE = "hub-signing.since"
 
 
 def permissions(identity: Identity, site: str) -> dict[str, Any]:
@@ -49,8 +51,14 @@ def permissions(identity: Identity, site: str) -> dict[str, Any]:
         return {"publish": {"deny": [">"]}, "subscribe": {"allow": ["mes.>"]}}
     return {
         "publish": {"allow": [f"mes.{site}.{family}.>" for family in families[identity]]},
-        "subscribe": {"allow": ["_INBOX.>"]},
+        "subscribe": {"allow": [f"{inbox_prefix(identity)}.>"]},
     }
+
+
+def inbox_prefix(user: str) -> str:
+    """Each identity receives its replies under a prefix of its own, and may subscribe to no
+    other: nobody reads the hub's fetched events or another client's acks."""
+    return f"_INBOX_{user}"
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,22 @@ class Credentials:
         return {"url": url, "user": self.user, "password": self.password}
 
 
-def write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str, *, exclusive: bool = False) -> bool:
+    """Write ``text`` readable by this user only (0600 from the start, never through a
+    symlink). ``exclusive``: only if the file does not exist yet; returns whether it wrote (two
+    processes starting at once must not each make their own secrets)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
+    try:
+        descriptor = os.open(path, flags, 0o600)
+    except FileExistsError:
+        if exclusive:
+            return False
+        raise
     with os.fdopen(descriptor, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # an older file kept its mode through O_CREAT
         file.write(text)
-    os.chmod(path, 0o600)  # an older file kept its mode through O_CREAT
+    return True
 
 
 def identities(path: Path) -> dict[Identity, Credentials]:
@@ -91,11 +109,9 @@ def identities(path: Path) -> dict[Identity, Credentials]:
 def generated_credentials(data_dir: Path) -> dict[Identity, Credentials]:
     """The identities' credentials kept in the data dir, made on first use."""
     path = data_dir / CREDENTIALS_FILE
-    if path.exists():
-        return identities(path)
     made = new_credentials()
-    write_private(path, json.dumps({i: c.password for i, c in made.items()}, indent=2))
-    return made
+    text = json.dumps({i: c.password for i, c in made.items()}, indent=2)
+    return made if write_private(path, text, exclusive=True) else identities(path)
 
 
 def new_credentials() -> dict[Identity, Credentials]:
@@ -128,9 +144,24 @@ def server_config(credentials: dict[Identity, Credentials], site: str) -> str:
 def signing_key(data_dir: Path) -> bytes:
     """The key the hub signs its own events with, made on first use (mode 0600)."""
     path = data_dir / SIGNING_KEY_FILE
-    if not path.exists():
-        write_private(path, secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
+    write_private(path, secrets.token_hex(32), exclusive=True)
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        raise ConfigError(str(path), None, "not a signing key the hub wrote") from None
+
+
+def signing_since(data_dir: Path, stream_end: int) -> int:
+    """The stream position at which this data dir's key began to sign: the hub's events at or
+    before it were published unsigned (before signing existed, or under a key since lost) and
+    are taken as they are when the stream is read again; every later one must be signed.
+    Recorded once, with the key, as the stream's end at that moment."""
+    path = data_dir / SIGNING_SINCE_FILE
+    write_private(path, str(stream_end), exclusive=True)
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(str(path), None, "not a stream position the hub wrote")
+    return int(text)
 
 
 def signature(key: bytes, body: bytes) -> str:
@@ -138,7 +169,10 @@ def signature(key: bytes, body: bytes) -> str:
 
 
 def signed_by(key: bytes, body: bytes, claimed: str | None) -> bool:
-    return claimed is not None and hmac.compare_digest(signature(key, body), claimed)
+    # As bytes: compare_digest refuses a str that is not ASCII (a forged header must be a "no",
+    # not an error that stops ingest).
+    expected = signature(key, body).encode()
+    return claimed is not None and hmac.compare_digest(expected, claimed.encode(errors="replace"))
 
 
 def nats_identities(settings: Settings) -> dict[Identity, Credentials] | None:
@@ -156,15 +190,15 @@ def adapter_link(
 ) -> tuple[str | None, Credentials | None]:
     """Where an adapter finds the hub's NATS and who it is there: ``nats_url`` and
     ``nats_credentials``; on the hub's own machine, failing those, what the hub left in its data
-    dir (the embedded server's URL and ``identity``'s credentials)."""
-    url = settings.nats_url
-    url_file = settings.data_dir / NATS_URL_FILE
-    if url is None and url_file.exists():
-        url = url_file.read_text().strip() or None
+    dir (the embedded server's URL and ``identity``'s credentials — only together: its
+    passwords never go to a server named elsewhere)."""
     if settings.nats_credentials is not None:
         credentials, named = read_credentials(settings.nats_credentials)
-        return url or named, credentials
+        return settings.nats_url or named, credentials
+    if settings.nats_url is not None:
+        return settings.nats_url, None
+    url_file = settings.data_dir / NATS_URL_FILE
     generated = settings.data_dir / CREDENTIALS_FILE
-    if generated.exists():
-        return url, identities(generated)[identity]
-    return url, None
+    if url_file.exists() and generated.exists():
+        return url_file.read_text().strip() or None, identities(generated)[identity]
+    return None, None

@@ -175,7 +175,10 @@ class PullConsumer:
         self._last_heard = asyncio.get_running_loop().time()
         if message.subject.startswith(self._inbox):  # a status of one of the requests
             headers = message.headers or {}
-            self._on_status(headers.get(_STATUS, ""), headers)
+            if _STATUS in headers:
+                self._on_status(headers[_STATUS], headers)
+            # else: not from the server for a request (e.g. a stream's publish ack sent here by
+            # a publisher who named this inbox as its reply): nothing to do with it.
             return
         if self._failure is not None:
             return  # after a gap nothing more is handed out: the consumer is recreated

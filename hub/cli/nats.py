@@ -24,13 +24,19 @@ def nats_credentials(
     """Print one identity's credentials file for an adapter host (JSON: url, user, password).
     Keep it like a password: give it to the adapter with nats_credentials (or
     MES_HUB_NATS_CREDENTIALS), readable by the adapter's user only."""
-    from hub.nats_auth import IDENTITIES, NATS_URL_FILE, nats_identities
+    from hub.nats_auth import CREDENTIALS_FILE, IDENTITIES, NATS_URL_FILE, nats_identities
 
     offered = [i for i in IDENTITIES if i not in ("hub", "api")]  # those stay with the hub
     if identity not in offered:
         err_console.print(f"[red]unknown identity {identity!r}; one of {', '.join(offered)}[/]")
         raise typer.Exit(2)
     settings = settings_or_exit(config, data_dir=data_dir)
+    if settings.nats_url is None and not (settings.data_dir / CREDENTIALS_FILE).exists():
+        err_console.print(
+            f"[red]no NATS identities in {settings.data_dir}: is --data-dir the hub's (and has "
+            "it started once)?[/]"
+        )
+        raise typer.Exit(2)
     credentials = nats_identities(settings)
     if credentials is None:
         err_console.print(
@@ -52,6 +58,10 @@ def nats_server_config(
             help="The identities' passwords (JSON); made, mode 0600, if it does not exist",
         ),
     ],
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Write the block there (mode 0600: it holds every password)"),
+    ] = None,
     site: Annotated[str, typer.Option(help="The site whose subjects adapters may publish")] = (
         "default"
     ),
@@ -66,4 +76,9 @@ def nats_server_config(
         write_private(identities_file, json.dumps({i: c.password for i, c in made.items()}))
         err_console.print(f"made {identities_file} (mode 0600): give it to the hub too")
     credentials = config_or_exit(lambda: identities(identities_file))
-    print(server_config(credentials, site), end="")
+    block = server_config(credentials, site)
+    if output is None:
+        print(block, end="")
+    else:
+        write_private(output, block)
+        err_console.print(f"wrote {output} (mode 0600): nats-server --config {output}")

@@ -11,7 +11,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hub.cli.shared import ConfigOption, DataDirOption, console, err_console, settings_or_exit
+from hub.cli.shared import (
+    ConfigOption,
+    DataDirOption,
+    console,
+    err_console,
+    existing_store_or_exit,
+    settings_or_exit,
+)
 from hub.settings import Settings
 from hub.store import EventStore
 from projections.views.database import ViewDatabase
@@ -27,6 +34,7 @@ def _store_and_views(
     from hub.bootstrap import open_views
 
     settings = settings_or_exit(config, data_dir=data_dir)
+    existing_store_or_exit(settings)
     store = EventStore(settings)
     views = open_views(settings)
     try:
@@ -130,6 +138,7 @@ def projections_follow(
         settings = config_or_exit(lambda: settings_from_json(read_settings_line()))
     else:
         settings = settings_or_exit(config, data_dir=data_dir)
+        existing_store_or_exit(settings)
     setup_logging(logging.INFO)
 
     async def main(stop: asyncio.Event) -> None:

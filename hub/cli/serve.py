@@ -21,13 +21,22 @@ from hub.cli.shared import (
     run_until_signal,
     setup_logging,
 )
+from hub.nats_auth import write_private
 from hub.settings import Settings, redacted_url
+
+ADMIN_KEY_FILE = "admin-key"
 
 
 def _api_keys_or_generated(settings: Settings) -> tuple[Settings, str | None]:
+    """The configured API keys; without any, an admin key made on the first start and kept in
+    the data dir (mode 0600), so scripts and bookmarks keep working across restarts."""
     if settings.parsed_api_keys():
         return settings, None
-    key = secrets.token_urlsafe(24)
+    path = settings.data_dir / ADMIN_KEY_FILE
+    key = path.read_text().strip() if path.exists() else ""
+    if len(key) < 16:
+        key = secrets.token_urlsafe(24)
+        write_private(path, key)
     return settings.model_copy(update={"api_keys": SecretStr(f"admin:{key}")}), key
 
 
@@ -57,7 +66,8 @@ def serve(
                 if generated:
                     # Printed once on the terminal, never logged: set MES_HUB_API_KEYS to keep.
                     console.print(
-                        f"No API keys configured; this run's admin key: [bold]{generated}[/]"
+                        f"No API keys configured; the admin key (kept in "
+                        f"{settings.data_dir / ADMIN_KEY_FILE}): [bold]{generated}[/]"
                     )
                 await stop.wait()
             finally:

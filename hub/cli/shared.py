@@ -30,7 +30,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", help="mes-hub.toml (settings under [hub])")
+    Path | None, typer.Option("--config", help="mes-hub.toml (settings under \\[hub], …)")
 ]
 NatsUrlOption = Annotated[
     str | None, typer.Option("--nats-url", help="NATS server; none: start an embedded one")
@@ -101,6 +101,17 @@ def setup_logging(level: int, file: Path | None = None) -> None:
     # OPC UA server goes away (asyncua), which the adapters already report in one line.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+
+
+def existing_store_or_exit(settings: Settings) -> None:
+    """A command that reads a hub's store must not make an empty one where a misspelled
+    ``--data-dir`` points: it says so, naming the path, and exits with code 2."""
+    if settings.store == "sqlite" and not settings.sqlite_path.exists():
+        err_console.print(
+            f"[red]no event store at {settings.sqlite_path}: is --data-dir (or data_dir) the "
+            "hub's?[/]"
+        )
+        raise typer.Exit(2)
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -57,6 +57,13 @@ async def test_an_external_nats_configured_from_server_config_takes_the_hub(
     assert made.exit_code == 0, made.output
     block = made.stdout[made.stdout.index("authorization") :]
     assert block == server_config(identities(identities_file), "default")
+    written = tmp_path / "nats-auth.conf"
+    to_file = CliRunner().invoke(
+        app,
+        ["nats", "server-config", "--identities", str(identities_file), "--output", str(written)],
+    )
+    assert to_file.exit_code == 0, to_file.output
+    assert written.read_text() == block and (written.stat().st_mode & 0o077) == 0
     with EmbeddedNatsServer(tmp_path / "nats", authorization=block) as server:
         settings = load_settings(
             data_dir=tmp_path / "hub", nats_url=server.url, nats_identities=identities_file

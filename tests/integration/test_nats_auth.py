@@ -3,6 +3,7 @@ families, and ingest takes no hub event the hub did not sign, even from an open 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from nats.errors import Error as NatsError
 from contracts import encode_event
 from hub.bootstrap import Hub, build_hub
 from hub.nats import connect
-from hub.nats_auth import CREDENTIALS_FILE, IDENTITIES, Credentials, identities
+from hub.nats_auth import CREDENTIALS_FILE, IDENTITIES, Credentials, identities, inbox_prefix
 from hub.settings import Settings, load_settings
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
@@ -57,7 +58,11 @@ async def may_publish(url: str, credentials: Credentials, subject: str) -> bool:
         errors.append(error)
 
     client = await nats.connect(
-        url, user=credentials.user, password=credentials.password, error_cb=on_error
+        url,
+        user=credentials.user,
+        password=credentials.password,
+        error_cb=on_error,
+        inbox_prefix=inbox_prefix(credentials.user),  # as hub.nats.connect does
     )
     try:
         await client.jetstream().publish(subject, b"{}", timeout=0.5)
@@ -84,6 +89,30 @@ async def test_each_identity_may_publish_its_families_only(embedded: Hub) -> Non
         for identity in IDENTITIES
     }
     assert found == ALLOWED
+
+
+async def test_no_identity_but_the_hub_reads_another_s_replies(embedded: Hub) -> None:
+    # Ingest fetches events into the hub's inbox; acks go to each publisher's own.
+    credentials = identities(embedded.settings.data_dir / CREDENTIALS_FILE)
+    for identity in ("api", "machines", "erp", "reader"):
+        errors: list[Exception] = []
+
+        async def on_error(error: Exception, errors: list[Exception] = errors) -> None:
+            errors.append(error)
+
+        client = await nats.connect(
+            embedded.nats_url,
+            user=identity,
+            password=credentials[identity].password,
+            error_cb=on_error,
+        )
+        for inbox in ("_INBOX.>", "_INBOX_hub.>", "_INBOX_api.>" if identity != "api" else ""):
+            if inbox:
+                await client.subscribe(inbox)
+        await client.flush(timeout=2)
+        await asyncio.sleep(0.2)
+        await client.close()
+        assert len([e for e in errors if "ermission" in str(e)]) >= 2, (identity, errors)
 
 
 async def test_a_wrong_password_or_none_is_refused(embedded: Hub) -> None:
@@ -117,6 +146,13 @@ async def test_a_hub_event_the_hub_did_not_sign_is_dead_lettered_not_stored(
     await hub.jetstream.publish(SUBJECTS["hub"], encode_event(forged))
     await eventually(lambda: hub.ingest_stats().rejected == 1)
     assert hub.store.plant("default") is None
+    # A signature that is not even text the hub could have written: refused, ingest goes on.
+    garbled = configuration_event("default", None, PlantConfig(time_zone="UTC"), datetime.now(UTC))
+    assert garbled is not None
+    await hub.jetstream.publish(
+        SUBJECTS["hub"], encode_event(garbled), headers={"Mes-Hub-Signature": "é" * 64}
+    )
+    await eventually(lambda: hub.ingest_stats().rejected == 2)
     # The hub's own, signed, is taken.
     assert await hub.record_plant(PlantConfig(time_zone="UTC"))
     await eventually(lambda: hub.ingest_stats().applied == 1)
