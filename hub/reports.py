@@ -11,6 +11,7 @@ An entry point's module: it reads the store and the views, and computes with the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +35,10 @@ from projections.rules.report import (
 from projections.rules.timeline import TimelineInterval
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
+
+log = logging.getLogger(__name__)
+# The unreadable plant configurations already said, by (site, number, recorded at).
+_SAID: set[tuple[str, int, str]] = set()
 
 
 class UnknownMachine(LookupError):
@@ -95,7 +100,17 @@ class Reports:
         return site_report(reports, group_by)
 
     def _plants(self) -> PlantHistory:
-        return PlantHistory.of(self.store.plant(self.site), self.plant)
+        plants = PlantHistory.of(self.store.plant(self.site), self.plant)
+        for skipped in plants.unreadable:
+            key = (self.site, skipped.number, skipped.recorded_at)
+            if key not in _SAID:  # once per process, not on every report
+                _SAID.add(key)
+                log.error(
+                    "plant configuration %d of site %s (recorded %s) cannot be read and is "
+                    "skipped: %s (mes-hub projections status counts them)",
+                    skipped.number, self.site, skipped.recorded_at, skipped.reason,
+                )  # fmt: skip
+        return plants
 
     def _report(
         self,

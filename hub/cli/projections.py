@@ -100,10 +100,14 @@ def projections_catch_up(config: ConfigOption = None, data_dir: DataDirOption = 
 @app.command("status")
 def projections_status(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """How far each view has read the event store."""
+    from rich.markup import escape
+
     from hub.bootstrap import all_views
+    from projections.rules.plant import PlantConfig
+    from projections.rules.plant_history import PlantHistory
     from projections.views.runner import positions
 
-    with _store_and_views(config, data_dir) as (_, store, views):
+    with _store_and_views(config, data_dir) as (settings, store, views):
         stored, read = store.last_position(), positions(views)
         table = Table("view", "position", "behind")
         for view in all_views():
@@ -111,6 +115,15 @@ def projections_status(config: ConfigOption = None, data_dir: DataDirOption = No
             table.add_row(view.name, str(position), str(stored - position))
         console.print(f"event store: {stored} events")
         console.print(table)
+        recorded = store.plant(settings.site)
+        plants = PlantHistory.of(recorded, PlantConfig())
+        count = len(recorded.configurations) if recorded else 0
+        console.print(
+            f"plant configurations: {count} recorded, {len(plants.unreadable)} unreadable"
+        )
+        for skipped in plants.unreadable:
+            line = f"#{skipped.number} ({skipped.recorded_at}): {skipped.reason}"
+            console.print(f"  [yellow]{escape(line)}[/]")
 
 
 @app.command("follow")

@@ -11,7 +11,6 @@ before it (there was no other).
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,7 +24,6 @@ from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
 
 CONFIGURED_TYPE = "mes.hub.plant.configured.v1"
-log = logging.getLogger(__name__)
 
 
 def _as_recorded(plant: PlantConfig) -> dict[str, Any]:
@@ -38,14 +36,32 @@ class Configuration:
     plant: PlantConfig
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A recorded configuration this version cannot read: which one, and why (one line)."""
+
+    number: int  # 1 = the first recorded
+    recorded_at: str
+    reason: str
+
+
 class PlantHistory:
-    def __init__(self, configurations: list[Configuration], current: PlantConfig) -> None:
+    def __init__(
+        self,
+        configurations: list[Configuration],
+        current: PlantConfig,
+        unreadable: tuple[Unreadable, ...] = (),
+    ) -> None:
         self._configurations = configurations  # in the order they were recorded
         self.current = current
+        # Skipped: the configuration before each goes on applying. Said by whoever reports
+        # (once: ``hub.reports``; counted by ``mes-hub projections status``).
+        self.unreadable = unreadable
 
     @classmethod
     def of(cls, recorded: Plant | None, current: PlantConfig) -> PlantHistory:
         configurations: list[Configuration] = []
+        unreadable: list[Unreadable] = []
         for index, entry in enumerate(recorded.configurations if recorded else []):
             start = entry["effective_from"] or entry["recorded_at"]
             try:
@@ -53,11 +69,14 @@ class PlantHistory:
             except ValidationError as exc:
                 # A record this version cannot read must not take every report down with it:
                 # the configuration before it goes on applying.
-                log.error("plant configuration %d cannot be read (%s); skipped", index + 1, exc)
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(part) for part in first["loc"]) or "the record"
+                reason = f"{exc.error_count()} error(s), first: {where}: {first['msg']}"
+                unreadable.append(Unreadable(index + 1, str(entry["recorded_at"]), reason))
                 continue
             applies_from = None if not configurations else datetime.fromisoformat(start)
             configurations.append(Configuration(applies_from, plant))
-        return cls(configurations, current)
+        return cls(configurations, current, tuple(unreadable))
 
     def at(self, time: datetime) -> PlantConfig:
         applying = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, time
+
+import pytest
 
 from hub.domain import Origin, Plant
 from projections.rules.calendar import Interval
@@ -70,3 +73,25 @@ def test_a_recorded_configuration_this_version_cannot_read_is_skipped() -> None:
     plant.configurations[1]["config"]["shifts"] = "every other tuesday"  # unreadable record
     history = PlantHistory.of(plant, current=EARLY_ONLY)
     assert history.segments(Interval(day(1), day(20))) == [(Interval(day(1), day(20)), ALL_DAY)]
+
+
+def test_an_unreadable_configuration_is_said_once_in_one_line_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from hub.reports import Reports
+
+    plant = recorded((ALL_DAY, day(1)), (TWO_SHIFTS, day(10)))
+    plant.configurations[1]["config"]["shifts"] = "every other tuesday"
+    history = PlantHistory.of(plant, current=EARLY_ONLY)
+    ((skipped,),) = [history.unreadable]
+    assert skipped.number == 2 and "shifts" in skipped.reason and "\n" not in skipped.reason
+    store = SimpleNamespace(plant=lambda site: plant)
+    reports = Reports(cast(Any, store), cast(Any, None), cast(Any, None), "once", EARLY_ONLY)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):  # three OEE requests
+            reports._plants()
+    said = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0].getMessage()
