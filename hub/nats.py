@@ -20,6 +20,7 @@ import sysconfig
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -172,9 +173,40 @@ def usual_port_if_free(host: str = "127.0.0.1") -> int:
     return USUAL_PORT
 
 
+class ConnectionLog:
+    """nats-py's callbacks, saying each change of the connection's state in one line (its own
+    default prints a traceback at every failed attempt, twice a second while NATS is down)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._last = ""
+
+    async def error(self, error: Exception) -> None:
+        said = f"{type(error).__name__}: {error}"
+        if said != self._last:  # the same failure again is no news
+            self._last = said
+            log.warning("NATS (%s): %s; trying again", self.name, said)
+
+    async def disconnected(self) -> None:
+        log.warning("NATS (%s): connection lost", self.name)
+
+    async def reconnected(self) -> None:
+        self._last = ""
+        log.info("NATS (%s): connected again", self.name)
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "error_cb": self.error,
+            "disconnected_cb": self.disconnected,
+            "reconnected_cb": self.reconnected,
+        }
+
+
 async def connect(
     url: str, name: str = "mes-hub", credentials: Credentials | None = None
 ) -> NatsClient:
+    """A connection that keeps trying, also the first time, until NATS answers (so whoever
+    must be able to stop while it waits races it against their stop: ``connect_or_stop``)."""
     return await nats.connect(
         url,
         name=name,
@@ -184,7 +216,24 @@ async def connect(
         user=credentials.user if credentials else None,
         password=credentials.password if credentials else None,
         inbox_prefix=inbox_prefix(credentials.user) if credentials else "_INBOX",
+        **ConnectionLog(name).callbacks(),
     )
+
+
+async def connect_or_stop(
+    stop: asyncio.Event, url: str, name: str, credentials: Credentials | None = None
+) -> NatsClient | None:
+    """``connect``, or None as soon as ``stop`` is set while NATS cannot be reached."""
+    connecting = asyncio.ensure_future(connect(url, name, credentials))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if connecting.done():
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await connecting
+    return None
 
 
 async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
@@ -317,6 +366,7 @@ class ConnectingPublisher:
         self._name = name
         self._timeout = timeout
         self._credentials = credentials
+        self._log = ConnectionLog(name)
         self._client: NatsClient | None = None
         self._publisher: NatsPublisher | None = None
 
@@ -339,6 +389,7 @@ class ConnectingPublisher:
                         inbox_prefix=(
                             inbox_prefix(self._credentials.user) if self._credentials else "_INBOX"
                         ),
+                        **self._log.callbacks(),
                     ),
                     self._timeout,
                 )

@@ -192,10 +192,12 @@ def _run_simulator(
     start: datetime | None,
 ) -> None:
     from adapters.machines.simulator import SimulatorConfig, past_start, run_simulator
-    from hub.nats import NatsPublisher, connect
+    from hub.nats import NatsPublisher, connect_or_stop
 
     async def main(stop: asyncio.Event) -> None:
-        client = await connect(link.url, name="mes-hub-simulator", credentials=link.credentials)
+        client = await connect_or_stop(stop, link.url, "mes-hub-simulator", link.credentials)
+        if client is None:  # stopped while NATS could not be reached
+            return
         publisher = NatsPublisher(client.jetstream(), settings.site)
         task = asyncio.create_task(
             run_simulator(

@@ -53,3 +53,26 @@ def test_the_embedded_nats_takes_the_usual_port_when_it_is_free() -> None:
         listener.listen()
         assert usual_port_if_free() == -1  # taken: nats-server picks a free one
     assert usual_port_if_free() == USUAL_PORT
+
+
+def test_an_adapter_with_nats_down_says_so_once_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "hub", "adapter", "run", "simulator",
+         "--nats-url", f"nats://127.0.0.1:{port}", "--max-events", "10"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(3)  # some six failed attempts
+    simulator.send_signal(signal.SIGTERM)
+    _, stderr = simulator.communicate(timeout=10)
+    assert simulator.returncode == 0
+    said = stderr.decode()
+    assert "Traceback" not in said
+    assert said.count("Connect call failed") == 1, said
