@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,9 +125,34 @@ class _Queue:
             self._worker.shutdown(wait=False)
 
 
+class BufferInUse(RuntimeError):
+    """Another running process owns this buffer: two writers would interleave and reorder."""
+
+
+def _claim(directory: Path) -> int:
+    """Take ``directory``'s buffer for this process (an advisory lock the system drops when
+    the process ends, however it ends); a second adapter on the same folder is refused."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "buffer.lock"
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(descriptor)
+        raise BufferInUse(
+            f"{directory} is the buffer of another running adapter (pid {owner}): give each "
+            "adapter its own ([adapters.buffer] directory, or run them from one command)"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+    return descriptor
+
+
 class StoreAndForward:
     """An ``EventPublisher`` in front of another: publishes straight through while it can,
-    queues on disk while it cannot, and flushes the queue in order in the background."""
+    queues on disk while it cannot, and flushes the queue in order in the background. One
+    process at a time owns a buffer folder (``BufferInUse`` for a second)."""
 
     def __init__(
         self,
@@ -136,6 +163,7 @@ class StoreAndForward:
         retry_max_s: float = 5.0,
     ) -> None:
         self._inner = inner
+        self._claim = _claim(directory)
         self._queue = _Queue(directory / "buffer.sqlite")
         self._site = site
         self.max_events = max_events
@@ -222,3 +250,6 @@ class StoreAndForward:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self._queue.close()
+        if self._claim >= 0:
+            os.close(self._claim)  # the lock goes with it
+            self._claim = -1

@@ -107,7 +107,9 @@ class NatsLink:
 def _run_adapters(
     settings: Settings, link: NatsLink, adapters_config: AdaptersConfig, protocol: str
 ) -> None:
-    from adapters.forward import StoreAndForward
+    from rich.markup import escape
+
+    from adapters.forward import BufferInUse, StoreAndForward
     from adapters.machines.registry import build_adapters, describe
     from hub.nats import ConnectingPublisher
 
@@ -122,7 +124,11 @@ def _run_adapters(
         nats = ConnectingPublisher(
             link.url, settings.site, f"mes-hub-adapter-{protocol}", credentials=link.credentials
         )
-        publisher = StoreAndForward(nats, directory, settings.site, buffer.max_events)
+        try:
+            publisher = StoreAndForward(nats, directory, settings.site, buffer.max_events)
+        except BufferInUse as exc:
+            err_console.print(f"[red]{escape(str(exc))}[/]")
+            raise typer.Exit(2) from None
         for adapter in adapters:
             console.print(f"adapter {describe(adapter)} → NATS {redacted_url(link.url)}")
         console.print(f"store-and-forward buffer: {directory} (at most {buffer.max_events:,})")

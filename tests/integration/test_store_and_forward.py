@@ -181,3 +181,19 @@ async def test_nats_down_when_the_adapter_starts_buffers_and_flushes_when_it_com
         await forward.close()
         await link.close()
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_second_adapter_on_the_same_buffer_is_refused_until_the_first_is_gone(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from adapters.forward import BufferInUse
+    from hub.ports import InMemoryPublisher
+
+    first = StoreAndForward(InMemoryPublisher(), tmp_path / "buffer", "default")
+    with pytest.raises(BufferInUse, match=rf"another running adapter \(pid {os.getpid()}\)"):
+        StoreAndForward(InMemoryPublisher(), tmp_path / "buffer", "default")
+    await first.close()
+    again = StoreAndForward(InMemoryPublisher(), tmp_path / "buffer", "default")
+    await again.close()
