@@ -203,10 +203,16 @@ class ConnectionLog:
 
 
 async def connect(
-    url: str, name: str = "mes-hub", credentials: Credentials | None = None
+    url: str,
+    name: str = "mes-hub",
+    credentials: Credentials | None = None,
+    *,
+    log_changes: bool = False,
 ) -> NatsClient:
     """A connection that keeps trying, also the first time, until NATS answers (so whoever
-    must be able to stop while it waits races it against their stop: ``connect_or_stop``)."""
+    must be able to stop while it waits races it against their stop: ``connect_or_stop``).
+    ``log_changes``: each change of its state in one line (``ConnectionLog``)."""
+    callbacks = ConnectionLog(name).callbacks() if log_changes else {}
     return await nats.connect(
         url,
         name=name,
@@ -216,7 +222,7 @@ async def connect(
         user=credentials.user if credentials else None,
         password=credentials.password if credentials else None,
         inbox_prefix=inbox_prefix(credentials.user) if credentials else "_INBOX",
-        **ConnectionLog(name).callbacks(),
+        **callbacks,
     )
 
 
@@ -224,7 +230,7 @@ async def connect_or_stop(
     stop: asyncio.Event, url: str, name: str, credentials: Credentials | None = None
 ) -> NatsClient | None:
     """``connect``, or None as soon as ``stop`` is set while NATS cannot be reached."""
-    connecting = asyncio.ensure_future(connect(url, name, credentials))
+    connecting = asyncio.ensure_future(connect(url, name, credentials, log_changes=True))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
