@@ -173,6 +173,18 @@ def usual_port_if_free(host: str = "127.0.0.1") -> int:
     return USUAL_PORT
 
 
+def _login(credentials: Credentials | None) -> dict[str, Any]:
+    """nats-py's options for an identity: its user and password, and its own inbox prefix
+    (the only replies it may receive); none for an open NATS."""
+    if credentials is None:
+        return {}
+    return {
+        "user": credentials.user,
+        "password": credentials.password,
+        "inbox_prefix": inbox_prefix(credentials.user),
+    }
+
+
 class ConnectionLog:
     """nats-py's callbacks, saying each change of the connection's state in one line (its own
     default prints a traceback at every failed attempt, twice a second while NATS is down)."""
@@ -219,9 +231,7 @@ async def connect(
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         allow_reconnect=True,
-        user=credentials.user if credentials else None,
-        password=credentials.password if credentials else None,
-        inbox_prefix=inbox_prefix(credentials.user) if credentials else "_INBOX",
+        **_login(credentials),
         **callbacks,
     )
 
@@ -390,11 +400,7 @@ class ConnectingPublisher:
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=1,
                         allow_reconnect=True,
-                        user=self._credentials.user if self._credentials else None,
-                        password=self._credentials.password if self._credentials else None,
-                        inbox_prefix=(
-                            inbox_prefix(self._credentials.user) if self._credentials else "_INBOX"
-                        ),
+                        **_login(self._credentials),
                         **self._log.callbacks(),
                     ),
                     self._timeout,
