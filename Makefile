@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest_stages.py
 	$(BIN)/python bench/projections.py
 	$(BIN)/python bench/adapters.py
+	$(BIN)/python bench/api_load.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

@@ -167,7 +167,24 @@ class ValidatedEvent:
         return self.envelope.id
 
 
+def _refuse_nul(value: Any, path: str) -> None:
+    """No text of an event may hold NUL (U+0000): PostgreSQL cannot store it, and an event
+    taken with one would stop the views of every hub on PostgreSQL."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            where = path or "event"
+            raise ContractViolation(f"{where}: must not contain NUL (U+0000)", field=path or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(key, path)
+            _refuse_nul(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            _refuse_nul(item, f"{path}[{n}]")
+
+
 def validate_envelope(envelope: CloudEvent) -> ValidatedEvent:
+    _refuse_nul(envelope.model_dump(), "")
     event_type = EVENT_TYPES.get(envelope.type)
     if event_type is None:
         raise ContractViolation(
@@ -221,6 +238,8 @@ def decode_event(raw: bytes) -> ValidatedEvent:
     except ValidationError as exc:
         _explain_rejection(raw)  # bad input is rare: validate again, step by step, to explain
         raise describe_validation_error(exc) from None
+    if b"\\u0000" in raw:  # JSON can only carry a NUL escaped (rare: look closer then)
+        _refuse_nul(envelope.model_dump(), "")
     return _checked(ValidatedEvent(envelope, EVENT_TYPES[envelope.type], envelope.data))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -26,15 +28,37 @@ Token = Annotated[StrictStr, Field(pattern=TOKEN_PATTERN, min_length=1, max_leng
 
 
 def _rfc3339_text(value: Any) -> Any:
-    """A time on the wire is an RFC 3339 string; a number (seconds since 1970?) or a boolean is
-    refused instead of being read as a Unix time. Python code may pass a ``datetime``."""
+    """A time on the wire is an RFC 3339 string with its offset, exactly what the exported JSON
+    Schemas say (``DATE_TIME_PATTERN``): a number or a string of digits (seconds since 1970?) is
+    refused instead of being read as a Unix time, and so are the ISO 8601 forms RFC 3339 leaves
+    out (a space for the ``T``, ``+0100``, no seconds). Python code may pass a ``datetime``."""
     if isinstance(value, bool | int | float):
         raise ValueError("must be an RFC 3339 date-time string with an offset, not a number")
+    if isinstance(value, str) and _DATE_TIME.match(value) is None:
+        raise ValueError(
+            "must be an RFC 3339 date-time with its timezone offset, e.g. 2026-03-02T06:00:00Z or "
+            "2026-03-02T07:00:00+01:00"
+        )
     return value
 
 
+# An RFC 3339 date-time with its offset (``Z`` or ``±hh:mm``), as the exported JSON Schemas
+# require it. ``"format": "date-time"`` alone does not: validators do not assert formats by
+# default, and would pass a naive time the hub refuses. ASCII digits only (``[0-9]``, not ``\d``,
+# which some regex engines read as any Unicode digit), and no look-around (RE2, Go's, has none).
+DATE_TIME_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]"
+    r":[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+
+_DATE_TIME = re.compile(DATE_TIME_PATTERN)
+
 # Event times must carry an offset: a naive time on a shop floor is a bug waiting for DST.
-EventTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+EventTime = Annotated[
+    AwareDatetime,
+    BeforeValidator(_rfc3339_text),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": DATE_TIME_PATTERN}),
+]
 
 
 class _Data(BaseModel):

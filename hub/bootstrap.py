@@ -10,12 +10,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from hub.api.deps import ApiContext
+from hub.api.reads import ReadPool, ReadSources
 from hub.children import ChildProcess
 from hub.domain import Order
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
@@ -201,18 +204,53 @@ class Hub:
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
 
 
-def api_context(hub: Hub, plant: PlantConfig | None = None) -> ApiContext:
-    """What the API needs of a running hub: built here, for ``serve``, the demo and the tests."""
+def api_context(
+    hub: Hub, plant: PlantConfig | None = None, reads: ReadPool | None = None
+) -> ApiContext:
+    """What the API needs of a running hub: built here, for ``serve``, the demo and the tests.
+    ``reads``: where the read routes run; by default threads over the hub's own store and
+    views (``serve`` and the demo give it ``api_reads``, worker processes)."""
+    facts, orders = FactsReader(hub.views), OrdersReader(hub.views)
+    settings = hub.settings
     return ApiContext(
         store=hub.store,
-        facts=FactsReader(hub.views),
-        orders=OrdersReader(hub.views),
+        facts=facts,
+        orders=orders,
+        reads=reads
+        or ReadPool.in_threads(
+            ReadSources(hub.store, facts, orders),
+            settings.api_read_workers,
+            settings.api_read_queue,
+        ),
         publisher=hub.api_publisher,
-        api_keys=hub.settings.parsed_api_keys(),
-        site=hub.settings.site,
+        api_keys=settings.parsed_api_keys(),
+        site=settings.site,
         plant=plant or PlantConfig(),
-        max_clock_skew_s=hub.settings.max_clock_skew_s,
+        max_clock_skew_s=settings.max_clock_skew_s,
     )
+
+
+def _last_port(url_file: Path) -> int | None:
+    """The port the embedded NATS had the last time, from the URL it left (None: never ran)."""
+    try:
+        return urlsplit(url_file.read_text().strip()).port
+    except (OSError, ValueError):
+        return None
+
+
+def api_reads(settings: Settings) -> ReadPool:
+    """The API's read pool of ``serve`` and the demo: worker processes, each with its own store
+    and views (``hub.api.reads``)."""
+    return ReadPool.in_processes(
+        settings, read_sources, settings.api_read_workers, settings.api_read_queue
+    )
+
+
+def read_sources(settings: Settings) -> ReadSources:
+    """A read worker's store and views (run in the worker; sent to it by name)."""
+    store = EventStore(settings, read_only=True)  # the hub made and upgraded its tables
+    views = open_views(settings)
+    return ReadSources(store, FactsReader(views), OrdersReader(views))
 
 
 def all_views() -> list[View]:
@@ -283,13 +321,15 @@ async def build_hub(
     if url is None:
         assert credentials is not None
         authorization = server_config(credentials, settings.site)
-        port = await asyncio.to_thread(usual_port_if_free)
+        url_file = settings.data_dir / NATS_URL_FILE
+        last = await asyncio.to_thread(_last_port, url_file)
+        port = await asyncio.to_thread(usual_port_if_free, "127.0.0.1", last)
         embedded = EmbeddedNatsServer(
             settings.nats_data_dir, port=port, authorization=authorization
         )
         url = await asyncio.to_thread(embedded.start)
         # Where adapters on this machine find it (mes-hub nats credentials).
-        await asyncio.to_thread((settings.data_dir / NATS_URL_FILE).write_text, url)
+        await asyncio.to_thread(url_file.write_text, url)
     elif credentials is None:
         log.warning(
             "NATS at %s is used without identities (nats_identities): whoever reaches it may "

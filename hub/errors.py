@@ -5,6 +5,7 @@ Exception tree::
 
     MesHubError
     ├── ConcurrentWrite
+    ├── StoreUnavailable     (hub.store)
     └── ConfigError          (hub.settings)
         ├── PlantConfigError (projections.config)
         └── AdapterConfigError (adapters.machines.config)
@@ -15,6 +16,10 @@ Exception tree::
   was lost during COMMIT). Nothing of the refused commit is stored; reload and apply again.
   ``EventStore.commit`` raises it in place of the library's ``IntegrityError`` (kept as its
   ``__cause__``).
+
+- ``StoreUnavailable`` (in ``hub.store``): the store's PostgreSQL does not answer or refuses
+  the hub; one line naming where and why, never the password. The CLI prints it and exits 1 at
+  start; while running, its log line replaces the traceback, and an API read answers 503.
 
 - ``ConfigError`` (in ``hub.settings``): a setting that cannot be used, naming its source (a file
   or an environment variable), the key and the reason.

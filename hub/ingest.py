@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
@@ -461,26 +464,32 @@ class IngestPartition:
         self._commits = 0
         self._dead_lettered: set[int] = set()  # stream positions in the dead-letter stream
         self._threads: set[asyncio.Future[Any]] = set()  # prepares and commits under way
+        self._executor: ThreadPoolExecutor | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception(
-                    "ingest partition %s failed; resuming from the store's position",
-                    self.ingestor.partition,
-                )
-                self.ingestor.reset()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._backoff)
-                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+        try:
+            while not stop.is_set():
+                try:
+                    await self._consume(stop)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception(
+                        "ingest partition %s failed; resuming from the store's position",
+                        self.ingestor.partition,
+                    )
+                    self.ingestor.reset()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self._backoff)
+                    self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+        finally:
+            if self._executor is not None:  # (its threads were waited out by _consume_from)
+                self._executor.shutdown(wait=False)
+                self._executor = None
 
     async def _subscribe(self) -> PullConsumer:
-        position = await asyncio.to_thread(self.ingestor.position)
+        position = await self._in_thread(self.ingestor.position)
         with contextlib.suppress(NotFoundError):
             await self._js.delete_consumer(STREAM, self._durable)
         config = ConsumerConfig(
@@ -564,8 +573,14 @@ class IngestPartition:
                     log.warning("the last batch of %s is stored but not acked", self._durable)
 
     def _thread(self, work: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
-        """``work`` in a worker thread, kept in ``_threads`` until it is done."""
-        future = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        """``work`` in one of the partition's own threads, kept in ``_threads`` until it is
+        done. Its own: in the loop's shared pool, a burst of other blocking calls (API writes
+        checking their dedupe keys, say) would queue ahead of a commit."""
+        if self._executor is None:
+            # Two: a batch is prepared while the one before it commits.
+            self._executor = ThreadPoolExecutor(2, thread_name_prefix=self._durable)
+        call = functools.partial(contextvars.copy_context().run, work, *args)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
         self._threads.add(future)
         future.add_done_callback(self._threads.discard)
         return future

@@ -162,15 +162,20 @@ class EmbeddedNatsServer:
 USUAL_PORT = 4222
 
 
-def usual_port_if_free(host: str = "127.0.0.1") -> int:
-    """NATS's usual port when nothing listens there (adapter configs and scripts keep working
-    across restarts), else -1: nats-server picks a free one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, USUAL_PORT))
-        except OSError:
-            return -1
-    return USUAL_PORT
+def usual_port_if_free(host: str = "127.0.0.1", last: int | None = None) -> int:
+    """NATS's usual port when nothing listens there, else the port it had the last time
+    (``last``) if that is free: adapter configs, scripts and adapters already running keep
+    finding it across restarts. Else -1: nats-server picks a free one."""
+    for port in (USUAL_PORT, last):
+        if port is None:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return port
+    return -1
 
 
 def _login(credentials: Credentials | None) -> dict[str, Any]:
@@ -195,8 +200,19 @@ class ConnectionLog:
 
     async def error(self, error: Exception) -> None:
         said = f"{type(error).__name__}: {error}"
-        if said != self._last:  # the same failure again is no news
-            self._last = said
+        if said == self._last:  # the same failure again is no news
+            return
+        self._last = said
+        if "permissions violation" in said.lower():
+            # Not a connection problem, and no retry will help: say what to check.
+            log.error(
+                "NATS (%s) refused: %s. This identity may publish only its own subjects of the "
+                "hub's site: check that [hub] site is the hub's and that the credentials are "
+                "this kind of client's (docs/nats.md)",
+                self.name,
+                error,
+            )
+        else:
             log.warning("NATS (%s): %s; trying again", self.name, said)
 
     async def disconnected(self) -> None:

@@ -71,8 +71,10 @@ class Credentials:
     def __repr__(self) -> str:  # never show the password
         return f"Credentials(user={self.user!r}, password='**********')"
 
-    def document(self, url: str) -> dict[str, str]:
-        return {"url": url, "user": self.user, "password": self.password}
+    def document(self, url: str, site: str) -> dict[str, str]:
+        """The credentials file of an adapter host: where, who, and the site whose subjects
+        this identity may publish (an adapter set up for another site is refused at start)."""
+        return {"url": url, "site": site, "user": self.user, "password": self.password}
 
 
 def write_private(path: Path, text: str, *, exclusive: bool = False) -> bool:
@@ -118,18 +120,18 @@ def new_credentials() -> dict[Identity, Credentials]:
     return {i: Credentials(i, secrets.token_urlsafe(24)) for i in IDENTITIES}
 
 
-def read_credentials(path: Path) -> tuple[Credentials, str | None]:
+def read_credentials(path: Path) -> tuple[Credentials, str | None, str | None]:
     """An identity's credentials file (``mes-hub nats credentials`` writes them), and the URL
-    it names, if any."""
+    and the site it names, if any (files from before the site was written name none)."""
     try:
         document = json.loads(path.read_text())
-        url = document.get("url")
+        url, site = document.get("url"), document.get("site")
         credentials = Credentials(str(document["user"]), str(document["password"]))
     except FileNotFoundError:
         raise ConfigError(str(path), None, "file not found") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(str(path), None, "not a NATS credentials file (user, password)") from None
-    return credentials, str(url) if url else None
+    return credentials, str(url) if url else None, str(site) if site else None
 
 
 def server_config(credentials: dict[Identity, Credentials], site: str) -> str:
@@ -193,7 +195,14 @@ def adapter_link(
     dir (the embedded server's URL and ``identity``'s credentials — only together: its
     passwords never go to a server named elsewhere)."""
     if settings.nats_credentials is not None:
-        credentials, named = read_credentials(settings.nats_credentials)
+        credentials, named, site = read_credentials(settings.nats_credentials)
+        if site is not None and site != settings.site:
+            # NATS would refuse every event (its subjects name the site): say so now.
+            reason = (
+                f"these credentials publish for site {site!r} only, and this adapter's site is "
+                f"{settings.site!r}: set [hub] site = {site!r}"
+            )
+            raise ConfigError(str(settings.nats_credentials), "site", reason)
         return settings.nats_url or named, credentials
     if settings.nats_url is not None:
         return settings.nats_url, None

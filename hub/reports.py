@@ -49,6 +49,10 @@ class UnknownMachine(LookupError):
         self.site = site
         self.machine_id = machine_id
 
+    def __reduce__(self) -> tuple[type[UnknownMachine], tuple[str, str]]:
+        # Raised in an API read worker and sent back to the hub: rebuilt from its fields.
+        return (UnknownMachine, (self.site, self.machine_id))
+
 
 @dataclass(frozen=True)
 class Reports:

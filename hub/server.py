@@ -1,5 +1,6 @@
 """Running the API inside the hub's event loop (uvicorn on a socket we bind ourselves, so port 0
-gives a free port we can print)."""
+gives a free port we can print), with its read pool (``hub.api.reads``) started and stopped
+with it."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
+from hub.api.reads import ReadPool
+
 log = logging.getLogger(__name__)
 
 
 class ApiServer:
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, reads: ReadPool | None = None) -> None:
+        self._reads = reads
         self._socket = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
         )
@@ -32,6 +36,8 @@ class ApiServer:
         return f"http://{host}:{self.port}"
 
     def start(self) -> None:
+        if self._reads is not None:
+            self._reads.start()
         self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
 
     async def stop(self) -> None:
@@ -40,3 +46,5 @@ class ApiServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._socket.close()
+        if self._reads is not None:
+            await asyncio.to_thread(self._reads.close)

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hub.errors import MesHubError
@@ -23,6 +31,11 @@ ENV_PREFIX = "MES_HUB_"
 ROLES = ("admin", "operator", "erp", "supplier", "auditor")
 Role = Literal["admin", "operator", "erp", "supplier", "auditor"]
 MIN_KEY_LENGTH = 16
+# ``json_schema_extra`` of a setting for tests only (the crash tests' failpoints): it works as any
+# other but is listed nowhere a user looks (``documented_settings``).
+INTERNAL: JsonDict = {"internal": True}
+# libpq's ``sslmode`` values; any other is refused by the driver only when it connects.
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 class ConfigError(MesHubError):
@@ -170,6 +183,43 @@ def parse_api_keys(value: str) -> list[ApiKey]:
     return keys
 
 
+def _postgres_dsn_problem(conninfo: Mapping[str, str]) -> str | None:
+    """What the driver would refuse only when it connects, found at start: a port that is not
+    a number, port and host lists that do not pair up, an unknown ``sslmode``. The values are
+    not quoted: in a URL whose password has an unescaped ``/`` the password becomes the port."""
+    hosts = conninfo.get("host", "").split(",")
+    ports = conninfo.get("port", "").split(",")
+    # An empty entry of a list means the default (libpq), as a port left out does.
+    if not all(port == "" or (port.isdigit() and 1 <= int(port) <= 65535) for port in ports):
+        return (
+            "the port must be a number from 1 to 65535 (in a URL, a password with '/', ':' or "
+            "'@' must be percent-encoded)"
+        )
+    if len(ports) not in (1, len(hosts)):
+        return f"{len(ports)} ports for {len(hosts)} hosts: give one port, or one for each host"
+    hostaddrs = conninfo.get("hostaddr")
+    if hostaddrs is not None and "host" in conninfo and len(hostaddrs.split(",")) != len(hosts):
+        return f"{len(hostaddrs.split(','))} hostaddr values for {len(hosts)} hosts"
+    sslmode = conninfo.get("sslmode")
+    if sslmode is not None and sslmode not in SSLMODES:
+        return "sslmode must be one of " + ", ".join(SSLMODES)
+    timeout = conninfo.get("connect_timeout")
+    if timeout is not None and not timeout.strip().lstrip("-").isdigit():
+        return "connect_timeout must be a whole number of seconds"
+    return None
+
+
+def documented_settings() -> list[str]:
+    """The ``[hub]`` settings a user is told about (the crash tests' failpoints are not)."""
+    return sorted(
+        name
+        for name, field in Settings.model_fields.items()
+        if not (
+            isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("internal")
+        )
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
@@ -186,7 +236,9 @@ class Settings(BaseSettings):
     )
     store: Literal["sqlite", "postgres"] = "sqlite"
     postgres_dsn: SecretStr | None = Field(
-        default=None, description="postgresql://user:password@host:port/dbname"
+        default=None,
+        description="postgresql://user:password@host:port/dbname",
+        validate_default=True,  # (to refuse store = "postgres" without one)
     )
     postgres_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]*$")
     partitions: int = Field(default=1, ge=1, le=64)
@@ -205,10 +257,16 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")
+    api_read_workers: int = Field(
+        default=2, ge=1, le=64, description="Processes answering the API's reads (below ingest)"
+    )
+    api_read_queue: int = Field(
+        default=16, ge=0, le=10_000, description="Reads that may wait for one; more get 429"
+    )
     # Failpoint for crash tests: SIGKILL this process right after the Nth commit, before its ack.
-    fault_kill_after_commit: int | None = Field(default=None, ge=1)
+    fault_kill_after_commit: int | None = Field(default=None, ge=1, json_schema_extra=INTERNAL)
     # The same for a view: SIGKILL right after its Nth batch is committed.
-    fault_kill_after_view_batch: int | None = Field(default=None, ge=1)
+    fault_kill_after_view_batch: int | None = Field(default=None, ge=1, json_schema_extra=INTERNAL)
 
     @field_validator("api_keys")
     @classmethod
@@ -218,13 +276,19 @@ class Settings(BaseSettings):
 
     @field_validator("postgres_dsn")
     @classmethod
-    def _check_postgres_dsn(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            try:
-                conninfo_to_dict(value.get_secret_value())
-            except Exception:
-                # The driver's own message may quote the password: say what, not the value.
-                raise ValueError("not a valid PostgreSQL connection string") from None
+    def _check_postgres_dsn(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            if info.data.get("store") == "postgres":
+                raise ValueError("store is 'postgres' but postgres_dsn is not set")
+            return None
+        try:
+            conninfo = conninfo_to_dict(value.get_secret_value())
+        except Exception:
+            # The driver's own message may quote the password: say what, not the value.
+            raise ValueError("not a valid PostgreSQL connection string") from None
+        problem = _postgres_dsn_problem({k: str(v) for k, v in conninfo.items()})
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("nats_url")
@@ -327,7 +391,7 @@ def settings_section(table: Any, config_file: Path | None, **overrides: Any) -> 
     if unknown:
         raise ConfigError(
             f"{config_file}: key 'hub.{unknown[0]}': unknown setting; known settings are "
-            + ", ".join(sorted(Settings.model_fields))
+            + ", ".join(documented_settings())
         )
     file_values = dict(table)
     values, origins = section_values("hub", file_values, str(config_file), env)

@@ -20,16 +20,23 @@ then (see ``EventStore.received_events``).
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Collection, Iterable, Sequence
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from urllib.parse import quote
 from uuid import UUID
 
+import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.domain import Aggregate, Snapshot
 from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import InterfaceError as LibraryInterfaceError
+from eventsourcing.persistence import OperationalError as LibraryOperationalError
+from eventsourcing.postgres import ConnectionPool as LibraryConnectionPool
 from eventsourcing.postgres import PostgresFactory, PostgresProcessRecorder
 from eventsourcing.sqlite import (
     SQLiteConnection,
@@ -39,7 +46,7 @@ from eventsourcing.sqlite import (
     SQLiteProcessRecorder,
 )
 from eventsourcing.utils import Environment
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 from psycopg.sql import SQL, Identifier
 
 from contracts import CloudEvent, dedupe_key
@@ -51,7 +58,7 @@ from hub.domain import (
     order_aggregate_id,
     plant_aggregate_id,
 )
-from hub.errors import ConcurrentWrite
+from hub.errors import ConcurrentWrite, MesHubError
 from hub.settings import Settings
 
 RECEIVED_TABLE = "mes_received_events"
@@ -236,16 +243,196 @@ class HubSQLiteFactory(SQLiteFactory):
 
 class HubPostgresFactory(PostgresFactory):
     """The library's PostgreSQL factory, passing on every DSN parameter it does not name itself
-    (sslmode, sslrootcert, options, application_name, …) instead of dropping them."""
+    (sslmode, sslrootcert, options, application_name, connect_timeout, …) instead of dropping
+    them."""
 
     EXTRA_CONNINFO = "EXTRA_CONNINFO"
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)
         extra = json.loads(self.env.get(self.EXTRA_CONNINFO) or "{}")
-        connect_kwargs = self.datastore.pool.kwargs  # the pool is not open yet
+        datastore = self.datastore
+        library_pool = datastore.pool  # not open yet
+        connect_kwargs = library_pool.kwargs
         assert isinstance(connect_kwargs, dict)
         connect_kwargs.update(extra)
+        # The same pool, but one that stops making callers wait while the server is away.
+        datastore.pool = OutageAwarePool(
+            get_password_func=library_pool.get_password_func,
+            connection_class=library_pool.connection_class,
+            kwargs=connect_kwargs,
+            min_size=library_pool.min_size,
+            max_size=library_pool.max_size,
+            open=False,
+            configure=datastore.after_connect_func(),
+            timeout=library_pool.timeout,
+            max_waiting=library_pool.max_waiting,
+            max_lifetime=library_pool.max_lifetime,
+            check=LibraryConnectionPool.check_connection if datastore.pre_ping else None,
+            name="mes-hub store",
+        )
+
+
+# --- PostgreSQL: where it is, and why it does not answer -----------------------------------------
+
+# A connection attempt gives up after this long unless the DSN sets ``connect_timeout`` (libpq
+# would wait for the system's TCP timeout, psycopg over two minutes).
+CONNECT_TIMEOUT_S = 5
+# How long a call waits for a pooled connection before it fails (the library's default is 30 s,
+# and it tries a failed call ten times: five minutes before a lost server were reported).
+POOL_WAIT_S = 10
+# The same while the server is known not to answer (``OutageAwarePool``).
+OUTAGE_WAIT_S = 1.0
+_C = TypeVar("_C", bound=psycopg.Connection[Any])
+
+
+class OutageAwarePool(LibraryConnectionPool[_C]):
+    """The library's connection pool (``psycopg_pool``'s), except that while the server does not
+    answer (the pool's last attempt to connect failed) a caller waits at most
+    ``OUTAGE_WAIT_S`` for a connection, not the pool's whole timeout: the library tries a
+    failed call ten times, and ten full waits were minutes before anyone heard of it."""
+
+    _failing = False
+
+    def _connect(self, timeout: float | None = None) -> _C:
+        try:
+            connection = super()._connect(timeout)
+        except Exception:
+            self._failing = True
+            raise
+        self._failing = False
+        return connection
+
+    def getconn(self, timeout: float | None = None) -> _C:
+        if self._failing:
+            timeout = min(self.timeout if timeout is None else timeout, OUTAGE_WAIT_S)
+        return super().getconn(timeout)
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class StoreUnavailable(MesHubError):
+    """The store's PostgreSQL does not answer or refuses the hub: one line naming where (host
+    and port, or socket) and why, never the password."""
+
+
+def postgres_params(dsn: str) -> dict[str, str]:
+    """The libpq parameters of every connection to the store (the event store's and the views'):
+    the DSN's, with the defaults the store has always used for what it leaves out (localhost,
+    port 5432, user and database ``postgres``) and a connect timeout."""
+    given = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    defaults = {
+        "dbname": "postgres",
+        "host": "localhost",
+        "port": "5432",
+        "user": "postgres",
+        "connect_timeout": str(CONNECT_TIMEOUT_S),
+    }
+    return defaults | given
+
+
+def check_postgres(params: Mapping[str, str]) -> None:
+    """Connect once to each server ``params`` name (a DSN may list several hosts) until one
+    answers. If none does, raise ``StoreUnavailable`` naming each place tried and why: within a
+    few seconds (``connect_timeout``), instead of a pool that keeps trying in the background
+    while its caller waits."""
+    failures: list[tuple[str, str]] = []
+    timeout = timeout_from_conninfo(dict(params))  # (as psycopg reads it: 2 s at least)
+    for host, port in _servers(params):
+        try:
+            psycopg.connect(make_conninfo("", **{**params, "host": host, "port": port})).close()
+            return
+        except psycopg.Error as exc:
+            failures.append((_where(host, port), _why(exc, timeout)))
+    if len({why for _, why in failures}) == 1:
+        places = ", ".join(where for where, _ in failures)
+        message = f"cannot connect to PostgreSQL at {places}: {failures[0][1]}"
+    else:
+        message = "cannot connect to PostgreSQL at " + "; at ".join(
+            f"{where}: {why}" for where, why in failures
+        )
+    raise StoreUnavailable(_scrubbed(message, params.get("password", "")))
+
+
+def raise_if_unavailable(params: Mapping[str, str] | None, failure: BaseException) -> None:
+    """After a database call failed (``failure``): if the server no longer answers, raise
+    ``StoreUnavailable`` saying why, in place of the driver's error (kept as its cause); if it
+    answers, return, and the caller raises ``failure`` itself. ``params``: None for SQLite."""
+    if params is None:
+        return
+    try:
+        check_postgres(params)
+    except StoreUnavailable as unavailable:
+        raise unavailable from failure
+
+
+def _servers(params: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(host, port) of each server a DSN names, in libpq's order: one port for every host, or
+    one each (``hub.settings`` refused other lists)."""
+    if "hostaddr" in params:  # addresses given beside the names: libpq pairs them up itself
+        return [(params.get("host", ""), params.get("port", ""))]
+    hosts = params.get("host", "").split(",")
+    ports = params.get("port", "").split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    return list(zip(hosts, ports, strict=False))
+
+
+def _where(host: str, port: str) -> str:
+    port = port or "5432"
+    if not host:
+        return f"the default socket (port {port})"
+    if host.startswith("/"):  # a directory: libpq connects to its socket
+        return f"{host.rstrip('/')}/.s.PGSQL.{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_DNS_FAILURE = re.compile(r"failed to resolve host .*?: (?:\[Errno -?\d+\] )?(?P<why>.*)")
+
+
+def _why(exc: psycopg.Error, timeout: int) -> str:
+    """The cause of a failed connection, in a few words (libpq's own, where they are clear)."""
+    if isinstance(exc, psycopg.errors.ConnectionTimeout):
+        return f"no answer within {timeout} s (timeout)"
+    # The first line: the last attempt's failure (more lines would list every address tried,
+    # and libpq's hint, "Is the server running on that host…?").
+    text = str(exc).strip().split("\n")[0].strip()
+    dns = _DNS_FAILURE.match(text)
+    if dns:
+        return f"host name not resolved ({dns['why'].strip()})"
+    # 'connection failed: connection to server at "h", port p failed: FATAL:  <why>'
+    detail = text.rsplit(" failed: ", 1)[-1].strip()
+    detail = re.sub(r"^(FATAL|ERROR):\s+", "", detail).rstrip(".")
+    lowered = detail.lower()
+    if "connection refused" in lowered:
+        return "connection refused"
+    if "no such file or directory" in lowered:
+        return "no server listening on that socket"
+    if "no password supplied" in lowered:
+        return "the server asks for a password and postgres_dsn gives none"
+    if "server does not support ssl" in lowered:
+        return "the server does not offer TLS, but postgres_dsn's sslmode requires it"
+    if (
+        "no pg_hba.conf entry" in lowered
+        and lowered.endswith("no encryption")
+        and "ssl encryption" not in str(exc).lower()  # (then not over TLS either)
+    ):
+        return (
+            f"refused without TLS ({detail}): if the server requires TLS, set sslmode=require "
+            "or verify-full in postgres_dsn"
+        )
+    return detail or type(exc).__name__
+
+
+def _scrubbed(text: str, password: str) -> str:
+    """``text`` without the password, as written or percent-encoded (libpq's messages do not
+    quote it; a message that did would still not show it)."""
+    for form in {password, quote(password, safe="")}:
+        if form:
+            text = text.replace(form, "***")
+    return text
 
 
 class PostgresHubRecorder(PostgresProcessRecorder):
@@ -405,25 +592,38 @@ def store_environment(settings: Settings) -> dict[str, str]:
             "PROCESS_RECORDER_TOPIC": "hub.store:SQLiteHubRecorder",
         }
         return env
-    if settings.postgres_dsn is None:
-        raise ValueError("store is 'postgres' but postgres_dsn is not set")
-    conninfo = conninfo_to_dict(settings.postgres_dsn.get_secret_value())
+    conninfo = store_postgres_params(settings)
     named = ("dbname", "host", "port", "user", "password")
-    extra = {k: str(v) for k, v in conninfo.items() if k not in named}
+    extra = {k: v for k, v in conninfo.items() if k not in named}
     env |= {
         "PERSISTENCE_MODULE": "hub.store:HubPostgresFactory",
         HubPostgresFactory.EXTRA_CONNINFO: json.dumps(extra),
-        "POSTGRES_DBNAME": str(conninfo.get("dbname", "postgres")),
-        "POSTGRES_HOST": str(conninfo.get("host", "localhost")),
-        "POSTGRES_PORT": str(conninfo.get("port", "5432")),
-        "POSTGRES_USER": str(conninfo.get("user", "postgres")),
-        "POSTGRES_PASSWORD": str(conninfo.get("password", "")),
+        "POSTGRES_DBNAME": conninfo["dbname"],
+        "POSTGRES_HOST": conninfo["host"],
+        "POSTGRES_PORT": conninfo["port"],
+        "POSTGRES_USER": conninfo["user"],
+        "POSTGRES_PASSWORD": conninfo.get("password", ""),
         "POSTGRES_SCHEMA": settings.postgres_schema,
         "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_CONNECT_TIMEOUT": str(POOL_WAIT_S),  # (the pool's wait, not libpq's)
         "POSTGRES_ENABLE_DB_FUNCTIONS": "n",  # the function path skips our extra inserts
         "PROCESS_RECORDER_TOPIC": "hub.store:PostgresHubRecorder",
     }
     return env
+
+
+def store_postgres_params(settings: Settings) -> dict[str, str]:
+    """``postgres_params`` of the settings' DSN (``store = "postgres"``)."""
+    if settings.postgres_dsn is None:  # (refused by the settings already)
+        raise ValueError("store is 'postgres' but postgres_dsn is not set")
+    return postgres_params(settings.postgres_dsn.get_secret_value())
+
+
+def check_store(settings: Settings) -> None:
+    """Raise ``StoreUnavailable`` if the settings' PostgreSQL does not answer (for a command
+    that would otherwise wait on it). SQLite: nothing to check."""
+    if settings.store == "postgres":
+        check_postgres(store_postgres_params(settings))
 
 
 @dataclass(frozen=True)
@@ -445,17 +645,50 @@ class Commit:
     new_entities: Sequence[Entity]
 
 
-class EventStore:
-    """What the hub does with its store, in the plant's terms."""
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
-    def __init__(self, settings: Settings) -> None:
-        self._app = HubApplication(env=store_environment(settings))
+
+def _says_why_unavailable(
+    method: Callable[Concatenate[EventStore, _P], _R],
+) -> Callable[Concatenate[EventStore, _P], _R]:
+    """A store call that failed (after the library's own retries) because PostgreSQL went away
+    raises ``StoreUnavailable``, one line saying where and why, instead of the driver's error."""
+
+    def call(store: EventStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(store, *args, **kwargs)
+        except (LibraryOperationalError, LibraryInterfaceError) as failure:
+            raise_if_unavailable(store._postgres, failure)
+            raise
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+class EventStore:
+    """What the hub does with its store, in the plant's terms. On PostgreSQL, a call that fails
+    because the server went away raises ``StoreUnavailable``."""
+
+    def __init__(self, settings: Settings, *, read_only: bool = False) -> None:
+        """Raises ``StoreUnavailable`` (within seconds) if the PostgreSQL of ``settings`` does
+        not answer. ``read_only``: a store the hub has made already, opened to read it only (the
+        API's read workers): no table is created or upgraded, and ``received_events`` is not
+        for it."""
+        environment = store_environment(settings)
+        if read_only:
+            environment["CREATE_TABLE"] = "n"
+        self._postgres = store_postgres_params(settings) if settings.store == "postgres" else None
+        if self._postgres is not None:
+            check_postgres(self._postgres)
+        self._app = HubApplication(env=environment)
         self._recorder = cast(HubRecorder, self._app.recorder)
         snapshots = self._app.snapshots
         assert snapshots is not None
         # Ingest writes snapshots in its own transaction, into the library's snapshot table.
         self._recorder.snapshots_table = getattr(snapshots.recorder, "events_table_name")  # noqa: B009
-        until = self._recorder.upgrade_received_keys(datetime.now(UTC).isoformat())
+        self._read_only = read_only
+        until = None if read_only else self._recorder.upgrade_received_keys(_now_text())
         # Until when the received table held bare CloudEvent ids (None: never).
         self.legacy_received_until = datetime.fromisoformat(until) if until else None
 
@@ -468,9 +701,11 @@ class EventStore:
 
     # --- writing (the ingest worker is the only writer) --------------------------------------
 
+    @_says_why_unavailable
     def tracking_position(self, tracking_name: str) -> int:
         return self._recorder.max_tracking_id(tracking_name) or 0
 
+    @_says_why_unavailable
     def received_already(self, keys: Sequence[str]) -> set[str]:
         """Which of these dedupe keys the store has applied."""
         return self._recorder.received_already(keys) if keys else set()
@@ -481,6 +716,8 @@ class EventStore:
         """The dedupe keys of those ``events`` already applied. In a store upgraded from bare-id
         keys, an event dated up to the upgrade (plus ``legacy_margin_s``, the clock skew allowed)
         is also applied already if its bare id is among the old rows."""
+        # (A read-only store did not read when the old rows end.)
+        assert not self._read_only, "received_events needs a store opened to write"
         keys = [dedupe_key(e) for e in events]
         found = self.received_already(keys)
         if self.legacy_received_until is None:
@@ -492,10 +729,12 @@ class EventStore:
             found.update(k for k, event_id in old if event_id in known)
         return found
 
+    @_says_why_unavailable
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
         """Which of these machines and orders the store has (one query, for a whole batch)."""
         return self._recorder.existing(aggregate_ids) if aggregate_ids else set()
 
+    @_says_why_unavailable
     def load(self, aggregate_id: UUID) -> Aggregate | None:
         try:
             found = cast(
@@ -521,6 +760,7 @@ class EventStore:
             [mapper.to_stored_event(Snapshot.take(a)) for a in snapshot],
         )
 
+    @_says_why_unavailable
     def write(self, commit: Commit) -> None:
         """Store a ``Commit`` in ONE transaction. Raises ``ConcurrentWrite`` when another writer
         got there first (an aggregate version, received key or tracking position already
@@ -561,6 +801,7 @@ class EventStore:
         found = self.load(plant_aggregate_id(site))
         return found if isinstance(found, Plant) else None
 
+    @_says_why_unavailable
     def machine_history(self, site: str, machine_id: str) -> list[Any]:
         """Every stored event of one machine, in the order it was recorded."""
         return list(self._app.events.get(machine_aggregate_id(site, machine_id)))
@@ -580,19 +821,23 @@ class EventStore:
     def has_machine(self, site: str, machine_id: str) -> bool:
         return bool(self.existing([machine_aggregate_id(site, machine_id)]))
 
+    @_says_why_unavailable
     def machine_ids(self, site: str) -> list[str]:
         return [e.entity_id for e in self._recorder.entities("machine", site)]
 
+    @_says_why_unavailable
     def machines(self, site: str | None = None) -> list[Machine]:
         found = (self.load(e.aggregate_id) for e in self._recorder.entities("machine", site))
         return [m for m in found if isinstance(m, Machine)]
 
+    @_says_why_unavailable
     def orders(self, site: str | None = None) -> list[Order]:
         found = (self.load(e.aggregate_id) for e in self._recorder.entities("order", site))
         return [o for o in found if isinstance(o, Order)]
 
     # --- the notification log, as projections read it ---------------------------------------
 
+    @_says_why_unavailable
     def read(
         self, after: int, limit: int, topics: Collection[str]
     ) -> tuple[int, list[tuple[int, Any]]]:
@@ -604,6 +849,7 @@ class EventStore:
         decode = self._app.mapper.to_domain_event
         return notifications[-1].id, [(n.id, decode(n)) for n in notifications if n.topic in topics]
 
+    @_says_why_unavailable
     def last_position(self) -> int:
         """The position of the last stored event in the notification log (0 for an empty
         store). Not a count: PostgreSQL's positions may have gaps."""

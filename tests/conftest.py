@@ -93,14 +93,15 @@ async def hub(settings: Settings) -> AsyncIterator[Any]:
     await running.close()
 
 
-def api_client(hub: Any, plant: Any = None) -> Any:
-    """An HTTP client on the hub's API app, in process (ASGI), with the hub's real services."""
+def api_client(hub: Any, plant: Any = None, reads: Any = None) -> Any:
+    """An HTTP client on the hub's API app, in process (ASGI), with the hub's real services
+    (its reads in threads, unless ``reads`` is given)."""
     import httpx
 
     from hub.api.app import create_app
     from hub.bootstrap import api_context
 
-    context = api_context(hub, plant)
+    context = api_context(hub, plant, reads)
     transport = httpx.ASGITransport(app=create_app(context))
     return httpx.AsyncClient(transport=transport, base_url="http://hub")
 

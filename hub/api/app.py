@@ -1,12 +1,27 @@
-"""The FastAPI application: routes under /api/v1, problem+json errors, keys and roles."""
+"""The FastAPI application: routes under /api/v1, problem+json errors, keys and roles.
+
+Open without a key: ``/healthz``, the OpenAPI document (``/openapi.json``) and its pages,
+``/docs`` (Swagger UI) and ``/redoc``. The pages load their scripts and styles from the hub
+itself (``/docs/static``, the files of the ``fastapi-offline`` package), never from the
+internet: a plant network often has none."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from importlib.resources import files
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from hub.api.deps import ApiContext
 from hub.api.problems import install_problem_handlers, problems
 from hub.api.routes import events, health, machines, oee, orders
+
+DOCS_ASSETS = "/docs/static"
+# Swagger UI, ReDoc and a favicon, shipped by the fastapi-offline package.
+_ASSETS_DIR = files("fastapi_offline") / "static"
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -15,11 +30,72 @@ def create_app(context: ApiContext) -> FastAPI:
         version="1",
         description="Event-sourced IT-OT integration hub. Authenticate with "
         "`Authorization: Bearer <key>`; errors are RFC 9457 problem+json.",
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.context = context
     install_problem_handlers(app)
+    _document(app)
     app.include_router(health.router)
     # Every route under /api/v1 wants a key with an admitted role, and checks its parameters.
-    for module in (machines, orders, events, oee):
-        app.include_router(module.router, prefix="/api/v1", responses=problems(401, 403, 422))
+    every = (401, 403, 422)
+    app.include_router(events.router, prefix="/api/v1", responses=problems(*every))
+    # The reads run in a bounded pool: when it is full they are refused for a while (429), and
+    # when a worker of it dies the read is too (503); both say when to ask again (Retry-After).
+    reads = problems(*every, 429, 503, retry_after=(429, 503))
+    for module in (machines, orders):
+        app.include_router(module.router, prefix="/api/v1", responses=reads)
+    # Both OEE routes name a machine, which may be unknown (404).
+    app.include_router(oee.router, prefix="/api/v1", responses=reads | problems(404))
+    _serve_docs(app)
     return app
+
+
+def _document(app: FastAPI) -> None:
+    """The OpenAPI document gets the schemas that POST /events names in its request body (the
+    route reads the body itself, so FastAPI does not know them)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            known = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, described in events.openapi_schemas().items():
+                if known.setdefault(name, described) != described:
+                    raise RuntimeError(f"two different OpenAPI schemas are named {name!r}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """``/docs`` and ``/redoc`` with their assets served by the hub. They need no key: the
+    OpenAPI document tells the API's shape, no data and no secret, and a newcomer reads it
+    before having a key (Swagger UI asks for one, under Authorize, to try a route)."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(_ASSETS_DIR)), name="docs-assets")
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            # Swagger UI would otherwise send the document's URL to validator.swagger.io.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=root + openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )

@@ -1,7 +1,7 @@
 """Dependencies of the routes: the services each route uses, and who may call it.
 
 The composition root hands the app one ``ApiContext``; routes do not take it whole but name the
-services they use (``Store``, ``Facts``, ``Orders``, ``Publisher``, ``Plant``, ``Site``,
+services they use (``Store``, ``Facts``, ``Orders``, ``Reads``, ``Publisher``, ``Plant``, ``Site``,
 ``MaxClockSkew``) and the callers they admit (``Reader``, ``EventWriter``: roles from
 ``hub.api.policy``)."""
 
@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hub.api.policy import EVENT_WRITERS, READERS
 from hub.api.problems import Problem
+from hub.api.reads import ReadPool
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
@@ -37,6 +38,7 @@ class ApiContext:
     publisher: EventPublisher
     api_keys: list[ApiKey]
     site: str
+    reads: ReadPool  # where the read routes' work runs (``hub.api.reads``)
     plant: PlantConfig = field(default_factory=PlantConfig)
     # ``[hub] max_clock_skew_s``: an event dated further than this after now is refused.
     max_clock_skew_s: float = 300.0
@@ -70,6 +72,7 @@ Publisher = Annotated[EventPublisher, Depends(_service(lambda c: c.publisher))]
 Plant = Annotated[PlantConfig, Depends(_service(lambda c: c.plant))]
 Site = Annotated[str, Depends(_service(lambda c: c.site))]
 MaxClockSkew = Annotated[float, Depends(_service(lambda c: c.max_clock_skew_s))]
+Reads = Annotated[ReadPool, Depends(_service(lambda c: c.reads))]
 
 # --- the callers -----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ _TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -44,15 +46,41 @@ class ProblemDetails(BaseModel):
     errors: list[FieldError] | None = None
 
 
-def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+_CHALLENGE = {
+    "WWW-Authenticate": {
+        "description": 'The challenge: `Bearer realm="mes-hub"`',
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before asking again (RFC 9110, delay-seconds)",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+
+def problems(*statuses: int, retry_after: Collection[int] = (429,)) -> dict[int | str, Any]:
     """The ``responses`` of a route that may answer with these problems (for the OpenAPI
-    schema; ``install_problem_handlers`` documents them as ``application/problem+json``)."""
-    return {s: {"model": ProblemDetails, "description": _TITLES[s]} for s in statuses}
+    schema; ``install_problem_handlers`` documents them as ``application/problem+json``), with
+    the headers that come with them: ``WWW-Authenticate`` on 401, ``Retry-After`` on those of
+    ``retry_after`` (a 429 always has one)."""
+    answers: dict[int | str, Any] = {}
+    for status in statuses:
+        answers[status] = {"model": ProblemDetails, "description": _TITLES[status]}
+        if status == 401:
+            answers[status]["headers"] = _CHALLENGE
+        elif status in retry_after:
+            answers[status]["headers"] = _RETRY_AFTER
+    return answers
 
 
 class Problem(Exception):
     """An error answer. ``extensions`` are more members of the problem object (RFC 9457
-    section 3.2), e.g. the codes a client may choose from."""
+    section 3.2), e.g. the codes a client may choose from; ``headers`` go with the answer, e.g.
+    ``{"Retry-After": "1"}`` on a 429."""
 
     def __init__(
         self,

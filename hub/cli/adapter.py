@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hub.cli.shared import (
@@ -107,7 +108,6 @@ class NatsLink:
 def _run_adapters(
     settings: Settings, link: NatsLink, adapters_config: AdaptersConfig, protocol: str
 ) -> None:
-    from rich.markup import escape
 
     from adapters.forward import BufferInUse, StoreAndForward
     from adapters.machines.registry import build_adapters, describe
@@ -159,7 +159,7 @@ def adapter_check(
 
     adapters = build_adapters(adapters_or_exit(config), protocol)
     if not adapters:
-        err_console.print("[red]no adapters configured in [adapters][/]")
+        err_console.print("[red]no adapters configured in \\[adapters][/]")
         raise typer.Exit(2)
     setup_logging(logging.WARNING)
 
@@ -170,7 +170,8 @@ def adapter_check(
                 events = await asyncio.wait_for(adapter.check(), timeout)
             except Exception as exc:
                 failures += 1
-                err_console.print(f"[red]✗ {describe(adapter)}: {type(exc).__name__}: {exc}[/]")
+                failure = f"✗ {describe(adapter)}: {type(exc).__name__}: {exc}"
+                err_console.print(f"[red]{escape(failure)}[/]")
                 continue
             table = Table(
                 title=f"✓ {describe(adapter)}: {len(events)} events", title_justify="left"

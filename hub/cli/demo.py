@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 
 from hub.bootstrap import Hub, build_hub
@@ -32,9 +34,20 @@ from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
 
+# Without a terminal (``mes-hub demo | cat``, a CI log) there is no live view: a progress line
+# this often instead.
+PROGRESS_EVERY_S = 5.0
+
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _print_full_width(table: Table) -> None:
+    """``table`` at its natural width: a pipe or a file has no width to cut it to (Rich would
+    take 80 columns)."""
+    natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    Console(file=console.file, width=max(natural, 1)).print(table)
 
 
 def _machine_table(
@@ -44,9 +57,11 @@ def _machine_table(
     published: int,
     since: datetime,
     until: datetime | None,
+    full: bool = False,
 ) -> Table:
     """The demo's live view; OEE covers the simulated time so far, as the API reports it with
-    the simulated clock's now."""
+    the simulated clock's now. ``full``: every column and every text whole (for a pipe, where
+    the table is printed at its natural width), not fitted to the terminal."""
     stats = hub.ingest_stats()
     calendar = reports.plant.calendar()
     window = Interval(since, until) if until and until > since else None
@@ -58,15 +73,15 @@ def _machine_table(
         expand=False,
     )
     # On a narrow terminal the figures matter more than order ids and alarm texts.
-    wide = console.width >= 110
+    wide = full or console.width >= 110
     for column, width in (("machine", 7), ("avail.", 6), ("execution", 11)):
         table.add_column(column, no_wrap=True, min_width=width)
     if wide:
-        table.add_column("order", no_wrap=True, overflow="ellipsis", max_width=26)
+        table.add_column("order", no_wrap=True, overflow="ellipsis", max_width=None if full else 26)
     for column in ("parts", "bad", "A", "P", "Q", "OEE"):
         table.add_column(column, no_wrap=True, justify="right", min_width=4)
     if wide:
-        table.add_column("alarm", overflow="ellipsis", no_wrap=True, max_width=20)
+        table.add_column("alarm", overflow="ellipsis", no_wrap=True, max_width=None if full else 20)
     machines = hub.store.machines(reports.site)
     oee = (
         reports.machines_oee([m.machine_id for m in machines], window, None, until or since)
@@ -84,7 +99,7 @@ def _machine_table(
             figures = bucket.figures
         row = [
             machine.machine_id,
-            (machine.availability or "-")[:5],
+            (machine.availability or "-") if full else (machine.availability or "-")[:5],
             f"[{colour}]{machine.execution or '-'}[/]",
             *([reports.facts.current_order(machine.id) or "-"] if wide else []),
             str(figures.produced) if figures else "-",
@@ -123,6 +138,13 @@ def demo(
     setup_logging(logging.INFO, directory / "hub.log")
 
     plant = PlantConfig()  # the defaults: one 24-hour shift a day, UTC
+    # On a terminal, a live table redrawn in place (as Rich's Live draws one). Otherwise (a
+    # pipe, a file, a dumb terminal) Live would show nothing until the end: plain lines, each
+    # printed (and flushed) as it happens, not folded at a width a pipe does not have.
+    live = console.is_terminal and not console.is_dumb_terminal
+
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=not live)
 
     async def show(hub: Hub, stop: asyncio.Event) -> tuple[SimulatorRun, IngestStats]:
         """Serve the API and run the factory until the simulation ends or ``stop``; what was
@@ -133,11 +155,11 @@ def demo(
             # The table's figures come from the entry point the API's come from, on one plant.
             facts, orders = FactsReader(hub.views), OrdersReader(hub.views)
             reports = Reports(hub.store, facts, orders, settings.site, plant)
-            console.print(f"[bold]mes-hub demo[/]: {machines} simulated machines at {speed:g}x")
-            console.print(f"API: {api.url}/api/v1/machines   docs: {api.url}/docs")
-            console.print(f"admin key (this run only): [bold]{key}[/]")
-            console.print(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
-            console.print(f"data and log: {directory}\n")
+            say(f"[bold]mes-hub demo[/]: {machines} simulated machines at {speed:g}x")
+            say(f"API: {api.url}/api/v1/machines   docs: {api.url}/docs")
+            say(f"admin key (this run only): [bold]{key}[/]")
+            say(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
+            say(f"data and log: {directory}\n")
             progress = SimulatorRun()
             simulation = SimulatorConfig(
                 machines=machines,
@@ -156,7 +178,7 @@ def demo(
             )
             started = time.monotonic()
 
-            async def table() -> Table:
+            async def table(full: bool = False) -> Table:
                 return await asyncio.to_thread(
                     _machine_table,
                     hub,
@@ -165,23 +187,56 @@ def demo(
                     progress.published,
                     simulation.start,
                     progress.simulated_until,
+                    full,
+                )
+
+            async def wind_down() -> None:
+                simulator.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await simulator
+                # No forecast round may publish after the last wait, or the summary would
+                # not add up.
+                await hub.stop_forecast_watch()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await hub.wait_caught_up(timeout=30)
+
+            def progress_line() -> str:
+                stats = hub.ingest_stats()
+                until = progress.simulated_until or simulation.start
+                return (
+                    f"{time.monotonic() - started:4.0f} s: simulated until "
+                    f"{until:%Y-%m-%d %H:%M} UTC, events published: {progress.published}, "
+                    f"events stored: {stats.applied}, duplicates {stats.duplicates}, "
+                    f"dead-lettered {stats.rejected}"
                 )
 
             try:
-                with Live(console=console, refresh_per_second=2) as live:
+                if live:
+                    with Live(console=console, refresh_per_second=2) as view:
+                        while not stop.is_set() and not simulator.done():
+                            view.update(await table())
+                            with contextlib.suppress(asyncio.TimeoutError):
+                                await asyncio.wait_for(stop.wait(), 1.0)
+                        await wind_down()
+                        view.update(await table())
+                else:
+                    say(
+                        f"simulating {machines} machines at {speed:g}x "
+                        + (f"for {duration:g} s…" if duration else "until Ctrl-C…")
+                    )
+                    due = started + PROGRESS_EVERY_S
                     while not stop.is_set() and not simulator.done():
-                        live.update(await table())
                         with contextlib.suppress(asyncio.TimeoutError):
                             await asyncio.wait_for(stop.wait(), 1.0)
-                    simulator.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await simulator
-                    # No forecast round may publish after the last wait, or the summary would
-                    # not add up.
-                    await hub.stop_forecast_watch()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await hub.wait_caught_up(timeout=30)
-                    live.update(await table())
+                        if (now := time.monotonic()) >= due:
+                            say(progress_line())
+                            due = now + PROGRESS_EVERY_S
+                    ended = "stopped" if stop.is_set() else "done"
+                    say(f"simulation {ended}; waiting for the hub to store what was published…")
+                    await wind_down()
+                    say(progress_line())
+                    say("")
+                    _print_full_width(await table(full=True))
             finally:
                 simulator.cancel()
             return progress, hub.ingest_stats()
@@ -189,17 +244,22 @@ def demo(
             await api.stop()
 
     async def main(stop: asyncio.Event) -> None:
+        if not live:
+            say("starting the hub (embedded NATS server, event store, views)…")
         hub = await build_hub(settings)
         try:  # the hub owns the embedded nats-server and the store: closed on every path
             progress, stats = await show(hub, stop)
         finally:
+            if not live:
+                say("stopping the hub…")
             await hub.close()
-        console.print(
+        until = progress.simulated_until  # None: stopped before the first event
+        say(
             f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
             f"exactly once (with {hub.forecast_watch.published} delivery forecast changes the hub "
             f"published), {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
-            f"simulated until {progress.simulated_until:%Y-%m-%d %H:%M:%S} UTC. "
-            f"Data kept in {directory}."
+            + (f"simulated until {until:%Y-%m-%d %H:%M:%S} UTC. " if until else "")
+            + f"Data kept in {directory}."
         )
 
     run_until_signal(main)

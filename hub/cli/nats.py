@@ -45,7 +45,7 @@ def nats_credentials(
         raise typer.Exit(2)
     url_file = settings.data_dir / NATS_URL_FILE
     url = settings.nats_url or (url_file.read_text().strip() if url_file.exists() else "")
-    document = credentials[identity].document(url or "nats://<hub host>:4222")
+    document = credentials[identity].document(url or "nats://<hub host>:4222", settings.site)
     console.print_json(json.dumps(document))
 
 

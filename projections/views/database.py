@@ -18,8 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
 from psycopg.sql import SQL, Identifier
-from psycopg_pool import ConnectionPool
+
+from hub.store import (
+    POOL_WAIT_S,
+    OutageAwarePool,
+    check_postgres,
+    postgres_params,
+    raise_if_unavailable,
+)
 
 TRACKING_TABLE = "mes_view_tracking"
 _CREATE_TRACKING = (
@@ -140,7 +148,10 @@ class _PostgresCursor:
 
 
 class PostgresViews:
-    """Views as tables in the store's PostgreSQL schema, through a small connection pool."""
+    """Views as tables in the store's PostgreSQL schema, through a small connection pool, with
+    the connection parameters of the event store (``hub.store.postgres_params``). Raises
+    ``hub.store.StoreUnavailable`` (within seconds) if the server does not answer at start, and
+    from a transaction that failed because it went away."""
 
     dialect = "postgres"
 
@@ -150,21 +161,35 @@ class PostgresViews:
             connection.execute(SQL("SET search_path TO {}").format(Identifier(schema)))
             connection.commit()
 
-        self._pool = ConnectionPool(
-            conninfo, min_size=1, max_size=pool_size, configure=use_schema, open=True
+        self._params = postgres_params(conninfo)
+        # Once, at once: an open pool would keep trying in the background, its caller waiting.
+        check_postgres(self._params)
+        self._pool: OutageAwarePool[psycopg.Connection[Any]] = OutageAwarePool(
+            kwargs=dict(self._params),
+            min_size=1,
+            max_size=pool_size,
+            configure=use_schema,
+            open=True,
+            timeout=POOL_WAIT_S,
+            name="mes-hub views",
         )
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[_PostgresCursor]:
-        with (
-            self._pool.connection() as connection,
-            connection.transaction(),
-            connection.cursor() as cursor,
-        ):
-            if not write:
-                # A query reads several statements: one snapshot for all of them, as on SQLite.
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            yield _PostgresCursor(cursor)
+        try:
+            with (
+                self._pool.connection() as connection,
+                connection.transaction(),
+                connection.cursor() as cursor,
+            ):
+                if not write:
+                    # A query reads several statements: one snapshot for all of them, as on
+                    # SQLite.
+                    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                yield _PostgresCursor(cursor)
+        except psycopg.OperationalError as failure:  # (PoolTimeout is one too)
+            raise_if_unavailable(self._params, failure)
+            raise
 
     def close(self) -> None:
         self._pool.close()

@@ -103,6 +103,16 @@ async def test_an_unknown_protocol_is_refused(protocol: str, tmp_path: Path) -> 
     assert code == 2 and "unknown adapter 'nope'" in err and "mtconnect" in err
 
 
+async def test_messages_naming_a_config_section_keep_its_brackets(tmp_path: Path) -> None:
+    # Rich markup once ate "[adapters]" and "[hub]" from what the CLI printed.
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[hub]\n")
+    code, _, err = await mes_hub("adapter", "check", "--config", str(empty))
+    assert code == 2 and "no adapters configured in [adapters]" in err
+    code, _, err = await mes_hub("adapter", "run", "shdr", "--nats-url", "nats://127.0.0.1:1")
+    assert code == 2 and "the machines are in its [adapters]" in err
+
+
 async def test_adapter_run_modbus_feeds_the_hub_from_a_plc(hub: Hub, tmp_path: Path) -> None:
     from tests.integration.test_modbus_adapter import UNIT, Plc
 

@@ -227,3 +227,86 @@ def test_a_hub_whose_api_cannot_listen_is_closed(
     assert (len(built), len(closed)) == (1, 1)  # the one hub built, closed
     children = psutil.Process().children(recursive=True)
     assert not [c for c in children if any(str(data_dir) in arg for arg in c.cmdline())]
+
+
+# --- docs/adapters.md: the SHDR `keys` (issue 10) ------------------------------------------------
+
+ADAPTERS_DOC = Path(__file__).resolve().parents[2] / "docs" / "adapters.md"
+SHDR_KEYS_HEADING = "### `keys`: what each SHDR key means"
+
+
+def shdr_keys_section() -> list[str]:
+    """The lines of the SHDR ``keys`` section of docs/adapters.md, up to the next heading (a
+    ``#`` inside a code block is a comment, not a heading)."""
+    lines = ADAPTERS_DOC.read_text().splitlines()
+    start = lines.index(SHDR_KEYS_HEADING)
+    section, fenced = [], False
+    for line in lines[start + 1 :]:
+        fenced ^= line.startswith("```")
+        if line.startswith("#") and not fenced:
+            break
+        section.append(line)
+    return section
+
+
+def documented_targets() -> list[str]:
+    return [m.group(1) for line in shdr_keys_section() if (m := re.match(r"\| `(\w+)` \|", line))]
+
+
+def documented_okuma_keys() -> str:
+    """The section's TOML example (the one with ``[adapters.shdr.keys]``)."""
+    blocks = "\n".join(shdr_keys_section()).split("```")
+    (example,) = [b for b in blocks[1::2] if "[adapters.shdr.keys]" in b]
+    return example.removeprefix("toml\n")
+
+
+def test_the_documented_shdr_key_targets_are_the_ones_the_adapter_takes(tmp_path: Path) -> None:
+    """The docs list every target once, and exactly those the config accepts: the code's set,
+    and the set the configuration error names (the docs cannot drift from either)."""
+    from typing import get_args
+
+    from adapters.machines.observations import Meaning
+
+    documented = documented_targets()
+    assert len(documented) == len(set(documented)), documented
+    assert set(documented) == set(get_args(Meaning))
+    config = tmp_path / "mes-hub.toml"
+    config.write_text('[[adapters.shdr]]\nhost = "x"\nmachine_id = "M1"\nkeys = { avail = "on" }\n')
+    result = subprocess.run(
+        [*MES_HUB, "adapter", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    error = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "adapters.shdr.0.keys.avail" in error, error
+    named = re.findall(r"'(\w+)'", error.split("Input should be", 1)[1])
+    assert set(named) == set(documented), error
+
+
+def test_the_documented_okuma_keys_read_the_capture_as_its_devices_xml_does(
+    tmp_path: Path,
+) -> None:
+    from adapters.machines.config import load_adapters
+    from adapters.machines.shdr import ShdrParser
+    from tests.integration.test_shdr_adapter import MTCONNECT, okuma
+
+    capture = MTCONNECT / "demo_agent_okuma_shdr.txt"
+    if not capture.is_file():
+        pytest.skip("../shared/fixtures/mtconnect (the real Okuma SHDR capture) is not here")
+    config = tmp_path / "mes-hub.toml"
+    config.write_text(documented_okuma_keys())
+    (documented,) = load_adapters(config).shdr
+    assert documented.devices_xml is None
+    device_model = documented.model_copy(update={"keys": {}, **okuma()})
+    lines = capture.read_text().splitlines()
+    by_keys, by_xml = ShdrParser(documented), ShdrParser(device_model)
+    events = [e.model_dump() for line in lines for e in by_keys.feed(line)]
+    assert events == [e.model_dump() for line in lines for e in by_xml.feed(line)]
+    assert {e["type"] for e in events} >= {
+        "mes.machine.availability.v1", "mes.machine.execution.v1", "mes.machine.partcount.v1",
+    }  # fmt: skip
+    # Every key of the example occurs in the capture, and maps as Devices.xml maps it.
+    assert by_keys.keys == {k: v for k, v in by_xml.keys.items() if k in by_keys.keys}
+    assert all(f"|{key}|" in capture.read_text() for key in by_keys.keys)

@@ -3,6 +3,7 @@ that failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import stat
 from pathlib import Path
@@ -53,6 +54,20 @@ def test_the_embedded_nats_takes_the_usual_port_when_it_is_free() -> None:
         listener.listen()
         assert usual_port_if_free() == -1  # taken: nats-server picks a free one
     assert usual_port_if_free() == USUAL_PORT
+
+
+def test_with_the_usual_port_taken_the_embedded_nats_keeps_the_port_it_had_before() -> None:
+    with socket.socket() as usual, socket.socket() as other:
+        # (Something else may hold it on this machine: taken all the same.)
+        with contextlib.suppress(OSError):
+            usual.bind(("127.0.0.1", USUAL_PORT))
+        other.bind(("127.0.0.1", 0))
+        last = other.getsockname()[1]
+        other.close()  # free again: the port the hub had the last time
+        assert usual_port_if_free(last=last) == last
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", last))
+            assert usual_port_if_free(last=last) == -1  # both taken: a free one
 
 
 def test_an_adapter_with_nats_down_says_so_once_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -32,6 +32,19 @@ async def test_an_adapter_on_the_hub_s_machine_connects_with_what_the_hub_left(
         assert printed.exit_code == 0, printed.output
         document = json.loads(printed.output)
         assert (document["url"], document["user"]) == (hub.nats_url, "machines")
+        assert document["site"] == "default"
+        # Set up for another site, an adapter with this file is refused before it starts.
+        credentials_file = tmp_path / "adapter-nats.json"
+        credentials_file.write_text(printed.output)
+        elsewhere = CliRunner().invoke(
+            app,
+            ["adapter", "run", "simulator", "--machines", "1", "--max-events", "1"],
+            env={"MES_HUB_NATS_CREDENTIALS": str(credentials_file), "MES_HUB_SITE": "plant2"},
+        )
+        assert elsewhere.exit_code != 0
+        assert str(credentials_file) in elsewhere.output and "'site'" in elsewhere.output
+        assert "set [hub] site = 'default'" in elsewhere.output
+        assert document["password"] not in elsewhere.output
         refused = CliRunner().invoke(
             app, ["nats", "credentials", "--identity", "hub", "--data-dir", str(data_dir)]
         )

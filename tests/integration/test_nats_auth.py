@@ -161,3 +161,21 @@ async def test_a_hub_event_the_hub_did_not_sign_is_dead_lettered_not_stored(
     assert dead.headers is not None
     assert "the hub did not publish" in dead.headers["Mes-Dlq-Reason"]
     assert json.loads(dead.data)["id"] == forged.id
+
+
+async def test_an_adapter_of_another_site_is_told_why_nats_refuses_it(
+    embedded: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An adapter whose [hub] site is not the hub's publishes subjects its identity may not.
+    credentials = identities(embedded.settings.data_dir / CREDENTIALS_FILE)["machines"]
+    client = await connect(embedded.nats_url, "shdr", credentials, log_changes=True)
+    try:
+        with caplog.at_level("ERROR", logger="hub.nats"), pytest.raises(TimeoutError):
+            await client.jetstream().publish(SUBJECTS["another site"], b"{}", timeout=0.5)
+        await eventually(lambda: any(r.levelname == "ERROR" for r in caplog.records))
+    finally:
+        await client.close()
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "refused" in said and "mes.other.machine.m1.execution" in said.lower()
+    assert "[hub] site" in said
+    assert credentials.password not in caplog.text

@@ -329,3 +329,116 @@ async def test_a_body_over_1_mib_is_refused_without_being_read_whole(
     assert "larger than 1048576 bytes" in response.json()["detail"]
     # Read no further than the limit and a chunk (none at all when the length said it).
     assert body.sent <= (0 if declared else 1024 * 1024) + CountedBody.CHUNK
+
+
+# --- what the OpenAPI document says (issue 10 item 4) ------------------------------------------
+
+
+def test_the_reads_document_429_and_503_with_retry_after_and_posts_their_body(
+    floor: HubWithoutNats,
+) -> None:
+    from contracts import EVENT_TYPES
+
+    schema = create_app(api_context(floor)).openapi()  # type: ignore[arg-type]
+    problem = {"$ref": "#/components/schemas/ProblemDetails"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            answers = operation["responses"]
+            if path.startswith("/api/v1"):
+                challenge = answers["401"]["headers"]["WWW-Authenticate"]
+                assert challenge["required"], (method, path)
+            if path.startswith("/api/v1") and method == "get":
+                for status in ("429", "503"):
+                    assert answers[status]["content"] == {PROBLEM: {"schema": problem}}
+                    retry_after = answers[status]["headers"]["Retry-After"]
+                    assert retry_after["required"] and retry_after["schema"]["type"] == "integer"
+            else:
+                assert "429" not in answers, (method, path)
+    for path in ("/api/v1/oee", "/api/v1/machines/{machine_id}/timeline"):
+        assert "404" in schema["paths"][path]["get"]["responses"], path
+    post = schema["paths"]["/api/v1/events"]["post"]
+    assert {"400", "404", "413", "415", "503"} <= set(post["responses"])
+    body = post["requestBody"]["content"]
+    event = {"$ref": "#/components/schemas/CloudEvent"}
+    assert body["application/cloudevents+json"]["schema"] == event
+    assert body["application/cloudevents-batch+json"]["schema"]["items"] == event
+    assert body["application/json"]["schema"]["type"] == "object"  # binary mode: the data
+    headers = {p["name"] for p in post["parameters"] if p["in"] == "header"}
+    assert {"ce-specversion", "ce-id", "ce-source", "ce-type", "ce-time", "ce-subject"} <= headers
+    # One envelope a type, chosen by type: every type a role may send, none of the hub's own.
+    one_of = schema["components"]["schemas"]["CloudEvent"]["discriminator"]["mapping"]
+    assert set(one_of) == {t.name for t in EVENT_TYPES.values() if t.stream != "hub"}
+    for reference in one_of.values():
+        assert reference.rsplit("/", 1)[-1] in schema["components"]["schemas"]
+
+
+async def test_a_problem_with_retry_after_says_so() -> None:
+    from fastapi import FastAPI
+
+    from hub.api.problems import Problem, install_problem_handlers
+
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.get("/busy")
+    async def busy() -> None:
+        raise Problem(429, "ask again in 3 s", headers={"Retry-After": "3"})
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://hub"
+    ) as http:
+        response = await http.get("/busy")
+    assert response.status_code == 429 and response.headers["retry-after"] == "3"
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["title"] == "Too Many Requests"
+
+
+async def test_binary_mode_headers_are_percent_decoded_and_the_content_type_read_loosely(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    # CloudEvents HTTP binding 3.1.3.2: header values are percent-encoded (and trimmed).
+    headers = {
+        **auth("admin"),
+        "ce-specversion": "1.0",
+        "ce-id": "plc%2D7",
+        "ce-source": " urn:plant%20A:line%E2%80%931 ",
+        "ce-type": "mes.machine.execution.v1",
+        "ce-time": "2026-03-02T06:15:00Z",
+        "ce-subject": "M1",
+    }
+    data = json.dumps({"execution": "ACTIVE"})
+    for content_type in ("Application/JSON; charset=utf-8", None):
+        sent = headers | ({"Content-Type": content_type} if content_type else {})
+        response = await client.post("/api/v1/events", content=data, headers=sent)
+        assert response.status_code == 202, response.text
+    envelope = floor.publisher.published[0][1].envelope
+    assert (envelope.id, envelope.source) == ("plc-7", "urn:plant A:line\u20131")
+    bad = await client.post(
+        "/api/v1/events", content=data, headers=headers | {"ce-source": "urn:%FF"}
+    )
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "ce-source"
+    wrong = await client.post(
+        "/api/v1/events", content=data, headers=headers | {"Content-Type": "text/plain"}
+    )
+    assert wrong.status_code == 415 and wrong.headers["content-type"] == PROBLEM
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        {"from": "0001-01-01T00:00:00+01:00", "to": "0001-01-02T00:00:00+01:00"},
+        {"from": "9999-12-31T00:00:00Z", "to": "9999-12-31T23:00:00Z"},
+    ],
+    ids=["year-1", "year-9999"],
+)
+async def test_a_window_at_the_ends_of_time_is_refused_not_a_server_error(
+    client: httpx.AsyncClient, floor: HubWithoutNats, window: dict[str, str]
+) -> None:
+    await post(client, "admin", available("M1"))
+    floor.deliver()
+    for path in ("/api/v1/oee", "/api/v1/machines/M1/timeline"):
+        try:
+            response = await client.get(path, params=window, headers=auth())
+        except OverflowError:  # what the in-process client sees of a 500
+            pytest.fail(f"{path}: OverflowError")
+        assert response.status_code == 422, (path, response.text)

@@ -123,3 +123,23 @@ def test_an_entry_of_an_array_of_tables_takes_its_secret_from_a_file(
     with pytest.raises(ConfigError) as caught:
         load_config(config, adapters=True)
     assert caught.value.key == "adapters.shdr.3"
+
+
+def test_a_postgres_dsn_the_driver_would_refuse_names_the_file_and_key_not_the_password(
+    config: Path,
+) -> None:
+    config.write_text(
+        CONFIG.replace(
+            "partitions = 2",
+            'store = "postgres"\n'
+            'postgres_dsn = "postgresql://mes:Pw-secret-4711@db/mes?sslmode=sometimes"',
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    message = str(caught.value)
+    assert message.startswith(f"{config}: key 'hub.postgres_dsn': ")
+    assert "sslmode must be one of disable, allow, prefer, require, verify-ca, verify-full" in (
+        message
+    )
+    assert "Pw-secret" not in message

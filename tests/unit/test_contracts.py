@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, get_args
 
 import jsonschema
 import pytest
+from pydantic import AwareDatetime, FutureDatetime, NaiveDatetime, PastDatetime
 
+from adapters.machines.shdr import ShdrConfig, ShdrParser
 from contracts import (
     EVENT_TYPES,
+    CloudEvent,
     ContractViolation,
     check_subject,
     decode_event,
@@ -18,7 +26,8 @@ from contracts import (
     nats_subject_for,
     partition_key,
 )
-from tests.conftest import cloud_event
+from tests.conftest import T0, cloud_event
+from tests.integration.test_shdr_adapter import MTCONNECT, okuma
 
 EXAMPLES = {
     "mes.machine.availability.v1": ("M1", {"availability": "AVAILABLE"}),
@@ -104,6 +113,12 @@ def raw(**override: object) -> bytes:
         (raw(specversion="0.3"), "specversion", "not a CloudEvent"),
         (raw(time=None), "time", "Field required"),
         (raw(time="2026-03-02T06:00:00"), "time", "timezone"),
+        # Seconds since 1970 as text, and ISO 8601 forms outside RFC 3339: what the exported
+        # JSON Schemas refuse, the hub refuses too.
+        (raw(time="1772431200"), "time", "RFC 3339"),
+        (raw(time="2026-03-02 06:00:00+00:00"), "time", "RFC 3339"),
+        (raw(time="2026-03-02T06:00+01:00"), "time", "RFC 3339"),
+        (raw(time="2026-03-02T06:00:00+0100"), "time", "RFC 3339"),
         (raw(subject="M 1"), "subject", "pattern"),
         (raw(type="mes.machine.bogus.v1"), "type", "unknown event type"),
         (raw(data={"count": -1, "kind": "all"}), "data.count", "greater than or equal to 0"),
@@ -168,3 +183,150 @@ def test_exported_schemas_validate_real_events_and_refuse_bad_ones(tmp_path: Pat
         jsonschema.validate(good, schema)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**good, "type": "mes.other.v1"}, schema)
+
+
+# --- the exported schemas and event times (issue 10) ---------------------------------------------
+
+NAIVE = "2026-01-01T10:00:00"
+AWARE = ("2026-01-01T10:00:00Z", "2026-01-01T10:00:00.123456+01:00", "2026-01-01T10:00:00-05:30")
+
+
+def exported(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.name.removesuffix(".schema.json"): json.loads(path.read_text())
+        for path in export_json_schemas(tmp_path)
+    }
+
+
+def validator(schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+DATETIMES = (datetime, AwareDatetime, NaiveDatetime, PastDatetime, FutureDatetime)
+
+
+def is_datetime(annotation: object) -> bool:
+    return annotation in DATETIMES or any(is_datetime(a) for a in get_args(annotation))
+
+
+def time_fields() -> Iterator[tuple[str, str]]:
+    """(type, JSON path) of every datetime field of the envelope and the v1 data models."""
+    for type_name, event_type in EVENT_TYPES.items():
+        for name, field in CloudEvent.model_fields.items():
+            if is_datetime(field.annotation):
+                yield type_name, name
+        for name, field in event_type.data_model.model_fields.items():
+            if is_datetime(field.annotation):
+                yield type_name, f"data.{name}"
+
+
+def test_every_time_in_the_exported_schemas_requires_an_offset(tmp_path: Path) -> None:
+    """``"format": "date-time"`` alone passes a naive time (validators do not assert formats by
+    default): each datetime field of the models has a pattern that requires the offset."""
+    schemas = exported(tmp_path)
+    found = list(time_fields())
+    assert ("mes.machine.partcount.v1", "time") in found
+    assert ("mes.operator.downtime_reason.v1", "data.end") in found
+    assert ("mes.hub.delivery_forecast.changed.v1", "data.previous_eta") in found
+    for type_name, path in found:
+        node = schemas[type_name]
+        for key in path.split("."):
+            node = node["properties"][key]
+        (string,) = [s for s in node.get("anyOf", [node]) if s.get("type") == "string"]
+        assert string["format"] == "date-time", (type_name, path)
+        assert not re.search(string["pattern"], NAIVE), (type_name, path)
+        assert all(re.search(string["pattern"], aware) for aware in AWARE), (type_name, path)
+
+
+@pytest.mark.parametrize(
+    ("type_name", "subject", "data", "path"),
+    [
+        ("mes.machine.partcount.v1", "M1", {"count": 1, "kind": "all"}, "time"),
+        (
+            "mes.operator.downtime_reason.v1",
+            "M1",
+            {"reason": "mechanical/spindle", "start": "?", "operator": "op1"},
+            "data.start",
+        ),
+        (
+            "mes.erp.order.released.v1",
+            "SO-1",
+            {"order_id": "SO-1", "part_number": "P-1", "quantity": 10, "due": "?"},
+            "data.due",
+        ),
+    ],
+)
+def test_the_schemas_refuse_a_naive_time_as_the_hub_does(
+    type_name: str, subject: str, data: dict[str, Any], path: str, tmp_path: Path
+) -> None:
+    check = validator(exported(tmp_path)[type_name])
+
+    def event(at: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "specversion": "1.0", "id": "e-1", "source": "urn:test", "type": type_name,
+            "time": "2026-01-01T10:00:00Z", "subject": subject, "data": dict(data),
+        }  # fmt: skip
+        if path == "time":
+            body["time"] = at
+        else:
+            body["data"][path.removeprefix("data.")] = at
+        return body
+
+    with pytest.raises(jsonschema.ValidationError, match="does not match"):
+        check.validate(event(NAIVE))
+    with pytest.raises(ContractViolation, match="timezone"):
+        decode_event(json.dumps(event(NAIVE)).encode())
+    for aware in AWARE:
+        check.validate(event(aware))
+        decode_event(json.dumps(event(aware)).encode())
+
+
+def produced_events() -> Iterator[CloudEvent]:
+    """Events as the hub's producers make them: the simulator's factory (machines, operators,
+    ERP), the hub's own (plant configuration, delivery forecasts), and the SHDR adapter reading
+    the real Okuma capture (when ../shared/fixtures is here)."""
+    from adapters.machines.simulator import SimulatorConfig, factory_events
+    from hub.domain import Order, Origin
+    from projections.processes.forecast_watch import FORECAST_TYPE, forecast_change
+    from projections.rules.forecast import Forecast
+    from projections.rules.hub_events import hub_event
+    from projections.rules.plant import PlantConfig
+    from projections.rules.plant_history import configuration_event
+
+    yield from itertools.islice(factory_events(SimulatorConfig(machines=3, start=T0)), 5000)
+    plant = PlantConfig(effective_from=T0)
+    configured = configuration_event("default", None, plant, T0)
+    assert configured is not None
+    yield configured
+    order = Order(site="default", order_id="SO-1")
+    order.release(Origin("e1", "erp", T0), {"quantity": 10, "due": T0 + timedelta(days=1)})
+    forecasts = [
+        Forecast(T0 + timedelta(hours=30), "at_risk", 63.5, "observed"),
+        Forecast(T0 + timedelta(hours=2), "done", None, "ideal"),
+    ]
+    for n, expected in enumerate(forecasts, start=1):
+        data = forecast_change(order, expected, 4, timedelta(0))
+        assert data is not None
+        yield hub_event("default", "delivery-forecast", FORECAST_TYPE, f"f{n}", "SO-1", T0, data)
+        order.record_delivery_forecast(Origin(f"f{n}", "hub", T0), data)
+    capture = MTCONNECT / "demo_agent_okuma_shdr.txt"
+    if capture.is_file():
+        parser = ShdrParser(ShdrConfig(host="okuma", **okuma()))  # type: ignore[arg-type]
+        for line in capture.read_text().splitlines():
+            yield from parser.feed(line)
+
+
+def test_the_exported_schemas_accept_the_events_the_hub_produces(tmp_path: Path) -> None:
+    checks = {name: validator(schema) for name, schema in exported(tmp_path).items()}
+    seen: set[str] = set()
+    for event in produced_events():
+        checks[event.type].validate(json.loads(encode_event(event)))
+        seen.add(event.type)
+    assert seen >= {
+        "mes.machine.availability.v1", "mes.machine.execution.v1", "mes.machine.partcount.v1",
+        "mes.machine.condition.v1", "mes.operator.downtime_reason.v1",
+        "mes.erp.order.released.v1", "mes.hub.plant.configured.v1",
+        "mes.hub.delivery_forecast.changed.v1",
+    }  # fmt: skip

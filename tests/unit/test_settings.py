@@ -133,3 +133,68 @@ def test_settings_a_hub_cannot_run_with_are_refused_on_stdin_without_echoing_the
         settings_from_json(b'{"api_keys": "admin:short-secret", "store": "nowhere"}')
     assert "standard input: settings a hub cannot run with" in str(caught.value)
     assert "short-secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        ("postgresql://mes:Pw-secret-4711@db:abc/mes", "the port must be a number from 1 to 65535"),
+        ("postgresql://mes:Pw-secret-4711@db:99999/mes", "the port must be a number from 1 to"),
+        ("postgresql://mes:Pw-secret-4711@db/mes?sslmode=sometimes", "sslmode must be one of"),
+        ("postgresql://mes:Pw-secret-4711@a:1,b:2,c:3/mes?port=1,2", "2 ports for 3 hosts"),
+        ("postgresql://mes:Pw-secret-4711@db/mes?connect_timeout=soon", "connect_timeout"),
+        # An unescaped "/" in the password: libpq reads "Pw-secret-4711" as the port.
+        ("postgresql://mes:Pw-secret-4711/x@db/mes", "a password with '/', ':' or '@' must be"),
+    ],
+)
+def test_a_postgres_dsn_the_driver_would_refuse_only_when_connecting_is_refused_at_start(
+    dsn: str, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MES_HUB_POSTGRES_DSN", dsn)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(store="postgres")
+    message = str(caught.value)
+    assert message.startswith("environment variable MES_HUB_POSTGRES_DSN: ")
+    assert reason in message
+    assert "Pw-secret" not in message
+
+
+def test_host_and_port_lists_are_taken_as_libpq_takes_them() -> None:
+    for dsn in (
+        "postgresql://mes:pw@db1:5432,db2:5433/mes?sslmode=verify-full",
+        "postgresql://mes:pw@db1,db2:5433/mes",  # db1 on the default port
+        "host=db1,db2 port=5433 dbname=mes sslmode=require",
+        "postgresql://mes:pw@[::1]:5432/mes?sslmode=disable&connect_timeout=3",
+        "postgresql://mes@/mes?host=/var/run/postgresql",
+    ):
+        assert load_settings(store="postgres", postgres_dsn=dsn).postgres_dsn is not None, dsn
+
+
+def test_a_postgres_store_without_a_dsn_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="store is 'postgres' but postgres_dsn is not set"):
+        load_settings(store="postgres")
+
+
+def test_the_crash_tests_failpoints_work_but_are_not_among_the_documented_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from hub.cli import app
+    from hub.settings import documented_settings
+
+    config = tmp_path / "mes-hub.toml"
+    config.write_text("[hub]\npartitons = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert "api_keys" in str(caught.value) and "fault_kill" not in str(caught.value)
+    assert "postgres_dsn" in documented_settings()
+    assert not [name for name in documented_settings() if name.startswith("fault_")]
+    for command in (["serve", "--help"], ["demo", "--help"], ["projections", "follow", "--help"]):
+        shown = CliRunner().invoke(app, command, env={"COLUMNS": "200"}).output
+        assert "fault_kill" not in shown and "fault-kill" not in shown, command
+    # The crash tests set them as any setting.
+    monkeypatch.setenv("MES_HUB_FAULT_KILL_AFTER_COMMIT", "3")
+    assert load_settings().fault_kill_after_commit == 3
+    config.write_text("[hub]\nfault_kill_after_view_batch = 7\n")
+    assert load_settings(config).fault_kill_after_view_batch == 7

@@ -4,20 +4,28 @@ The API never writes the store: it publishes, and ingest applies (one way in). B
 contract, it refuses what ingest would have to keep but the sender can still put right: an
 event dated too far ahead of the hub's clock (400, as ingest does), an operator event for a
 machine the hub does not know (404), a downtime reason that is not in the catalog (400). A
-batch is published whole or not at all."""
+batch is checked whole before any of it is published.
+
+What the route accepts (it reads the body itself) is told to the OpenAPI document by
+``openapi_extra`` and ``openapi_schemas``: the three content types, the ``ce-*`` headers, and
+one CloudEvent schema per type that may be sent here."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model
 
 from contracts import (
+    EVENT_TYPES,
     CloudEvent,
     ContractViolation,
     DowntimeReasonV1,
@@ -28,7 +36,7 @@ from contracts import (
     validate_envelope,
 )
 from hub.api.deps import Caller, EventWriter, MaxClockSkew, Plant, Publisher, Site, Store
-from hub.api.policy import may_send
+from hub.api.policy import SENDS, may_send
 from hub.api.problems import Problem, problems
 from hub.store import EventStore
 from projections.rules.plant import PlantConfig
@@ -38,6 +46,7 @@ router = APIRouter(prefix="/events", tags=["events"])
 MAX_BODY_BYTES = 1024 * 1024
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
+BINARY = "application/json"
 
 
 class Accepted(BaseModel):
@@ -67,21 +76,26 @@ async def limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _binary_mode(request: Request, body: bytes) -> dict[str, Any]:
-    """CloudEvents HTTP binding, binary mode: attributes in ce-* headers, data in the body."""
-    attributes: dict[str, Any] = {
-        name[3:]: value for name, value in request.headers.items() if name.startswith("ce-")
-    }
-    if "specversion" not in attributes:
+def _binary_mode(request: Request, content_type: str, body: bytes) -> dict[str, Any]:
+    """CloudEvents HTTP binding, binary mode: attributes in ce-* headers, their values trimmed
+    and percent-decoded (HTTP binding section 3.1.3.2), data in the body."""
+    headers = {name: value for name, value in request.headers.items() if name.startswith("ce-")}
+    if "ce-specversion" not in headers:
         raise Problem(
             415,
             f"send a CloudEvent: Content-Type {STRUCTURED} (structured mode), {BATCH}, "
-            "or ce-* headers with a JSON body (binary mode)",
+            f"or ce-* headers with a JSON body (binary mode, Content-Type {BINARY})",
         )
-    content_type = request.headers.get("content-type", "application/json").split(";")[0]
-    if content_type != "application/json":
-        raise Problem(415, "binary mode needs Content-Type application/json for the data")
-    attributes["datacontenttype"] = "application/json"
+    if content_type not in ("", BINARY):
+        raise Problem(415, f"binary mode needs Content-Type {BINARY} for the data")
+    attributes: dict[str, Any] = {}
+    for name, value in headers.items():
+        try:
+            attributes[name[3:]] = unquote(value.strip(), errors="strict")
+        except UnicodeDecodeError:
+            rule = "percent-encoded bytes that are not UTF-8"
+            raise Problem(400, f"{name}: {rule}", errors=[{"field": name, "rule": rule}]) from None
+    attributes["datacontenttype"] = BINARY
     attributes["data"] = _json(body)
     return attributes
 
@@ -187,16 +201,112 @@ async def _check_machines_known(
         )
 
 
+# --- what the OpenAPI document says of POST /events ---------------------------------------------
+
+# The types some role may send here (the hub's own types are refused: only the hub sends those).
+SENDABLE = sorted(
+    t.name for t in EVENT_TYPES.values() if any(t.stream in s for s in SENDS.values())
+)
+_EVENT = {"$ref": "#/components/schemas/CloudEvent"}
+_WHO_SENDS_WHAT = "; ".join(
+    f"{role}: {', '.join(sorted(streams))}" for role, streams in SENDS.items()
+)
+
+
+@cache
+def _event_schemas() -> dict[str, Any]:
+    # One envelope per type, its ``type`` a constant and its ``data`` that type's model, chosen
+    # by ``type``; the models they refer to come along.
+    typed: list[Any] = []
+    for name in SENDABLE:
+        type_name: Any = Literal[name]
+        typed.append(
+            create_model(
+                "CloudEvent_" + name.replace(".", "_"),
+                __base__=CloudEvent,
+                type=(type_name, ...),
+                data=(EVENT_TYPES[name].data_model, ...),
+            )
+        )
+    union: Any = Annotated[Union[tuple(typed)], Field(discriminator="type")]  # noqa: UP007
+    schema = TypeAdapter(union).json_schema(ref_template="#/components/schemas/{model}")
+    components: dict[str, Any] = schema.pop("$defs")
+    components["CloudEvent"] = {
+        **schema,
+        "title": "CloudEvent",
+        "description": "A CloudEvent 1.0 of one of the types the API accepts; more members "
+        "are extension attributes (1-20 lower-case letters or digits, at most 20 of them).",
+    }
+    return components
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The schemas POST /events refers to (``#/components/schemas/...``): ``CloudEvent`` and
+    those it is made of. The app adds them to its OpenAPI document."""
+    return copy.deepcopy(_event_schemas())
+
+
+def _ce_header(attribute: str, schema: dict[str, Any], what: str) -> dict[str, Any]:
+    return {
+        "name": f"ce-{attribute}",
+        "in": "header",
+        "required": False,
+        "description": f"Binary mode only, where it is required: {what}. Percent-encoded "
+        "(CloudEvents HTTP binding).",
+        "schema": schema,
+    }
+
+
+_DOCUMENTED: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"One CloudEvent in structured mode (`{STRUCTURED}`), a non-empty batch "
+        f"(`{BATCH}`), or one in binary mode: its attributes in `ce-*` headers and its data, a "
+        f"JSON object, as the body (`{BINARY}`, the default when no Content-Type is sent). At "
+        f"most {MAX_BODY_BYTES} bytes (413); any other Content-Type is refused (415).",
+        "content": {
+            STRUCTURED: {"schema": _EVENT},
+            BATCH: {"schema": {"type": "array", "minItems": 1, "items": _EVENT}},
+            BINARY: {
+                "schema": {
+                    "type": "object",
+                    "description": "Binary mode: the event's data, as its type defines it",
+                }
+            },
+        },
+    },
+    "parameters": [
+        _ce_header("specversion", {"type": "string", "enum": ["1.0"]}, "the CloudEvents version"),
+        _ce_header("id", {"type": "string", "minLength": 1, "maxLength": 256}, "the event's id"),
+        _ce_header(
+            "source", {"type": "string", "minLength": 1, "maxLength": 1024}, "where it happened"
+        ),
+        _ce_header("type", {"type": "string", "enum": SENDABLE}, "its type"),
+        _ce_header("time", {"type": "string", "format": "date-time"}, "when (RFC 3339)"),
+        _ce_header(
+            "subject",
+            {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_-]+$"},
+            "the machine id, or the order id of an ERP event",
+        ),
+    ],
+}
+
+
 @router.post(
     "",
     status_code=202,
     summary="Accept CloudEvents and publish them to the hub",
     description="One event (structured or binary mode) is answered with one receipt, a batch "
-    "with one receipt per event, in its order.",
+    "with one receipt per event, in its order; one bad event refuses the batch before any of "
+    f"it is published. The event families each role may send: {_WHO_SENDS_WHAT} (403 "
+    "otherwise). An event that breaks the contract, is dated too far ahead of the hub's clock "
+    "or names a downtime reason missing from the catalog is refused (400); an operator event "
+    "for a machine the hub does not know is 404.",
     responses={
         202: {"description": "Published; ingest applies it shortly"},
         **problems(400, 404, 413, 415, 503),
     },
+    openapi_extra=_DOCUMENTED,
 )
 async def post_events(
     request: Request,
@@ -220,7 +330,8 @@ async def post_events(
     elif content_type == STRUCTURED:
         events = [_check(_json(body), caller, now, max_skew_s, plant)]
     else:
-        events = [_check(_binary_mode(request, body), caller, now, max_skew_s, plant)]
+        attributes = _binary_mode(request, content_type, body)
+        events = [_check(attributes, caller, now, max_skew_s, plant)]
     await _check_machines_known(store, plant, site, events, content_type == BATCH)
     # Already applied (same source and id), however long ago: answered as a duplicate and not
     # published again. A repeat still in NATS' duplicate window is answered so by NATS.

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter
-from pydantic import BaseModel
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, TypeAdapter
 
-from hub.api.deps import Facts, Plant, Reader, Site, Store
+from hub.api.deps import Plant, Reader, Reads, Site
 from hub.api.problems import Problem, problems
+from hub.api.reads import JsonAnswer, ReadSources
 from hub.domain import COUNTER_JUMP, Machine
 from projections.rules.counters import CounterTotals
 from projections.rules.plant import PlantConfig
@@ -86,27 +86,44 @@ def _view(facts: FactsReader, plant: PlantConfig, machine: Machine) -> MachineVi
     return MachineView.of(machine, counters, facts.current_order(machine.id))
 
 
-@router.get("", summary="Every machine the hub has heard of, with its current state")
+_MACHINES = TypeAdapter(list[MachineView])
+
+
+def read_machines(sources: ReadSources, site: str, plant: PlantConfig) -> bytes:
+    """Every machine of ``site``, as the answer's JSON (in the read pool)."""
+    views = [_view(sources.facts, plant, m) for m in sources.store.machines(site)]
+    return _MACHINES.dump_json(views)
+
+
+def read_machine(sources: ReadSources, site: str, plant: PlantConfig, machine_id: str) -> bytes:
+    """One machine, as the answer's JSON, or nothing for a machine never heard of."""
+    machine = sources.store.machine(site, machine_id)
+    if machine is None:
+        return b""
+    return _view(sources.facts, plant, machine).model_dump_json().encode()
+
+
+@router.get(
+    "",
+    summary="Every machine the hub has heard of, with its current state",
+    response_model=list[MachineView],
+)
 async def list_machines(
-    store: Store, facts: Facts, plant: Plant, site: Site, _: Reader
-) -> list[MachineView]:
-
-    def build() -> list[MachineView]:
-        return [_view(facts, plant, m) for m in store.machines(site)]
-
-    return await asyncio.to_thread(build)
+    request: Request, reads: Reads, plant: Plant, site: Site, _: Reader
+) -> Response:
+    return JsonAnswer(await reads.run(request, read_machines, site, plant))
 
 
-@router.get("/{machine_id}", summary="One machine's current state", responses=problems(404))
+@router.get(
+    "/{machine_id}",
+    summary="One machine's current state",
+    responses=problems(404),
+    response_model=MachineView,
+)
 async def get_machine(
-    machine_id: str, store: Store, facts: Facts, plant: Plant, site: Site, _: Reader
-) -> MachineView:
-
-    def build() -> MachineView | None:
-        machine = store.machine(site, machine_id)
-        return None if machine is None else _view(facts, plant, machine)
-
-    view = await asyncio.to_thread(build)
-    if view is None:
+    request: Request, machine_id: str, reads: Reads, plant: Plant, site: Site, _: Reader
+) -> Response:
+    answer = await reads.run(request, read_machine, site, plant, machine_id)
+    if not answer:
         raise Problem(404, f"no machine {machine_id!r} at site {site!r}")
-    return view
+    return JsonAnswer(answer)

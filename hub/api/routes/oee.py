@@ -3,24 +3,25 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, Field
 
-from hub.api.deps import Facts, Orders, Plant, Reader, Site, Store
+from hub.api.deps import Plant, Reader, Reads, Site
 from hub.api.problems import Problem
+from hub.api.reads import JsonAnswer, ReadPool, ReadSources
 from hub.reports import Reports, UnknownMachine
 from projections.rules.calendar import Interval
+from projections.rules.plant import PlantConfig
 from projections.rules.report import Bucket, GroupBy
 from projections.rules.timeline import TimelineInterval
 
-T = TypeVar("T")
 router = APIRouter(tags=["oee"])
 MAX_WINDOW = timedelta(days=400)
+EARLIEST, LATEST = datetime(1900, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
 From = Annotated[AwareDatetime, Query(alias="from", description="RFC 3339 with offset")]
 To = Annotated[AwareDatetime, Query(alias="to", description="RFC 3339 with offset")]
@@ -97,66 +98,104 @@ class OeeView(BaseModel):
 
 
 def _window(start: datetime, end: datetime) -> Interval:
-    if end <= start:
-        raise Problem(422, "to must be after from")
-    if end - start > MAX_WINDOW:
-        raise Problem(422, f"the window may be at most {MAX_WINDOW.days} days")
-    return Interval(start.astimezone(UTC), end.astimezone(UTC))
-
-
-async def _reports(store: Store, facts: Facts, orders: Orders, site: Site, plant: Plant) -> Reports:
-    return Reports(store, facts, orders, site, plant)
-
-
-OeeReports = Annotated[Reports, Depends(_reports)]
-
-
-async def _off_the_loop(build: Callable[[], T]) -> T:
+    in_range = f"from and to must be between the years {EARLIEST.year} and {LATEST.year - 1}"
     try:
-        return await asyncio.to_thread(build)
-    except UnknownMachine as exc:
-        raise Problem(404, str(exc)) from None
+        window = Interval(start.astimezone(UTC), end.astimezone(UTC))
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: before the first UTC time there is
+        raise Problem(422, in_range) from None
+    if window.end <= window.start:
+        raise Problem(422, "to must be after from")
+    if window.end - window.start > MAX_WINDOW:
+        raise Problem(422, f"the window may be at most {MAX_WINDOW.days} days")
+    # The reports look a little past the window (a day's bucket, a shift running over it).
+    if not (window.start >= EARLIEST and window.end <= LATEST):
+        raise Problem(422, in_range)
+    return window
 
 
-@router.get("/machines/{machine_id}/timeline", summary="A machine's state intervals")
-async def timeline(
-    machine_id: str, start: From, end: To, reports: OeeReports, _: Reader
-) -> TimelineView:
-    window = _window(start, end)
+def _reports(sources: ReadSources, site: str, plant: PlantConfig) -> Reports:
+    return Reports(sources.store, sources.facts, sources.orders, site, plant)
 
-    def build() -> list[TimelineInterval]:
-        return reports.machine_timeline(machine_id, window, datetime.now(UTC))
 
-    return TimelineView(
-        machine=machine_id,
-        intervals=await _off_the_loop(build),
-        start=window.start,
-        end=window.end,
+def read_timeline(
+    sources: ReadSources, site: str, plant: PlantConfig, machine_id: str, window: Interval
+) -> bytes:
+    """The machine's timeline as the answer's JSON (in the read pool); raises
+    ``UnknownMachine``."""
+    intervals = _reports(sources, site, plant).machine_timeline(
+        machine_id, window, datetime.now(UTC)
     )
+    view = TimelineView(machine=machine_id, intervals=intervals, start=window.start, end=window.end)
+    return view.model_dump_json(by_alias=True).encode()
 
 
-@router.get("/oee", summary="ISO 22400 OEE of a machine, or of the site without one")
-async def oee(
-    start: From,
-    end: To,
-    reports: OeeReports,
-    _: Reader,
-    machine: str | None = None,
-    group_by: GroupBy | None = None,
-) -> OeeView:
-    window = _window(start, end)
-
-    def build() -> list[Bucket]:
-        now = datetime.now(UTC)
-        if machine is not None:
-            return reports.machine_oee(machine, window, group_by, now)
-        return reports.site_oee(window, group_by, now)
-
-    buckets = await _off_the_loop(build)
-    return OeeView(
+def read_oee(
+    sources: ReadSources,
+    site: str,
+    plant: PlantConfig,
+    machine: str | None,
+    window: Interval,
+    group_by: GroupBy | None,
+) -> bytes:
+    """A machine's OEE, or the site's, as the answer's JSON (in the read pool)."""
+    reports, now = _reports(sources, site, plant), datetime.now(UTC)
+    if machine is not None:
+        buckets = reports.machine_oee(machine, window, group_by, now)
+    else:
+        buckets = reports.site_oee(window, group_by, now)
+    view = OeeView(
         machine=machine,
         group_by=group_by,
         buckets=[OeeBucket.of(b) for b in buckets],
         start=window.start,
         end=window.end,
     )
+    return view.model_dump_json(by_alias=True).encode()
+
+
+async def _answer(
+    request: Request, reads: ReadPool, work: Callable[..., bytes], *args: Any
+) -> Response:
+    try:
+        return JsonAnswer(await reads.run(request, work, *args))
+    except UnknownMachine as exc:
+        raise Problem(404, str(exc)) from None
+
+
+@router.get(
+    "/machines/{machine_id}/timeline",
+    summary="A machine's state intervals",
+    response_model=TimelineView,
+)
+async def timeline(
+    request: Request,
+    machine_id: str,
+    start: From,
+    end: To,
+    reads: Reads,
+    site: Site,
+    plant: Plant,
+    _: Reader,
+) -> Response:
+    window = _window(start, end)
+    return await _answer(request, reads, read_timeline, site, plant, machine_id, window)
+
+
+@router.get(
+    "/oee",
+    summary="ISO 22400 OEE of a machine, or of the site without one",
+    response_model=OeeView,
+)
+async def oee(
+    request: Request,
+    start: From,
+    end: To,
+    reads: Reads,
+    site: Site,
+    plant: Plant,
+    _: Reader,
+    machine: str | None = None,
+    group_by: GroupBy | None = None,
+) -> Response:
+    window = _window(start, end)
+    return await _answer(request, reads, read_oee, site, plant, machine, window, group_by)

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from contracts import DeliveryStatus
-from hub.api.deps import Facts, Orders, Plant, Reader, Site, Store
+from hub.api.deps import Plant, Reader, Reads, Site
 from hub.api.problems import Problem, problems
+from hub.api.reads import JsonAnswer, ReadSources
 from hub.domain import Order
 from projections.processes.forecast_watch import progress_and_forecast
 from projections.rules.forecast import Forecast
@@ -21,6 +21,8 @@ router = APIRouter(prefix="/orders", tags=["orders"])
 
 Status = Literal["unreleased", "released", "running", "ended", "cancelled"]
 MAX_PAGE = 1000
+# No text holds NUL (contracts refuse it in events; PostgreSQL cannot compare with it).
+NO_NUL = r"^[^\x00]*$"
 
 
 class OrderRun(BaseModel):
@@ -100,6 +102,39 @@ def _views(facts: FactsReader, plant: PlantConfig, orders: list[Order]) -> list[
     return views
 
 
+_ORDERS = TypeAdapter(list[OrderView])
+
+
+def read_orders(
+    sources: ReadSources,
+    site: str,
+    plant: PlantConfig,
+    status: Status | None,
+    customer: str | None,
+    machine: str | None,
+    after: str | None,
+    limit: int,
+) -> tuple[bytes, str | None]:
+    """A page of orders as the answer's JSON (in the read pool), and the order id the next page
+    starts after, if there is one."""
+    # One more than asked, to know whether there is a next page.
+    listed = sources.orders.page(
+        site, status=status, customer=customer, machine=machine, after=after, limit=limit + 1
+    )
+    more = listed[limit - 1][0] if len(listed) > limit else None
+    found = (sources.store.load(aggregate_id) for _, aggregate_id in listed[:limit])
+    views = _views(sources.facts, plant, [o for o in found if isinstance(o, Order)])
+    return _ORDERS.dump_json(views), more
+
+
+def read_order(sources: ReadSources, site: str, plant: PlantConfig, order_id: str) -> bytes:
+    """One order as the answer's JSON, or nothing for an order never heard of."""
+    order = sources.store.order(site, order_id)
+    if order is None:
+        return b""
+    return _views(sources.facts, plant, [order])[0].model_dump_json().encode()
+
+
 @router.get(
     "",
     summary="Orders with their progress, a page at a time, filtered by status, customer or machine",
@@ -117,50 +152,46 @@ def _views(facts: FactsReader, plant: PlantConfig, orders: list[Order]) -> list[
             }
         }
     },
+    response_model=list[OrderView],
 )
 async def list_orders(
     request: Request,
-    response: Response,
-    store: Store,
-    orders: Orders,
-    facts: Facts,
+    reads: Reads,
     plant: Plant,
     site: Site,
     _: Reader,
     status: Status | None = None,
-    customer: str | None = None,
+    customer: Annotated[str | None, Query(pattern=NO_NUL, description="the ERP's customer")] = None,
     machine: Annotated[
-        str | None, Query(description="the machine the ERP named, or one the order ran on")
+        str | None,
+        Query(pattern=NO_NUL, description="the machine the ERP named, or one the order ran on"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="orders per page")] = 100,
     after: Annotated[
-        str | None, Query(description="the cursor: list the orders after this order id")
+        str | None,
+        Query(pattern=NO_NUL, description="the cursor: list the orders after this order id"),
     ] = None,
-) -> list[OrderView]:
-    def build() -> list[OrderView]:
-        # One more than asked, to know whether there is a next page.
-        listed = orders.page(
-            site, status=status, customer=customer, machine=machine, after=after, limit=limit + 1
-        )
-        if len(listed) > limit:
-            listed = listed[:limit]
-            following = request.url.include_query_params(after=listed[-1][0])
-            response.headers["Link"] = f'<{following}>; rel="next"'
-        found = (store.load(aggregate_id) for _, aggregate_id in listed)
-        return _views(facts, plant, [o for o in found if isinstance(o, Order)])
-
-    return await asyncio.to_thread(build)
+) -> Response:
+    listed, more = await reads.run(
+        request, read_orders, site, plant, status, customer, machine, after, limit
+    )
+    answer = JsonAnswer(listed)
+    if more is not None:
+        following = request.url.include_query_params(after=more)
+        answer.headers["Link"] = f'<{following}>; rel="next"'
+    return answer
 
 
 @router.get(
     "/{order_id}",
     summary="One order: what the ERP released and what the floor made",
     responses=problems(404),
+    response_model=OrderView,
 )
 async def get_order(
-    order_id: str, store: Store, facts: Facts, plant: Plant, site: Site, _: Reader
-) -> OrderView:
-    order = await asyncio.to_thread(store.order, site, order_id)
-    if order is None:
+    request: Request, order_id: str, reads: Reads, plant: Plant, site: Site, _: Reader
+) -> Response:
+    answer = await reads.run(request, read_order, site, plant, order_id)
+    if not answer:
         raise Problem(404, f"no order {order_id!r} at site {site!r}")
-    return (await asyncio.to_thread(_views, facts, plant, [order]))[0]
+    return JsonAnswer(answer)
