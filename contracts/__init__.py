@@ -23,6 +23,7 @@ from contracts._envelope import (
     decode_event,
     dedupe_key,
     encode_event,
+    typed_events,
     validate_envelope,
 )
 from contracts._errors import ContractViolation
@@ -101,5 +102,6 @@ __all__ = [
     "nats_subject_for",
     "partition_key",
     "partition_of",
+    "typed_events",
     "validate_envelope",
 ]

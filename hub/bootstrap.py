@@ -249,7 +249,7 @@ def api_reads(settings: Settings) -> ReadPool:
 def read_sources(settings: Settings) -> ReadSources:
     """A read worker's store and views (run in the worker; sent to it by name)."""
     store = EventStore(settings, read_only=True)  # the hub made and upgraded its tables
-    views = open_views(settings)
+    views = open_views(settings, pool_size=1)  # a worker answers one read at a time
     return ReadSources(store, FactsReader(views), OrdersReader(views))
 
 
@@ -269,11 +269,14 @@ def open_orders(store: EventStore, views: ViewDatabase, site: str) -> list[Order
     return [o for o in found if isinstance(o, Order) and o.site == site]
 
 
-def open_views(settings: Settings) -> ViewDatabase:
+def open_views(settings: Settings, pool_size: int = 4) -> ViewDatabase:
+    """The views' database; ``pool_size``: PostgreSQL connections at most."""
     if settings.store == "sqlite":
         return SQLiteViews(settings.views_sqlite_path)
     assert settings.postgres_dsn is not None  # checked by the store before this
-    return PostgresViews(settings.postgres_dsn.get_secret_value(), settings.postgres_schema)
+    return PostgresViews(
+        settings.postgres_dsn.get_secret_value(), settings.postgres_schema, pool_size
+    )
 
 
 def projection_workers(

@@ -48,6 +48,7 @@ from eventsourcing.sqlite import (
 from eventsourcing.utils import Environment
 from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 from psycopg.sql import SQL, Identifier
+from psycopg_pool import PoolTimeout
 
 from contracts import CloudEvent, dedupe_key
 from hub.domain import (
@@ -365,7 +366,24 @@ def raise_if_unavailable(params: Mapping[str, str] | None, failure: BaseExceptio
     try:
         check_postgres(params)
     except StoreUnavailable as unavailable:
-        raise unavailable from failure
+        if _no_connection(failure):  # the probe says why
+            raise unavailable from failure
+        # The call's own error too (its first line): the probe's cause may be another one.
+        first = (str(failure).splitlines() or [""])[0][:200]
+        said = f"{unavailable} (the call failed with {type(failure).__name__}: {first})"
+        raise StoreUnavailable(_scrubbed(said, params.get("password", ""))) from failure
+
+
+def _no_connection(failure: BaseException | None) -> bool:
+    """Whether ``failure`` is, or was raised for, the pool having no connection to give (the
+    library wraps psycopg_pool's ``PoolTimeout`` in its own error)."""
+    for _ in range(10):  # (a chain is short; a cycle must not hang us)
+        if failure is None:
+            return False
+        if isinstance(failure, PoolTimeout):
+            return True
+        failure = failure.__cause__ or failure.__context__
+    return False
 
 
 def _servers(params: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -678,6 +696,8 @@ class EventStore:
         environment = store_environment(settings)
         if read_only:
             environment["CREATE_TABLE"] = "n"
+            # One read at a time: one connection (an API read worker would hold five idle).
+            environment |= {"POSTGRES_POOL_SIZE": "1", "POSTGRES_MAX_OVERFLOW": "0"}
         self._postgres = store_postgres_params(settings) if settings.store == "postgres" else None
         if self._postgres is not None:
             check_postgres(self._postgres)

@@ -7,17 +7,21 @@ internet: a plant network often has none."""
 
 from __future__ import annotations
 
+import logging
 from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from hub.api.deps import ApiContext
-from hub.api.problems import install_problem_handlers, problems
+from hub.api.problems import install_problem_handlers, problem_response, problems
 from hub.api.routes import events, health, machines, oee, orders
+from hub.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 DOCS_ASSETS = "/docs/static"
 # Swagger UI, ReDoc and a favicon, shipped by the fastapi-offline package.
@@ -35,6 +39,7 @@ def create_app(context: ApiContext) -> FastAPI:
     )
     app.state.context = context
     install_problem_handlers(app)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     _document(app)
     app.include_router(health.router)
     # Every route under /api/v1 wants a key with an admitted role, and checks its parameters.
@@ -49,6 +54,15 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(oee.router, prefix="/api/v1", responses=reads | problems(404))
     _serve_docs(app)
     return app
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    # The store's PostgreSQL does not answer (a read, or the checks of POST /events): the
+    # operator finds where and why in the log, the client when to ask again.
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        request, 503, "the store does not answer; ask again shortly", headers={"Retry-After": "5"}
+    )
 
 
 def _document(app: FastAPI) -> None:

@@ -6,16 +6,18 @@ answer is the CPU-heavy part, so both are done where the read runs, not on the e
 ingest shares.
 
 - ``ReadPool.in_processes`` (``serve`` and the demo) runs reads in worker processes at a lower
-  CPU priority than ingest (nice +10), each with its own connections to the store and the
-  views: they share neither the interpreter lock nor the event loop with ingest, and when the
-  CPUs are short the OS gives them to ingest first. Measured in ``bench/api_load.py``.
+  CPU priority than ingest (Linux's idle class, else nice +10), each with its own connections
+  to the store and the views: they share neither the interpreter lock nor the event loop with
+  ingest, and when the CPUs are short the OS gives them to ingest first. Measured in
+  ``bench/api_load.py``.
 - ``ReadPool.in_threads`` runs them in threads of this process over its own store and views
   (the tests' API). The bound and the answers are the same.
 
 At most ``workers`` reads run and ``queue`` more wait; one more is answered ``429`` with a
-``Retry-After`` at once, rather than queued without bound. A read whose client has gone before
-it started is dropped; one that has started runs to its end (a thread or a worker cannot be
-stopped halfway, and a read is bounded by its window and page size)."""
+``Retry-After`` at once, rather than queued without bound. A read whose client has gone while
+it waits is dropped; one already handed to a worker runs to its end (a thread or a worker
+cannot be stopped halfway, and a read is bounded by its window and page size; a process pool
+hands each worker its next read ahead, so up to ``workers + 1`` reads are past dropping)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from starlette.responses import Response
 
 from hub.api.problems import Problem
 from hub.settings import Settings
-from hub.store import EventStore, StoreUnavailable
+from hub.store import EventStore
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
 
@@ -77,14 +79,23 @@ def _start_worker(
     hub: int, open_sources: Callable[[Settings], ReadSources], settings: Settings
 ) -> None:
     global _open
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
+    _below_ingest()
     # Ctrl-C reaches the whole process group; the hub stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with(hub)
     # Opened by the first read, not here: an initializer that fails breaks the whole pool (and
     # prints a traceback), where a read that fails is answered 503 and the next one tries again.
     _open = functools.partial(open_sources, settings)
+
+
+def _below_ingest() -> None:
+    """Run only on CPU time nothing else of the hub wants: Linux's idle scheduling class where
+    there is one (a process may always lower its own class), else nice +10."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(WORKER_NICENESS)
 
 
 def _opened() -> ReadSources:
@@ -138,6 +149,7 @@ class ReadPool:
         self._lock = threading.Lock()  # guards the counters: futures finish in other threads
         self._in_flight = 0  # submitted and not finished (waiting or running)
         self._seconds = 0.0  # a moving average of how long a read takes, queueing included
+        self._closed = False
         self.refused = 0  # answered 429
         self.dropped = 0  # the client went before its read started
 
@@ -193,8 +205,11 @@ class ReadPool:
 
     async def run(self, request: Request | None, work: Callable[..., T], *args: Any) -> T:
         """``work(sources, *args)`` in the pool; 429 when the pool is full; 503 when a worker
-        died under it (the pool is replaced). ``request``: whose client going away drops it."""
+        died under it (the pool is replaced) or the pool is closed. ``request``: whose client
+        going away drops it."""
         with self._lock:
+            if self._closed:
+                raise Problem(503, "the hub is stopping", headers={"Retry-After": "5"})
             if self._in_flight >= self.workers + self.queue:
                 self.refused += 1
                 retry_after = min(MAX_RETRY_AFTER_S, max(1, math.ceil(self._seconds)))
@@ -204,33 +219,37 @@ class ReadPool:
                     f"ask again in {retry_after} s",
                     headers={"Retry-After": str(retry_after)},
                 )
-            if self._executor is None:
-                self._executor = self._new_executor()
-            executor = self._executor
             self._in_flight += 1
         began = time.monotonic()
         try:
-            done = self._submit(executor, work, args)
+            executor, done = self._submitted(work, args)
         except BaseException:
             self._finished(began)
             raise
         done.add_done_callback(lambda _: self._finished(began))
         try:
             return await self._answer(request, done)
-        except StoreUnavailable as exc:
-            log.warning("an API read failed: %s", exc)
-            raise Problem(
-                503,
-                "the store does not answer; ask again shortly",
-                headers={"Retry-After": "5"},
-            ) from None
         except BrokenProcessPool:
             self._replace(executor)
-            raise Problem(
-                503,
-                "a read worker stopped; the hub has started another: ask again",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise _worker_stopped() from None
+
+    def _submitted(
+        self, work: Callable[..., Any], args: tuple[Any, ...]
+    ) -> tuple[Executor, Future[Any]]:
+        """``work`` handed to the pool, and the pool it went to. A pool whose worker died
+        refuses it at once (the worker may have died idle): then it goes to a new pool."""
+        for attempt in (1, 2):
+            with self._lock:
+                if self._executor is None:
+                    self._executor = self._new_executor()
+                executor = self._executor
+            try:
+                return executor, self._submit(executor, work, args)
+            except BrokenProcessPool:
+                self._replace(executor)
+                if attempt == 2:
+                    raise _worker_stopped() from None
+        raise AssertionError("unreachable")
 
     async def _answer(self, request: Request | None, done: Future[T]) -> T:
         answer = asyncio.wrap_future(done)
@@ -240,11 +259,14 @@ class ReadPool:
         try:
             either: set[asyncio.Future[Any]] = {answer, gone}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done() and gone.exception() is not None:
+                # Cannot tell whether the client is there: answer it all the same.
+                return await answer
         finally:
             gone.cancel()
         if answer.done():
             return answer.result()
-        # The client went first. A read not begun is dropped; a running one runs out.
+        # The client went first: a read not handed to a worker yet is dropped.
         if done.cancel():
             with self._lock:
                 self.dropped += 1
@@ -266,11 +288,20 @@ class ReadPool:
 
     def close(self) -> None:
         """Drop the reads not begun, wait for those running (they use the store, which is
-        closed next), and stop the workers."""
+        closed next), and stop the workers; a read asked for after this is answered 503."""
         with self._lock:
+            self._closed = True
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_stopped() -> Problem:
+    return Problem(
+        503,
+        "a read worker stopped; the hub has started another: ask again",
+        headers={"Retry-After": "1"},
+    )
 
 
 class ClientGone(Problem):

@@ -118,14 +118,25 @@ async def test_worker_processes_answer_as_the_threads_do_and_a_dead_worker_is_re
 
             workers = _workers()
             assert len(workers) == hub.settings.api_read_workers
-            assert all(w.nice() >= psutil.Process().nice() + 1 for w in workers)
+
+            # Below ingest: Linux's idle scheduling class (else a higher nice value), set first
+            # thing when a worker starts (one may still be starting: it has had nothing to do).
+            def below_ingest(worker: psutil.Process) -> bool:
+                if hasattr(os, "SCHED_IDLE"):
+                    return os.sched_getscheduler(worker.pid) == os.SCHED_IDLE
+                return worker.nice() > psutil.Process().nice()
+
+            await eventually(lambda: all(below_ingest(w) for w in workers))
             os.kill(workers[0].pid, signal.SIGKILL)
+            # Killed while idle: the pool refuses every read from then on (Python marks it
+            # broken); the next read goes to a new pool.
+            await eventually(lambda: bool(getattr(processes._executor, "_broken", False)))
             answers = [
                 (await http.get("/api/v1/machines", headers=ADMIN)).status_code for _ in range(3)
             ]
-        assert answers[0] in (200, 503) and answers[-1] == 200
-        if answers[0] == 503:
-            assert 503 not in answers[1:]
+        assert answers == [200, 200, 200]
+        # The broken pool's workers end; the new pool's serve.
+        await eventually(lambda: len(_workers()) == hub.settings.api_read_workers)
     finally:
         processes.close()
     await eventually(lambda: not _workers())

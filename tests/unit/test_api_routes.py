@@ -20,7 +20,7 @@ from hub.domain import order_aggregate_id
 from hub.ingest import IncomingMessage, Ingestor
 from hub.ports import InMemoryPublisher, PublishReceipt
 from hub.settings import Settings, load_settings
-from hub.store import EventStore
+from hub.store import EventStore, StoreUnavailable
 from projections.views.database import SQLiteViews
 from projections.views.orders_view import orders_in_play
 from projections.views.runner import ProjectionWorker
@@ -442,3 +442,23 @@ async def test_a_window_at_the_ends_of_time_is_refused_not_a_server_error(
         except OverflowError:  # what the in-process client sees of a 500
             pytest.fail(f"{path}: OverflowError")
         assert response.status_code == 422, (path, response.text)
+
+
+async def test_a_store_that_does_not_answer_is_a_503_with_retry_after_never_a_500(
+    client: httpx.AsyncClient, floor: HubWithoutNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await post(client, "admin", available("M1"))
+    floor.deliver()
+
+    def gone(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("cannot connect to PostgreSQL at db:5432: connection refused")
+
+    monkeypatch.setattr(EventStore, "machines", gone)
+    monkeypatch.setattr(EventStore, "received_events", gone)
+    read = await client.get("/api/v1/machines", headers=auth())
+    write = await post(client, "admin", available("M2"))
+    for response in (read, write):
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == PROBLEM
+        assert response.headers["retry-after"] == "5"
+        assert "db:5432" not in response.text  # where and why go to the log, not to clients

@@ -18,11 +18,11 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 
 from contracts import (
     EVENT_TYPES,
@@ -33,6 +33,7 @@ from contracts import (
     check_event_time,
     dedupe_key,
     nats_subject_for,
+    typed_events,
     validate_envelope,
 )
 from hub.api.deps import Caller, EventWriter, MaxClockSkew, Plant, Publisher, Site, Store
@@ -217,19 +218,7 @@ _WHO_SENDS_WHAT = "; ".join(
 def _event_schemas() -> dict[str, Any]:
     # One envelope per type, its ``type`` a constant and its ``data`` that type's model, chosen
     # by ``type``; the models they refer to come along.
-    typed: list[Any] = []
-    for name in SENDABLE:
-        type_name: Any = Literal[name]
-        typed.append(
-            create_model(
-                "CloudEvent_" + name.replace(".", "_"),
-                __base__=CloudEvent,
-                type=(type_name, ...),
-                data=(EVENT_TYPES[name].data_model, ...),
-            )
-        )
-    union: Any = Annotated[Union[tuple(typed)], Field(discriminator="type")]  # noqa: UP007
-    schema = TypeAdapter(union).json_schema(ref_template="#/components/schemas/{model}")
+    schema = typed_events(tuple(SENDABLE)).json_schema(ref_template="#/components/schemas/{model}")
     components: dict[str, Any] = schema.pop("$defs")
     components["CloudEvent"] = {
         **schema,
