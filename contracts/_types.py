@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -229,6 +230,42 @@ class PlantConfiguredV1(_Data):
     effective_from: EventTime | None = None
 
 
+class ConfirmationDueV1(_Data):
+    """The hub's own event: a production confirmation the ERPs are owed, decided when a run of
+    the order ended (``run_ended``) or when what was confirmed no longer matches the store
+    (``correction``: late scrap or parts). Quantities are what is new since the confirmations
+    before it (a correction's may be negative), computed from the store when it was decided, so
+    a rebuild reproduces them. The subject is the order."""
+
+    order_id: Token
+    sequence: StrictInt = Field(ge=1, description="The order's confirmations: 1, 2, …")
+    reason: Literal["run_ended", "correction"]
+    machine_id: Token | None = None
+    operation: StrictStr | None = Field(default=None, max_length=64)
+    yield_quantity: StrictInt = Field(description="Good parts new since the last confirmation")
+    scrap_quantity: StrictInt = Field(description="Scrap new since the last confirmation")
+    start: EventTime | None = None
+    end: EventTime | None = None
+    final: StrictBool = Field(description="The order is done: its good parts reached its quantity")
+    correction_of: StrictInt | None = Field(default=None, ge=1)
+
+
+class DeliveryAttemptedV1(_Data):
+    """The hub's own event: one attempt to deliver an outbox message to a destination (an ERP),
+    and its outcome, kept so that an auditor can see what the ERP was told and what it said.
+    The subject is the order the message is about."""
+
+    order_id: Token
+    message_id: StrictStr = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    destination: Token
+    attempt: StrictInt = Field(ge=1)
+    outcome: Literal["delivered", "duplicate", "failed", "dead"]
+    status_code: StrictInt | None = Field(default=None, ge=100, le=599)
+    reason: StrictStr = Field(default="", max_length=512)
+    excerpt: StrictStr = Field(default="", max_length=512)
+    next_attempt_at: EventTime | None = None
+
+
 Stream = Literal["machine", "operator", "erp", "hub"]
 
 
@@ -273,6 +310,20 @@ EVENT_TYPES: dict[str, EventType] = {
         ),
         EventType(
             "mes.hub.plant.configured.v1", PlantConfiguredV1, "hub", "configured", entity="plant"
+        ),
+        EventType(
+            "mes.hub.order.confirmation_due.v1",
+            ConfirmationDueV1,
+            "hub",
+            "confirmation_due",
+            entity="order",
+        ),
+        EventType(
+            "mes.hub.delivery.attempted.v1",
+            DeliveryAttemptedV1,
+            "hub",
+            "delivery_attempted",
+            entity="order",
         ),
     )
 }

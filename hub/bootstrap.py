@@ -6,17 +6,21 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from uuid import UUID
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from adapters.erp.base import ErpEntryBase
+from adapters.erp.config import confirmation_sender
+from adapters.erp.outbox import ErpDestination
 from hub.api.deps import ApiContext
 from hub.api.reads import ReadPool, ReadSources
 from hub.children import ChildProcess
@@ -37,9 +41,11 @@ from hub.nats_auth import (
     signing_key,
     signing_since,
 )
+from hub.outbox import Destination, RetryPolicy, Sender
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
+from projections.processes.confirmations import ConfirmationWatch
 from projections.processes.forecast_watch import ForecastWatch
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
@@ -51,6 +57,7 @@ from projections.views.orders_view import (
     OrdersView,
     orders_in_play,
 )
+from projections.views.outbox_view import OutboxReader, OutboxView, idempotency_key
 from projections.views.runner import ProjectionWorker, View, group_by_position, positions
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,7 @@ class Hub:
     services: list[Service] = field(default_factory=list)
     views_process: ChildProcess | None = None  # None: the views are not kept by this hub
     owns_store: bool = True  # False when the caller passed the store in: theirs to close
+    senders: list[Sender] = field(default_factory=list)  # the outbox's, one per destination
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _group: asyncio.Task[None] | None = None
     _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -194,6 +202,9 @@ class Hub:
         for client in (self.nats, self.api_nats):
             with contextlib.suppress(Exception):
                 await client.close()
+        for sender in self.senders:
+            with contextlib.suppress(Exception):
+                await sender.close()
         await asyncio.to_thread(self.views.close)
         if self.owns_store:
             await asyncio.to_thread(self.store.close)
@@ -202,6 +213,76 @@ class Hub:
 
 
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
+CONFIRMATIONS, OUTBOX = "confirmations", "outbox"
+CONFIRMATIONS_SINCE = "erp-confirmations.since"  # when this hub began to confirm (data dir)
+
+
+def erp_destinations(entries: Sequence[ErpEntryBase]) -> list[Destination]:
+    """The ERPs that take confirmations, as outbox destinations."""
+    found: list[Destination] = []
+    for entry in entries:
+        confirmer = confirmation_sender(entry)
+        if confirmer is not None:
+            found.append(ErpDestination(entry.name, confirmer))
+    return found
+
+
+def outbox_senders(
+    settings: Settings,
+    destinations: Sequence[Destination],
+    views: ViewDatabase,
+    publisher: EventPublisher,
+    retry: RetryPolicy,
+) -> list[Sender]:
+    """A sender per destination; each is owed only what was decided after it was first
+    configured (a new ERP is not sent the plant's history)."""
+    outbox = OutboxReader(views)
+    return [
+        Sender(
+            destination,
+            outbox,
+            publisher,
+            settings.site,
+            idempotency_key,
+            retry,
+            after=_first_seen(settings.data_dir / "outbox" / f"{destination.name}.since", outbox),
+            kill_after_delivery=settings.fault_kill_after_delivery,
+        )
+        for destination in destinations
+    ]
+
+
+def _first_seen(path: Path, outbox: OutboxReader) -> int:
+    """The outbox position when a destination was first configured, kept in ``path``."""
+    if path.exists():
+        return int(path.read_text().strip() or 0)
+    position = outbox.last_position()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(position))
+    return position
+
+
+def confirmation_watch(
+    settings: Settings,
+    store: EventStore,
+    views: ViewDatabase,
+    plant: PlantConfig | None,
+    publisher: EventPublisher,
+) -> ConfirmationWatch:
+    """The watch deciding production confirmations; runs that ended before this hub first
+    confirmed (kept in the data dir) are not confirmed."""
+    path = settings.data_dir / CONFIRMATIONS_SINCE
+    if not path.exists():
+        path.write_text(datetime.now(UTC).isoformat())
+    since = datetime.fromisoformat(path.read_text().strip())
+
+    def load(keys: Iterable[UUID]) -> list[Order]:
+        found = (store.load(key) for key in keys)
+        return [o for o in found if isinstance(o, Order) and o.site == settings.site]
+
+    return ConfirmationWatch(
+        settings.site, load, views, FactsReader(views), plant or PlantConfig(), publisher, since
+    )
 
 
 def api_context(
@@ -254,7 +335,7 @@ def read_sources(settings: Settings) -> ReadSources:
 
 
 def all_views() -> list[View]:
-    return [MachineFactsView(), OrdersView(), OrderStatesView()]
+    return [MachineFactsView(), OrdersView(), OrderStatesView(), OutboxView()]
 
 
 def view_positions(views: ViewDatabase) -> dict[str, int]:
@@ -312,12 +393,17 @@ async def build_hub(
     ingest: bool = True,
     projections: bool = True,
     plant: PlantConfig | None = None,
+    erp: Sequence[ErpEntryBase] = (),
+    destinations: Sequence[Destination] = (),
+    retry: RetryPolicy | None = None,
 ) -> Hub:
     """The hub with production parts by default: NATS (embedded unless ``settings.nats_url``),
     the event store of ``settings``, the NATS publisher, the wall clock. Tests pass their own
     ``store``, ``publisher`` (e.g. ``hub.ports.InMemoryPublisher``) or ``clock``. Services
     running: ingest (``ingest``), the views and the delivery forecast watch (``projections``);
-    ``plant`` is the calendar and rules the forecasts use, recorded as the site's configuration."""
+    ``plant`` is the calendar and rules the forecasts use, recorded as the site's configuration.
+    ``erp``: the ``[[erp]]`` entries; with ``projections``, the confirmations they are owed are
+    decided and delivered (``hub.outbox``), as to ``destinations`` (tests pass fakes)."""
     embedded: EmbeddedNatsServer | None = None
     url = settings.nats_url
     credentials = await asyncio.to_thread(nats_identities, settings)
@@ -412,6 +498,23 @@ async def build_hub(
         services.append(Service(VIEWS, views_child.run))
         interval = settings.forecast_interval_s
         services.append(Service(FORECAST_WATCH, partial(forecast_watch.run, interval_s=interval)))
+    senders: list[Sender] = []
+    if projections and (erp or destinations):
+        senders = await asyncio.to_thread(
+            outbox_senders,
+            settings,
+            [*destinations, *erp_destinations(erp)],
+            views,
+            publisher,
+            retry or RetryPolicy(),
+        )
+        if senders:
+            watch = await asyncio.to_thread(
+                confirmation_watch, settings, events_store, views, plant, publisher
+            )
+            confirm = partial(watch.run, interval_s=settings.confirm_interval_s)
+            services.append(Service(CONFIRMATIONS, confirm))
+        services += [Service(f"{OUTBOX}:{s.name}", s.run) for s in senders]
     hub = Hub(
         settings=settings,
         nats_url=url,
@@ -429,6 +532,7 @@ async def build_hub(
         services=services,
         views_process=views_child,
         owns_store=owns_store,
+        senders=senders,
     )
     try:
         hub.start()

@@ -306,6 +306,10 @@ class Order(Aggregate):
     # Every start and end as tapped: {machine_id, time (ISO), started}; None on orders stored
     # before moves were kept (their runs are the starting point).
     moves: list[dict[str, Any]] | None = None
+    # Production confirmations decided (ConfirmationDueV1 data) and, per "destination/message",
+    # the last delivery attempt; None on orders stored before these existed.
+    confirmations: list[dict[str, Any]] | None = None
+    deliveries: dict[str, dict[str, Any]] | None = None
 
     @staticmethod
     def create_id(site: str, order_id: str) -> UUID:
@@ -346,6 +350,18 @@ class Order(Aggregate):
 
     def record_delivery_forecast(self, origin: Origin, forecast: dict[str, Any]) -> None:
         self._delivery_forecast_changed(origin.event_id, origin.source, origin.time, forecast)
+
+    def record_confirmation_due(self, origin: Origin, confirmation: dict[str, Any]) -> None:
+        self._confirmation_due(origin.event_id, origin.source, origin.time, confirmation)
+
+    def record_delivery_attempt(self, origin: Origin, attempt: dict[str, Any]) -> None:
+        self._delivery_attempted(origin.event_id, origin.source, origin.time, attempt)
+
+    @property
+    def confirmed(self) -> list[dict[str, Any]]:
+        """The confirmations the hub decided for this order (``ConfirmationDueV1`` data and
+        the site), in sequence."""
+        return list(self.confirmations or [])
 
     def _set_fields(self, fields: dict[str, Any]) -> None:
         for name in ("part_number", "quantity", "due", "customer", "machine_id"):
@@ -391,6 +407,20 @@ class Order(Aggregate):
     ) -> None:
         self.delivery_forecast = forecast
         self.delivery_forecast_changes += 1
+
+    @event("ConfirmationDue")
+    def _confirmation_due(
+        self, event_id: str, source: str, event_time: datetime, confirmation: dict[str, Any]
+    ) -> None:
+        self.confirmations = [*(self.confirmations or []), confirmation]
+
+    @event("DeliveryAttempted")
+    def _delivery_attempted(
+        self, event_id: str, source: str, event_time: datetime, attempt: dict[str, Any]
+    ) -> None:
+        # The last outcome per message and destination (every attempt stays in the store).
+        key = f"{attempt['destination']}/{attempt['message_id']}"
+        self.deliveries = {**(self.deliveries or {}), key: attempt}
 
     @event("Started")
     def _started(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:

@@ -41,7 +41,9 @@ from contracts import (
     AvailabilityV1,
     CloudEvent,
     ConditionV1,
+    ConfirmationDueV1,
     ContractViolation,
+    DeliveryAttemptedV1,
     DeliveryForecastChangedV1,
     DowntimeReasonV1,
     ExecutionV1,
@@ -398,6 +400,14 @@ class Ingestor:
             case DeliveryForecastChangedV1():
                 forecast = data.model_dump(mode="json", exclude={"order_id"})
                 _one(Order, touched).record_delivery_forecast(origin, forecast)
+            case ConfirmationDueV1():
+                order = _one(Order, touched)
+                # Whole, with the site: the outbox view reads its messages from these alone.
+                confirmation = {**data.model_dump(mode="json"), "site": order.site}
+                order.record_confirmation_due(origin, confirmation)
+            case DeliveryAttemptedV1():
+                attempt = data.model_dump(mode="json", exclude={"order_id"})
+                _one(Order, touched).record_delivery_attempt(origin, attempt)
             case _:  # a type in EVENT_TYPES without a handler is a programming error
                 raise TypeError(f"no handler for {event.event_type.name}")
 

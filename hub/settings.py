@@ -254,6 +254,9 @@ class Settings(BaseSettings):
     projection_batch: int = Field(default=5000, ge=1, le=100_000)
     projection_poll_s: float = Field(default=0.1, gt=0, le=60)
     forecast_interval_s: float = Field(default=60.0, gt=0, description="Re-forecast orders every")
+    confirm_interval_s: float = Field(
+        default=0.5, gt=0, le=60, description="How often production confirmations are decided"
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")
@@ -267,6 +270,8 @@ class Settings(BaseSettings):
     fault_kill_after_commit: int | None = Field(default=None, ge=1, json_schema_extra=INTERNAL)
     # The same for a view: SIGKILL right after its Nth batch is committed.
     fault_kill_after_view_batch: int | None = Field(default=None, ge=1, json_schema_extra=INTERNAL)
+    # And for the outbox: SIGKILL after the Nth delivery a destination took, before its record.
+    fault_kill_after_delivery: int | None = Field(default=None, ge=1, json_schema_extra=INTERNAL)
 
     @field_validator("api_keys")
     @classmethod

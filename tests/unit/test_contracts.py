@@ -74,6 +74,35 @@ EXAMPLES = {
             "previous_eta": "2026-03-03T21:00:00Z",
         },
     ),
+    "mes.hub.order.confirmation_due.v1": (
+        "SO-1",
+        {
+            "order_id": "SO-1",
+            "sequence": 2,
+            "reason": "correction",
+            "machine_id": "M1",
+            "yield_quantity": -2,
+            "scrap_quantity": 2,
+            "start": "2026-03-02T06:00:00Z",
+            "end": "2026-03-02T07:00:00Z",
+            "final": False,
+            "correction_of": 1,
+        },
+    ),
+    "mes.hub.delivery.attempted.v1": (
+        "SO-1",
+        {
+            "order_id": "SO-1",
+            "message_id": "4f1c0e6a9b2d4c3e8a7f6b5c4d3e2f1a",
+            "destination": "erp-1",
+            "attempt": 3,
+            "outcome": "failed",
+            "status_code": 503,
+            "reason": "service unavailable",
+            "excerpt": "<html>maintenance</html>",
+            "next_attempt_at": "2026-03-02T07:00:04Z",
+        },
+    ),
 }
 
 

@@ -1,0 +1,157 @@
+"""What every ERP dialect shares: its ``[[erp]]`` entry's common keys, secrets by reference, and
+the two ports a dialect implements — orders in (``OrderSource``) and confirmations out
+(``ConfirmationSender``).
+
+```toml
+[[erp]]
+name = "odoo-main"                      # a token: names the ERP in logs, events and the API
+dialect = "odoo"                        # rest | odoo | erpnext | sap | soap | b2mml
+url = "https://erp.plant1.example"
+user = "mes-hub"
+secret = { env = "ODOO_API_KEY" }       # or { file = "/run/secrets/odoo" }: never inline
+allow = ["10.0.0.0/8"]                  # internal addresses this entry may call (hub.outbound)
+timeout_s = 10
+poll_interval_s = 60                    # orders in; 0: this ERP sends no orders
+confirm = true                          # production confirmations out
+```
+
+Each dialect module defines its entry model on ``ErpEntryBase`` (``dialect`` a literal), and
+``adapters.erp.config`` gathers them; a bad entry stops the hub at start naming the file, the
+key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from contracts import CloudEvent
+from hub.outbound import Allowlist
+from hub.outbox import Delivered, DeliveryFailed
+
+ERP_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class SecretRef(BaseModel):
+    """A secret named, not written: the environment variable or the file that holds it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError('give the secret as { env = "VARIABLE" } or { file = "path" }')
+        return self
+
+    def read(self) -> SecretStr:
+        """The secret's value; a ``ValueError`` naming where it was looked for, never it."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ValueError(f"environment variable {self.env} is not set")
+            return SecretStr(value)
+        assert self.file is not None
+        try:
+            return SecretStr(self.file.read_text().strip())
+        except OSError as exc:
+            raise ValueError(f"cannot read {self.file}: {exc.strerror}") from None
+
+
+def _by_reference(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(
+            'a secret is never written in the config: give { env = "VARIABLE" } or '
+            '{ file = "path" }'
+        )
+    return value
+
+
+class ErpEntryBase(BaseModel):
+    """The keys every ``[[erp]]`` entry has; a dialect adds its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=ERP_NAME_PATTERN)
+    url: str = Field(pattern=r"^https?://[^\s]+$", description="The ERP's base URL")
+    user: str | None = Field(default=None, max_length=256)
+    secret: Annotated[SecretRef | None, Field(default=None)] = None
+    allow: list[str] = Field(
+        default_factory=list,
+        description="Internal hosts or networks this entry may call (else refused)",
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    poll_interval_s: float = Field(default=60.0, ge=0, le=86_400)
+    confirm: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_by_reference(cls, values: object) -> object:
+        if isinstance(values, dict) and "secret" in values:
+            _by_reference(values["secret"])
+        return values
+
+    def allowlist(self) -> Allowlist:
+        return Allowlist.of(self.allow)
+
+
+# --- orders in ---------------------------------------------------------------------------------
+
+
+class OrderSource(Protocol):
+    """An ERP's orders, read incrementally: the changes after ``cursor`` (None: from the start)
+    as ``mes.erp.order.released|changed|cancelled.v1`` CloudEvents, and the cursor to ask with
+    next time. Event ids derive from the ERP's record id and modification stamp, so reading the
+    same state again publishes nothing new."""
+
+    async def changes(self, cursor: str | None) -> tuple[list[CloudEvent], str | None]: ...
+
+
+# --- confirmations out -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A production confirmation the hub decided on (``mes.hub.order.confirmation_due.v1``):
+    what one run of an order made, or a correction of what was confirmed before."""
+
+    key: str  # the idempotency key: the stored event's and the ERP's, stable across retries
+    order_id: str
+    sequence: int  # the order's confirmations, 1, 2, …
+    machine_id: str | None
+    operation: str | None
+    yield_quantity: int  # good parts (a correction: the difference, may be negative)
+    scrap_quantity: int
+    start: datetime | None
+    end: datetime | None
+    final: bool
+    correction_of: int | None  # the sequence corrected, if this is a correction
+    posted_at: datetime  # when the hub decided it (the posting date)
+
+
+class ConfirmationSender(Protocol):
+    """Tells one ERP about one confirmation, idempotently by ``confirmation.key``: returns
+    ``hub.outbox.Delivered`` (a repeated key the ERP had already counts as delivered) or raises
+    ``hub.outbox.DeliveryFailed``."""
+
+    async def send(self, confirmation: Confirmation) -> Delivered: ...
+
+    async def close(self) -> None: ...
+
+
+__all__ = [
+    "Confirmation",
+    "ConfirmationSender",
+    "Delivered",
+    "DeliveryFailed",
+    "ErpEntryBase",
+    "OrderSource",
+    "SecretRef",
+]

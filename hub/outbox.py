@@ -1,0 +1,410 @@
+"""The delivery outbox: what the hub owes to the world outside — production confirmations to
+ERPs, and (next) partners' webhooks — delivered exactly once per destination and key.
+
+What is owed is a view of the store (``projections.views.outbox_view``): each message is the
+stored event that decided it, each delivery's state the last stored attempt. A ``Sender`` per
+destination reads what that destination has not taken yet and delivers it:
+
+- **In order per key, in parallel across keys**: an order's confirmations go one after another
+  (a message waits until the one before it was taken); different orders go at once, up to
+  ``RetryPolicy.parallel``.
+- **Retried with backoff and jitter**: 1 s, 2 s, 4 s, … up to ``max_delay_s``, each ±20 %, so
+  that a destination coming back is not hit by every message at the same instant; after
+  ``max_attempts`` (or a refusal that no retry can fix: ``DeliveryFailed(permanent=True)``) the
+  message is dead — it and the messages after it for its key wait for someone (API: retry).
+- **A circuit per destination**: after ``circuit_failures`` failures in a row it opens, and the
+  destination is left alone for ``circuit_open_s``; then one message probes it (half-open): taken,
+  the circuit closes; refused, it opens again. A slow or dead destination has its own sender:
+  it never delays another.
+- **The same key every time**: a message's idempotency key derives from the stored event and the
+  destination (``projections.views.outbox_view.idempotency_key``), so every retry, a redelivery
+  after a crash, a replay, carries the same one, and the destination can drop repeats.
+- **Every attempt is stored** as ``mes.hub.delivery.attempted.v1`` (published by the hub, through
+  ingest like any event: what was sent, when, the outcome, the status and the start of the
+  answer), so an auditor sees what each ERP was told and what it said — and the view learns the
+  outcome. Until it has, the sender remembers it; a hub killed between the destination's answer
+  and the stored attempt sends the message again after its restart, with the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from contracts import CloudEvent
+from hub.ports import EventPublisher
+
+log = logging.getLogger(__name__)
+EXCERPT_CHARS = 512  # of a destination's answer, kept with each attempt
+ATTEMPT_TYPE = "mes.hub.delivery.attempted.v1"
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message owed to one destination, with how its delivery went so far (per the view)."""
+
+    key: str  # the message's key (the same for every destination)
+    kind: str  # what it is: "erp.confirmation"
+    site: str
+    ordering_key: str  # delivered in sequence within it (the order id)
+    sequence: int
+    payload: dict[str, Any]
+    decided_at: datetime
+    position: int  # of the event that decided it
+    attempts: int = 0
+    outcome: str | None = None  # None: never tried; failed, dead, delivered, duplicate
+    next_attempt_at: datetime | None = None
+    status_code: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """The destination took the message (or had it already: a repeated key is delivered)."""
+
+    status: int | None
+    excerpt: str = ""  # the start of its answer, capped at EXCERPT_CHARS
+    duplicate: bool = False
+
+
+class DeliveryFailed(Exception):
+    """The destination did not take the message. ``permanent``: sending the same message again
+    cannot help (it refused the content); else it may (down, timeout, 5xx, 429, a login that is
+    refused until someone fixes it)."""
+
+    def __init__(
+        self, reason: str, *, status: int | None = None, excerpt: str = "", permanent: bool = False
+    ) -> None:
+        super().__init__(reason)
+        self.reason, self.status, self.excerpt, self.permanent = reason, status, excerpt, permanent
+
+
+class Destination(Protocol):
+    """Where messages go: an ERP (``adapters.erp``), a partner's webhook. ``deliver`` returns
+    ``Delivered`` or raises ``DeliveryFailed``; it must be idempotent by the message's key."""
+
+    name: str
+    kinds: tuple[str, ...]  # the kinds of message it takes
+
+    async def deliver(self, message: OutboxMessage, key: str) -> Delivered: ...
+
+    async def close(self) -> None: ...
+
+
+class Outbox(Protocol):
+    """The view of what is owed (``projections.views.outbox_view.OutboxReader``)."""
+
+    def undelivered(
+        self, destination: str, kinds: Sequence[str], after: int = 0
+    ) -> list[OutboxMessage]: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    first_delay_s: float = 1.0
+    max_delay_s: float = 300.0
+    jitter: float = 0.2  # each delay ± this fraction
+    max_attempts: int = 20  # then the message is dead
+    circuit_failures: int = 5  # failures in a row that open the circuit
+    circuit_open_s: float = 30.0
+    parallel: int = 8  # keys delivered at once
+
+    def delay_s(self, attempt: int, rng: random.Random) -> float:
+        """The wait after failed attempt number ``attempt`` (1, 2, …)."""
+        base = min(self.max_delay_s, self.first_delay_s * 2.0 ** (attempt - 1))
+        return base * (1 + rng.uniform(-self.jitter, self.jitter))
+
+
+@dataclass
+class Circuit:
+    """Closed: deliver. Open: leave the destination alone until ``until``. Then half-open: one
+    probe at a time; its outcome closes or opens the circuit again."""
+
+    failures_to_open: int
+    open_s: float
+    failures: int = 0
+    until: float | None = None  # monotonic time the open circuit half-opens at
+    probing: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.until is None:
+            return "closed"
+        return "open" if time.monotonic() < self.until else "half-open"
+
+    def allows(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def succeeded(self) -> None:
+        self.failures, self.until, self.probing = 0, None, False
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.until is not None or self.failures >= self.failures_to_open:
+            self.until = time.monotonic() + self.open_s
+
+
+def excerpt(text: str) -> str:
+    """The start of an answer, as kept with an attempt."""
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+@dataclass
+class _Known:
+    """What the sender did that the view may not show yet."""
+
+    attempts: int
+    outcome: str
+    next_attempt_at: datetime | None
+
+
+@dataclass
+class SenderStats:
+    delivered: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    dead: int = 0
+    latencies_s: list[float] = field(default_factory=list)  # decided → taken, for the bench
+
+
+class Sender:
+    """Delivers what one destination is owed (see the module)."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        outbox: Outbox,
+        publisher: EventPublisher,
+        site: str,
+        key_for: Callable[[str, str], str],
+        policy: RetryPolicy | None = None,
+        *,
+        after: int = 0,
+        poll_s: float = 0.1,
+        rng: random.Random | None = None,
+        kill_after_delivery: int | None = None,
+    ) -> None:
+        self.destination = destination
+        self._outbox, self._publisher, self._site = outbox, publisher, site
+        self._key_for = key_for  # (message key, destination) -> the idempotency key
+        self.policy = policy or RetryPolicy()
+        self.circuit = Circuit(self.policy.circuit_failures, self.policy.circuit_open_s)
+        self._after, self._poll_s = after, poll_s
+        self._rng = rng or random.Random()
+        self._known: dict[str, _Known] = {}
+        self._busy: dict[str, asyncio.Task[None]] = {}  # ordering key -> its delivery
+        self._wake = asyncio.Event()
+        self._kill_after = kill_after_delivery  # failpoint for crash tests
+        self.stats = SenderStats()
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    await self.round()
+                except Exception:
+                    log.exception("outbox %s: a round failed; trying again", self.name)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_s)
+        finally:
+            busy = list(self._busy.values())
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
+
+    async def round(self) -> int:
+        """Start the deliveries that are due now; returns how many were started."""
+        messages = await asyncio.to_thread(
+            self._outbox.undelivered, self.name, self.destination.kinds, self._after
+        )
+        now = datetime.now(UTC)
+        started = 0
+        for message in self._due(messages, now):
+            if len(self._busy) >= self.policy.parallel or not self.circuit.allows():
+                break
+            task = asyncio.create_task(self._deliver(message))
+            self._busy[message.ordering_key] = task
+            task.add_done_callback(functools.partial(self._done, message.ordering_key))
+            started += 1
+        return started
+
+    def _done(self, ordering_key: str, _: asyncio.Task[None]) -> None:
+        self._busy.pop(ordering_key, None)
+        self._wake.set()
+
+    def _due(self, messages: list[OutboxMessage], now: datetime) -> list[OutboxMessage]:
+        """The first message of each key not taken yet, if it may be tried now."""
+        heads: list[OutboxMessage] = []
+        blocked: set[str] = set(self._busy)
+        for message in messages:  # by ordering key, then sequence
+            if message.ordering_key in blocked:
+                continue
+            state = self._state(message)
+            if state.outcome in ("delivered", "duplicate"):
+                continue  # taken; the view has not caught up yet
+            blocked.add(message.ordering_key)  # later messages of this key wait for this one
+            if state.outcome == "dead":
+                continue
+            if state.next_attempt_at is not None and state.next_attempt_at > now:
+                continue
+            heads.append(message)
+        # Forget what the view shows now.
+        shown = {m.key: m.attempts for m in messages}
+        self._known = {
+            k: v for k, v in self._known.items() if k not in shown or shown[k] < v.attempts
+        }
+        return sorted(heads, key=lambda m: m.position)
+
+    def _state(self, message: OutboxMessage) -> _Known:
+        known = self._known.get(message.key)
+        if known is not None and known.attempts > message.attempts:
+            return known
+        return _Known(message.attempts, message.outcome or "", message.next_attempt_at)
+
+    async def _deliver(self, message: OutboxMessage) -> None:
+        attempt = self._state(message).attempts + 1
+        key = self._key_for(message.key, self.name)
+        now = datetime.now(UTC)
+        next_at: datetime | None = None
+        status: int | None = None
+        reason = answer = ""
+        try:
+            delivered = await self.destination.deliver(message, key)
+        except DeliveryFailed as failed:
+            status, reason, answer = failed.status, failed.reason, failed.excerpt
+            dead = failed.permanent or attempt >= self.policy.max_attempts
+            outcome = "dead" if dead else "failed"
+            if not failed.permanent:
+                self.circuit.failed()  # (a refusal of the content says the destination is up)
+            if not dead:
+                next_at = now + timedelta(seconds=self.policy.delay_s(attempt, self._rng))
+        except Exception as exc:  # a dialect's bug: retried like an outage, and said
+            log.exception("outbox %s: delivering %s failed", self.name, message.key)
+            outcome, reason = "failed", f"{type(exc).__name__}: {exc}"
+            self.circuit.failed()
+            next_at = now + timedelta(seconds=self.policy.delay_s(attempt, self._rng))
+        else:
+            self.circuit.succeeded()
+            outcome = "duplicate" if delivered.duplicate else "delivered"
+            status, answer = delivered.status, delivered.excerpt
+            self.stats.latencies_s.append((datetime.now(UTC) - message.decided_at).total_seconds())
+            self._kill_point()
+        self._count(outcome)
+        self._known[message.key] = _Known(attempt, outcome, next_at)
+        if outcome in ("failed", "dead"):
+            log.warning(
+                "outbox %s: %s of order %s, attempt %d: %s%s",
+                self.name, outcome, message.ordering_key, attempt, reason,
+                f" (next at {next_at:%H:%M:%S})" if next_at else "",
+            )  # fmt: skip
+        await self._record(message, attempt, outcome, status, reason, answer, next_at, now)
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "delivered":
+            self.stats.delivered += 1
+        elif outcome == "duplicate":
+            self.stats.duplicates += 1
+        elif outcome == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.dead += 1
+
+    def _kill_point(self) -> None:
+        if self._kill_after is None:
+            return
+        self._kill_after -= 1
+        if self._kill_after <= 0:
+            # Between the destination's "taken" and the stored attempt: the crash test's point.
+            log.warning("failpoint: killing the process after a delivery, before its record")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _record(
+        self,
+        message: OutboxMessage,
+        attempt: int,
+        outcome: str,
+        status: int | None,
+        reason: str,
+        answer: str,
+        next_at: datetime | None,
+        now: datetime,
+    ) -> None:
+        data = {
+            "order_id": message.ordering_key,
+            "message_id": message.key,
+            "destination": self.name,
+            "attempt": attempt,
+            "outcome": outcome,
+            "status_code": status if status is not None and 100 <= status <= 599 else None,
+            "reason": excerpt(reason),
+            "excerpt": excerpt(answer),
+            "next_attempt_at": next_at.isoformat() if next_at else None,
+        }
+        event = CloudEvent(
+            specversion="1.0",
+            id=f"attempt-{message.key}-{self.name}-{attempt}",
+            source=f"urn:mes-hub:{self._site}:outbox",
+            type=ATTEMPT_TYPE,
+            time=now,
+            subject=message.ordering_key,
+            datacontenttype="application/json",
+            data=data,
+        )
+        try:
+            await self._publisher.publish(event)
+        except Exception as exc:
+            # Not stored: the outcome is remembered here; after a restart the message goes
+            # again with the same key, which the destination drops as a repeat.
+            log.warning("outbox %s: the attempt could not be recorded (%s)", self.name, exc)
+
+    async def close(self) -> None:
+        await self.destination.close()
+
+
+@dataclass
+class InMemoryDestination:
+    """The fake ``Destination``: takes messages and keeps them by key (a repeated key is a
+    duplicate, as a real ERP with idempotency keys answers), or fails as told."""
+
+    name: str = "fake-erp"
+    kinds: tuple[str, ...] = ("erp.confirmation",)
+    taken: dict[str, OutboxMessage] = field(default_factory=dict)  # by idempotency key
+    calls: int = 0
+    down: bool = False  # fail, retryably
+    refuse: bool = False  # fail for good
+
+    async def deliver(self, message: OutboxMessage, key: str) -> Delivered:
+        self.calls += 1
+        if self.down:
+            raise DeliveryFailed("connection refused")
+        if self.refuse:
+            raise DeliveryFailed("refused: quantity not allowed", status=400, permanent=True)
+        if key in self.taken:
+            return Delivered(200, "already taken", duplicate=True)
+        self.taken[key] = message
+        return Delivered(201, '{"ok": true}')
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,168 @@
+"""Production confirmations: the watch that decides what the ERPs are owed.
+
+When a run of an order ends (an operator taps "end" on a machine), the ERP is owed what that run
+made: the good parts and scrap since the confirmations before, the machine, start and end, and
+whether the order is done (final: its good parts reached its quantity). When what was confirmed
+no longer matches the store — scrap reported after the confirmation, a late part count — it is
+owed a correction: the difference (which may be negative).
+
+Each decision is published as ``mes.hub.order.confirmation_due.v1`` and stored on the order
+like any fact, with the quantities computed from the views when it was decided; the outbox
+(``projections.views.outbox_view``, ``hub.outbox``) delivers it to every ERP that takes
+confirmations. Its event id is the order and the confirmation's sequence number, so a watch that
+publishes, dies and decides again before the first was stored repeats the same id, and the
+repeat is dropped. Runs that ended before ``since`` (when confirmations began on this hub) are
+not confirmed: a hub that starts confirming does not send years of history to the ERP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from contracts import CloudEvent
+from hub.domain import Order
+from hub.ports import EventPublisher
+from projections.processes.forecast_watch import order_runs
+from projections.rules.hub_events import hub_event
+from projections.rules.plant import PlantConfig
+from projections.rules.progress import Run, order_progress
+from projections.views.database import ViewDatabase
+from projections.views.facts_view import FactsReader, facts_of_runs
+from projections.views.outbox_view import confirmation_candidates
+
+log = logging.getLogger(__name__)
+CONFIRMATION_TYPE = "mes.hub.order.confirmation_due.v1"
+REPUBLISH_AFTER_S = 5.0
+
+
+def totals(
+    order: Order, runs: list[Run], reader: FactsReader, plant: PlantConfig, now: datetime
+) -> tuple[int, int]:
+    """Good parts and scrap of ``order`` over ``runs``, as the views know them."""
+    ideal = plant.order_ideal_cycle_time(order.ideal_cycle_time_s, order.part_number)
+    facts = facts_of_runs(reader, order.site, order.order_id, runs, plant, now)
+    progress = order_progress(order.order_id, order.quantity, ideal, runs, facts, plant, now)
+    return progress.good, progress.scrapped
+
+
+def confirmation_due(
+    order: Order, reader: FactsReader, plant: PlantConfig, now: datetime, since: datetime
+) -> dict[str, Any] | None:
+    """The data of the confirmation ``order`` is owed now, or None.
+
+    Worked example: an order of 100 runs on M1 from 06:00 to 10:00 and makes 60 good, 2 scrap:
+    confirmation 1 (run_ended) says 60 and 2, not final. It runs again on M2 and makes 40 more:
+    confirmation 2 says 40 and 0, final (100 good). A late scrap of 3 for the order: confirmation
+    3 (a correction of 2) says -3 good and 3 scrap."""
+    if order.status == "cancelled":
+        return None
+    confirmed = order.confirmed
+    ended = sorted(
+        (r for r in order_runs(order) if r.end is not None and r.end >= since),
+        key=lambda r: (r.end or r.start, r.machine_id),
+    )
+    runs_confirmed = sum(1 for c in confirmed if c["reason"] == "run_ended")
+    good_told = sum(int(c["yield_quantity"]) for c in confirmed)
+    scrap_told = sum(int(c["scrap_quantity"]) for c in confirmed)
+    if len(ended) > runs_confirmed:
+        run, covered, reason = ended[runs_confirmed], ended[: runs_confirmed + 1], "run_ended"
+    elif confirmed and not order.running_on and ended:
+        run, covered, reason = ended[-1], ended, "correction"
+    else:
+        return None
+    good, scrap = totals(order, covered, reader, plant, now)
+    if reason == "correction" and (good, scrap) == (good_told, scrap_told):
+        return None
+    return {
+        "order_id": order.order_id,
+        "sequence": len(confirmed) + 1,
+        "reason": reason,
+        "machine_id": run.machine_id,
+        "operation": None,
+        "yield_quantity": good - good_told,
+        "scrap_quantity": scrap - scrap_told,
+        "start": run.start.isoformat(),
+        "end": run.end.isoformat() if run.end else None,
+        "final": order.quantity is not None and good >= order.quantity,
+        "correction_of": confirmed[-1]["sequence"] if reason == "correction" else None,
+    }
+
+
+class ConfirmationWatch:
+    """Decides the confirmations owed for what the views took in since its last round."""
+
+    def __init__(
+        self,
+        site: str,
+        load: Callable[[Iterable[UUID]], list[Order]],
+        views: ViewDatabase,
+        reader: FactsReader,
+        plant: PlantConfig,
+        publisher: EventPublisher,
+        since: datetime,
+        correction_window: timedelta = timedelta(days=7),
+    ) -> None:
+        self._site, self._load, self._views = site, load, views
+        self._reader, self._plant, self._publisher = reader, plant, publisher
+        self._since, self._window = since, correction_window
+        self._after = 0  # the views' position the last round read to (0: look at everything)
+        # Orders with a decision published but not yet seen stored (looked at every round: a
+        # decision does not change what the candidates query sees), and when each decision was
+        # last published (not again within REPUBLISH_AFTER_S: it is on its way).
+        self._recheck: set[UUID] = set()
+        self._sent: dict[str, float] = {}
+        self.published = 0  # confirmations decided (not counting repeats)
+
+    def decisions(self, now: datetime) -> tuple[list[CloudEvent], int]:
+        candidates, upto = confirmation_candidates(
+            self._views, self._site, self._after, now - self._window
+        )
+        events = []
+        clock = time.monotonic()
+        for order in self._load(sorted({*candidates, *self._recheck}, key=str)):
+            data = confirmation_due(order, self._reader, self._plant, now, self._since)
+            if data is None:
+                self._recheck.discard(order.id)
+                continue
+            self._recheck.add(order.id)
+            event_id = f"confirm-{self._site}-{order.order_id}-{data['sequence']}"
+            if clock - self._sent.get(event_id, -REPUBLISH_AFTER_S) < REPUBLISH_AFTER_S:
+                continue
+            self._sent[event_id] = clock
+            events.append(
+                hub_event(
+                    self._site, "confirmations", CONFIRMATION_TYPE, event_id, order.order_id,
+                    now, data,
+                )
+            )  # fmt: skip
+        self._sent = {k: t for k, t in self._sent.items() if clock - t < REPUBLISH_AFTER_S}
+        return events, upto
+
+    async def check(self, now: datetime | None = None) -> int:
+        """One round; returns how many confirmations were new (not repeats)."""
+        events, upto = await asyncio.to_thread(self.decisions, now or datetime.now(UTC))
+        new = 0
+        if events:
+            receipts = await self._publisher.publish_many(events)
+            new = sum(1 for receipt in receipts if not receipt.duplicate)
+            self.published += new
+        self._after = upto
+        return new
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            try:
+                decided = await self.check()
+                if decided:
+                    log.info("production confirmations: %d decided", decided)
+            except Exception:
+                log.exception("confirmation round failed; next round in %.1f s", interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)

@@ -1,0 +1,271 @@
+"""The delivery outbox, as a view of the store: what the hub owes to destinations outside it
+(an ERP's production confirmations; later, partners' webhooks) and how each delivery went.
+
+Fed like every view: a message is the stored event that decided it
+(``mes.hub.order.confirmation_due.v1``), and each delivery's state is the last stored attempt
+(``mes.hub.delivery.attempted.v1``), both recorded with the view's position in the same
+transaction. So a crash loses no decision to send and repeats none, and a rebuild from the
+store gives the same outbox. The senders (``hub.outbox``) read it and publish attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from hub.domain import Order, machine_aggregate_id
+from hub.outbox import OutboxMessage
+from projections.views.database import TRACKING_TABLE, Cursor, ViewDatabase
+from projections.views.facts_view import TABLE as FACTS
+from projections.views.facts_view import MachineFactsView, to_micros
+from projections.views.orders_view import STATES_TABLE, OrderStatesView
+
+MESSAGES = "mes_outbox_messages_v1"
+DELIVERIES = "mes_outbox_deliveries_v1"
+CONFIRMATION = "erp.confirmation"  # the kind of message (adapters.erp.outbox)
+
+
+def message_key(source: str, event_id: str) -> str:
+    """A message's key, from the stored event that decided it (its CloudEvent source and id):
+    the same on every rebuild."""
+    return hashlib.sha256(f"{source}\n{event_id}".encode()).hexdigest()[:32]
+
+
+def idempotency_key(message: str, destination: str) -> str:
+    """What a destination is told identifies a message: one per message and destination, the
+    same on every retry, redelivery and replay."""
+    return hashlib.sha256(f"{message}\n{destination}".encode()).hexdigest()[:32]
+
+
+class OutboxView:
+    name = "outbox_v1"
+    # (made by the library from the @event decorators, out of mypy's sight)
+    event_classes: tuple[type, ...] = (
+        getattr(Order, "ConfirmationDue"),  # noqa: B009
+        getattr(Order, "DeliveryAttempted"),  # noqa: B009
+    )
+
+    def create(self, cursor: Cursor, dialect: str) -> None:
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {MESSAGES} (key TEXT PRIMARY KEY, kind TEXT NOT NULL, "
+            "site TEXT NOT NULL, ordering_key TEXT NOT NULL, sequence INTEGER NOT NULL, "
+            "payload TEXT NOT NULL, decided_at TEXT NOT NULL, position BIGINT NOT NULL)"
+        )
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {DELIVERIES} (key TEXT NOT NULL, "
+            "destination TEXT NOT NULL, attempts INTEGER NOT NULL, outcome TEXT NOT NULL, "
+            "status_code INTEGER, reason TEXT NOT NULL, excerpt TEXT NOT NULL, "
+            "next_attempt_at TEXT, attempted_at TEXT NOT NULL, position BIGINT NOT NULL, "
+            "PRIMARY KEY (key, destination))"
+        )
+
+    def create_indexes(self, cursor: Cursor) -> None:
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_order ON {MESSAGES} "
+            "(site, ordering_key, sequence)"
+        )
+
+    def drop(self, cursor: Cursor) -> None:
+        cursor.execute(f"DROP TABLE IF EXISTS {MESSAGES}")
+        cursor.execute(f"DROP TABLE IF EXISTS {DELIVERIES}")
+
+    def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
+        messages: list[tuple[Any, ...]] = []
+        deliveries: list[tuple[Any, ...]] = []
+        for position, event in events:
+            if type(event).__name__ == "ConfirmationDue":
+                due = event.confirmation
+                messages.append(
+                    (message_key(event.source, event.event_id), CONFIRMATION, _site(event),
+                     _order_id(event), int(due["sequence"]), json.dumps(due),
+                     event.event_time.isoformat(), position)
+                )  # fmt: skip
+            else:
+                tried = event.attempt
+                deliveries.append(
+                    (tried["message_id"], tried["destination"], int(tried["attempt"]),
+                     tried["outcome"], tried.get("status_code"), tried.get("reason") or "",
+                     tried.get("excerpt") or "", tried.get("next_attempt_at"),
+                     event.event_time.isoformat(), position)
+                )  # fmt: skip
+        if messages:
+            cursor.executemany(
+                f"INSERT INTO {MESSAGES} (key, kind, site, ordering_key, sequence, payload, "
+                "decided_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO NOTHING",
+                messages,
+            )
+        if deliveries:
+            # The last attempt wins; an older one (a rebuild racing the live worker) never
+            # overwrites a newer.
+            columns = ("attempts", "outcome", "status_code", "reason", "excerpt",
+                       "next_attempt_at", "attempted_at", "position")  # fmt: skip
+            cursor.executemany(
+                f"INSERT INTO {DELIVERIES} (key, destination, {', '.join(columns)}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key, destination) DO UPDATE "
+                f"SET {', '.join(f'{c} = excluded.{c}' for c in columns)} "
+                f"WHERE excluded.position > {DELIVERIES}.position",
+                deliveries,
+            )
+
+
+def _order_id(event: Any) -> str:
+    return str(event.confirmation["order_id"])
+
+
+def _site(event: Any) -> str:
+    return str(event.confirmation["site"])
+
+
+class OutboxReader:
+    def __init__(self, db: ViewDatabase) -> None:
+        self._db = db
+
+    def undelivered(
+        self, destination: str, kinds: Sequence[str], after: int = 0
+    ) -> list[OutboxMessage]:
+        """``destination``'s messages not delivered yet (never tried, failed or dead), decided
+        after position ``after``, by ordering key and sequence."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
+                f"m.decided_at, m.position, d.attempts, d.outcome, d.next_attempt_at, "
+                f"d.status_code, d.reason FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d "
+                "ON d.key = m.key AND d.destination = ? "
+                f"WHERE m.position > ? AND m.kind IN ({', '.join('?' * len(kinds))}) "
+                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead')) "
+                "ORDER BY m.ordering_key, m.sequence",
+                [destination, after, *kinds],
+            )
+            return [_message(row) for row in cursor.fetchall()]
+
+    def messages(
+        self, site: str, ordering_key: str | None = None, limit: int = 100, after: str = ""
+    ) -> list[tuple[OutboxMessage, dict[str, OutboxMessage]]]:
+        """Messages of ``site`` (of one ordering key, if given) by ordering key and sequence,
+        after the message key ``after``, each with its state per destination tried."""
+        where, params = ["m.site = ?", "m.key > ?"], [site, after]
+        if ordering_key is not None:
+            where.append("m.ordering_key = ?")
+            params.append(ordering_key)
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
+                f"m.decided_at, m.position FROM {MESSAGES} m WHERE {' AND '.join(where)} "
+                "ORDER BY m.key LIMIT ?",
+                [*params, limit],
+            )
+            found = [_message((*row, None, None, None, None, None)) for row in cursor.fetchall()]
+            states: dict[str, dict[str, OutboxMessage]] = {m.key: {} for m in found}
+            keys = list(states)
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                cursor.execute(
+                    f"SELECT key, destination, attempts, outcome, next_attempt_at, status_code, "
+                    f"reason FROM {DELIVERIES} WHERE key IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                by_key = {m.key: m for m in found}
+                for key, destination, *state in cursor.fetchall():
+                    message = by_key[key]
+                    states[key][destination] = _message(
+                        (message.key, message.kind, message.site, message.ordering_key,
+                         message.sequence, json.dumps(message.payload),
+                         message.decided_at.isoformat(), message.position, *state)
+                    )  # fmt: skip
+        return [(m, states[m.key]) for m in found]
+
+    def last_position(self) -> int:
+        """The position of the last message decided (0: none)."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(f"SELECT MAX(position) FROM {MESSAGES}")
+            (position,) = cursor.fetchone()
+        return int(position or 0)
+
+
+def _message(row: Sequence[Any]) -> OutboxMessage:
+    (key, kind, site, ordering_key, sequence, payload, decided_at, position,
+     attempts, outcome, next_attempt_at, status_code, reason) = row  # fmt: skip
+    return OutboxMessage(
+        key=key,
+        kind=kind,
+        site=site,
+        ordering_key=ordering_key,
+        sequence=int(sequence),
+        payload=json.loads(payload),
+        decided_at=datetime.fromisoformat(decided_at),
+        position=int(position),
+        attempts=int(attempts or 0),
+        outcome=outcome,
+        next_attempt_at=datetime.fromisoformat(next_attempt_at) if next_attempt_at else None,
+        status_code=status_code,
+        reason=reason or "",
+    )
+
+
+def confirmation_candidates(
+    db: ViewDatabase, site: str, after: int, corrections_since: datetime
+) -> tuple[list[UUID], int]:
+    """The orders of ``site`` that may be owed a confirmation because of what the views took in
+    after position ``after``, and the position they have both read to (ask again from there).
+
+    Owed one: an order whose state changed (a run ended) while it runs or has ended; or an order
+    already confirmed that a late fact may change — scrap naming it, or a part count or scrap on
+    a machine it ran on, dated before its last run ended (orders last confirmed from
+    ``corrections_since`` on: older ones are left as they were told)."""
+    with db.transaction(write=False) as cursor:
+        cursor.execute(
+            f"SELECT MIN(position) FROM {TRACKING_TABLE} WHERE view IN (?, ?)",
+            (MachineFactsView.name, OrderStatesView.name),
+        )
+        (upto,) = cursor.fetchone()
+        upto = int(upto or 0)
+        if upto <= after:
+            return [], after
+        cursor.execute(
+            f"SELECT aggregate_id FROM {STATES_TABLE} WHERE site = ? AND position > ? "
+            "AND position <= ? AND status IN ('running', 'ended')",
+            (site, after, upto),
+        )
+        found = {UUID(row[0]) for row in cursor.fetchall()}
+        # Late facts: per machine, the earliest event time among those newly read.
+        cursor.execute(
+            f"SELECT machine, MIN(time) FROM {FACTS} WHERE position > ? AND position <= ? "
+            "AND kind IN ('reading_all', 'reading_bad', 'scrap') GROUP BY machine",
+            (after, upto),
+        )
+        earliest = {str(machine): int(time) for machine, time in cursor.fetchall()}
+        cursor.execute(
+            f"SELECT DISTINCT order_id FROM {FACTS} WHERE position > ? AND position <= ? "
+            "AND kind = 'scrap' AND order_id IS NOT NULL",
+            (after, upto),
+        )
+        named = {str(row[0]) for row in cursor.fetchall()}
+        if earliest or named:
+            # Only orders confirmed before can need a correction.
+            cursor.execute(
+                f"SELECT DISTINCT s.aggregate_id, s.order_id, s.moves FROM {MESSAGES} m "
+                f"JOIN {STATES_TABLE} s ON s.site = m.site AND s.order_id = m.ordering_key "
+                "WHERE m.site = ? AND m.decided_at >= ?",
+                (site, corrections_since.isoformat()),
+            )
+            for key, order_id, moves in cursor.fetchall():
+                if order_id in named or _ran_before(site, json.loads(moves), earliest):
+                    found.add(UUID(key))
+    return sorted(found, key=str), upto
+
+
+def _ran_before(site: str, moves: list[dict[str, Any]], earliest: dict[str, int]) -> bool:
+    """Whether a fact newly read on a machine is dated before the order's last end there."""
+    for move in moves:
+        if move["started"]:
+            continue
+        machine = machine_aggregate_id(site, move["machine_id"]).hex
+        first = earliest.get(machine)
+        if first is not None and first <= to_micros(datetime.fromisoformat(move["time"])):
+            return True
+    return False

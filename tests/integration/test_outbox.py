@@ -1,0 +1,172 @@
+"""The delivery outbox over a real hub (nats-server, SQLite, the views process): production
+confirmations decided from the store and delivered exactly once per destination, in order per
+order, through an outage, a refusal and a late correction.
+
+The destination is the in-memory fake (``hub.outbox.InMemoryDestination``); the ERP dialects'
+own tests run against their stand-ins."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub
+from hub.outbox import InMemoryDestination, RetryPolicy
+from hub.settings import Settings
+from projections.rules.plant import PlantConfig
+from tests.conftest import T0, cloud_event, eventually
+
+# Quick retries, so an outage and its recovery fit in a test.
+FAST = RetryPolicy(first_delay_s=0.05, max_delay_s=0.2, circuit_failures=3, circuit_open_s=0.3)
+
+
+@pytest.fixture
+async def erp() -> InMemoryDestination:
+    return InMemoryDestination("erp-1")
+
+
+@pytest.fixture
+async def hub(settings: Settings, erp: InMemoryDestination) -> AsyncIterator[Hub]:
+    # Confirm runs from T0 on (a hub confirms only runs that end after it began to).
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / CONFIRMATIONS_SINCE).write_text((T0 - timedelta(days=1)).isoformat())
+    running = await build_hub(
+        settings, plant=PlantConfig(time_zone="UTC"), destinations=[erp], retry=FAST
+    )
+    yield running
+    await running.close()
+
+
+async def publish(hub: Hub, *events: Any) -> None:
+    await hub.publisher.publish_many(list(events))
+
+
+def released(order_id: str, quantity: int) -> Any:
+    data = {"order_id": order_id, "part_number": "P-1", "quantity": quantity,
+            "due": (T0 + timedelta(days=3)).isoformat()}  # fmt: skip
+    return cloud_event("mes.erp.order.released.v1", order_id, data, at=-timedelta(hours=1))
+
+
+def count(machine: str, parts: int, minutes: int) -> Any:
+    data = {"count": parts, "kind": "all"}
+    return cloud_event("mes.machine.partcount.v1", machine, data, at=timedelta(minutes=minutes))
+
+
+def tap(kind: str, machine: str, order_id: str, minutes: int) -> Any:
+    return cloud_event(
+        f"mes.operator.order_{kind}.v1", machine, {"order_id": order_id},
+        at=timedelta(minutes=minutes),
+    )  # fmt: skip
+
+
+def scrap(machine: str, order_id: str, quantity: int, minutes: int) -> Any:
+    data = {"order_id": order_id, "quantity": quantity, "reason": "burr"}
+    return cloud_event("mes.operator.scrap.v1", machine, data, at=timedelta(minutes=minutes))
+
+
+def taken(erp: InMemoryDestination, order_id: str) -> list[dict[str, Any]]:
+    """What the ERP was told about ``order_id``, in the order it took it."""
+    return [m.payload for m in erp.taken.values() if m.ordering_key == order_id]
+
+
+async def run_on(hub: Hub, machine: str, order_id: str, start: int, end: int, parts: int) -> None:
+    """The order runs on ``machine`` from minute ``start`` to ``end`` making ``parts``."""
+    await publish(
+        hub,
+        tap("started", machine, order_id, start),
+        count(machine, 0, start),
+        count(machine, parts, end - 1),
+        tap("ended", machine, order_id, end),
+    )
+
+
+async def test_each_ended_run_is_confirmed_once_with_what_it_made(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    # Worked example: an order of 10; 6 good on M1, then 4 on M2 (final).
+    await publish(hub, released("SO-1", 10))
+    await run_on(hub, "M1", "SO-1", start=0, end=60, parts=6)
+    await eventually(lambda: len(taken(erp, "SO-1")) == 1, timeout=30)
+    await run_on(hub, "M2", "SO-1", start=70, end=120, parts=4)
+    await eventually(lambda: len(taken(erp, "SO-1")) == 2, timeout=30)
+    first, second = taken(erp, "SO-1")
+    assert (first["sequence"], first["machine_id"], first["yield_quantity"]) == (1, "M1", 6)
+    assert (first["scrap_quantity"], first["final"], first["reason"]) == (0, False, "run_ended")
+    assert (second["sequence"], second["machine_id"], second["yield_quantity"]) == (2, "M2", 4)
+    assert second["final"] is True
+    # Each delivery is stored as an attempt on the order: what the ERP was told, and said.
+    order = hub.store.order("default", "SO-1")
+    assert order is not None and [c["sequence"] for c in order.confirmed] == [1, 2]
+
+    def recorded() -> list[str]:
+        found = hub.store.order("default", "SO-1")
+        return sorted(a["outcome"] for a in ((found.deliveries or {}) if found else {}).values())
+
+    await eventually(lambda: recorded() == ["delivered", "delivered"])
+    assert erp.calls == 2  # nothing sent twice
+
+
+async def test_an_erp_that_is_down_gets_everything_once_in_order_when_it_is_back(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    erp.down = True
+    await publish(hub, released("SO-2", 100), released("SO-3", 100))
+    await run_on(hub, "M1", "SO-2", start=0, end=30, parts=5)
+    await run_on(hub, "M2", "SO-3", start=0, end=30, parts=7)
+    await run_on(hub, "M1", "SO-2", start=40, end=50, parts=3)
+    (sender,) = hub.senders
+    await eventually(lambda: sender.circuit.state != "closed", timeout=30)
+    calls_while_open = erp.calls
+    erp.down = False
+    await eventually(lambda: len(erp.taken) == 3, timeout=30)
+    assert [p["yield_quantity"] for p in taken(erp, "SO-2")] == [5, 3]  # in sequence
+    assert [p["yield_quantity"] for p in taken(erp, "SO-3")] == [7]
+    assert calls_while_open >= FAST.circuit_failures
+    assert sender.circuit.state == "closed"
+
+
+async def test_a_refused_confirmation_is_dead_and_holds_back_the_order_s_next(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    erp.refuse = True
+    await publish(hub, released("SO-4", 100))
+    await run_on(hub, "M1", "SO-4", start=0, end=30, parts=5)
+    (sender,) = hub.senders
+    await eventually(lambda: sender.stats.dead == 1, timeout=30)
+    erp.refuse = False
+    await run_on(hub, "M1", "SO-4", start=40, end=50, parts=3)
+    order = await _eventually_order(hub, "SO-4", confirmations=2)
+    assert [c["sequence"] for c in order.confirmed] == [1, 2]
+    # The second waits behind the dead first: nothing of SO-4 reached the ERP.
+    await eventually(lambda: sender.stats.dead == 1 and erp.calls == 1)
+    assert taken(erp, "SO-4") == []
+
+
+async def test_scrap_reported_after_a_confirmation_is_confirmed_as_a_correction(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    await publish(hub, released("SO-5", 100))
+    await run_on(hub, "M1", "SO-5", start=0, end=30, parts=8)
+    await eventually(lambda: len(taken(erp, "SO-5")) == 1, timeout=30)
+    # An inspection finds 2 of them bad, an hour after the run.
+    await publish(hub, scrap("M1", "SO-5", 2, minutes=90))
+    await eventually(lambda: len(taken(erp, "SO-5")) == 2, timeout=30)
+    first, correction = taken(erp, "SO-5")
+    assert (first["yield_quantity"], first["scrap_quantity"]) == (8, 0)
+    assert correction["reason"] == "correction" and correction["correction_of"] == 1
+    assert (correction["yield_quantity"], correction["scrap_quantity"]) == (-2, 2)
+
+
+async def _eventually_order(hub: Hub, order_id: str, confirmations: int) -> Any:
+    found: list[Any] = []
+
+    def ready() -> bool:
+        order = hub.store.order("default", order_id)
+        found[:] = [order]
+        return order is not None and len(order.confirmed) >= confirmations
+
+    await eventually(ready, timeout=30)
+    return found[0]
