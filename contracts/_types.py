@@ -259,7 +259,8 @@ class DeliveryAttemptedV1(_Data):
     message_id: StrictStr = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
     destination: Token
     attempt: StrictInt = Field(ge=1)
-    outcome: Literal["delivered", "duplicate", "failed", "dead"]
+    # requeued: not an attempt — someone asked for a dead message to be tried again (API).
+    outcome: Literal["delivered", "duplicate", "failed", "dead", "requeued"]
     status_code: StrictInt | None = Field(default=None, ge=100, le=599)
     reason: StrictStr = Field(default="", max_length=512)
     excerpt: StrictStr = Field(default="", max_length=512)

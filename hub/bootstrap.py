@@ -19,8 +19,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from adapters.erp.base import ErpEntryBase
-from adapters.erp.config import confirmation_sender
+from adapters.erp.config import confirmation_sender, order_source
 from adapters.erp.outbox import ErpDestination
+from adapters.erp.poller import OrderPoller
 from hub.api.deps import ApiContext
 from hub.api.reads import ReadPool, ReadSources
 from hub.children import ChildProcess
@@ -41,7 +42,7 @@ from hub.nats_auth import (
     signing_key,
     signing_since,
 )
-from hub.outbox import Destination, RetryPolicy, Sender
+from hub.outbox import Destination, Requeue, RetryPolicy, Sender
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
@@ -213,8 +214,24 @@ class Hub:
 
 
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
-CONFIRMATIONS, OUTBOX = "confirmations", "outbox"
+CONFIRMATIONS, OUTBOX, ERP_ORDERS = "confirmations", "outbox", "erp-orders"
 CONFIRMATIONS_SINCE = "erp-confirmations.since"  # when this hub began to confirm (data dir)
+
+
+def erp_pollers(
+    settings: Settings, entries: Sequence[ErpEntryBase], publisher: EventPublisher
+) -> list[OrderPoller]:
+    """A poller for each ERP that sends orders (its cursor and state in the data dir)."""
+    state_dir = settings.data_dir / "erp"
+    pollers = []
+    for entry in entries:
+        source = order_source(entry, state_dir)
+        if source is not None:
+            cursor = state_dir / f"{entry.name}.cursor"
+            pollers.append(
+                OrderPoller(entry.name, source, publisher, cursor, entry.poll_interval_s)
+            )
+    return pollers
 
 
 def erp_destinations(entries: Sequence[ErpEntryBase]) -> list[Destination]:
@@ -299,7 +316,7 @@ def api_context(
         orders=orders,
         reads=reads
         or ReadPool.in_threads(
-            ReadSources(hub.store, facts, orders),
+            ReadSources(hub.store, facts, orders, OutboxReader(hub.views)),
             settings.api_read_workers,
             settings.api_read_queue,
         ),
@@ -308,6 +325,8 @@ def api_context(
         site=settings.site,
         plant=plant or PlantConfig(),
         max_clock_skew_s=settings.max_clock_skew_s,
+        requeue=Requeue(hub.publisher, settings.site),
+        destinations=tuple(sender.name for sender in getattr(hub, "senders", ())),
     )
 
 
@@ -331,7 +350,7 @@ def read_sources(settings: Settings) -> ReadSources:
     """A read worker's store and views (run in the worker; sent to it by name)."""
     store = EventStore(settings, read_only=True)  # the hub made and upgraded its tables
     views = open_views(settings, pool_size=1)  # a worker answers one read at a time
-    return ReadSources(store, FactsReader(views), OrdersReader(views))
+    return ReadSources(store, FactsReader(views), OrdersReader(views), OutboxReader(views))
 
 
 def all_views() -> list[View]:
@@ -515,6 +534,9 @@ async def build_hub(
             confirm = partial(watch.run, interval_s=settings.confirm_interval_s)
             services.append(Service(CONFIRMATIONS, confirm))
         services += [Service(f"{OUTBOX}:{s.name}", s.run) for s in senders]
+    if erp:
+        pollers = erp_pollers(settings, erp, api_publisher)
+        services += [Service(f"{ERP_ORDERS}:{p.name}", p.run) for p in pollers]
     hub = Hub(
         settings=settings,
         nats_url=url,

@@ -6,6 +6,7 @@ the package that owns it.
 | ``[hub]`` | ``hub.settings`` | ``Settings`` (also ``MES_HUB_<KEY>``, and command-line options) |
 | ``[plant]`` | ``projections.config`` | ``projections.rules.plant.PlantConfig`` |
 | ``[adapters]`` | ``adapters.machines.config`` | ``AdaptersConfig`` |
+| ``[[erp]]`` | ``adapters.erp.config`` | a list of dialect entries (``ErpEntryBase``) |
 
 Every section takes ``MES_HUB_<SECTION>__<KEY>`` environment overrides (``__`` again for nested
 keys), and ``MES_HUB_<SECTION>__<KEY>_FILE`` to read a value from a file, so passwords and
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.erp.base import ErpEntryBase
+from adapters.erp.config import erp_section
 from hub.settings import ENV_PREFIX, ConfigError, Settings, read_toml, settings_section
 from projections.config import plant_section
 from projections.rules.plant import PlantConfig
@@ -32,7 +35,7 @@ from projections.rules.plant import PlantConfig
 if TYPE_CHECKING:  # the adapters (and their protocol libraries) load only when asked for
     from adapters.machines.config import AdaptersConfig
 
-SECTIONS = ("hub", "plant", "adapters")
+SECTIONS = ("hub", "plant", "adapters", "erp")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Config:
     hub: Settings
     plant: PlantConfig
     adapters: AdaptersConfig | None = None
+    erp: list[ErpEntryBase] = field(default_factory=list)
 
 
 def load_config(
@@ -72,4 +76,5 @@ def load_config(
 
         base = path.parent if path is not None else Path.cwd()
         adapter_config = adapters_section(document.get("adapters", {}), source, base)
-    return Config(path, hub, plant, adapter_config)
+    erp = erp_section(document.get("erp", []), source)
+    return Config(path, hub, plant, adapter_config, erp)

@@ -66,6 +66,7 @@ class OutboxMessage:
     next_attempt_at: datetime | None = None
     status_code: int | None = None
     reason: str = ""
+    requeued_at: int = 0  # the attempt count when it was last requeued (attempts count from it)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class _Known:
     attempts: int
     outcome: str
     next_attempt_at: datetime | None
+    requeued_at: int = 0
 
 
 @dataclass
@@ -281,7 +283,9 @@ class Sender:
         known = self._known.get(message.key)
         if known is not None and known.attempts > message.attempts:
             return known
-        return _Known(message.attempts, message.outcome or "", message.next_attempt_at)
+        return _Known(
+            message.attempts, message.outcome or "", message.next_attempt_at, message.requeued_at
+        )
 
     async def _deliver(self, message: OutboxMessage) -> None:
         attempt = self._state(message).attempts + 1
@@ -294,7 +298,8 @@ class Sender:
             delivered = await self.destination.deliver(message, key)
         except DeliveryFailed as failed:
             status, reason, answer = failed.status, failed.reason, failed.excerpt
-            dead = failed.permanent or attempt >= self.policy.max_attempts
+            since_requeue = attempt - self._state(message).requeued_at
+            dead = failed.permanent or since_requeue >= self.policy.max_attempts
             outcome = "dead" if dead else "failed"
             if not failed.permanent:
                 self.circuit.failed()  # (a refusal of the content says the destination is up)
@@ -312,7 +317,7 @@ class Sender:
             self.stats.latencies_s.append((datetime.now(UTC) - message.decided_at).total_seconds())
             self._kill_point()
         self._count(outcome)
-        self._known[message.key] = _Known(attempt, outcome, next_at)
+        self._known[message.key] = _Known(attempt, outcome, next_at, message.requeued_at)
         if outcome in ("failed", "dead"):
             log.warning(
                 "outbox %s: %s of order %s, attempt %d: %s%s",
@@ -408,3 +413,38 @@ class InMemoryDestination:
 
     async def close(self) -> None:
         pass
+
+
+class Requeue:
+    """Asks for a dead (or failed) message to be tried again now, for one destination: stored
+    as a ``requeued`` attempt record, from which its attempts count again (the API's retry)."""
+
+    def __init__(self, publisher: EventPublisher, site: str) -> None:
+        self._publisher, self._site = publisher, site
+
+    async def __call__(self, message: OutboxMessage, destination: str, by: str) -> None:
+        now = datetime.now(UTC)
+        data = {
+            "order_id": message.ordering_key,
+            "message_id": message.key,
+            "destination": destination,
+            "attempt": max(message.attempts, 1),
+            "outcome": "requeued",
+            "status_code": None,
+            "reason": excerpt(f"requeued by {by}"),
+            "excerpt": "",
+            "next_attempt_at": now.isoformat(),
+        }
+        await self._publisher.publish(
+            CloudEvent(
+                specversion="1.0",
+                # Once per state: asking again before it was tried is the same request.
+                id=f"requeue-{message.key}-{destination}-{message.attempts}",
+                source=f"urn:mes-hub:{self._site}:outbox",
+                type=ATTEMPT_TYPE,
+                time=now,
+                subject=message.ordering_key,
+                datacontenttype="application/json",
+                data=data,
+            )
+        )

@@ -4,7 +4,8 @@ dialect. Validated at start; an error names the file, the key (``erp[0].secret``
 A dialect is a module of this package with:
 
 - ``Entry``: its entry model, on ``adapters.erp.base.ErpEntryBase``, ``dialect`` a literal;
-- ``order_source(entry) -> OrderSource | None``: its orders in (None: it sends none);
+- ``order_source(entry, state_dir=None) -> OrderSource | None``: its orders in (None: it
+  sends none); ``state_dir`` where it keeps what it last read (the entry's own, else this);
 - ``confirmation_sender(entry) -> ConfirmationSender | None``: its confirmations out.
 
 Dialects load when an entry names them, so a hub without SOAP never imports zeep.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -83,8 +85,12 @@ def _names_once(entries: Sequence[ErpEntryBase], source: str) -> None:
         seen.add(entry.name)
 
 
-def order_source(entry: ErpEntryBase) -> OrderSource | None:
-    source: OrderSource | None = dialect(_dialect_of(entry)).order_source(entry)
+def order_source(entry: ErpEntryBase, state_dir: Path) -> OrderSource | None:
+    """The entry's orders in; ``state_dir``: where it may keep what it last read of each order
+    (the data dir's ``erp/`` unless the entry names one)."""
+    source: OrderSource | None = dialect(_dialect_of(entry)).order_source(
+        entry, state_dir=state_dir
+    )
     return source
 
 

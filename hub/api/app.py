@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from hub.api.deps import ApiContext
 from hub.api.problems import install_problem_handlers, problem_response, problems
-from hub.api.routes import events, health, machines, oee, orders
+from hub.api.routes import erp, events, health, machines, oee, orders
 from hub.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def create_app(context: ApiContext) -> FastAPI:
     # The reads run in a bounded pool: when it is full they are refused for a while (429), and
     # when a worker of it dies the read is too (503); both say when to ask again (Retry-After).
     reads = problems(*every, 429, 503, retry_after=(429, 503))
-    for module in (machines, orders):
+    for module in (machines, orders, erp):
         app.include_router(module.router, prefix="/api/v1", responses=reads)
     # Both OEE routes name a machine, which may be unknown (404).
     app.include_router(oee.router, prefix="/api/v1", responses=reads | problems(404))

@@ -15,9 +15,10 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from hub.api.policy import EVENT_WRITERS, READERS
+from hub.api.policy import ERP_DESK, EVENT_WRITERS, READERS
 from hub.api.problems import Problem
 from hub.api.reads import ReadPool
+from hub.outbox import OutboxMessage
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
@@ -42,6 +43,9 @@ class ApiContext:
     plant: PlantConfig = field(default_factory=PlantConfig)
     # ``[hub] max_clock_skew_s``: an event dated further than this after now is refused.
     max_clock_skew_s: float = 300.0
+    # Asks for an outbox message to be tried again (``hub.outbox.Requeue``); None: no outbox.
+    requeue: Callable[[OutboxMessage, str, str], Awaitable[None]] | None = None
+    destinations: tuple[str, ...] = ()  # the outbox's: a message is sent once all took it
 
 
 async def get_context(request: Request) -> ApiContext:
@@ -72,6 +76,11 @@ Publisher = Annotated[EventPublisher, Depends(_service(lambda c: c.publisher))]
 Plant = Annotated[PlantConfig, Depends(_service(lambda c: c.plant))]
 Site = Annotated[str, Depends(_service(lambda c: c.site))]
 MaxClockSkew = Annotated[float, Depends(_service(lambda c: c.max_clock_skew_s))]
+Destinations = Annotated[tuple[str, ...], Depends(_service(lambda c: c.destinations))]
+Requeuer = Annotated[
+    Callable[[OutboxMessage, str, str], Awaitable[None]] | None,
+    Depends(_service(lambda c: c.requeue)),
+]
 Reads = Annotated[ReadPool, Depends(_service(lambda c: c.reads))]
 
 # --- the callers -----------------------------------------------------------------------------
@@ -120,3 +129,4 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
 
 Reader = Annotated[Caller, Depends(require(*READERS))]
 EventWriter = Annotated[Caller, Depends(require(*EVENT_WRITERS))]
+ErpDesk = Annotated[Caller, Depends(require(*ERP_DESK))]

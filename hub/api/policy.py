@@ -26,6 +26,8 @@ SENDS: dict[Role, frozenset[Stream]] = {
     "erp": frozenset({"erp"}),
 }
 EVENT_WRITERS: tuple[Role, ...] = tuple(SENDS)
+# Who sees and retries what the ERPs were told (production confirmations).
+ERP_DESK: tuple[Role, ...] = ("admin", "erp")
 
 
 def may_send(role: Role, stream: Stream) -> bool:

@@ -17,6 +17,7 @@ _TITLES = {
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
+    409: "Conflict",
     405: "Method Not Allowed",
     413: "Content Too Large",
     415: "Unsupported Media Type",

@@ -45,6 +45,7 @@ from hub.settings import Settings
 from hub.store import EventStore
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
+from projections.views.outbox_view import OutboxReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +62,7 @@ class ReadSources:
     store: EventStore
     facts: FactsReader
     orders: OrdersReader
+    outbox: OutboxReader
 
 
 class JsonAnswer(Response):

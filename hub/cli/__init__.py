@@ -6,6 +6,7 @@
 - ``projections``: ``rebuild``, ``catch-up`` and ``status`` of the views;
 - ``contracts``: ``export`` of the JSON Schemas;
 - ``nats``: ``credentials`` of an identity for an adapter host (``hub.nats_auth``);
+- ``erp``: ``check`` each ERP of ``[[erp]]`` once, ``reconcile`` what they were told;
 - ``shared``: what they share — the common options (``--config``, ``--data-dir``,
   ``--nats-url``), configuration loaded or exit code 2 (``config_file_or_exit``: every section
   read once; ``settings_or_exit``, ``adapters_or_exit``; all through ``config_or_exit``),
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import typer
 
-from hub.cli import adapter, contracts, demo, nats, projections, serve
+from hub.cli import adapter, contracts, demo, erp, nats, projections, serve
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -38,6 +39,7 @@ app.add_typer(contracts.app, name="contracts")
 app.add_typer(adapter.app, name="adapter")
 app.add_typer(projections.app, name="projections")
 app.add_typer(nats.app, name="nats")
+app.add_typer(erp.app, name="erp")
 
 __all__ = ["app", "main"]
 

@@ -60,7 +60,7 @@ class OutboxView:
             "destination TEXT NOT NULL, attempts INTEGER NOT NULL, outcome TEXT NOT NULL, "
             "status_code INTEGER, reason TEXT NOT NULL, excerpt TEXT NOT NULL, "
             "next_attempt_at TEXT, attempted_at TEXT NOT NULL, position BIGINT NOT NULL, "
-            "PRIMARY KEY (key, destination))"
+            "requeued_at INTEGER NOT NULL, PRIMARY KEY (key, destination))"
         )
 
     def create_indexes(self, cursor: Cursor) -> None:
@@ -86,11 +86,13 @@ class OutboxView:
                 )  # fmt: skip
             else:
                 tried = event.attempt
+                attempts = int(tried["attempt"])
+                requeued = attempts if tried["outcome"] == "requeued" else 0
                 deliveries.append(
-                    (tried["message_id"], tried["destination"], int(tried["attempt"]),
+                    (tried["message_id"], tried["destination"], attempts,
                      tried["outcome"], tried.get("status_code"), tried.get("reason") or "",
                      tried.get("excerpt") or "", tried.get("next_attempt_at"),
-                     event.event_time.isoformat(), position)
+                     event.event_time.isoformat(), position, requeued)
                 )  # fmt: skip
         if messages:
             cursor.executemany(
@@ -102,12 +104,15 @@ class OutboxView:
         if deliveries:
             # The last attempt wins; an older one (a rebuild racing the live worker) never
             # overwrites a newer.
+            # A requeue is remembered until the next one: attempts count again from it.
             columns = ("attempts", "outcome", "status_code", "reason", "excerpt",
                        "next_attempt_at", "attempted_at", "position")  # fmt: skip
             cursor.executemany(
-                f"INSERT INTO {DELIVERIES} (key, destination, {', '.join(columns)}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key, destination) DO UPDATE "
-                f"SET {', '.join(f'{c} = excluded.{c}' for c in columns)} "
+                f"INSERT INTO {DELIVERIES} (key, destination, {', '.join(columns)}, requeued_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key, destination) DO UPDATE "
+                f"SET {', '.join(f'{c} = excluded.{c}' for c in columns)}, requeued_at = "
+                f"CASE WHEN excluded.requeued_at > 0 THEN excluded.requeued_at "
+                f"ELSE {DELIVERIES}.requeued_at END "
                 f"WHERE excluded.position > {DELIVERIES}.position",
                 deliveries,
             )
@@ -134,24 +139,33 @@ class OutboxReader:
             cursor.execute(
                 f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
                 f"m.decided_at, m.position, d.attempts, d.outcome, d.next_attempt_at, "
-                f"d.status_code, d.reason FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d "
+                f"d.status_code, d.reason, d.requeued_at FROM {MESSAGES} m "
+                f"LEFT JOIN {DELIVERIES} d "
                 "ON d.key = m.key AND d.destination = ? "
                 f"WHERE m.position > ? AND m.kind IN ({', '.join('?' * len(kinds))}) "
-                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead')) "
+                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued')) "
                 "ORDER BY m.ordering_key, m.sequence",
                 [destination, after, *kinds],
             )
             return [_message(row) for row in cursor.fetchall()]
 
     def messages(
-        self, site: str, ordering_key: str | None = None, limit: int = 100, after: str = ""
+        self,
+        site: str,
+        ordering_key: str | None = None,
+        limit: int = 100,
+        after: str = "",
+        key: str | None = None,
     ) -> list[tuple[OutboxMessage, dict[str, OutboxMessage]]]:
-        """Messages of ``site`` (of one ordering key, if given) by ordering key and sequence,
+        """Messages of ``site`` (of one ordering key, or the one ``key``, if given) by key,
         after the message key ``after``, each with its state per destination tried."""
         where, params = ["m.site = ?", "m.key > ?"], [site, after]
         if ordering_key is not None:
             where.append("m.ordering_key = ?")
             params.append(ordering_key)
+        if key is not None:
+            where.append("m.key = ?")
+            params.append(key)
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
                 f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
@@ -159,14 +173,15 @@ class OutboxReader:
                 "ORDER BY m.key LIMIT ?",
                 [*params, limit],
             )
-            found = [_message((*row, None, None, None, None, None)) for row in cursor.fetchall()]
+            found = [_message((*row, None, None, None, None, None, 0)) for row in cursor.fetchall()]
             states: dict[str, dict[str, OutboxMessage]] = {m.key: {} for m in found}
             keys = list(states)
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
                 cursor.execute(
                     f"SELECT key, destination, attempts, outcome, next_attempt_at, status_code, "
-                    f"reason FROM {DELIVERIES} WHERE key IN ({', '.join('?' * len(chunk))})",
+                    f"reason, requeued_at FROM {DELIVERIES} "
+                    f"WHERE key IN ({', '.join('?' * len(chunk))})",
                     chunk,
                 )
                 by_key = {m.key: m for m in found}
@@ -189,7 +204,7 @@ class OutboxReader:
 
 def _message(row: Sequence[Any]) -> OutboxMessage:
     (key, kind, site, ordering_key, sequence, payload, decided_at, position,
-     attempts, outcome, next_attempt_at, status_code, reason) = row  # fmt: skip
+     attempts, outcome, next_attempt_at, status_code, reason, requeued_at) = row  # fmt: skip
     return OutboxMessage(
         key=key,
         kind=kind,
@@ -204,6 +219,7 @@ def _message(row: Sequence[Any]) -> OutboxMessage:
         next_attempt_at=datetime.fromisoformat(next_attempt_at) if next_attempt_at else None,
         status_code=status_code,
         reason=reason or "",
+        requeued_at=int(requeued_at or 0),
     )
 
 

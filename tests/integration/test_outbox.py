@@ -12,13 +12,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub
+from hub.cli import app
 from hub.outbox import InMemoryDestination, RetryPolicy
 from hub.settings import Settings
 from projections.rules.plant import PlantConfig
-from tests.conftest import T0, cloud_event, eventually
+from tests.conftest import T0, api_client, api_key, cloud_event, eventually
 
+CONFIRMATIONS = "/api/v1/erp/confirmations"
 # Quick retries, so an outage and its recovery fit in a test.
 FAST = RetryPolicy(first_delay_s=0.05, max_delay_s=0.2, circuit_failures=3, circuit_open_s=0.3)
 
@@ -65,6 +68,10 @@ def tap(kind: str, machine: str, order_id: str, minutes: int) -> Any:
 def scrap(machine: str, order_id: str, quantity: int, minutes: int) -> Any:
     data = {"order_id": order_id, "quantity": quantity, "reason": "burr"}
     return cloud_event("mes.operator.scrap.v1", machine, data, at=timedelta(minutes=minutes))
+
+
+def auth(role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key(role)}"}
 
 
 def taken(erp: InMemoryDestination, order_id: str) -> list[dict[str, Any]]:
@@ -158,6 +165,23 @@ async def test_scrap_reported_after_a_confirmation_is_confirmed_as_a_correction(
     assert (first["yield_quantity"], first["scrap_quantity"]) == (8, 0)
     assert correction["reason"] == "correction" and correction["correction_of"] == 1
     assert (correction["yield_quantity"], correction["scrap_quantity"]) == (-2, 2)
+    # What the ERP was told now adds up to what the store says: 6 good, 2 scrap.
+    await eventually(lambda: _reconciled(hub) == 0, timeout=30)
+    said = CliRunner().invoke(
+        app, ["erp", "reconcile", "--order", "SO-5", "--data-dir", str(hub.settings.data_dir)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    row = next(line for line in said.output.splitlines() if "SO-5" in line)
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells == ["SO-5", "erp-1", "6", "2", "6", "2", "none"]
+
+
+def _reconciled(hub: Hub) -> int:
+    return (
+        CliRunner()
+        .invoke(app, ["erp", "reconcile", "--data-dir", str(hub.settings.data_dir)])
+        .exit_code
+    )
 
 
 async def _eventually_order(hub: Hub, order_id: str, confirmations: int) -> Any:
@@ -170,3 +194,44 @@ async def _eventually_order(hub: Hub, order_id: str, confirmations: int) -> Any:
 
     await eventually(ready, timeout=30)
     return found[0]
+
+
+async def test_the_erp_desk_sees_every_confirmation_and_retries_a_dead_one(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    erp.refuse = True
+    await publish(hub, released("SO-6", 100))
+    await run_on(hub, "M1", "SO-6", start=0, end=30, parts=4)
+    (sender,) = hub.senders
+    await eventually(lambda: sender.stats.dead == 1, timeout=30)
+    async with api_client(hub) as http:
+        assert (await http.get(CONFIRMATIONS, headers=auth("operator"))).status_code == 403
+
+        async def listed(status: str) -> list[dict[str, Any]]:
+            answer = await http.get(CONFIRMATIONS, params={"status": status}, headers=auth("erp"))
+            assert answer.status_code == 200, answer.text
+            return list(answer.json())
+
+        async def dead_listed() -> bool:
+            return len(await listed("dead")) == 1
+
+        await eventually(dead_listed)
+        (dead,) = await listed("dead")
+        assert (dead["order_id"], dead["yield_quantity"], dead["status"]) == ("SO-6", 4, "dead")
+        (delivery,) = dead["deliveries"]
+        assert (delivery["destination"], delivery["outcome"]) == ("erp-1", "dead")
+        assert delivery["status_code"] == 400 and "quantity not allowed" in delivery["reason"]
+        erp.refuse = False
+        retry = f"{CONFIRMATIONS}/{dead['id']}/retry"
+        unknown = await http.post(retry, params={"destination": "elsewhere"}, headers=auth("erp"))
+        assert unknown.status_code == 404
+        again = await http.post(retry, params={"destination": "erp-1"}, headers=auth("erp"))
+        assert again.status_code == 202, again.text
+        await eventually(lambda: len(taken(erp, "SO-6")) == 1, timeout=30)
+
+        async def sent_listed() -> bool:
+            return [c["id"] for c in await listed("sent")] == [dead["id"]]
+
+        await eventually(sent_listed)
+        taken_twice = await http.post(retry, params={"destination": "erp-1"}, headers=auth("erp"))
+        assert taken_twice.status_code == 409  # taken: never sent twice
