@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/projections.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/api_load.py
+	$(BIN)/python bench/erp.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

@@ -47,6 +47,7 @@ from hub.ports import EventPublisher
 log = logging.getLogger(__name__)
 EXCERPT_CHARS = 512  # of a destination's answer, kept with each attempt
 ATTEMPT_TYPE = "mes.hub.delivery.attempted.v1"
+PAGE = 64  # messages read per round (each key's first ones come first): a few per sender slot
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Outbox(Protocol):
     """The view of what is owed (``projections.views.outbox_view.OutboxReader``)."""
 
     def undelivered(
-        self, destination: str, kinds: Sequence[str], after: int = 0
+        self, destination: str, kinds: Sequence[str], after: int = 0, limit: int = 500
     ) -> list[OutboxMessage]: ...
 
 
@@ -175,6 +176,7 @@ class _Known:
     outcome: str
     next_attempt_at: datetime | None
     requeued_at: int = 0
+    position: int = 0  # of the message
 
 
 @dataclass
@@ -239,8 +241,12 @@ class Sender:
     async def round(self) -> int:
         """Start the deliveries that are due now; returns how many were started."""
         messages = await asyncio.to_thread(
-            self._outbox.undelivered, self.name, self.destination.kinds, self._after
+            self._outbox.undelivered, self.name, self.destination.kinds, self._after, PAGE
         )
+        if messages:
+            # Everything decided before the first one not taken was taken: ask from there on
+            # (else every round would read past all that was ever delivered).
+            self._after = max(self._after, messages[0].position - 1)
         now = datetime.now(UTC)
         started = 0
         for message in self._due(messages, now):
@@ -260,7 +266,7 @@ class Sender:
         """The first message of each key not taken yet, if it may be tried now."""
         heads: list[OutboxMessage] = []
         blocked: set[str] = set(self._busy)
-        for message in messages:  # by ordering key, then sequence
+        for message in messages:  # as decided: each key's earlier messages come first
             if message.ordering_key in blocked:
                 continue
             state = self._state(message)
@@ -272,19 +278,25 @@ class Sender:
             if state.next_attempt_at is not None and state.next_attempt_at > now:
                 continue
             heads.append(message)
-        # Forget what the view shows now.
+        # Forget what the view shows now, and what lies before the first message not taken.
         shown = {m.key: m.attempts for m in messages}
         self._known = {
-            k: v for k, v in self._known.items() if k not in shown or shown[k] < v.attempts
+            k: v
+            for k, v in self._known.items()
+            if v.position > self._after and (k not in shown or shown[k] < v.attempts)
         }
-        return sorted(heads, key=lambda m: m.position)
+        return heads
 
     def _state(self, message: OutboxMessage) -> _Known:
         known = self._known.get(message.key)
         if known is not None and known.attempts > message.attempts:
             return known
         return _Known(
-            message.attempts, message.outcome or "", message.next_attempt_at, message.requeued_at
+            message.attempts,
+            message.outcome or "",
+            message.next_attempt_at,
+            message.requeued_at,
+            message.position,
         )
 
     async def _deliver(self, message: OutboxMessage) -> None:
@@ -317,7 +329,9 @@ class Sender:
             self.stats.latencies_s.append((datetime.now(UTC) - message.decided_at).total_seconds())
             self._kill_point()
         self._count(outcome)
-        self._known[message.key] = _Known(attempt, outcome, next_at, message.requeued_at)
+        self._known[message.key] = _Known(
+            attempt, outcome, next_at, message.requeued_at, message.position
+        )
         if outcome in ("failed", "dead"):
             log.warning(
                 "outbox %s: %s of order %s, attempt %d: %s%s",

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from contracts import CloudEvent
 from hub.outbound import Allowlist
@@ -91,12 +91,10 @@ class ErpEntryBase(BaseModel):
     poll_interval_s: float = Field(default=60.0, ge=0, le=86_400)
     confirm: bool = True
 
-    @model_validator(mode="before")
+    @field_validator("secret", mode="before")
     @classmethod
-    def _secret_by_reference(cls, values: object) -> object:
-        if isinstance(values, dict) and "secret" in values:
-            _by_reference(values["secret"])
-        return values
+    def _secret_by_reference(cls, value: object) -> object:
+        return _by_reference(value)
 
     def allowlist(self) -> Allowlist:
         return Allowlist.of(self.allow)

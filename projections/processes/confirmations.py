@@ -113,11 +113,11 @@ class ConfirmationWatch:
         self._reader, self._plant, self._publisher = reader, plant, publisher
         self._since, self._window = since, correction_window
         self._after = 0  # the views' position the last round read to (0: look at everything)
-        # Orders with a decision published but not yet seen stored (looked at every round: a
-        # decision does not change what the candidates query sees), and when each decision was
-        # last published (not again within REPUBLISH_AFTER_S: it is on its way).
-        self._recheck: set[UUID] = set()
-        self._sent: dict[str, float] = {}
+        # Orders with a decision published, and when: looked at again REPUBLISH_AFTER_S later
+        # (a decision changes nothing the candidates query sees; an order with a second run
+        # ended before its first decision was stored would wait for its next change), and
+        # then, if the decision is still not stored, published again (the same id).
+        self._recheck: dict[UUID, float] = {}
         self.published = 0  # confirmations decided (not counting repeats)
 
     def decisions(self, now: datetime) -> tuple[list[CloudEvent], int]:
@@ -126,23 +126,22 @@ class ConfirmationWatch:
         )
         events = []
         clock = time.monotonic()
-        for order in self._load(sorted({*candidates, *self._recheck}, key=str)):
+        due_again = {k for k, sent in self._recheck.items() if clock - sent >= REPUBLISH_AFTER_S}
+        for order in self._load(sorted({*candidates, *due_again}, key=str)):
             data = confirmation_due(order, self._reader, self._plant, now, self._since)
             if data is None:
-                self._recheck.discard(order.id)
+                self._recheck.pop(order.id, None)
                 continue
-            self._recheck.add(order.id)
+            if clock - self._recheck.get(order.id, -REPUBLISH_AFTER_S) < REPUBLISH_AFTER_S:
+                continue  # published moments ago: on its way to the store
+            self._recheck[order.id] = clock
             event_id = f"confirm-{self._site}-{order.order_id}-{data['sequence']}"
-            if clock - self._sent.get(event_id, -REPUBLISH_AFTER_S) < REPUBLISH_AFTER_S:
-                continue
-            self._sent[event_id] = clock
             events.append(
                 hub_event(
                     self._site, "confirmations", CONFIRMATION_TYPE, event_id, order.order_id,
                     now, data,
                 )
             )  # fmt: skip
-        self._sent = {k: t for k, t in self._sent.items() if clock - t < REPUBLISH_AFTER_S}
         return events, upto
 
     async def check(self, now: datetime | None = None) -> int:

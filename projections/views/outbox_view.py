@@ -68,6 +68,9 @@ class OutboxView:
             f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_order ON {MESSAGES} "
             "(site, ordering_key, sequence)"
         )
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_position ON {MESSAGES} (position)"
+        )
 
     def drop(self, cursor: Cursor) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {MESSAGES}")
@@ -131,10 +134,11 @@ class OutboxReader:
         self._db = db
 
     def undelivered(
-        self, destination: str, kinds: Sequence[str], after: int = 0
+        self, destination: str, kinds: Sequence[str], after: int = 0, limit: int = 500
     ) -> list[OutboxMessage]:
-        """``destination``'s messages not delivered yet (never tried, failed or dead), decided
-        after position ``after``, by ordering key and sequence."""
+        """The first ``limit`` of ``destination``'s messages not delivered yet (never tried,
+        failed, dead or requeued) decided after position ``after``, in the order they were
+        decided (so each ordering key's first one comes first)."""
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
                 f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
@@ -144,8 +148,8 @@ class OutboxReader:
                 "ON d.key = m.key AND d.destination = ? "
                 f"WHERE m.position > ? AND m.kind IN ({', '.join('?' * len(kinds))}) "
                 "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued')) "
-                "ORDER BY m.ordering_key, m.sequence",
-                [destination, after, *kinds],
+                "ORDER BY m.position LIMIT ?",
+                [destination, after, *kinds, limit],
             )
             return [_message(row) for row in cursor.fetchall()]
 

@@ -3,15 +3,28 @@ a retry for one that an ERP refused (roles admin and erp)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import asyncio
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, TypeAdapter
 
-from hub.api.deps import Destinations, ErpDesk, Reads, Requeuer, Site
+from contracts import ContractViolation, check_event_time
+from hub.api.deps import (
+    Destinations,
+    ErpDesk,
+    EventWriter,
+    MaxClockSkew,
+    Publisher,
+    Reads,
+    Requeuer,
+    Site,
+)
+from hub.api.policy import may_send
 from hub.api.problems import Problem, problems
 from hub.api.reads import JsonAnswer, ReadSources
+from hub.api.routes.events import MAX_BODY_BYTES, Accepted, limited_body
 from hub.outbox import OutboxMessage
 from projections.views.outbox_view import CONFIRMATION
 
@@ -212,3 +225,60 @@ async def retry_confirmation(
         raise Problem(409, f"{destination} has {said} confirmation {confirmation_id}")
     await requeue(message, destination, f"an API key of role {caller.role}")
     return Requeued(id=confirmation_id, destination=destination, requeued=True)
+
+
+# --- ISA-95 B2MML schedules in ----------------------------------------------------------------
+
+XML_TYPES = ("application/xml", "text/xml")
+B2MML_SOURCE = "urn:mes-hub:erp:b2mml-api"  # the CloudEvent source of schedules posted here
+
+
+@router.post(
+    "/b2mml",
+    status_code=202,
+    summary="Import an ISA-95 B2MML production or operations schedule",
+    description="A ProductionSchedule (V0401, V0600) or OperationsSchedule (V0701), as "
+    "`application/xml`: each request becomes a `mes.erp.order.released.v1` (or `cancelled`) "
+    "event, published like any ERP event; one receipt per event. A document the hub cannot "
+    "take is refused whole, naming the element and its line (400: not well-formed or not a "
+    "schedule; 422: a request it cannot map). Roles that may send ERP events (admin, erp).",
+    responses={202: {"description": "Published"}, **problems(400, 413, 415, 422, 503)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string"}} for t in XML_TYPES},
+        }
+    },
+)
+async def post_b2mml(
+    request: Request,
+    publisher: Publisher,
+    caller: EventWriter,
+    max_skew_s: MaxClockSkew,
+) -> list[Accepted]:
+    from adapters.erp.b2mml import B2mmlError, Unmappable, parse_schedule
+
+    if not may_send(caller.role, "erp"):
+        raise Problem(403, f"role {caller.role!r} may not send ERP events")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in XML_TYPES:
+        raise Problem(415, f"send the schedule as {' or '.join(XML_TYPES)}")
+    body = await limited_body(request, MAX_BODY_BYTES)
+    now = datetime.now(UTC)
+    try:
+        events = await asyncio.to_thread(parse_schedule, body, source=B2MML_SOURCE, received_at=now)
+    except B2mmlError as refused:
+        where = refused.element or "(document)"
+        raise Problem(
+            422 if isinstance(refused, Unmappable) else 400,
+            str(refused),
+            errors=[{"field": where, "rule": refused.reason}],
+            extensions={"element": refused.element, "line": refused.line},
+        ) from None
+    for event in events:
+        try:
+            check_event_time(event, now, max_skew_s)
+        except ContractViolation as violation:
+            raise Problem(400, f"order {event.subject}: {violation.reason}") from None
+    receipts = await publisher.publish_many(events)
+    return [Accepted(id=r.event_id, subject=r.subject, duplicate=r.duplicate) for r in receipts]

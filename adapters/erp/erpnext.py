@@ -1,0 +1,487 @@
+"""ERPNext (v14/v15, Frappe REST API v1) manufacturing: orders in from ``Work Order``,
+production confirmations out as submitted ``Stock Entry`` documents of purpose Manufacture.
+Field names and types as in ERPNext's DocType definitions (``work_order.json``,
+``stock_entry.json``, ``stock_entry_detail.json``; docs/erp.md, section ERPNext).
+
+```toml
+[[erp]]
+name = "erpnext"
+dialect = "erpnext"
+url = "https://erp.plant1.example"
+user = "0a1b2c3d4e5f6a7"                   # the API user's API Key
+secret = { env = "ERPNEXT_API_SECRET" }     # its API Secret: Authorization: token key:secret
+timezone = "Europe/Berlin"                  # System Settings > Time Zone (Frappe's datetimes)
+key_field = "mes_hub_key"                   # Custom Field on Stock Entry: Data, Unique
+state_dir = "/var/lib/mes-hub/erp"
+```
+
+Orders in: submitted Work Orders (``docstatus`` 1) read by ``modified`` with a look-back window;
+a cancelled one (``docstatus`` 2, status Cancelled) is an order cancelled; Completed, Stopped and
+Closed ones are no longer followed. The order id is the Work Order's ``name`` as a token
+(``MFG-WO-2026-00012`` stays as it is).
+
+Confirmations out: ``make_stock_entry`` (ERPNext's own, as the Work Order's Finish button) for
+the good plus the scrapped quantity, the finished item's row set to the good quantity (the rest
+is the entry's ``process_loss_qty``), submitted in one insert with the idempotency key in a
+unique Custom Field; a repeated key is found before the insert, or refused by the database's
+unique index (``UniqueValidationError``) and counted as delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
+from pydantic import Field, ValidationError, field_validator
+
+from adapters.erp._http import (
+    MAX_PAGES,
+    PAGE,
+    TRANSPORT_ERRORS,
+    Cursor,
+    ErpUnavailable,
+    OrderBook,
+    OrderEvents,
+    Snapshot,
+    describe_transport,
+    failure,
+    forget_closed,
+    like_pattern,
+    order_token,
+    state_file,
+    transport_failure,
+    unseen,
+)
+from adapters.erp.base import Confirmation, ErpEntryBase, SecretRef
+from contracts import CloudEvent, OrderReleasedV1
+from hub.outbound import outbound_client
+from hub.outbox import Delivered, DeliveryFailed
+
+log = logging.getLogger(__name__)
+
+WORK_ORDER, STOCK_ENTRY = "Work Order", "Stock Entry"
+MAKE_STOCK_ENTRY = "erpnext.manufacturing.doctype.work_order.work_order.make_stock_entry"
+ORDER_FIELDS = [
+    "name",
+    "modified",
+    "docstatus",
+    "status",
+    "production_item",
+    "qty",
+    "expected_delivery_date",
+    "planned_start_date",
+    "planned_end_date",
+]
+NOT_FOLLOWED = ("Completed", "Stopped", "Closed")
+NOTE = "mes-hub confirmation"
+# Frappe exceptions (frappe/exceptions.py) that the same request may pass later.
+_PASSING = {"TimestampMismatchError", "QueryDeadlockError", "QueryTimeoutError"}
+_DUPLICATE = {"DuplicateEntryError", "UniqueValidationError"}
+
+
+class Entry(ErpEntryBase):
+    """An ``[[erp]]`` entry for ERPNext."""
+
+    dialect: Literal["erpnext"]
+    user: str = Field(min_length=1, max_length=256, description="The API user's API Key")
+    secret: SecretRef = Field(description="The API user's API Secret")
+    timezone: str = Field(default="UTC", description="ERPNext's System Settings time zone")
+    key_field: str = Field(
+        default="mes_hub_key",
+        pattern=r"^[a-z][a-z0-9_]{0,61}$",
+        description="A unique Data Custom Field on Stock Entry that keeps the idempotency key",
+    )
+    stock_entry_type: str = Field(default="Manufacture", min_length=1, max_length=140)
+    state_dir: Path | None = None
+    lookback_s: float = Field(default=300.0, ge=0, le=86_400)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name: Europe/Berlin)") from None
+        return value
+
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def order_source(entry: ErpEntryBase, state_dir: Path | None = None) -> ErpnextOrders | None:
+    """Orders in, or None when ``poll_interval_s`` is 0. ``state_dir`` (else the entry's)."""
+    assert isinstance(entry, Entry)
+    if entry.poll_interval_s == 0:
+        return None
+    return ErpnextOrders(entry, OrderBook(state_file(state_dir or entry.state_dir, entry.name)))
+
+
+def confirmation_sender(entry: ErpEntryBase) -> ErpnextConfirmations | None:
+    assert isinstance(entry, Entry)
+    return ErpnextConfirmations(entry) if entry.confirm else None
+
+
+# --- the wire ------------------------------------------------------------------------------
+
+
+class FrappeFault(Exception):
+    """Frappe answered with an error: its status, exception type and message."""
+
+    def __init__(self, status: int | None, exc_type: str, message: str) -> None:
+        super().__init__(f"{exc_type}: {message}")
+        self.status, self.exc_type, self.message = status, exc_type, message
+
+
+class Frappe:
+    """The REST API v1: ``/api/resource/<DocType>`` and ``/api/method/<dotted.path>``."""
+
+    def __init__(self, entry: Entry, client: httpx.AsyncClient) -> None:
+        self.entry, self.client = entry, client
+        self.base = entry.url.rstrip("/")
+
+    def _headers(self) -> dict[str, str]:
+        try:
+            secret = self.entry.secret.read().get_secret_value()
+        except ValueError as exc:  # where it was looked for, never the value
+            raise FrappeFault(None, "SecretUnavailable", str(exc)) from None
+        return {"Authorization": f"token {self.entry.user}:{secret}", "Accept": "application/json"}
+
+    async def list(
+        self,
+        doctype: str,
+        fields: list[str],
+        filters: list[list[Any]],
+        order_by: str = "modified asc, name asc",
+        start: int = 0,
+        limit: int = PAGE,
+    ) -> list[dict[str, Any]]:
+        params = {
+            "fields": json.dumps(fields),
+            "filters": json.dumps(filters),
+            "order_by": order_by,
+            "limit_start": str(start),
+            "limit_page_length": str(limit),
+        }
+        answer = await self.client.get(
+            f"{self.base}/api/resource/{quote(doctype)}", params=params, headers=self._headers()
+        )
+        data = _checked(answer).get("data")
+        return list(data) if isinstance(data, list) else []
+
+    async def insert(self, doctype: str, doc: dict[str, Any]) -> dict[str, Any]:
+        answer = await self.client.post(
+            f"{self.base}/api/resource/{quote(doctype)}", json=doc, headers=self._headers()
+        )
+        data = _checked(answer).get("data")
+        return dict(data) if isinstance(data, dict) else {}
+
+    async def method(self, path: str, **args: Any) -> Any:
+        answer = await self.client.post(
+            f"{self.base}/api/method/{path}", json=args, headers=self._headers()
+        )
+        return _checked(answer).get("message")
+
+
+def _checked(answer: httpx.Response) -> dict[str, Any]:
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if 200 <= answer.status_code < 300 and isinstance(body, dict):
+        return body
+    if not isinstance(body, dict):  # a proxy's page, say: worth another try later
+        status = None if 200 <= answer.status_code < 300 else answer.status_code
+        raise FrappeFault(status, f"HTTP {answer.status_code}", answer.text[:2000])
+    exc_type = str(body.get("exc_type") or f"HTTP {answer.status_code}")
+    return _raise(answer.status_code, exc_type, body)
+
+
+def _raise(status: int, exc_type: str, body: dict[str, Any]) -> dict[str, Any]:
+    messages: list[str] = []
+    raw = body.get("_server_messages")
+    if isinstance(raw, str):
+        try:
+            for item in json.loads(raw):
+                message = json.loads(item) if isinstance(item, str) else item
+                text = message.get("message") if isinstance(message, dict) else message
+                messages.append(re.sub(r"<[^>]+>", "", str(text)))
+        except (ValueError, TypeError):
+            messages.append(raw)
+    exception = str(body.get("exception") or body.get("message") or "")
+    raise FrappeFault(status, exc_type, "; ".join(messages) or exception)
+
+
+def delivery_failure(entry: Entry, what: str, fault: FrappeFault) -> DeliveryFailed:
+    answer = f"{fault.exc_type}: {fault.message}"
+    first = fault.message.strip().splitlines()[0] if fault.message.strip() else ""
+    if fault.status == 401 or fault.exc_type == "AuthenticationError":
+        reason = (
+            f"ERPNext refused the API key of erp {entry.name!r} ({fault.exc_type}): check its "
+            "user (API Key) and secret (API Secret)"
+        )
+        return failure(reason, fault.status, answer, permanent=False)
+    if fault.status == 403:
+        reason = f"ERPNext {what}: the API user may not do this ({fault.exc_type}: {first})"
+        return failure(reason, fault.status, answer, permanent=False)
+    permanent = None if fault.exc_type not in _PASSING else False
+    return failure(
+        f"ERPNext {what}: {fault.exc_type}: {first}", fault.status, answer, permanent=permanent
+    )
+
+
+def frappe_time(value: str, zone: ZoneInfo) -> datetime:
+    """A Frappe Datetime (``YYYY-MM-DD HH:MM:SS[.ffffff]``, in the site's time zone)."""
+    return datetime.fromisoformat(value).replace(tzinfo=zone)
+
+
+def frappe_text(value: datetime, zone: ZoneInfo) -> str:
+    return value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+# --- orders in -----------------------------------------------------------------------------
+
+
+class ErpnextOrders:
+    """``Work Order`` as ``mes.erp.order.*`` events (see the module)."""
+
+    def __init__(self, entry: Entry, book: OrderBook) -> None:
+        self.entry, self.book = entry, book
+        self._events = OrderEvents(entry.name, WORK_ORDER)
+
+    async def changes(self, cursor: str | None) -> tuple[list[CloudEvent], str | None]:
+        zone, position = self.entry.zone(), Cursor.parse(cursor)
+        seen = await self.book.records_for(position)
+        lookback = timedelta(seconds=self.entry.lookback_s)
+        if position is None:  # the first read: the open orders only
+            filters: list[list[Any]] = [
+                ["docstatus", "=", 1],
+                ["status", "not in", [*NOT_FOLLOWED, "Cancelled"]],
+            ]
+        else:
+            since = frappe_time(position.stamp, zone) - lookback
+            filters = [["docstatus", "in", [1, 2]], ["modified", ">=", frappe_text(since, zone)]]
+        async with outbound_client(self.entry.allowlist(), self.entry.timeout_s) as client:
+            api = Frappe(self.entry, client)
+            records: list[dict[str, Any]] = []
+            try:
+                for page in range(MAX_PAGES):
+                    rows = await api.list(WORK_ORDER, ORDER_FIELDS, filters, start=page * PAGE)
+                    records.extend(rows)
+                    if len(rows) < PAGE:
+                        break
+            except FrappeFault as fault:
+                raise ErpUnavailable(delivery_failure(self.entry, "orders", fault).reason) from None
+            except TRANSPORT_ERRORS as exc:
+                raise ErpUnavailable(describe_transport("ERPNext", self.entry.url, exc)) from None
+        before = dict(seen)
+        snapshots = [
+            self._snapshot(r, zone)
+            for r in records
+            if unseen(seen, str(r["name"]), frappe_time(str(r["modified"]), zone))
+        ]
+        events = self._events.events(snapshots, seen, first_read=position is None)
+        if not records or (not events and seen == before):
+            return events, cursor
+        newest = str(records[-1]["modified"]), str(records[-1]["name"])
+        if position is not None and frappe_time(position.stamp, zone) > frappe_time(
+            newest[0], zone
+        ):
+            newest = position.stamp, position.key
+        moved = Cursor(newest[0], newest[1], 1 if position is None else position.batch + 1)
+        forget_closed(seen, frappe_time(moved.stamp, zone) - lookback)
+        await self.book.keep(moved, seen)
+        return events, moved.text()
+
+    def _snapshot(self, record: dict[str, Any], zone: ZoneInfo) -> Snapshot:
+        name, stamp = str(record["name"]), str(record["modified"])
+        at, order_id = frappe_time(stamp, zone).astimezone(UTC), order_token(name)
+        if record.get("docstatus") == 2 or record.get("status") == "Cancelled":
+            reason = f"cancelled in ERPNext ({WORK_ORDER} {name})"
+            return Snapshot(name, stamp, at, order_id, "cancelled", None, reason)
+        if record.get("status") in NOT_FOLLOWED:
+            return Snapshot(name, stamp, at, order_id, "closed", None)
+        return Snapshot(name, stamp, at, order_id, "open", self._order(record, zone))
+
+    def _order(self, record: dict[str, Any], zone: ZoneInfo) -> dict[str, Any] | None:
+        name, quantity = record["name"], record.get("qty")
+        if not isinstance(quantity, int | float) or not float(quantity).is_integer():
+            log.warning(
+                "ERPNext %s %s skipped: qty %r is not a whole number of parts",
+                WORK_ORDER,
+                name,
+                quantity,
+            )
+            return None
+        due: datetime | None = None
+        if record.get("expected_delivery_date"):
+            # A date: due by the end of that day, in the site's time zone.
+            day = date.fromisoformat(str(record["expected_delivery_date"]))
+            due = datetime.combine(day, time(23, 59, 59), zone)
+        else:
+            planned = record.get("planned_end_date") or record.get("planned_start_date")
+            due = frappe_time(str(planned), zone) if planned else None
+        data = {
+            "order_id": order_token(str(name)),
+            "part_number": record.get("production_item"),
+            "quantity": int(quantity),
+            "due": None if due is None else due.astimezone(UTC),
+        }
+        try:
+            order = OrderReleasedV1.model_validate(data)
+        except ValidationError as exc:
+            problem = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            log.warning("ERPNext %s %s skipped: %s: %s", WORK_ORDER, name, where, problem["msg"])
+            return None
+        return order.model_dump(mode="json", exclude_none=True)
+
+
+# --- confirmations out ---------------------------------------------------------------------
+
+
+def entry_key(key: str) -> str:
+    """The key as kept in the Data field (140 characters at most)."""
+    return key if len(key) <= 140 else "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class ErpnextConfirmations:
+    """Confirmations as Manufacture Stock Entries (see the module and docs/erp.md)."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self._client: httpx.AsyncClient | None = None
+        self._api: Frappe | None = None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client, self._api = None, None
+
+    def _connection(self) -> Frappe:
+        if self._api is None:
+            self._client = outbound_client(self.entry.allowlist(), self.entry.timeout_s)
+            self._api = Frappe(self.entry, self._client)
+        return self._api
+
+    async def send(self, confirmation: Confirmation) -> Delivered:
+        step = f"confirming {confirmation.order_id}"
+        try:
+            return await self._send(self._connection(), confirmation)
+        except FrappeFault as fault:
+            raise delivery_failure(self.entry, step, fault) from None
+        except TRANSPORT_ERRORS as exc:
+            raise transport_failure("ERPNext", self.entry.url, exc) from None
+
+    async def _send(self, api: Frappe, c: Confirmation) -> Delivered:
+        key, field = entry_key(c.key), self.entry.key_field
+        had = await api.list(STOCK_ENTRY, ["name", "docstatus"], [[field, "=", key]], limit=1)
+        if had:
+            return Delivered(200, f"{STOCK_ENTRY} {had[0]['name']} has {key}", duplicate=True)
+        if c.yield_quantity < 0 or c.scrap_quantity < 0:
+            raise DeliveryFailed(
+                f"ERPNext takes no negative quantities in a Manufacture {STOCK_ENTRY} "
+                f"(good {c.yield_quantity}, scrap {c.scrap_quantity}): cancel the entry of "
+                f"confirmation {c.correction_of or c.sequence} in ERPNext and post it again",
+                permanent=True,
+            )
+        if c.yield_quantity == 0:
+            return Delivered(
+                None, f"nothing posted: no good parts ({c.scrap_quantity} scrap, kept in the hub)"
+            )
+        order = await self._work_order(api, c.order_id)
+        total = c.yield_quantity + c.scrap_quantity
+        draft = await api.method(
+            MAKE_STOCK_ENTRY, work_order_id=order, purpose="Manufacture", qty=total
+        )
+        doc = self._stock_entry(draft, c, key)
+        try:
+            made = await api.insert(STOCK_ENTRY, doc)
+        except FrappeFault as fault:
+            if fault.exc_type in _DUPLICATE and fault.status in (409, 417):
+                answer = f"{fault.exc_type}: {fault.message}"
+                return Delivered(fault.status, answer[:500], duplicate=True)
+            raise
+        return Delivered(
+            200,
+            f"{STOCK_ENTRY} {made.get('name')} submitted for {order}: good {c.yield_quantity}, "
+            f"process loss {c.scrap_quantity}",
+        )
+
+    async def _work_order(self, api: Frappe, order_id: str) -> str:
+        rows = await api.list(
+            WORK_ORDER, ["name", "docstatus", "status"], [["name", "like", like_pattern(order_id)]]
+        )
+        exact = [r for r in rows if order_token(str(r["name"])) == order_id]
+        if len(exact) != 1:
+            what = "no Work Order" if not exact else f"{len(exact)} Work Orders"
+            raise DeliveryFailed(f"ERPNext has {what} named like {order_id}", permanent=True)
+        if exact[0].get("docstatus") == 2:
+            raise DeliveryFailed(
+                f"ERPNext {WORK_ORDER} {exact[0]['name']} is cancelled: nothing is posted",
+                permanent=True,
+            )
+        return str(exact[0]["name"])
+
+    def _stock_entry(self, draft: Any, c: Confirmation, key: str) -> dict[str, Any]:
+        if not isinstance(draft, dict) or not isinstance(draft.get("items"), list):
+            raise DeliveryFailed(f"ERPNext {MAKE_STOCK_ENTRY} answered no items", permanent=True)
+        doc = {k: v for k, v in draft.items() if not (k == "name" and not v)}
+        finished = [row for row in doc["items"] if row.get("is_finished_item")]
+        if not finished:
+            raise DeliveryFailed(
+                f"ERPNext's {STOCK_ENTRY} for {c.order_id} has no finished item row",
+                permanent=True,
+            )
+        row = finished[0]
+        row["qty"] = float(c.yield_quantity)
+        row["transfer_qty"] = float(c.yield_quantity) * float(row.get("conversion_factor") or 1)
+        when = (c.end or c.posted_at).astimezone(self.entry.zone())
+        doc.update(
+            {
+                "stock_entry_type": doc.get("stock_entry_type") or self.entry.stock_entry_type,
+                "process_loss_qty": float(c.scrap_quantity),
+                "set_posting_time": 1,
+                "posting_date": when.date().isoformat(),
+                "posting_time": when.strftime("%H:%M:%S"),
+                "remarks": _remarks(key, c),
+                self.entry.key_field: key,
+                "docstatus": 1,
+            }
+        )
+        return doc
+
+
+def _remarks(key: str, c: Confirmation) -> str:
+    parts = [f"{NOTE} {key}: sequence {c.sequence}, good {c.yield_quantity}"]
+    parts.append(f"scrap {c.scrap_quantity}")
+    if c.final:
+        parts.append("final")
+    if c.correction_of is not None:
+        parts.append(f"correction of {c.correction_of}")
+    if c.machine_id:
+        parts.append(f"machine {c.machine_id}")
+    if c.operation:
+        parts.append(f"operation {c.operation}")
+    if c.start and c.end:
+        parts.append(f"{c.start.isoformat()} to {c.end.isoformat()}")
+    return ", ".join(parts)
+
+
+__all__ = [
+    "Entry",
+    "ErpnextConfirmations",
+    "ErpnextOrders",
+    "Frappe",
+    "FrappeFault",
+    "confirmation_sender",
+    "delivery_failure",
+    "order_source",
+]

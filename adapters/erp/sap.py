@@ -1,0 +1,517 @@
+"""SAP S/4HANA (``dialect = "sap"``): production confirmations out through the OData V2 service
+``API_PROD_ORDER_CONFIRMATION_2_SRV`` (entity set ``ProdnOrdConf2``), and orders in from
+``API_PRODUCTION_ORDER_2_SRV`` (entity set ``A_ProductionOrder_2``). docs/erp.md ("SAP")
+describes the keys, the properties sent and where the service metadata defines them.
+
+```toml
+[[erp]]
+name = "s4"
+dialect = "sap"
+url = "https://s4.plant1.example:44300"
+user = "MES_HUB"                      # a communication user with the two services' roles
+secret = { file = "/run/secrets/s4" } # its password (basic auth)
+client = "100"                        # sap-client, if the system has several
+plant = "1010"                        # orders in: ProductionPlant (absent: every plant)
+operation = "0010"                    # OrderOperation when a confirmation names none
+timezone = "Europe/Berlin"            # SAP dates and times are the plant's local ones
+```
+
+Confirmations: every send first looks ``ProdnOrdConf2`` up by ``ExternalSystemConfirmation`` (a
+GUID derived from ``confirmation.key``): SAP does not refuse a second confirmation with the same
+external key, it books it again, so a message that may have been posted before (an answer lost,
+a hub restarted between the POST and its answer) is found and reported delivered
+(``duplicate=True``) instead of being posted twice. The lookup's ``GET`` also fetches the CSRF
+token (``x-csrf-token: Fetch``) that the ``POST`` needs, with the session cookies that go with
+it; a ``403`` answered ``x-csrf-token: Required`` fetches a new token once.
+
+Errors::
+
+    adapters.erp.rest.OrdersUnavailable   the orders could not be read this time
+    hub.outbox.DeliveryFailed             a confirmation not taken: permanent for what SAP
+                                          refuses (400: its message in the reason) or cannot
+                                          take (a negative quantity); retryable for 401, 403,
+                                          408, 429, 5xx, time-outs and no connection
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
+from pydantic import Field, SecretStr, field_validator
+
+from adapters.erp.base import Confirmation, Delivered, DeliveryFailed, ErpEntryBase, SecretRef
+from adapters.erp.rest import (
+    URL_PATH,
+    FieldMapping,
+    OrderBook,
+    OrdersUnavailable,
+    RecordMapper,
+    join_url,
+    one_line,
+    order_source_urn,
+    polled_changes,
+    read_secret,
+    retry_after,
+    rfc3339,
+    scrubbed,
+    state_file,
+    transport_failure,
+)
+from contracts import CloudEvent
+from hub.outbound import OutboundRefused, outbound_client
+from hub.outbox import EXCERPT_CHARS
+
+CONFIRMATION_SERVICE = "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV"
+ORDER_SERVICE = "/sap/opu/odata/sap/API_PRODUCTION_ORDER_2_SRV"
+CONFIRMATIONS = "ProdnOrdConf2"  # EntitySet of ProdnOrdConf2Type
+ORDERS = "A_ProductionOrder_2"  # EntitySet of A_ProductionOrder_2Type
+# ExternalSystemConfirmation is an Edm.Guid (no MaxLength): a name-based (version 5) UUID of the
+# confirmation's key in this namespace, uuid5(NAMESPACE_URL,
+# "urn:mes-hub:erp:sap:ExternalSystemConfirmation"), so the same key always gives the same GUID.
+EXTERNAL_KEY_NAMESPACE = uuid.UUID("c0f618c2-53de-5486-acfa-c3771975b726")
+# MaxLength of the ProdnOrdConf2Type properties sent as text (the service's $metadata).
+MAX_LENGTH = {"OrderID": 12, "OrderOperation": 4, "ConfirmationText": 40}
+
+
+class Entry(ErpEntryBase):
+    """A ``[[erp]]`` entry of the SAP S/4HANA dialect."""
+
+    dialect: Literal["sap"]
+    user: str = Field(min_length=1, max_length=12, description="The SAP user (basic auth)")
+    secret: SecretRef = Field(description="The SAP user's password")
+    client: str | None = Field(default=None, pattern=r"^[0-9]{3}$", description="sap-client")
+    confirmation_service: str = Field(default=CONFIRMATION_SERVICE, pattern=URL_PATH)
+    order_service: str = Field(default=ORDER_SERVICE, pattern=URL_PATH)
+    plant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9]{1,4}$")
+    operation: str = Field(default="0010", pattern=r"^[A-Za-z0-9]{1,4}$")
+    timezone: str = Field(default="UTC", description="The plant's time zone (IANA name)")
+    page_size: int = Field(default=500, ge=1, le=5000, description="Orders read per poll")
+    state_dir: Path | None = Field(
+        default=None, description="Where the orders' last state is kept (see order_source)"
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known time zone (e.g. Europe/Berlin)") from None
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def order_source(entry: ErpEntryBase, state_dir: Path | None = None) -> SapOrderSource | None:
+    """Orders in from ``A_ProductionOrder_2``, or None (``poll_interval_s = 0``). The orders'
+    state is kept as by the REST dialect (``adapters.erp.rest.order_source``): in the entry's
+    ``state_dir``, else in ``state_dir``."""
+    assert isinstance(entry, Entry)
+    if entry.poll_interval_s == 0:
+        return None
+    return SapOrderSource(entry, entry.state_dir or state_dir)
+
+
+def confirmation_sender(entry: ErpEntryBase) -> SapConfirmationSender | None:
+    assert isinstance(entry, Entry)
+    return SapConfirmationSender(entry) if entry.confirm else None
+
+
+# --- OData V2 JSON values ----------------------------------------------------------------------
+
+
+def edm_date(day: date) -> str:
+    """An ``Edm.DateTime`` with ``sap:display-format="Date"``: midnight UTC of that day, in
+    OData V2 JSON (``/Date(<ms since 1970>)/``)."""
+    midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return f"/Date({int(midnight.timestamp()) * 1000})/"
+
+
+def edm_time(moment: time) -> str:
+    """An ``Edm.Time`` (``Precision="0"``) in OData V2 JSON: an ISO 8601 duration."""
+    return f"PT{moment.hour:02d}H{moment.minute:02d}M{moment.second:02d}S"
+
+
+_EDM_DATETIME = re.compile(r"^/Date\((-?[0-9]+)([+-][0-9]{4})?\)/$")
+_EDM_TIME = re.compile(r"^PT([0-9]{1,2})H([0-9]{1,2})M([0-9]{1,2})S$")
+
+
+def parse_edm_date(value: object) -> date | None:
+    found = _EDM_DATETIME.match(value) if isinstance(value, str) else None
+    if found is None:
+        return None
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(found[1]))).date()
+
+
+def parse_edm_time(value: object) -> time | None:
+    found = _EDM_TIME.match(value) if isinstance(value, str) else None
+    if found is None or int(found[1]) > 23 or int(found[2]) > 59 or int(found[3]) > 59:
+        return None
+    return time(int(found[1]), int(found[2]), int(found[3]))
+
+
+def external_key(key: str) -> uuid.UUID:
+    """``ExternalSystemConfirmation`` for a confirmation's idempotency key."""
+    return uuid.uuid5(EXTERNAL_KEY_NAMESPACE, key)
+
+
+def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, Any]:
+    """The ``ProdnOrdConf2`` entity to create; ``DeliveryFailed`` (permanent) for what SAP
+    cannot take. Property names, types and formats as in the service's $metadata."""
+    c = confirmation
+    operation = c.operation or entry.operation
+    text = f"mes-hub {c.machine_id or ''} #{c.sequence}".replace("  ", " ")
+    if c.correction_of is not None:
+        text += f" corrects #{c.correction_of}"
+    for name, value in (("OrderID", c.order_id), ("OrderOperation", operation)):
+        if len(value) > MAX_LENGTH[name]:
+            raise DeliveryFailed(
+                f"{entry.name}: {name} {value!r} is longer than SAP takes "
+                f"({MAX_LENGTH[name]} characters)",
+                permanent=True,
+            )
+    if c.yield_quantity < 0 or c.scrap_quantity < 0:
+        raise DeliveryFailed(
+            f"{entry.name}: SAP takes no negative quantity (yield {c.yield_quantity}, scrap "
+            f"{c.scrap_quantity}): a correction that lowers a confirmed quantity is made in "
+            "SAP by cancelling that confirmation",
+            permanent=True,
+        )
+    zone = entry.zone
+    entity: dict[str, Any] = {
+        "OrderID": c.order_id,
+        "OrderOperation": operation,
+        "ConfirmationText": text[: MAX_LENGTH["ConfirmationText"]],
+        "ConfirmationYieldQuantity": str(c.yield_quantity),  # Edm.Decimal: a string in V2
+        "ConfirmationScrapQuantity": str(c.scrap_quantity),
+        "IsFinalConfirmation": c.final,
+        "PostingDate": edm_date(c.posted_at.astimezone(zone).date()),
+        "ExternalSystemConfirmation": str(external_key(c.key)),
+    }
+    for moment, prefix in ((c.start, "ConfirmedExecutionStart"), (c.end, "ConfirmedExecutionEnd")):
+        if moment is not None:
+            local = moment.astimezone(zone)
+            entity[f"{prefix}Date"] = edm_date(local.date())
+            entity[f"{prefix}Time"] = edm_time(local.time())
+    return entity
+
+
+# --- talking to SAP ----------------------------------------------------------------------------
+
+
+def basic_auth(entry: Entry, secret: SecretStr) -> dict[str, str]:
+    pair = f"{entry.user}:{secret.get_secret_value()}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+
+
+def sap_message(response: httpx.Response) -> str:
+    """SAP's own words from an OData error body (``error.message.value`` and ``error.code``)."""
+    try:
+        error = response.json()["error"]
+        value, code = error["message"]["value"], error.get("code")
+    except (ValueError, KeyError, TypeError):
+        return ""
+    if not isinstance(value, str):
+        return ""
+    return one_line(value, 200) + (f" [{one_line(str(code), 60)}]" if code else "")
+
+
+def sap_failure(
+    entry: Entry, response: httpx.Response, secret: SecretStr | None, what: str
+) -> DeliveryFailed:
+    """A refusal as ``DeliveryFailed``: permanent for a 4xx resending cannot change (not 401,
+    403, 408, 429), with SAP's message in the reason; retryable otherwise."""
+    status = response.status_code
+    permanent = 400 <= status < 500 and status not in (401, 403, 408, 429)
+    excerpt = scrubbed(response.text, secret)
+    detail = sap_message(response) or one_line(excerpt, 160)
+    reason = f"{entry.name}: {what}: HTTP {status} {response.reason_phrase}{retry_after(response)}"
+    if detail:
+        reason += f": {detail}"
+    return DeliveryFailed(reason, status=status, excerpt=excerpt, permanent=permanent)
+
+
+def _csrf_required(response: httpx.Response) -> bool:
+    return (
+        response.status_code == 403
+        and response.headers.get("x-csrf-token", "").lower() == "required"
+    )
+
+
+def _results(response: httpx.Response) -> list[Any] | None:
+    """The ``d.results`` of an OData V2 collection answer (None: not one)."""
+    try:
+        found = response.json()["d"]["results"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return found if isinstance(found, list) else None
+
+
+class SapConfirmationSender:
+    """Posts confirmations to ``ProdnOrdConf2`` (see the module): lookup, CSRF token, POST."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self._client: httpx.AsyncClient | None = None  # keeps SAP's session cookies
+        self._token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SapConfirmationSender({self.entry.name!r})"
+
+    def _url(self, path: str) -> str:
+        return join_url(self.entry.url, self.entry.confirmation_service) + path
+
+    def _params(self, **more: str) -> dict[str, str]:
+        client = {} if self.entry.client is None else {"sap-client": self.entry.client}
+        return {**client, **more}
+
+    async def send(self, confirmation: Confirmation) -> Delivered:
+        entry = self.entry
+        entity = confirmation_entity(confirmation, entry)
+        secret = read_secret(entry.name, entry.secret)
+        auth = basic_auth(entry, secret)
+        if self._client is None:
+            self._client = outbound_client(entry.allowlist(), entry.timeout_s)
+        client = self._client
+        try:
+            posted = await self._posted(client, auth, secret, entity["ExternalSystemConfirmation"])
+            if posted is not None:
+                return Delivered(200, posted, duplicate=True)
+            response = await self._post(client, auth, entity)
+            if _csrf_required(response):  # the session or its token expired: once more
+                self._token = None
+                await self._fetch_token(client, auth, secret)
+                response = await self._post(client, auth, entity)
+        except (httpx.HTTPError, OutboundRefused) as exc:
+            reason = transport_failure(entry.name, exc, entry.timeout_s)
+            raise DeliveryFailed(reason, permanent=False) from None
+        if not response.is_success:
+            raise sap_failure(entry, response, secret, "confirmation")
+        return Delivered(response.status_code, self._created(response, secret))
+
+    async def _posted(
+        self, client: httpx.AsyncClient, auth: dict[str, str], secret: SecretStr, guid: str
+    ) -> str | None:
+        """Whether SAP has a confirmation with this external key already (and which one);
+        fetches the CSRF token on the way when none is held."""
+        params = self._params(
+            **{
+                "$filter": f"ExternalSystemConfirmation eq guid'{guid}'",
+                "$select": "ConfirmationGroup,ConfirmationCount,OrderID",
+                "$format": "json",
+            }
+        )
+        headers = {"Accept": "application/json", **auth}
+        if self._token is None:
+            headers["x-csrf-token"] = "Fetch"
+        response = await client.get(self._url(f"/{CONFIRMATIONS}"), params=params, headers=headers)
+        if not response.is_success:
+            raise sap_failure(self.entry, response, secret, "lookup by ExternalSystemConfirmation")
+        self._keep_token(response)
+        found = _results(response)
+        if found is None:
+            raise DeliveryFailed(
+                f"{self.entry.name}: lookup by ExternalSystemConfirmation: the answer is not an "
+                "OData V2 collection (d.results)",
+                status=response.status_code,
+                excerpt=scrubbed(response.text, secret),
+            )
+        if not found:
+            return None
+        first = found[0] if isinstance(found[0], Mapping) else {}
+        return (
+            f"already posted as ConfirmationGroup {first.get('ConfirmationGroup')} "
+            f"ConfirmationCount {first.get('ConfirmationCount')}"
+        )
+
+    async def _fetch_token(
+        self, client: httpx.AsyncClient, auth: dict[str, str], secret: SecretStr
+    ) -> None:
+        response = await client.get(
+            self._url("/"),
+            params=self._params(),
+            headers={"Accept": "application/json", "x-csrf-token": "Fetch", **auth},
+        )
+        if not response.is_success:
+            raise sap_failure(self.entry, response, secret, "CSRF token")
+        self._keep_token(response)
+        if self._token is None:
+            raise DeliveryFailed(f"{self.entry.name}: CSRF token: SAP sent none")
+
+    def _keep_token(self, response: httpx.Response) -> None:
+        token = response.headers.get("x-csrf-token")
+        if token and token.lower() != "required":
+            self._token = token
+
+    async def _post(
+        self, client: httpx.AsyncClient, auth: dict[str, str], entity: dict[str, Any]
+    ) -> httpx.Response:
+        headers = {"Accept": "application/json", **auth}
+        if self._token is not None:
+            headers["x-csrf-token"] = self._token
+        return await client.post(
+            self._url(f"/{CONFIRMATIONS}"), params=self._params(), json=entity, headers=headers
+        )
+
+    def _created(self, response: httpx.Response, secret: SecretStr) -> str:
+        try:
+            made = response.json()["d"]
+            return (
+                f"ConfirmationGroup {made['ConfirmationGroup']} "
+                f"ConfirmationCount {made['ConfirmationCount']}"
+            )
+        except (ValueError, KeyError, TypeError):
+            return scrubbed(response.text, secret, EXCERPT_CHARS)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+# --- orders in ---------------------------------------------------------------------------------
+
+# A_ProductionOrder_2Type properties read (API_PRODUCTION_ORDER_2_SRV's $metadata).
+ORDER_PROPERTIES = (
+    "ManufacturingOrder",
+    "Material",
+    "TotalQuantity",
+    "MfgOrderScheduledEndDate",
+    "MfgOrderScheduledEndTime",
+    "CustomerName",
+    "OrderIsReleased",
+    "OrderIsDeleted",
+    "OrderIsMarkedForDeletion",
+    "LastChangeDateTime",
+)
+# How the record made of an A_ProductionOrder_2 entity (``SapOrderSource._record``) maps.
+ORDER_MAPPING = FieldMapping(
+    order_id="ManufacturingOrder",
+    part_number="Material",
+    quantity="TotalQuantity",
+    due="MfgOrderScheduledEndDate",
+    customer="CustomerName",
+    machine_id="",
+    ideal_cycle_time_s="",
+    status="status",
+    modified="LastChangeDateTime",
+    cancelled_when=["deleted"],
+    released_when=["released"],
+)
+_SAP_STAMP = re.compile(r"^[0-9]{14}$")  # LastChangeDateTime: YYYYMMDDhhmmss, UTC
+
+
+class SapOrderSource:
+    """Reads ``A_ProductionOrder_2`` changed at or after the cursor (``LastChangeDateTime``,
+    oldest first, ``page_size`` at a time): released orders (``OrderIsReleased``) are released,
+    deleted or marked for deletion ones cancelled; the due time is the scheduled end
+    (``MfgOrderScheduledEndDate`` + ``MfgOrderScheduledEndTime``, plant time)."""
+
+    def __init__(self, entry: Entry, state_dir: Path | None) -> None:
+        self.entry = entry
+        self.book = OrderBook(
+            entry.name, order_source_urn(entry.name), state_file(state_dir, entry.name)
+        )
+        self.mapper = RecordMapper(ORDER_MAPPING, modified_required=True)
+
+    def __repr__(self) -> str:
+        return f"SapOrderSource({self.entry.name!r})"
+
+    async def changes(self, cursor: str | None) -> tuple[list[CloudEvent], str | None]:
+        erp_cursor = await self.book.begin(cursor)
+        entities = await self._read(erp_cursor)
+        records = [self._record(entity) for entity in entities]
+        events, last = polled_changes(self.book, self.mapper, records, _cursor_of)
+        next_erp = erp_cursor if last is None else last[1]
+        return events, await self.book.finish(next_erp, cursor)
+
+    def _record(self, entity: Any) -> Any:
+        if not isinstance(entity, Mapping):
+            return entity
+        record = {k: entity.get(k) for k in ("ManufacturingOrder", "Material", "TotalQuantity")}
+        record["CustomerName"] = entity.get("CustomerName") or None
+        day = parse_edm_date(entity.get("MfgOrderScheduledEndDate"))
+        at = parse_edm_time(entity.get("MfgOrderScheduledEndTime")) or time(0, 0)
+        if day is not None:
+            due = datetime.combine(day, at, tzinfo=self.entry.zone)
+            record["MfgOrderScheduledEndDate"] = rfc3339(due)
+        elif entity.get("MfgOrderScheduledEndDate") is not None:
+            record["MfgOrderScheduledEndDate"] = entity["MfgOrderScheduledEndDate"]
+        deleted = "X" in (entity.get("OrderIsDeleted"), entity.get("OrderIsMarkedForDeletion"))
+        released = entity.get("OrderIsReleased") == "X"
+        record["status"] = "deleted" if deleted else "released" if released else "created"
+        stamp = entity.get("LastChangeDateTime")
+        if isinstance(stamp, str) and _SAP_STAMP.match(stamp):
+            changed = datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+            record["LastChangeDateTime"] = rfc3339(changed)
+            record["_cursor"] = stamp
+        else:
+            record["LastChangeDateTime"] = stamp
+        return record
+
+    async def _read(self, erp_cursor: str | None) -> list[Any]:
+        entry = self.entry
+        try:
+            secret = entry.secret.read()
+        except ValueError as exc:
+            raise OrdersUnavailable(f"{entry.name}: secret: {exc}") from None
+        conditions = []
+        if erp_cursor is not None:
+            conditions.append(f"LastChangeDateTime ge '{erp_cursor}'")
+        if entry.plant is not None:
+            conditions.append(f"ProductionPlant eq '{entry.plant}'")
+        params = {
+            "$select": ",".join(ORDER_PROPERTIES),
+            "$orderby": "LastChangeDateTime",
+            "$top": str(entry.page_size),
+            "$format": "json",
+        }
+        if conditions:
+            params["$filter"] = " and ".join(conditions)
+        if entry.client is not None:
+            params["sap-client"] = entry.client
+        url = join_url(entry.url, entry.order_service) + f"/{ORDERS}"
+        try:
+            async with outbound_client(entry.allowlist(), entry.timeout_s) as client:
+                response = await client.get(
+                    url,
+                    params=params,
+                    headers={"Accept": "application/json", **basic_auth(entry, secret)},
+                )
+        except (httpx.HTTPError, OutboundRefused) as exc:
+            raise OrdersUnavailable(transport_failure(entry.name, exc, entry.timeout_s)) from None
+        if not response.is_success:
+            failure = sap_failure(entry, response, secret, "orders")
+            raise OrdersUnavailable(failure.reason)
+        found = _results(response)
+        if found is None:
+            raise OrdersUnavailable(
+                f"{entry.name}: orders: the answer is not an OData V2 collection (d.results)"
+            )
+        return found
+
+
+def _cursor_of(record: Any) -> tuple[Any, str] | None:
+    stamp = record.get("_cursor") if isinstance(record, Mapping) else None
+    return None if stamp is None else (stamp, stamp)
+
+
+__all__ = [
+    "Entry",
+    "SapConfirmationSender",
+    "SapOrderSource",
+    "confirmation_entity",
+    "confirmation_sender",
+    "external_key",
+    "order_source",
+]

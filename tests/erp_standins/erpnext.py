@@ -1,0 +1,438 @@
+"""An ERPNext stand-in: Frappe's REST API v1 (``/api/resource/<DocType>``, ``/api/method/...``,
+``Authorization: token <api key>:<api secret>``) with Work Orders to read and Stock Entries to
+insert, every document checked against the DocType definitions read at start from
+``../shared/fixtures/erp/erpnext`` (field names, fieldtypes, ``reqd``, Select ``options``,
+``non_negative``) plus the Custom Fields the test declares (the ``unique`` key field).
+
+Its answers have Frappe's shape: ``{"data": ...}`` / ``{"message": ...}``, errors as
+``{"exc_type", "exception", "_server_messages"}`` with the exception's status (417 for a
+ValidationError and its kind: MandatoryError, LinkValidationError, UniqueValidationError; 404
+DoesNotExistError; 401 AuthenticationError). A field the DocType does not have is refused here
+(417 ValidationError), where Frappe would drop it without a word: a misspelt field must not pass.
+
+Trouble on demand (``app.state.erp``): ``down`` (503), ``error`` (500), ``slow_s``,
+``api_secret`` (change it: the client's is wrong), ``lose_answer`` (an insert is done, then its
+answer is lost as a 504, once), ``stale_lists`` (lists of Stock Entries come back empty: the
+race in which the key is not seen before the insert).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+DOCTYPE_FILES = {
+    "Work Order": "work_order.json",
+    "Job Card": "job_card.json",
+    "Job Card Time Log": "job_card_time_log.json",
+    "Stock Entry": "stock_entry.json",
+    "Stock Entry Detail": "stock_entry_detail.json",
+}
+STANDARD = {
+    "name": "Data",
+    "owner": "Data",
+    "creation": "Datetime",
+    "modified": "Datetime",
+    "modified_by": "Data",
+    "docstatus": "Int",
+    "idx": "Int",
+    "doctype": "Data",
+    "parent": "Data",
+    "parentfield": "Data",
+    "parenttype": "Data",
+}
+TEXT = {
+    "Data",
+    "Link",
+    "Select",
+    "Small Text",
+    "Text",
+    "Text Editor",
+    "Long Text",
+    "Read Only",
+    "Barcode",
+    "Attach",
+    "Attach Image",
+    "Image",
+    "Dynamic Link",
+    "Code",
+    "HTML Editor",
+    "Markdown Editor",
+    "Phone",
+    "Autocomplete",
+    "Color",
+    "Duration",
+    "Password",
+}
+NUMBER = {"Float", "Currency", "Percent"}
+NO_VALUE = {"Button", "HTML", "Section Break", "Column Break", "Tab Break", "Heading", "Fold"}
+ENTRY_TYPES = {
+    "Manufacture",
+    "Material Transfer for Manufacture",
+    "Material Receipt",
+    "Material Issue",
+    "Material Transfer",
+    "Repack",
+}
+MAKE_STOCK_ENTRY = "erpnext.manufacturing.doctype.work_order.work_order.make_stock_entry"
+
+
+def doctypes(fixtures: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every DocType in the fixtures: fieldname -> its DocField."""
+    found = {}
+    for name, file in DOCTYPE_FILES.items():
+        definition = json.loads((fixtures / file).read_text())
+        found[name] = {f["fieldname"]: f for f in definition["fields"]}
+    return found
+
+
+class FrappeError(Exception):
+    def __init__(self, status: int, exc_type: str, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.status, self.exc_type, self.message, self.detail = status, exc_type, message, detail
+
+    def response(self) -> JSONResponse:
+        shown = {
+            "message": self.message,
+            "title": "Message",
+            "indicator": "red",
+            "raise_exception": 1,
+        }
+        body = {
+            "exc_type": self.exc_type,
+            "exception": f"frappe.exceptions.{self.exc_type}: {self.detail or self.message}",
+            "_server_messages": json.dumps([json.dumps(shown)]),
+        }
+        return JSONResponse(body, status_code=self.status)
+
+
+def _invalid(message: str, exc_type: str = "ValidationError", detail: str = "") -> FrappeError:
+    return FrappeError(417, exc_type, message, detail)
+
+
+@dataclass
+class ErpnextStandIn:
+    fixtures: Path
+    api_key: str
+    api_secret: str
+    custom_fields: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    down: bool = False
+    error: bool = False
+    slow_s: float = 0.0
+    lose_answer: bool = False
+    stale_lists: bool = False
+    now: datetime = datetime(2026, 3, 2, 7, 0, 0)
+    meta: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    docs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    received: Counter[str] = field(default_factory=Counter)  # Stock Entries per key value
+    _series: int = 0
+
+    def __post_init__(self) -> None:
+        self.meta = doctypes(self.fixtures)
+        for doctype, fields in self.custom_fields.items():
+            self.meta[doctype].update({f["fieldname"]: f for f in fields})
+        self.docs = {"Work Order": {}, "Stock Entry": {}}
+
+    def tick(self) -> str:
+        self.now += timedelta(seconds=1)
+        return self.now.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    # --- the test's side ------------------------------------------------------------------
+
+    def work_order(self, name: str, item: str, qty: float, **fields: Any) -> dict[str, Any]:
+        doc = {
+            "name": name,
+            "naming_series": "MFG-WO-.YYYY.-",
+            "status": "Not Started",
+            "docstatus": 1,
+            "production_item": item,
+            "bom_no": f"BOM-{item}-001",
+            "company": "Plant 1",
+            "qty": qty,
+            "produced_qty": 0.0,
+            "planned_start_date": "2026-03-02 06:00:00",
+            "wip_warehouse": "WIP - P1",
+            "fg_warehouse": "Finished Goods - P1",
+            "stock_uom": "Nos",
+            "use_multi_level_bom": 1,
+            **fields,
+        }
+        self.validate("Work Order", doc)
+        doc["modified"] = doc["creation"] = self.tick()
+        self.docs["Work Order"][name] = doc
+        return doc
+
+    def change(self, name: str, **fields: Any) -> None:
+        doc = {**self.docs["Work Order"][name], **fields}
+        self.validate("Work Order", doc)
+        doc["modified"] = self.tick()
+        self.docs["Work Order"][name] = doc
+
+    def cancel(self, name: str) -> None:
+        self.change(name, docstatus=2, status="Cancelled")
+
+    # --- what Frappe checks on save -------------------------------------------------------
+
+    def validate(self, doctype: str, doc: dict[str, Any], row: int | None = None) -> None:
+        fields = self.meta[doctype]
+        where = doctype if row is None else f"{doctype} Row #{row}"
+        for name, value in doc.items():
+            if name in STANDARD or name.startswith("__"):
+                continue
+            df = fields.get(name)
+            if df is None:
+                raise _invalid(f"{where}: there is no field {name!r} in DocType {doctype}")
+            if value is None:
+                continue
+            kind, label = df["fieldtype"], df.get("label") or name
+            if kind in ("Table", "Table MultiSelect"):
+                if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+                    raise _invalid(f"{where}: {label} must be a list of rows")
+                for n, child in enumerate(value, start=1):
+                    if df["options"] in self.meta:
+                        self.validate(df["options"], child, n)
+                continue
+            if not _conforms(kind, value):
+                raise _invalid(f"{where}: {label} ({name}) must be a {kind}, not {value!r}")
+            if kind == "Select" and df.get("options") and name != "naming_series":
+                options = df["options"].split("\n")
+                if value not in options:
+                    shown = ", ".join(f'"{o}"' for o in options if o)
+                    raise _invalid(f'{label} cannot be "{value}". It should be one of {shown}')
+            if df.get("non_negative") and kind in NUMBER | {"Int"} and value < 0:
+                raise _invalid(f"{where}: {label} cannot be negative")
+        missing = [
+            f.get("label") or n
+            for n, f in fields.items()
+            if f.get("reqd")
+            and f.get("default") is None
+            and n != "naming_series"
+            and doc.get(n) in (None, "", [])
+        ]
+        if missing:
+            raise _invalid(f"Error: Value missing for {where}: {missing[0]}", "MandatoryError")
+
+    def insert_stock_entry(self, doc: dict[str, Any]) -> dict[str, Any]:
+        self.validate("Stock Entry", doc)
+        entry_type = doc.get("stock_entry_type")
+        if entry_type not in ENTRY_TYPES:
+            raise _invalid(f"Could not find Stock Entry Type: {entry_type}", "LinkValidationError")
+        order = self.docs["Work Order"].get(doc.get("work_order") or "")
+        if doc.get("work_order") and order is None:
+            raise _invalid(f"Could not find Work Order: {doc['work_order']}", "LinkValidationError")
+        if order is not None and order["docstatus"] != 1:
+            raise _invalid(f"Work Order {order['name']} must be submitted")
+        for name, df in self.meta["Stock Entry"].items():  # unique Custom Fields
+            value = doc.get(name)
+            taken = (e.get(name) for e in self.docs["Stock Entry"].values())
+            if df.get("unique") and value is not None and value in taken:
+                integrity = f"IntegrityError(1062, \"Duplicate entry '{value}' for key '{name}'\")"
+                detail = f"('Stock Entry', 'new-stock-entry-1', {integrity})"
+                label = df.get("label") or name
+                raise _invalid(f"{label} must be unique", "UniqueValidationError", detail)
+        self._series += 1
+        name = f"MAT-STE-{self.now.year}-{self._series:05d}"
+        stamp = self.tick()
+        saved = {**doc, "name": name, "creation": stamp, "modified": stamp, "owner": "mes-hub"}
+        for n, child in enumerate(saved.get("items") or [], start=1):
+            child.update(parent=name, parentfield="items", parenttype="Stock Entry", idx=n)
+        self.docs["Stock Entry"][name] = saved
+        for df_name, df in self.meta["Stock Entry"].items():
+            if df.get("unique") and saved.get(df_name) is not None:
+                self.received[saved[df_name]] += 1
+        if order is not None and saved.get("docstatus") == 1:
+            made = sum(r["qty"] for r in saved["items"] if r.get("is_finished_item"))
+            order["produced_qty"] = order["produced_qty"] + made
+            order["status"] = "Completed" if order["produced_qty"] >= order["qty"] else "In Process"
+            order["modified"] = self.tick()
+        return saved
+
+    def make_stock_entry(self, work_order_id: str, purpose: str, qty: float) -> dict[str, Any]:
+        order = self.docs["Work Order"].get(work_order_id)
+        if order is None:
+            raise FrappeError(404, "DoesNotExistError", f"Work Order {work_order_id} not found")
+        rows = [
+            {
+                "doctype": "Stock Entry Detail",
+                "item_code": f"RM-{order['production_item']}",
+                "qty": float(qty),
+                "s_warehouse": order["wip_warehouse"],
+                "uom": "Nos",
+                "stock_uom": "Nos",
+                "conversion_factor": 1.0,
+                "transfer_qty": float(qty),
+            },
+            {
+                "doctype": "Stock Entry Detail",
+                "item_code": order["production_item"],
+                "qty": float(qty),
+                "t_warehouse": order["fg_warehouse"],
+                "uom": order["stock_uom"],
+                "stock_uom": order["stock_uom"],
+                "conversion_factor": 1.0,
+                "transfer_qty": float(qty),
+                "is_finished_item": 1,
+                "bom_no": order["bom_no"],
+            },
+        ]
+        return {
+            "doctype": "Stock Entry",
+            "docstatus": 0,
+            "idx": 0,
+            "naming_series": "MAT-STE-.YYYY.-",
+            "stock_entry_type": purpose,
+            "purpose": purpose,
+            "company": order["company"],
+            "work_order": work_order_id,
+            "from_bom": 1,
+            "bom_no": order["bom_no"],
+            "use_multi_level_bom": order["use_multi_level_bom"],
+            "fg_completed_qty": float(qty),
+            "inspection_required": 0,
+            "from_warehouse": order["wip_warehouse"],
+            "to_warehouse": order["fg_warehouse"],
+            "items": rows,
+        }
+
+    def listing(self, doctype: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        if doctype not in self.docs:
+            raise FrappeError(403, "PermissionError", f"Not permitted to read {doctype}")
+        fields = json.loads(params.get("fields") or '["name"]')
+        filters = json.loads(params.get("filters") or "[]")
+        if isinstance(filters, dict):
+            filters = [[k, *(v if isinstance(v, list) else ["=", v])] for k, v in filters.items()]
+        for name in [*fields, *(f[-3] for f in filters)]:
+            if name not in STANDARD and name not in self.meta[doctype]:
+                raise _invalid(f"Field not permitted in query: {name}", "DataError")
+        if doctype == "Stock Entry" and self.stale_lists:
+            return []
+        rows = [d for d in self.docs[doctype].values() if all(_test(d, f[-3:]) for f in filters)]
+        for part in reversed([p.split() for p in params.get("order_by", "").split(",") if p]):
+            rows.sort(
+                key=lambda d, n=part[0]: _sortable(d.get(n)),
+                reverse=len(part) > 1 and part[1].lower() == "desc",
+            )
+        start = int(params.get("limit_start") or 0)
+        rows = rows[start : start + int(params.get("limit_page_length") or 20)]
+        return [{n: d.get(n) for n in fields} for d in rows]
+
+
+def _conforms(kind: str, value: Any) -> bool:
+    if kind in TEXT:
+        return isinstance(value, str)
+    if kind in NUMBER:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind in ("Int", "Check"):
+        return isinstance(value, int) and (kind == "Check" or not isinstance(value, bool))
+    patterns = {
+        "Date": r"\d{4}-\d\d-\d\d",
+        "Datetime": r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{1,6})?",
+        "Time": r"\d\d?:\d\d:\d\d(\.\d{1,6})?",
+    }
+    if kind in patterns:
+        return isinstance(value, str) and re.fullmatch(patterns[kind], value) is not None
+    return kind not in NO_VALUE
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, str) and re.match(r"\d{4}-\d\d-\d\d", value):
+        return datetime.fromisoformat(value)
+    return value
+
+
+def _test(doc: dict[str, Any], condition: list[Any]) -> bool:
+    name, op, value = condition
+    have = doc.get(name)
+    if op in ("like", "not like"):
+        pattern = "".join(
+            ".*" if c == "%" else "." if c == "_" else re.escape(c) for c in str(value)
+        )
+        found = re.fullmatch(pattern, str(have or ""), re.IGNORECASE) is not None
+        return found if op == "like" else not found
+    if op == "in":
+        return have in value
+    if op == "not in":
+        return have not in value
+    a, b = _comparable(have), _comparable(value)
+    if a is None:
+        return op == "!=" and b is not None
+    checks = {"=": a == b, "!=": a != b, ">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}
+    return checks[op]
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    return (0, "") if value is None else (1, _comparable(value))
+
+
+# --- the app ---------------------------------------------------------------------------
+
+
+def erpnext_app(fixtures: Path, api_key: str, api_secret: str, **options: Any) -> FastAPI:
+    """The stand-in; its state (documents, trouble switches) is ``app.state.erp``."""
+    erp = ErpnextStandIn(fixtures, api_key, api_secret, **options)
+    app = FastAPI()
+    app.state.erp = erp
+
+    async def checked(request: Request) -> Response | None:
+        if erp.slow_s:
+            await asyncio.sleep(erp.slow_s)
+        if erp.down:
+            return PlainTextResponse("Service Unavailable", status_code=503)
+        if erp.error:
+            return FrappeError(500, "Exception", "the stand-in was told to fail").response()
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "token" or credentials != f"{erp.api_key}:{erp.api_secret}":
+            body = {
+                "exc_type": "AuthenticationError",
+                "exception": "frappe.exceptions.AuthenticationError",
+            }
+            return JSONResponse(body, status_code=401)
+        return None
+
+    @app.get("/api/resource/{doctype}")
+    async def list_documents(doctype: str, request: Request) -> Response:
+        if (refused := await checked(request)) is not None:
+            return refused
+        try:
+            return JSONResponse({"data": erp.listing(doctype, dict(request.query_params))})
+        except FrappeError as exc:
+            return exc.response()
+
+    @app.post("/api/resource/{doctype}")
+    async def insert(doctype: str, request: Request) -> Response:
+        if (refused := await checked(request)) is not None:
+            return refused
+        body = await request.json()
+        doc = json.loads(body["data"]) if isinstance(body.get("data"), str) else body
+        try:
+            if doctype != "Stock Entry":
+                raise FrappeError(403, "PermissionError", f"Not permitted to create {doctype}")
+            saved = erp.insert_stock_entry(doc)
+        except FrappeError as exc:
+            return exc.response()
+        if erp.lose_answer:
+            erp.lose_answer = False
+            return PlainTextResponse("Gateway Timeout", status_code=504)
+        return JSONResponse({"data": saved})
+
+    @app.post(f"/api/method/{MAKE_STOCK_ENTRY}")
+    async def make_stock_entry(request: Request) -> Response:
+        if (refused := await checked(request)) is not None:
+            return refused
+        args = await request.json()
+        try:
+            made = erp.make_stock_entry(args["work_order_id"], args["purpose"], args["qty"])
+        except FrappeError as exc:
+            return exc.response()
+        return JSONResponse({"message": made})
+
+    return app

@@ -1,0 +1,437 @@
+"""The SAP S/4HANA dialect (adapters.erp.sap) against a stand-in on loopback that checks every
+confirmation against the real service metadata (tests.erp_standins.sap, read from
+../shared/fixtures/erp/sap; skipped with a reason when that is absent)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from adapters.erp import sap
+from adapters.erp.base import Confirmation
+from adapters.erp.config import ErpConfigError, confirmation_sender, erp_section
+from contracts import validate_envelope
+from hub.outbox import DeliveryFailed
+from tests.conftest import T0
+from tests.erp_standins import erp_fixtures, served
+from tests.erp_standins.sap import (
+    CONFIRMATION_SERVICE,
+    SESSION_COOKIE,
+    add_production_order,
+    load_metadata,
+    sap_erp,
+)
+
+USER, PASSWORD = "MES_HUB", "s4-password-0123"
+
+
+@pytest.fixture
+def fixtures() -> Path:
+    return erp_fixtures("sap")
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "s4-password"
+    path.write_text(PASSWORD)
+    return path
+
+
+@pytest.fixture
+async def s4(fixtures: Path) -> AsyncIterator[tuple[FastAPI, str]]:
+    app = sap_erp(fixtures, user=USER, password=PASSWORD)
+    async with served(app) as url:
+        yield app, url
+
+
+def raw_entry(url: str, secret_file: Path, **keys: Any) -> dict[str, Any]:
+    return {
+        "name": "s4",
+        "dialect": "sap",
+        "url": url,
+        "user": USER,
+        "secret": {"file": str(secret_file)},
+        "allow": ["127.0.0.1"],
+        "timeout_s": 2,
+        "client": "100",
+        "timezone": "Europe/Berlin",
+        **keys,
+    }
+
+
+def entry(url: str, secret_file: Path, **keys: Any) -> sap.Entry:
+    [found] = erp_section([raw_entry(url, secret_file, **keys)], "mes-hub.toml", env={})
+    assert isinstance(found, sap.Entry)
+    return found
+
+
+def sender(e: sap.Entry) -> sap.SapConfirmationSender:
+    found = confirmation_sender(e)
+    assert isinstance(found, sap.SapConfirmationSender)
+    return found
+
+
+def confirmation(key: str = "evt-0001", order_id: str = "1000123", **changes: Any) -> Confirmation:
+    made = Confirmation(
+        key=key,
+        order_id=order_id,
+        sequence=1,
+        machine_id="M-1",
+        operation=None,
+        yield_quantity=40,
+        scrap_quantity=2,
+        start=T0,
+        end=T0 + timedelta(hours=3, minutes=30, seconds=15),
+        final=False,
+        correction_of=None,
+        posted_at=datetime(2026, 3, 2, 23, 30, tzinfo=UTC),  # 3 March in Berlin
+    )
+    return replace(made, **changes)
+
+
+def guid(key: str) -> str:
+    return str(uuid.uuid5(uuid.UUID("c0f618c2-53de-5486-acfa-c3771975b726"), key))
+
+
+def ms(day: str) -> str:
+    return f"/Date({int(datetime.fromisoformat(day + 'T00:00:00+00:00').timestamp()) * 1000})/"
+
+
+# --- confirmations -----------------------------------------------------------------------------
+
+
+async def test_a_confirmation_is_posted_with_the_metadatas_names_types_and_formats(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    app.state.orders = {"1000123"}
+    out = sender(entry(url, secret_file))
+    try:
+        delivered = await out.send(confirmation())
+    finally:
+        await out.close()
+    assert delivered.status == 201 and not delivered.duplicate
+    assert delivered.excerpt == "ConfirmationGroup 0000000001 ConfirmationCount 00000001"
+    [booked] = app.state.confirmations
+    sent = {k: v for k, v in booked.items() if v is not None and k[:1] != "_"}
+    assert sent == {
+        "OrderID": "1000123",
+        "OrderOperation": "0010",  # the entry's default: the confirmation names none
+        "ConfirmationText": "mes-hub M-1 #1",
+        "ConfirmationYieldQuantity": "40",
+        "ConfirmationScrapQuantity": "2",
+        "IsFinalConfirmation": False,
+        "PostingDate": ms("2026-03-03"),  # the plant's day (Europe/Berlin)
+        "ExternalSystemConfirmation": guid("evt-0001"),
+        "ConfirmedExecutionStartDate": ms("2026-03-02"),
+        "ConfirmedExecutionStartTime": "PT07H00M00S",
+        "ConfirmedExecutionEndDate": ms("2026-03-02"),
+        "ConfirmedExecutionEndTime": "PT10H30M15S",
+        # what the stand-in books itself
+        "ConfirmationGroup": "0000000001",
+        "ConfirmationCount": "00000001",
+        "ConfirmationEntryDate": booked["ConfirmationEntryDate"],
+        "EnteredByUser": "MES_HUB",
+        "IsReversed": False,
+        "IsReversal": False,
+    }
+    assert app.state.lookups == [f"ExternalSystemConfirmation eq guid'{guid('evt-0001')}'"]
+    assert app.state.token_fetches == 1 and len(app.state.posts) == 1
+
+
+async def test_the_csrf_token_is_reused_and_fetched_again_once_when_it_expired(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(confirmation("evt-1"))
+        await out.send(confirmation("evt-2", operation="0020"))
+        first_token = app.state.posts[0]
+        assert app.state.token_fetches == 1 and app.state.posts == [first_token] * 2
+
+        app.state.expire_sessions()
+        assert (await out.send(confirmation("evt-3"))).status == 201
+    finally:
+        await out.close()
+    assert app.state.token_fetches == 2
+    assert app.state.posts[2] == first_token and app.state.posts[3] not in (None, first_token)
+    assert [c["OrderOperation"] for c in app.state.confirmations] == ["0010", "0020", "0010"]
+
+
+async def post_raw(url: str, entity: dict[str, Any]) -> httpx.Response:
+    """A POST to the stand-in as any OData client makes it (token fetched first)."""
+    auth = httpx.BasicAuth(USER, PASSWORD)
+    async with httpx.AsyncClient(base_url=url + CONFIRMATION_SERVICE, auth=auth) as client:
+        fetched = await client.get("/", headers={"x-csrf-token": "Fetch"})
+        assert SESSION_COOKIE in client.cookies
+        token = fetched.headers["x-csrf-token"]
+        return await client.post("/ProdnOrdConf2", json=entity, headers={"x-csrf-token": token})
+
+
+VALID = {
+    "OrderID": "1000123",
+    "OrderOperation": "0010",
+    "ConfirmationYieldQuantity": "40",
+    "ConfirmationScrapQuantity": "0",
+    "IsFinalConfirmation": True,
+    "PostingDate": "/Date(1772409600000)/",
+    "ExternalSystemConfirmation": "01234567-89ab-cdef-0123-456789abcdef",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"ConfirmationYieldQuantity": 40}, "Edm.Decimal must be a JSON string"),
+        ({"ConfirmationYieldQuantity": "1.2345"}, "more than Scale 3 decimal places"),
+        ({"ConfirmationYieldQuantity": "12345678901"}, "more digits than Precision 13"),
+        ({"PostingDate": "2026-03-02"}, 'Edm.DateTime must be "/Date('),
+        ({"PostingDate": "/Date(1772442000000)/"}, "the time must be 00:00:00 UTC"),
+        ({"OrderID": "1234567890123"}, "longer than MaxLength 12"),
+        ({"OrderOperation": "00010"}, "longer than MaxLength 4"),
+        ({"ExternalSystemConfirmation": "mes-hub-evt-0001"}, "Edm.Guid must be a string"),
+        ({"IsFinalConfirmation": "X"}, "Edm.Boolean must be true or false"),
+        ({"ConfirmedExecutionStartTime": "07:00:00"}, "Edm.Time must be an ISO 8601 duration"),
+        ({"Quantity": "1"}, "Property 'Quantity' is invalid"),
+    ],
+)
+async def test_the_stand_in_refuses_what_the_metadata_refuses(
+    s4: tuple[FastAPI, str], change: dict[str, Any], said: str
+) -> None:
+    app, url = s4
+    assert (await post_raw(url, VALID)).status_code == 201  # the valid one is taken
+    refused = await post_raw(url, {**VALID, **change})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["message"]["lang"] == "en" and said in error["message"]["value"]
+    assert isinstance(error["code"], str) and error["code"]
+    assert len(app.state.confirmations) == 1
+
+
+def test_the_stand_in_takes_its_rules_from_the_metadata_file(fixtures: Path) -> None:
+    types = load_metadata(fixtures / "API_PROD_ORDER_CONFIRMATION_2_SRV.metadata.xml")
+    conf = types["ProdnOrdConf2Type"]
+    assert conf.keys == ("ConfirmationGroup", "ConfirmationCount")
+    assert len(conf.properties) == 88  # as SOURCE.txt counts them
+    used = {
+        "OrderID": ("Edm.String", 12),
+        "OrderOperation": ("Edm.String", 4),
+        "ConfirmationText": ("Edm.String", 40),
+        "ConfirmationYieldQuantity": ("Edm.Decimal", None),
+        "ConfirmationScrapQuantity": ("Edm.Decimal", None),
+        "IsFinalConfirmation": ("Edm.Boolean", None),
+        "PostingDate": ("Edm.DateTime", None),
+        "ExternalSystemConfirmation": ("Edm.Guid", None),  # no MaxLength: a GUID
+        "ConfirmedExecutionStartDate": ("Edm.DateTime", None),
+        "ConfirmedExecutionStartTime": ("Edm.Time", None),
+        "ConfirmedExecutionEndDate": ("Edm.DateTime", None),
+        "ConfirmedExecutionEndTime": ("Edm.Time", None),
+    }
+    for name, (kind, max_length) in used.items():
+        assert (conf.properties[name].type, conf.properties[name].max_length) == (kind, max_length)
+    assert set(sap.MAX_LENGTH.items()) <= {(n, m) for n, (_, m) in used.items()}
+
+
+async def test_sap_refusing_a_confirmation_is_permanent_with_its_message(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    app.state.orders = {"1000123"}
+    out = sender(entry(url, secret_file))
+    try:
+        with pytest.raises(DeliveryFailed) as failed:
+            await out.send(confirmation(order_id="1000999"))
+    finally:
+        await out.close()
+    exc = failed.value
+    assert exc.permanent and exc.status == 400
+    assert exc.reason == (
+        "s4: confirmation: HTTP 400 Bad Request: Order 1000999 does not exist [CO/004]"
+    )
+    assert '"value":"Order 1000999 does not exist"' in exc.excerpt
+
+
+async def test_a_lost_answer_is_not_posted_twice_because_of_the_lookup(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    app.state.lose_answers = 1  # booked, then answered 500
+    key = guid("evt-0001")
+    out = sender(entry(url, secret_file))
+    try:
+        with pytest.raises(DeliveryFailed) as failed:
+            await out.send(confirmation())
+        assert not failed.value.permanent and failed.value.status == 500
+        assert app.state.by_external_key[key] == 1
+
+        again = await out.send(confirmation())  # the outbox retries
+    finally:
+        await out.close()
+    restarted = sender(entry(url, secret_file))  # a hub restarted since: it looks too
+    try:
+        after_restart = await restarted.send(confirmation())
+    finally:
+        await restarted.close()
+    for delivered in again, after_restart:
+        assert delivered.duplicate
+        assert delivered.excerpt == (
+            "already posted as ConfirmationGroup 0000000001 ConfirmationCount 00000001"
+        )
+    assert app.state.by_external_key[key] == 1 and len(app.state.posts) == 1
+
+    # SAP itself does not refuse the same external key: without the lookup, a second booking.
+    assert (await post_raw(url, sap.confirmation_entity(confirmation(), out.entry))).is_success
+    assert app.state.by_external_key[key] == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "status", "said"),
+    [
+        ("reject_login", True, 401, "HTTP 401 Unauthorized"),
+        ("down", True, 503, "HTTP 503 Service Unavailable, Retry-After: 60"),
+        ("error", True, 500, "Runtime Error: internal error"),
+        ("slow", 1.5, None, "no answer within 0.5 s"),
+    ],
+)
+async def test_a_refused_login_a_down_or_failing_sap_is_not_permanent(
+    s4: tuple[FastAPI, str],
+    secret_file: Path,
+    flag: str,
+    value: object,
+    status: int | None,
+    said: str,
+) -> None:
+    app, url = s4
+    setattr(app.state, flag, value)
+    out = sender(entry(url, secret_file, timeout_s=0.5))
+    try:
+        with pytest.raises(DeliveryFailed) as failed:
+            await out.send(confirmation())
+    finally:
+        await out.close()
+    exc = failed.value
+    assert not exc.permanent and exc.status == status and said in exc.reason
+    for text in exc.reason, exc.excerpt, repr(exc):
+        assert PASSWORD not in text and "\n" not in exc.reason
+    assert app.state.confirmations == []
+
+
+async def test_what_sap_cannot_take_is_refused_before_calling_it(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    out = sender(entry(url, secret_file))
+    try:
+        with pytest.raises(DeliveryFailed) as lowered:
+            await out.send(confirmation(yield_quantity=-5, correction_of=1, sequence=2))
+        with pytest.raises(DeliveryFailed) as too_long:
+            await out.send(confirmation(order_id="WO-2026-000123"))
+    finally:
+        await out.close()
+    assert lowered.value.permanent and "no negative quantity" in lowered.value.reason
+    assert too_long.value.permanent and "longer than SAP takes (12" in too_long.value.reason
+    assert app.state.posts == [] and app.state.lookups == []
+
+
+# --- orders in ---------------------------------------------------------------------------------
+
+
+def production_order(app: FastAPI, number: str, changed: str, **properties: Any) -> None:
+    add_production_order(
+        app,
+        **{
+            "ManufacturingOrder": number,
+            "Material": "FG-BRACKET-01",
+            "ProductionPlant": "1010",
+            "TotalQuantity": "250.000",
+            "MfgOrderScheduledEndDate": ms("2026-03-10"),
+            "MfgOrderScheduledEndTime": "PT16H00M00S",
+            "CustomerName": "ACME Corp",
+            "OrderIsReleased": "X",
+            "OrderIsDeleted": "",
+            "OrderIsMarkedForDeletion": "",
+            "LastChangeDateTime": changed,
+            **properties,
+        },
+    )
+
+
+async def test_sap_orders_are_released_changed_and_cancelled(
+    s4: tuple[FastAPI, str], secret_file: Path, tmp_path: Path
+) -> None:
+    app, url = s4
+    production_order(app, "1000123", "20260302060000")
+    production_order(app, "1000124", "20260302060000", OrderIsReleased="")  # created only
+    orders = sap.order_source(entry(url, secret_file, plant="1010"), tmp_path / "erp")
+    assert orders is not None
+
+    events, cursor = await orders.changes(None)
+    assert [(e.type, e.subject) for e in events] == [("mes.erp.order.released.v1", "1000123")]
+    assert events[0].data == {
+        "order_id": "1000123",
+        "part_number": "FG-BRACKET-01",
+        "quantity": 250,
+        "due": "2026-03-10T15:00:00Z",  # 16:00 in Berlin
+        "customer": "ACME Corp",
+    }
+    assert events[0].time == T0
+    assert app.state.order_queries[-1]["$filter"] == "ProductionPlant eq '1010'"
+
+    first, second = app.state.production_orders
+    first.update(TotalQuantity="300.000", LastChangeDateTime="20260302070000")
+    second.update(OrderIsReleased="X", LastChangeDateTime="20260302070500")
+    events, cursor = await orders.changes(cursor)
+    assert app.state.order_queries[-1]["$filter"] == (
+        "LastChangeDateTime ge '20260302060000' and ProductionPlant eq '1010'"
+    )
+    assert [(e.type.split(".")[-2], e.subject) for e in events] == [
+        ("changed", "1000123"),
+        ("released", "1000124"),
+    ]
+    assert events[0].data == {"order_id": "1000123", "quantity": 300}
+
+    first.update(OrderIsMarkedForDeletion="X", LastChangeDateTime="20260302080000")
+    events, cursor = await orders.changes(cursor)
+    assert [(e.type.split(".")[-2], e.subject) for e in events] == [("cancelled", "1000123")]
+    for event in events:
+        validate_envelope(event)
+    assert cursor is not None and cursor.startswith("20260302080000#")
+
+
+# --- the [[erp]] entry -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keys", "said"),
+    [
+        ({"secret": "s4-inline-password"}, "never written in the config"),
+        ({"user": None}, "key 'erp[0].user'"),
+        ({"timezone": "Mars/Olympus"}, "key 'erp[0].timezone'"),
+        ({"operation": "00010"}, "key 'erp[0].operation'"),
+        ({"client": "1"}, "key 'erp[0].client'"),
+    ],
+)
+def test_a_bad_sap_entry_is_refused_naming_the_key(keys: dict[str, Any], said: str) -> None:
+    raw = raw_entry("https://s4.example", Path("/run/secrets/s4"))
+    for key, value in keys.items():
+        if value is None:
+            del raw[key]
+        else:
+            raw[key] = value
+    with pytest.raises(ErpConfigError) as failed:
+        erp_section([raw], "mes-hub.toml", env={})
+    assert said in str(failed.value) and "s4-inline-password" not in str(failed.value)
+
+
+def test_no_sap_sources_when_switched_off(secret_file: Path) -> None:
+    quiet = entry("https://s4.example", secret_file, poll_interval_s=0, confirm=False)
+    assert sap.order_source(quiet) is None and sap.confirmation_sender(quiet) is None

@@ -1,0 +1,118 @@
+"""A hub killed mid-delivery loses no confirmation and posts none twice: ``mes-hub serve``
+with a generic REST ERP (the stand-in of tests/erp_standins/rest.py), SIGKILLed by a failpoint
+right after the ERP took a confirmation and before the hub recorded it, then started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from hub.bootstrap import CONFIRMATIONS_SINCE
+from hub.nats import EmbeddedNatsServer, NatsPublisher, connect
+from tests.conftest import T0, cloud_event, eventually
+from tests.erp_standins import served
+from tests.erp_standins.rest import CONFIRM_PATH, rest_erp
+
+TOKEN = "rest-token-0123456789"
+ORDERS = 6
+
+
+def start_hub(data_dir: Path, config: Path, nats_url: str, **env: str) -> subprocess.Popen[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MES_HUB_")}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hub",
+            "serve",
+            "--config",
+            str(config),
+            "--nats-url",
+            nats_url,
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            "0",
+        ],
+        env={
+            **clean,
+            "ERP_TOKEN": TOKEN,
+            "MES_HUB_API_KEYS": "admin:admin-key-0123456789abcdef",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=(data_dir.parent / "hub.stderr").open("ab"),
+    )
+
+
+def workload() -> list[Any]:
+    """``ORDERS`` orders on three machines, each run ended: a confirmation each."""
+    events = []
+    for k in range(ORDERS):
+        order_id, machine, start = f"SO-{k}", f"M{k % 3}", 60 * (k // 3)
+        release = {"order_id": order_id, "part_number": "P-1", "quantity": 50,
+                   "due": (T0 + timedelta(days=3)).isoformat()}  # fmt: skip
+        events += [
+            cloud_event("mes.erp.order.released.v1", order_id, release, at=-timedelta(hours=1)),
+            cloud_event("mes.operator.order_started.v1", machine, {"order_id": order_id},
+                        at=timedelta(minutes=start)),
+            cloud_event("mes.machine.partcount.v1", machine, {"count": 10 * k, "kind": "all"},
+                        at=timedelta(minutes=start)),
+            cloud_event("mes.machine.partcount.v1", machine, {"count": 10 * k + k + 1,
+                        "kind": "all"}, at=timedelta(minutes=start + 50)),
+            cloud_event("mes.operator.order_ended.v1", machine, {"order_id": order_id},
+                        at=timedelta(minutes=start + 55)),
+        ]  # fmt: skip
+    return events
+
+
+async def test_a_hub_killed_between_the_erp_s_answer_and_its_record_posts_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    erp = rest_erp(token=TOKEN)
+    data_dir = tmp_path / "hub"
+    data_dir.mkdir()
+    (data_dir / CONFIRMATIONS_SINCE).write_text((T0 - timedelta(days=1)).isoformat())
+    async with served(erp) as url:
+        config = tmp_path / "mes-hub.toml"
+        config.write_text(
+            f'[[erp]]\nname = "plant-erp"\ndialect = "rest"\nurl = "{url}"\n'
+            'secret = { env = "ERP_TOKEN" }\nallow = ["127.0.0.1"]\npoll_interval_s = 0\n'
+            f'confirm_path = "{CONFIRM_PATH}"\n'
+        )
+        with EmbeddedNatsServer(tmp_path / "nats") as nats_server:
+            crashing = start_hub(
+                data_dir, config, nats_server.url, MES_HUB_FAULT_KILL_AFTER_DELIVERY="3"
+            )
+            client = await connect(nats_server.url)
+            try:
+                await eventually(lambda: (data_dir / "views.sqlite").exists(), timeout=30)
+                await NatsPublisher(client.jetstream(), "default").publish_many(workload())
+                # The third confirmation taken kills the hub before it records the attempt.
+                await eventually(lambda: crashing.poll() is not None, timeout=60)
+                assert crashing.returncode == -signal.SIGKILL
+                taken_before = len(erp.state.confirmations)
+                assert taken_before >= 3
+                again = start_hub(data_dir, config, nats_server.url)
+                try:
+                    await eventually(lambda: len(erp.state.confirmations) == ORDERS, timeout=60)
+                    # The one taken but not recorded went again with its key: answered as a
+                    # repeat, counted once.
+                    await eventually(lambda: sum(erp.state.attempts.values()) > ORDERS)
+                finally:
+                    again.send_signal(signal.SIGTERM)
+                    again.wait(30)
+            finally:
+                await client.close()
+                if crashing.poll() is None:
+                    crashing.kill()
+    taken = erp.state.confirmations
+    assert sorted(body["order_id"] for body in taken.values()) == [f"SO-{k}" for k in range(ORDERS)]
+    assert [body["yield_quantity"] for _, body in sorted(
+        (b["order_id"], b) for b in taken.values())] == [k + 1 for k in range(ORDERS)]  # fmt: skip
+    assert max(erp.state.attempts.values()) == 2  # the repeat, and nothing else twice
