@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ class Hub:
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
 CONFIRMATIONS, OUTBOX, ERP_ORDERS = "confirmations", "outbox", "erp-orders"
 CONFIRMATIONS_SINCE = "erp-confirmations.since"  # when this hub began to confirm (data dir)
+CONFIRMATIONS_POSITION = "erp-confirmations.position"  # how far the views were looked at
 
 
 def erp_pollers(
@@ -250,9 +252,11 @@ def outbox_senders(
     views: ViewDatabase,
     publisher: EventPublisher,
     retry: RetryPolicy,
+    store_position: int,
 ) -> list[Sender]:
     """A sender per destination; each is owed only what was decided after it was first
-    configured (a new ERP is not sent the plant's history)."""
+    configured (a new ERP is not sent the plant's history): what the store held then, kept
+    in the data dir (``store_position`` the first time)."""
     outbox = OutboxReader(views)
     return [
         Sender(
@@ -262,21 +266,29 @@ def outbox_senders(
             settings.site,
             idempotency_key,
             retry,
-            after=_first_seen(settings.data_dir / "outbox" / f"{destination.name}.since", outbox),
+            after=_first_seen(
+                settings.data_dir / "outbox" / f"{destination.name}.since", store_position
+            ),
             kill_after_delivery=settings.fault_kill_after_delivery,
         )
         for destination in destinations
     ]
 
 
-def _first_seen(path: Path, outbox: OutboxReader) -> int:
-    """The outbox position when a destination was first configured, kept in ``path``."""
+def _first_seen(path: Path, position: int) -> int:
+    """The store's position when a destination was first configured, kept in ``path``."""
     if path.exists():
-        return int(path.read_text().strip() or 0)
-    position = outbox.last_position()
+        return int(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(str(position))
+    _write_whole(path, str(position))
     return position
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` in ``path``, whole or not at all (a crash leaves no empty file behind)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def confirmation_watch(
@@ -290,7 +302,7 @@ def confirmation_watch(
     confirmed (kept in the data dir) are not confirmed."""
     path = settings.data_dir / CONFIRMATIONS_SINCE
     if not path.exists():
-        path.write_text(datetime.now(UTC).isoformat())
+        _write_whole(path, datetime.now(UTC).isoformat())
     since = datetime.fromisoformat(path.read_text().strip())
 
     def load(keys: Iterable[UUID]) -> list[Order]:
@@ -298,8 +310,9 @@ def confirmation_watch(
         return [o for o in found if isinstance(o, Order) and o.site == settings.site]
 
     return ConfirmationWatch(
-        settings.site, load, views, FactsReader(views), plant or PlantConfig(), publisher, since
-    )
+        settings.site, load, views, FactsReader(views), plant or PlantConfig(), publisher, since,
+        position_file=settings.data_dir / CONFIRMATIONS_POSITION,
+    )  # fmt: skip
 
 
 def api_context(
@@ -526,6 +539,7 @@ async def build_hub(
             views,
             publisher,
             retry or RetryPolicy(),
+            await asyncio.to_thread(events_store.last_position),
         )
         if senders:
             watch = await asyncio.to_thread(

@@ -403,7 +403,11 @@ class Ingestor:
             case ConfirmationDueV1():
                 order = _one(Order, touched)
                 # Whole, with the site: the outbox view reads its messages from these alone.
-                confirmation = {**data.model_dump(mode="json"), "site": order.site}
+                confirmation = {
+                    **data.model_dump(mode="json"),
+                    "site": order.site,
+                    "decided_at": envelope.time.isoformat(),
+                }
                 order.record_confirmation_due(origin, confirmation)
             case DeliveryAttemptedV1():
                 attempt = data.model_dump(mode="json", exclude={"order_id"})

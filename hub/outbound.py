@@ -58,11 +58,29 @@ class Allowlist:
         return host.lower().rstrip(".") in self.hosts or any(address in n for n in self.networks)
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def is_public(address: IpAddress) -> bool:
-    """Routable on the internet: not loopback, private, link-local (cloud metadata), multicast,
-    reserved or unspecified; an IPv4 address mapped into IPv6 is judged as itself."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Routable on the internet: not loopback, private, link-local (cloud metadata), site-local,
+    multicast, reserved or unspecified. An IPv6 address that carries an IPv4 one (mapped,
+    NAT64, 6to4, Teredo, the old "compatible" form) is judged by the IPv4 address as well."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:
+            return False
+        carried = [
+            address.ipv4_mapped,
+            address.sixtofour,
+            address.teredo[1] if address.teredo else None,
+            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+            if address in _NAT64 or (address in _IPV4_COMPATIBLE and int(address) > 1)
+            else None,
+        ]
+        if any(v4 is not None and not is_public(v4) for v4 in carried):
+            return False
+        if address.ipv4_mapped is not None:
+            return is_public(address.ipv4_mapped)
     return address.is_global and not address.is_multicast
 
 
@@ -125,13 +143,20 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         addresses = await asyncio.to_thread(checked_addresses, host, port, self._allow)
-        return await self._inner.connect_tcp(
-            str(addresses[0]),
-            port,
-            timeout=timeout,
-            local_address=local_address,
-            socket_options=socket_options,
-        )
+        failure: Exception | None = None
+        for address in addresses:  # each checked address in turn, as a resolver's caller does
+            try:
+                return await self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None  # (resolve returns at least one address)
+        raise failure
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None

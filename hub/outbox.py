@@ -34,8 +34,10 @@ import functools
 import logging
 import os
 import random
+import re
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,7 +49,7 @@ from hub.ports import EventPublisher
 log = logging.getLogger(__name__)
 EXCERPT_CHARS = 512  # of a destination's answer, kept with each attempt
 ATTEMPT_TYPE = "mes.hub.delivery.attempted.v1"
-PAGE = 64  # messages read per round (each key's first ones come first): a few per sender slot
+PAGE = 64  # messages read per round (the first of each key): a few per sender slot
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,8 @@ class Outbox(Protocol):
     """The view of what is owed (``projections.views.outbox_view.OutboxReader``)."""
 
     def undelivered(
-        self, destination: str, kinds: Sequence[str], after: int = 0, limit: int = 500
-    ) -> list[OutboxMessage]: ...
+        self, destination: str, kinds: Sequence[str], after: int = 0, limit: int = 64
+    ) -> tuple[int, list[OutboxMessage]]: ...
 
 
 @dataclass(frozen=True)
@@ -164,8 +166,13 @@ class Circuit:
 
 
 def excerpt(text: str) -> str:
-    """The start of an answer, as kept with an attempt."""
+    """The start of an answer, as kept with an attempt: control characters (NUL, which no event
+    may carry, among them) become spaces."""
+    text = _CONTROL.sub(" ", text)
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -185,7 +192,8 @@ class SenderStats:
     duplicates: int = 0
     failed: int = 0
     dead: int = 0
-    latencies_s: list[float] = field(default_factory=list)  # decided → taken, for the bench
+    # decided → taken, the last ones (for the bench)
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
 
 class Sender:
@@ -240,13 +248,12 @@ class Sender:
 
     async def round(self) -> int:
         """Start the deliveries that are due now; returns how many were started."""
-        messages = await asyncio.to_thread(
+        floor, messages = await asyncio.to_thread(
             self._outbox.undelivered, self.name, self.destination.kinds, self._after, PAGE
         )
-        if messages:
-            # Everything decided before the first one not taken was taken: ask from there on
-            # (else every round would read past all that was ever delivered).
-            self._after = max(self._after, messages[0].position - 1)
+        # Everything decided before ``floor`` was taken: ask from there on (else every round
+        # would read past all that was ever delivered).
+        self._after = max(self._after, floor)
         now = datetime.now(UTC)
         started = 0
         for message in self._due(messages, now):
@@ -266,7 +273,7 @@ class Sender:
         """The first message of each key not taken yet, if it may be tried now."""
         heads: list[OutboxMessage] = []
         blocked: set[str] = set(self._busy)
-        for message in messages:  # as decided: each key's earlier messages come first
+        for message in messages:  # the first not taken of each key, as decided
             if message.ordering_key in blocked:
                 continue
             state = self._state(message)
@@ -300,7 +307,9 @@ class Sender:
         )
 
     async def _deliver(self, message: OutboxMessage) -> None:
-        attempt = self._state(message).attempts + 1
+        state = self._state(message)
+        attempt = state.attempts + 1
+        since_requeue = attempt - state.requeued_at  # attempts count afresh from a requeue
         key = self._key_for(message.key, self.name)
         now = datetime.now(UTC)
         next_at: datetime | None = None
@@ -310,18 +319,19 @@ class Sender:
             delivered = await self.destination.deliver(message, key)
         except DeliveryFailed as failed:
             status, reason, answer = failed.status, failed.reason, failed.excerpt
-            since_requeue = attempt - self._state(message).requeued_at
             dead = failed.permanent or since_requeue >= self.policy.max_attempts
             outcome = "dead" if dead else "failed"
-            if not failed.permanent:
-                self.circuit.failed()  # (a refusal of the content says the destination is up)
+            if failed.permanent:
+                self.circuit.succeeded()  # a refusal of the content: the destination is up
+            else:
+                self.circuit.failed()
             if not dead:
-                next_at = now + timedelta(seconds=self.policy.delay_s(attempt, self._rng))
+                next_at = now + timedelta(seconds=self.policy.delay_s(since_requeue, self._rng))
         except Exception as exc:  # a dialect's bug: retried like an outage, and said
             log.exception("outbox %s: delivering %s failed", self.name, message.key)
             outcome, reason = "failed", f"{type(exc).__name__}: {exc}"
             self.circuit.failed()
-            next_at = now + timedelta(seconds=self.policy.delay_s(attempt, self._rng))
+            next_at = now + timedelta(seconds=self.policy.delay_s(since_requeue, self._rng))
         else:
             self.circuit.succeeded()
             outcome = "duplicate" if delivered.duplicate else "delivered"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Protocol
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -90,6 +91,17 @@ class ErpEntryBase(BaseModel):
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     poll_interval_s: float = Field(default=60.0, ge=0, le=86_400)
     confirm: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            # They would show wherever the URL does: logs, attempt records, erp check.
+            raise ValueError("credentials go in user and secret, never in the URL")
+        if not parts.hostname:
+            raise ValueError("must name a host")
+        return value
 
     @field_validator("secret", mode="before")
     @classmethod

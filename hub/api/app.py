@@ -48,8 +48,10 @@ def create_app(context: ApiContext) -> FastAPI:
     # The reads run in a bounded pool: when it is full they are refused for a while (429), and
     # when a worker of it dies the read is too (503); both say when to ask again (Retry-After).
     reads = problems(*every, 429, 503, retry_after=(429, 503))
-    for module in (machines, orders, erp):
+    for module in (machines, orders):
         app.include_router(module.router, prefix="/api/v1", responses=reads)
+    # (The ERP routes that read through the pool say so themselves.)
+    app.include_router(erp.router, prefix="/api/v1", responses=problems(*every))
     # Both OEE routes name a machine, which may be unknown (404).
     app.include_router(oee.router, prefix="/api/v1", responses=reads | problems(404))
     _serve_docs(app)

@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from contracts import CloudEvent
 from hub.domain import Order
+from hub.domain import order_runs as runs_of_moves
 from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
 from projections.rules.hub_events import hub_event
@@ -35,7 +38,7 @@ from projections.rules.plant import PlantConfig
 from projections.rules.progress import Run, order_progress
 from projections.views.database import ViewDatabase
 from projections.views.facts_view import FactsReader, facts_of_runs
-from projections.views.outbox_view import confirmation_candidates
+from projections.views.outbox_view import confirmation_candidates, order_moves
 
 log = logging.getLogger(__name__)
 CONFIRMATION_TYPE = "mes.hub.order.confirmation_due.v1"
@@ -53,19 +56,30 @@ def totals(
 
 
 def confirmation_due(
-    order: Order, reader: FactsReader, plant: PlantConfig, now: datetime, since: datetime
+    order: Order,
+    reader: FactsReader,
+    plant: PlantConfig,
+    now: datetime,
+    since: datetime,
+    moves: list[dict[str, Any]] | None = None,
+    corrections_since: datetime | None = None,
 ) -> dict[str, Any] | None:
     """The data of the confirmation ``order`` is owed now, or None.
 
     Worked example: an order of 100 runs on M1 from 06:00 to 10:00 and makes 60 good, 2 scrap:
     confirmation 1 (run_ended) says 60 and 2, not final. It runs again on M2 and makes 40 more:
     confirmation 2 says 40 and 0, final (100 good). A late scrap of 3 for the order: confirmation
-    3 (a correction of 2) says -3 good and 3 scrap."""
+    3 (a correction of 2) says -3 good and 3 scrap.
+
+    ``moves``: the order's starts and ends as the views have them (else the order's own): the
+    parts counted must not lag the run's end. ``corrections_since``: an order last confirmed
+    before it gets no correction (it was told what it was told)."""
     if order.status == "cancelled":
         return None
     confirmed = order.confirmed
+    runs = order_runs(order) if moves is None else _runs(moves)
     ended = sorted(
-        (r for r in order_runs(order) if r.end is not None and r.end >= since),
+        (r for r in runs if r.end is not None and r.end >= since),
         key=lambda r: (r.end or r.start, r.machine_id),
     )
     runs_confirmed = sum(1 for c in confirmed if c["reason"] == "run_ended")
@@ -73,7 +87,7 @@ def confirmation_due(
     scrap_told = sum(int(c["scrap_quantity"]) for c in confirmed)
     if len(ended) > runs_confirmed:
         run, covered, reason = ended[runs_confirmed], ended[: runs_confirmed + 1], "run_ended"
-    elif confirmed and not order.running_on and ended:
+    elif confirmed and not order.running_on and ended and _recent(confirmed, corrections_since):
         run, covered, reason = ended[-1], ended, "correction"
     else:
         return None
@@ -95,6 +109,22 @@ def confirmation_due(
     }
 
 
+def _runs(moves: list[dict[str, Any]]) -> list[Run]:
+    return [
+        Run(
+            run["machine_id"],
+            datetime.fromisoformat(run["start"]),
+            datetime.fromisoformat(run["end"]) if run["end"] else None,
+        )
+        for run in runs_of_moves(moves)
+    ]
+
+
+def _recent(confirmed: list[dict[str, Any]], since: datetime | None) -> bool:
+    decided = confirmed[-1].get("decided_at")
+    return since is None or decided is None or datetime.fromisoformat(decided) >= since
+
+
 class ConfirmationWatch:
     """Decides the confirmations owed for what the views took in since its last round."""
 
@@ -108,11 +138,15 @@ class ConfirmationWatch:
         publisher: EventPublisher,
         since: datetime,
         correction_window: timedelta = timedelta(days=7),
+        position_file: Path | None = None,
     ) -> None:
         self._site, self._load, self._views = site, load, views
         self._reader, self._plant, self._publisher = reader, plant, publisher
         self._since, self._window = since, correction_window
-        self._after = 0  # the views' position the last round read to (0: look at everything)
+        # The views' position the last round read to (0: look at everything), kept in
+        # ``position_file`` so that a restart does not look at every order again.
+        self._position_file = position_file
+        self._after = _read_position(position_file)
         # Orders with a decision published, and when: looked at again REPUBLISH_AFTER_S later
         # (a decision changes nothing the candidates query sees; an order with a second run
         # ended before its first decision was stored would wait for its next change), and
@@ -121,14 +155,20 @@ class ConfirmationWatch:
         self.published = 0  # confirmations decided (not counting repeats)
 
     def decisions(self, now: datetime) -> tuple[list[CloudEvent], int]:
+        corrections_since = now - self._window
         candidates, upto = confirmation_candidates(
-            self._views, self._site, self._after, now - self._window
+            self._views, self._site, self._after, corrections_since
         )
         events = []
         clock = time.monotonic()
         due_again = {k for k, sent in self._recheck.items() if clock - sent >= REPUBLISH_AFTER_S}
-        for order in self._load(sorted({*candidates, *due_again}, key=str)):
-            data = confirmation_due(order, self._reader, self._plant, now, self._since)
+        keys = sorted({*candidates, *due_again}, key=str)
+        moves = order_moves(self._views, keys)
+        for order in self._load(keys):
+            data = confirmation_due(
+                order, self._reader, self._plant, now, self._since,
+                moves.get(order.id), corrections_since,
+            )  # fmt: skip
             if data is None:
                 self._recheck.pop(order.id, None)
                 continue
@@ -152,7 +192,10 @@ class ConfirmationWatch:
             receipts = await self._publisher.publish_many(events)
             new = sum(1 for receipt in receipts if not receipt.duplicate)
             self.published += new
-        self._after = upto
+        if upto != self._after:
+            self._after = upto
+            if self._position_file is not None:
+                await asyncio.to_thread(_write_position, self._position_file, upto)
         return new
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
@@ -165,3 +208,16 @@ class ConfirmationWatch:
                 log.exception("confirmation round failed; next round in %.1f s", interval_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def _read_position(path: Path | None) -> int:
+    try:
+        return int(path.read_text().strip()) if path is not None else 0
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _write_position(path: Path, position: int) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(str(position))
+    os.replace(partial, path)

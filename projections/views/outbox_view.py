@@ -71,6 +71,9 @@ class OutboxView:
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_position ON {MESSAGES} (position)"
         )
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_time ON {MESSAGES} (site, decided_at)"
+        )
 
     def drop(self, cursor: Cursor) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {MESSAGES}")
@@ -134,24 +137,42 @@ class OutboxReader:
         self._db = db
 
     def undelivered(
-        self, destination: str, kinds: Sequence[str], after: int = 0, limit: int = 500
-    ) -> list[OutboxMessage]:
-        """The first ``limit`` of ``destination``'s messages not delivered yet (never tried,
-        failed, dead or requeued) decided after position ``after``, in the order they were
-        decided (so each ordering key's first one comes first)."""
+        self, destination: str, kinds: Sequence[str], after: int = 0, limit: int = 64
+    ) -> tuple[int, list[OutboxMessage]]:
+        """What ``destination`` may be sent now: the first message not taken (by sequence) of
+        each ordering key decided after position ``after``, unless it is dead (a dead message
+        holds its key back until it is requeued) — at most ``limit``, in the order decided.
+        Also the position below which every message was taken (ask from there next time)."""
+        marks = ", ".join("?" * len(kinds))
+        open_outcome = "(d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued'))"
         with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT MIN(m.position) FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d "
+                "ON d.key = m.key AND d.destination = ? "
+                f"WHERE m.position > ? AND m.kind IN ({marks}) AND {open_outcome}",
+                [destination, after, *kinds],
+            )
+            (first,) = cursor.fetchone()
+            if first is None:
+                cursor.execute(f"SELECT MAX(position) FROM {MESSAGES}")
+                (last,) = cursor.fetchone()
+                return max(after, int(last or 0)), []
+            floor = int(first) - 1
             cursor.execute(
                 f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
                 f"m.decided_at, m.position, d.attempts, d.outcome, d.next_attempt_at, "
                 f"d.status_code, d.reason, d.requeued_at FROM {MESSAGES} m "
-                f"LEFT JOIN {DELIVERIES} d "
-                "ON d.key = m.key AND d.destination = ? "
-                f"WHERE m.position > ? AND m.kind IN ({', '.join('?' * len(kinds))}) "
-                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued')) "
+                f"LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ? "
+                f"WHERE m.position > ? AND m.kind IN ({marks}) "
+                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'requeued')) "
+                f"AND NOT EXISTS (SELECT 1 FROM {MESSAGES} e LEFT JOIN {DELIVERIES} d "
+                "ON d.key = e.key AND d.destination = ? WHERE e.site = m.site "
+                "AND e.ordering_key = m.ordering_key AND e.kind = m.kind "
+                f"AND e.sequence < m.sequence AND e.position > ? AND {open_outcome}) "
                 "ORDER BY m.position LIMIT ?",
-                [destination, after, *kinds, limit],
+                [destination, floor, *kinds, destination, floor, limit],
             )
-            return [_message(row) for row in cursor.fetchall()]
+            return floor, [_message(row) for row in cursor.fetchall()]
 
     def messages(
         self,
@@ -289,3 +310,20 @@ def _ran_before(site: str, moves: list[dict[str, Any]], earliest: dict[str, int]
         if first is not None and first <= to_micros(datetime.fromisoformat(move["time"])):
             return True
     return False
+
+
+def order_moves(db: ViewDatabase, keys: Sequence[UUID]) -> dict[UUID, list[dict[str, Any]]]:
+    """The starts and ends of these orders as the order states view has them: read after the
+    candidates, never behind the facts view (both are written in one transaction), so a run's
+    end is never newer than the parts counted for it."""
+    found: dict[UUID, list[dict[str, Any]]] = {}
+    with db.transaction(write=False) as cursor:
+        for start in range(0, len(keys), 500):
+            chunk = [k.hex for k in keys[start : start + 500]]
+            cursor.execute(
+                f"SELECT aggregate_id, moves FROM {STATES_TABLE} "
+                f"WHERE aggregate_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            found.update((UUID(key), json.loads(moves)) for key, moves in cursor.fetchall())
+    return found

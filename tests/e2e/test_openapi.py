@@ -52,7 +52,13 @@ def _config(store: str) -> schemathesis.Config:
     return schemathesis.Config.from_dict({"checks": checks, "generation": generation})
 
 
-KNOWN = {"machine_id": "M1", "order_id": "SO-1"}
+KNOWN = {"machine_id": "M1", "order_id": "SO-1", "confirmation_id": "0" * 32}
+# Operations no generated request can make succeed: a retry needs a dead confirmation, an
+# import a real B2MML schedule (their successes are tested in test_outbox / test_erp_b2mml).
+NEVER_TAKEN_HERE = {
+    "POST /api/v1/erp/confirmations/{confirmation_id}/retry",
+    "POST /api/v1/erp/b2mml",
+}
 RELEASED = {"order_id": "SO-1", "part_number": "P-1", "quantity": 10, "due": "2026-03-09T06:00:00Z"}
 WINDOW = {"from": (T0 - timedelta(days=1)).isoformat(), "to": (T0 + timedelta(days=1)).isoformat()}
 
@@ -156,7 +162,7 @@ async def test_every_answer_is_one_the_openapi_document_describes(
     assert not failures, "\n\n".join(failures)
     # Each operation answered with data at least once: its success schema was checked too.
     succeeded = {operation for operation, status in answered if status < 300}
-    assert succeeded == {operation for operation, _ in answered}, answered
+    assert succeeded | NEVER_TAKEN_HERE == {operation for operation, _ in answered}, answered
 
 
 BOTH_STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]

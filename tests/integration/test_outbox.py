@@ -8,6 +8,7 @@ own tests run against their stand-ins."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -235,3 +236,56 @@ async def test_the_erp_desk_sees_every_confirmation_and_retries_a_dead_one(
         await eventually(sent_listed)
         taken_twice = await http.post(retry, params={"destination": "erp-1"}, headers=auth("erp"))
         assert taken_twice.status_code == 409  # taken: never sent twice
+
+
+async def test_a_refusal_while_the_circuit_probes_closes_it_and_later_orders_go(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    erp.down = True
+    await publish(hub, released("SO-7", 100), released("SO-8", 100))
+    await run_on(hub, "M1", "SO-7", start=0, end=30, parts=2)
+    (sender,) = hub.senders
+    await eventually(lambda: sender.circuit.state != "closed", timeout=30)
+    # Back, but refusing SO-7's confirmation for good: the probe's answer closes the circuit.
+    erp.down, erp.refuse = False, True
+    await eventually(lambda: sender.stats.dead == 1, timeout=30)
+    assert sender.circuit.state == "closed"
+    erp.refuse = False
+    await run_on(hub, "M2", "SO-8", start=0, end=30, parts=3)
+    await eventually(lambda: len(taken(erp, "SO-8")) == 1, timeout=30)
+
+
+async def test_a_retry_of_a_message_dead_after_several_attempts_counts_on_from_them(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    (sender,) = hub.senders
+    sender.policy = replace(FAST, max_attempts=2, circuit_failures=100)
+    erp.down = True
+    await publish(hub, released("SO-9", 100))
+    await run_on(hub, "M1", "SO-9", start=0, end=30, parts=4)
+    await eventually(lambda: sender.stats.dead == 1, timeout=30)
+    erp.down = False
+    async with api_client(hub) as http:
+
+        async def dead() -> list[dict[str, Any]]:
+            answer = await http.get(CONFIRMATIONS, params={"status": "dead"}, headers=auth("erp"))
+            return list(answer.json())
+
+        await eventually(lambda: _nonempty(dead()))
+        (message,) = await dead()
+        assert message["deliveries"][0]["attempts"] == 2
+        retry = f"{CONFIRMATIONS}/{message['id']}/retry"
+        answer = await http.post(retry, params={"destination": "erp-1"}, headers=auth("erp"))
+        assert answer.status_code == 202
+    await eventually(lambda: len(taken(erp, "SO-9")) == 1, timeout=30)
+
+    def recorded() -> tuple[int, str] | None:
+        order = hub.store.order("default", "SO-9")
+        attempts = list(((order.deliveries or {}) if order else {}).values())
+        return (attempts[0]["attempt"], attempts[0]["outcome"]) if attempts else None
+
+    await eventually(lambda: recorded() == (3, "delivered"))  # its third attempt, stored
+
+
+async def _nonempty(listing: Any) -> bool:
+    return bool(await listing)

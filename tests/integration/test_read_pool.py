@@ -193,11 +193,12 @@ def test_the_read_workers_end_with_a_hub_killed_by_sigkill(tmp_path: Path) -> No
 _WINDOW = {"from": "2026-03-02T00:00:00Z", "to": "2026-03-03T00:00:00Z"}
 
 
-def _readers(hub: Hub) -> tuple[Any, Any]:
+def _readers(hub: Hub) -> tuple[Any, Any, Any]:
     from projections.views.facts_view import FactsReader
     from projections.views.orders_view import OrdersReader
+    from projections.views.outbox_view import OutboxReader
 
-    return FactsReader(hub.views), OrdersReader(hub.views)
+    return FactsReader(hub.views), OrdersReader(hub.views), OutboxReader(hub.views)
 
 
 def _workers(parent: psutil.Process | None = None) -> list[psutil.Process]:

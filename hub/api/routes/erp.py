@@ -33,6 +33,9 @@ router = APIRouter(prefix="/erp", tags=["erp"])
 Status = Literal["pending", "sent", "failed", "dead"]
 NO_NUL = r"^[^\x00]*$"
 MAX_PAGE = 500
+# Read through the API's read pool: refused for a while when it is full (429), or when a
+# worker died (503), both saying when to ask again.
+POOLED = problems(429, 503, retry_after=(429, 503))
 
 
 class DeliveryView(BaseModel):
@@ -157,6 +160,7 @@ def read_confirmation(
     "or too many attempts: it and the order's next confirmations wait for a retry).",
     response_model=list[ConfirmationView],
     responses={
+        **POOLED,
         200: {
             "headers": {
                 "Link": {
@@ -164,7 +168,7 @@ def read_confirmation(
                     "schema": {"type": "string"},
                 }
             }
-        }
+        },
     },
 )
 async def list_confirmations(
@@ -201,7 +205,7 @@ class Requeued(BaseModel):
     description="The confirmation (and, behind it, the order's next ones) goes to the ERP "
     "again at once, its attempts counted afresh; the ERP gets the same idempotency key as "
     "before. A confirmation the ERP has taken is not sent again (409).",
-    responses=problems(404, 409),
+    responses={**POOLED, **problems(404, 409)},
 )
 async def retry_confirmation(
     request: Request,
@@ -218,12 +222,13 @@ async def retry_confirmation(
     found = await reads.run(request, read_confirmation, site, destinations, confirmation_id)
     if found is None:
         raise Problem(404, f"no confirmation {confirmation_id!r}")
-    message, states, _status = found
+    _message, states, _status = found
     state = states.get(destination)
     if state is None or state.outcome not in ("failed", "dead", "requeued"):
         said = "taken" if state is not None else "not tried yet"
         raise Problem(409, f"{destination} has {said} confirmation {confirmation_id}")
-    await requeue(message, destination, f"an API key of role {caller.role}")
+    # The destination's own state: its attempts so far (the requeue's id and count build on it).
+    await requeue(state, destination, f"an API key of role {caller.role}")
     return Requeued(id=confirmation_id, destination=destination, requeued=True)
 
 

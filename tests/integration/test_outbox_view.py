@@ -1,0 +1,100 @@
+"""The outbox view's reads (SQLite): what a destination may be sent now is the first message not
+taken of each order; a dead one holds its order back without holding back the others."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from projections.views.database import SQLiteViews
+from projections.views.outbox_view import CONFIRMATION, OutboxReader, OutboxView, message_key
+
+AT = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
+
+
+@dataclass
+class ConfirmationDue:  # the stored event's shape, as the view reads it
+    source: str
+    event_id: str
+    event_time: datetime
+    confirmation: dict[str, Any]
+
+
+@dataclass
+class DeliveryAttempted:
+    source: str
+    event_id: str
+    event_time: datetime
+    attempt: dict[str, Any]
+
+
+def due(order_id: str, sequence: int) -> ConfirmationDue:
+    return ConfirmationDue(
+        "urn:test", f"confirm-{order_id}-{sequence}", AT,
+        {"order_id": order_id, "site": "default", "sequence": sequence, "reason": "run_ended",
+         "yield_quantity": 1, "scrap_quantity": 0, "final": False},
+    )  # fmt: skip
+
+
+def tried(order_id: str, sequence: int, outcome: str, attempt: int = 1) -> DeliveryAttempted:
+    return DeliveryAttempted(
+        "urn:test", f"attempt-{order_id}-{sequence}-{attempt}-{outcome}", AT,
+        {"message_id": message_key("urn:test", f"confirm-{order_id}-{sequence}"),
+         "destination": "erp", "attempt": attempt, "outcome": outcome},
+    )  # fmt: skip
+
+
+def view_of(tmp_path: Path, events: list[Any]) -> OutboxReader:
+    db = SQLiteViews(tmp_path / "views.sqlite")
+    view = OutboxView()
+    with db.transaction() as cursor:
+        view.create(cursor, "sqlite")
+        view.create_indexes(cursor)
+        view.apply(cursor, list(enumerate(events, start=1)))
+    return OutboxReader(db)
+
+
+def heads(reader: OutboxReader) -> list[str]:
+    _, found = reader.undelivered("erp", [CONFIRMATION])
+    return [f"{m.ordering_key}/{m.sequence}" for m in found]
+
+
+def test_each_order_s_first_message_not_taken_and_a_dead_one_holds_only_its_order(
+    tmp_path: Path,
+) -> None:
+    reader = view_of(
+        tmp_path,
+        [due("A", 1), due("A", 2), due("B", 1), due("B", 2), due("C", 1),
+         tried("A", 1, "dead"), tried("B", 1, "delivered")],
+    )  # fmt: skip
+    assert heads(reader) == ["B/2", "C/1"]
+    floor, _ = reader.undelivered("erp", [CONFIRMATION])
+    assert floor == 0  # A/1 (position 1), dead, is not taken: nothing before it to skip
+
+
+def test_many_dead_orders_do_not_fill_the_page(tmp_path: Path) -> None:
+    events: list[Any] = []
+    for n in range(100):
+        events += [due(f"D{n}", 1), tried(f"D{n}", 1, "dead")]
+    events.append(due("LIVE", 1))
+    reader = view_of(tmp_path, events)
+    _, found = reader.undelivered("erp", [CONFIRMATION], limit=64)
+    assert [m.ordering_key for m in found] == ["LIVE"]
+
+
+def test_a_requeued_dead_message_is_sent_again_and_taken_ones_move_the_floor(
+    tmp_path: Path,
+) -> None:
+    reader = view_of(
+        tmp_path,
+        [due("A", 1), due("B", 1), tried("A", 1, "delivered"), tried("B", 1, "dead", 3),
+         tried("B", 1, "requeued", 3)],
+    )  # fmt: skip
+    floor, found = reader.undelivered("erp", [CONFIRMATION])
+    assert floor == 1  # A/1 (position 1) taken
+    (again,) = found
+    assert (again.ordering_key, again.outcome, again.attempts, again.requeued_at) == (
+        "B", "requeued", 3, 3,
+    )  # fmt: skip
