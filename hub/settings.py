@@ -255,7 +255,7 @@ class Settings(BaseSettings):
     projection_poll_s: float = Field(default=0.1, gt=0, le=60)
     forecast_interval_s: float = Field(default=60.0, gt=0, description="Re-forecast orders every")
     confirm_interval_s: float = Field(
-        default=0.5, gt=0, le=60, description="How often production confirmations are decided"
+        default=0.2, gt=0, le=60, description="How often production confirmations are decided"
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)

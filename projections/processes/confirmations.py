@@ -37,8 +37,13 @@ from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
 from projections.rules.progress import Run, order_progress
 from projections.views.database import ViewDatabase
-from projections.views.facts_view import FactsReader, facts_of_runs
-from projections.views.outbox_view import confirmation_candidates, order_moves
+from projections.views.facts_view import FactsReader, facts_of_runs, to_micros
+from projections.views.outbox_view import (
+    confirmation_candidates,
+    confirmed_orders,
+    last_ends,
+    order_moves,
+)
 
 log = logging.getLogger(__name__)
 CONFIRMATION_TYPE = "mes.hub.order.confirmation_due.v1"
@@ -152,23 +157,43 @@ class ConfirmationWatch:
         # ended before its first decision was stored would wait for its next change), and
         # then, if the decision is still not stored, published again (the same id).
         self._recheck: dict[UUID, float] = {}
+        # The orders confirmed lately, by machine: their last end there (µs), so that a late
+        # fact finds the orders it may change without reading every order (built at the first
+        # round from the views, then kept up to date from the orders looked at).
+        self._ends: dict[str, dict[UUID, int]] | None = None
+        self._by_order_id: dict[str, UUID] = {}
+        self._rounds = 0
         self.published = 0  # confirmations decided (not counting repeats)
 
     def decisions(self, now: datetime) -> tuple[list[CloudEvent], int]:
         corrections_since = now - self._window
-        candidates, upto = confirmation_candidates(
-            self._views, self._site, self._after, corrections_since
-        )
+        if self._ends is None:
+            self._ends = {}
+            for key, order_id, known in confirmed_orders(
+                self._views, self._site, corrections_since
+            ):
+                self._remember(key, order_id, known)
+        found = confirmation_candidates(self._views, self._site, self._after)
+        upto = found.upto
+        late = {
+            key
+            for machine, first in found.earliest.items()
+            for key, end in self._ends.get(machine, {}).items()
+            if first <= end
+        }
+        late.update(self._by_order_id[o] for o in found.named if o in self._by_order_id)
         events = []
         clock = time.monotonic()
         due_again = {k for k, sent in self._recheck.items() if clock - sent >= REPUBLISH_AFTER_S}
-        keys = sorted({*candidates, *due_again}, key=str)
+        keys = sorted({*found.changed, *late, *due_again}, key=str)
         moves = order_moves(self._views, keys)
         for order in self._load(keys):
+            taps = moves.get(order.id)
             data = confirmation_due(
-                order, self._reader, self._plant, now, self._since,
-                moves.get(order.id), corrections_since,
-            )  # fmt: skip
+                order, self._reader, self._plant, now, self._since, taps, corrections_since
+            )
+            if taps is not None and (order.confirmed or data is not None):
+                self._remember(order.id, order.order_id, taps)
             if data is None:
                 self._recheck.pop(order.id, None)
                 continue
@@ -184,9 +209,33 @@ class ConfirmationWatch:
             )  # fmt: skip
         return events, upto
 
+    def _remember(self, key: UUID, order_id: str, moves: list[dict[str, Any]]) -> None:
+        assert self._ends is not None
+        for machine, end in last_ends(self._site, moves).items():
+            self._ends.setdefault(machine, {})[key] = end
+        self._by_order_id[order_id] = key
+
+    def _forget_older_than(self, since: datetime) -> None:
+        """Orders that ended everywhere before the correction window get no correction."""
+        if self._ends is None:
+            return
+        oldest = to_micros(since)
+        for machine, ends in list(self._ends.items()):
+            kept = {key: end for key, end in ends.items() if end >= oldest}
+            if kept:
+                self._ends[machine] = kept
+            else:
+                del self._ends[machine]
+        alive = {key for ends in self._ends.values() for key in ends}
+        self._by_order_id = {o: k for o, k in self._by_order_id.items() if k in alive}
+
     async def check(self, now: datetime | None = None) -> int:
         """One round; returns how many confirmations were new (not repeats)."""
-        events, upto = await asyncio.to_thread(self.decisions, now or datetime.now(UTC))
+        now = now or datetime.now(UTC)
+        events, upto = await asyncio.to_thread(self.decisions, now)
+        self._rounds += 1
+        if self._rounds % 1000 == 0:  # (every few minutes)
+            await asyncio.to_thread(self._forget_older_than, now - self._window - self._window)
         new = 0
         if events:
             receipts = await self._publisher.publish_many(events)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -248,16 +249,21 @@ def _message(row: Sequence[Any]) -> OutboxMessage:
     )
 
 
-def confirmation_candidates(
-    db: ViewDatabase, site: str, after: int, corrections_since: datetime
-) -> tuple[list[UUID], int]:
-    """The orders of ``site`` that may be owed a confirmation because of what the views took in
-    after position ``after``, and the position they have both read to (ask again from there).
+@dataclass(frozen=True)
+class Candidates:
+    """What the views took in after a position, as the confirmation watch asks for it."""
 
-    Owed one: an order whose state changed (a run ended) while it runs or has ended; or an order
-    already confirmed that a late fact may change — scrap naming it, or a part count or scrap on
-    a machine it ran on, dated before its last run ended (orders last confirmed from
-    ``corrections_since`` on: older ones are left as they were told)."""
+    changed: list[UUID]  # orders whose state changed (a run ended) while running or ended
+    earliest: dict[str, int]  # per machine (aggregate id hex): the earliest count or scrap time
+    named: set[str]  # order ids that scrap newly named
+    upto: int  # the position both views have read to (ask again from there)
+
+
+def confirmation_candidates(db: ViewDatabase, site: str, after: int) -> Candidates:
+    """What may make an order of ``site`` owed a confirmation, among what the views took in
+    after position ``after``: an order whose state changed (a run ended) while it runs or has
+    ended; and, for the orders confirmed before, late facts — scrap naming one, a part count or
+    scrap on a machine dated before one's last run there ended (the watch keeps those ends)."""
     with db.transaction(write=False) as cursor:
         cursor.execute(
             f"SELECT MIN(position) FROM {TRACKING_TABLE} WHERE view IN (?, ?)",
@@ -266,14 +272,13 @@ def confirmation_candidates(
         (upto,) = cursor.fetchone()
         upto = int(upto or 0)
         if upto <= after:
-            return [], after
+            return Candidates([], {}, set(), after)
         cursor.execute(
             f"SELECT aggregate_id FROM {STATES_TABLE} WHERE site = ? AND position > ? "
             "AND position <= ? AND status IN ('running', 'ended')",
             (site, after, upto),
         )
-        found = {UUID(row[0]) for row in cursor.fetchall()}
-        # Late facts: per machine, the earliest event time among those newly read.
+        changed = sorted((UUID(row[0]) for row in cursor.fetchall()), key=str)
         cursor.execute(
             f"SELECT machine, MIN(time) FROM {FACTS} WHERE position > ? AND position <= ? "
             "AND kind IN ('reading_all', 'reading_bad', 'scrap') GROUP BY machine",
@@ -286,30 +291,33 @@ def confirmation_candidates(
             (after, upto),
         )
         named = {str(row[0]) for row in cursor.fetchall()}
-        if earliest or named:
-            # Only orders confirmed before can need a correction.
-            cursor.execute(
-                f"SELECT DISTINCT s.aggregate_id, s.order_id, s.moves FROM {MESSAGES} m "
-                f"JOIN {STATES_TABLE} s ON s.site = m.site AND s.order_id = m.ordering_key "
-                "WHERE m.site = ? AND m.decided_at >= ?",
-                (site, corrections_since.isoformat()),
-            )
-            for key, order_id, moves in cursor.fetchall():
-                if order_id in named or _ran_before(site, json.loads(moves), earliest):
-                    found.add(UUID(key))
-    return sorted(found, key=str), upto
+    return Candidates(changed, earliest, named, upto)
 
 
-def _ran_before(site: str, moves: list[dict[str, Any]], earliest: dict[str, int]) -> bool:
-    """Whether a fact newly read on a machine is dated before the order's last end there."""
+def confirmed_orders(
+    db: ViewDatabase, site: str, since: datetime
+) -> list[tuple[UUID, str, list[dict[str, Any]]]]:
+    """The orders of ``site`` confirmed from ``since`` on, with their starts and ends (the
+    watch learns from them, when it starts, which late facts can change what was told)."""
+    with db.transaction(write=False) as cursor:
+        cursor.execute(
+            f"SELECT DISTINCT s.aggregate_id, s.order_id, s.moves FROM {MESSAGES} m "
+            f"JOIN {STATES_TABLE} s ON s.site = m.site AND s.order_id = m.ordering_key "
+            "WHERE m.site = ? AND m.decided_at >= ?",
+            (site, since.isoformat()),
+        )
+        return [(UUID(key), str(order_id), json.loads(moves)) for key, order_id, moves in cursor]
+
+
+def last_ends(site: str, moves: list[dict[str, Any]]) -> dict[str, int]:
+    """Per machine (aggregate id hex) the order's last end there, in microseconds."""
+    ends: dict[str, int] = {}
     for move in moves:
-        if move["started"]:
-            continue
-        machine = machine_aggregate_id(site, move["machine_id"]).hex
-        first = earliest.get(machine)
-        if first is not None and first <= to_micros(datetime.fromisoformat(move["time"])):
-            return True
-    return False
+        if not move["started"]:
+            machine = machine_aggregate_id(site, move["machine_id"]).hex
+            at = to_micros(datetime.fromisoformat(move["time"]))
+            ends[machine] = max(at, ends.get(machine, at))
+    return ends
 
 
 def order_moves(db: ViewDatabase, keys: Sequence[UUID]) -> dict[UUID, list[dict[str, Any]]]:

@@ -289,3 +289,19 @@ async def test_a_retry_of_a_message_dead_after_several_attempts_counts_on_from_t
 
 async def _nonempty(listing: Any) -> bool:
     return bool(await listing)
+
+
+async def test_a_late_part_count_inside_a_confirmed_run_is_confirmed_as_a_correction(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    await publish(
+        hub, released("SO-10", 100), tap("started", "M3", "SO-10", 0), count("M3", 0, 0),
+        count("M3", 8, 20), tap("ended", "M3", "SO-10", 30),
+    )  # fmt: skip
+    await eventually(lambda: len(taken(erp, "SO-10")) == 1, timeout=30)
+    # The machine's buffer sends a reading from 06:25 only now: 2 more parts in that run.
+    await publish(hub, count("M3", 10, 25))
+    await eventually(lambda: len(taken(erp, "SO-10")) == 2, timeout=30)
+    first, correction = taken(erp, "SO-10")
+    assert first["yield_quantity"] == 8
+    assert (correction["reason"], correction["yield_quantity"]) == ("correction", 2)
