@@ -165,6 +165,22 @@ class Circuit:
             self.until = time.monotonic() + self.open_s
 
 
+def attempt_event(
+    site: str, event_id: str, message: OutboxMessage, now: datetime, data: dict[str, Any]
+) -> CloudEvent:
+    """A ``mes.hub.delivery.attempted.v1`` event about ``message``, on its order."""
+    return CloudEvent(
+        specversion="1.0",
+        id=event_id,
+        source=f"urn:mes-hub:{site}:outbox",
+        type=ATTEMPT_TYPE,
+        time=now,
+        subject=message.ordering_key,
+        datacontenttype="application/json",
+        data=data,
+    )
+
+
 def excerpt(text: str) -> str:
     """The start of an answer, as kept with an attempt: control characters (NUL, which no event
     may carry, among them) become spaces."""
@@ -391,15 +407,8 @@ class Sender:
             "excerpt": excerpt(answer),
             "next_attempt_at": next_at.isoformat() if next_at else None,
         }
-        event = CloudEvent(
-            specversion="1.0",
-            id=f"attempt-{message.key}-{self.name}-{attempt}",
-            source=f"urn:mes-hub:{self._site}:outbox",
-            type=ATTEMPT_TYPE,
-            time=now,
-            subject=message.ordering_key,
-            datacontenttype="application/json",
-            data=data,
+        event = attempt_event(
+            self._site, f"attempt-{message.key}-{self.name}-{attempt}", message, now, data
         )
         try:
             await self._publisher.publish(event)
@@ -459,16 +468,6 @@ class Requeue:
             "excerpt": "",
             "next_attempt_at": now.isoformat(),
         }
-        await self._publisher.publish(
-            CloudEvent(
-                specversion="1.0",
-                # Once per state: asking again before it was tried is the same request.
-                id=f"requeue-{message.key}-{destination}-{message.attempts}",
-                source=f"urn:mes-hub:{self._site}:outbox",
-                type=ATTEMPT_TYPE,
-                time=now,
-                subject=message.ordering_key,
-                datacontenttype="application/json",
-                data=data,
-            )
-        )
+        # Once per state: asking again before it was tried is the same request (the same id).
+        event_id = f"requeue-{message.key}-{destination}-{message.attempts}"
+        await self._publisher.publish(attempt_event(self._site, event_id, message, now, data))
