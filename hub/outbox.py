@@ -423,8 +423,9 @@ class Sender:
 
 @dataclass
 class InMemoryDestination:
-    """The fake ``Destination``: takes messages and keeps them by key (a repeated key is a
-    duplicate, as a real ERP with idempotency keys answers), or fails as told."""
+    """A ``Destination`` in memory — the tests' fake, and the demo's simulated ERP: takes
+    messages and keeps them by key (a repeated key is a duplicate, as a real ERP with
+    idempotency keys answers), or fails as told."""
 
     name: str = "fake-erp"
     kinds: tuple[str, ...] = ("erp.confirmation",)

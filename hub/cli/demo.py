@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.measure import Measurement
 from rich.table import Table
 
-from hub.bootstrap import Hub, build_hub
+from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub
 from hub.cli.shared import (
     DataDirOption,
     api_server,
@@ -28,6 +28,7 @@ from hub.cli.shared import (
     setup_logging,
 )
 from hub.ingest import IngestStats
+from hub.outbox import InMemoryDestination
 from hub.reports import Reports
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
@@ -162,10 +163,7 @@ def demo(
             say(f"data and log: {directory}\n")
             progress = SimulatorRun()
             simulation = SimulatorConfig(
-                machines=machines,
-                seed=seed,
-                site=settings.site,
-                start=past_start(speed, duration or None),  # ends about now: none from the future
+                machines=machines, seed=seed, site=settings.site, start=simulated_start
             )
             simulator = asyncio.create_task(
                 run_simulator(
@@ -243,10 +241,20 @@ def demo(
         finally:
             await api.stop()
 
+    # The simulated factory's orders are confirmed to a simulated ERP (in this process): the
+    # hub decides each confirmation and delivers it through its outbox as to a real one, from
+    # the simulation's start (a hub confirms runs that end after it began to confirm).
+    simulated_start = past_start(speed, duration or None)  # ends about now: none from the future
+    erp = InMemoryDestination("simulated-erp")
+    since = directory / CONFIRMATIONS_SINCE
+    if not since.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        since.write_text(simulated_start.isoformat())
+
     async def main(stop: asyncio.Event) -> None:
         if not live:
             say("starting the hub (embedded NATS server, event store, views)…")
-        hub = await build_hub(settings)
+        hub = await build_hub(settings, destinations=[erp])
         try:  # the hub owns the embedded nats-server and the store: closed on every path
             progress, stats = await show(hub, stop)
         finally:
@@ -258,6 +266,7 @@ def demo(
             f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
             f"exactly once (with {hub.forecast_watch.published} delivery forecast changes the hub "
             f"published), {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
+            f"{len(erp.taken)} production confirmations taken by the simulated ERP; "
             + (f"simulated until {until:%Y-%m-%d %H:%M:%S} UTC. " if until else "")
             + f"Data kept in {directory}."
         )
