@@ -8,10 +8,11 @@ destination reads what that destination has not taken yet and delivers it:
 - **In order per key, in parallel across keys**: an order's confirmations go one after another
   (a message waits until the one before it was taken); different orders go at once, up to
   ``RetryPolicy.parallel``.
-- **Retried with backoff and jitter**: 1 s, 2 s, 4 s, … up to ``max_delay_s``, each ±20 %, so
-  that a destination coming back is not hit by every message at the same instant; after
-  ``max_attempts`` (or a refusal that no retry can fix: ``DeliveryFailed(permanent=True)``) the
-  message is dead — it and the messages after it for its key wait for someone (API: retry).
+- **Retried with backoff and jitter**: 1 s, 2 s, 4 s, … up to ``max_delay_s`` (1 h), each
+  ±20 %, so that a destination coming back is not hit by every message at the same instant;
+  after ``max_attempts`` (30: some 18 hours) or a refusal that no retry can fix
+  (``DeliveryFailed(permanent=True)``) the message is dead — it and the messages after it for
+  its key wait for someone (API: retry).
 - **A circuit per destination**: after ``circuit_failures`` failures in a row it opens, and the
   destination is left alone for ``circuit_open_s``; then one message probes it (half-open): taken,
   the circuit closes; refused, it opens again. A slow or dead destination has its own sender:
@@ -116,9 +117,11 @@ class Outbox(Protocol):
 @dataclass(frozen=True)
 class RetryPolicy:
     first_delay_s: float = 1.0
-    max_delay_s: float = 300.0
+    max_delay_s: float = 3600.0
     jitter: float = 0.2  # each delay ± this fraction
-    max_attempts: int = 20  # then the message is dead
+    # Then the message is dead: 30 attempts take about 18 hours (1 s doubling to 1 h), so an
+    # ERP down for a night, or a password wrong until morning, loses nothing.
+    max_attempts: int = 30
     circuit_failures: int = 5  # failures in a row that open the circuit
     circuit_open_s: float = 30.0
     parallel: int = 8  # keys delivered at once
