@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from hub.api.deps import ApiContext
 from hub.api.reads import ReadPool, ReadSources
 from hub.children import ChildProcess
 from hub.domain import Order
+from hub.files import write_whole
 from hub.ingest import Ingestor, IngestPartition, IngestStats, tracking_name
 from hub.nats import (
     STREAM,
@@ -280,15 +280,8 @@ def _first_seen(path: Path, position: int) -> int:
     if path.exists():
         return int(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_whole(path, str(position))
+    write_whole(path, str(position))
     return position
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """``text`` in ``path``, whole or not at all (a crash leaves no empty file behind)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def confirmation_watch(
@@ -302,7 +295,7 @@ def confirmation_watch(
     confirmed (kept in the data dir) are not confirmed."""
     path = settings.data_dir / CONFIRMATIONS_SINCE
     if not path.exists():
-        _write_whole(path, datetime.now(UTC).isoformat())
+        write_whole(path, datetime.now(UTC).isoformat())
     since = datetime.fromisoformat(path.read_text().strip())
 
     def load(keys: Iterable[UUID]) -> list[Order]:

@@ -50,14 +50,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Literal
+from zoneinfo import ZoneInfo
 
 import httpx
 from lxml import etree
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from adapters.erp.base import Confirmation, ErpEntryBase
+from adapters.erp.base import Confirmation, ErpEntryBase, ZoneName
 from contracts import CloudEvent, OrderCancelledV1, OrderReleasedV1
 from hub.outbound import OutboundRefused, outbound_client
 from hub.outbox import EXCERPT_CHARS, Delivered, DeliveryFailed
@@ -127,16 +127,6 @@ def order_token(raw: str) -> str:
     readable = _NOT_TOKEN.sub("_", value).strip("_")[:118] or "id"
     return f"{readable}-{digest}"
 
-
-def _zone_name(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Paris)") from None
-    return value
-
-
-ZoneName = Annotated[str, AfterValidator(_zone_name)]
 
 _XS_DATETIME = re.compile(
     r"^(?P<y>[0-9]{4})-(?P<mo>[0-9]{2})-(?P<d>[0-9]{2})"

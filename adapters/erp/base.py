@@ -28,14 +28,35 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Protocol
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from contracts import CloudEvent
 from hub.outbound import Allowlist
 from hub.outbox import Delivered, DeliveryFailed
 
 ERP_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _zone_name(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Berlin)") from None
+    return value
+
+
+# A plant's time zone, as the entries of several dialects name it (ERP times are often local).
+ZoneName = Annotated[str, AfterValidator(_zone_name)]
 
 
 class SecretRef(BaseModel):
@@ -164,4 +185,5 @@ __all__ = [
     "ErpEntryBase",
     "OrderSource",
     "SecretRef",
+    "ZoneName",
 ]

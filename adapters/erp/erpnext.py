@@ -37,10 +37,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import httpx
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
 from adapters.erp._http import (
     MAX_PAGES,
@@ -60,7 +60,7 @@ from adapters.erp._http import (
     transport_failure,
     unseen,
 )
-from adapters.erp.base import Confirmation, ErpEntryBase, SecretRef
+from adapters.erp.base import Confirmation, ErpEntryBase, SecretRef, ZoneName
 from contracts import CloudEvent, OrderReleasedV1
 from hub.outbound import outbound_client
 from hub.outbox import Delivered, DeliveryFailed
@@ -93,7 +93,7 @@ class Entry(ErpEntryBase):
     dialect: Literal["erpnext"]
     user: str = Field(min_length=1, max_length=256, description="The API user's API Key")
     secret: SecretRef = Field(description="The API user's API Secret")
-    timezone: str = Field(default="UTC", description="ERPNext's System Settings time zone")
+    timezone: ZoneName = Field(default="UTC", description="ERPNext's System Settings time zone")
     key_field: str = Field(
         default="mes_hub_key",
         pattern=r"^[a-z][a-z0-9_]{0,61}$",
@@ -102,15 +102,6 @@ class Entry(ErpEntryBase):
     stock_entry_type: str = Field(default="Manufacture", min_length=1, max_length=140)
     state_dir: Path | None = None
     lookback_s: float = Field(default=300.0, ge=0, le=86_400)
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (an IANA name: Europe/Berlin)") from None
-        return value
 
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 from adapters.erp.base import OrderSource
+from hub.files import write_whole
 from hub.ports import EventPublisher
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ class OrderPoller:
             return None
 
     def _keep(self, cursor: str | None) -> None:
-        self._cursor_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = self._cursor_file.with_suffix(".partial")
-        partial.write_text(cursor or "")
-        os.replace(partial, self._cursor_file)
+        write_whole(self._cursor_file, cursor or "")
 
     async def poll(self) -> int:
         """One read of the ERP; returns how many events were published."""

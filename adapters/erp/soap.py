@@ -53,8 +53,8 @@ from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
 from zeep.transports import AsyncTransport
 
-from adapters.erp.b2mml import ZoneName, order_token
-from adapters.erp.base import Confirmation, ErpEntryBase
+from adapters.erp.b2mml import order_token
+from adapters.erp.base import Confirmation, ErpEntryBase, ZoneName
 from contracts import CloudEvent, OrderCancelledV1, OrderReleasedV1
 from hub.outbound import OutboundRefused, outbound_client
 from hub.outbox import EXCERPT_CHARS, Delivered, DeliveryFailed

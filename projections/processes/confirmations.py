@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from uuid import UUID
 from contracts import CloudEvent
 from hub.domain import Order
 from hub.domain import order_runs as runs_of_moves
+from hub.files import write_whole
 from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
 from projections.rules.hub_events import hub_event
@@ -244,7 +244,7 @@ class ConfirmationWatch:
         if upto != self._after:
             self._after = upto
             if self._position_file is not None:
-                await asyncio.to_thread(_write_position, self._position_file, upto)
+                await asyncio.to_thread(write_whole, self._position_file, str(upto))
         return new
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
@@ -264,9 +264,3 @@ def _read_position(path: Path | None) -> int:
         return int(path.read_text().strip()) if path is not None else 0
     except (FileNotFoundError, ValueError):
         return 0
-
-
-def _write_position(path: Path, position: int) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(str(position))
-    os.replace(partial, path)

@@ -25,13 +25,13 @@ from hub.api.policy import may_send
 from hub.api.problems import Problem, problems
 from hub.api.reads import JsonAnswer, ReadSources
 from hub.api.routes.events import MAX_BODY_BYTES, Accepted, limited_body
+from hub.api.routes.orders import NO_NUL
 from hub.outbox import OutboxMessage
 from projections.views.outbox_view import CONFIRMATION
 
 router = APIRouter(prefix="/erp", tags=["erp"])
 
 Status = Literal["pending", "sent", "failed", "dead"]
-NO_NUL = r"^[^\x00]*$"
 MAX_PAGE = 500
 # Read through the API's read pool: refused for a while when it is full (429), or when a
 # worker died (503), both saying when to ask again.
