@@ -35,7 +35,7 @@ from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
 from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
-from projections.rules.progress import Run, order_progress
+from projections.rules.progress import Run, order_parts
 from projections.views.database import ViewDatabase
 from projections.views.facts_view import FactsReader, facts_of_runs, to_micros
 from projections.views.outbox_view import (
@@ -53,11 +53,11 @@ REPUBLISH_AFTER_S = 5.0
 def totals(
     order: Order, runs: list[Run], reader: FactsReader, plant: PlantConfig, now: datetime
 ) -> tuple[int, int]:
-    """Good parts and scrap of ``order`` over ``runs``, as the views know them."""
-    ideal = plant.order_ideal_cycle_time(order.ideal_cycle_time_s, order.part_number)
-    facts = facts_of_runs(reader, order.site, order.order_id, runs, plant, now)
-    progress = order_progress(order.order_id, order.quantity, ideal, runs, facts, plant, now)
-    return progress.good, progress.scrapped
+    """Good parts and scrap of ``order`` over ``runs``, as the views know them (the same
+    figures as the order's progress, without its timeline)."""
+    facts = facts_of_runs(reader, order.site, order.order_id, runs, plant, now, parts_only=True)
+    parts = order_parts(order.order_id, runs, facts)
+    return parts.good, parts.scrapped
 
 
 def confirmation_due(

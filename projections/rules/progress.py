@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from projections.rules.calendar import Interval
 from projections.rules.history import MachineFacts
@@ -53,7 +54,8 @@ def order_progress(
     plant: PlantConfig,
     now: datetime,
 ) -> OrderProgress:
-    produced = bad = scrapped = 0
+    parts = order_parts(order_id, runs, facts_by_machine)
+    produced, bad, scrapped = parts
     running_s = busy_s = 0.0
     # Running time counts whenever the machine executed the order, shift or not.
     around_the_clock = PlantConfig(micro_stop_threshold_s=plant.micro_stop_threshold_s)
@@ -62,11 +64,6 @@ def order_progress(
         facts = facts_by_machine.get(machine_id)
         if facts is None:
             continue
-        produced += sum(
-            p.increment for p in facts.parts if p.order_id == order_id and p.kind != "bad"
-        )
-        bad += sum(p.increment for p in facts.parts if p.order_id == order_id and p.kind == "bad")
-        scrapped += sum(s.quantity for s in facts.scrap if s.order_id == order_id)
         for window in _merged_runs([r for r in runs if r.machine_id == machine_id], now):
             running_s += sum(
                 i.seconds
@@ -78,7 +75,7 @@ def order_progress(
                 for i in machine_timeline(facts, window, plant)
                 if i.state in BUSY and i.order_id == order_id
             )
-    good = max(0, produced - bad - scrapped)
+    good = parts.good
     ended = [r.end for r in runs]
     return OrderProgress(
         produced=produced,
@@ -95,6 +92,34 @@ def order_progress(
         actual_cycle_time_s=running_s / produced if produced else None,
         ideal_cycle_time_s=ideal_cycle_time_s,
     )
+
+
+class OrderParts(NamedTuple):
+    produced: int  # (not counted bad)
+    bad: int
+    scrapped: int
+
+    @property
+    def good(self) -> int:
+        return max(0, self.produced - self.bad - self.scrapped)
+
+
+def order_parts(
+    order_id: str, runs: Sequence[Run], facts_by_machine: Mapping[str, MachineFacts]
+) -> OrderParts:
+    """Parts made, bad and scrapped for ``order_id`` on the machines of ``runs`` (settled
+    facts)."""
+    produced = bad = scrapped = 0
+    for machine_id in sorted({run.machine_id for run in runs}):
+        facts = facts_by_machine.get(machine_id)
+        if facts is None:
+            continue
+        produced += sum(
+            p.increment for p in facts.parts if p.order_id == order_id and p.kind != "bad"
+        )
+        bad += sum(p.increment for p in facts.parts if p.order_id == order_id and p.kind == "bad")
+        scrapped += sum(s.quantity for s in facts.scrap if s.order_id == order_id)
+    return OrderParts(produced, bad, scrapped)
 
 
 def _merged_runs(runs: Sequence[Run], now: datetime) -> list[Interval]:

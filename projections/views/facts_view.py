@@ -163,9 +163,11 @@ class FactsReader:
         self._counters: dict[tuple[str, str, int], _Counter] = {}
         self._lock = threading.Lock()
 
-    def window(self, machine: UUID, window: Interval) -> MachineFacts:
+    def window(self, machine: UUID, window: Interval, parts_only: bool = False) -> MachineFacts:
         """The raw facts that decide the machine's timeline, parts and scrap within ``window``
-        (settle them with the machine's rules before use)."""
+        (settle them with the machine's rules before use). ``parts_only``: only what decides
+        the parts and scrap and the orders they belong to (no timeline: half the queries, for
+        the production confirmations)."""
         key, start, end = machine.hex, to_micros(window.start), to_micros(window.end)
         select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = ?"
         latest = " AND time < ? ORDER BY time DESC, position DESC LIMIT 1"
@@ -176,15 +178,16 @@ class FactsReader:
                 cursor.execute(sql, params)
                 rows.extend(cursor.fetchall())
 
-            # What the machine was doing when the window opened, then what happened in it.
-            fetch(select + latest, key, AVAILABILITY, start)
-            fetch(select + latest, key, EXECUTION, start)
-            # Literal kind, so the planner can use the partial index on programs.
-            programs = (
-                f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = 'execution' "
-                "AND program IS NOT NULL"
-            )
-            fetch(programs + latest, key, start)
+            if not parts_only:
+                # What the machine was doing when the window opened, then what happened in it.
+                fetch(select + latest, key, AVAILABILITY, start)
+                fetch(select + latest, key, EXECUTION, start)
+                # Literal kind, so the planner can use the partial index on programs.
+                programs = (
+                    f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = 'execution' "
+                    "AND program IS NOT NULL"
+                )
+                fetch(programs + latest, key, start)
             # The readings that decide what the window's first readings add.
             for kind in READINGS.values():
                 fetch(
@@ -194,19 +197,20 @@ class FactsReader:
                     start,
                 )
                 fetch(select + " AND time > ? AND time <= ?", key, kind, start, end)
-            for kind in (AVAILABILITY, EXECUTION, SCRAP):
+            for kind in (SCRAP,) if parts_only else (AVAILABILITY, EXECUTION, SCRAP):
                 fetch(select + " AND time >= ? AND time <= ?", key, kind, start, end)
             # Which order runs is a fold over all the machine's order starts and ends.
             for kind in (ORDER_START, ORDER_END):
                 fetch(select + " AND time <= ?", key, kind, end)
-            fetch(
-                select + " AND time <= ? AND (end_time IS NULL OR end_time > ?)",
-                key,
-                REASON,
-                end,
-                start,
-            )
-            first = _first_report(cursor, key)
+            if not parts_only:
+                fetch(
+                    select + " AND time <= ? AND (end_time IS NULL OR end_time > ?)",
+                    key,
+                    REASON,
+                    end,
+                    start,
+                )
+            first = None if parts_only else _first_report(cursor, key)
         facts = _facts(rows)
         facts.first_report = first
         facts.scrap = [s for s in facts.scrap if s.time <= window.end]
@@ -373,10 +377,12 @@ def facts_of_runs(
     runs: Sequence[Run],
     plant: PlantConfig,
     now: datetime,
+    parts_only: bool = False,
 ) -> dict[str, MachineFacts]:
     """From the facts view, settled: what each machine the order ran on did during its runs.
     Parts belong to the order running, by event time, when they were made; scrap naming the
-    order counts whenever it was reported, scrap naming none belongs to the order running."""
+    order counts whenever it was reported, scrap naming none belongs to the order running.
+    ``parts_only``: the parts and scrap, without what the timeline needs."""
     named_scrap = reader.order_scrap(order_id)
     facts: dict[str, MachineFacts] = {}
     for machine_id in sorted({run.machine_id for run in runs}):
@@ -385,7 +391,7 @@ def facts_of_runs(
         end = max(now if run.end is None else run.end for run in spans)
         machine = machine_aggregate_id(site, machine_id)
         window = (
-            reader.window(machine, facts_window(Interval(start, end), plant))
+            reader.window(machine, facts_window(Interval(start, end), plant), parts_only)
             if end > start
             else MachineFacts()
         )
