@@ -232,14 +232,15 @@ class PlantConfiguredV1(_Data):
 
 class ConfirmationDueV1(_Data):
     """The hub's own event: a production confirmation the ERPs are owed, decided when a run of
-    the order ended (``run_ended``) or when what was confirmed no longer matches the store
+    the order ended (``run_ended``), at a shift end while it ran (``shift_end``, a partial: the
+    hub's ``confirm_each_shift``), or when what was confirmed no longer matches the store
     (``correction``: late scrap or parts). Quantities are what is new since the confirmations
     before it (a correction's may be negative), computed from the store when it was decided, so
     a rebuild reproduces them. The subject is the order."""
 
     order_id: Token
     sequence: StrictInt = Field(ge=1, description="The order's confirmations: 1, 2, …")
-    reason: Literal["run_ended", "correction"]
+    reason: Literal["run_ended", "shift_end", "correction"]
     machine_id: Token | None = None
     operation: StrictStr | None = Field(default=None, max_length=64)
     yield_quantity: StrictInt = Field(description="Good parts new since the last confirmation")

@@ -253,6 +253,7 @@ def outbox_senders(
     publisher: EventPublisher,
     retry: RetryPolicy,
     store_position: int,
+    clock: Clock = utc_now,
 ) -> list[Sender]:
     """A sender per destination; each is owed only what was decided after it was first
     configured (a new ERP is not sent the plant's history): what the store held then, kept
@@ -270,6 +271,7 @@ def outbox_senders(
                 settings.data_dir / "outbox" / f"{destination.name}.since", store_position
             ),
             kill_after_delivery=settings.fault_kill_after_delivery,
+            clock=clock,
         )
         for destination in destinations
     ]
@@ -290,6 +292,7 @@ def confirmation_watch(
     views: ViewDatabase,
     plant: PlantConfig | None,
     publisher: EventPublisher,
+    clock: Clock = utc_now,
 ) -> ConfirmationWatch:
     """The watch deciding production confirmations; runs that ended before this hub first
     confirmed (kept in the data dir) are not confirmed."""
@@ -305,6 +308,7 @@ def confirmation_watch(
     return ConfirmationWatch(
         settings.site, load, views, FactsReader(views), plant or PlantConfig(), publisher, since,
         position_file=settings.data_dir / CONFIRMATIONS_POSITION,
+        each_shift=settings.confirm_each_shift, clock=clock,
     )  # fmt: skip
 
 
@@ -331,7 +335,7 @@ def api_context(
         site=settings.site,
         plant=plant or PlantConfig(),
         max_clock_skew_s=settings.max_clock_skew_s,
-        requeue=Requeue(hub.publisher, settings.site),
+        requeue=Requeue(hub.publisher, settings.site, hub.clock),
         destinations=tuple(sender.name for sender in getattr(hub, "senders", ())),
     )
 
@@ -533,10 +537,11 @@ async def build_hub(
             publisher,
             retry or RetryPolicy(),
             await asyncio.to_thread(events_store.last_position),
+            clock,
         )
         if senders:
             watch = await asyncio.to_thread(
-                confirmation_watch, settings, events_store, views, plant, publisher
+                confirmation_watch, settings, events_store, views, plant, publisher, clock
             )
             confirm = partial(watch.run, interval_s=settings.confirm_interval_s)
             services.append(Service(CONFIRMATIONS, confirm))

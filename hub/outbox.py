@@ -231,8 +231,10 @@ class Sender:
         poll_s: float = 0.1,
         rng: random.Random | None = None,
         kill_after_delivery: int | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.destination = destination
+        self._clock = clock  # the hub's: attempts are stamped, and retries timed, by it
         self._outbox, self._publisher, self._site = outbox, publisher, site
         self._key_for = key_for  # (message key, destination) -> the idempotency key
         self.policy = policy or RetryPolicy()
@@ -273,7 +275,7 @@ class Sender:
         # Everything decided before ``floor`` was taken: ask from there on (else every round
         # would read past all that was ever delivered).
         self._after = max(self._after, floor)
-        now = datetime.now(UTC)
+        now = self._clock()
         started = 0
         for message in self._due(messages, now):
             if len(self._busy) >= self.policy.parallel or not self.circuit.allows():
@@ -330,7 +332,7 @@ class Sender:
         attempt = state.attempts + 1
         since_requeue = attempt - state.requeued_at  # attempts count afresh from a requeue
         key = self._key_for(message.key, self.name)
-        now = datetime.now(UTC)
+        now = self._clock()
         next_at: datetime | None = None
         status: int | None = None
         reason = answer = ""
@@ -355,7 +357,7 @@ class Sender:
             self.circuit.succeeded()
             outcome = "duplicate" if delivered.duplicate else "delivered"
             status, answer = delivered.status, delivered.excerpt
-            self.stats.latencies_s.append((datetime.now(UTC) - message.decided_at).total_seconds())
+            self.stats.latencies_s.append((self._clock() - message.decided_at).total_seconds())
             self._kill_point()
         self._count(outcome)
         self._known[message.key] = _Known(
@@ -456,11 +458,16 @@ class Requeue:
     """Asks for a dead (or failed) message to be tried again now, for one destination: stored
     as a ``requeued`` attempt record, from which its attempts count again (the API's retry)."""
 
-    def __init__(self, publisher: EventPublisher, site: str) -> None:
-        self._publisher, self._site = publisher, site
+    def __init__(
+        self,
+        publisher: EventPublisher,
+        site: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._publisher, self._site, self._clock = publisher, site, clock
 
     async def __call__(self, message: OutboxMessage, destination: str, by: str) -> None:
-        now = datetime.now(UTC)
+        now = self._clock()
         data = {
             "order_id": message.ordering_key,
             "message_id": message.key,

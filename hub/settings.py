@@ -257,6 +257,11 @@ class Settings(BaseSettings):
     confirm_interval_s: float = Field(
         default=0.2, gt=0, le=60, description="How often production confirmations are decided"
     )
+    confirm_each_shift: bool = Field(
+        default=False,
+        description="Also confirm to the ERPs, at each shift end, what the orders still "
+        "running made in the shift (a partial confirmation)",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_keys: SecretStr = Field(default=SecretStr(""), description="role:key,role:key")

@@ -33,6 +33,7 @@ from hub.domain import order_runs as runs_of_moves
 from hub.files import write_whole
 from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
+from projections.rules.calendar import Interval
 from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
 from projections.rules.progress import Run, order_parts
@@ -43,6 +44,7 @@ from projections.views.outbox_view import (
     confirmed_orders,
     last_ends,
     order_moves,
+    running_orders,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ def confirmation_due(
     since: datetime,
     moves: list[dict[str, Any]] | None = None,
     corrections_since: datetime | None = None,
+    shift_end: datetime | None = None,
 ) -> dict[str, Any] | None:
     """The data of the confirmation ``order`` is owed now, or None.
 
@@ -75,6 +78,11 @@ def confirmation_due(
     confirmation 1 (run_ended) says 60 and 2, not final. It runs again on M2 and makes 40 more:
     confirmation 2 says 40 and 0, final (100 good). A late scrap of 3 for the order: confirmation
     3 (a correction of 2) says -3 good and 3 scrap.
+
+    With ``shift_end`` (the plant's last shift end, when confirming at each shift end): an order
+    still running then is owed what it made up to it. An order of 100 starts on M1 at 10:00; the
+    shift ends at 14:00 with 30 good: confirmation 1 (shift_end) says 30, ending 14:00. The run
+    ends at 16:00 with 45 good in all: confirmation 2 (run_ended) says 15.
 
     ``moves``: the order's starts and ends as the views have them (else the order's own): the
     parts counted must not lag the run's end. ``corrections_since``: an order last confirmed
@@ -87,15 +95,31 @@ def confirmation_due(
         (r for r in runs if r.end is not None and r.end >= since),
         key=lambda r: (r.end or r.start, r.machine_id),
     )
+    running = sorted((r for r in runs if r.end is None), key=lambda r: (r.start, r.machine_id))
     runs_confirmed = sum(1 for c in confirmed if c["reason"] == "run_ended")
     good_told = sum(int(c["yield_quantity"]) for c in confirmed)
     scrap_told = sum(int(c["scrap_quantity"]) for c in confirmed)
+    # How far the runs not (yet) confirmed whole were told: to the last shift end confirmed.
+    told_to = max(
+        (datetime.fromisoformat(c["end"]) for c in confirmed if c["reason"] == "shift_end"),
+        default=None,
+    )
     if len(ended) > runs_confirmed:
-        run, covered, reason = ended[runs_confirmed], ended[: runs_confirmed + 1], "run_ended"
+        run, whole, cut = ended[runs_confirmed], ended[: runs_confirmed + 1], told_to
+        reason, start, end = "run_ended", run.start, run.end
+    elif (
+        shift_end is not None and running and shift_end >= since
+        and (told_to is None or shift_end > told_to) and running[0].start < shift_end
+    ):  # fmt: skip
+        run, whole, cut = running[0], ended, shift_end
+        reason, start, end = "shift_end", max(run.start, told_to or run.start), shift_end
     elif confirmed and not order.running_on and ended and _recent(confirmed, corrections_since):
-        run, covered, reason = ended[-1], ended, "correction"
+        run, whole, cut = ended[-1], ended, told_to
+        reason, start, end = "correction", run.start, run.end
     else:
         return None
+    rest = [r for r in runs if r not in whole and (r.end is None or r.end >= since)]
+    covered = whole + _up_to(rest, cut)
     good, scrap = totals(order, covered, reader, plant, now)
     if reason == "correction" and (good, scrap) == (good_told, scrap_told):
         return None
@@ -107,11 +131,30 @@ def confirmation_due(
         "operation": None,
         "yield_quantity": good - good_told,
         "scrap_quantity": scrap - scrap_told,
-        "start": run.start.isoformat(),
-        "end": run.end.isoformat() if run.end else None,
+        "start": start.isoformat(),
+        "end": end.isoformat() if end else None,
         "final": order.quantity is not None and good >= order.quantity,
         "correction_of": confirmed[-1]["sequence"] if reason == "correction" else None,
     }
+
+
+def _up_to(runs: list[Run], cut: datetime | None) -> list[Run]:
+    """The part of ``runs`` before ``cut`` (none without one): what a shift-end confirmation
+    told of runs that were still going then."""
+    if cut is None:
+        return []
+    return [
+        Run(r.machine_id, r.start, r.end if r.end is not None and r.end <= cut else cut)
+        for r in runs
+        if r.start < cut
+    ]
+
+
+def last_shift_end(plant: PlantConfig, now: datetime) -> datetime | None:
+    """When the plant's last shift before ``now`` ended (shifts of the last 8 days: a plant
+    closed longer has no shift end to confirm)."""
+    shifts = plant.calendar().shifts(Interval(now - timedelta(days=8), now))
+    return max((s.interval.end for s in shifts if s.interval.end < now), default=None)
 
 
 def _runs(moves: list[dict[str, Any]]) -> list[Run]:
@@ -144,10 +187,16 @@ class ConfirmationWatch:
         since: datetime,
         correction_window: timedelta = timedelta(days=7),
         position_file: Path | None = None,
+        each_shift: bool = False,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._site, self._load, self._views = site, load, views
         self._reader, self._plant, self._publisher = reader, plant, publisher
-        self._since, self._window = since, correction_window
+        self._since, self._window, self._clock = since, correction_window, clock
+        # Confirm what the orders running at each shift end made by then ([hub]
+        # confirm_each_shift); the last shift end whose running orders were looked at.
+        self._each_shift = each_shift
+        self._shift_looked_at: datetime | None = None
         # The views' position the last round read to (0: look at everything), kept in
         # ``position_file`` so that a restart does not look at every order again.
         self._position_file = position_file
@@ -185,13 +234,18 @@ class ConfirmationWatch:
         events = []
         clock = time.monotonic()
         due_again = {k for k, sent in self._recheck.items() if clock - sent >= REPUBLISH_AFTER_S}
-        keys = sorted({*found.changed, *late, *due_again}, key=str)
+        shift_end = last_shift_end(self._plant, now) if self._each_shift else None
+        at_shift_end: list[UUID] = []
+        if shift_end is not None and shift_end != self._shift_looked_at:
+            at_shift_end = running_orders(self._views, self._site)
+        keys = sorted({*found.changed, *late, *due_again, *at_shift_end}, key=str)
         moves = order_moves(self._views, keys)
         for order in self._load(keys):
             taps = moves.get(order.id)
             data = confirmation_due(
-                order, self._reader, self._plant, now, self._since, taps, corrections_since
-            )
+                order, self._reader, self._plant, now, self._since, taps, corrections_since,
+                shift_end,
+            )  # fmt: skip
             if taps is not None and (order.confirmed or data is not None):
                 self._remember(order.id, order.order_id, taps)
             if data is None:
@@ -207,6 +261,7 @@ class ConfirmationWatch:
                     now, data,
                 )
             )  # fmt: skip
+        self._shift_looked_at = shift_end
         return events, upto
 
     def _remember(self, key: UUID, order_id: str, moves: list[dict[str, Any]]) -> None:
@@ -231,7 +286,7 @@ class ConfirmationWatch:
 
     async def check(self, now: datetime | None = None) -> int:
         """One round; returns how many confirmations were new (not repeats)."""
-        now = now or datetime.now(UTC)
+        now = now or self._clock()
         events, upto = await asyncio.to_thread(self.decisions, now)
         self._rounds += 1
         if self._rounds % 1000 == 0:  # (every few minutes)

@@ -335,3 +335,13 @@ def order_moves(db: ViewDatabase, keys: Sequence[UUID]) -> dict[UUID, list[dict[
             )
             found.update((UUID(key), json.loads(moves)) for key, moves in cursor.fetchall())
     return found
+
+
+def running_orders(db: ViewDatabase, site: str) -> list[UUID]:
+    """The orders of ``site`` running now (on at least one machine)."""
+    with db.transaction(write=False) as cursor:
+        cursor.execute(
+            f"SELECT aggregate_id FROM {STATES_TABLE} WHERE site = ? AND status = 'running'",
+            (site,),
+        )
+        return sorted((UUID(row[0]) for row in cursor.fetchall()), key=str)

@@ -7,9 +7,10 @@ own tests run against their stand-ins."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -69,6 +70,10 @@ def tap(kind: str, machine: str, order_id: str, minutes: int) -> Any:
 def scrap(machine: str, order_id: str, quantity: int, minutes: int) -> Any:
     data = {"order_id": order_id, "quantity": quantity, "reason": "burr"}
     return cloud_event("mes.operator.scrap.v1", machine, data, at=timedelta(minutes=minutes))
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def auth(role: str) -> dict[str, str]:
@@ -305,3 +310,58 @@ async def test_a_late_part_count_inside_a_confirmed_run_is_confirmed_as_a_correc
     first, correction = taken(erp, "SO-10")
     assert first["yield_quantity"] == 8
     assert (correction["reason"], correction["yield_quantity"]) == ("correction", 2)
+
+
+async def test_orders_running_at_a_shift_end_are_confirmed_what_they_made_in_it(
+    settings: Settings, erp: InMemoryDestination
+) -> None:
+    # Worked example ([hub] confirm_each_shift, shifts 06:00-14:00 and 14:00-22:00): SO-20 of
+    # 100 starts on M1 at 06:00 and makes 30 by 14:00; at 14:00 the ERP is told 30 (partial).
+    # It makes 12 more; it ends at 14:25: the ERP is told 12 (the run, less what it was told).
+    # SO-21 starts on M2 at 14:10 and is still running at 22:00 and 23:00: told once, for 22:00.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / CONFIRMATIONS_SINCE).write_text((T0 - timedelta(days=1)).isoformat())
+    shifts = [{"name": "early", "start": "06:00", "end": "14:00"},
+              {"name": "late", "start": "14:00", "end": "22:00"}]  # fmt: skip
+    plant = PlantConfig.model_validate({"time_zone": "UTC", "shifts": shifts})
+    now = [T0 + timedelta(hours=7)]  # 13:00 (the hub's clock; T0 is 06:00)
+    hub = await build_hub(
+        settings.model_copy(update={"confirm_each_shift": True}), plant=plant,
+        destinations=[erp], retry=FAST, clock=lambda: now[0],
+    )  # fmt: skip
+    try:
+        await publish(
+            hub, released("SO-20", 100), tap("started", "M1", "SO-20", 0), count("M1", 0, 0),
+            count("M1", 30, 6 * 60 + 50),
+        )  # fmt: skip
+        await hub.wait_projected()
+        await asyncio.sleep(0.5)  # rounds before the shift end owe nothing
+        assert taken(erp, "SO-20") == []
+        now[0] = T0 + timedelta(hours=8, minutes=30)  # 14:30: the early shift has ended
+        await eventually(lambda: len(taken(erp, "SO-20")) == 1, timeout=30)
+        await publish(
+            hub, count("M1", 42, 8 * 60 + 20), tap("ended", "M1", "SO-20", 8 * 60 + 25),
+            released("SO-21", 100), tap("started", "M2", "SO-21", 8 * 60 + 10),
+            count("M2", 0, 8 * 60 + 10), count("M2", 5, 8 * 60 + 28),
+        )  # fmt: skip
+        await eventually(lambda: len(taken(erp, "SO-20")) == 2, timeout=30)
+        await asyncio.sleep(0.5)
+        assert taken(erp, "SO-21") == []  # it ran in the late shift, not yet ended
+        now[0] = T0 + timedelta(hours=17)  # 23:00: the late shift ended an hour ago
+        await eventually(lambda: len(taken(erp, "SO-21")) == 1, timeout=30)
+        shift, run = taken(erp, "SO-20")
+        assert (shift["reason"], shift["yield_quantity"], shift["final"]) == (
+            "shift_end",
+            30,
+            False,
+        )
+        assert [at(shift["start"]), at(shift["end"])] == [T0, T0 + timedelta(hours=8)]
+        assert (run["reason"], run["yield_quantity"], run["sequence"]) == ("run_ended", 12, 2)
+        (late,) = taken(erp, "SO-21")
+        assert (late["reason"], late["yield_quantity"]) == ("shift_end", 5)
+        started, ten_pm = T0 + timedelta(hours=8, minutes=10), T0 + timedelta(hours=16)
+        assert [at(late["start"]), at(late["end"])] == [started, ten_pm]
+        await asyncio.sleep(1.0)  # more rounds at 23:00 owe nothing more
+        assert len(taken(erp, "SO-21")) == 1 and erp.calls == 3
+    finally:
+        await hub.close()

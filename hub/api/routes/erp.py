@@ -53,7 +53,7 @@ class ConfirmationView(BaseModel):
     id: str
     order_id: str
     sequence: int
-    reason: str  # run_ended or correction
+    reason: str  # run_ended, shift_end or correction
     machine_id: str | None
     operation: str | None
     yield_quantity: int
