@@ -336,7 +336,7 @@ def api_context(
         plant=plant or PlantConfig(),
         max_clock_skew_s=settings.max_clock_skew_s,
         requeue=Requeue(hub.publisher, settings.site, hub.clock),
-        destinations=tuple(sender.name for sender in getattr(hub, "senders", ())),
+        destinations={sender.name: sender.owed_after for sender in getattr(hub, "senders", ())},
     )
 
 

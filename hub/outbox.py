@@ -240,6 +240,7 @@ class Sender:
         self.policy = policy or RetryPolicy()
         self.circuit = Circuit(self.policy.circuit_failures, self.policy.circuit_open_s)
         self._after, self._poll_s = after, poll_s
+        self.owed_after = after  # it is owed what was decided after this store position
         self._rng = rng or random.Random()
         self._known: dict[str, _Known] = {}
         self._busy: dict[str, asyncio.Task[None]] = {}  # ordering key -> its delivery

@@ -45,7 +45,10 @@ class ApiContext:
     max_clock_skew_s: float = 300.0
     # Asks for an outbox message to be tried again (``hub.outbox.Requeue``); None: no outbox.
     requeue: Callable[[OutboxMessage, str, str], Awaitable[None]] | None = None
-    destinations: tuple[str, ...] = ()  # the outbox's: a message is sent once all took it
+    # The outbox's destinations, each with the store position it is owed what was decided
+    # after (a destination added later is not owed the history): a message is sent once all
+    # that are owed it took it.
+    destinations: dict[str, int] = field(default_factory=dict)
 
 
 async def get_context(request: Request) -> ApiContext:
@@ -76,7 +79,7 @@ Publisher = Annotated[EventPublisher, Depends(_service(lambda c: c.publisher))]
 Plant = Annotated[PlantConfig, Depends(_service(lambda c: c.plant))]
 Site = Annotated[str, Depends(_service(lambda c: c.site))]
 MaxClockSkew = Annotated[float, Depends(_service(lambda c: c.max_clock_skew_s))]
-Destinations = Annotated[tuple[str, ...], Depends(_service(lambda c: c.destinations))]
+Destinations = Annotated[dict[str, int], Depends(_service(lambda c: c.destinations))]
 Requeuer = Annotated[
     Callable[[OutboxMessage, str, str], Awaitable[None]] | None,
     Depends(_service(lambda c: c.requeue)),

@@ -365,3 +365,40 @@ async def test_orders_running_at_a_shift_end_are_confirmed_what_they_made_in_it(
         assert len(taken(erp, "SO-21")) == 1 and erp.calls == 3
     finally:
         await hub.close()
+
+
+async def test_an_erp_added_later_is_owed_only_what_was_decided_after_it_came(
+    settings: Settings, erp: InMemoryDestination
+) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / CONFIRMATIONS_SINCE).write_text((T0 - timedelta(days=1)).isoformat())
+    plant = PlantConfig(time_zone="UTC")
+    first = await build_hub(settings, plant=plant, destinations=[erp], retry=FAST)
+    try:
+        await publish(first, released("SO-30", 10))
+        await run_on(first, "M1", "SO-30", start=0, end=30, parts=4)
+        await eventually(lambda: len(taken(erp, "SO-30")) == 1, timeout=30)
+    finally:
+        await first.close()
+    # The plant connects a second ERP: it gets SO-31's confirmation, not SO-30's, and SO-30's
+    # counts as sent (taken by every ERP that is owed it), not pending for ever.
+    later = InMemoryDestination("erp-2")
+    again = await build_hub(settings, plant=plant, destinations=[erp, later], retry=FAST)
+    try:
+        await publish(again, released("SO-31", 10))
+        await run_on(again, "M2", "SO-31", start=40, end=70, parts=3)
+        await eventually(lambda: len(taken(later, "SO-31")) == 1, timeout=30)
+        await eventually(lambda: len(taken(erp, "SO-31")) == 1, timeout=30)
+        assert taken(later, "SO-30") == [] and len(taken(erp, "SO-30")) == 1
+        async with api_client(again) as http:
+
+            async def statuses() -> dict[str, str]:
+                answer = await http.get(CONFIRMATIONS, headers=auth("erp"))
+                return {c["order_id"]: c["status"] for c in answer.json()}
+
+            async def both_sent() -> bool:
+                return await statuses() == {"SO-30": "sent", "SO-31": "sent"}
+
+            await eventually(both_sent)
+    finally:
+        await again.close()

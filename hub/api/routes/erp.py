@@ -67,16 +67,19 @@ class ConfirmationView(BaseModel):
     deliveries: list[DeliveryView]
 
 
-def status_of(states: dict[str, OutboxMessage], destinations: tuple[str, ...]) -> Status:
-    """Dead for some ERP: dead; failing for some: failed; taken by every ERP: sent; else
-    pending (not tried yet)."""
+def status_of(
+    message: OutboxMessage, states: dict[str, OutboxMessage], destinations: dict[str, int]
+) -> Status:
+    """Dead for some ERP: dead; failing for some: failed; taken by every ERP owed it: sent;
+    else pending (not tried yet). An ERP added after it was decided is not owed it."""
     outcomes = {s.outcome for s in states.values()}
     if "dead" in outcomes:
         return "dead"
     if outcomes & {"failed", "requeued"}:
         return "failed"
+    owed = {d for d, after in destinations.items() if message.position > after}
     taken = {d for d, s in states.items() if s.outcome in ("delivered", "duplicate")}
-    return "sent" if set(destinations) <= taken and taken else "pending"
+    return "sent" if owed <= taken and taken else "pending"
 
 
 def _view(message: OutboxMessage, states: dict[str, OutboxMessage], status: Status) -> Any:
@@ -116,7 +119,7 @@ _PAGE = TypeAdapter(list[ConfirmationView])
 def read_confirmations(
     sources: ReadSources,
     site: str,
-    destinations: tuple[str, ...],
+    destinations: dict[str, int],
     status: Status | None,
     order: str | None,
     limit: int,
@@ -132,7 +135,7 @@ def read_confirmations(
             cursor = message.key
             if message.kind != CONFIRMATION:
                 continue
-            current = status_of(states, destinations)
+            current = status_of(message, states, destinations)
             if status is None or current == status:
                 found.append(_view(message, states, current))
         if len(batch) < MAX_PAGE:
@@ -142,13 +145,13 @@ def read_confirmations(
 
 
 def read_confirmation(
-    sources: ReadSources, site: str, destinations: tuple[str, ...], key: str
+    sources: ReadSources, site: str, destinations: dict[str, int], key: str
 ) -> tuple[OutboxMessage, dict[str, OutboxMessage], Status] | None:
     found = sources.outbox.messages(site, limit=1, key=key)
     if not found:
         return None
     message, states = found[0]
-    return message, states, status_of(states, destinations)
+    return message, states, status_of(message, states, destinations)
 
 
 @router.get(
