@@ -24,13 +24,23 @@ a hub restarted between the POST and its answer) is found and reported delivered
 token (``x-csrf-token: Fetch``) that the ``POST`` needs, with the session cookies that go with
 it; a ``403`` answered ``x-csrf-token: Required`` fetches a new token once.
 
+Corrections: SAP posts no negative quantity, so a confirmation whose yield or scrap is negative
+(a correction that lowers what was confirmed) is made by reversal and re-post: the operation's
+active confirmations posted by the hub (not reversed, not a reversal, with an external key) are
+cancelled (function import ``CancelProdnOrdConf``), and one confirmation with their totals plus
+the correction (never below 0) is posted with this message's external key; totals of 0 post
+nothing. Each reversal carries the message's external key too, so a retry after a stop anywhere
+in between finds what it cancelled already (and counts it), cancels only what is still active,
+and posts what is still missing.
+
 Errors::
 
     adapters.erp.rest.OrdersUnavailable   the orders could not be read this time
     hub.outbox.DeliveryFailed             a confirmation not taken: permanent for what SAP
                                           refuses (400: its message in the reason) or cannot
-                                          take (a negative quantity); retryable for 401, 403,
-                                          408, 429, 5xx, time-outs and no connection
+                                          take (OrderID, OrderOperation too long); retryable
+                                          for 401, 403, 408, 429, 5xx, time-outs and no
+                                          connection
 """
 
 from __future__ import annotations
@@ -38,8 +48,10 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -79,6 +91,7 @@ from hub.outbox import EXCERPT_CHARS
 CONFIRMATION_SERVICE = "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV"
 ORDER_SERVICE = "/sap/opu/odata/sap/API_PRODUCTION_ORDER_2_SRV"
 CONFIRMATIONS = "ProdnOrdConf2"  # EntitySet of ProdnOrdConf2Type
+CANCEL = "CancelProdnOrdConf"  # FunctionImport (POST) that reverses one ProdnOrdConf2
 ORDERS = "A_ProductionOrder_2"  # EntitySet of A_ProductionOrder_2Type
 # ExternalSystemConfirmation is an Edm.Guid (no MaxLength): a name-based (version 5) UUID of the
 # confirmation's key in this namespace, uuid5(NAMESPACE_URL,
@@ -86,6 +99,25 @@ ORDERS = "A_ProductionOrder_2"  # EntitySet of A_ProductionOrder_2Type
 EXTERNAL_KEY_NAMESPACE = uuid.UUID("c0f618c2-53de-5486-acfa-c3771975b726")
 # MaxLength of the ProdnOrdConf2Type properties sent as text (the service's $metadata).
 MAX_LENGTH = {"OrderID": 12, "OrderOperation": 4, "ConfirmationText": 40}
+# ProdnOrdConf2Type properties read back: the keys, whether a record still counts, and what a
+# correction adds up and carries over into the confirmation that replaces the cancelled ones.
+RECORD_PROPERTIES = (
+    "ConfirmationGroup",
+    "ConfirmationCount",
+    "OrderID",
+    "OrderOperation",
+    "IsReversed",
+    "IsReversal",
+    "ExternalSystemConfirmation",
+    "ConfirmationYieldQuantity",
+    "ConfirmationScrapQuantity",
+    "ConfirmedExecutionStartDate",
+    "ConfirmedExecutionStartTime",
+    "ConfirmedExecutionEndDate",
+    "ConfirmedExecutionEndTime",
+)
+# An Edm.Guid that ABAP holds empty may come back as null or as its initial value, all zeros.
+NO_GUID = "00000000-0000-0000-0000-000000000000"
 
 
 class Entry(ErpEntryBase):
@@ -165,7 +197,8 @@ def external_key(key: str) -> uuid.UUID:
 
 def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, Any]:
     """The ``ProdnOrdConf2`` entity to create; ``DeliveryFailed`` (permanent) for what SAP
-    cannot take. Property names, types and formats as in the service's $metadata."""
+    cannot take. Property names, types and formats as in the service's $metadata. (A negative
+    quantity is never posted: ``SapConfirmationSender`` makes such a correction by reversal.)"""
     c = confirmation
     operation = c.operation or entry.operation
     text = f"mes-hub {c.machine_id or ''} #{c.sequence}".replace("  ", " ")
@@ -178,13 +211,6 @@ def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, A
                 f"({MAX_LENGTH[name]} characters)",
                 permanent=True,
             )
-    if c.yield_quantity < 0 or c.scrap_quantity < 0:
-        raise DeliveryFailed(
-            f"{entry.name}: SAP takes no negative quantity (yield {c.yield_quantity}, scrap "
-            f"{c.scrap_quantity}): a correction that lowers a confirmed quantity is made in "
-            "SAP by cancelling that confirmation",
-            permanent=True,
-        )
     zone = entry.zone
     entity: dict[str, Any] = {
         "OrderID": c.order_id,
@@ -202,6 +228,60 @@ def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, A
             entity[f"{prefix}Date"] = edm_date(local.date())
             entity[f"{prefix}Time"] = edm_time(local.time())
     return entity
+
+
+def uri_literal(text: str) -> str:
+    """An ``Edm.String`` as an OData V2 URI literal (in a ``$filter``, a function import's
+    parameter)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def cancel_parameters(
+    record: Mapping[str, Any], entity: Mapping[str, Any], day: date
+) -> dict[str, str]:
+    """``CancelProdnOrdConf``'s parameters for cancelling ``record`` on behalf of the correction
+    whose entity is ``entity``, posted on ``day``. The reversal carries the correction's
+    ``ExternalSystemConfirmation``: that is how a retry of the correction finds what it has
+    cancelled already."""
+    return {
+        "ConfirmationGroup": uri_literal(str(record.get("ConfirmationGroup"))),
+        "ConfirmationCount": uri_literal(str(record.get("ConfirmationCount"))),
+        "PostingDate": f"datetime'{day.isoformat()}T00:00'",
+        "ConfirmationText": uri_literal(entity["ConfirmationText"]),
+        "ExternalSystemConfirmation": f"guid'{entity['ExternalSystemConfirmation']}'",
+    }
+
+
+def decimal_text(value: Decimal) -> str:
+    """An ``Edm.Decimal`` in OData V2 JSON: a string, without SAP's trailing zeros."""
+    return format(value.normalize(), "f")
+
+
+def _named(record: Mapping[str, Any]) -> str:
+    return (
+        f"ConfirmationGroup {record.get('ConfirmationGroup')} "
+        f"ConfirmationCount {record.get('ConfirmationCount')}"
+    )
+
+
+def _after(cancelled: list[str]) -> str:
+    """Says, in a failure's reason, what this attempt had cancelled already (its retry counts
+    those and finishes the correction)."""
+    return f" (after cancelling {', '.join(cancelled)})" if cancelled else ""
+
+
+def _has_external_key(record: Mapping[str, Any]) -> bool:
+    """Whether a confirmation carries an external key (the hub's); one typed in at SAP does not."""
+    key = record.get("ExternalSystemConfirmation")
+    return isinstance(key, str) and key.strip() not in ("", NO_GUID)
+
+
+def _executed(record: Mapping[str, Any], prefix: str, zone: ZoneInfo) -> datetime | None:
+    """``ConfirmedExecutionStart``/``End`` (``prefix``) of a record read back, plant time."""
+    day = parse_edm_date(record.get(f"{prefix}Date"))
+    if day is None:
+        return None
+    return datetime.combine(day, parse_edm_time(record.get(f"{prefix}Time")) or time(0), zone)
 
 
 # --- talking to SAP ----------------------------------------------------------------------------
@@ -256,7 +336,8 @@ def _results(response: httpx.Response) -> list[Any] | None:
 
 
 class SapConfirmationSender:
-    """Posts confirmations to ``ProdnOrdConf2`` (see the module): lookup, CSRF token, POST."""
+    """Posts confirmations to ``ProdnOrdConf2`` (see the module): lookup, CSRF token, POST; a
+    correction that lowers a quantity by reversal (``CancelProdnOrdConf``) and re-post."""
 
     def __init__(self, entry: Entry) -> None:
         self.entry = entry
@@ -282,14 +363,19 @@ class SapConfirmationSender:
             self._client = outbound_client(entry.allowlist(), entry.timeout_s)
         client = self._client
         try:
-            posted = await self._posted(client, auth, secret, entity["ExternalSystemConfirmation"])
-            if posted is not None:
-                return Delivered(200, posted, duplicate=True)
-            response = await self._post(client, auth, entity)
-            if _csrf_required(response):  # the session or its token expired: once more
-                self._token = None
-                await self._fetch_token(client, auth, secret)
-                response = await self._post(client, auth, entity)
+            by_key = await self._records(
+                client,
+                auth,
+                secret,
+                f"ExternalSystemConfirmation eq guid'{entity['ExternalSystemConfirmation']}'",
+                "lookup by ExternalSystemConfirmation",
+            )
+            posted = [record for record in by_key if not record.get("IsReversal")]
+            if posted:
+                return Delivered(200, f"already posted as {_named(posted[0])}", duplicate=True)
+            if confirmation.yield_quantity < 0 or confirmation.scrap_quantity < 0:
+                return await self._correct(client, auth, secret, confirmation, entity, by_key)
+            response = await self._post(client, auth, secret, f"/{CONFIRMATIONS}", json=entity)
         except (httpx.HTTPError, OutboundRefused) as exc:
             reason = transport_failure(entry.name, exc, entry.timeout_s)
             raise DeliveryFailed(reason, permanent=False) from None
@@ -297,15 +383,119 @@ class SapConfirmationSender:
             raise sap_failure(entry, response, secret, "confirmation")
         return Delivered(response.status_code, self._created(response, secret))
 
-    async def _posted(
-        self, client: httpx.AsyncClient, auth: dict[str, str], secret: SecretStr, guid: str
-    ) -> str | None:
-        """Whether SAP has a confirmation with this external key already (and which one);
-        fetches the CSRF token on the way when none is held."""
+    async def _correct(
+        self,
+        client: httpx.AsyncClient,
+        auth: dict[str, str],
+        secret: SecretStr,
+        confirmation: Confirmation,
+        entity: dict[str, Any],
+        by_key: list[Mapping[str, Any]],
+    ) -> Delivered:
+        """A correction that lowers a quantity, by reversal and re-post (see the module).
+        ``by_key``: what SAP holds with this message's external key, here only reversals."""
+        entry, c = self.entry, confirmation
+        operation = entity["OrderOperation"]
+        # Reversals with this key were made by an earlier attempt of this very message that
+        # stopped before its re-post: what they cancelled still counts in the totals.
+        cancelled_before = [record for record in by_key if record.get("IsReversal")]
+        found = await self._records(
+            client,
+            auth,
+            secret,
+            f"OrderID eq {uri_literal(c.order_id)} and OrderOperation eq {uri_literal(operation)}"
+            " and IsReversed eq false and IsReversal eq false",
+            f"active confirmations of order {c.order_id} operation {operation}",
+        )
+        # Only the hub's: one an operator typed in at SAP has no external key and stays.
+        active = [record for record in found if _has_external_key(record)]
+        replaced = cancelled_before + active
+        # Read every quantity before cancelling anything: a bad one stops with nothing changed.
+        zero = Decimal(0)
+        yield_total = max(
+            self._total(replaced, "ConfirmationYieldQuantity") + c.yield_quantity, zero
+        )
+        scrap_total = max(
+            self._total(replaced, "ConfirmationScrapQuantity") + c.scrap_quantity, zero
+        )
+
+        day = c.posted_at.astimezone(entry.zone).date()
+        cancelled: list[str] = []
+        status = 200
+        for record in active:
+            response = await self._post(
+                client, auth, secret, f"/{CANCEL}", params=cancel_parameters(record, entity, day)
+            )
+            if not response.is_success:
+                what = f"cancelling {_named(record)}" + _after(cancelled)
+                raise sap_failure(entry, response, secret, what)
+            cancelled.append(_named(record))
+            status = response.status_code
+        notes = []
+        if cancelled_before:
+            notes.append(f"cancelled before: reversal {', '.join(map(_named, cancelled_before))}")
+        if cancelled:
+            notes.append(f"cancelled {', '.join(cancelled)}")
+        if yield_total == 0 and scrap_total == 0:  # nothing left to confirm: only the cancels
+            if not replaced:
+                notes.append(f"no active confirmation of order {c.order_id} operation {operation}")
+            # All cancelled by an earlier attempt, nothing more to do now: this one is a repeat.
+            repeat = bool(cancelled_before) and not active
+            return Delivered(status, "; ".join(notes)[:EXCERPT_CHARS], duplicate=repeat)
+
+        # The confirmation that replaces them: the totals, and the execution span they covered
+        # (SAP takes an operation's actual dates from its confirmations).
+        zone = entry.zone
+        starts = [c.start, *(_executed(r, "ConfirmedExecutionStart", zone) for r in replaced)]
+        ends = [c.end, *(_executed(r, "ConfirmedExecutionEnd", zone) for r in replaced)]
+        corrected = replace(
+            c,
+            start=min((s for s in starts if s is not None), default=None),
+            end=max((e for e in ends if e is not None), default=None),
+        )
+        repost = confirmation_entity(corrected, entry)
+        repost["ConfirmationYieldQuantity"] = decimal_text(yield_total)
+        repost["ConfirmationScrapQuantity"] = decimal_text(scrap_total)
+        response = await self._post(client, auth, secret, f"/{CONFIRMATIONS}", json=repost)
+        if not response.is_success:
+            what = "confirmation with the corrected totals" + _after(cancelled)
+            raise sap_failure(entry, response, secret, what)
+        made = self._created(response, secret)
+        posted = (
+            f"posted {made} (yield {decimal_text(yield_total)}, scrap {decimal_text(scrap_total)})"
+        )
+        return Delivered(response.status_code, "; ".join([*notes, posted])[:EXCERPT_CHARS])
+
+    def _total(self, records: Sequence[Mapping[str, Any]], name: str) -> Decimal:
+        """The sum of an ``Edm.Decimal`` property over ``records``."""
+        total = Decimal(0)
+        for record in records:
+            value = record.get(name)
+            try:
+                quantity = Decimal(str(value if value is not None else 0))
+            except InvalidOperation:
+                quantity = Decimal("NaN")
+            if not quantity.is_finite():
+                raise DeliveryFailed(
+                    f"{self.entry.name}: {name} {value!r} of {_named(record)} is not a decimal"
+                )
+            total += quantity
+        return total
+
+    async def _records(
+        self,
+        client: httpx.AsyncClient,
+        auth: dict[str, str],
+        secret: SecretStr,
+        condition: str,
+        what: str,
+    ) -> list[Mapping[str, Any]]:
+        """The ``ProdnOrdConf2`` records that meet ``condition`` (a ``$filter``); fetches the
+        CSRF token on the way when none is held (the POSTs that follow need it)."""
         params = self._params(
             **{
-                "$filter": f"ExternalSystemConfirmation eq guid'{guid}'",
-                "$select": "ConfirmationGroup,ConfirmationCount,OrderID",
+                "$filter": condition,
+                "$select": ",".join(RECORD_PROPERTIES),
                 "$format": "json",
             }
         )
@@ -314,23 +504,16 @@ class SapConfirmationSender:
             headers["x-csrf-token"] = "Fetch"
         response = await client.get(self._url(f"/{CONFIRMATIONS}"), params=params, headers=headers)
         if not response.is_success:
-            raise sap_failure(self.entry, response, secret, "lookup by ExternalSystemConfirmation")
+            raise sap_failure(self.entry, response, secret, what)
         self._keep_token(response)
         found = _results(response)
         if found is None:
             raise DeliveryFailed(
-                f"{self.entry.name}: lookup by ExternalSystemConfirmation: the answer is not an "
-                "OData V2 collection (d.results)",
+                f"{self.entry.name}: {what}: the answer is not an OData V2 collection (d.results)",
                 status=response.status_code,
                 excerpt=scrubbed(response.text, secret),
             )
-        if not found:
-            return None
-        first = found[0] if isinstance(found[0], Mapping) else {}
-        return (
-            f"already posted as ConfirmationGroup {first.get('ConfirmationGroup')} "
-            f"ConfirmationCount {first.get('ConfirmationCount')}"
-        )
+        return [record for record in found if isinstance(record, Mapping)]
 
     async def _fetch_token(
         self, client: httpx.AsyncClient, auth: dict[str, str], secret: SecretStr
@@ -352,13 +535,37 @@ class SapConfirmationSender:
             self._token = token
 
     async def _post(
-        self, client: httpx.AsyncClient, auth: dict[str, str], entity: dict[str, Any]
+        self,
+        client: httpx.AsyncClient,
+        auth: dict[str, str],
+        secret: SecretStr,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: dict[str, Any] | None = None,
+    ) -> httpx.Response:
+        """A ``POST`` with the session's CSRF token; a ``403`` answered ``x-csrf-token:
+        Required`` (the session or its token expired) fetches a new token and posts once more."""
+        response = await self._post_once(client, auth, path, params, json)
+        if _csrf_required(response):
+            self._token = None
+            await self._fetch_token(client, auth, secret)
+            response = await self._post_once(client, auth, path, params, json)
+        return response
+
+    async def _post_once(
+        self,
+        client: httpx.AsyncClient,
+        auth: dict[str, str],
+        path: str,
+        params: dict[str, str] | None,
+        json: dict[str, Any] | None,
     ) -> httpx.Response:
         headers = {"Accept": "application/json", **auth}
         if self._token is not None:
             headers["x-csrf-token"] = self._token
         return await client.post(
-            self._url(f"/{CONFIRMATIONS}"), params=self._params(), json=entity, headers=headers
+            self._url(path), params=self._params(**(params or {})), json=json, headers=headers
         )
 
     def _created(self, response: httpx.Response, secret: SecretStr) -> str:

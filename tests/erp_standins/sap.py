@@ -15,13 +15,24 @@ What it does like SAP:
   ``400`` with SAP's error JSON ``{"error": {"code", "message": {"lang", "value"}}}``;
 - it does **not** refuse a second confirmation with the same ``ExternalSystemConfirmation``:
   it books another one, as SAP does, and counts them (``app.state.by_external_key``);
+- it numbers confirmations as SAP does: one ``ConfirmationGroup`` per order operation, each
+  confirmation (and reversal) of it the next ``ConfirmationCount``;
+- ``POST CancelProdnOrdConf`` is the function import of the metadata: its parameters are read
+  from there (``ConfirmationGroup``, ``ConfirmationCount`` required; ``PostingDate``,
+  ``ConfirmationText``, ``ExternalSystemConfirmation`` optional), given as OData V2 URI literals
+  (``'0000000001'``, ``datetime'2026-03-03T00:00'``, ``guid'…'``) and checked like properties;
+  it books the reversal (``IsReversal`` true, the original's quantities, the parameters' posting
+  date, text and external key), marks the original ``IsReversed`` and answers ``200`` with the
+  reversal; an unknown confirmation, a reversal, or one reversed already is refused ``400``;
 - ``GET ProdnOrdConf2`` and ``GET A_ProductionOrder_2`` take ``$filter`` (``eq ne gt ge lt le``
   joined by ``and``; ``'text'``, ``guid'…'``, ``true``/``false``), ``$select``, ``$orderby``,
   ``$top``, ``$skip``, and answer ``{"d": {"results": [...]}}``.
 
 On demand (``app.state``): ``down`` → 503, ``error`` → 500, ``slow`` → sleeps that many
 seconds, ``reject_login`` → 401, ``lose_answers`` = n → the next n confirmations are booked and
-then answered 500 (the answer is lost), ``expire_sessions()`` → every CSRF token is forgotten.
+then answered 500 (the answer is lost), ``fail_posts`` = n → the next n confirmations are
+answered 500 and not booked, ``lose_cancel_answers`` = n → the next n cancellations are booked
+and then answered 500, ``expire_sessions()`` → every CSRF token is forgotten.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ ORDER_METADATA = "API_PRODUCTION_ORDER_2_SRV.edmx"
 SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
 EDM = "{http://schemas.microsoft.com/ado/2008/09/edm}"
 SAP = "{http://www.sap.com/Protocols/SAPData}"
+M = "{http://schemas.microsoft.com/ado/2007/08/dataservices/metadata}"
 
 
 # --- the metadata ------------------------------------------------------------------------------
@@ -95,6 +107,40 @@ def load_metadata(path: Path) -> dict[str, EntityType]:
         navigation = frozenset(n.get("Name", "") for n in node.findall(f"{EDM}NavigationProperty"))
         name = node.get("Name", "")
         found[name] = EntityType(name, keys, properties, navigation)
+    return found
+
+
+@dataclass(frozen=True)
+class FunctionImport:
+    name: str
+    http_method: str
+    parameters: dict[str, Property]
+
+
+def load_function_imports(path: Path) -> dict[str, FunctionImport]:
+    """Every FunctionImport of an EDMX, by name. A parameter is optional only where the metadata
+    says ``Nullable="true"`` (SAP writes it on each optional one; the API hub's OpenAPI marks the
+    others required)."""
+    found: dict[str, FunctionImport] = {}
+    for node in ET.parse(path).getroot().iter(f"{EDM}FunctionImport"):
+
+        def number(value: str | None) -> int | None:
+            return None if value is None else int(value)
+
+        parameters = {
+            p.get("Name", ""): Property(
+                name=p.get("Name", ""),
+                type=p.get("Type", ""),
+                nullable=p.get("Nullable") == "true",
+                max_length=number(p.get("MaxLength")),
+                precision=number(p.get("Precision")),
+                scale=number(p.get("Scale")),
+                display_format=None,
+            )
+            for p in node.findall(f"{EDM}Parameter")
+        }
+        name = node.get("Name", "")
+        found[name] = FunctionImport(name, node.get(f"{M}HttpMethod", "GET"), parameters)
     return found
 
 
@@ -226,6 +272,44 @@ class QueryError(ValueError):
     pass
 
 
+_URI_DATETIME = re.compile(
+    r"^datetime'([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?)'$"
+)
+
+
+def parameter_value(prop: Property, literal: str) -> Any:
+    """A function import parameter's OData V2 URI literal as the JSON value of its type (then
+    checked like a property); ``QueryError`` for a literal that is not of its type."""
+    if prop.type == "Edm.String" and len(literal) >= 2 and literal[0] == literal[-1] == "'":
+        return literal[1:-1].replace("''", "'")
+    if prop.type == "Edm.Guid" and literal.startswith("guid'") and literal.endswith("'"):
+        return literal[5:-1]
+    found = _URI_DATETIME.match(literal) if prop.type == "Edm.DateTime" else None
+    if found is not None:
+        moment = datetime.fromisoformat(found[1]).replace(tzinfo=UTC)
+        return f"/Date({round(moment.timestamp() * 1000)})/"
+    raise QueryError(f"Parameter '{prop.name}' has invalid value {literal}: not an {prop.type}")
+
+
+def call_parameters(function: FunctionImport, given: dict[str, str]) -> dict[str, Any]:
+    """A function import's parameters from the query string, by name, as JSON values."""
+    unknown = [name for name in given if name not in function.parameters]
+    if unknown:
+        raise QueryError(f"Parameter '{unknown[0]}' is not defined for '{function.name}'")
+    found: dict[str, Any] = {}
+    for name, prop in function.parameters.items():
+        if name not in given:
+            if not prop.nullable:
+                raise QueryError(f"Parameter '{name}' of '{function.name}' is missing")
+            continue
+        value = parameter_value(prop, given[name])
+        problem = value_problem(prop, value)
+        if problem is not None:
+            raise QueryError(f"Parameter '{name}' has invalid value {_short(value)}: {problem}")
+        found[name] = value
+    return found
+
+
 def _literal(text: str) -> Any:
     if text.startswith("guid'"):
         if not _GUID.match(text[5:-1]):
@@ -289,15 +373,17 @@ def sap_erp(
     order_types = load_metadata(fixtures / ORDER_METADATA)
     confirmation_type = confirmation_types["ProdnOrdConf2Type"]
     order_type = order_types["A_ProductionOrder_2Type"]
+    cancel_import = load_function_imports(fixtures / CONFIRMATION_METADATA)["CancelProdnOrdConf"]
 
     app = FastAPI()
     state = app.state
     state.confirmation_type, state.order_type = confirmation_type, order_type
     state.orders = set()  # OrderIDs that exist: others are refused (empty: any order)
     state.production_orders = []  # A_ProductionOrder_2 entities (add_production_order)
-    state.confirmations = []  # every ProdnOrdConf2 booked, duplicates included
-    state.by_external_key = Counter()  # ExternalSystemConfirmation -> confirmations booked
+    state.confirmations = []  # every ProdnOrdConf2 booked, duplicates and reversals included
+    state.by_external_key = Counter()  # ExternalSystemConfirmation -> confirmations posted
     state.posts = []  # every POST that reached the CSRF check: its x-csrf-token header
+    state.cancels = []  # the parameters of every CancelProdnOrdConf that passed the CSRF check
     state.lookups = []  # the $filter of every GET ProdnOrdConf2
     state.token_fetches = 0
     state.tokens = {}  # session -> CSRF token
@@ -306,6 +392,8 @@ def sap_erp(
     state.slow = 0.0
     state.reject_login = False
     state.lose_answers = 0
+    state.fail_posts = 0
+    state.lose_cancel_answers = 0
     state.expire_sessions = state.tokens.clear
     state.order_queries = []
 
@@ -371,10 +459,7 @@ def sap_erp(
         state.lookups.append(request.query_params.get("$filter"))
         return collection(confirmation_type, state.confirmations, request)
 
-    @app.post(CONFIRMATION_SERVICE + "/ProdnOrdConf2")
-    async def confirm(request: Request) -> Response:
-        if (refused := await trouble(request)) is not None:
-            return refused
+    def csrf_refused(request: Request) -> Response | None:
         token = request.headers.get("x-csrf-token")
         state.posts.append(token)
         session = request.cookies.get(SESSION_COOKIE)
@@ -385,6 +470,14 @@ def sap_erp(
                 media_type="text/plain",
                 headers={"x-csrf-token": "Required"},
             )
+        return None
+
+    @app.post(CONFIRMATION_SERVICE + "/ProdnOrdConf2")
+    async def confirm(request: Request) -> Response:
+        if (refused := await trouble(request)) is not None:
+            return refused
+        if (refused := csrf_refused(request)) is not None:
+            return refused
         try:
             entity = await request.json()
         except ValueError:
@@ -397,7 +490,11 @@ def sap_erp(
             return sap_error(400, "RU/100", "Enter an order number")
         if state.orders and order not in state.orders:
             return sap_error(400, "CO/004", f"Order {order} does not exist")
-        booked = _book(confirmation_type, entity, len(state.confirmations) + 1)
+        if state.fail_posts:
+            state.fail_posts -= 1
+            return sap_error(500, "/IWBEP/CM_MGW_RT/000", "Runtime Error: the posting failed")
+        group, count = _next_keys(state.confirmations, order, entity.get("OrderOperation"))
+        booked = _book(confirmation_type, entity, group, count)
         state.confirmations.append(booked)
         if booked.get("ExternalSystemConfirmation"):
             state.by_external_key[booked["ExternalSystemConfirmation"].lower()] += 1
@@ -405,6 +502,53 @@ def sap_erp(
             state.lose_answers -= 1
             return sap_error(500, "/IWBEP/CM_MGW_RT/000", "Connection to the backend was lost")
         return JSONResponse({"d": booked}, status_code=201)
+
+    @app.api_route(
+        CONFIRMATION_SERVICE + "/" + cancel_import.name, methods=[cancel_import.http_method]
+    )
+    async def cancel(request: Request) -> Response:
+        if (refused := await trouble(request)) is not None:
+            return refused
+        if (refused := csrf_refused(request)) is not None:
+            return refused
+        try:
+            given = call_parameters(cancel_import, query(request))
+        except QueryError as exc:
+            return sap_error(400, "/IWBEP/CM_MGW_RT/020", str(exc))
+        state.cancels.append(given)
+        keys = (given["ConfirmationGroup"], given["ConfirmationCount"])
+        named = "Confirmation {}/{}".format(*keys)
+        original = next(
+            (
+                c
+                for c in state.confirmations
+                if (c["ConfirmationGroup"], c["ConfirmationCount"]) == keys
+            ),
+            None,
+        )
+        # SAP's message texts; the message numbers are the stand-in's own.
+        if original is None:
+            return sap_error(400, "RU/102", f"{named} does not exist")
+        if original["IsReversal"]:
+            return sap_error(400, "RU/504", f"{named} is a cancellation; it cannot be cancelled")
+        if original["IsReversed"]:
+            return sap_error(400, "RU/505", f"{named} has already been cancelled")
+        group, count = _next_keys(
+            state.confirmations, original["OrderID"], original["OrderOperation"]
+        )
+        reversal = _book(confirmation_type, original, group, count)
+        reversal.update(
+            IsReversal=True,
+            PostingDate=given.get("PostingDate", original["PostingDate"]),
+            ConfirmationText=given.get("ConfirmationText", original["ConfirmationText"]),
+            ExternalSystemConfirmation=given.get("ExternalSystemConfirmation"),
+        )
+        original["IsReversed"] = True
+        state.confirmations.append(reversal)
+        if state.lose_cancel_answers:
+            state.lose_cancel_answers -= 1
+            return sap_error(500, "/IWBEP/CM_MGW_RT/000", "Connection to the backend was lost")
+        return JSONResponse({"d": reversal})  # a function import answers 200
 
     @app.get(ORDER_SERVICE + "/A_ProductionOrder_2")
     async def production_orders(request: Request) -> Response:
@@ -422,11 +566,23 @@ def _authorized(request: Request, user: str, password: str) -> bool:
     return secrets.compare_digest(given.encode(), f"Basic {pair}".encode())
 
 
-def _book(entity_type: EntityType, entity: dict[str, Any], number: int) -> dict[str, Any]:
+def _next_keys(confirmations: list[dict[str, Any]], order: Any, operation: Any) -> tuple[str, str]:
+    """The keys SAP gives the next confirmation of an order operation: the operation's
+    ``ConfirmationGroup`` (its confirmation number; a new one for its first) and the next
+    ``ConfirmationCount`` in it."""
+    same = [c for c in confirmations if (c["OrderID"], c["OrderOperation"]) == (order, operation)]
+    if not same:
+        groups = {c["ConfirmationGroup"] for c in confirmations}
+        return f"{len(groups) + 1:010d}", "00000001"
+    return same[0]["ConfirmationGroup"], f"{len(same) + 1:08d}"
+
+
+def _book(
+    entity_type: EntityType, entity: dict[str, Any], group: str, count: str
+) -> dict[str, Any]:
     """The confirmation as SAP keeps it: every property, the keys assigned."""
     booked: dict[str, Any] = {name: None for name in entity_type.properties}
     booked.update({k: v for k, v in entity.items() if k != "__metadata"})
-    group, count = f"{number:010d}", "00000001"
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     booked.update(
         ConfirmationGroup=group,

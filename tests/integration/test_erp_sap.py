@@ -26,6 +26,7 @@ from tests.erp_standins.sap import (
     CONFIRMATION_SERVICE,
     SESSION_COOKIE,
     add_production_order,
+    load_function_imports,
     load_metadata,
     sap_erp,
 )
@@ -239,6 +240,18 @@ def test_the_stand_in_takes_its_rules_from_the_metadata_file(fixtures: Path) -> 
     for name, (kind, max_length) in used.items():
         assert (conf.properties[name].type, conf.properties[name].max_length) == (kind, max_length)
     assert set(sap.MAX_LENGTH.items()) <= {(n, m) for n, (_, m) in used.items()}
+    assert {"IsReversed", "IsReversal"} | set(sap.RECORD_PROPERTIES) <= set(conf.properties)
+    cancel = load_function_imports(fixtures / "API_PROD_ORDER_CONFIRMATION_2_SRV.metadata.xml")[
+        sap.CANCEL
+    ]
+    assert cancel.http_method == "POST"
+    assert {n: (p.type, p.nullable) for n, p in cancel.parameters.items()} == {
+        "ConfirmationGroup": ("Edm.String", False),
+        "ConfirmationCount": ("Edm.String", False),
+        "PostingDate": ("Edm.DateTime", True),
+        "ConfirmationText": ("Edm.String", True),
+        "ExternalSystemConfirmation": ("Edm.Guid", True),
+    }
 
 
 async def test_sap_refusing_a_confirmation_is_permanent_with_its_message(
@@ -331,15 +344,228 @@ async def test_what_sap_cannot_take_is_refused_before_calling_it(
     app, url = s4
     out = sender(entry(url, secret_file))
     try:
-        with pytest.raises(DeliveryFailed) as lowered:
-            await out.send(confirmation(yield_quantity=-5, correction_of=1, sequence=2))
         with pytest.raises(DeliveryFailed) as too_long:
             await out.send(confirmation(order_id="WO-2026-000123"))
+        with pytest.raises(DeliveryFailed) as correction_too_long:  # checked before any cancel
+            await out.send(late_scrap("evt-0002", order_id="WO-2026-000123"))
     finally:
         await out.close()
-    assert lowered.value.permanent and "no negative quantity" in lowered.value.reason
-    assert too_long.value.permanent and "longer than SAP takes (12" in too_long.value.reason
+    for failed in too_long, correction_too_long:
+        assert failed.value.permanent and "longer than SAP takes (12" in failed.value.reason
     assert app.state.posts == [] and app.state.lookups == []
+
+
+# --- corrections: reversal and re-post ---------------------------------------------------------
+
+
+def late_scrap(key: str, **changes: Any) -> Confirmation:
+    """Three of the good parts confirmed by #1 turned out scrap after it went out."""
+    made = confirmation(key, sequence=2, correction_of=1, yield_quantity=-3, scrap_quantity=3)
+    return replace(made, start=None, end=None, final=True, **changes)
+
+
+def active(app: FastAPI) -> list[dict[str, Any]]:
+    """The confirmations SAP counts: not reversed, not a reversal."""
+    return [c for c in app.state.confirmations if not (c["IsReversed"] or c["IsReversal"])]
+
+
+def quantities(record: dict[str, Any]) -> tuple[str, str]:
+    return record["ConfirmationYieldQuantity"], record["ConfirmationScrapQuantity"]
+
+
+def named(group: int, count: int) -> str:
+    return f"ConfirmationGroup {group:010d} ConfirmationCount {count:08d}"
+
+
+async def test_a_late_scrap_reverses_the_confirmation_and_posts_the_corrected_totals(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(confirmation("evt-0001"))  # 40 good, 2 scrap at 0010
+        await out.send(confirmation("evt-0002", operation="0020", yield_quantity=40))
+        # An operator's own confirmation at SAP, no external key: not the hub's to cancel.
+        typed_in = {k: v for k, v in VALID.items() if k != "ExternalSystemConfirmation"}
+        assert (await post_raw(url, {**typed_in, "IsFinalConfirmation": False})).is_success
+        delivered = await out.send(late_scrap("evt-0003"))
+    finally:
+        await out.close()
+
+    assert delivered.status == 201 and not delivered.duplicate
+    assert delivered.excerpt == f"cancelled {named(1, 1)}; posted {named(1, 4)} (yield 37, scrap 5)"
+    original, other_operation, operators, reversal, repost = app.state.confirmations
+    assert original["IsReversed"] and not original["IsReversal"]
+    assert reversal["IsReversal"] and quantities(reversal) == ("40", "2")
+    assert (reversal["ConfirmationGroup"], reversal["ConfirmationCount"]) == (
+        "0000000001",
+        "00000003",
+    )
+    assert reversal["ExternalSystemConfirmation"] == guid("evt-0003")  # how a retry finds it
+    assert app.state.cancels == [
+        {
+            "ConfirmationGroup": "0000000001",
+            "ConfirmationCount": "00000001",
+            "PostingDate": ms("2026-03-03"),
+            "ConfirmationText": "mes-hub M-1 #2 corrects #1",
+            "ExternalSystemConfirmation": guid("evt-0003"),
+        }
+    ]
+    assert active(app) == [other_operation, operators, repost]
+    assert quantities(repost) == ("37", "5")
+    assert repost["ExternalSystemConfirmation"] == guid("evt-0003")
+    assert repost["IsFinalConfirmation"] is True and repost["PostingDate"] == ms("2026-03-03")
+    # The execution the cancelled one reported stays in SAP (the operation's actual dates).
+    assert (repost["ConfirmedExecutionStartTime"], repost["ConfirmedExecutionEndTime"]) == (
+        "PT07H00M00S",
+        "PT10H30M15S",
+    )
+    assert app.state.lookups[-2:] == [
+        f"ExternalSystemConfirmation eq guid'{guid('evt-0003')}'",
+        "OrderID eq '1000123' and OrderOperation eq '0010' and IsReversed eq false "
+        "and IsReversal eq false",
+    ]
+
+    # A later correction corrects the corrected one: SAP still ends with one of the hub's.
+    again = sender(entry(url, secret_file))
+    try:
+        await again.send(
+            late_scrap("evt-0004", sequence=3, correction_of=2, yield_quantity=-1, scrap_quantity=0)
+        )
+    finally:
+        await again.close()
+    [hub] = [
+        c for c in active(app) if c["OrderOperation"] == "0010" and c["ExternalSystemConfirmation"]
+    ]
+    assert quantities(hub) == ("36", "5") and hub["ExternalSystemConfirmation"] == guid("evt-0004")
+
+
+@pytest.mark.parametrize(
+    ("failure", "retry_is_duplicate", "said"),
+    [
+        # both cancelled, then the re-post refused (or the hub died before it)
+        ("fail_posts", False, "confirmation with the corrected totals (after cancelling "),
+        # the first cancel done but its answer lost: the second never tried
+        ("lose_cancel_answers", False, f"cancelling {named(1, 1)}: HTTP 500"),
+        # everything done, the re-post's answer lost
+        ("lose_answers", True, "confirmation with the corrected totals (after cancelling "),
+    ],
+)
+async def test_a_correction_stopped_half_way_is_finished_by_its_retry(
+    s4: tuple[FastAPI, str],
+    secret_file: Path,
+    failure: str,
+    retry_is_duplicate: bool,
+    said: str,
+) -> None:
+    app, url = s4
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(confirmation("evt-1", yield_quantity=30, scrap_quantity=1))
+        await out.send(confirmation("evt-2", sequence=2, yield_quantity=10, scrap_quantity=1))
+        setattr(app.state, failure, 1)
+        correction = late_scrap("evt-3", sequence=3, yield_quantity=-5, scrap_quantity=5)
+        with pytest.raises(DeliveryFailed) as failed:
+            await out.send(correction)
+    finally:
+        await out.close()
+    assert not failed.value.permanent and said in failed.value.reason
+
+    restarted = sender(entry(url, secret_file))  # the outbox retries, from a restarted hub
+    try:
+        delivered = await restarted.send(correction)
+    finally:
+        await restarted.close()
+
+    assert delivered.duplicate is retry_is_duplicate
+    [corrected] = active(app)
+    assert quantities(corrected) == ("35", "7")  # 40 - 5 good, 2 + 5 scrap
+    assert corrected["ExternalSystemConfirmation"] == guid("evt-3")
+    assert app.state.by_external_key[guid("evt-3")] == 1
+    # Each original cancelled once, never twice.
+    cancelled = [(c["ConfirmationGroup"], c["ConfirmationCount"]) for c in app.state.cancels]
+    assert cancelled == [("0000000001", "00000001"), ("0000000001", "00000002")]
+
+
+async def test_a_repeated_correction_is_a_duplicate_and_changes_nothing(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(confirmation("evt-0001"))
+        await out.send(late_scrap("evt-0002"))
+        booked, posts = list(app.state.confirmations), len(app.state.posts)
+        repeated = await out.send(late_scrap("evt-0002"))
+    finally:
+        await out.close()
+    assert repeated.duplicate and repeated.excerpt == f"already posted as {named(1, 3)}"
+    assert app.state.confirmations == booked and len(app.state.posts) == posts
+    assert len(app.state.cancels) == 1 and [quantities(c) for c in active(app)] == [("37", "5")]
+
+
+async def test_a_correction_to_nothing_only_cancels_and_its_repeat_changes_nothing(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(confirmation("evt-0001", yield_quantity=5, scrap_quantity=0))
+        everything = late_scrap("evt-0002", yield_quantity=-5, scrap_quantity=0)  # never made
+        cancelled = await out.send(everything)
+        repeated = await out.send(everything)
+    finally:
+        await out.close()
+    assert (cancelled.status, cancelled.duplicate) == (200, False)
+    assert cancelled.excerpt == f"cancelled {named(1, 1)}"
+    assert repeated.duplicate and repeated.excerpt == f"cancelled before: reversal {named(1, 2)}"
+    assert active(app) == [] and len(app.state.confirmations) == 2  # the original, its reversal
+    assert len(app.state.cancels) == 1 and app.state.by_external_key[guid("evt-0002")] == 0
+
+
+async def cancel_raw(url: str, **parameters: str) -> httpx.Response:
+    """CancelProdnOrdConf called as any OData client calls it (token fetched first)."""
+    auth = httpx.BasicAuth(USER, PASSWORD)
+    async with httpx.AsyncClient(base_url=url + CONFIRMATION_SERVICE, auth=auth) as client:
+        token = (await client.get("/", headers={"x-csrf-token": "Fetch"})).headers["x-csrf-token"]
+        return await client.post(
+            "/CancelProdnOrdConf", params=parameters, headers={"x-csrf-token": token}
+        )
+
+
+@pytest.mark.parametrize(
+    ("parameters", "said"),
+    [
+        (
+            {"ConfirmationGroup": None},
+            "Parameter 'ConfirmationGroup' of 'CancelProdnOrdConf' is missing",
+        ),
+        ({"ConfirmationGroup": "0000000001"}, "not an Edm.String"),
+        ({"ConfirmationGroup": "'00000000001'"}, "longer than MaxLength 10"),
+        ({"PostingDate": "'2026-03-03'"}, "not an Edm.DateTime"),
+        ({"ExternalSystemConfirmation": "guid'mes-hub'"}, "Edm.Guid must be a string"),
+        ({"Reason": "'scrap'"}, "Parameter 'Reason' is not defined for 'CancelProdnOrdConf'"),
+        ({}, "Confirmation 0000000001/00000001 has already been cancelled"),
+        ({"ConfirmationCount": "'00000002'"}, "is a cancellation; it cannot be cancelled"),
+        ({"ConfirmationCount": "'00000009'"}, "Confirmation 0000000001/00000009 does not exist"),
+    ],
+)
+async def test_the_stand_in_cancels_as_the_function_import_says(
+    s4: tuple[FastAPI, str], parameters: dict[str, str | None], said: str
+) -> None:
+    app, url = s4
+    assert (await post_raw(url, VALID)).status_code == 201
+    keys = {"ConfirmationGroup": "'0000000001'", "ConfirmationCount": "'00000001'"}
+    first = await cancel_raw(url, **keys)
+    assert first.status_code == 200
+    reversal = first.json()["d"]
+    assert reversal["IsReversal"] and reversal["ConfirmationCount"] == "00000002"
+    assert app.state.confirmations[0]["IsReversed"]
+
+    given = {**keys, **parameters}  # None: left out
+    refused = await cancel_raw(url, **{k: v for k, v in given.items() if v is not None})
+    assert refused.status_code == 400 and said in refused.json()["error"]["message"]["value"]
+    assert len(app.state.confirmations) == 2
 
 
 # --- orders in ---------------------------------------------------------------------------------
