@@ -25,6 +25,12 @@ the good plus the scrapped quantity, the finished item's row set to the good qua
 is the entry's ``process_loss_qty``), submitted in one insert with the idempotency key in a
 unique Custom Field; a repeated key is found before the insert, or refused by the database's
 unique index (``UniqueValidationError``) and counted as delivered.
+
+Corrections that take parts back: a Manufacture entry cannot be negative, so the order's
+submitted entries that the hub posted are cancelled (``frappe.client.cancel``, which lowers the
+Work Order's ``produced_qty``) and one entry with the corrected totals is submitted in their
+place. The totals and the key are first saved in a draft entry, so that a retry after any step
+finishes the same correction (docs/erp/odoo-erpnext.md, section ERPNext).
 """
 
 from __future__ import annotations
@@ -69,6 +75,10 @@ log = logging.getLogger(__name__)
 
 WORK_ORDER, STOCK_ENTRY = "Work Order", "Stock Entry"
 MAKE_STOCK_ENTRY = "erpnext.manufacturing.doctype.work_order.work_order.make_stock_entry"
+CANCEL = "frappe.client.cancel"
+# What a Manufacture entry made: ERPNext keeps fg_completed_qty = the finished row's qty + the
+# process loss (StockEntry.validate_fg_completed_qty) and sums produced_qty the same way.
+TOTALS = ["fg_completed_qty", "process_loss_qty"]
 ORDER_FIELDS = [
     "name",
     "modified",
@@ -170,6 +180,17 @@ class Frappe:
     async def insert(self, doctype: str, doc: dict[str, Any]) -> dict[str, Any]:
         answer = await self.client.post(
             f"{self.base}/api/resource/{quote(doctype)}", json=doc, headers=self._headers()
+        )
+        data = _checked(answer).get("data")
+        return dict(data) if isinstance(data, dict) else {}
+
+    async def save(self, doctype: str, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """``PUT`` a document's changes: Frappe's ``doc.update`` and ``doc.save`` (a draft put to
+        ``docstatus`` 1 is submitted)."""
+        answer = await self.client.put(
+            f"{self.base}/api/resource/{quote(doctype)}/{quote(name, safe='')}",
+            json=changes,
+            headers=self._headers(),
         )
         data = _checked(answer).get("data")
         return dict(data) if isinstance(data, dict) else {}
@@ -373,26 +394,21 @@ class ErpnextConfirmations:
 
     async def _send(self, api: Frappe, c: Confirmation) -> Delivered:
         key, field = entry_key(c.key), self.entry.key_field
-        had = await api.list(STOCK_ENTRY, ["name", "docstatus"], [[field, "=", key]], limit=1)
-        if had:
+        had = await api.list(
+            STOCK_ENTRY, ["name", "docstatus", *TOTALS], [[field, "=", key]], limit=1
+        )
+        takes_back = c.yield_quantity < 0 or c.scrap_quantity < 0
+        # A draft with the key is this correction, stopped between its steps: it goes on.
+        if had and not (takes_back and had[0].get("docstatus") == 0):
             return Delivered(200, f"{STOCK_ENTRY} {had[0]['name']} has {key}", duplicate=True)
-        if c.yield_quantity < 0 or c.scrap_quantity < 0:
-            raise DeliveryFailed(
-                f"ERPNext takes no negative quantities in a Manufacture {STOCK_ENTRY} "
-                f"(good {c.yield_quantity}, scrap {c.scrap_quantity}): cancel the entry of "
-                f"confirmation {c.correction_of or c.sequence} in ERPNext and post it again",
-                permanent=True,
-            )
+        if takes_back:
+            return await self._correct(api, c, key, had[0] if had else None)
         if c.yield_quantity == 0:
             return Delivered(
                 None, f"nothing posted: no good parts ({c.scrap_quantity} scrap, kept in the hub)"
             )
         order = await self._work_order(api, c.order_id)
-        total = c.yield_quantity + c.scrap_quantity
-        draft = await api.method(
-            MAKE_STOCK_ENTRY, work_order_id=order, purpose="Manufacture", qty=total
-        )
-        doc = self._stock_entry(draft, c, key)
+        doc = await self._entry(api, order, c, key, c.yield_quantity, c.scrap_quantity)
         try:
             made = await api.insert(STOCK_ENTRY, doc)
         except FrappeFault as fault:
@@ -405,6 +421,88 @@ class ErpnextConfirmations:
             f"{STOCK_ENTRY} {made.get('name')} submitted for {order}: good {c.yield_quantity}, "
             f"process loss {c.scrap_quantity}",
         )
+
+    async def _correct(
+        self, api: Frappe, c: Confirmation, key: str, draft: dict[str, Any] | None
+    ) -> Delivered:
+        """Takes parts back: cancels the order's entries that the hub posted and submits one with
+        the corrected totals in their place (cancelled first: with both, the Work Order would
+        have made more than its quantity, which ERPNext refuses). The totals are kept in a draft
+        that carries the key before anything is cancelled, so a retry after any step finds the
+        draft, cancels what is still submitted and submits it."""
+        order = await self._work_order(api, c.order_id)
+        posted = await self._posted(api, order)
+        if draft is not None:
+            good, scrap = _made(draft)
+        else:
+            good = max(0.0, sum(_made(e)[0] for e in posted) + c.yield_quantity)
+            scrap = max(0.0, sum(_made(e)[1] for e in posted) + c.scrap_quantity)
+            if good > 0:
+                doc = await self._entry(api, order, c, key, good, scrap, submit=False)
+                draft = await api.insert(STOCK_ENTRY, doc)
+        for entry in posted:
+            try:
+                await api.method(CANCEL, doctype=STOCK_ENTRY, name=entry["name"])
+            except FrappeFault as fault:
+                what = f"cancelling {STOCK_ENTRY} {entry['name']} of {order}"
+                raise delivery_failure(self.entry, what, fault) from None
+        cancelled = ", ".join(str(e["name"]) for e in posted) or "nothing left"
+        if draft is None:
+            return Delivered(
+                None,
+                f"cancelled for {order}: {cancelled}; nothing posted: the corrected good "
+                f"quantity is 0, and ERPNext has no Manufacture {STOCK_ENTRY} of 0 parts "
+                f"({scrap:g} scrap, kept in the hub)",
+            )
+        # The rows are built again now that the old entries are cancelled: when ERPNext
+        # backflushes what was transferred (not the BOM), it reckons the components with what
+        # the cancelled entries gave back.
+        doc = await self._entry(api, order, c, key, good, scrap)
+        await api.save(STOCK_ENTRY, str(draft["name"]), _changes(doc))
+        return Delivered(
+            200,
+            f"{STOCK_ENTRY} {draft['name']} submitted for {order} with the corrected totals, "
+            f"good {good:g}, process loss {scrap:g}; cancelled for it: {cancelled}",
+        )
+
+    async def _posted(self, api: Frappe, order: str) -> list[dict[str, Any]]:
+        """The order's submitted Manufacture entries that the hub posted (a key is set)."""
+        filters: list[list[Any]] = [
+            ["work_order", "=", order],
+            ["purpose", "=", "Manufacture"],
+            ["docstatus", "=", 1],
+            [self.entry.key_field, "is", "set"],
+        ]
+        entries: list[dict[str, Any]] = []
+        for page in range(MAX_PAGES):
+            rows = await api.list(
+                STOCK_ENTRY, ["name", *TOTALS], filters, order_by="name asc", start=page * PAGE
+            )
+            entries.extend(rows)
+            if len(rows) < PAGE:
+                return entries
+        raise DeliveryFailed(
+            f"ERPNext has more than {MAX_PAGES * PAGE} entries of the hub for {order}: "
+            "not corrected",
+            permanent=True,
+        )
+
+    async def _entry(
+        self,
+        api: Frappe,
+        order: str,
+        c: Confirmation,
+        key: str,
+        good: float,
+        scrap: float,
+        submit: bool = True,
+    ) -> dict[str, Any]:
+        """A Manufacture entry of ``good`` parts and ``scrap`` process loss, as ERPNext's own
+        ``make_stock_entry`` builds it for good + scrap."""
+        built = await api.method(
+            MAKE_STOCK_ENTRY, work_order_id=order, purpose="Manufacture", qty=good + scrap
+        )
+        return self._stock_entry(built, c, key, good, scrap, submit)
 
     async def _work_order(self, api: Frappe, order_id: str) -> str:
         rows = await api.list(
@@ -421,10 +519,12 @@ class ErpnextConfirmations:
             )
         return str(exact[0]["name"])
 
-    def _stock_entry(self, draft: Any, c: Confirmation, key: str) -> dict[str, Any]:
-        if not isinstance(draft, dict) or not isinstance(draft.get("items"), list):
+    def _stock_entry(
+        self, built: Any, c: Confirmation, key: str, good: float, scrap: float, submit: bool
+    ) -> dict[str, Any]:
+        if not isinstance(built, dict) or not isinstance(built.get("items"), list):
             raise DeliveryFailed(f"ERPNext {MAKE_STOCK_ENTRY} answered no items", permanent=True)
-        doc = {k: v for k, v in draft.items() if not (k == "name" and not v)}
+        doc = {k: v for k, v in built.items() if not (k == "name" and not v)}
         finished = [row for row in doc["items"] if row.get("is_finished_item")]
         if not finished:
             raise DeliveryFailed(
@@ -432,31 +532,45 @@ class ErpnextConfirmations:
                 permanent=True,
             )
         row = finished[0]
-        row["qty"] = float(c.yield_quantity)
-        row["transfer_qty"] = float(c.yield_quantity) * float(row.get("conversion_factor") or 1)
+        row["qty"] = float(good)
+        row["transfer_qty"] = float(good) * float(row.get("conversion_factor") or 1)
         when = (c.end or c.posted_at).astimezone(self.entry.zone())
         doc.update(
             {
                 "stock_entry_type": doc.get("stock_entry_type") or self.entry.stock_entry_type,
-                "process_loss_qty": float(c.scrap_quantity),
+                "process_loss_qty": float(scrap),
                 "set_posting_time": 1,
                 "posting_date": when.date().isoformat(),
                 "posting_time": when.strftime("%H:%M:%S"),
-                "remarks": _remarks(key, c),
+                "remarks": _remarks(key, c, good, scrap),
                 self.entry.key_field: key,
-                "docstatus": 1,
+                "docstatus": 1 if submit else 0,
             }
         )
         return doc
 
 
-def _remarks(key: str, c: Confirmation) -> str:
+def _made(entry: dict[str, Any]) -> tuple[float, float]:
+    """Good parts and scrap of a Manufacture entry as the hub posts it (see ``TOTALS``)."""
+    made, loss = (float(entry.get(f) or 0) for f in TOTALS)
+    return made - loss, loss
+
+
+def _changes(doc: dict[str, Any]) -> dict[str, Any]:
+    """A built entry as changes to the draft: never its name, nor Frappe's ``__islocal`` (with
+    which ``save`` would insert a new document)."""
+    return {k: v for k, v in doc.items() if k != "name" and not k.startswith("__")}
+
+
+def _remarks(key: str, c: Confirmation, good: float, scrap: float) -> str:
     parts = [f"{NOTE} {key}: sequence {c.sequence}, good {c.yield_quantity}"]
     parts.append(f"scrap {c.scrap_quantity}")
     if c.final:
         parts.append("final")
     if c.correction_of is not None:
         parts.append(f"correction of {c.correction_of}")
+    if (good, scrap) != (c.yield_quantity, c.scrap_quantity):
+        parts.append(f"in place of the cancelled entries: good {good:g}, scrap {scrap:g}")
     if c.machine_id:
         parts.append(f"machine {c.machine_id}")
     if c.operation:

@@ -1,19 +1,25 @@
 """An ERPNext stand-in: Frappe's REST API v1 (``/api/resource/<DocType>``, ``/api/method/...``,
 ``Authorization: token <api key>:<api secret>``) with Work Orders to read and Stock Entries to
-insert, every document checked against the DocType definitions read at start from
-``../shared/fixtures/erp/erpnext`` (field names, fieldtypes, ``reqd``, Select ``options``,
-``non_negative``) plus the Custom Fields the test declares (the ``unique`` key field).
+insert, save (``PUT /api/resource/Stock Entry/<name>``: a draft put to ``docstatus`` 1 is
+submitted) and cancel (``frappe.client.cancel``), every document checked against the DocType
+definitions read at start from ``../shared/fixtures/erp/erpnext`` (field names, fieldtypes,
+``reqd``, Select ``options``, ``non_negative``) plus the Custom Fields the test declares (the
+``unique`` key field). Submitting or cancelling a Manufacture entry sets its Work Order's
+``produced_qty``, ``process_loss_qty`` and status as ERPNext does, and a submit that would make
+more than the Work Order's ``qty`` is refused (``StockOverProductionError``).
 
 Its answers have Frappe's shape: ``{"data": ...}`` / ``{"message": ...}``, errors as
 ``{"exc_type", "exception", "_server_messages"}`` with the exception's status (417 for a
-ValidationError and its kind: MandatoryError, LinkValidationError, UniqueValidationError; 404
-DoesNotExistError; 401 AuthenticationError). A field the DocType does not have is refused here
-(417 ValidationError), where Frappe would drop it without a word: a misspelt field must not pass.
+ValidationError and its kind: MandatoryError, LinkValidationError, UniqueValidationError,
+DocstatusTransitionError; 404 DoesNotExistError; 401 AuthenticationError). A field the DocType
+does not have is refused here (417 ValidationError), where Frappe would drop it without a word:
+a misspelt field must not pass.
 
 Trouble on demand (``app.state.erp``): ``down`` (503), ``error`` (500), ``slow_s``,
 ``api_secret`` (change it: the client's is wrong), ``lose_answer`` (an insert is done, then its
 answer is lost as a 504, once), ``stale_lists`` (lists of Stock Entries come back empty: the
-race in which the key is not seen before the insert).
+race in which the key is not seen before the insert), ``fail_submit`` (the next submit of a
+draft is answered 503 and not done, once: the hub stopped between its steps).
 """
 
 from __future__ import annotations
@@ -96,27 +102,36 @@ def doctypes(fixtures: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 class FrappeError(Exception):
-    def __init__(self, status: int, exc_type: str, message: str, detail: str = "") -> None:
+    """``shown``: raised by ``frappe.throw``, which also shows the message (``_server_messages``);
+    an exception raised as such has only ``exc_type`` and ``exception``."""
+
+    def __init__(
+        self, status: int, exc_type: str, message: str, detail: str = "", shown: bool = True
+    ) -> None:
         super().__init__(message)
         self.status, self.exc_type, self.message, self.detail = status, exc_type, message, detail
+        self.shown = shown
 
     def response(self) -> JSONResponse:
-        shown = {
-            "message": self.message,
-            "title": "Message",
-            "indicator": "red",
-            "raise_exception": 1,
-        }
         body = {
             "exc_type": self.exc_type,
             "exception": f"frappe.exceptions.{self.exc_type}: {self.detail or self.message}",
-            "_server_messages": json.dumps([json.dumps(shown)]),
         }
+        if self.shown:
+            shown = {
+                "message": self.message,
+                "title": "Message",
+                "indicator": "red",
+                "raise_exception": 1,
+            }
+            body["_server_messages"] = json.dumps([json.dumps(shown)])
         return JSONResponse(body, status_code=self.status)
 
 
-def _invalid(message: str, exc_type: str = "ValidationError", detail: str = "") -> FrappeError:
-    return FrappeError(417, exc_type, message, detail)
+def _invalid(
+    message: str, exc_type: str = "ValidationError", detail: str = "", shown: bool = True
+) -> FrappeError:
+    return FrappeError(417, exc_type, message, detail, shown)
 
 
 @dataclass
@@ -130,6 +145,7 @@ class ErpnextStandIn:
     slow_s: float = 0.0
     lose_answer: bool = False
     stale_lists: bool = False
+    fail_submit: bool = False
     now: datetime = datetime(2026, 3, 2, 7, 0, 0)
     meta: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     docs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -231,14 +247,9 @@ class ErpnextStandIn:
             raise _invalid(f"Could not find Work Order: {doc['work_order']}", "LinkValidationError")
         if order is not None and order["docstatus"] != 1:
             raise _invalid(f"Work Order {order['name']} must be submitted")
-        for name, df in self.meta["Stock Entry"].items():  # unique Custom Fields
-            value = doc.get(name)
-            taken = (e.get(name) for e in self.docs["Stock Entry"].values())
-            if df.get("unique") and value is not None and value in taken:
-                integrity = f"IntegrityError(1062, \"Duplicate entry '{value}' for key '{name}'\")"
-                detail = f"('Stock Entry', 'new-stock-entry-1', {integrity})"
-                label = df.get("label") or name
-                raise _invalid(f"{label} must be unique", "UniqueValidationError", detail)
+        self._check_unique(doc, "new-stock-entry-1")
+        if doc.get("docstatus") == 1:
+            self._check_overproduction(doc)
         self._series += 1
         name = f"MAT-STE-{self.now.year}-{self._series:05d}"
         stamp = self.tick()
@@ -249,12 +260,131 @@ class ErpnextStandIn:
         for df_name, df in self.meta["Stock Entry"].items():
             if df.get("unique") and saved.get(df_name) is not None:
                 self.received[saved[df_name]] += 1
-        if order is not None and saved.get("docstatus") == 1:
-            made = sum(r["qty"] for r in saved["items"] if r.get("is_finished_item"))
-            order["produced_qty"] = order["produced_qty"] + made
-            order["status"] = "Completed" if order["produced_qty"] >= order["qty"] else "In Process"
-            order["modified"] = self.tick()
+        if saved.get("docstatus") == 1:
+            self._update_work_order(saved)
         return saved
+
+    def save_stock_entry(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /api/resource/Stock Entry/<name>``: Frappe's ``update_doc`` (``doc.update``,
+        ``doc.save``), with ``Document.check_docstatus_transition``: a draft may be saved or
+        submitted (``docstatus`` 1), a submitted one cancelled (2) but no field changed (none
+        of Stock Entry's is ``allow_on_submit`` but the print heading), a cancelled one not at
+        all."""
+        stored = self.docs["Stock Entry"].get(name)
+        if stored is None:
+            raise FrappeError(404, "DoesNotExistError", f"Stock Entry {name} not found")
+        changes = {k: v for k, v in changes.items() if k not in ("name", "flags")}
+        doc = {**stored, **changes}
+        before, after = stored.get("docstatus") or 0, doc.get("docstatus") or 0
+        if before == 2:
+            raise _invalid("Cannot edit cancelled document", shown=False)
+        if before == 1 and after == 0:
+            raise _invalid(
+                "Cannot change docstatus from 1 (Submitted) to 0 (Draft)",
+                "DocstatusTransitionError",
+                shown=False,
+            )
+        if after == 2:  # saving a submitted document as 2 cancels it; a draft, never
+            return self.cancel_document("Stock Entry", name)
+        if before == 1:
+            for field_name, value in changes.items():
+                if field_name != "docstatus" and value != stored.get(field_name):
+                    label = self.meta["Stock Entry"].get(field_name, {}).get("label") or field_name
+                    message = f"Not allowed to change {label} after submission"
+                    raise _invalid(message, "UpdateAfterSubmitError")
+            return stored
+        self.validate("Stock Entry", doc)
+        self._check_unique(doc, name)
+        submitting = after == 1
+        if submitting:
+            self._check_overproduction(doc)
+        doc["modified"] = self.tick()
+        for n, child in enumerate(doc.get("items") or [], start=1):
+            child.update(parent=name, parentfield="items", parenttype="Stock Entry", idx=n)
+        self.docs["Stock Entry"][name] = doc
+        if submitting:
+            self._update_work_order(doc)
+        return doc
+
+    def cancel_document(self, doctype: str, name: str) -> dict[str, Any]:
+        """``frappe.client.cancel``: ``frappe.get_doc(doctype, name).cancel()``, which sets
+        ``docstatus`` 2 and saves; only a submitted document passes
+        ``check_docstatus_transition``."""
+        if doctype != "Stock Entry":
+            raise FrappeError(403, "PermissionError", f"Not permitted to cancel {doctype}")
+        doc = self.docs["Stock Entry"].get(name)
+        if doc is None:
+            raise FrappeError(404, "DoesNotExistError", f"Stock Entry {name} not found")
+        if doc.get("docstatus") == 2:
+            raise _invalid("Cannot edit cancelled document", shown=False)
+        if doc.get("docstatus") != 1:
+            raise _invalid(
+                "Cannot change docstatus from 0 (Draft) to 2 (Cancelled)",
+                "DocstatusTransitionError",
+                shown=False,
+            )
+        doc.update(docstatus=2, modified=self.tick())
+        self._update_work_order(doc)
+        return doc
+
+    def _check_unique(self, doc: dict[str, Any], name: str) -> None:
+        """A ``unique`` field is a unique index in the database: over every other row, the
+        cancelled ones too (a cancelled entry keeps its values)."""
+        for field_name, df in self.meta["Stock Entry"].items():
+            value = doc.get(field_name)
+            if not df.get("unique") or value is None:
+                continue
+            others = (e for n, e in self.docs["Stock Entry"].items() if n != name)
+            if any(e.get(field_name) == value for e in others):
+                duplicate = f"Duplicate entry '{value}' for key '{field_name}'"
+                detail = f"('Stock Entry', '{name}', IntegrityError(1062, \"{duplicate}\"))"
+                label = df.get("label") or field_name
+                raise _invalid(f"{label} must be unique", "UniqueValidationError", detail)
+
+    def _manufactured(self, order: str) -> tuple[float, float]:
+        """ERPNext's ``WorkOrder.get_transferred_or_manufactured_qty``: over the order's
+        submitted Manufacture entries, the sum of ``fg_completed_qty`` less the process loss;
+        and that loss (``set_process_loss_qty``)."""
+        entries = [
+            e
+            for e in self.docs["Stock Entry"].values()
+            if e.get("work_order") == order
+            and e.get("docstatus") == 1
+            and e.get("purpose") == "Manufacture"
+        ]
+        loss = sum(e.get("process_loss_qty") or 0.0 for e in entries)
+        return sum(e.get("fg_completed_qty") or 0.0 for e in entries) - loss, loss
+
+    def _check_overproduction(self, doc: dict[str, Any]) -> None:
+        """``update_work_order_qty`` on submit, with Manufacturing Settings' over-production
+        allowance at its default of 0 %."""
+        order = self.docs["Work Order"].get(doc.get("work_order") or "")
+        if order is None or doc.get("purpose") != "Manufacture":
+            return
+        produced, _ = self._manufactured(order["name"])
+        produced += (doc.get("fg_completed_qty") or 0.0) - (doc.get("process_loss_qty") or 0.0)
+        if produced > order["qty"]:
+            raise _invalid(
+                f"Manufactured Qty ({produced}) cannot be greater than planned quantity "
+                f"({order['qty']}) in Work Order {order['name']}",
+                "StockOverProductionError",
+            )
+
+    def _update_work_order(self, entry: dict[str, Any]) -> None:
+        """What a submitted or cancelled Manufacture entry does to its Work Order:
+        ``update_work_order_qty`` and ``get_status`` (Completed once made plus lost reaches
+        ``qty``; In Process here as soon as anything is made, as with Skip Material
+        Transfer)."""
+        order = self.docs["Work Order"].get(entry.get("work_order") or "")
+        if order is None or entry.get("purpose") != "Manufacture":
+            return
+        produced, loss = self._manufactured(order["name"])
+        if produced + loss >= order["qty"]:
+            status = "Completed"
+        else:
+            status = "In Process" if produced + loss > 0 else "Not Started"
+        order.update(produced_qty=produced, process_loss_qty=loss, status=status)
+        order["modified"] = self.tick()
 
     def make_stock_entry(self, work_order_id: str, purpose: str, qty: float) -> dict[str, Any]:
         order = self.docs["Work Order"].get(work_order_id)
@@ -358,6 +488,8 @@ def _test(doc: dict[str, Any], condition: list[Any]) -> bool:
         )
         found = re.fullmatch(pattern, str(have or ""), re.IGNORECASE) is not None
         return found if op == "like" else not found
+    if op == "is":  # Frappe's "set" / "not set": a value other than null and ""
+        return (have not in (None, "")) == (value == "set")
     if op == "in":
         return have in value
     if op == "not in":
@@ -423,6 +555,35 @@ def erpnext_app(fixtures: Path, api_key: str, api_secret: str, **options: Any) -
             erp.lose_answer = False
             return PlainTextResponse("Gateway Timeout", status_code=504)
         return JSONResponse({"data": saved})
+
+    @app.put("/api/resource/{doctype}/{name}")
+    async def save(doctype: str, name: str, request: Request) -> Response:
+        if (refused := await checked(request)) is not None:
+            return refused
+        body = await request.json()
+        changes = json.loads(body["data"]) if isinstance(body.get("data"), str) else body
+        try:
+            if doctype != "Stock Entry":
+                raise FrappeError(403, "PermissionError", f"Not permitted to write {doctype}")
+            stored = erp.docs["Stock Entry"].get(name) or {}
+            if erp.fail_submit and stored.get("docstatus") == 0 and changes.get("docstatus") == 1:
+                erp.fail_submit = False
+                return PlainTextResponse("Service Unavailable", status_code=503)
+            saved = erp.save_stock_entry(name, changes)
+        except FrappeError as exc:
+            return exc.response()
+        return JSONResponse({"data": saved})
+
+    @app.post("/api/method/frappe.client.cancel")
+    async def cancel(request: Request) -> Response:
+        if (refused := await checked(request)) is not None:
+            return refused
+        args = await request.json()
+        try:
+            cancelled = erp.cancel_document(args["doctype"], args["name"])
+        except FrappeError as exc:
+            return exc.response()
+        return JSONResponse({"message": cancelled})
 
     @app.post(f"/api/method/{MAKE_STOCK_ENTRY}")
     async def make_stock_entry(request: Request) -> Response:

@@ -63,7 +63,14 @@ def entry(
 
 
 def confirmation(
-    order: str, key: str, good: int, scrap: int = 0, *, sequence: int = 1, final: bool = False
+    order: str,
+    key: str,
+    good: int,
+    scrap: int = 0,
+    *,
+    sequence: int = 1,
+    final: bool = False,
+    correction_of: int | None = None,
 ) -> Confirmation:
     end = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
     return Confirmation(
@@ -77,7 +84,7 @@ def confirmation(
         start=end,
         end=end,
         final=final,
-        correction_of=None,
+        correction_of=correction_of,
         posted_at=end,
     )
 
@@ -285,16 +292,202 @@ async def test_what_erpnext_cannot_take_is_refused_for_good(
     sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
     assert sender is not None
     try:
-        with pytest.raises(DeliveryFailed, match="no negative quantities") as negative:
-            await sender.send(confirmation("MFG-WO-2026-00012", "k-1", -2))
         with pytest.raises(DeliveryFailed, match="no Work Order named like MFG-WO-9") as unknown:
             await sender.send(confirmation("MFG-WO-9", "k-2", 1))
+        with pytest.raises(DeliveryFailed, match="no Work Order named like MFG-WO-9") as taken:
+            await sender.send(confirmation("MFG-WO-9", "k-4", -1, 1, correction_of=1))
         scrap_only = await sender.send(confirmation("MFG-WO-2026-00012", "k-3", 0, 3))
     finally:
         await sender.close()
-    assert negative.value.permanent and unknown.value.permanent
+    assert unknown.value.permanent and taken.value.permanent
     assert scrap_only.status is None and scrap_only.excerpt.startswith("nothing posted")
     assert erp.docs["Stock Entry"] == {}
+
+
+# --- corrections that take parts back ------------------------------------------------------
+
+
+def submitted(erp: ErpnextStandIn) -> dict[str, tuple[Any, ...]]:
+    """The submitted Stock Entries: name -> (key, fg_completed_qty, process_loss_qty, the
+    finished row's qty)."""
+    found = {}
+    for name, doc in erp.docs["Stock Entry"].items():
+        if doc["docstatus"] == 1:
+            (row,) = [r for r in doc["items"] if r.get("is_finished_item")]
+            found[name] = (
+                doc["mes_hub_key"],
+                doc["fg_completed_qty"],
+                doc["process_loss_qty"],
+                row["qty"],
+            )
+    return found
+
+
+async def test_late_scrap_cancels_the_entries_and_posts_the_corrected_totals(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    erp = stand_in.erp
+    order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
+    assert sender is not None
+    # 3 of the good parts confirmed are found bad afterwards: good -3, scrap +3.
+    late_scrap = confirmation("MFG-WO-2026-00012", "k-3", -3, 3, sequence=3, correction_of=2)
+    try:
+        await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
+        await sender.send(confirmation("MFG-WO-2026-00012", "k-2", 15, sequence=2, final=True))
+        assert (order["produced_qty"], order["status"]) == (40.0, "Completed")
+        corrected = await sender.send(late_scrap)
+        again = await sender.send(late_scrap)
+        first_again = await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
+    finally:
+        await sender.close()
+    assert (corrected.status, corrected.duplicate) == (200, False)
+    assert corrected.excerpt == (
+        "Stock Entry MAT-STE-2026-00003 submitted for MFG-WO-2026-00012 with the corrected "
+        "totals, good 37, process loss 5; cancelled for it: MAT-STE-2026-00001, "
+        "MAT-STE-2026-00002"
+    )
+    entries = erp.docs["Stock Entry"]
+    # The cancelled entries keep their keys: the first confirmation sent again is not posted.
+    assert [(e["docstatus"], e["mes_hub_key"]) for e in entries.values()] == [
+        (2, "k-1"),
+        (2, "k-2"),
+        (1, "k-3"),
+    ]
+    assert submitted(erp) == {"MAT-STE-2026-00003": ("k-3", 42.0, 5.0, 37.0)}
+    assert entries["MAT-STE-2026-00003"]["remarks"].startswith(
+        "mes-hub confirmation k-3: sequence 3, good -3, scrap 3, correction of 2, "
+        "in place of the cancelled entries: good 37, scrap 5"
+    )
+    assert (order["produced_qty"], order["process_loss_qty"]) == (37.0, 5.0)
+    assert again.duplicate and again.excerpt == "Stock Entry MAT-STE-2026-00003 has k-3"
+    assert first_again.duplicate and "MAT-STE-2026-00001 has k-1" in first_again.excerpt
+    assert erp.received == {"k-1": 1, "k-2": 1, "k-3": 1}
+
+
+@pytest.mark.parametrize("stop", ["draft answer lost", "submit failed"])
+async def test_a_correction_stopped_between_its_steps_is_finished_by_its_retry(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    erp = stand_in.erp
+    order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
+    assert sender is not None
+    late_scrap = confirmation("MFG-WO-2026-00012", "k-2", -3, 3, sequence=2, correction_of=1)
+    try:
+        await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
+        if stop == "draft answer lost":  # the draft is saved, then its answer lost
+            erp.lose_answer = True
+        else:  # the entry is cancelled, then the submit of the corrected totals fails
+            erp.fail_submit = True
+        with pytest.raises(DeliveryFailed) as stopped:
+            await sender.send(late_scrap)
+        draft = erp.docs["Stock Entry"]["MAT-STE-2026-00002"]
+        assert (draft["docstatus"], draft["mes_hub_key"]) == (0, "k-2")
+        if stop == "submit failed":
+            assert erp.docs["Stock Entry"]["MAT-STE-2026-00001"]["docstatus"] == 2
+            assert (order["produced_qty"], order["status"]) == (0.0, "Not Started")
+        finished = await sender.send(late_scrap)
+        again = await sender.send(late_scrap)
+    finally:
+        await sender.close()
+    assert not stopped.value.permanent and stopped.value.status in (503, 504)
+    assert (finished.status, finished.duplicate) == (200, False)
+    assert "MAT-STE-2026-00002 submitted" in finished.excerpt
+    assert submitted(erp) == {"MAT-STE-2026-00002": ("k-2", 27.0, 5.0, 22.0)}
+    assert erp.docs["Stock Entry"]["MAT-STE-2026-00001"]["docstatus"] == 2
+    assert (order["produced_qty"], order["process_loss_qty"]) == (22.0, 5.0)
+    assert again.duplicate
+    assert erp.received == {"k-1": 1, "k-2": 1}
+
+
+async def test_a_correction_to_no_good_parts_only_cancels(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    erp = stand_in.erp
+    order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
+    assert sender is not None
+    all_bad = confirmation("MFG-WO-2026-00012", "k-2", -3, 3, sequence=2, correction_of=1)
+    try:
+        await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 3))
+        cancelled = await sender.send(all_bad)
+        again = await sender.send(all_bad)
+    finally:
+        await sender.close()
+    assert cancelled.status is None and cancelled.excerpt == (
+        "cancelled for MFG-WO-2026-00012: MAT-STE-2026-00001; nothing posted: the corrected "
+        "good quantity is 0, and ERPNext has no Manufacture Stock Entry of 0 parts (3 scrap, "
+        "kept in the hub)"
+    )
+    assert again.excerpt.startswith("cancelled for MFG-WO-2026-00012: nothing left;")
+    assert [e["docstatus"] for e in erp.docs["Stock Entry"].values()] == [2]
+    assert (order["produced_qty"], order["status"]) == (0.0, "Not Started")
+
+
+async def test_erpnext_cancels_only_a_submitted_entry(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """frappe.client.cancel as Frappe's check_docstatus_transition allows it: a draft cannot be
+    cancelled, a cancelled entry not again; cancelling a Manufacture entry lowers the Work
+    Order's produced_qty; a submit that would make more than the order's qty is refused."""
+    erp = stand_in.erp
+    order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    config = entry(stand_in.url, monkeypatch)
+    async with erpnext.outbound_client(config.allowlist(), 2) as client:
+        api = erpnext.Frappe(config, client)
+
+        async def built(qty: int) -> dict[str, Any]:
+            made = await api.method(
+                erpnext.MAKE_STOCK_ENTRY,
+                work_order_id="MFG-WO-2026-00012",
+                purpose="Manufacture",
+                qty=qty,
+            )
+            assert isinstance(made, dict)
+            return made
+
+        draft = await api.insert("Stock Entry", {**await built(30), "mes_hub_key": "k-1"})
+        faults = []
+        with pytest.raises(erpnext.FrappeFault) as fault:
+            await api.method("frappe.client.cancel", doctype="Stock Entry", name=draft["name"])
+        faults.append(fault.value)
+        await api.save("Stock Entry", draft["name"], {"docstatus": 1})
+        assert (order["produced_qty"], order["status"]) == (30.0, "In Process")
+        with pytest.raises(erpnext.FrappeFault) as fault:
+            await api.insert("Stock Entry", {**await built(11), "docstatus": 1})
+        faults.append(fault.value)
+        cancelled = await api.method(
+            "frappe.client.cancel", doctype="Stock Entry", name=draft["name"]
+        )
+        assert cancelled["docstatus"] == 2
+        assert (order["produced_qty"], order["status"]) == (0.0, "Not Started")
+        for attempt in (
+            api.method("frappe.client.cancel", doctype="Stock Entry", name=draft["name"]),
+            api.save("Stock Entry", draft["name"], {"docstatus": 1}),
+            # the unique index holds the cancelled entry's key too
+            api.insert("Stock Entry", {**await built(1), "mes_hub_key": "k-1"}),
+        ):
+            with pytest.raises(erpnext.FrappeFault) as fault:
+                await attempt
+            faults.append(fault.value)
+    assert [(f.status, f.exc_type) for f in faults] == [
+        (417, "DocstatusTransitionError"),
+        (417, "StockOverProductionError"),
+        (417, "ValidationError"),
+        (417, "ValidationError"),
+        (417, "UniqueValidationError"),
+    ]
+    # Raised, not thrown: Frappe shows no message, the answer's exception says it.
+    assert faults[0].message == (
+        "frappe.exceptions.DocstatusTransitionError: Cannot change docstatus from 0 (Draft) "
+        "to 2 (Cancelled)"
+    )
+    assert faults[1].message == (
+        "Manufactured Qty (41.0) cannot be greater than planned quantity (40.0) in Work Order "
+        "MFG-WO-2026-00012"
+    )
+    assert faults[2].message.endswith("Cannot edit cancelled document")
 
 
 async def test_a_wrong_secret_is_retried_and_never_shown(
