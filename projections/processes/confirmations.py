@@ -21,22 +21,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from contracts import CloudEvent
-from hub.domain import Order
+from hub.domain import Order, machine_aggregate_id
 from hub.domain import order_runs as runs_of_moves
 from hub.files import write_whole
 from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
 from projections.rules.calendar import Interval
+from projections.rules.history import MachineFacts
 from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
 from projections.rules.progress import Run, order_parts
+from projections.rules.report import facts_window
 from projections.views.database import ViewDatabase
 from projections.views.facts_view import FactsReader, facts_of_runs, to_micros
 from projections.views.outbox_view import (
@@ -60,6 +63,145 @@ def totals(
     facts = facts_of_runs(reader, order.site, order.order_id, runs, plant, now, parts_only=True)
     parts = order_parts(order.order_id, runs, facts)
     return parts.good, parts.scrapped
+
+
+def totals_of_many(
+    site: str,
+    wanted: Sequence[tuple[str, list[Run]]],
+    reader: FactsReader,
+    plant: PlantConfig,
+    now: datetime,
+) -> list[tuple[int, int]]:
+    """``totals`` of each (order id, runs) of ``site``, the same figures, with each machine's
+    facts read and settled once for all of them: a round that confirms a thousand orders on
+    a hundred machines reads a hundred windows, not a thousand."""
+    margin = timedelta(seconds=plant.micro_stop_threshold_s)
+    spans: dict[str, Interval] = {}
+    for _, runs in wanted:
+        for machine_id, span in _spans(runs, now).items():
+            had = spans.get(machine_id, span)
+            spans[machine_id] = Interval(min(had.start, span.start), max(had.end, span.end))
+    settled: dict[str, MachineFacts] = {}
+    for machine_id, span in spans.items():
+        machine = machine_aggregate_id(site, machine_id)
+        facts = reader.window(machine, facts_window(span, plant), parts_only=True)
+        # Scrap naming an order counts for it whenever reported (added per order below).
+        facts.scrap = [s for s in facts.scrap if s.order_id is None]
+        settled[machine_id] = facts.settle(plant.machine_rules(machine_id))
+    named = reader.orders_scrap([order_id for order_id, _ in wanted])
+    found = []
+    for order_id, runs in wanted:
+        # Each order's share: what its own window (``facts_of_runs``) would have held.
+        share: dict[str, MachineFacts] = {}
+        for machine_id, span in _spans(runs, now).items():
+            whole, low, high = settled[machine_id], span.start - margin, span.end + margin
+            own = named.get(order_id, {}).get(machine_aggregate_id(site, machine_id).hex, [])
+            if span.end <= span.start:
+                share[machine_id] = replace(whole, parts=[], scrap=own)
+                continue
+            share[machine_id] = replace(
+                whole,
+                parts=[p for p in whole.parts if low < p.time <= high],
+                scrap=[s for s in whole.scrap if low <= s.time <= high] + own,
+            )
+        parts = order_parts(order_id, runs, share)
+        found.append((parts.good, parts.scrapped))
+    return found
+
+
+def _spans(runs: Sequence[Run], now: datetime) -> dict[str, Interval]:
+    """Per machine, from the first start of ``runs`` there to their last end (or ``now``)."""
+    spans: dict[str, Interval] = {}
+    for run in runs:
+        end = now if run.end is None else run.end
+        had = spans.get(run.machine_id)
+        spans[run.machine_id] = (
+            Interval(run.start, end)
+            if had is None
+            else Interval(min(had.start, run.start), max(had.end, end))
+        )
+    return spans
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A confirmation an order is owed, before its quantities are counted."""
+
+    order: Order
+    reason: str  # run_ended, shift_end or correction
+    run: Run  # the run it is about
+    start: datetime
+    end: datetime | None
+    covered: list[Run]  # the runs (or their parts up to a shift end) its totals are over
+    told: tuple[int, int]  # good parts and scrap confirmed before it
+
+
+def owed(
+    order: Order,
+    since: datetime,
+    moves: list[dict[str, Any]] | None = None,
+    corrections_since: datetime | None = None,
+    shift_end: datetime | None = None,
+) -> Owed | None:
+    """The confirmation ``order`` may be owed now (a correction only if its totals changed),
+    or None. See ``confirmation_due``."""
+    if order.status == "cancelled":
+        return None
+    confirmed = order.confirmed
+    runs = order_runs(order) if moves is None else _runs(moves)
+    ended = sorted(
+        (r for r in runs if r.end is not None and r.end >= since),
+        key=lambda r: (r.end or r.start, r.machine_id),
+    )
+    running = sorted((r for r in runs if r.end is None), key=lambda r: (r.start, r.machine_id))
+    runs_confirmed = sum(1 for c in confirmed if c["reason"] == "run_ended")
+    told = (
+        sum(int(c["yield_quantity"]) for c in confirmed),
+        sum(int(c["scrap_quantity"]) for c in confirmed),
+    )
+    # How far the runs not (yet) confirmed whole were told: to the last shift end confirmed.
+    told_to = max(
+        (datetime.fromisoformat(c["end"]) for c in confirmed if c["reason"] == "shift_end"),
+        default=None,
+    )
+    if len(ended) > runs_confirmed:
+        run, whole, cut = ended[runs_confirmed], ended[: runs_confirmed + 1], told_to
+        reason, start, end = "run_ended", run.start, run.end
+    elif (
+        shift_end is not None and running and shift_end >= since
+        and (told_to is None or shift_end > told_to) and running[0].start < shift_end
+    ):  # fmt: skip
+        run, whole, cut = running[0], ended, shift_end
+        reason, start, end = "shift_end", max(run.start, told_to or run.start), shift_end
+    elif confirmed and not order.running_on and ended and _recent(confirmed, corrections_since):
+        run, whole, cut = ended[-1], ended, told_to
+        reason, start, end = "correction", run.start, run.end
+    else:
+        return None
+    rest = [r for r in runs if r not in whole and (r.end is None or r.end >= since)]
+    return Owed(order, reason, run, start, end, whole + _up_to(rest, cut), told)
+
+
+def confirmation_data(due: Owed, good: int, scrap: int) -> dict[str, Any] | None:
+    """The confirmation's data, given the totals over what it covers (None: a correction
+    that changes nothing)."""
+    order, (good_told, scrap_told) = due.order, due.told
+    if due.reason == "correction" and (good, scrap) == due.told:
+        return None
+    confirmed = order.confirmed
+    return {
+        "order_id": order.order_id,
+        "sequence": len(confirmed) + 1,
+        "reason": due.reason,
+        "machine_id": due.run.machine_id,
+        "operation": None,
+        "yield_quantity": good - good_told,
+        "scrap_quantity": scrap - scrap_told,
+        "start": due.start.isoformat(),
+        "end": due.end.isoformat() if due.end else None,
+        "final": order.quantity is not None and good >= order.quantity,
+        "correction_of": confirmed[-1]["sequence"] if due.reason == "correction" else None,
+    }
 
 
 def confirmation_due(
@@ -87,55 +229,10 @@ def confirmation_due(
     ``moves``: the order's starts and ends as the views have them (else the order's own): the
     parts counted must not lag the run's end. ``corrections_since``: an order last confirmed
     before it gets no correction (it was told what it was told)."""
-    if order.status == "cancelled":
+    due = owed(order, since, moves, corrections_since, shift_end)
+    if due is None:
         return None
-    confirmed = order.confirmed
-    runs = order_runs(order) if moves is None else _runs(moves)
-    ended = sorted(
-        (r for r in runs if r.end is not None and r.end >= since),
-        key=lambda r: (r.end or r.start, r.machine_id),
-    )
-    running = sorted((r for r in runs if r.end is None), key=lambda r: (r.start, r.machine_id))
-    runs_confirmed = sum(1 for c in confirmed if c["reason"] == "run_ended")
-    good_told = sum(int(c["yield_quantity"]) for c in confirmed)
-    scrap_told = sum(int(c["scrap_quantity"]) for c in confirmed)
-    # How far the runs not (yet) confirmed whole were told: to the last shift end confirmed.
-    told_to = max(
-        (datetime.fromisoformat(c["end"]) for c in confirmed if c["reason"] == "shift_end"),
-        default=None,
-    )
-    if len(ended) > runs_confirmed:
-        run, whole, cut = ended[runs_confirmed], ended[: runs_confirmed + 1], told_to
-        reason, start, end = "run_ended", run.start, run.end
-    elif (
-        shift_end is not None and running and shift_end >= since
-        and (told_to is None or shift_end > told_to) and running[0].start < shift_end
-    ):  # fmt: skip
-        run, whole, cut = running[0], ended, shift_end
-        reason, start, end = "shift_end", max(run.start, told_to or run.start), shift_end
-    elif confirmed and not order.running_on and ended and _recent(confirmed, corrections_since):
-        run, whole, cut = ended[-1], ended, told_to
-        reason, start, end = "correction", run.start, run.end
-    else:
-        return None
-    rest = [r for r in runs if r not in whole and (r.end is None or r.end >= since)]
-    covered = whole + _up_to(rest, cut)
-    good, scrap = totals(order, covered, reader, plant, now)
-    if reason == "correction" and (good, scrap) == (good_told, scrap_told):
-        return None
-    return {
-        "order_id": order.order_id,
-        "sequence": len(confirmed) + 1,
-        "reason": reason,
-        "machine_id": run.machine_id,
-        "operation": None,
-        "yield_quantity": good - good_told,
-        "scrap_quantity": scrap - scrap_told,
-        "start": start.isoformat(),
-        "end": end.isoformat() if end else None,
-        "final": order.quantity is not None and good >= order.quantity,
-        "correction_of": confirmed[-1]["sequence"] if reason == "correction" else None,
-    }
+    return confirmation_data(due, *totals(order, due.covered, reader, plant, now))
 
 
 def _up_to(runs: list[Run], cut: datetime | None) -> list[Run]:
@@ -240,19 +337,25 @@ class ConfirmationWatch:
             at_shift_end = running_orders(self._views, self._site)
         keys = sorted({*found.changed, *late, *due_again, *at_shift_end}, key=str)
         moves = order_moves(self._views, keys)
+        dues = []
         for order in self._load(keys):
             taps = moves.get(order.id)
-            data = confirmation_due(
-                order, self._reader, self._plant, now, self._since, taps, corrections_since,
-                shift_end,
-            )  # fmt: skip
-            if taps is not None and (order.confirmed or data is not None):
+            due = owed(order, self._since, taps, corrections_since, shift_end)
+            if taps is not None and (order.confirmed or due is not None):
                 self._remember(order.id, order.order_id, taps)
+            if due is None:
+                self._recheck.pop(order.id, None)
+            elif clock - self._recheck.get(order.id, -REPUBLISH_AFTER_S) >= REPUBLISH_AFTER_S:
+                dues.append(due)  # (else published moments ago: on its way to the store)
+        counted = totals_of_many(
+            self._site, [(d.order.order_id, d.covered) for d in dues], self._reader,
+            self._plant, now,
+        )  # fmt: skip
+        for due, (good, scrap) in zip(dues, counted, strict=True):
+            order, data = due.order, confirmation_data(due, good, scrap)
             if data is None:
                 self._recheck.pop(order.id, None)
                 continue
-            if clock - self._recheck.get(order.id, -REPUBLISH_AFTER_S) < REPUBLISH_AFTER_S:
-                continue  # published moments ago: on its way to the store
             self._recheck[order.id] = clock
             event_id = f"confirm-{self._site}-{order.order_id}-{data['sequence']}"
             events.append(

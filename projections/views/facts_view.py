@@ -219,18 +219,26 @@ class FactsReader:
     def order_scrap(self, order_id: str) -> dict[str, list[ScrapReport]]:
         """Scrap reported naming the order, whenever it was reported, by machine (aggregate id
         hex): an inspection may find it days after the order ran."""
+        return self.orders_scrap([order_id]).get(order_id, {})
+
+    def orders_scrap(self, order_ids: Sequence[str]) -> dict[str, dict[str, list[ScrapReport]]]:
+        """``order_scrap`` of each of ``order_ids`` (those with scrap), in a few queries."""
+        found: dict[str, dict[str, list[ScrapReport]]] = {}
+        unique = sorted(set(order_ids))
         with self._db.transaction(write=False) as cursor:
-            cursor.execute(
-                f"SELECT {_COLUMNS} FROM {TABLE} WHERE order_id = ? AND kind = ?",
-                (order_id, SCRAP),
-            )
-            rows = cursor.fetchall()
-        by_machine: dict[str, list[ScrapReport]] = {}
-        for row in rows:
-            by_machine.setdefault(row[1], []).append(
-                ScrapReport(from_micros(row[3]), row[6], order_id)
-            )
-        return by_machine
+            for first in range(0, len(unique), 500):
+                chunk = unique[first : first + 500]
+                cursor.execute(
+                    f"SELECT {_COLUMNS} FROM {TABLE} WHERE kind = ? "
+                    f"AND order_id IN ({', '.join('?' * len(chunk))})",
+                    (SCRAP, *chunk),
+                )
+                for row in cursor.fetchall():
+                    order_id = str(row[7])
+                    found.setdefault(order_id, {}).setdefault(row[1], []).append(
+                        ScrapReport(from_micros(row[3]), row[6], order_id)
+                    )
+        return found
 
     def current_order(self, machine: UUID) -> str | None:
         """The order the machine runs now, by event time (the fold over its starts and ends)."""

@@ -15,14 +15,16 @@ from typing import Any
 
 import pytest
 
-from hub.domain import Machine, Origin
+from hub.domain import Machine, Origin, order_runs
+from projections.processes.confirmations import totals_of_many
 from projections.rules.calendar import Interval
 from projections.rules.counters import counter_totals
 from projections.rules.history import machine_facts
 from projections.rules.plant import PlantConfig
+from projections.rules.progress import Run, order_parts, order_progress
 from projections.rules.report import GroupBy, facts_window, machine_timeline, report_from_facts
 from projections.views.database import SQLiteViews
-from projections.views.facts_view import FactsReader, MachineFactsView
+from projections.views.facts_view import FactsReader, MachineFactsView, facts_of_runs
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
 BIG = 2**63 - 1
@@ -159,4 +161,60 @@ def test_the_view_agrees_with_the_whole_history_on_messy_facts(seed: int, tmp_pa
             report = report_from_facts(history, ideal, window, group_by, plant, now)
             assert report_from_facts(windowed, ideal, window, group_by, plant, now) == report
             assert report_from_facts(again, ideal, window, group_by, plant, now) == report
+    views.close()
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_confirmed_totals_read_per_machine_equal_each_order_s_own(
+    seed: int, tmp_path: Path
+) -> None:
+    """The confirmation watch counts a round's orders from one window per machine
+    (``totals_of_many``); each order's figures must be those of its own window
+    (``facts_of_runs``) and of its progress (``order_progress``), on messy facts."""
+    rng = random.Random(1000 + seed)
+    plant = PlantConfig(max_parts_per_reading=1000, micro_stop_threshold_s=rng.choice([0, 120]))
+    facts = messy_facts(rng, rng.randint(5, 80))
+    _, events = stored(facts)
+    views = SQLiteViews(tmp_path / "views.sqlite")
+    view = MachineFactsView()
+    with views.transaction() as cursor:
+        view.create(cursor, "sqlite")
+        view.create_indexes(cursor)
+        view.apply(cursor, list(enumerate(events, 1)))
+    reader = FactsReader(views)
+    now = T0 + timedelta(seconds=30_000)
+    wanted = []
+    for order_id in "ABC":
+        moves = [
+            {"machine_id": "M1", "time": fact[1].isoformat(), "started": fact[0] == "start"}
+            for fact in facts
+            if fact[0] in ("start", "end") and fact[2] == order_id
+        ]
+        runs = [
+            Run("M1", datetime.fromisoformat(r["start"]),
+                datetime.fromisoformat(r["end"]) if r["end"] else None)
+            for r in order_runs(moves)
+        ]  # fmt: skip
+        # What one confirmation covers: the first runs to end, whole, and of the others
+        # (or none) what they made up to a shift end (as the watch asks).
+        ended = sorted((r for r in runs if r.end is not None), key=lambda r: r.end or r.start)
+        whole = ended[: rng.randint(1, len(ended))] if ended else []
+        cut = T0 + timedelta(seconds=rng.randint(0, 20_000))
+        clipped = [
+            Run("M1", r.start, r.end if r.end is not None and r.end <= cut else cut)
+            for r in runs
+            if r not in whole and r.start < cut and rng.random() < 0.7
+        ]
+        if whole or clipped:
+            wanted.append((order_id, whole + clipped))
+    if not wanted:
+        pytest.skip("these facts start no order")
+    together = totals_of_many("s", wanted, reader, plant, now)
+    for (order_id, runs), (good, scrap) in zip(wanted, together, strict=True):
+        own = facts_of_runs(reader, "s", order_id, runs, plant, now, parts_only=True)
+        parts = order_parts(order_id, runs, own)
+        assert (good, scrap) == (parts.good, parts.scrapped), order_id
+        whole = facts_of_runs(reader, "s", order_id, runs, plant, now)
+        progress = order_progress(order_id, None, None, runs, whole, plant, now)
+        assert (good, scrap) == (progress.good, progress.scrapped), order_id
     views.close()
