@@ -116,6 +116,10 @@ def _view(message: OutboxMessage, states: dict[str, OutboxMessage], status: Stat
 _PAGE = TypeAdapter(list[ConfirmationView])
 
 
+# The outcomes a confirmation of a status has for some ERP (those that can be found by them).
+_OUTCOMES = {"dead": ("dead",), "failed": ("failed", "requeued")}
+
+
 def read_confirmations(
     sources: ReadSources,
     site: str,
@@ -130,7 +134,9 @@ def read_confirmations(
     found: list[Any] = []
     cursor = after
     while len(found) <= limit:
-        batch = sources.outbox.messages(site, order, limit=MAX_PAGE, after=cursor)
+        batch = sources.outbox.messages(
+            site, order, limit=MAX_PAGE, after=cursor, outcomes=_OUTCOMES.get(status or "", ())
+        )
         for message, states in batch:
             cursor = message.key
             if message.kind != CONFIRMATION:
