@@ -337,6 +337,9 @@ class ConfirmationWatch:
             at_shift_end = running_orders(self._views, self._site)
         keys = sorted({*found.changed, *late, *due_again, *at_shift_end}, key=str)
         moves = order_moves(self._views, keys)
+        # An order that only started (no run ended since confirming began, and no shift end to
+        # confirm it at) is owed nothing: not read from the store (most of a round's cost).
+        keys = [k for k in keys if k not in moves or self._may_be_owed(moves[k], shift_end)]
         dues = []
         for order in self._load(keys):
             taps = moves.get(order.id)
@@ -366,6 +369,12 @@ class ConfirmationWatch:
             )  # fmt: skip
         self._shift_looked_at = shift_end
         return events, upto
+
+    def _may_be_owed(self, moves: list[dict[str, Any]], shift_end: datetime | None) -> bool:
+        runs = _runs(moves)
+        return any(r.end is not None and r.end >= self._since for r in runs) or (
+            shift_end is not None and any(r.end is None for r in runs)
+        )
 
     def _remember(self, key: UUID, order_id: str, moves: list[dict[str, Any]]) -> None:
         assert self._ends is not None
