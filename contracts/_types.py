@@ -235,8 +235,10 @@ class ConfirmationDueV1(_Data):
     the order ended (``run_ended``), at a shift end while it ran (``shift_end``, a partial: the
     hub's ``confirm_each_shift``), or when what was confirmed no longer matches the store
     (``correction``: late scrap or parts). Quantities are what is new since the confirmations
-    before it (a correction's may be negative), computed from the store when it was decided, so
-    a rebuild reproduces them. The subject is the order."""
+    before it — negative when parts were taken back (a correction's; or a run's end after a
+    shift end's partial, when scrap came in between) — and the totals the order has confirmed
+    with it, computed from the store when it was decided, so a rebuild reproduces them. The
+    subject is the order."""
 
     order_id: Token
     sequence: StrictInt = Field(ge=1, description="The order's confirmations: 1, 2, …")
@@ -249,6 +251,12 @@ class ConfirmationDueV1(_Data):
     end: EventTime | None = None
     final: StrictBool = Field(description="The order is done: its good parts reached its quantity")
     correction_of: StrictInt | None = Field(default=None, ge=1)
+    yield_total: StrictInt | None = Field(
+        default=None, ge=0, description="Good parts confirmed for the order in all, with this one"
+    )
+    scrap_total: StrictInt | None = Field(
+        default=None, ge=0, description="Scrap confirmed for the order in all, with this one"
+    )
 
 
 class DeliveryAttemptedV1(_Data):

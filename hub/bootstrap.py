@@ -43,11 +43,11 @@ from hub.nats_auth import (
     signing_key,
     signing_since,
 )
-from hub.outbox import Destination, Requeue, RetryPolicy, Sender
+from hub.outbox import Destination, OutboxMessage, Requeue, RetryPolicy, Sender
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
-from projections.processes.confirmations import ConfirmationWatch
+from projections.processes.confirmations import ConfirmationWatch, confirmation_message_key
 from projections.processes.forecast_watch import ForecastWatch
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
@@ -236,13 +236,20 @@ def erp_pollers(
     return pollers
 
 
-def erp_destinations(entries: Sequence[ErpEntryBase]) -> list[Destination]:
+def erp_destinations(site: str, entries: Sequence[ErpEntryBase]) -> list[Destination]:
     """The ERPs that take confirmations, as outbox destinations."""
+
+    def earlier_keys(message: OutboxMessage, destination: str) -> tuple[str, ...]:
+        return tuple(
+            idempotency_key(confirmation_message_key(site, message.ordering_key, k), destination)
+            for k in range(1, message.sequence)
+        )
+
     found: list[Destination] = []
     for entry in entries:
         confirmer = confirmation_sender(entry)
         if confirmer is not None:
-            found.append(ErpDestination(entry.name, confirmer))
+            found.append(ErpDestination(entry.name, confirmer, earlier_keys))
     return found
 
 
@@ -298,7 +305,7 @@ def confirmation_watch(
     confirmed (kept in the data dir) are not confirmed."""
     path = settings.data_dir / CONFIRMATIONS_SINCE
     if not path.exists():
-        write_whole(path, datetime.now(UTC).isoformat())
+        write_whole(path, clock().isoformat())
     since = datetime.fromisoformat(path.read_text().strip())
 
     def load(keys: Iterable[UUID]) -> list[Order]:
@@ -335,7 +342,7 @@ def api_context(
         site=settings.site,
         plant=plant or PlantConfig(),
         max_clock_skew_s=settings.max_clock_skew_s,
-        requeue=Requeue(hub.publisher, settings.site, hub.clock),
+        requeue=Requeue(hub.publisher, settings.site, getattr(hub, "clock", utc_now)),
         destinations={sender.name: sender.owed_after for sender in getattr(hub, "senders", ())},
     )
 
@@ -532,7 +539,7 @@ async def build_hub(
         senders = await asyncio.to_thread(
             outbox_senders,
             settings,
-            [*destinations, *erp_destinations(erp)],
+            [*destinations, *erp_destinations(settings.site, erp)],
             views,
             publisher,
             retry or RetryPolicy(),

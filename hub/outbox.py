@@ -234,7 +234,7 @@ class Sender:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.destination = destination
-        self._clock = clock  # the hub's: attempts are stamped, and retries timed, by it
+        self._clock = clock  # the hub's: the attempts' events are stamped with it
         self._outbox, self._publisher, self._site = outbox, publisher, site
         self._key_for = key_for  # (message key, destination) -> the idempotency key
         self.policy = policy or RetryPolicy()
@@ -276,7 +276,7 @@ class Sender:
         # Everything decided before ``floor`` was taken: ask from there on (else every round
         # would read past all that was ever delivered).
         self._after = max(self._after, floor)
-        now = self._clock()
+        now = datetime.now(UTC)  # (retries are timed by the wall clock, see ``_deliver``)
         started = 0
         for message in self._due(messages, now):
             if len(self._busy) >= self.policy.parallel or not self.circuit.allows():
@@ -333,13 +333,15 @@ class Sender:
         attempt = state.attempts + 1
         since_requeue = attempt - state.requeued_at  # attempts count afresh from a requeue
         key = self._key_for(message.key, self.name)
-        now = self._clock()
         next_at: datetime | None = None
         status: int | None = None
         reason = answer = ""
         try:
             delivered = await self.destination.deliver(message, key)
         except DeliveryFailed as failed:
+            # Retries are timed from the answer, by the wall clock (a hub's clock given for
+            # its events' time may stand still in a test, or jump).
+            now = datetime.now(UTC)
             status, reason, answer = failed.status, failed.reason, failed.excerpt
             dead = failed.permanent or since_requeue >= self.policy.max_attempts
             outcome = "dead" if dead else "failed"
@@ -350,6 +352,7 @@ class Sender:
             if not dead:
                 next_at = now + timedelta(seconds=self.policy.delay_s(since_requeue, self._rng))
         except Exception as exc:  # a dialect's bug: retried like an outage, and said
+            now = datetime.now(UTC)
             log.exception("outbox %s: delivering %s failed", self.name, message.key)
             outcome, reason = "failed", f"{type(exc).__name__}: {exc}"
             self.circuit.failed()
@@ -370,7 +373,8 @@ class Sender:
                 self.name, outcome, message.ordering_key, attempt, reason,
                 f" (next at {next_at:%H:%M:%S})" if next_at else "",
             )  # fmt: skip
-        await self._record(message, attempt, outcome, status, reason, answer, next_at, now)
+        stamped = self._clock()  # the attempt's event time: the hub's clock
+        await self._record(message, attempt, outcome, status, reason, answer, next_at, stamped)
 
     def _count(self, outcome: str) -> None:
         if outcome == "delivered":

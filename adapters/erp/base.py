@@ -165,6 +165,13 @@ class Confirmation:
     final: bool
     correction_of: int | None  # the sequence corrected, if this is a correction
     posted_at: datetime  # when the hub decided it (the posting date)
+    # The order's good parts and scrap confirmed in all, this one included (None: decided by
+    # a hub from before they were told): what a reversal and re-post posts again.
+    yield_total: int | None = None
+    scrap_total: int | None = None
+    # The keys this ERP was sent the order's earlier confirmations with: how a dialect that
+    # reverses them tells the hub's postings from anyone else's.
+    earlier_keys: tuple[str, ...] = ()
 
 
 class ConfirmationSender(Protocol):

@@ -3,6 +3,7 @@ message is handed to the entry's dialect (``ConfirmationSender``) with its idemp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from adapters.erp.base import Confirmation, ConfirmationSender
@@ -11,7 +12,9 @@ from hub.outbox import Delivered, OutboxMessage
 CONFIRMATION = "erp.confirmation"
 
 
-def confirmation(message: OutboxMessage, key: str) -> Confirmation:
+def confirmation(
+    message: OutboxMessage, key: str, earlier_keys: tuple[str, ...] = ()
+) -> Confirmation:
     """The confirmation a ``mes.hub.order.confirmation_due.v1`` message carries."""
     due = message.payload
 
@@ -32,6 +35,9 @@ def confirmation(message: OutboxMessage, key: str) -> Confirmation:
         final=bool(due["final"]),
         correction_of=due.get("correction_of"),
         posted_at=message.decided_at,
+        yield_total=due.get("yield_total"),
+        scrap_total=due.get("scrap_total"),
+        earlier_keys=earlier_keys,
     )
 
 
@@ -40,12 +46,20 @@ class ErpDestination:
 
     kinds: tuple[str, ...] = (CONFIRMATION,)
 
-    def __init__(self, name: str, sender: ConfirmationSender) -> None:
+    def __init__(
+        self,
+        name: str,
+        sender: ConfirmationSender,
+        earlier_keys: Callable[[OutboxMessage, str], tuple[str, ...]] | None = None,
+    ) -> None:
         self.name = name
         self._sender = sender
+        # (message, destination) -> the keys the order's earlier confirmations went with
+        self._earlier_keys = earlier_keys
 
     async def deliver(self, message: OutboxMessage, key: str) -> Delivered:
-        return await self._sender.send(confirmation(message, key))
+        earlier = self._earlier_keys(message, self.name) if self._earlier_keys else ()
+        return await self._sender.send(confirmation(message, key, earlier))
 
     async def close(self) -> None:
         await self._sender.close()

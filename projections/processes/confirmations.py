@@ -36,7 +36,7 @@ from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
 from projections.rules.calendar import Interval
 from projections.rules.history import MachineFacts
-from projections.rules.hub_events import hub_event
+from projections.rules.hub_events import hub_event, hub_source
 from projections.rules.plant import PlantConfig
 from projections.rules.progress import Run, order_parts
 from projections.rules.report import facts_window
@@ -46,12 +46,14 @@ from projections.views.outbox_view import (
     confirmation_candidates,
     confirmed_orders,
     last_ends,
+    message_key,
     order_moves,
     running_orders,
 )
 
 log = logging.getLogger(__name__)
 CONFIRMATION_TYPE = "mes.hub.order.confirmation_due.v1"
+PRODUCER = "confirmations"  # the hub component deciding them (their CloudEvents source)
 REPUBLISH_AFTER_S = 5.0
 
 
@@ -61,7 +63,7 @@ def totals(
     """Good parts and scrap of ``order`` over ``runs``, as the views know them (the same
     figures as the order's progress, without its timeline)."""
     facts = facts_of_runs(reader, order.site, order.order_id, runs, plant, now, parts_only=True)
-    parts = order_parts(order.order_id, runs, facts)
+    parts = order_parts(order.order_id, runs, facts, now)
     return parts.good, parts.scrapped
 
 
@@ -99,12 +101,11 @@ def totals_of_many(
             if span.end <= span.start:
                 share[machine_id] = replace(whole, parts=[], scrap=own)
                 continue
+            # (``order_parts`` keeps the parts made in the order's runs.)
             share[machine_id] = replace(
-                whole,
-                parts=[p for p in whole.parts if low < p.time <= high],
-                scrap=[s for s in whole.scrap if low <= s.time <= high] + own,
+                whole, scrap=[s for s in whole.scrap if low <= s.time <= high] + own
             )
-        parts = order_parts(order_id, runs, share)
+        parts = order_parts(order_id, runs, share, now)
         found.append((parts.good, parts.scrapped))
     return found
 
@@ -186,9 +187,16 @@ def confirmation_data(due: Owed, good: int, scrap: int) -> dict[str, Any] | None
     """The confirmation's data, given the totals over what it covers (None: a correction
     that changes nothing)."""
     order, (good_told, scrap_told) = due.order, due.told
-    if due.reason == "correction" and (good, scrap) == due.told:
-        return None
+    if due.reason in ("correction", "shift_end") and (good, scrap) == due.told:
+        return None  # nothing new to tell (a shift in which the order made nothing)
     confirmed = order.confirmed
+    # Final: the order's good parts reached its quantity; never while it runs (a shift end's
+    # partial); a correction of a final confirmation stays final (the run is over: scrap
+    # found later makes the order short, it does not reopen it).
+    final = due.reason != "shift_end" and (
+        (order.quantity is not None and good >= order.quantity)
+        or (due.reason == "correction" and bool(confirmed[-1]["final"]))
+    )
     return {
         "order_id": order.order_id,
         "sequence": len(confirmed) + 1,
@@ -199,9 +207,21 @@ def confirmation_data(due: Owed, good: int, scrap: int) -> dict[str, Any] | None
         "scrap_quantity": scrap - scrap_told,
         "start": due.start.isoformat(),
         "end": due.end.isoformat() if due.end else None,
-        "final": order.quantity is not None and good >= order.quantity,
+        "final": final,
         "correction_of": confirmed[-1]["sequence"] if due.reason == "correction" else None,
+        "yield_total": good,
+        "scrap_total": scrap,
     }
+
+
+def confirmation_event_id(site: str, order_id: str, sequence: int) -> str:
+    """The id of an order's confirmation ``sequence``: the same whenever it is decided."""
+    return f"confirm-{site}-{order_id}-{sequence}"
+
+
+def confirmation_message_key(site: str, order_id: str, sequence: int) -> str:
+    """The outbox key of an order's confirmation ``sequence`` (of the event that decided it)."""
+    return message_key(hub_source(site, PRODUCER), confirmation_event_id(site, order_id, sequence))
 
 
 def confirmation_due(
@@ -360,13 +380,12 @@ class ConfirmationWatch:
                 self._recheck.pop(order.id, None)
                 continue
             self._recheck[order.id] = clock
-            event_id = f"confirm-{self._site}-{order.order_id}-{data['sequence']}"
+            event_id = confirmation_event_id(self._site, order.order_id, data["sequence"])
             events.append(
                 hub_event(
-                    self._site, "confirmations", CONFIRMATION_TYPE, event_id, order.order_id,
-                    now, data,
+                    self._site, PRODUCER, CONFIRMATION_TYPE, event_id, order.order_id, now, data
                 )
-            )  # fmt: skip
+            )
         self._shift_looked_at = shift_end
         return events, upto
 

@@ -15,10 +15,15 @@ def hub_event(
     return CloudEvent(
         specversion="1.0",
         id=event_id,
-        source=f"urn:mes-hub:{site}:{producer}",
+        source=hub_source(site, producer),
         type=type_,
         time=time,
         subject=subject,
         datacontenttype="application/json",
         data=data,
     )
+
+
+def hub_source(site: str, producer: str) -> str:
+    """The CloudEvents source of what a component of the hub of ``site`` publishes."""
+    return f"urn:mes-hub:{site}:{producer}"

@@ -54,7 +54,7 @@ def order_progress(
     plant: PlantConfig,
     now: datetime,
 ) -> OrderProgress:
-    parts = order_parts(order_id, runs, facts_by_machine)
+    parts = order_parts(order_id, runs, facts_by_machine, now)
     produced, bad, scrapped = parts
     running_s = busy_s = 0.0
     # Running time counts whenever the machine executed the order, shift or not.
@@ -105,19 +105,27 @@ class OrderParts(NamedTuple):
 
 
 def order_parts(
-    order_id: str, runs: Sequence[Run], facts_by_machine: Mapping[str, MachineFacts]
+    order_id: str,
+    runs: Sequence[Run],
+    facts_by_machine: Mapping[str, MachineFacts],
+    now: datetime,
 ) -> OrderParts:
-    """Parts made, bad and scrapped for ``order_id`` on the machines of ``runs`` (settled
-    facts)."""
+    """Parts made, bad and scrapped for ``order_id`` in ``runs`` (settled facts). A reading
+    counts for the order when the order ran just before it, within one of ``runs`` (open runs
+    up to ``now``): not the readings before the window that set its scene, nor those after a
+    shift end that cut a run short."""
     produced = bad = scrapped = 0
     for machine_id in sorted({run.machine_id for run in runs}):
         facts = facts_by_machine.get(machine_id)
         if facts is None:
             continue
-        produced += sum(
-            p.increment for p in facts.parts if p.order_id == order_id and p.kind != "bad"
-        )
-        bad += sum(p.increment for p in facts.parts if p.order_id == order_id and p.kind == "bad")
+        spans = [(r.start, r.end or now) for r in runs if r.machine_id == machine_id]
+        for p in facts.parts:
+            if p.order_id == order_id and any(start < p.time <= end for start, end in spans):
+                if p.kind == "bad":
+                    bad += p.increment
+                else:
+                    produced += p.increment
         scrapped += sum(s.quantity for s in facts.scrap if s.order_id == order_id)
     return OrderParts(produced, bad, scrapped)
 

@@ -212,7 +212,7 @@ def test_confirmed_totals_read_per_machine_equal_each_order_s_own(
     together = totals_of_many("s", wanted, reader, plant, now)
     for (order_id, runs), (good, scrap) in zip(wanted, together, strict=True):
         own = facts_of_runs(reader, "s", order_id, runs, plant, now, parts_only=True)
-        parts = order_parts(order_id, runs, own)
+        parts = order_parts(order_id, runs, own, now)
         assert (good, scrap) == (parts.good, parts.scrapped), order_id
         whole = facts_of_runs(reader, "s", order_id, runs, plant, now)
         progress = order_progress(order_id, None, None, runs, whole, plant, now)

@@ -71,7 +71,9 @@ def status_of(
     message: OutboxMessage, states: dict[str, OutboxMessage], destinations: dict[str, int]
 ) -> Status:
     """Dead for some ERP: dead; failing for some: failed; taken by every ERP owed it: sent;
-    else pending (not tried yet). An ERP added after it was decided is not owed it."""
+    else pending (not tried yet). An ERP added after it was decided is not owed it; one no
+    longer configured does not count."""
+    states = {d: s for d, s in states.items() if d in destinations}
     outcomes = {s.outcome for s in states.values()}
     if "dead" in outcomes:
         return "dead"
