@@ -846,6 +846,8 @@ def confirmation_json(confirmation: Confirmation) -> dict[str, Any]:
         "final": c.final,
         "correction_of": c.correction_of,
         "posted_at": rfc3339(c.posted_at),
+        "yield_total": c.yield_total,
+        "scrap_total": c.scrap_total,
     }
 
 

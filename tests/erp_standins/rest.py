@@ -39,6 +39,8 @@ CONFIRMATION_FIELDS: dict[str, tuple[type, ...]] = {
     "final": (bool,),
     "correction_of": (int, type(None)),
     "posted_at": (str,),
+    "yield_total": (int, type(None)),
+    "scrap_total": (int, type(None)),
 }
 
 

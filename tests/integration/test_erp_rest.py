@@ -83,6 +83,8 @@ def confirmation(key: str = "evt-0001", order_id: str = "WO-1", **changes: Any) 
         final=False,
         correction_of=None,
         posted_at=T0 + timedelta(hours=3, minutes=1),
+        yield_total=40,
+        scrap_total=2,
     )
     return replace(made, **changes)
 
@@ -331,6 +333,8 @@ async def test_a_confirmation_is_delivered_with_its_idempotency_key_and_token(
             "final": False,
             "correction_of": None,
             "posted_at": "2026-03-02T09:01:00Z",
+            "yield_total": 40,
+            "scrap_total": 2,
         }
     }
     assert app.state.authorizations == [f"Bearer {TOKEN}"]

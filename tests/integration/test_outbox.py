@@ -7,7 +7,6 @@ own tests run against their stand-ins."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -315,54 +314,86 @@ async def test_a_late_part_count_inside_a_confirmed_run_is_confirmed_as_a_correc
 async def test_orders_running_at_a_shift_end_are_confirmed_what_they_made_in_it(
     settings: Settings, erp: InMemoryDestination
 ) -> None:
-    # Worked example ([hub] confirm_each_shift, shifts 06:00-14:00 and 14:00-22:00): SO-20 of
-    # 100 starts on M1 at 06:00 and makes 30 by 14:00; at 14:00 the ERP is told 30 (partial).
-    # It makes 12 more; it ends at 14:25: the ERP is told 12 (the run, less what it was told).
-    # SO-21 starts on M2 at 14:10 and is still running at 22:00 and 23:00: told once, for 22:00.
+    # Worked examples ([hub] confirm_each_shift, shifts 06:00-14:00 and 14:00-22:00):
+    # - SO-20 of 100 runs on M1 from 06:00, 30 made by 14:00: at 14:00 the ERP is told 30
+    #   (partial, not final); it makes 12 more and ends at 14:25: told 12.
+    # - SO-24 runs on M5 and M6 at once: 10 and 20 by 14:00, told 30; M5 ends at 14:20 with 3
+    #   more (told 3), M6 at 14:25 with 5 more (told 5).
+    # - SO-23 of 10 has made 12 by 14:00: told 12, not final (it still runs).
+    # - SO-22 started at 13:56 and made nothing: told nothing at 14:00, nor at 22:00.
+    # - SO-21 starts on M2 at 14:10 and runs past 22:00: told once, for 22:00.
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     (settings.data_dir / CONFIRMATIONS_SINCE).write_text((T0 - timedelta(days=1)).isoformat())
     shifts = [{"name": "early", "start": "06:00", "end": "14:00"},
               {"name": "late", "start": "14:00", "end": "22:00"}]  # fmt: skip
     plant = PlantConfig.model_validate({"time_zone": "UTC", "shifts": shifts})
-    now = [T0 + timedelta(hours=7)]  # 13:00 (the hub's clock; T0 is 06:00)
+    now = [T0 + timedelta(hours=7, minutes=58)]  # 13:58 (the hub's clock; T0 is 06:00)
     hub = await build_hub(
         settings.model_copy(update={"confirm_each_shift": True}), plant=plant,
         destinations=[erp], retry=FAST, clock=lambda: now[0],
     )  # fmt: skip
+
+    def runs(order_id: str, quantity: int, *machines: str) -> list[Any]:
+        events = [released(order_id, quantity)]
+        for machine in machines:
+            events += [tap("started", machine, order_id, 0), count(machine, 0, 0)]
+        return events
+
+    def told(order_id: str) -> list[tuple[str, int, bool]]:
+        return [(c["reason"], c["yield_quantity"], c["final"]) for c in taken(erp, order_id)]
+
     try:
         await publish(
-            hub, released("SO-20", 100), tap("started", "M1", "SO-20", 0), count("M1", 0, 0),
-            count("M1", 30, 6 * 60 + 50),
+            hub, *runs("SO-19", 100, "M3"), count("M3", 7, 5 * 60 + 50),
+            tap("ended", "M3", "SO-19", 6 * 60),
+            *runs("SO-20", 100, "M1"), count("M1", 30, 6 * 60 + 50),
+            released("SO-22", 100), tap("started", "M4", "SO-22", 7 * 60 + 56),
+            *runs("SO-23", 10, "M7"), count("M7", 12, 7 * 60),
+            *runs("SO-24", 100, "M5", "M6"), count("M5", 10, 7 * 60 + 30),
+            count("M6", 20, 7 * 60 + 40),
         )  # fmt: skip
+        # SO-19 ended before the shift end: its confirmation shows the rounds ran, and owed
+        # the others nothing yet.
+        await eventually(lambda: len(taken(erp, "SO-19")) == 1, timeout=30)
         await hub.wait_projected()
-        await asyncio.sleep(0.5)  # rounds before the shift end owe nothing
-        assert taken(erp, "SO-20") == []
+        assert [o for o in ("SO-20", "SO-22", "SO-23", "SO-24") if taken(erp, o)] == []
         now[0] = T0 + timedelta(hours=8, minutes=30)  # 14:30: the early shift has ended
-        await eventually(lambda: len(taken(erp, "SO-20")) == 1, timeout=30)
+        await eventually(
+            lambda: all(len(taken(erp, o)) == 1 for o in ("SO-20", "SO-23", "SO-24")),
+            timeout=30,
+        )
         await publish(
             hub, count("M1", 42, 8 * 60 + 20), tap("ended", "M1", "SO-20", 8 * 60 + 25),
+            count("M5", 13, 8 * 60 + 10), tap("ended", "M5", "SO-24", 8 * 60 + 20),
+            count("M6", 25, 8 * 60 + 22), tap("ended", "M6", "SO-24", 8 * 60 + 25),
             released("SO-21", 100), tap("started", "M2", "SO-21", 8 * 60 + 10),
             count("M2", 0, 8 * 60 + 10), count("M2", 5, 8 * 60 + 28),
         )  # fmt: skip
-        await eventually(lambda: len(taken(erp, "SO-20")) == 2, timeout=30)
-        await asyncio.sleep(0.5)
-        assert taken(erp, "SO-21") == []  # it ran in the late shift, not yet ended
+        await eventually(
+            lambda: len(taken(erp, "SO-20")) == 2 and len(taken(erp, "SO-24")) == 3, timeout=30
+        )
         now[0] = T0 + timedelta(hours=17)  # 23:00: the late shift ended an hour ago
         await eventually(lambda: len(taken(erp, "SO-21")) == 1, timeout=30)
-        shift, run = taken(erp, "SO-20")
-        assert (shift["reason"], shift["yield_quantity"], shift["final"]) == (
-            "shift_end",
-            30,
-            False,
-        )
+        assert told("SO-20") == [("shift_end", 30, False), ("run_ended", 12, False)]
+        shift = taken(erp, "SO-20")[0]
         assert [at(shift["start"]), at(shift["end"])] == [T0, T0 + timedelta(hours=8)]
-        assert (run["reason"], run["yield_quantity"], run["sequence"]) == ("run_ended", 12, 2)
-        (late,) = taken(erp, "SO-21")
-        assert (late["reason"], late["yield_quantity"]) == ("shift_end", 5)
+        assert shift["yield_total"] == 30 and taken(erp, "SO-20")[1]["yield_total"] == 42
+        assert told("SO-24") == [
+            ("shift_end", 30, False), ("run_ended", 3, False), ("run_ended", 5, False),
+        ]  # fmt: skip
+        assert [c["machine_id"] for c in taken(erp, "SO-24")] == ["M5", "M5", "M6"]
+        assert told("SO-23") == [("shift_end", 12, False)]
+        assert told("SO-21") == [("shift_end", 5, False)]
+        late = taken(erp, "SO-21")[0]
         started, ten_pm = T0 + timedelta(hours=8, minutes=10), T0 + timedelta(hours=16)
         assert [at(late["start"]), at(late["end"])] == [started, ten_pm]
-        await asyncio.sleep(1.0)  # more rounds at 23:00 owe nothing more
-        assert len(taken(erp, "SO-21")) == 1 and erp.calls == 3
+        # Rounds at 23:00 owe nothing more: SO-23 and SO-22 made nothing in the late shift.
+        calls = erp.calls
+        await publish(hub, *runs("SO-25", 100, "M8"), count("M8", 4, 16 * 60 + 50),
+                      tap("ended", "M8", "SO-25", 16 * 60 + 55))  # fmt: skip
+        await eventually(lambda: len(taken(erp, "SO-25")) == 1, timeout=30)
+        assert erp.calls == calls + 1
+        assert taken(erp, "SO-22") == [] and len(taken(erp, "SO-23")) == 1
     finally:
         await hub.close()
 
