@@ -26,12 +26,15 @@ it; a ``403`` answered ``x-csrf-token: Required`` fetches a new token once.
 
 Corrections: SAP posts no negative quantity, so a confirmation whose yield or scrap is negative
 (a correction that lowers what was confirmed) is made by reversal and re-post: the operation's
-active confirmations posted by the hub (not reversed, not a reversal, with an external key) are
-cancelled (function import ``CancelProdnOrdConf``), and one confirmation with their totals plus
-the correction (never below 0) is posted with this message's external key; totals of 0 post
-nothing. Each reversal carries the message's external key too, so a retry after a stop anywhere
-in between finds what it cancelled already (and counts it), cancels only what is still active,
-and posts what is still missing.
+active confirmations the hub posted are cancelled (function import ``CancelProdnOrdConf``), and
+one confirmation with the order's totals as the hub tells them (``yield_total``,
+``scrap_total``) is posted with this message's external key; totals of 0 post nothing. The hub's
+postings are told by their ``ExternalSystemConfirmation``: the GUID of one of the keys the order's
+earlier confirmations were sent with (``confirmation.earlier_keys``); another system's (another
+external key) or an operator's (none) is neither cancelled nor counted. A retry after a stop
+anywhere in between finds the re-post by its key (a duplicate) or cancels what is still active
+and posts the totals. Once something is cancelled, a refusal is retryable, not permanent: SAP
+holds less than the hub confirmed until the correction is finished.
 
 Errors::
 
@@ -40,7 +43,8 @@ Errors::
                                           refuses (400: its message in the reason) or cannot
                                           take (OrderID, OrderOperation too long); retryable
                                           for 401, 403, 408, 429, 5xx, time-outs and no
-                                          connection
+                                          connection, and for any refusal in a correction
+                                          once something has been cancelled
 """
 
 from __future__ import annotations
@@ -99,8 +103,8 @@ ORDERS = "A_ProductionOrder_2"  # EntitySet of A_ProductionOrder_2Type
 EXTERNAL_KEY_NAMESPACE = uuid.UUID("c0f618c2-53de-5486-acfa-c3771975b726")
 # MaxLength of the ProdnOrdConf2Type properties sent as text (the service's $metadata).
 MAX_LENGTH = {"OrderID": 12, "OrderOperation": 4, "ConfirmationText": 40}
-# ProdnOrdConf2Type properties read back: the keys, whether a record still counts, and what a
-# correction adds up and carries over into the confirmation that replaces the cancelled ones.
+# ProdnOrdConf2Type properties read back: the keys, whether a record still counts, whose it is,
+# and what a correction carries over into the confirmation that replaces the cancelled ones.
 RECORD_PROPERTIES = (
     "ConfirmationGroup",
     "ConfirmationCount",
@@ -241,8 +245,9 @@ def cancel_parameters(
 ) -> dict[str, str]:
     """``CancelProdnOrdConf``'s parameters for cancelling ``record`` on behalf of the correction
     whose entity is ``entity``, posted on ``day``. The reversal carries the correction's
-    ``ExternalSystemConfirmation``: that is how a retry of the correction finds what it has
-    cancelled already."""
+    ``ExternalSystemConfirmation`` where SAP keeps it (what it cancelled is then named in a
+    retry's excerpt, and counted by a correction without the hub's totals); nothing else rests
+    on it."""
     return {
         "ConfirmationGroup": uri_literal(str(record.get("ConfirmationGroup"))),
         "ConfirmationCount": uri_literal(str(record.get("ConfirmationCount"))),
@@ -264,16 +269,29 @@ def _named(record: Mapping[str, Any]) -> str:
     )
 
 
-def _after(cancelled: list[str]) -> str:
-    """Says, in a failure's reason, what this attempt had cancelled already (its retry counts
-    those and finishes the correction)."""
-    return f" (after cancelling {', '.join(cancelled)})" if cancelled else ""
+def _after(done: list[str]) -> str:
+    """Says, in a failure's reason, what was cancelled already (its retry finishes the
+    correction)."""
+    return f" (after {'; '.join(done)})" if done else ""
 
 
-def _has_external_key(record: Mapping[str, Any]) -> bool:
-    """Whether a confirmation carries an external key (the hub's); one typed in at SAP does not."""
+def _guid_of(record: Mapping[str, Any]) -> str | None:
+    """A record's ``ExternalSystemConfirmation``, lower case (None: it has none: typed in at
+    SAP)."""
     key = record.get("ExternalSystemConfirmation")
-    return isinstance(key, str) and key.strip() not in ("", NO_GUID)
+    if not isinstance(key, str) or key.strip().lower() in ("", NO_GUID):
+        return None
+    return key.strip().lower()
+
+
+def _quantity(record: Mapping[str, Any], name: str) -> Decimal | None:
+    """An ``Edm.Decimal`` property of a record read back (None: not a decimal)."""
+    value = record.get(name)
+    try:
+        quantity = Decimal(str(value if value is not None else 0))
+    except InvalidOperation:
+        return None
+    return quantity if quantity.is_finite() else None
 
 
 def _executed(record: Mapping[str, Any], prefix: str, zone: ZoneInfo) -> datetime | None:
@@ -292,8 +310,9 @@ def basic_auth(entry: Entry, secret: SecretStr) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
 
-def sap_message(response: httpx.Response) -> str:
-    """SAP's own words from an OData error body (``error.message.value`` and ``error.code``)."""
+def sap_message(response: httpx.Response, secret: SecretStr | None = None) -> str:
+    """SAP's own words from an OData error body (``error.message.value`` and ``error.code``),
+    with the secret blanked as in the excerpt (``scrubbed``) should SAP echo it."""
     try:
         error = response.json()["error"]
         value, code = error["message"]["value"], error.get("code")
@@ -301,7 +320,11 @@ def sap_message(response: httpx.Response) -> str:
         return ""
     if not isinstance(value, str):
         return ""
-    return one_line(value, 200) + (f" [{one_line(str(code), 60)}]" if code else "")
+    said = one_line(scrubbed(value, secret, len(value)), 200)
+    if code:
+        code_text = str(code)
+        said += f" [{one_line(scrubbed(code_text, secret, len(code_text)), 60)}]"
+    return said
 
 
 def sap_failure(
@@ -312,7 +335,7 @@ def sap_failure(
     status = response.status_code
     permanent = 400 <= status < 500 and status not in (401, 403, 408, 429)
     excerpt = scrubbed(response.text, secret)
-    detail = sap_message(response) or one_line(excerpt, 160)
+    detail = sap_message(response, secret) or one_line(excerpt, 160)
     reason = f"{entry.name}: {what}: HTTP {status} {response.reason_phrase}{retry_after(response)}"
     if detail:
         reason += f": {detail}"
@@ -396,28 +419,49 @@ class SapConfirmationSender:
         ``by_key``: what SAP holds with this message's external key, here only reversals."""
         entry, c = self.entry, confirmation
         operation = entity["OrderOperation"]
-        # Reversals with this key were made by an earlier attempt of this very message that
-        # stopped before its re-post: what they cancelled still counts in the totals.
+        if c.sequence > 1 and not c.earlier_keys:
+            # Nothing would be recognised as the hub's: the totals would come on top of them.
+            raise DeliveryFailed(
+                f"{entry.name}: confirmation #{c.sequence} of order {c.order_id} lowers a "
+                "quantity, but the keys of the order's earlier confirmations were not given: "
+                "the hub's postings cannot be told from other systems'",
+                permanent=True,
+            )
+        # Reversals with this key: made by an earlier attempt of this very message that stopped
+        # before its re-post, where SAP keeps the cancel's external key on the reversal.
         cancelled_before = [record for record in by_key if record.get("IsReversal")]
         found = await self._records(
             client,
             auth,
             secret,
             f"OrderID eq {uri_literal(c.order_id)} and OrderOperation eq {uri_literal(operation)}"
-            " and IsReversed eq false and IsReversal eq false",
-            f"active confirmations of order {c.order_id} operation {operation}",
+            " and IsReversal eq false",
+            f"confirmations of order {c.order_id} operation {operation}",
         )
-        # Only the hub's: one an operator typed in at SAP has no external key and stays.
-        active = [record for record in found if _has_external_key(record)]
-        replaced = cancelled_before + active
-        # Read every quantity before cancelling anything: a bad one stops with nothing changed.
-        zero = Decimal(0)
-        yield_total = max(
-            self._total(replaced, "ConfirmationYieldQuantity") + c.yield_quantity, zero
-        )
-        scrap_total = max(
-            self._total(replaced, "ConfirmationScrapQuantity") + c.scrap_quantity, zero
-        )
+        # The hub's postings on the operation, reversed or not: those whose external key is the
+        # GUID of a key the order's earlier confirmations were sent with. Another system's (its
+        # own external key) and an operator's (none) are neither cancelled nor counted.
+        ours = {str(external_key(key)) for key in c.earlier_keys}
+        hub = [record for record in found if _guid_of(record) in ours]
+        active = [record for record in hub if not record.get("IsReversed")]
+        if c.yield_total is not None and c.scrap_total is not None:
+            # The order's totals as the hub tells them: right whatever an earlier attempt of this
+            # message cancelled already, and whether or not SAP kept its key on the reversals.
+            yield_total, scrap_total = Decimal(c.yield_total), Decimal(c.scrap_total)
+        else:
+            # Fallback, only for a confirmation decided by a hub from before the totals were told:
+            # what SAP holds of the hub's plus the correction (never below 0). A retry after some
+            # cancels counts them only where SAP keeps the cancel's external key on the reversal.
+            # Every quantity is read before anything is cancelled: a bad one changes nothing.
+            replaced = cancelled_before + active
+            zero = Decimal(0)
+            yield_total = max(
+                self._total(replaced, "ConfirmationYieldQuantity") + c.yield_quantity, zero
+            )
+            scrap_total = max(
+                self._total(replaced, "ConfirmationScrapQuantity") + c.scrap_quantity, zero
+            )
+        earlier = self._cancelled_earlier(c, hub, active, cancelled_before)
 
         day = c.posted_at.astimezone(entry.zone).date()
         cancelled: list[str] = []
@@ -427,8 +471,8 @@ class SapConfirmationSender:
                 client, auth, secret, f"/{CANCEL}", params=cancel_parameters(record, entity, day)
             )
             if not response.is_success:
-                what = f"cancelling {_named(record)}" + _after(cancelled)
-                raise sap_failure(entry, response, secret, what)
+                what = f"cancelling {_named(record)}"
+                raise self._refused(response, secret, what, earlier, cancelled)
             cancelled.append(_named(record))
             status = response.status_code
         notes = []
@@ -437,34 +481,87 @@ class SapConfirmationSender:
         if cancelled:
             notes.append(f"cancelled {', '.join(cancelled)}")
         if yield_total == 0 and scrap_total == 0:  # nothing left to confirm: only the cancels
-            if not replaced:
-                notes.append(f"no active confirmation of order {c.order_id} operation {operation}")
+            if not active and not cancelled_before:
+                notes.append(
+                    f"no active confirmation of the hub's for order {c.order_id} "
+                    f"operation {operation}"
+                )
             # All cancelled by an earlier attempt, nothing more to do now: this one is a repeat.
             repeat = bool(cancelled_before) and not active
             return Delivered(status, "; ".join(notes)[:EXCERPT_CHARS], duplicate=repeat)
 
-        # The confirmation that replaces them: the totals, and the execution span they covered
-        # (SAP takes an operation's actual dates from its confirmations).
+        # The confirmation that replaces them: the totals, and the execution span of the hub's
+        # postings on the operation, those cancelled by an earlier attempt too (SAP takes an
+        # operation's actual dates from its confirmations).
         zone = entry.zone
-        starts = [c.start, *(_executed(r, "ConfirmedExecutionStart", zone) for r in replaced)]
-        ends = [c.end, *(_executed(r, "ConfirmedExecutionEnd", zone) for r in replaced)]
+        starts = [c.start, *(_executed(r, "ConfirmedExecutionStart", zone) for r in hub)]
+        ends = [c.end, *(_executed(r, "ConfirmedExecutionEnd", zone) for r in hub)]
         corrected = replace(
             c,
             start=min((s for s in starts if s is not None), default=None),
             end=max((e for e in ends if e is not None), default=None),
         )
-        repost = confirmation_entity(corrected, entry)
+        repost = confirmation_entity(corrected, entry)  # IsFinalConfirmation: the message's
         repost["ConfirmationYieldQuantity"] = decimal_text(yield_total)
         repost["ConfirmationScrapQuantity"] = decimal_text(scrap_total)
         response = await self._post(client, auth, secret, f"/{CONFIRMATIONS}", json=repost)
         if not response.is_success:
-            what = "confirmation with the corrected totals" + _after(cancelled)
-            raise sap_failure(entry, response, secret, what)
+            what = "confirmation with the corrected totals"
+            raise self._refused(response, secret, what, earlier, cancelled)
         made = self._created(response, secret)
         posted = (
             f"posted {made} (yield {decimal_text(yield_total)}, scrap {decimal_text(scrap_total)})"
         )
         return Delivered(response.status_code, "; ".join([*notes, posted])[:EXCERPT_CHARS])
+
+    def _cancelled_earlier(
+        self,
+        c: Confirmation,
+        hub: Sequence[Mapping[str, Any]],
+        active: Sequence[Mapping[str, Any]],
+        cancelled_before: Sequence[Mapping[str, Any]],
+    ) -> list[str]:
+        """What an earlier attempt of this correction cancelled and nothing has replaced yet, as
+        a failure's reason says it (empty: nothing). The reversals carrying this message's key;
+        where SAP does not keep it on them, a shortfall: some of the hub's postings are reversed
+        and the active ones hold less than the order had confirmed before this correction."""
+        if cancelled_before:
+            return [f"an earlier attempt's reversal {', '.join(map(_named, cancelled_before))}"]
+        if c.yield_total is None or c.scrap_total is None:
+            return []
+        if not any(record.get("IsReversed") for record in hub):
+            return []
+        before = (c.yield_total - c.yield_quantity, c.scrap_total - c.scrap_quantity)
+        names = ("ConfirmationYieldQuantity", "ConfirmationScrapQuantity")
+        # (a quantity that is not a decimal counts 0: rather retried than dead)
+        held = [
+            sum((_quantity(r, name) or Decimal(0) for r in active), Decimal(0)) for name in names
+        ]
+        if held[0] >= before[0] and held[1] >= before[1]:
+            return []
+        return [
+            f"an earlier attempt's cancels: the hub's active confirmations hold yield "
+            f"{decimal_text(held[0])}, scrap {decimal_text(held[1])} of the {before[0]}, "
+            f"{before[1]} confirmed before"
+        ]
+
+    def _refused(
+        self,
+        response: httpx.Response,
+        secret: SecretStr,
+        what: str,
+        earlier: list[str],
+        cancelled: list[str],
+    ) -> DeliveryFailed:
+        """A refusal in a correction: as any (``sap_failure``) while nothing is cancelled; once
+        something is (by this attempt or an earlier one), retryable whatever SAP said, the reason
+        naming what: SAP holds less than the hub confirmed until the correction is finished, and
+        a dead message would leave it so."""
+        done = [*earlier, *([f"cancelling {', '.join(cancelled)}"] if cancelled else [])]
+        failure = sap_failure(self.entry, response, secret, what + _after(done))
+        if done and failure.permanent:
+            failure.permanent = False
+        return failure
 
     def _total(self, records: Sequence[Mapping[str, Any]], name: str) -> Decimal:
         """The sum of an ``Edm.Decimal`` property over ``records``."""

@@ -22,8 +22,9 @@ What it does like SAP:
   ``ConfirmationText``, ``ExternalSystemConfirmation`` optional), given as OData V2 URI literals
   (``'0000000001'``, ``datetime'2026-03-03T00:00'``, ``guid'…'``) and checked like properties;
   it books the reversal (``IsReversal`` true, the original's quantities, the parameters' posting
-  date, text and external key), marks the original ``IsReversed`` and answers ``200`` with the
-  reversal; an unknown confirmation, a reversal, or one reversed already is refused ``400``;
+  date, text and external key, unless told to drop the key: below), marks the original
+  ``IsReversed`` and answers ``200`` with the reversal; an unknown confirmation, a reversal, or
+  one reversed already is refused ``400``;
 - ``GET ProdnOrdConf2`` and ``GET A_ProductionOrder_2`` take ``$filter`` (``eq ne gt ge lt le``
   joined by ``and``; ``'text'``, ``guid'…'``, ``true``/``false``), ``$select``, ``$orderby``,
   ``$top``, ``$skip``, and answer ``{"d": {"results": [...]}}``.
@@ -31,8 +32,13 @@ What it does like SAP:
 On demand (``app.state``): ``down`` → 503, ``error`` → 500, ``slow`` → sleeps that many
 seconds, ``reject_login`` → 401, ``lose_answers`` = n → the next n confirmations are booked and
 then answered 500 (the answer is lost), ``fail_posts`` = n → the next n confirmations are
-answered 500 and not booked, ``lose_cancel_answers`` = n → the next n cancellations are booked
-and then answered 500, ``expire_sessions()`` → every CSRF token is forgotten.
+answered 500 and not booked, ``refuse_posts`` = n → the next n confirmations are refused
+``400`` (a closed posting period) and not booked, ``lose_cancel_answers`` = n → the next n
+cancellations are booked and then answered 500, ``refuse_cancel_of`` = {(ConfirmationGroup,
+ConfirmationCount), …} → cancelling those is refused ``400`` (a closed posting period) while
+they are in it, ``reversals_keep_external_key = False`` → a reversal is booked without the
+``ExternalSystemConfirmation`` its cancel was given (the parameter is taken and dropped: whether
+SAP keeps it is not documented), ``expire_sessions()`` → every CSRF token is forgotten.
 """
 
 from __future__ import annotations
@@ -393,7 +399,10 @@ def sap_erp(
     state.reject_login = False
     state.lose_answers = 0
     state.fail_posts = 0
+    state.refuse_posts = 0
     state.lose_cancel_answers = 0
+    state.refuse_cancel_of = set()
+    state.reversals_keep_external_key = True
     state.expire_sessions = state.tokens.clear
     state.order_queries = []
 
@@ -493,6 +502,9 @@ def sap_erp(
         if state.fail_posts:
             state.fail_posts -= 1
             return sap_error(500, "/IWBEP/CM_MGW_RT/000", "Runtime Error: the posting failed")
+        if state.refuse_posts:
+            state.refuse_posts -= 1
+            return sap_error(400, "F5/201", "Posting period 003 2026 is not open")
         group, count = _next_keys(state.confirmations, order, entity.get("OrderOperation"))
         booked = _book(confirmation_type, entity, group, count)
         state.confirmations.append(booked)
@@ -533,6 +545,8 @@ def sap_erp(
             return sap_error(400, "RU/504", f"{named} is a cancellation; it cannot be cancelled")
         if original["IsReversed"]:
             return sap_error(400, "RU/505", f"{named} has already been cancelled")
+        if keys in state.refuse_cancel_of:
+            return sap_error(400, "F5/201", "Posting period 003 2026 is not open")
         group, count = _next_keys(
             state.confirmations, original["OrderID"], original["OrderOperation"]
         )
@@ -541,7 +555,11 @@ def sap_erp(
             IsReversal=True,
             PostingDate=given.get("PostingDate", original["PostingDate"]),
             ConfirmationText=given.get("ConfirmationText", original["ConfirmationText"]),
-            ExternalSystemConfirmation=given.get("ExternalSystemConfirmation"),
+            ExternalSystemConfirmation=(
+                given.get("ExternalSystemConfirmation")
+                if state.reversals_keep_external_key
+                else None
+            ),
         )
         original["IsReversed"] = True
         state.confirmations.append(reversal)

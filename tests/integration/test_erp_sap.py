@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from adapters.erp import sap
 from adapters.erp.base import Confirmation
@@ -94,6 +95,8 @@ def confirmation(key: str = "evt-0001", order_id: str = "1000123", **changes: An
         final=False,
         correction_of=None,
         posted_at=datetime(2026, 3, 2, 23, 30, tzinfo=UTC),  # 3 March in Berlin
+        yield_total=40,  # the order's first: its totals are its quantities
+        scrap_total=2,
     )
     return replace(made, **changes)
 
@@ -273,6 +276,21 @@ async def test_sap_refusing_a_confirmation_is_permanent_with_its_message(
     assert '"value":"Order 1000999 does not exist"' in exc.excerpt
 
 
+def test_sap_echoing_the_password_has_it_blanked_in_the_reason_too(secret_file: Path) -> None:
+    said = {"lang": "en", "value": f"User {USER} with password {PASSWORD} is locked"}
+    body = {"error": {"code": f"ZZ/{PASSWORD}", "message": said}}
+    response = httpx.Response(
+        400, json=body, request=httpx.Request("POST", "https://s4.example/ProdnOrdConf2")
+    )
+    failed = sap.sap_failure(
+        entry("https://s4.example", secret_file), response, SecretStr(PASSWORD), "confirmation"
+    )
+    assert failed.permanent and failed.reason == (
+        "s4: confirmation: HTTP 400 Bad Request: User MES_HUB with password *** is locked [ZZ/***]"
+    )
+    assert PASSWORD not in failed.excerpt and "***" in failed.excerpt
+
+
 async def test_a_lost_answer_is_not_posted_twice_because_of_the_lookup(
     s4: tuple[FastAPI, str], secret_file: Path
 ) -> None:
@@ -346,8 +364,10 @@ async def test_what_sap_cannot_take_is_refused_before_calling_it(
     try:
         with pytest.raises(DeliveryFailed) as too_long:
             await out.send(confirmation(order_id="WO-2026-000123"))
+        long = Order("WO-2026-000123")
+        long.run("evt-0001", 40, 2)
         with pytest.raises(DeliveryFailed) as correction_too_long:  # checked before any cancel
-            await out.send(late_scrap("evt-0002", order_id="WO-2026-000123"))
+            await out.send(long.correct("evt-0002", -3, 3))
     finally:
         await out.close()
     for failed in too_long, correction_too_long:
@@ -358,15 +378,51 @@ async def test_what_sap_cannot_take_is_refused_before_calling_it(
 # --- corrections: reversal and re-post ---------------------------------------------------------
 
 
-def late_scrap(key: str, **changes: Any) -> Confirmation:
-    """Three of the good parts confirmed by #1 turned out scrap after it went out."""
-    made = confirmation(key, sequence=2, correction_of=1, yield_quantity=-3, scrap_quantity=3)
-    return replace(made, start=None, end=None, final=True, **changes)
+class Order:
+    """An order's confirmations as the core decides them: numbered 1, 2, …, each with the
+    order's totals so far and the keys its earlier ones were sent with (the outbox gives those
+    to the ERP)."""
+
+    def __init__(self, order_id: str = "1000123") -> None:
+        self.order_id = order_id
+        self.sent: list[Confirmation] = []
+        self.good = self.scrap = 0
+
+    def run(self, key: str, good: int, scrap: int, **changes: Any) -> Confirmation:
+        """What a run made: ``good`` and ``scrap`` new."""
+        return self._next(key, good, scrap, correction_of=None, **changes)
+
+    def correct(self, key: str, good: int, scrap: int, **changes: Any) -> Confirmation:
+        """A correction (late scrap): ``good`` and ``scrap`` the differences; final when the
+        confirmation corrected was (the core keeps it so)."""
+        last = self.sent[-1]
+        changes = {"final": last.final, "start": None, "end": None, **changes}
+        return self._next(key, good, scrap, correction_of=last.sequence, **changes)
+
+    def _next(self, key: str, good: int, scrap: int, **changes: Any) -> Confirmation:
+        self.good, self.scrap = self.good + good, self.scrap + scrap
+        made = confirmation(
+            key,
+            self.order_id,
+            sequence=len(self.sent) + 1,
+            yield_quantity=good,
+            scrap_quantity=scrap,
+            yield_total=self.good,
+            scrap_total=self.scrap,
+            earlier_keys=tuple(c.key for c in self.sent),
+            **changes,
+        )
+        self.sent.append(made)
+        return made
 
 
-def active(app: FastAPI) -> list[dict[str, Any]]:
-    """The confirmations SAP counts: not reversed, not a reversal."""
-    return [c for c in app.state.confirmations if not (c["IsReversed"] or c["IsReversal"])]
+def active(app: FastAPI, order_id: str = "1000123") -> list[dict[str, Any]]:
+    """The order's confirmations SAP counts: not reversed, not a reversal."""
+    return [
+        c
+        for c in app.state.confirmations
+        if c["OrderID"] == order_id and not (c["IsReversed"] or c["IsReversal"])
+    ]
 
 
 def quantities(record: dict[str, Any]) -> tuple[str, str]:
@@ -377,31 +433,51 @@ def named(group: int, count: int) -> str:
     return f"ConfirmationGroup {group:010d} ConfirmationCount {count:08d}"
 
 
-async def test_a_late_scrap_reverses_the_confirmation_and_posts_the_corrected_totals(
+def cancelled_keys(app: FastAPI) -> list[tuple[str, str]]:
+    """The confirmations SAP reversed, in the order it did."""
+    return [
+        (c["ConfirmationGroup"], c["ConfirmationCount"])
+        for c in app.state.confirmations
+        if c["IsReversed"]
+    ]
+
+
+OTHER_SYSTEM = "0badc0de-0000-4000-8000-000000000001"  # another PDC system's external key
+
+
+async def test_a_late_scrap_reverses_the_hubs_confirmation_and_posts_the_corrected_totals(
     s4: tuple[FastAPI, str], secret_file: Path
 ) -> None:
     app, url = s4
+    order = Order()
     out = sender(entry(url, secret_file))
     try:
-        await out.send(confirmation("evt-0001"))  # 40 good, 2 scrap at 0010
-        await out.send(confirmation("evt-0002", operation="0020", yield_quantity=40))
-        # An operator's own confirmation at SAP, no external key: not the hub's to cancel.
+        await out.send(order.run("evt-0001", 40, 2))
+        await out.send(Order("1000456").run("evt-0002", 40, 0))  # another order: untouched
+        # An operator's own confirmation at SAP (no external key), and one another PDC system
+        # posted with its own external key, on the same operation: not the hub's.
         typed_in = {k: v for k, v in VALID.items() if k != "ExternalSystemConfirmation"}
         assert (await post_raw(url, {**typed_in, "IsFinalConfirmation": False})).is_success
-        delivered = await out.send(late_scrap("evt-0003"))
+        foreign = {
+            **VALID,
+            "IsFinalConfirmation": False,
+            "ExternalSystemConfirmation": OTHER_SYSTEM,
+        }
+        assert (await post_raw(url, {**foreign, "ConfirmationYieldQuantity": "7"})).is_success
+        delivered = await out.send(order.correct("evt-0003", -3, 3))
     finally:
         await out.close()
 
     assert delivered.status == 201 and not delivered.duplicate
-    assert delivered.excerpt == f"cancelled {named(1, 1)}; posted {named(1, 4)} (yield 37, scrap 5)"
-    original, other_operation, operators, reversal, repost = app.state.confirmations
+    assert delivered.excerpt == f"cancelled {named(1, 1)}; posted {named(1, 5)} (yield 37, scrap 5)"
+    original, other_order, operators, others, reversal, repost = app.state.confirmations
     assert original["IsReversed"] and not original["IsReversal"]
     assert reversal["IsReversal"] and quantities(reversal) == ("40", "2")
     assert (reversal["ConfirmationGroup"], reversal["ConfirmationCount"]) == (
         "0000000001",
-        "00000003",
+        "00000004",
     )
-    assert reversal["ExternalSystemConfirmation"] == guid("evt-0003")  # how a retry finds it
+    assert reversal["ExternalSystemConfirmation"] == guid("evt-0003")
     assert app.state.cancels == [
         {
             "ConfirmationGroup": "0000000001",
@@ -411,10 +487,11 @@ async def test_a_late_scrap_reverses_the_confirmation_and_posts_the_corrected_to
             "ExternalSystemConfirmation": guid("evt-0003"),
         }
     ]
-    assert active(app) == [other_operation, operators, repost]
-    assert quantities(repost) == ("37", "5")
+    assert active(app) == [operators, others, repost] and active(app, "1000456") == [other_order]
+    assert quantities(repost) == ("37", "5")  # the hub's totals: the others' 40 and 7 not in it
     assert repost["ExternalSystemConfirmation"] == guid("evt-0003")
-    assert repost["IsFinalConfirmation"] is True and repost["PostingDate"] == ms("2026-03-03")
+    # Not final: the confirmation corrected was not (the message's own IsFinalConfirmation).
+    assert repost["IsFinalConfirmation"] is False and repost["PostingDate"] == ms("2026-03-03")
     # The execution the cancelled one reported stays in SAP (the operation's actual dates).
     assert (repost["ConfirmedExecutionStartTime"], repost["ConfirmedExecutionEndTime"]) == (
         "PT07H00M00S",
@@ -422,29 +499,48 @@ async def test_a_late_scrap_reverses_the_confirmation_and_posts_the_corrected_to
     )
     assert app.state.lookups[-2:] == [
         f"ExternalSystemConfirmation eq guid'{guid('evt-0003')}'",
-        "OrderID eq '1000123' and OrderOperation eq '0010' and IsReversed eq false "
-        "and IsReversal eq false",
+        "OrderID eq '1000123' and OrderOperation eq '0010' and IsReversal eq false",
     ]
 
     # A later correction corrects the corrected one: SAP still ends with one of the hub's.
     again = sender(entry(url, secret_file))
     try:
-        await again.send(
-            late_scrap("evt-0004", sequence=3, correction_of=2, yield_quantity=-1, scrap_quantity=0)
-        )
+        await again.send(order.correct("evt-0004", -1, 0))
     finally:
         await again.close()
-    [hub] = [
-        c for c in active(app) if c["OrderOperation"] == "0010" and c["ExternalSystemConfirmation"]
-    ]
-    assert quantities(hub) == ("36", "5") and hub["ExternalSystemConfirmation"] == guid("evt-0004")
+    hub = [c for c in active(app) if c["ExternalSystemConfirmation"] not in (None, OTHER_SYSTEM)]
+    assert [quantities(c) for c in hub] == [("36", "5")]
+    assert hub[0]["ExternalSystemConfirmation"] == guid("evt-0004")
+    assert active(app)[:2] == [operators, others]  # never cancelled
+    assert cancelled_keys(app) == [("0000000001", "00000001"), ("0000000001", "00000005")]
 
 
+async def test_a_correction_of_a_final_confirmation_reposts_final(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    order = Order()
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(order.run("evt-1", 30, 0))
+        await out.send(order.run("evt-2", 10, 2, final=True))  # the order's 40 reached
+        correction = order.correct("evt-3", -3, 3)
+        assert correction.final  # as the core decides it
+        delivered = await out.send(correction)
+    finally:
+        await out.close()
+    assert delivered.excerpt.endswith(f"posted {named(1, 5)} (yield 37, scrap 5)")
+    [repost] = active(app)
+    assert repost["IsFinalConfirmation"] is True and quantities(repost) == ("37", "5")
+    assert [c["IsFinalConfirmation"] for c in app.state.confirmations[:2]] == [False, True]
+
+
+@pytest.mark.parametrize("keeps_key", [True, False], ids=["reversal-keeps-key", "key-dropped"])
 @pytest.mark.parametrize(
     ("failure", "retry_is_duplicate", "said"),
     [
-        # both cancelled, then the re-post refused (or the hub died before it)
-        ("fail_posts", False, "confirmation with the corrected totals (after cancelling "),
+        # both cancelled, then the re-post failed (or the hub died before it)
+        ("fail_posts", False, f"totals (after cancelling {named(1, 1)}, {named(1, 2)}): HTTP 500"),
         # the first cancel done but its answer lost: the second never tried
         ("lose_cancel_answers", False, f"cancelling {named(1, 1)}: HTTP 500"),
         # everything done, the re-post's answer lost
@@ -454,17 +550,20 @@ async def test_a_late_scrap_reverses_the_confirmation_and_posts_the_corrected_to
 async def test_a_correction_stopped_half_way_is_finished_by_its_retry(
     s4: tuple[FastAPI, str],
     secret_file: Path,
+    keeps_key: bool,
     failure: str,
     retry_is_duplicate: bool,
     said: str,
 ) -> None:
     app, url = s4
+    app.state.reversals_keep_external_key = keeps_key
+    order = Order()
     out = sender(entry(url, secret_file))
     try:
-        await out.send(confirmation("evt-1", yield_quantity=30, scrap_quantity=1))
-        await out.send(confirmation("evt-2", sequence=2, yield_quantity=10, scrap_quantity=1))
+        await out.send(order.run("evt-1", 30, 1))
+        await out.send(order.run("evt-2", 10, 1))
         setattr(app.state, failure, 1)
-        correction = late_scrap("evt-3", sequence=3, yield_quantity=-5, scrap_quantity=5)
+        correction = order.correct("evt-3", -5, 5)
         with pytest.raises(DeliveryFailed) as failed:
             await out.send(correction)
     finally:
@@ -479,24 +578,162 @@ async def test_a_correction_stopped_half_way_is_finished_by_its_retry(
 
     assert delivered.duplicate is retry_is_duplicate
     [corrected] = active(app)
-    assert quantities(corrected) == ("35", "7")  # 40 - 5 good, 2 + 5 scrap
+    assert quantities(corrected) == ("35", "7")  # the hub's totals: 40 - 5 good, 2 + 5 scrap
     assert corrected["ExternalSystemConfirmation"] == guid("evt-3")
     assert app.state.by_external_key[guid("evt-3")] == 1
-    # Each original cancelled once, never twice.
-    cancelled = [(c["ConfirmationGroup"], c["ConfirmationCount"]) for c in app.state.cancels]
-    assert cancelled == [("0000000001", "00000001"), ("0000000001", "00000002")]
+    # Each original cancelled once, never twice; the span of both kept.
+    assert cancelled_keys(app) == [("0000000001", "00000001"), ("0000000001", "00000002")]
+    assert len(app.state.cancels) == 2
+    assert (corrected["ConfirmedExecutionStartTime"], corrected["ConfirmedExecutionEndTime"]) == (
+        "PT07H00M00S",
+        "PT10H30M15S",
+    )
+
+
+@pytest.mark.parametrize("keeps_key", [True, False], ids=["reversal-keeps-key", "key-dropped"])
+async def test_a_refused_repost_after_a_cancel_is_retried_until_sap_takes_it(
+    s4: tuple[FastAPI, str], secret_file: Path, keeps_key: bool
+) -> None:
+    app, url = s4
+    app.state.reversals_keep_external_key = keeps_key
+    order = Order()
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(order.run("evt-1", 30, 1))
+        await out.send(order.run("evt-2", 10, 1))
+        correction = order.correct("evt-3", -5, 5)
+        app.state.refuse_posts = 2  # a closed posting period, twice
+        with pytest.raises(DeliveryFailed) as first:
+            await out.send(correction)
+        with pytest.raises(DeliveryFailed) as second:  # the retry: nothing left to cancel
+            await out.send(correction)
+        delivered = await out.send(correction)  # the period opened
+    finally:
+        await out.close()
+
+    refused = ": HTTP 400 Bad Request: Posting period 003 2026 is not open [F5/201]"
+    assert not first.value.permanent and first.value.status == 400
+    assert first.value.reason == (
+        f"s4: confirmation with the corrected totals (after cancelling {named(1, 1)}, "
+        f"{named(1, 2)})" + refused
+    )
+    assert not second.value.permanent and second.value.status == 400
+    earlier = (
+        f"an earlier attempt's reversal {named(1, 3)}, {named(1, 4)}"
+        if keeps_key
+        else "an earlier attempt's cancels: the hub's active confirmations hold yield 0, "
+        "scrap 0 of the 40, 2 confirmed before"
+    )
+    assert second.value.reason == (
+        f"s4: confirmation with the corrected totals (after {earlier})" + refused
+    )
+    assert delivered.status == 201 and not delivered.duplicate
+    [corrected] = active(app)
+    assert quantities(corrected) == ("35", "7") and len(app.state.cancels) == 2
+
+
+@pytest.mark.parametrize("keeps_key", [True, False], ids=["reversal-keeps-key", "key-dropped"])
+async def test_a_refused_cancel_is_permanent_only_while_nothing_is_cancelled(
+    s4: tuple[FastAPI, str], secret_file: Path, keeps_key: bool
+) -> None:
+    app, url = s4
+    app.state.reversals_keep_external_key = keeps_key
+    order = Order()
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(order.run("evt-1", 30, 1))
+        await out.send(order.run("evt-2", 10, 1))
+        correction = order.correct("evt-3", -5, 5)
+        app.state.refuse_cancel_of = {("0000000001", "00000001")}
+        with pytest.raises(DeliveryFailed) as before_any:
+            await out.send(correction)
+        booked = [dict(c) for c in app.state.confirmations]  # as they are now
+        app.state.refuse_cancel_of = {("0000000001", "00000002")}
+        with pytest.raises(DeliveryFailed) as after_one:
+            await out.send(correction)
+        with pytest.raises(DeliveryFailed) as retried:  # still refused, from a retry
+            await out.send(correction)
+        app.state.refuse_cancel_of = set()
+        delivered = await out.send(correction)
+    finally:
+        await out.close()
+
+    refused = ": HTTP 400 Bad Request: Posting period 003 2026 is not open [F5/201]"
+    assert before_any.value.permanent and before_any.value.reason == (
+        f"s4: cancelling {named(1, 1)}" + refused
+    )
+    assert len(booked) == 2 and not any(c["IsReversed"] for c in booked)  # nothing changed
+    assert not after_one.value.permanent and after_one.value.reason == (
+        f"s4: cancelling {named(1, 2)} (after cancelling {named(1, 1)})" + refused
+    )
+    assert not retried.value.permanent and "(after an earlier attempt's " in retried.value.reason
+    assert delivered.status == 201
+    [corrected] = active(app)
+    assert quantities(corrected) == ("35", "7")
+    assert cancelled_keys(app) == [("0000000001", "00000001"), ("0000000001", "00000002")]
+
+
+async def test_without_the_hubs_totals_a_correction_adds_it_to_the_hubs_postings_only(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    """A confirmation decided by a hub from before the totals were told: the fallback."""
+    app, url = s4
+    order = Order()
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(order.run("evt-1", 30, 1))
+        foreign = {
+            **VALID,
+            "IsFinalConfirmation": False,
+            "ExternalSystemConfirmation": OTHER_SYSTEM,
+        }
+        assert (await post_raw(url, foreign)).is_success  # 40 good from another system
+        await out.send(order.run("evt-2", 10, 1))
+        old = replace(order.correct("evt-3", -5, 5), yield_total=None, scrap_total=None)
+        delivered = await out.send(old)
+    finally:
+        await out.close()
+    assert delivered.excerpt == (
+        f"cancelled {named(1, 1)}, {named(1, 3)}; posted {named(1, 6)} (yield 35, scrap 7)"
+    )
+    others, corrected = active(app)
+    assert others["ExternalSystemConfirmation"] == OTHER_SYSTEM and quantities(others) == (
+        "40",
+        "0",
+    )
+    assert quantities(corrected) == ("35", "7")
+
+
+async def test_a_correction_without_the_earlier_keys_is_refused_before_cancelling_anything(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = s4
+    order = Order()
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(order.run("evt-1", 40, 2))
+        with pytest.raises(DeliveryFailed) as failed:
+            await out.send(replace(order.correct("evt-2", -3, 3), earlier_keys=()))
+    finally:
+        await out.close()
+    assert failed.value.permanent and "keys of the order's earlier confirmations" in (
+        failed.value.reason
+    )
+    assert app.state.cancels == [] and [quantities(c) for c in active(app)] == [("40", "2")]
 
 
 async def test_a_repeated_correction_is_a_duplicate_and_changes_nothing(
     s4: tuple[FastAPI, str], secret_file: Path
 ) -> None:
     app, url = s4
+    order = Order()
     out = sender(entry(url, secret_file))
     try:
-        await out.send(confirmation("evt-0001"))
-        await out.send(late_scrap("evt-0002"))
+        await out.send(order.run("evt-0001", 40, 2))
+        correction = order.correct("evt-0002", -3, 3)
+        await out.send(correction)
         booked, posts = list(app.state.confirmations), len(app.state.posts)
-        repeated = await out.send(late_scrap("evt-0002"))
+        repeated = await out.send(correction)
     finally:
         await out.close()
     assert repeated.duplicate and repeated.excerpt == f"already posted as {named(1, 3)}"
@@ -504,21 +741,30 @@ async def test_a_repeated_correction_is_a_duplicate_and_changes_nothing(
     assert len(app.state.cancels) == 1 and [quantities(c) for c in active(app)] == [("37", "5")]
 
 
+@pytest.mark.parametrize("keeps_key", [True, False], ids=["reversal-keeps-key", "key-dropped"])
 async def test_a_correction_to_nothing_only_cancels_and_its_repeat_changes_nothing(
-    s4: tuple[FastAPI, str], secret_file: Path
+    s4: tuple[FastAPI, str], secret_file: Path, keeps_key: bool
 ) -> None:
     app, url = s4
+    app.state.reversals_keep_external_key = keeps_key
+    order = Order()
     out = sender(entry(url, secret_file))
     try:
-        await out.send(confirmation("evt-0001", yield_quantity=5, scrap_quantity=0))
-        everything = late_scrap("evt-0002", yield_quantity=-5, scrap_quantity=0)  # never made
+        await out.send(order.run("evt-0001", 5, 0))
+        everything = order.correct("evt-0002", -5, 0)  # never made
         cancelled = await out.send(everything)
         repeated = await out.send(everything)
     finally:
         await out.close()
     assert (cancelled.status, cancelled.duplicate) == (200, False)
     assert cancelled.excerpt == f"cancelled {named(1, 1)}"
-    assert repeated.duplicate and repeated.excerpt == f"cancelled before: reversal {named(1, 2)}"
+    if keeps_key:
+        assert repeated.duplicate
+        assert repeated.excerpt == f"cancelled before: reversal {named(1, 2)}"
+    else:  # nothing tells the repeat from a first attempt: there is nothing left to do either
+        assert not repeated.duplicate and repeated.excerpt == (
+            "no active confirmation of the hub's for order 1000123 operation 0010"
+        )
     assert active(app) == [] and len(app.state.confirmations) == 2  # the original, its reversal
     assert len(app.state.cancels) == 1 and app.state.by_external_key[guid("evt-0002")] == 0
 
