@@ -26,11 +26,15 @@ is the entry's ``process_loss_qty``), submitted in one insert with the idempoten
 unique Custom Field; a repeated key is found before the insert, or refused by the database's
 unique index (``UniqueValidationError``) and counted as delivered.
 
-Corrections that take parts back: a Manufacture entry cannot be negative, so the order's
-submitted entries that the hub posted are cancelled (``frappe.client.cancel``, which lowers the
-Work Order's ``produced_qty``) and one entry with the corrected totals is submitted in their
-place. The totals and the key are first saved in a draft entry, so that a retry after any step
-finishes the same correction (docs/erp/odoo-erpnext.md, section ERPNext).
+Corrections that take parts back: a Manufacture entry cannot be negative, so the Work Order's
+submitted entries that the hub posted (their key is one of the keys the order's earlier
+confirmations went with) are cancelled (``frappe.client.cancel``, which lowers the Work Order's
+``produced_qty``), then one entry with the hub's totals for the order is submitted in their place,
+with the correction's key. Nothing is saved before the cancels: ERPNext checks every save of a
+Manufacture entry, a draft's too, against the order's other entries that are not cancelled
+(``check_duplicate_entry_for_work_order``, ``check_if_operations_completed``). A retry after any
+step finishes the same correction: what is cancelled stays so, and the totals come with the
+message (docs/erp/odoo-erpnext.md, section ERPNext).
 """
 
 from __future__ import annotations
@@ -398,11 +402,13 @@ class ErpnextConfirmations:
             STOCK_ENTRY, ["name", "docstatus", *TOTALS], [[field, "=", key]], limit=1
         )
         takes_back = c.yield_quantity < 0 or c.scrap_quantity < 0
-        # A draft with the key is this correction, stopped between its steps: it goes on.
-        if had and not (takes_back and had[0].get("docstatus") == 0):
+        # A draft with the key: a correction that a hub of an earlier version (which kept the
+        # totals in a draft before cancelling) stopped between its steps; it is finished in it.
+        draft = had[0] if had and takes_back and had[0].get("docstatus") == 0 else None
+        if had and draft is None:
             return Delivered(200, f"{STOCK_ENTRY} {had[0]['name']} has {key}", duplicate=True)
         if takes_back:
-            return await self._correct(api, c, key, had[0] if had else None)
+            return await self._correct(api, c, key, draft)
         if c.yield_quantity == 0:
             return Delivered(
                 None, f"nothing posted: no good parts ({c.scrap_quantity} scrap, kept in the hub)"
@@ -412,9 +418,8 @@ class ErpnextConfirmations:
         try:
             made = await api.insert(STOCK_ENTRY, doc)
         except FrappeFault as fault:
-            if fault.exc_type in _DUPLICATE and fault.status in (409, 417):
-                answer = f"{fault.exc_type}: {fault.message}"
-                return Delivered(fault.status, answer[:500], duplicate=True)
+            if (repeated := _repeated(fault)) is not None:
+                return repeated
             raise
         return Delivered(
             200,
@@ -425,65 +430,120 @@ class ErpnextConfirmations:
     async def _correct(
         self, api: Frappe, c: Confirmation, key: str, draft: dict[str, Any] | None
     ) -> Delivered:
-        """Takes parts back: cancels the order's entries that the hub posted and submits one with
-        the corrected totals in their place (cancelled first: with both, the Work Order would
-        have made more than its quantity, which ERPNext refuses). The totals are kept in a draft
-        that carries the key before anything is cancelled, so a retry after any step finds the
-        draft, cancels what is still submitted and submits it."""
+        """Takes parts back: cancels the Work Order's submitted entries that the hub posted, then
+        submits one with the hub's totals in their place (cancelled first: ERPNext refuses
+        another Manufacture entry, even a draft, beside entries that cover the order's
+        quantity, and one that would make more than it). Every step can be repeated: an entry
+        cancelled by an earlier attempt is cancelled (docstatus 2) and left as it is, and the
+        totals come with the message, not from the entries."""
         order = await self._work_order(api, c.order_id)
-        posted = await self._posted(api, order)
-        if draft is not None:
+        if not c.earlier_keys:
+            raise DeliveryFailed(
+                f"ERPNext correction of {order} not sent: the keys of the order's earlier "
+                "confirmations are not known, so the hub's entries cannot be told from others'",
+                permanent=True,
+            )
+        ours = await self._posted(api, order, {entry_key(k) for k in c.earlier_keys})
+        submitted = [e for e in ours if e.get("docstatus") == 1]
+        already = [str(e["name"]) for e in ours if e.get("docstatus") == 2]
+        posted = sum(_made(e)[0] for e in submitted)
+        if c.yield_total is not None and c.scrap_total is not None:
+            good, scrap = float(c.yield_total), float(c.scrap_total)
+            # The hub's submitted entries hold less than the good parts confirmed before this
+            # correction: an earlier attempt of it (or a person) cancelled some already.
+            short = posted < c.yield_total - c.yield_quantity
+        elif draft is not None:  # the totals the earlier version kept in it
             good, scrap = _made(draft)
+            short = bool(already)
         else:
-            good = max(0.0, sum(_made(e)[0] for e in posted) + c.yield_quantity)
-            scrap = max(0.0, sum(_made(e)[1] for e in posted) + c.scrap_quantity)
-            if good > 0:
-                doc = await self._entry(api, order, c, key, good, scrap, submit=False)
-                draft = await api.insert(STOCK_ENTRY, doc)
-        for entry in posted:
+            # Decided by a hub from before confirmations carried their totals: what the hub's
+            # entries still submitted posted, plus this correction's difference. (A retry of
+            # such a correction stopped after its cancels finds less submitted, and posts less.)
+            good = max(0.0, posted + c.yield_quantity)
+            scrap = max(0.0, sum(_made(e)[1] for e in submitted) + c.scrap_quantity)
+            short = bool(already)
+        cancelled: list[str] = []
+        for entry in submitted:
+            name = str(entry["name"])
             try:
-                await api.method(CANCEL, doctype=STOCK_ENTRY, name=entry["name"])
+                await api.method(CANCEL, doctype=STOCK_ENTRY, name=name)
             except FrappeFault as fault:
-                what = f"cancelling {STOCK_ENTRY} {entry['name']} of {order}"
-                raise delivery_failure(self.entry, what, fault) from None
-        cancelled = ", ".join(str(e["name"]) for e in posted) or "nothing left"
-        if draft is None:
+                what = f"cancelling {STOCK_ENTRY} {name} of {order}"
+                gone = [*(already if short else []), *cancelled]
+                raise self._refused(what, fault, gone) from None
+            cancelled.append(name)
+        if cancelled:
+            done = f"cancelled for {order}: {', '.join(cancelled)}"
+        else:
+            done = f"nothing to cancel for {order}"
+        if already:
+            done += f"; already cancelled: {', '.join(already)}"
+        if good <= 0:
             return Delivered(
                 None,
-                f"cancelled for {order}: {cancelled}; nothing posted: the corrected good "
-                f"quantity is 0, and ERPNext has no Manufacture {STOCK_ENTRY} of 0 parts "
-                f"({scrap:g} scrap, kept in the hub)",
+                f"{done}; nothing posted: the corrected good total is 0, and ERPNext has no "
+                f"Manufacture {STOCK_ENTRY} of 0 parts ({scrap:g} scrap, kept in the hub)",
             )
-        # The rows are built again now that the old entries are cancelled: when ERPNext
-        # backflushes what was transferred (not the BOM), it reckons the components with what
-        # the cancelled entries gave back.
-        doc = await self._entry(api, order, c, key, good, scrap)
-        await api.save(STOCK_ENTRY, str(draft["name"]), _changes(doc))
+        # From here the ERP lacks what the hub's cancelled entries posted until the totals are
+        # posted: a refusal is not final (someone may fix its cause; the retry posts them).
+        gone = [*already, *cancelled]
+        what = f"posting {order}'s corrected totals (good {good:g}, process loss {scrap:g})"
+        try:
+            # Built now that the old entries are cancelled: when ERPNext backflushes what was
+            # transferred (not the BOM), it reckons the components with what they gave back.
+            doc = await self._entry(api, order, c, key, good, scrap)
+            if draft is None:
+                made = await api.insert(STOCK_ENTRY, doc)
+            else:
+                made = await api.save(STOCK_ENTRY, str(draft["name"]), _changes(doc))
+        except FrappeFault as fault:
+            if (repeated := _repeated(fault)) is not None:
+                return repeated
+            raise self._refused(what, fault, gone) from None
+        except DeliveryFailed as failed:
+            if not gone:
+                raise
+            raise DeliveryFailed(
+                _after(failed.reason, gone), status=failed.status, excerpt=failed.excerpt
+            ) from None
         return Delivered(
             200,
-            f"{STOCK_ENTRY} {draft['name']} submitted for {order} with the corrected totals, "
-            f"good {good:g}, process loss {scrap:g}; cancelled for it: {cancelled}",
+            f"{STOCK_ENTRY} {made.get('name')} submitted for {order} with the corrected totals, "
+            f"good {good:g}, process loss {scrap:g}; {done}",
         )
 
-    async def _posted(self, api: Frappe, order: str) -> list[dict[str, Any]]:
-        """The order's submitted Manufacture entries that the hub posted (a key is set)."""
+    def _refused(self, what: str, fault: FrappeFault, gone: list[str]) -> DeliveryFailed:
+        """ERPNext's refusal of a correction's step. ``gone``: the hub's entries already
+        cancelled, which leave the ERP short of their parts until the totals are posted: then it
+        is retried, whatever the refusal, and its reason names them."""
+        failed = delivery_failure(self.entry, what, fault)
+        if gone:
+            failed.reason = _after(failed.reason, gone)
+            failed.permanent = False
+        return failed
+
+    async def _posted(self, api: Frappe, order: str, keys: set[str]) -> list[dict[str, Any]]:
+        """The order's submitted and cancelled Manufacture entries that the hub posted: their key
+        is one of ``keys`` (in the field's form). Any other entry, with no key or another, is
+        someone else's. The keys are matched here, not in the filter, whose URL they could make
+        too long."""
         filters: list[list[Any]] = [
             ["work_order", "=", order],
             ["purpose", "=", "Manufacture"],
-            ["docstatus", "=", 1],
+            ["docstatus", "in", [1, 2]],
             [self.entry.key_field, "is", "set"],
         ]
+        fields = ["name", "docstatus", self.entry.key_field, *TOTALS]
         entries: list[dict[str, Any]] = []
         for page in range(MAX_PAGES):
             rows = await api.list(
-                STOCK_ENTRY, ["name", *TOTALS], filters, order_by="name asc", start=page * PAGE
+                STOCK_ENTRY, fields, filters, order_by="name asc", start=page * PAGE
             )
-            entries.extend(rows)
+            entries.extend(r for r in rows if r.get(self.entry.key_field) in keys)
             if len(rows) < PAGE:
                 return entries
         raise DeliveryFailed(
-            f"ERPNext has more than {MAX_PAGES * PAGE} entries of the hub for {order}: "
-            "not corrected",
+            f"ERPNext has more than {MAX_PAGES * PAGE} keyed entries for {order}: not corrected",
             permanent=True,
         )
 
@@ -495,14 +555,13 @@ class ErpnextConfirmations:
         key: str,
         good: float,
         scrap: float,
-        submit: bool = True,
     ) -> dict[str, Any]:
         """A Manufacture entry of ``good`` parts and ``scrap`` process loss, as ERPNext's own
         ``make_stock_entry`` builds it for good + scrap."""
         built = await api.method(
             MAKE_STOCK_ENTRY, work_order_id=order, purpose="Manufacture", qty=good + scrap
         )
-        return self._stock_entry(built, c, key, good, scrap, submit)
+        return self._stock_entry(built, c, key, good, scrap)
 
     async def _work_order(self, api: Frappe, order_id: str) -> str:
         rows = await api.list(
@@ -520,7 +579,7 @@ class ErpnextConfirmations:
         return str(exact[0]["name"])
 
     def _stock_entry(
-        self, built: Any, c: Confirmation, key: str, good: float, scrap: float, submit: bool
+        self, built: Any, c: Confirmation, key: str, good: float, scrap: float
     ) -> dict[str, Any]:
         if not isinstance(built, dict) or not isinstance(built.get("items"), list):
             raise DeliveryFailed(f"ERPNext {MAKE_STOCK_ENTRY} answered no items", permanent=True)
@@ -544,10 +603,26 @@ class ErpnextConfirmations:
                 "posting_time": when.strftime("%H:%M:%S"),
                 "remarks": _remarks(key, c, good, scrap),
                 self.entry.key_field: key,
-                "docstatus": 1 if submit else 0,
+                "docstatus": 1,
             }
         )
         return doc
+
+
+def _repeated(fault: FrappeFault) -> Delivered | None:
+    """An insert refused for its key (a send of the same message raced this one past the
+    pre-check): delivered, duplicate."""
+    if fault.exc_type in _DUPLICATE and fault.status in (409, 417):
+        answer = f"{fault.exc_type}: {fault.message}"
+        return Delivered(fault.status, answer[:500], duplicate=True)
+    return None
+
+
+def _after(reason: str, gone: list[str]) -> str:
+    """A reason, saying first what the correction already cancelled (the reason is cut at 300
+    characters)."""
+    head = f"ERPNext correction, already cancelled: {', '.join(gone)} (retried);"
+    return " ".join(f"{head} {reason.removeprefix('ERPNext ')}".split())[:300]
 
 
 def _made(entry: dict[str, Any]) -> tuple[float, float]:
@@ -557,8 +632,8 @@ def _made(entry: dict[str, Any]) -> tuple[float, float]:
 
 
 def _changes(doc: dict[str, Any]) -> dict[str, Any]:
-    """A built entry as changes to the draft: never its name, nor Frappe's ``__islocal`` (with
-    which ``save`` would insert a new document)."""
+    """A built entry as changes to a draft (see ``_send``): never its name, nor Frappe's
+    ``__islocal`` (with which ``save`` would insert a new document)."""
     return {k: v for k, v in doc.items() if k != "name" and not k.startswith("__")}
 
 

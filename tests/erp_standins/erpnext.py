@@ -8,6 +8,22 @@ definitions read at start from ``../shared/fixtures/erp/erpnext`` (field names, 
 ``produced_qty``, ``process_loss_qty`` and status as ERPNext does, and a submit that would make
 more than the Work Order's ``qty`` is refused (``StockOverProductionError``).
 
+Every save of a Manufacture entry linked to a Work Order, a draft's too (an insert, a ``PUT`` of a
+draft, its submit; not a cancel, which runs no ``validate``), runs ``StockEntry.validate`` →
+``validate_work_order`` as ERPNext does (``erpnext/stock/doctype/stock_entry/stock_entry.py``):
+``check_if_operations_completed`` (for each of the Work Order's ``operations`` rows: this entry's
+``fg_completed_qty`` + the order's ``produced_qty`` may not exceed the row's ``completed_qty`` +
+``process_loss_qty`` (+ the over-production allowance, 0 % here), else
+``OperationsNotCompleteError``, or a plain ValidationError when no Job Card has the row as its
+``operation_id``), then ``check_duplicate_entry_for_work_order`` (the finished item's
+``transfer_qty``, rows without a source warehouse, over the order's other Manufacture entries that
+are not cancelled, drafts included: once it reaches the order's ``qty``,
+``DuplicateEntryForWorkOrderError`` "Stock Entries already created for Work Order ..."). The sum
+is taken over all of them, as the query-builder version of the check does (the strictest; as
+read in the source, v14/v15 write the ``parent in (...)`` list of their raw SQL as ``%s%s…``,
+which MariaDB reads as one quoted string once there are two or more other entries, so there the
+check bites only with one).
+
 Its answers have Frappe's shape: ``{"data": ...}`` / ``{"message": ...}``, errors as
 ``{"exc_type", "exception", "_server_messages"}`` with the exception's status (417 for a
 ValidationError and its kind: MandatoryError, LinkValidationError, UniqueValidationError,
@@ -18,8 +34,9 @@ a misspelt field must not pass.
 Trouble on demand (``app.state.erp``): ``down`` (503), ``error`` (500), ``slow_s``,
 ``api_secret`` (change it: the client's is wrong), ``lose_answer`` (an insert is done, then its
 answer is lost as a 504, once), ``stale_lists`` (lists of Stock Entries come back empty: the
-race in which the key is not seen before the insert), ``fail_submit`` (the next submit of a
-draft is answered 503 and not done, once: the hub stopped between its steps).
+race in which the key is not seen before the insert), ``fail_submit`` (the next submit, an insert
+with ``docstatus`` 1 or a draft put to 1, is answered 503 and not done, once: the hub stopped
+between its steps).
 """
 
 from __future__ import annotations
@@ -90,6 +107,8 @@ ENTRY_TYPES = {
     "Repack",
 }
 MAKE_STOCK_ENTRY = "erpnext.manufacturing.doctype.work_order.work_order.make_stock_entry"
+# Manufacturing Settings' overproduction_percentage_for_work_order, at its default
+OVERPRODUCTION_PERCENTAGE = 0.0
 
 
 def doctypes(fixtures: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -156,7 +175,7 @@ class ErpnextStandIn:
         self.meta = doctypes(self.fixtures)
         for doctype, fields in self.custom_fields.items():
             self.meta[doctype].update({f["fieldname"]: f for f in fields})
-        self.docs = {"Work Order": {}, "Stock Entry": {}}
+        self.docs = {"Work Order": {}, "Stock Entry": {}, "Job Card": {}}
 
     def tick(self) -> str:
         self.now += timedelta(seconds=1)
@@ -186,6 +205,25 @@ class ErpnextStandIn:
         doc["modified"] = doc["creation"] = self.tick()
         self.docs["Work Order"][name] = doc
         return doc
+
+    def job_card(self, name: str, work_order: str, operation_id: str, **fields: Any) -> None:
+        """A Job Card for a Work Order's operation row (the row's ``name`` is its
+        ``operation_id``)."""
+        order = self.docs["Work Order"][work_order]
+        doc = {
+            "name": name,
+            "naming_series": "PO-JOB.#####",
+            "docstatus": 1,
+            "status": "Completed",
+            "work_order": work_order,
+            "operation_id": operation_id,
+            "company": order["company"],
+            "production_item": order["production_item"],
+            **fields,
+        }
+        self.validate("Job Card", doc)
+        doc["modified"] = doc["creation"] = self.tick()
+        self.docs["Job Card"][name] = doc
 
     def change(self, name: str, **fields: Any) -> None:
         doc = {**self.docs["Work Order"][name], **fields}
@@ -247,6 +285,7 @@ class ErpnextStandIn:
             raise _invalid(f"Could not find Work Order: {doc['work_order']}", "LinkValidationError")
         if order is not None and order["docstatus"] != 1:
             raise _invalid(f"Work Order {order['name']} must be submitted")
+        self._validate_work_order(doc, "new-stock-entry-1")
         self._check_unique(doc, "new-stock-entry-1")
         if doc.get("docstatus") == 1:
             self._check_overproduction(doc)
@@ -294,6 +333,7 @@ class ErpnextStandIn:
                     raise _invalid(message, "UpdateAfterSubmitError")
             return stored
         self.validate("Stock Entry", doc)
+        self._validate_work_order(doc, name)
         self._check_unique(doc, name)
         submitting = after == 1
         if submitting:
@@ -340,6 +380,68 @@ class ErpnextStandIn:
                 detail = f"('Stock Entry', '{name}', IntegrityError(1062, \"{duplicate}\"))"
                 label = df.get("label") or field_name
                 raise _invalid(f"{label} must be unique", "UniqueValidationError", detail)
+
+    def _validate_work_order(self, doc: dict[str, Any], name: str) -> None:
+        """``StockEntry.validate_work_order``, run by ``validate`` on every save and submit (a
+        draft's too): for a Manufacture or Material Consumption entry of a Work Order, the For
+        Quantity is mandatory, then ``check_if_operations_completed`` and
+        ``check_duplicate_entry_for_work_order``. ``name``: the entry's own, left out of the
+        others."""
+        order = self.docs["Work Order"].get(doc.get("work_order") or "")
+        purposes = ("Manufacture", "Material Consumption for Manufacture")
+        if order is None or doc.get("purpose") not in purposes:
+            return
+        if not doc.get("fg_completed_qty"):
+            raise _invalid("For Quantity (Manufactured Qty) is mandatory")
+        self._check_if_operations_completed(doc, order)
+        self._check_duplicate_entry_for_work_order(doc, order, name)
+
+    def _check_if_operations_completed(self, doc: dict[str, Any], order: dict[str, Any]) -> None:
+        total = float(doc.get("fg_completed_qty") or 0) + float(order.get("produced_qty") or 0)
+        for row in order.get("operations") or []:
+            done = float(row.get("completed_qty") or 0)
+            allowed = done + float(row.get("process_loss_qty") or 0)
+            allowed += OVERPRODUCTION_PERCENTAGE / 100 * done
+            if total <= allowed:
+                continue
+            cards = [
+                c for c in self.docs["Job Card"].values() if c.get("operation_id") == row["name"]
+            ]
+            if not cards:
+                raise _invalid(
+                    f"Work Order {order['name']}: Job Card not found for the operation "
+                    f"{row.get('operation')}"
+                )
+            raise _invalid(
+                f"Row #{row.get('idx')}: Operation {row.get('operation')} is not completed for "
+                f"{total} qty of finished goods in Work Order {order['name']}. Please update "
+                f"operation status via Job Card {cards[0]['name']}.",
+                "OperationsNotCompleteError",
+            )
+
+    def _check_duplicate_entry_for_work_order(
+        self, doc: dict[str, Any], order: dict[str, Any], name: str
+    ) -> None:
+        others = [
+            e
+            for n, e in self.docs["Stock Entry"].items()
+            if n != name
+            and e.get("work_order") == order["name"]
+            and e.get("purpose") == doc.get("purpose")
+            and e.get("docstatus") != 2
+        ]
+        entered = sum(
+            float(row.get("transfer_qty") or 0)
+            for e in others
+            for row in e.get("items") or []
+            if row.get("item_code") == order["production_item"] and not row.get("s_warehouse")
+        )
+        if entered and entered >= order["qty"]:
+            names = ", ".join(str(e["name"]) for e in others)
+            raise _invalid(
+                f"Stock Entries already created for Work Order {order['name']}: {names}",
+                "DuplicateEntryForWorkOrderError",
+            )
 
     def _manufactured(self, order: str) -> tuple[float, float]:
         """ERPNext's ``WorkOrder.get_transferred_or_manufactured_qty``: over the order's
@@ -548,6 +650,9 @@ def erpnext_app(fixtures: Path, api_key: str, api_secret: str, **options: Any) -
         try:
             if doctype != "Stock Entry":
                 raise FrappeError(403, "PermissionError", f"Not permitted to create {doctype}")
+            if erp.fail_submit and doc.get("docstatus") == 1:
+                erp.fail_submit = False
+                return PlainTextResponse("Service Unavailable", status_code=503)
             saved = erp.insert_stock_entry(doc)
         except FrappeError as exc:
             return exc.response()

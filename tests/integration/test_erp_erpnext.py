@@ -4,7 +4,7 @@ definitions in ../shared/fixtures/erp/erpnext."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,10 @@ def confirmation(
     sequence: int = 1,
     final: bool = False,
     correction_of: int | None = None,
+    totals: tuple[int, int] | None = None,
+    earlier: tuple[str, ...] = (),
 ) -> Confirmation:
+    """A confirmation; ``totals`` (good, scrap) and ``earlier`` (keys) as the core sets them."""
     end = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
     return Confirmation(
         key=key,
@@ -86,6 +89,9 @@ def confirmation(
         final=final,
         correction_of=correction_of,
         posted_at=end,
+        yield_total=None if totals is None else totals[0],
+        scrap_total=None if totals is None else totals[1],
+        earlier_keys=earlier,
     )
 
 
@@ -307,6 +313,39 @@ async def test_what_erpnext_cannot_take_is_refused_for_good(
 # --- corrections that take parts back ------------------------------------------------------
 
 
+@dataclass
+class Core:
+    """One order's confirmations as the hub's core decides them: each carries the order's
+    totals with it (``yield_total``, ``scrap_total``) and the keys the earlier ones went with
+    (``earlier_keys``); one that takes parts back corrects the one before."""
+
+    order: str
+    prefix: str = "k"  # of its keys: k-1, k-2, ...
+    keys: list[str] = field(default_factory=list)
+    good: int = 0
+    scrap: int = 0
+
+    def confirm(
+        self, good: int, scrap: int = 0, *, key: str | None = None, final: bool = False
+    ) -> Confirmation:
+        sequence = len(self.keys) + 1
+        key = key or f"{self.prefix}-{sequence}"
+        self.good, self.scrap = self.good + good, self.scrap + scrap
+        made = confirmation(
+            self.order,
+            key,
+            good,
+            scrap,
+            sequence=sequence,
+            final=final,
+            correction_of=sequence - 1 if good < 0 or scrap < 0 else None,
+            totals=(self.good, self.scrap),
+            earlier=tuple(self.keys),
+        )
+        self.keys.append(key)
+        return made
+
+
 def submitted(erp: ErpnextStandIn) -> dict[str, tuple[Any, ...]]:
     """The submitted Stock Entries: name -> (key, fg_completed_qty, process_loss_qty, the
     finished row's qty)."""
@@ -315,27 +354,35 @@ def submitted(erp: ErpnextStandIn) -> dict[str, tuple[Any, ...]]:
         if doc["docstatus"] == 1:
             (row,) = [r for r in doc["items"] if r.get("is_finished_item")]
             found[name] = (
-                doc["mes_hub_key"],
+                doc.get("mes_hub_key"),
                 doc["fg_completed_qty"],
-                doc["process_loss_qty"],
+                doc.get("process_loss_qty"),
                 row["qty"],
             )
     return found
 
 
-async def test_late_scrap_cancels_the_entries_and_posts_the_corrected_totals(
+def sender_for(stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch) -> erpnext.ErpnextConfirmations:
+    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
+    assert sender is not None
+    return sender
+
+
+async def test_late_scrap_on_a_finished_order_cancels_the_hub_entries_and_posts_its_totals(
     stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     erp = stand_in.erp
     order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
-    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
-    assert sender is not None
-    # 3 of the good parts confirmed are found bad afterwards: good -3, scrap +3.
-    late_scrap = confirmation("MFG-WO-2026-00012", "k-3", -3, 3, sequence=3, correction_of=2)
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
     try:
-        await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
-        await sender.send(confirmation("MFG-WO-2026-00012", "k-2", 15, sequence=2, final=True))
+        await sender.send(core.confirm(25, 2))
+        await sender.send(core.confirm(15, final=True))
         assert (order["produced_qty"], order["status"]) == (40.0, "Completed")
+        # 3 of the good parts confirmed are found bad afterwards: good -3, scrap +3.
+        late_scrap = core.confirm(-3, 3, final=True)
+        assert (late_scrap.yield_total, late_scrap.scrap_total) == (37, 5)
+        assert late_scrap.earlier_keys == ("k-1", "k-2")
         corrected = await sender.send(late_scrap)
         again = await sender.send(late_scrap)
         first_again = await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
@@ -344,7 +391,7 @@ async def test_late_scrap_cancels_the_entries_and_posts_the_corrected_totals(
     assert (corrected.status, corrected.duplicate) == (200, False)
     assert corrected.excerpt == (
         "Stock Entry MAT-STE-2026-00003 submitted for MFG-WO-2026-00012 with the corrected "
-        "totals, good 37, process loss 5; cancelled for it: MAT-STE-2026-00001, "
+        "totals, good 37, process loss 5; cancelled for MFG-WO-2026-00012: MAT-STE-2026-00001, "
         "MAT-STE-2026-00002"
     )
     entries = erp.docs["Stock Entry"]
@@ -356,49 +403,294 @@ async def test_late_scrap_cancels_the_entries_and_posts_the_corrected_totals(
     ]
     assert submitted(erp) == {"MAT-STE-2026-00003": ("k-3", 42.0, 5.0, 37.0)}
     assert entries["MAT-STE-2026-00003"]["remarks"].startswith(
-        "mes-hub confirmation k-3: sequence 3, good -3, scrap 3, correction of 2, "
+        "mes-hub confirmation k-3: sequence 3, good -3, scrap 3, final, correction of 2, "
         "in place of the cancelled entries: good 37, scrap 5"
     )
     assert (order["produced_qty"], order["process_loss_qty"]) == (37.0, 5.0)
+    assert order["status"] == "Completed"  # 37 made and 5 lost reach its 40
     assert again.duplicate and again.excerpt == "Stock Entry MAT-STE-2026-00003 has k-3"
     assert first_again.duplicate and "MAT-STE-2026-00001 has k-1" in first_again.excerpt
     assert erp.received == {"k-1": 1, "k-2": 1, "k-3": 1}
 
 
-@pytest.mark.parametrize("stop", ["draft answer lost", "submit failed"])
+async def test_erpnext_refuses_a_draft_beside_entries_that_cover_the_order(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What made the draft-first correction fail: ERPNext's validate_work_order runs on every
+    save, a draft's too. Beside the order's entries that cover its qty, a draft is refused
+    (check_duplicate_entry_for_work_order); on an order with operations, the draft's qty plus
+    the order's produced_qty exceed what the operations completed
+    (check_if_operations_completed). Cancelled first, the same correction passes both."""
+    erp = stand_in.erp
+    erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    milling = {"name": "op-row-1", "idx": 1, "operation": "Milling", "completed_qty": 40.0}
+    erp.work_order("MFG-WO-2026-00013", "BRK-8", 40.0, operations=[milling])
+    erp.job_card(
+        "PO-JOB00001",
+        "MFG-WO-2026-00013",
+        "op-row-1",
+        operation="Milling",
+        workstation="CNC-1",
+        for_quantity=40.0,
+        total_completed_qty=40.0,
+    )
+    erp.work_order("MFG-WO-2026-00014", "BRK-9", 10.0)
+    plain, operated = Core("MFG-WO-2026-00012", "a"), Core("MFG-WO-2026-00013", "b")
+    config = entry(stand_in.url, monkeypatch)
+    sender = sender_for(stand_in, monkeypatch)
+    faults = []
+    try:
+        await sender.send(plain.confirm(40, final=True))
+        await sender.send(operated.confirm(40, final=True))
+        async with erpnext.outbound_client(config.allowlist(), 2) as client:
+            api = erpnext.Frappe(config, client)
+
+            async def built(order: str, qty: int, **fields: Any) -> dict[str, Any]:
+                made = await api.method(
+                    erpnext.MAKE_STOCK_ENTRY, work_order_id=order, purpose="Manufacture", qty=qty
+                )
+                assert isinstance(made, dict)
+                return {**made, **fields}
+
+            # The draft the earlier correction saved first, with the totals 37 good + 3 lost.
+            for order in ("MFG-WO-2026-00012", "MFG-WO-2026-00013"):
+                draft = await built(order, 40, process_loss_qty=3.0, mes_hub_key=f"{order}-2")
+                with pytest.raises(erpnext.FrappeFault) as fault:
+                    await api.insert("Stock Entry", draft)
+                faults.append(fault.value)
+            # A draft saved while the order was open, saved again once it is covered.
+            early = await api.insert("Stock Entry", await built("MFG-WO-2026-00014", 2))
+            await api.insert("Stock Entry", await built("MFG-WO-2026-00014", 10, docstatus=1))
+            with pytest.raises(erpnext.FrappeFault) as fault:
+                await api.save("Stock Entry", early["name"], {"remarks": "saved again"})
+            faults.append(fault.value)
+        results = [
+            await sender.send(plain.confirm(-3, 3, final=True)),
+            await sender.send(operated.confirm(-3, 3, final=True)),
+        ]
+    finally:
+        await sender.close()
+    assert [(f.status, f.exc_type) for f in faults] == [
+        (417, "DuplicateEntryForWorkOrderError"),
+        (417, "OperationsNotCompleteError"),
+        (417, "DuplicateEntryForWorkOrderError"),
+    ]
+    assert faults[0].message == (
+        "Stock Entries already created for Work Order MFG-WO-2026-00012: MAT-STE-2026-00001"
+    )
+    assert faults[1].message == (
+        "Row #1: Operation Milling is not completed for 80.0 qty of finished goods in Work "
+        "Order MFG-WO-2026-00013. Please update operation status via Job Card PO-JOB00001."
+    )
+    assert faults[2].message.startswith("Stock Entries already created for Work Order MFG-WO-2")
+    assert [r.excerpt.split(";")[0] for r in results] == [
+        "Stock Entry MAT-STE-2026-00005 submitted for MFG-WO-2026-00012 with the corrected "
+        "totals, good 37, process loss 3",
+        "Stock Entry MAT-STE-2026-00006 submitted for MFG-WO-2026-00013 with the corrected "
+        "totals, good 37, process loss 3",
+    ]
+    hub_entries = {k: v for k, v in submitted(erp).items() if v[0] is not None}
+    assert hub_entries == {
+        "MAT-STE-2026-00005": ("a-2", 40.0, 3.0, 37.0),
+        "MAT-STE-2026-00006": ("b-2", 40.0, 3.0, 37.0),
+    }
+
+
+@pytest.mark.parametrize("stop", ["after one cancel", "after the cancels", "re-post failed"])
 async def test_a_correction_stopped_between_its_steps_is_finished_by_its_retry(
     stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch, stop: str
 ) -> None:
     erp = stand_in.erp
     order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
-    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
-    assert sender is not None
-    late_scrap = confirmation("MFG-WO-2026-00012", "k-2", -3, 3, sequence=2, correction_of=1)
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
     try:
-        await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
-        if stop == "draft answer lost":  # the draft is saved, then its answer lost
-            erp.lose_answer = True
-        else:  # the entry is cancelled, then the submit of the corrected totals fails
+        await sender.send(core.confirm(25, 2))
+        await sender.send(core.confirm(10))
+        late_scrap = core.confirm(-3, 3)
+        if stop == "re-post failed":  # the cancels are done, the submit is not (a 503)
             erp.fail_submit = True
-        with pytest.raises(DeliveryFailed) as stopped:
-            await sender.send(late_scrap)
-        draft = erp.docs["Stock Entry"]["MAT-STE-2026-00002"]
-        assert (draft["docstatus"], draft["mes_hub_key"]) == (0, "k-2")
-        if stop == "submit failed":
-            assert erp.docs["Stock Entry"]["MAT-STE-2026-00001"]["docstatus"] == 2
-            assert (order["produced_qty"], order["status"]) == (0.0, "Not Started")
+            with pytest.raises(DeliveryFailed) as stopped:
+                await sender.send(late_scrap)
+            assert (stopped.value.status, stopped.value.permanent) == (503, False)
+            assert stopped.value.reason.startswith(
+                "ERPNext correction, already cancelled: MAT-STE-2026-00001, MAT-STE-2026-00002 "
+                "(retried); posting MFG-WO-2026-00012's corrected totals (good 32, process "
+                "loss 5): HTTP 503"
+            )
+        else:  # the hub died after cancelling one entry, or both
+            erp.cancel_document("Stock Entry", "MAT-STE-2026-00001")
+            if stop == "after the cancels":
+                erp.cancel_document("Stock Entry", "MAT-STE-2026-00002")
+    finally:
+        await sender.close()
+    restarted = sender_for(stand_in, monkeypatch)
+    try:
+        finished = await restarted.send(late_scrap)
+        again = await restarted.send(late_scrap)
+    finally:
+        await restarted.close()
+    assert (finished.status, finished.duplicate) == (200, False)
+    assert finished.excerpt.startswith(
+        "Stock Entry MAT-STE-2026-00003 submitted for MFG-WO-2026-00012 with the corrected "
+        "totals, good 32, process loss 5; "
+    )
+    assert finished.excerpt.endswith(
+        {
+            "after one cancel": "cancelled for MFG-WO-2026-00012: MAT-STE-2026-00002; already "
+            "cancelled: MAT-STE-2026-00001",
+            "after the cancels": "nothing to cancel for MFG-WO-2026-00012; already cancelled: "
+            "MAT-STE-2026-00001, MAT-STE-2026-00002",
+            "re-post failed": "nothing to cancel for MFG-WO-2026-00012; already cancelled: "
+            "MAT-STE-2026-00001, MAT-STE-2026-00002",
+        }[stop]
+    )
+    assert submitted(erp) == {"MAT-STE-2026-00003": ("k-3", 37.0, 5.0, 32.0)}
+    assert [e["docstatus"] for e in erp.docs["Stock Entry"].values()] == [2, 2, 1]
+    assert (order["produced_qty"], order["process_loss_qty"]) == (32.0, 5.0)
+    assert again.duplicate and again.excerpt == "Stock Entry MAT-STE-2026-00003 has k-3"
+    assert erp.received == {"k-1": 1, "k-2": 1, "k-3": 1}
+
+
+async def test_a_refused_re_post_after_the_cancels_is_retried_and_passes_later(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ERPNext refuses the totals after the hub's entries are cancelled: the ERP lacks their
+    parts, so the refusal is retried (not dead), and its reason says what is cancelled. Here
+    the job card has not caught up with one more part scrapped; once it has, the retry posts."""
+    erp = stand_in.erp
+    milling = {
+        "name": "op-row-1",
+        "idx": 1,
+        "operation": "Milling",
+        "completed_qty": 40.0,
+        "process_loss_qty": 2.0,
+    }
+    erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0, operations=[milling])
+    erp.job_card(
+        "PO-JOB00001", "MFG-WO-2026-00012", "op-row-1", operation="Milling", workstation="CNC-1"
+    )
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
+    try:
+        await sender.send(core.confirm(25, 2))
+        await sender.send(core.confirm(15, final=True))
+        # 3 good parts are found bad and one more part was scrapped: 37 good, 6 lost in all.
+        correction = core.confirm(-3, 4, final=True)
+        with pytest.raises(DeliveryFailed) as refused:
+            await sender.send(correction)
+        assert [e["docstatus"] for e in erp.docs["Stock Entry"].values()] == [2, 2]
+        erp.change("MFG-WO-2026-00012", operations=[{**milling, "process_loss_qty": 3.0}])
+        posted = await sender.send(correction)
+    finally:
+        await sender.close()
+    failed = refused.value
+    assert (failed.status, failed.permanent) == (417, False)
+    assert failed.reason.startswith(
+        "ERPNext correction, already cancelled: MAT-STE-2026-00001, MAT-STE-2026-00002 "
+        "(retried); posting MFG-WO-2026-00012's corrected totals (good 37, process loss 6): "
+        "OperationsNotCompleteError: Row #1: Operation Milling is not completed for 43.0 qty"
+    )
+    assert posted.excerpt.startswith("Stock Entry MAT-STE-2026-00003 submitted")
+    assert submitted(erp) == {"MAT-STE-2026-00003": ("k-3", 43.0, 6.0, 37.0)}
+    order = erp.docs["Work Order"]["MFG-WO-2026-00012"]
+    assert (order["produced_qty"], order["process_loss_qty"]) == (37.0, 6.0)
+
+
+async def test_entries_of_others_on_the_work_order_are_left_alone(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only entries whose key is one the order's earlier confirmations went with are the
+    hub's (a key longer than the field is kept hashed, and found so). A person's entry (no key)
+    and another system's (its own key in the same field) are neither cancelled nor counted."""
+    erp = stand_in.erp
+    order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    config = entry(stand_in.url, monkeypatch)
+    async with erpnext.outbound_client(config.allowlist(), 2) as client:
+        api = erpnext.Frappe(config, client)
+        for extra in ({}, {"mes_hub_key": "erp-bridge-7"}):
+            made = await api.method(
+                erpnext.MAKE_STOCK_ENTRY,
+                work_order_id="MFG-WO-2026-00012",
+                purpose="Manufacture",
+                qty=5,
+            )
+            await api.insert("Stock Entry", {**made, **extra, "docstatus": 1})
+    long_key = "mes-hub/plant-1/" + "7" * 150
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
+    try:
+        await sender.send(core.confirm(20, 1, key=long_key))
+        await sender.send(core.confirm(10))
+        correction = core.confirm(-2, 2)
+        # Without the earlier keys the hub's entries cannot be told: nothing is touched.
+        with pytest.raises(DeliveryFailed, match="cannot be told from others") as blind:
+            await sender.send(replace(correction, earlier_keys=()))
+        corrected = await sender.send(correction)
+    finally:
+        await sender.close()
+    assert blind.value.permanent
+    hashed = erpnext.entry_key(long_key)
+    assert hashed.startswith("sha256-")
+    assert [(e.get("mes_hub_key"), e["docstatus"]) for e in erp.docs["Stock Entry"].values()] == [
+        (None, 1),
+        ("erp-bridge-7", 1),
+        (hashed, 2),
+        ("k-2", 2),
+        ("k-3", 1),
+    ]
+    assert corrected.excerpt.endswith(
+        "cancelled for MFG-WO-2026-00012: MAT-STE-2026-00003, MAT-STE-2026-00004"
+    )
+    assert submitted(erp)["MAT-STE-2026-00005"] == ("k-3", 31.0, 3.0, 28.0)
+    assert (order["produced_qty"], order["process_loss_qty"]) == (38.0, 3.0)
+
+
+async def test_a_correction_decided_without_totals_adds_its_difference_to_the_hub_entries(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A correction a hub of an earlier version decided carries no totals: what the hub's
+    submitted entries posted, plus its difference."""
+    erp = stand_in.erp
+    erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
+    try:
+        await sender.send(core.confirm(25, 2))
+        await sender.send(core.confirm(15))
+        old = replace(core.confirm(-3, 3), yield_total=None, scrap_total=None)
+        corrected = await sender.send(old)
+    finally:
+        await sender.close()
+    assert "with the corrected totals, good 37, process loss 5" in corrected.excerpt
+    assert submitted(erp) == {"MAT-STE-2026-00003": ("k-3", 42.0, 5.0, 37.0)}
+
+
+async def test_a_draft_left_by_an_earlier_version_is_finished(
+    stand_in: Erpnext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub of an earlier version saved a correction's totals in a draft with its key, then
+    stopped: the correction is finished in that draft (the draft is not a delivery)."""
+    erp = stand_in.erp
+    erp.work_order("MFG-WO-2026-00012", "BRK-7", 50.0)
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
+    try:
+        await sender.send(core.confirm(25, 2))
+        late_scrap = core.confirm(-3, 3)
+        built = erp.make_stock_entry("MFG-WO-2026-00012", "Manufacture", 27.0)
+        built["items"][1].update(qty=22.0, transfer_qty=22.0)
+        erp.insert_stock_entry({**built, "process_loss_qty": 5.0, "mes_hub_key": "k-2"})
         finished = await sender.send(late_scrap)
         again = await sender.send(late_scrap)
     finally:
         await sender.close()
-    assert not stopped.value.permanent and stopped.value.status in (503, 504)
-    assert (finished.status, finished.duplicate) == (200, False)
-    assert "MAT-STE-2026-00002 submitted" in finished.excerpt
+    assert finished.excerpt.startswith(
+        "Stock Entry MAT-STE-2026-00002 submitted for MFG-WO-2026-00012 with the corrected "
+        "totals, good 22, process loss 5; cancelled for MFG-WO-2026-00012: MAT-STE-2026-00001"
+    )
     assert submitted(erp) == {"MAT-STE-2026-00002": ("k-2", 27.0, 5.0, 22.0)}
-    assert erp.docs["Stock Entry"]["MAT-STE-2026-00001"]["docstatus"] == 2
-    assert (order["produced_qty"], order["process_loss_qty"]) == (22.0, 5.0)
     assert again.duplicate
-    assert erp.received == {"k-1": 1, "k-2": 1}
 
 
 async def test_a_correction_to_no_good_parts_only_cancels(
@@ -406,21 +698,24 @@ async def test_a_correction_to_no_good_parts_only_cancels(
 ) -> None:
     erp = stand_in.erp
     order = erp.work_order("MFG-WO-2026-00012", "BRK-7", 40.0)
-    sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
-    assert sender is not None
-    all_bad = confirmation("MFG-WO-2026-00012", "k-2", -3, 3, sequence=2, correction_of=1)
+    core = Core("MFG-WO-2026-00012")
+    sender = sender_for(stand_in, monkeypatch)
     try:
-        await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 3))
+        await sender.send(core.confirm(3))
+        all_bad = core.confirm(-3, 3)
         cancelled = await sender.send(all_bad)
         again = await sender.send(all_bad)
     finally:
         await sender.close()
     assert cancelled.status is None and cancelled.excerpt == (
         "cancelled for MFG-WO-2026-00012: MAT-STE-2026-00001; nothing posted: the corrected "
-        "good quantity is 0, and ERPNext has no Manufacture Stock Entry of 0 parts (3 scrap, "
+        "good total is 0, and ERPNext has no Manufacture Stock Entry of 0 parts (3 scrap, "
         "kept in the hub)"
     )
-    assert again.excerpt.startswith("cancelled for MFG-WO-2026-00012: nothing left;")
+    assert again.excerpt.startswith(
+        "nothing to cancel for MFG-WO-2026-00012; already cancelled: MAT-STE-2026-00001; "
+        "nothing posted"
+    )
     assert [e["docstatus"] for e in erp.docs["Stock Entry"].values()] == [2]
     assert (order["produced_qty"], order["status"]) == (0.0, "Not Started")
 
