@@ -19,7 +19,9 @@ from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub
 from hub.cli import app
 from hub.outbox import InMemoryDestination, RetryPolicy
 from hub.settings import Settings
+from projections.processes.confirmations import confirmation_message_key
 from projections.rules.plant import PlantConfig
+from projections.views.outbox_view import idempotency_key
 from tests.conftest import T0, api_client, api_key, cloud_event, eventually
 
 CONFIRMATIONS = "/api/v1/erp/confirmations"
@@ -109,6 +111,11 @@ async def test_each_ended_run_is_confirmed_once_with_what_it_made(
     assert (first["scrap_quantity"], first["final"], first["reason"]) == (0, False, "run_ended")
     assert (second["sequence"], second["machine_id"], second["yield_quantity"]) == (2, "M2", 4)
     assert second["final"] is True
+    # The keys a dialect is told the order's earlier confirmations went with are theirs.
+    keys = [m.key for m in erp.taken.values() if m.ordering_key == "SO-1"]
+    assert keys == [confirmation_message_key("default", "SO-1", k) for k in (1, 2)]
+    told = [k for k, m in erp.taken.items() if m.ordering_key == "SO-1"]
+    assert told == [idempotency_key(key, "erp-1") for key in keys]
     # Each delivery is stored as an attempt on the order: what the ERP was told, and said.
     order = hub.store.order("default", "SO-1")
     assert order is not None and [c["sequence"] for c in order.confirmed] == [1, 2]
