@@ -59,7 +59,7 @@ from projections.views.orders_view import (
     OrdersView,
     orders_in_play,
 )
-from projections.views.outbox_view import OutboxReader, OutboxView, idempotency_key
+from projections.views.outbox_view import CONFIRMATION, OutboxReader, OutboxView, idempotency_key
 from projections.views.runner import ProjectionWorker, View, group_by_position, positions
 
 log = logging.getLogger(__name__)
@@ -236,21 +236,47 @@ def erp_pollers(
     return pollers
 
 
-def erp_destinations(site: str, entries: Sequence[ErpEntryBase]) -> list[Destination]:
+def erp_destinations(
+    settings: Settings, entries: Sequence[ErpEntryBase], views: ViewDatabase
+) -> list[Destination]:
     """The ERPs that take confirmations, as outbox destinations."""
-
-    def earlier_keys(message: OutboxMessage, destination: str) -> tuple[str, ...]:
-        return tuple(
-            idempotency_key(confirmation_message_key(site, message.ordering_key, k), destination)
-            for k in range(1, message.sequence)
-        )
-
+    earlier = earlier_confirmations(settings, views)
     found: list[Destination] = []
     for entry in entries:
         confirmer = confirmation_sender(entry)
         if confirmer is not None:
-            found.append(ErpDestination(entry.name, confirmer, earlier_keys))
+            found.append(ErpDestination(entry.name, confirmer, earlier))
     return found
+
+
+def earlier_confirmations(
+    settings: Settings, views: ViewDatabase
+) -> Callable[[OutboxMessage, str], tuple[tuple[str, ...], bool]]:
+    """For a confirmation and a destination: the keys the destination was sent the order's
+    earlier confirmations with — those decided after it was added (it took them before this
+    one: an order's go in sequence) — and whether that is all of them (else the order's
+    totals are more than it holds)."""
+    outbox, site = OutboxReader(views), settings.site
+
+    def earlier(message: OutboxMessage, destination: str) -> tuple[tuple[str, ...], bool]:
+        since = _first_seen(_since_file(settings, destination), outbox.last_position())
+        found = outbox.messages(site, message.ordering_key, limit=1000)
+        owed = sorted(
+            m.sequence for m, _ in found
+            if m.kind == CONFIRMATION and m.sequence < message.sequence and m.position > since
+        )  # fmt: skip
+        keys = tuple(
+            idempotency_key(confirmation_message_key(site, message.ordering_key, k), destination)
+            for k in owed
+        )
+        return keys, owed == list(range(1, message.sequence))
+
+    return earlier
+
+
+def _since_file(settings: Settings, destination: str) -> Path:
+    """Where the store position a destination was first configured at is kept."""
+    return settings.data_dir / "outbox" / f"{destination}.since"
 
 
 def outbox_senders(
@@ -274,9 +300,7 @@ def outbox_senders(
             settings.site,
             idempotency_key,
             retry,
-            after=_first_seen(
-                settings.data_dir / "outbox" / f"{destination.name}.since", store_position
-            ),
+            after=_first_seen(_since_file(settings, destination.name), store_position),
             kill_after_delivery=settings.fault_kill_after_delivery,
             clock=clock,
         )
@@ -539,7 +563,7 @@ async def build_hub(
         senders = await asyncio.to_thread(
             outbox_senders,
             settings,
-            [*destinations, *erp_destinations(settings.site, erp)],
+            [*destinations, *erp_destinations(settings, erp, views)],
             views,
             publisher,
             retry or RetryPolicy(),

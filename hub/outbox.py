@@ -482,7 +482,8 @@ class Requeue:
             "status_code": None,
             "reason": excerpt(f"requeued by {by}"),
             "excerpt": "",
-            "next_attempt_at": now.isoformat(),
+            # (the senders time retries by the wall clock, whatever the hub's clock says)
+            "next_attempt_at": datetime.now(UTC).isoformat(),
         }
         # Once per state: asking again before it was tried is the same request (the same id).
         event_id = f"requeue-{message.key}-{destination}-{message.attempts}"

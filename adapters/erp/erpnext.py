@@ -497,8 +497,14 @@ class ErpnextConfirmations:
             else:
                 made = await api.save(STOCK_ENTRY, str(draft["name"]), _changes(doc))
         except FrappeFault as fault:
-            if (repeated := _repeated(fault)) is not None:
-                return repeated
+            # A "duplicate" here is this message only if an entry with its key is in ERPNext
+            # (another unique clash, with the hub's entries cancelled, would leave it short).
+            if _repeated(fault) is not None:
+                field = self.entry.key_field
+                had = await api.list(STOCK_ENTRY, ["name"], [[field, "=", key]], limit=1)
+                if had:
+                    answer = f"{STOCK_ENTRY} {had[0]['name']} has {key}"
+                    return Delivered(200, answer, duplicate=True)
             raise self._refused(what, fault, gone) from None
         except DeliveryFailed as failed:
             if not gone:

@@ -78,25 +78,29 @@ def totals_of_many(
     facts read and settled once for all of them: a round that confirms a thousand orders on
     a hundred machines reads a hundred windows, not a thousand."""
     margin = timedelta(seconds=plant.micro_stop_threshold_s)
-    spans: dict[str, Interval] = {}
+    # Per machine, the orders' spans that lie close together, each group read as one window
+    # (a correction of last week and a run ended now are two windows, not a week of facts).
+    spans: dict[str, list[Interval]] = {}
     for _, runs in wanted:
         for machine_id, span in _spans(runs, now).items():
-            had = spans.get(machine_id, span)
-            spans[machine_id] = Interval(min(had.start, span.start), max(had.end, span.end))
-    settled: dict[str, MachineFacts] = {}
-    for machine_id, span in spans.items():
+            spans.setdefault(machine_id, []).append(span)
+    settled: dict[str, list[tuple[Interval, MachineFacts]]] = {}
+    for machine_id, machine_spans in spans.items():
         machine = machine_aggregate_id(site, machine_id)
-        facts = reader.window(machine, facts_window(span, plant), parts_only=True)
-        # Scrap naming an order counts for it whenever reported (added per order below).
-        facts.scrap = [s for s in facts.scrap if s.order_id is None]
-        settled[machine_id] = facts.settle(plant.machine_rules(machine_id))
+        for group in _close_together(machine_spans):
+            facts = reader.window(machine, facts_window(group, plant), parts_only=True)
+            # Scrap naming an order counts for it whenever reported (added per order below).
+            facts.scrap = [s for s in facts.scrap if s.order_id is None]
+            rules = plant.machine_rules(machine_id)
+            settled.setdefault(machine_id, []).append((group, facts.settle(rules)))
     named = reader.orders_scrap([order_id for order_id, _ in wanted])
     found = []
     for order_id, runs in wanted:
         # Each order's share: what its own window (``facts_of_runs``) would have held.
         share: dict[str, MachineFacts] = {}
         for machine_id, span in _spans(runs, now).items():
-            whole, low, high = settled[machine_id], span.start - margin, span.end + margin
+            whole = next(f for g, f in settled[machine_id] if g.start <= span.start <= g.end)
+            low, high = span.start - margin, span.end + margin
             own = named.get(order_id, {}).get(machine_aggregate_id(site, machine_id).hex, [])
             if span.end <= span.start:
                 share[machine_id] = replace(whole, parts=[], scrap=own)
@@ -108,6 +112,17 @@ def totals_of_many(
         parts = order_parts(order_id, runs, share, now)
         found.append((parts.good, parts.scrapped))
     return found
+
+
+def _close_together(spans: list[Interval], gap: timedelta = timedelta(hours=1)) -> list[Interval]:
+    """``spans`` merged where they overlap or lie less than ``gap`` apart."""
+    merged: list[Interval] = []
+    for span in sorted(spans, key=lambda s: s.start):
+        if merged and span.start <= merged[-1].end + gap:
+            merged[-1] = Interval(merged[-1].start, max(merged[-1].end, span.end))
+        else:
+            merged.append(span)
+    return merged
 
 
 def _spans(runs: Sequence[Run], now: datetime) -> dict[str, Interval]:
@@ -392,7 +407,7 @@ class ConfirmationWatch:
     def _may_be_owed(self, moves: list[dict[str, Any]], shift_end: datetime | None) -> bool:
         runs = _runs(moves)
         return any(r.end is not None and r.end >= self._since for r in runs) or (
-            shift_end is not None and any(r.end is None for r in runs)
+            shift_end is not None and any(r.end is None and r.start < shift_end for r in runs)
         )
 
     def _remember(self, key: UUID, order_id: str, moves: list[dict[str, Any]]) -> None:

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub
+from adapters.erp.base import Confirmation
+from adapters.erp.outbox import ErpDestination
+from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub, earlier_confirmations
 from hub.cli import app
-from hub.outbox import InMemoryDestination, RetryPolicy
+from hub.outbox import Delivered, InMemoryDestination, RetryPolicy
 from hub.settings import Settings
 from projections.processes.confirmations import confirmation_message_key
 from projections.rules.plant import PlantConfig
@@ -440,3 +442,43 @@ async def test_an_erp_added_later_is_owed_only_what_was_decided_after_it_came(
             await eventually(both_sent)
     finally:
         await again.close()
+
+
+class Told:
+    """A dialect that keeps the confirmations it is given (``ConfirmationSender``)."""
+
+    def __init__(self) -> None:
+        self.given: list[Confirmation] = []
+
+    async def send(self, confirmation: Confirmation) -> Delivered:
+        self.given.append(confirmation)
+        return Delivered(201)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_correction_tells_each_erp_the_keys_of_what_it_was_sent_before(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    # SO-40 is confirmed twice to erp-1; then erp-2 is added. Its correction (3) tells erp-1
+    # the keys of 1 and 2 and the order's totals; erp-2, sent neither, gets no keys and no
+    # totals (they would be more than it holds): its dialect must not re-post them.
+    await publish(hub, released("SO-40", 100))
+    await run_on(hub, "M1", "SO-40", start=0, end=30, parts=5)
+    await eventually(lambda: len(taken(erp, "SO-40")) == 1, timeout=30)
+    await run_on(hub, "M2", "SO-40", start=40, end=70, parts=6)
+    await eventually(lambda: len(taken(erp, "SO-40")) == 2, timeout=30)
+    await publish(hub, scrap("M2", "SO-40", 2, 80))
+    await eventually(lambda: len(taken(erp, "SO-40")) == 3, timeout=30)
+    correction = [m for m in erp.taken.values() if m.ordering_key == "SO-40"][2]
+    assert correction.payload["yield_quantity"] == -2 and correction.payload["yield_total"] == 9
+    earlier = earlier_confirmations(hub.settings, hub.views)
+    told_1, told_2 = Told(), Told()
+    await ErpDestination("erp-1", told_1, earlier).deliver(correction, "key-3")
+    await ErpDestination("erp-2", told_2, earlier).deliver(correction, "key-3")
+    (to_1,), (to_2,) = told_1.given, told_2.given
+    keys = [idempotency_key(confirmation_message_key("default", "SO-40", k), "erp-1")
+            for k in (1, 2)]  # fmt: skip
+    assert (to_1.earlier_keys, to_1.yield_total, to_1.scrap_total) == (tuple(keys), 9, 2)
+    assert (to_2.earlier_keys, to_2.yield_total, to_2.scrap_total) == ((), None, None)

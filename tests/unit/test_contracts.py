@@ -87,6 +87,8 @@ EXAMPLES = {
             "end": "2026-03-02T07:00:00Z",
             "final": False,
             "correction_of": 1,
+            "yield_total": 8,
+            "scrap_total": 2,
         },
     ),
     "mes.hub.delivery.attempted.v1": (
