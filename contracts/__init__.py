@@ -7,7 +7,8 @@ Public surface:
 - ``dedupe_key``: what makes an event unique (``source`` + ``id``), as one token.
 - ``check_event_time``: the rule against event times from the future.
 - ``nats_subject_for`` / ``check_subject``: the NATS subject rules.
-- ``export_json_schemas``: one JSON Schema file per type.
+- ``PARTNER_EVENT_TYPES``: what the hub tells partners in its webhooks (type -> data model).
+- ``export_json_schemas``: one JSON Schema file per type, both kinds.
 
 Errors::
 
@@ -27,6 +28,15 @@ from contracts._envelope import (
     validate_envelope,
 )
 from contracts._errors import ContractViolation
+from contracts._partner import (
+    PARTNER_EVENT_TYPES,
+    OrderAtRiskWebhookV1,
+    OrderCompletedWebhookV1,
+    OrderConfirmedWebhookV1,
+    OrderEtaChangedWebhookV1,
+    OrderProgressWebhookV1,
+    OrderStartedWebhookV1,
+)
 from contracts._schema import export_json_schemas
 from contracts._subjects import (
     DLQ_PREFIX,
@@ -68,6 +78,7 @@ from contracts._types import (
 __all__ = [
     "DLQ_PREFIX",
     "EVENT_TYPES",
+    "PARTNER_EVENT_TYPES",
     "Availability",
     "AvailabilityV1",
     "CloudEvent",
@@ -83,11 +94,17 @@ __all__ = [
     "EventType",
     "Execution",
     "ExecutionV1",
+    "OrderAtRiskWebhookV1",
     "OrderCancelledV1",
     "OrderChangedV1",
+    "OrderCompletedWebhookV1",
+    "OrderConfirmedWebhookV1",
     "OrderEndedV1",
+    "OrderEtaChangedWebhookV1",
+    "OrderProgressWebhookV1",
     "OrderReleasedV1",
     "OrderStartedV1",
+    "OrderStartedWebhookV1",
     "PartCountKind",
     "PartCountV1",
     "PlantConfiguredV1",

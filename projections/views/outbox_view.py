@@ -10,7 +10,6 @@ store gives the same outbox. The senders (``hub.outbox``) read it and publish at
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from uuid import UUID
 
 from hub.domain import Order, machine_aggregate_id
 from hub.outbox import OutboxMessage
+from projections.rules.keys import idempotency_key, message_key
 from projections.views.database import TRACKING_TABLE, Cursor, ViewDatabase
 from projections.views.facts_view import TABLE as FACTS
 from projections.views.facts_view import MachineFactsView, to_micros
@@ -28,18 +28,7 @@ from projections.views.orders_view import STATES_TABLE, OrderStatesView
 MESSAGES = "mes_outbox_messages_v1"
 DELIVERIES = "mes_outbox_deliveries_v1"
 CONFIRMATION = "erp.confirmation"  # the kind of message (adapters.erp.outbox)
-
-
-def message_key(source: str, event_id: str) -> str:
-    """A message's key, from the stored event that decided it (its CloudEvent source and id):
-    the same on every rebuild."""
-    return hashlib.sha256(f"{source}\n{event_id}".encode()).hexdigest()[:32]
-
-
-def idempotency_key(message: str, destination: str) -> str:
-    """What a destination is told identifies a message: one per message and destination, the
-    same on every retry, redelivery and replay."""
-    return hashlib.sha256(f"{message}\n{destination}".encode()).hexdigest()[:32]
+__all__ = ["idempotency_key", "message_key"]  # (their home: projections.rules.keys)
 
 
 class OutboxView:

@@ -17,6 +17,7 @@ from pydantic import AwareDatetime, FutureDatetime, NaiveDatetime, PastDatetime
 from adapters.machines.shdr import ShdrConfig, ShdrParser
 from contracts import (
     EVENT_TYPES,
+    PARTNER_EVENT_TYPES,
     CloudEvent,
     ContractViolation,
     check_subject,
@@ -206,7 +207,7 @@ def test_subject_mismatch_is_refused() -> None:
 
 def test_exported_schemas_validate_real_events_and_refuse_bad_ones(tmp_path: Path) -> None:
     written = export_json_schemas(tmp_path)
-    assert len(written) == len(EVENT_TYPES)
+    assert len(written) == len(EVENT_TYPES) + len(PARTNER_EVENT_TYPES)
     for type_name, (subject, data) in EXAMPLES.items():
         schema = json.loads((tmp_path / f"{type_name}.schema.json").read_text())
         jsonschema.Draft202012Validator.check_schema(schema)

@@ -1,0 +1,123 @@
+"""What an order's partners are told about it (``contracts.PARTNER_EVENT_TYPES``), derived
+from the order's stored events in the order they were stored: a rebuild gives the same events
+with the same ids (docs/webhooks.md).
+
+- ``mes.order.started.v1``: its first run started (once per order);
+- ``mes.order.at_risk.v1``: its delivery forecast turned ``at_risk`` or ``late`` (again after it
+  was back on track);
+- ``mes.order.eta_changed.v1``: the forecast end moved (the forecast watch publishes a change
+  only when it moved by more than the plant's tolerance);
+- ``mes.order.completed.v1``: a production confirmation said the order is done (once);
+- ``mes.order.confirmed.v1``: an ERP acknowledged a production confirmation (once per
+  confirmation, at the first ERP that took it).
+
+``mes.order.progress.v1`` comes from the order's part counts, not from these events (the watch
+that sends it throttles it per order).
+
+Each event's id is derived from what caused it — the order and the type where it happens once,
+else the stored event or the confirmation — so the id a partner dedupes on is the same on
+every retry, redelivery, replay and rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from contracts import PARTNER_EVENT_TYPES
+from projections.rules.keys import message_key
+
+STARTED, AT_RISK = "mes.order.started.v1", "mes.order.at_risk.v1"
+ETA_CHANGED, COMPLETED = "mes.order.eta_changed.v1", "mes.order.completed.v1"
+CONFIRMED = "mes.order.confirmed.v1"
+_ORDER_FIELDS = ("customer", "part_number", "quantity", "due")
+_TAKEN = ("delivered", "duplicate")
+
+
+@dataclass(frozen=True)
+class PartnerEvent:
+    """One thing to tell the order's partners: the CloudEvent's id, type, time and data."""
+
+    id: str
+    type: str
+    time: datetime
+    order_id: str
+    data: dict[str, Any]
+
+
+def partner_event_id(*parts: str) -> str:
+    """A stable id from what caused the event (32 hex characters)."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[PartnerEvent]:
+    """What the partners of ``order_id`` are told, from the order aggregate's stored events
+    (in stored order).
+
+    Worked example: SO-1 of 10 for customer C-7 is released, starts on M1 at 06:00 (started),
+    its forecast turns at_risk with an ETA of Tuesday 18:00 (at_risk), then the ETA moves to
+    Wednesday 10:00 (eta_changed); confirmation 1 of 10 good, final, is decided (completed) and
+    the ERP takes it (confirmed)."""
+    order: dict[str, Any] = {"order_id": order_id}
+    told: set[str] = set()  # the ids already derived (what happens once)
+    confirmations: dict[str, dict[str, Any]] = {}  # outbox message id -> confirmation
+    status: str | None = None
+    found: list[PartnerEvent] = []
+
+    def tell(event_id: str, type_: str, time: datetime, **data: Any) -> None:
+        if event_id in told:
+            return
+        told.add(event_id)
+        payload = {**order, **data}
+        # Validated as partners will validate it: a derivation bug fails here, not at them.
+        checked = PARTNER_EVENT_TYPES[type_].model_validate(payload)
+        found.append(PartnerEvent(event_id, type_, time, order_id, checked.model_dump(mode="json")))
+
+    for event in events:
+        kind = type(event).__name__
+        if kind in ("Released", "Changed"):
+            order.update((f, event.fields[f]) for f in _ORDER_FIELDS if f in event.fields)
+        elif kind == "Started":
+            tell(
+                partner_event_id(site, order_id, STARTED), STARTED, event.event_time,
+                machine_id=event.machine_id, started_at=event.event_time,
+            )  # fmt: skip
+        elif kind == "DeliveryForecastChanged":
+            forecast = event.forecast
+            cause = (event.source, event.event_id)
+            if forecast.get("status") in ("at_risk", "late") and status not in ("at_risk", "late"):
+                tell(
+                    partner_event_id(*cause, AT_RISK), AT_RISK, event.event_time,
+                    status=forecast["status"], eta=forecast.get("eta"),
+                )  # fmt: skip
+            previous, eta = forecast.get("previous_eta"), forecast.get("eta")
+            if previous and eta and previous != eta:
+                tell(
+                    partner_event_id(*cause, ETA_CHANGED), ETA_CHANGED, event.event_time,
+                    eta=eta, previous_eta=previous, status=forecast.get("status"),
+                )  # fmt: skip
+            status = forecast.get("status")
+        elif kind == "ConfirmationDue":
+            due = event.confirmation
+            confirmations[message_key(event.source, event.event_id)] = due
+            if due.get("final") and due.get("yield_total") is not None:
+                tell(
+                    partner_event_id(site, order_id, COMPLETED), COMPLETED, event.event_time,
+                    good=due["yield_total"], scrap=due.get("scrap_total") or 0,
+                    completed_at=due.get("end") or event.event_time,
+                )  # fmt: skip
+        elif kind == "DeliveryAttempted":
+            attempt = event.attempt
+            due = confirmations.get(attempt["message_id"])
+            if due is not None and attempt["outcome"] in _TAKEN:
+                tell(
+                    partner_event_id(attempt["message_id"], CONFIRMED), CONFIRMED,
+                    event.event_time, sequence=due["sequence"],
+                    yield_quantity=due["yield_quantity"], scrap_quantity=due["scrap_quantity"],
+                    yield_total=due.get("yield_total"), scrap_total=due.get("scrap_total"),
+                    final=due["final"], confirmed_at=event.event_time,
+                )  # fmt: skip
+    return found

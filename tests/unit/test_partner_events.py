@@ -1,0 +1,170 @@
+"""What an order's partners are told, derived from its stored events (worked examples)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from contracts import export_json_schemas
+from hub.domain import Order, Origin
+from projections.rules.keys import message_key
+from projections.rules.partner_events import partner_event_id, partner_events
+
+T0 = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)  # a Monday, 06:00
+
+
+class Facts:
+    """An order's life, told to its aggregate as ingest would."""
+
+    def __init__(self) -> None:
+        self.order = Order(site="default", order_id="SO-1")
+        self.n = 0
+
+    def origin(self, at: timedelta, source: str = "urn:test") -> Origin:
+        self.n += 1
+        return Origin(f"e{self.n}", source, T0 + at)
+
+    def events(self) -> list[Any]:
+        return list(self.order.collect_events())
+
+    def confirm(self, at: timedelta, sequence: int, good: int, total: int, final: bool) -> str:
+        origin = self.origin(at, "urn:mes-hub:default:confirmations")
+        self.order.record_confirmation_due(origin, {
+            "order_id": "SO-1", "sequence": sequence, "reason": "run_ended", "machine_id": "M1",
+            "yield_quantity": good, "scrap_quantity": 0, "final": final,
+            "end": (T0 + at).isoformat(), "yield_total": total, "scrap_total": 0,
+            "site": "default",
+        })  # fmt: skip
+        return message_key(origin.source, origin.event_id)
+
+    def attempt(self, at: timedelta, message: str, outcome: str, destination: str) -> None:
+        self.order.record_delivery_attempt(self.origin(at), {
+            "order_id": "SO-1", "message_id": message, "destination": destination,
+            "attempt": 1, "outcome": outcome,
+        })  # fmt: skip
+
+    def forecast(
+        self, at: timedelta, status: str, eta: timedelta, before: timedelta | None
+    ) -> None:
+        self.order.record_delivery_forecast(self.origin(at), {
+            "order_id": "SO-1", "status": status, "eta": (T0 + eta).isoformat(),
+            "previous_eta": (T0 + before).isoformat() if before is not None else None,
+        })  # fmt: skip
+
+
+def test_an_order_s_life_is_told_once_each_with_stable_ids() -> None:
+    # SO-1 of 10 for customer C-7: released; starts on M1 at 06:00 and again on M2 (told
+    # once); its forecast turns at_risk with an ETA of Tuesday 18:00, moves to Wednesday 10:00
+    # (still at risk: only eta_changed); confirmation 1 (6 good) goes to two ERPs, failing once
+    # at the first; confirmation 2 (4 good, 10 in all, final): completed, then confirmed.
+    life = Facts()
+    life.order.release(life.origin(-timedelta(hours=1)), {
+        "order_id": "SO-1", "part_number": "P-100", "quantity": 10, "customer": "C-7",
+        "due": (T0 + timedelta(days=1)).isoformat(),
+    })  # fmt: skip
+    life.order.start_on(life.origin(timedelta(0)), "M1")
+    life.order.start_on(life.origin(timedelta(hours=1)), "M2")
+    life.forecast(timedelta(hours=2), "at_risk", timedelta(hours=36), before=None)
+    life.forecast(timedelta(hours=3), "at_risk", timedelta(hours=52), before=timedelta(hours=36))
+    first = life.confirm(timedelta(hours=4), 1, good=6, total=6, final=False)
+    life.attempt(timedelta(hours=4, minutes=1), first, "failed", "erp-a")
+    life.attempt(timedelta(hours=4, minutes=2), first, "delivered", "erp-b")
+    life.attempt(timedelta(hours=4, minutes=3), first, "delivered", "erp-a")
+    second = life.confirm(timedelta(hours=5), 2, good=4, total=10, final=True)
+    life.attempt(timedelta(hours=5, minutes=1), second, "duplicate", "erp-a")
+
+    stored = life.events()
+    told = partner_events("default", "SO-1", stored)
+
+    assert [(e.type, e.time - T0) for e in told] == [
+        ("mes.order.started.v1", timedelta(0)),
+        ("mes.order.at_risk.v1", timedelta(hours=2)),
+        ("mes.order.eta_changed.v1", timedelta(hours=3)),
+        ("mes.order.confirmed.v1", timedelta(hours=4, minutes=2)),
+        ("mes.order.completed.v1", timedelta(hours=5)),
+        ("mes.order.confirmed.v1", timedelta(hours=5, minutes=1)),
+    ]
+    started, at_risk, moved, confirmed, completed, last = (e.data for e in told)
+    assert started == {
+        "order_id": "SO-1", "customer": "C-7", "part_number": "P-100", "quantity": 10,
+        "due": "2026-03-03T06:00:00Z", "machine_id": "M1", "started_at": "2026-03-02T06:00:00Z",
+    }  # fmt: skip
+    assert (at_risk["status"], at_risk["eta"]) == ("at_risk", "2026-03-03T18:00:00Z")
+    assert (moved["previous_eta"], moved["eta"]) == ("2026-03-03T18:00:00Z", "2026-03-04T10:00:00Z")
+    assert (confirmed["sequence"], confirmed["yield_quantity"], confirmed["final"]) == (1, 6, False)
+    assert (completed["good"], completed["completed_at"]) == (10, "2026-03-02T11:00:00Z")
+    assert (last["sequence"], last["yield_total"], last["final"]) == (2, 10, True)
+    # Ids from what caused them: the same when derived again (a rebuild, a replay).
+    assert [e.id for e in partner_events("default", "SO-1", stored)] == [e.id for e in told]
+    assert told[0].id == partner_event_id("default", "SO-1", "mes.order.started.v1")
+    assert len({e.id for e in told}) == 6
+
+
+def test_at_risk_is_told_again_only_after_the_order_was_back_on_track() -> None:
+    life = Facts()
+    life.order.release(life.origin(-timedelta(hours=1)), {
+        "order_id": "SO-1", "part_number": "P-1", "quantity": 5,
+        "due": (T0 + timedelta(days=1)).isoformat(),
+    })  # fmt: skip
+    life.forecast(timedelta(hours=1), "at_risk", timedelta(hours=30), before=None)
+    life.forecast(timedelta(hours=2), "late", timedelta(hours=30), before=timedelta(hours=30))
+    life.forecast(timedelta(hours=3), "on_track", timedelta(hours=20), before=timedelta(hours=30))
+    life.forecast(timedelta(hours=4), "at_risk", timedelta(hours=20), before=timedelta(hours=20))
+
+    told = [
+        (e.type, e.data.get("status")) for e in partner_events("default", "SO-1", life.events())
+    ]
+
+    assert told == [
+        ("mes.order.at_risk.v1", "at_risk"),  # at_risk -> late: still the same risk
+        ("mes.order.eta_changed.v1", "on_track"),
+        ("mes.order.at_risk.v1", "at_risk"),
+    ]
+
+
+def test_a_confirmation_no_erp_took_is_not_told_confirmed() -> None:
+    life = Facts()
+    life.order.release(life.origin(-timedelta(hours=1)), {
+        "order_id": "SO-1", "part_number": "P-1", "quantity": 5,
+        "due": (T0 + timedelta(days=1)).isoformat(),
+    })  # fmt: skip
+    message = life.confirm(timedelta(hours=1), 1, good=5, total=5, final=True)
+    life.attempt(timedelta(hours=1, minutes=1), message, "failed", "erp-a")
+    life.attempt(timedelta(hours=2), message, "dead", "erp-a")
+
+    told = [e.type for e in partner_events("default", "SO-1", life.events())]
+
+    assert told == ["mes.order.completed.v1"]
+
+
+def test_what_partners_are_told_meets_the_schemas_they_are_given(tmp_path: Path) -> None:
+    # The schemas `mes-hub contracts export` writes, checked by a third-party validator.
+    schemas = {
+        path.name.removesuffix(".schema.json"): json.loads(path.read_text())
+        for path in export_json_schemas(tmp_path)
+    }
+    life = Facts()
+    life.order.release(life.origin(-timedelta(hours=1)), {
+        "order_id": "SO-1", "part_number": "P-1", "quantity": 5,
+        "due": (T0 + timedelta(days=1)).isoformat(),
+    })  # fmt: skip
+    life.order.start_on(life.origin(timedelta(0)), "M1")
+    life.forecast(timedelta(hours=1), "late", timedelta(hours=30), before=timedelta(hours=20))
+    message = life.confirm(timedelta(hours=2), 1, good=5, total=5, final=True)
+    life.attempt(timedelta(hours=2, minutes=1), message, "delivered", "erp-a")
+    told = partner_events("default", "SO-1", life.events())
+    assert len({e.type for e in told}) == 5
+    for e in told:
+        envelope = {
+            "specversion": "1.0", "id": e.id, "source": "urn:mes-hub:default", "type": e.type,
+            "time": e.time.isoformat(), "subject": e.order_id, "data": e.data,
+        }  # fmt: skip
+        jsonschema.validate(envelope, schemas[e.type])
+    with pytest.raises(jsonschema.ValidationError):
+        bad = {**told[0].data, "quantity": 0}
+        jsonschema.validate({**envelope, "type": told[0].type, "data": bad}, schemas[told[0].type])
