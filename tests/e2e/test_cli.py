@@ -18,7 +18,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from contracts import EVENT_TYPES
+from contracts import EVENT_TYPES, PARTNER_EVENT_TYPES
 from hub.bootstrap import Hub, build_hub
 from hub.cli import app
 from hub.nats import MSG_ID_HEADER, EmbeddedNatsServer, connect, ensure_streams
@@ -32,8 +32,10 @@ def test_contracts_export_writes_one_schema_per_type(tmp_path: Path) -> None:
     result = subprocess.run([*MES_HUB, "contracts", "export", str(tmp_path)], capture_output=True)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert "mes.machine.partcount.v1.schema.json" in names and len(names) == len(EVENT_TYPES)
+    assert "mes.machine.partcount.v1.schema.json" in names
+    assert len(names) == len(EVENT_TYPES) + len(PARTNER_EVENT_TYPES)
     assert "mes.hub.delivery_forecast.changed.v1.schema.json" in names
+    assert "mes.order.confirmed.v1.schema.json" in names  # what partners are told
 
 
 def test_a_bad_config_file_fails_at_start_with_file_key_and_reason(tmp_path: Path) -> None:
