@@ -90,6 +90,7 @@ _NOT_PUBLIC: tuple[tuple[IpNetwork, str], ...] = tuple(
         ("240.0.0.0/4", "reserved"),
         ("::/128", "unspecified"),
         ("::1/128", "loopback"),
+        ("::ffff:0:0:0/96", "reserved (IPv4-translated, SIIT)"),
         ("64:ff9b:1::/48", "reserved (local-use NAT64)"),
         ("100::/64", "reserved (discard)"),
         ("2001:db8::/32", "reserved (documentation)"),
@@ -376,7 +377,17 @@ class _CheckedTransport(httpx.AsyncBaseTransport):
         pool = self._pools.get(request.url.scheme)
         if pool is None:
             raise OutboundRefused(f"{host}: only http:// and https:// URLs are called")
+        # Answers come uncompressed: a few hundred bytes of gzip can decode to gigabytes in
+        # one chunk, before any cap on the decoded size could stop it.
+        request.headers["Accept-Encoding"] = "identity"
         answer = await pool.handle_async_request(request)
+        encoding = answer.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            await answer.aclose()
+            raise OutboundRefused(
+                f"{host} answered with a {encoding} body though asked for none: the hub does "
+                "not decompress answers"
+            )
         if answer.has_redirect_location:
             await answer.aclose()
             try:

@@ -3,10 +3,10 @@ from the order's stored events in the order they were stored: a rebuild gives th
 with the same ids (docs/webhooks.md).
 
 - ``mes.order.started.v1``: its first run started (once per order);
-- ``mes.order.at_risk.v1``: its delivery forecast turned ``at_risk`` or ``late`` (again after it
-  was back on track);
-- ``mes.order.eta_changed.v1``: the forecast end moved (the forecast watch publishes a change
-  only when it moved by more than the plant's tolerance);
+- ``mes.order.at_risk.v1``: its delivery forecast turned ``at_risk`` or ``late``, or changed
+  between the two;
+- ``mes.order.eta_changed.v1``: the forecast end moved with the status unchanged (the forecast
+  watch publishes that only when it moved by more than the plant's tolerance);
 - ``mes.order.completed.v1``: a production confirmation said the order is done (once);
 - ``mes.order.confirmed.v1``: an ERP acknowledged a production confirmation (once per
   confirmation, at the first ERP that took it).
@@ -60,11 +60,17 @@ def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[Part
     Worked example: SO-1 of 10 for customer C-7 is released, starts on M1 at 06:00 (started),
     its forecast turns at_risk with an ETA of Tuesday 18:00 (at_risk), then the ETA moves to
     Wednesday 10:00 (eta_changed); confirmation 1 of 10 good, final, is decided (completed) and
-    the ERP takes it (confirmed)."""
+    the ERP takes it (confirmed).
+
+    Nothing is told of an order before the ERP released it (whose it is, what and how many,
+    is not known yet): what happened before is told at the release — a start, as the earliest
+    start stored by then. Nothing is told after it was cancelled."""
     order: dict[str, Any] = {"order_id": order_id}
+    released = False
     told: set[str] = set()  # the ids already derived (what happens once)
     confirmations: dict[str, dict[str, Any]] = {}  # outbox message id -> confirmation
-    status: str | None = None
+    status: str | None = None  # the forecast's, as last told
+    first_start: Any = None  # the earliest start stored before the release
     found: list[PartnerEvent] = []
 
     def tell(event_id: str, type_: str, time: datetime, **data: Any) -> None:
@@ -76,30 +82,48 @@ def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[Part
         checked = PARTNER_EVENT_TYPES[type_].model_validate(payload)
         found.append(PartnerEvent(event_id, type_, time, order_id, checked.model_dump(mode="json")))
 
+    def started(start: Any) -> None:
+        tell(
+            partner_event_id(site, order_id, STARTED), STARTED, start.event_time,
+            machine_id=start.machine_id, started_at=start.event_time,
+        )  # fmt: skip
+
     for event in events:
         kind = type(event).__name__
+        if kind == "Cancelled":
+            break  # (what is stored after a cancel is not told)
         if kind in ("Released", "Changed"):
             order.update((f, event.fields[f]) for f in _ORDER_FIELDS if f in event.fields)
+            if kind == "Released" and not released:
+                released = True
+                if first_start is not None:
+                    started(first_start)
         elif kind == "Started":
-            tell(
-                partner_event_id(site, order_id, STARTED), STARTED, event.event_time,
-                machine_id=event.machine_id, started_at=event.event_time,
-            )  # fmt: skip
+            if released:
+                started(event)
+            elif first_start is None or event.event_time < first_start.event_time:
+                first_start = event
+        elif not released:
+            continue  # (a forecast or confirmation of an order not released: not told)
         elif kind == "DeliveryForecastChanged":
             forecast = event.forecast
             cause = (event.source, event.event_id)
-            if forecast.get("status") in ("at_risk", "late") and status not in ("at_risk", "late"):
+            now = forecast.get("status")
+            if now in ("at_risk", "late") and now != status:
                 tell(
                     partner_event_id(*cause, AT_RISK), AT_RISK, event.event_time,
-                    status=forecast["status"], eta=forecast.get("eta"),
+                    status=now, eta=forecast.get("eta"),
                 )  # fmt: skip
+            # The ETA moved with the status unchanged: the forecast watch publishes that only
+            # past the plant's tolerance (a change of status comes with any ETA).
             previous, eta = forecast.get("previous_eta"), forecast.get("eta")
-            if previous and eta and previous != eta:
+            same = forecast.get("previous_status") == now and now != "done"
+            if same and previous and eta and previous != eta:
                 tell(
                     partner_event_id(*cause, ETA_CHANGED), ETA_CHANGED, event.event_time,
-                    eta=eta, previous_eta=previous, status=forecast.get("status"),
+                    eta=eta, previous_eta=previous, status=now,
                 )  # fmt: skip
-            status = forecast.get("status")
+            status = now
         elif kind == "ConfirmationDue":
             due = event.confirmation
             confirmations[message_key(event.source, event.event_id)] = due

@@ -49,11 +49,23 @@ class Facts:
         })  # fmt: skip
 
     def forecast(
-        self, at: timedelta, status: str, eta: timedelta, before: timedelta | None
+        self,
+        at: timedelta,
+        change: tuple[str | None, str],
+        eta: timedelta,
+        before: timedelta | None,
     ) -> None:
+        """``change``: the forecast's status before and now."""
         self.order.record_delivery_forecast(self.origin(at), {
-            "order_id": "SO-1", "status": status, "eta": (T0 + eta).isoformat(),
+            "order_id": "SO-1", "previous_status": change[0], "status": change[1],
+            "eta": (T0 + eta).isoformat(),
             "previous_eta": (T0 + before).isoformat() if before is not None else None,
+        })  # fmt: skip
+
+    def release(self, customer: str = "C-7") -> None:
+        self.order.release(self.origin(-timedelta(hours=1)), {
+            "order_id": "SO-1", "part_number": "P-100", "quantity": 10, "customer": customer,
+            "due": (T0 + timedelta(days=1)).isoformat(),
         })  # fmt: skip
 
 
@@ -69,8 +81,10 @@ def test_an_order_s_life_is_told_once_each_with_stable_ids() -> None:
     })  # fmt: skip
     life.order.start_on(life.origin(timedelta(0)), "M1")
     life.order.start_on(life.origin(timedelta(hours=1)), "M2")
-    life.forecast(timedelta(hours=2), "at_risk", timedelta(hours=36), before=None)
-    life.forecast(timedelta(hours=3), "at_risk", timedelta(hours=52), before=timedelta(hours=36))
+    life.forecast(timedelta(hours=2), (None, "at_risk"), timedelta(hours=36), before=None)
+    life.forecast(
+        timedelta(hours=3), ("at_risk", "at_risk"), timedelta(hours=52), before=timedelta(hours=36)
+    )
     first = life.confirm(timedelta(hours=4), 1, good=6, total=6, final=False)
     life.attempt(timedelta(hours=4, minutes=1), first, "failed", "erp-a")
     life.attempt(timedelta(hours=4, minutes=2), first, "delivered", "erp-b")
@@ -105,23 +119,32 @@ def test_an_order_s_life_is_told_once_each_with_stable_ids() -> None:
     assert len({e.id for e in told}) == 6
 
 
-def test_at_risk_is_told_again_only_after_the_order_was_back_on_track() -> None:
+def test_at_risk_is_told_when_the_risk_appears_or_changes_and_eta_only_with_the_status_kept() -> (
+    None
+):
     life = Facts()
     life.order.release(life.origin(-timedelta(hours=1)), {
         "order_id": "SO-1", "part_number": "P-1", "quantity": 5,
         "due": (T0 + timedelta(days=1)).isoformat(),
     })  # fmt: skip
-    life.forecast(timedelta(hours=1), "at_risk", timedelta(hours=30), before=None)
-    life.forecast(timedelta(hours=2), "late", timedelta(hours=30), before=timedelta(hours=30))
-    life.forecast(timedelta(hours=3), "on_track", timedelta(hours=20), before=timedelta(hours=30))
-    life.forecast(timedelta(hours=4), "at_risk", timedelta(hours=20), before=timedelta(hours=20))
+    # on_track -> at_risk (told), -> late (told: worse), -> on_track with the ETA 10 h earlier
+    # (a change of status: not an eta_changed), ETA moved on track (told), -> at_risk (told),
+    # -> done (not an eta_changed either).
+    hours = timedelta(hours=1)
+    life.forecast(1 * hours, ("on_track", "at_risk"), 30 * hours, before=28 * hours)
+    life.forecast(2 * hours, ("at_risk", "late"), 31 * hours, before=30 * hours)
+    life.forecast(3 * hours, ("late", "on_track"), 21 * hours, before=31 * hours)
+    life.forecast(4 * hours, ("on_track", "on_track"), 23 * hours, before=21 * hours)
+    life.forecast(5 * hours, ("on_track", "at_risk"), 23 * hours, before=23 * hours)
+    life.forecast(6 * hours, ("at_risk", "done"), 6 * hours, before=23 * hours)
 
     told = [
         (e.type, e.data.get("status")) for e in partner_events("default", "SO-1", life.events())
     ]
 
     assert told == [
-        ("mes.order.at_risk.v1", "at_risk"),  # at_risk -> late: still the same risk
+        ("mes.order.at_risk.v1", "at_risk"),
+        ("mes.order.at_risk.v1", "late"),
         ("mes.order.eta_changed.v1", "on_track"),
         ("mes.order.at_risk.v1", "at_risk"),
     ]
@@ -154,7 +177,9 @@ def test_what_partners_are_told_meets_the_schemas_they_are_given(tmp_path: Path)
         "due": (T0 + timedelta(days=1)).isoformat(),
     })  # fmt: skip
     life.order.start_on(life.origin(timedelta(0)), "M1")
-    life.forecast(timedelta(hours=1), "late", timedelta(hours=30), before=timedelta(hours=20))
+    life.forecast(
+        timedelta(hours=1), ("late", "late"), timedelta(hours=30), before=timedelta(hours=20)
+    )
     message = life.confirm(timedelta(hours=2), 1, good=5, total=5, final=True)
     life.attempt(timedelta(hours=2, minutes=1), message, "delivered", "erp-a")
     told = partner_events("default", "SO-1", life.events())
@@ -168,3 +193,26 @@ def test_what_partners_are_told_meets_the_schemas_they_are_given(tmp_path: Path)
     with pytest.raises(jsonschema.ValidationError):
         bad = {**told[0].data, "quantity": 0}
         jsonschema.validate({**envelope, "type": told[0].type, "data": bad}, schemas[told[0].type])
+
+
+def test_an_order_started_before_its_release_is_told_at_the_release_and_not_after_a_cancel() -> (
+    None
+):
+    # The floor starts SO-1 on M2 at 07:00, then (stored later) on M1 at 06:00; the ERP's release
+    # comes after: started is told then, with the order's customer and its earliest start. The
+    # order is cancelled: a forecast and a confirmation after it are not told.
+    life = Facts()
+    life.order.start_on(life.origin(timedelta(hours=1)), "M2")
+    life.order.start_on(life.origin(timedelta(0)), "M1")
+    life.release()
+    life.order.cancel(life.origin(timedelta(hours=2)), "customer withdrew")
+    life.forecast(timedelta(hours=3), ("on_track", "late"), timedelta(hours=30), before=None)
+    life.confirm(timedelta(hours=4), 1, good=10, total=10, final=True)
+
+    told = partner_events("default", "SO-1", life.events())
+
+    assert [e.type for e in told] == ["mes.order.started.v1"]
+    data = told[0].data
+    assert (data["customer"], data["machine_id"], data["started_at"]) == (
+        "C-7", "M1", "2026-03-02T06:00:00Z",
+    )  # fmt: skip
