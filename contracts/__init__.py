@@ -73,6 +73,7 @@ from contracts._types import (
     ScrapV1,
     Stream,
     Token,
+    WebhookDueV1,
 )
 
 __all__ = [
@@ -112,6 +113,7 @@ __all__ = [
     "Stream",
     "Token",
     "ValidatedEvent",
+    "WebhookDueV1",
     "check_event_time",
     "check_subject",
     "decode_event",

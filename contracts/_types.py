@@ -276,6 +276,20 @@ class DeliveryAttemptedV1(_Data):
     next_attempt_at: EventTime | None = None
 
 
+class WebhookDueV1(_Data):
+    """The hub's own event: something the partners of an order are owed (a partner event,
+    docs/webhooks.md), for the endpoints whose subscriptions matched when it was decided. The
+    outbox delivers it to each of them, in ``sequence`` per order. The subject is the order."""
+
+    order_id: Token
+    sequence: StrictInt = Field(ge=1, description="The order's partner events: 1, 2, …")
+    event_id: StrictStr = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    event_type: StrictStr = Field(pattern=r"^mes\.order\.[a-z_]+\.v[0-9]+$")
+    event_time: EventTime
+    data: dict[str, Any]
+    endpoints: list[Token] = Field(min_length=1, max_length=1000)
+
+
 Stream = Literal["machine", "operator", "erp", "hub"]
 
 
@@ -321,6 +335,7 @@ EVENT_TYPES: dict[str, EventType] = {
         EventType(
             "mes.hub.plant.configured.v1", PlantConfiguredV1, "hub", "configured", entity="plant"
         ),
+        EventType("mes.hub.webhook.due.v1", WebhookDueV1, "hub", "webhook_due", entity="order"),
         EventType(
             "mes.hub.order.confirmation_due.v1",
             ConfirmationDueV1,

@@ -354,6 +354,9 @@ class Order(Aggregate):
     def record_confirmation_due(self, origin: Origin, confirmation: dict[str, Any]) -> None:
         self._confirmation_due(origin.event_id, origin.source, origin.time, confirmation)
 
+    def record_webhook_due(self, origin: Origin, webhook: dict[str, Any]) -> None:
+        self._webhook_due(origin.event_id, origin.source, origin.time, webhook)
+
     def record_delivery_attempt(self, origin: Origin, attempt: dict[str, Any]) -> None:
         self._delivery_attempted(origin.event_id, origin.source, origin.time, attempt)
 
@@ -413,6 +416,13 @@ class Order(Aggregate):
         self, event_id: str, source: str, event_time: datetime, confirmation: dict[str, Any]
     ) -> None:
         self.confirmations = [*(self.confirmations or []), confirmation]
+
+    @event("WebhookDue")
+    def _webhook_due(
+        self, event_id: str, source: str, event_time: datetime, webhook: dict[str, Any]
+    ) -> None:
+        # Kept in the store for the outbox and the auditors; the order's state does not change.
+        pass
 
     @event("DeliveryAttempted")
     def _delivery_attempted(

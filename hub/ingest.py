@@ -56,6 +56,7 @@ from contracts import (
     PlantConfiguredV1,
     ScrapV1,
     ValidatedEvent,
+    WebhookDueV1,
     check_event_time,
     check_subject,
     decode_event,
@@ -409,6 +410,12 @@ class Ingestor:
                     "decided_at": envelope.time.isoformat(),
                 }
                 order.record_confirmation_due(origin, confirmation)
+            case WebhookDueV1():
+                order = _one(Order, touched)
+                # Whole, with the site: the outbox view reads its messages from these alone.
+                order.record_webhook_due(
+                    origin, {**data.model_dump(mode="json"), "site": order.site}
+                )
             case DeliveryAttemptedV1():
                 attempt = data.model_dump(mode="json", exclude={"order_id"})
                 _one(Order, touched).record_delivery_attempt(origin, attempt)

@@ -27,7 +27,11 @@ from projections.views.orders_view import STATES_TABLE, OrderStatesView
 
 MESSAGES = "mes_outbox_messages_v1"
 DELIVERIES = "mes_outbox_deliveries_v1"
+# The destinations a message is addressed to; a message with none goes to every destination
+# of its kind (an ERP confirmation), one with some only to them (a partner's webhook).
+TARGETS = "mes_outbox_targets_v1"
 CONFIRMATION = "erp.confirmation"  # the kind of message (adapters.erp.outbox)
+WEBHOOK = "webhook"  # a partner event for chosen endpoints (adapters.webhooks)
 __all__ = ["idempotency_key", "message_key"]  # (their home: projections.rules.keys)
 
 
@@ -37,6 +41,7 @@ class OutboxView:
     event_classes: tuple[type, ...] = (
         getattr(Order, "ConfirmationDue"),  # noqa: B009
         getattr(Order, "DeliveryAttempted"),  # noqa: B009
+        getattr(Order, "WebhookDue"),  # noqa: B009
     )
 
     def create(self, cursor: Cursor, dialect: str) -> None:
@@ -51,6 +56,10 @@ class OutboxView:
             "status_code INTEGER, reason TEXT NOT NULL, excerpt TEXT NOT NULL, "
             "next_attempt_at TEXT, attempted_at TEXT NOT NULL, position BIGINT NOT NULL, "
             "requeued_at INTEGER NOT NULL, PRIMARY KEY (key, destination))"
+        )
+        cursor.execute(
+            f"CREATE TABLE IF NOT EXISTS {TARGETS} (key TEXT NOT NULL, destination TEXT NOT NULL, "
+            "PRIMARY KEY (key, destination))"
         )
 
     def create_indexes(self, cursor: Cursor) -> None:
@@ -72,12 +81,24 @@ class OutboxView:
     def drop(self, cursor: Cursor) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {MESSAGES}")
         cursor.execute(f"DROP TABLE IF EXISTS {DELIVERIES}")
+        cursor.execute(f"DROP TABLE IF EXISTS {TARGETS}")
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
         messages: list[tuple[Any, ...]] = []
         deliveries: list[tuple[Any, ...]] = []
+        targets: list[tuple[str, str]] = []
         for position, event in events:
-            if type(event).__name__ == "ConfirmationDue":
+            if type(event).__name__ == "WebhookDue":
+                due = event.webhook
+                key = message_key(event.source, event.event_id)
+                told = {f: due[f] for f in ("event_id", "event_type", "event_time", "data")}
+                messages.append(
+                    (key, WEBHOOK, str(due["site"]), str(due["order_id"]), int(due["sequence"]),
+                     json.dumps({**told, "order_id": due["order_id"]}),
+                     event.event_time.isoformat(), position)
+                )  # fmt: skip
+                targets.extend((key, str(endpoint)) for endpoint in due["endpoints"])
+            elif type(event).__name__ == "ConfirmationDue":
                 due = event.confirmation
                 messages.append(
                     (message_key(event.source, event.event_id), CONFIRMATION, _site(event),
@@ -100,6 +121,12 @@ class OutboxView:
                 "decided_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (key) DO NOTHING",
                 messages,
+            )
+        if targets:
+            cursor.executemany(
+                f"INSERT INTO {TARGETS} (key, destination) VALUES (?, ?) "
+                "ON CONFLICT (key, destination) DO NOTHING",
+                targets,
             )
         if deliveries:
             # The last attempt wins; an older one (a rebuild racing the live worker) never
@@ -143,8 +170,9 @@ class OutboxReader:
             cursor.execute(
                 f"SELECT MIN(m.position) FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d "
                 "ON d.key = m.key AND d.destination = ? "
-                f"WHERE m.position > ? AND m.kind IN ({marks}) AND {open_outcome}",
-                [destination, after, *kinds],
+                f"WHERE m.position > ? AND m.kind IN ({marks}) AND {open_outcome} "
+                f"AND {_addressed('m')}",
+                [destination, after, *kinds, destination],
             )
             (first,) = cursor.fetchone()
             if first is None:
@@ -159,12 +187,14 @@ class OutboxReader:
                 f"LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ? "
                 f"WHERE m.position > ? AND m.kind IN ({marks}) "
                 "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'requeued')) "
+                f"AND {_addressed('m')} "
                 f"AND NOT EXISTS (SELECT 1 FROM {MESSAGES} e LEFT JOIN {DELIVERIES} d "
                 "ON d.key = e.key AND d.destination = ? WHERE e.site = m.site "
                 "AND e.ordering_key = m.ordering_key AND e.kind = m.kind "
-                f"AND e.sequence < m.sequence AND e.position > ? AND {open_outcome}) "
+                f"AND e.sequence < m.sequence AND e.position > ? AND {open_outcome} "
+                f"AND {_addressed('e')}) "
                 "ORDER BY m.position LIMIT ?",
-                [destination, floor, *kinds, destination, floor, limit],
+                [destination, floor, *kinds, destination, destination, floor, destination, limit],
             )
             return floor, [_message(row) for row in cursor.fetchall()]
 
@@ -227,6 +257,15 @@ class OutboxReader:
             cursor.execute(f"SELECT MAX(position) FROM {MESSAGES}")
             (position,) = cursor.fetchone()
         return int(position or 0)
+
+
+def _addressed(alias: str) -> str:
+    """SQL: the message ``alias`` is for the destination given as the next parameter (it is
+    addressed to it, or to no one in particular)."""
+    return (
+        f"(NOT EXISTS (SELECT 1 FROM {TARGETS} t WHERE t.key = {alias}.key) OR EXISTS "
+        f"(SELECT 1 FROM {TARGETS} t WHERE t.key = {alias}.key AND t.destination = ?))"
+    )
 
 
 def _message(row: Sequence[Any]) -> OutboxMessage:

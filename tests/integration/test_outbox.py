@@ -22,8 +22,9 @@ from hub.cli import app
 from hub.outbox import Delivered, InMemoryDestination, RetryPolicy
 from hub.settings import Settings
 from projections.processes.confirmations import confirmation_message_key
+from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
-from projections.views.outbox_view import idempotency_key
+from projections.views.outbox_view import WEBHOOK, OutboxReader, idempotency_key
 from tests.conftest import T0, api_client, api_key, cloud_event, eventually
 
 CONFIRMATIONS = "/api/v1/erp/confirmations"
@@ -482,3 +483,25 @@ async def test_a_correction_tells_each_erp_the_keys_of_what_it_was_sent_before(
             for k in (1, 2)]  # fmt: skip
     assert (to_1.earlier_keys, to_1.yield_total, to_1.scrap_total) == (tuple(keys), 9, 2)
     assert (to_2.earlier_keys, to_2.yield_total, to_2.scrap_total) == ((), None, None)
+
+
+async def test_a_webhook_due_is_stored_on_the_order_and_owed_to_its_endpoints_only(
+    hub: Hub,
+) -> None:
+    # What the partner watch will publish: SO-50's start, for the endpoint of customer C-7.
+    await publish(hub, released("SO-50", 10))
+    due = {"order_id": "SO-50", "sequence": 1, "event_id": "evt-50-1",
+           "event_type": "mes.order.started.v1", "event_time": T0.isoformat(),
+           "data": {"order_id": "SO-50", "machine_id": "M1", "started_at": T0.isoformat()},
+           "endpoints": ["c7-endpoint"]}  # fmt: skip
+    event = hub_event("default", "webhooks", "mes.hub.webhook.due.v1", "webhook-evt-50-1",
+                      "SO-50", T0, due)  # fmt: skip
+    await publish(hub, event, event)  # (a repeat is stored once)
+    await hub.wait_projected()
+    outbox = OutboxReader(hub.views)
+
+    def owed(endpoint: str) -> list[str]:
+        return [m.payload["event_id"] for m in outbox.undelivered(endpoint, [WEBHOOK])[1]]
+
+    await eventually(lambda: owed("c7-endpoint") == ["evt-50-1"])
+    assert owed("another-partner") == [] and owed("erp-1") == []

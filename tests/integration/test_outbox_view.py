@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from projections.views.database import SQLiteViews
-from projections.views.outbox_view import CONFIRMATION, OutboxReader, OutboxView, message_key
+from projections.views.outbox_view import (
+    CONFIRMATION,
+    WEBHOOK,
+    OutboxReader,
+    OutboxView,
+    message_key,
+)
 
 AT = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 
@@ -47,6 +53,7 @@ def tried(order_id: str, sequence: int, outcome: str, attempt: int = 1) -> Deliv
 
 
 def view_of(tmp_path: Path, events: list[Any]) -> OutboxReader:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     db = SQLiteViews(tmp_path / "views.sqlite")
     view = OutboxView()
     with db.transaction() as cursor:
@@ -98,3 +105,57 @@ def test_a_requeued_dead_message_is_sent_again_and_taken_ones_move_the_floor(
     assert (again.ordering_key, again.outcome, again.attempts, again.requeued_at) == (
         "B", "requeued", 3, 3,
     )  # fmt: skip
+
+
+@dataclass
+class WebhookDue:
+    source: str
+    event_id: str
+    event_time: datetime
+    webhook: dict[str, Any]
+
+
+def webhook(order_id: str, sequence: int, *endpoints: str) -> WebhookDue:
+    return WebhookDue(
+        "urn:test", f"webhook-{order_id}-{sequence}", AT,
+        {"order_id": order_id, "site": "default", "sequence": sequence,
+         "event_id": f"evt-{order_id}-{sequence}", "event_type": "mes.order.started.v1",
+         "event_time": AT.isoformat(), "data": {"order_id": order_id},
+         "endpoints": list(endpoints)},
+    )  # fmt: skip
+
+
+def delivered_to(endpoint: str, order_id: str, sequence: int) -> DeliveryAttempted:
+    return DeliveryAttempted(
+        "urn:test", f"attempt-{endpoint}-{order_id}-{sequence}", AT,
+        {"message_id": message_key("urn:test", f"webhook-{order_id}-{sequence}"),
+         "destination": endpoint, "attempt": 1, "outcome": "delivered"},
+    )  # fmt: skip
+
+
+def test_a_message_addressed_to_endpoints_goes_to_them_only_in_order_per_order(
+    tmp_path: Path,
+) -> None:
+    # A's partner events: 1 for p1, 2 for p1 and p2; B's 1 for p2; and an ERP confirmation,
+    # addressed to no one in particular. p1 gets A/1 (A/2 waits behind it); p2 gets A/2 at
+    # once (A/1 is not its) and B/1; the ERP gets its confirmation and no webhook.
+    events: list[Any] = [webhook("A", 1, "p1"), webhook("A", 2, "p1", "p2"),
+                         webhook("B", 1, "p2"), due("C", 1)]  # fmt: skip
+    reader = view_of(tmp_path, events)
+
+    def owed(endpoint: str, reader: OutboxReader = reader) -> list[str]:
+        _, found = reader.undelivered(endpoint, [WEBHOOK])
+        return [f"{m.ordering_key}/{m.sequence}" for m in found]
+
+    assert owed("p1") == ["A/1"]
+    assert owed("p2") == ["A/2", "B/1"]
+    assert owed("p3") == []
+    assert heads(reader) == ["C/1"]
+    (first,) = reader.undelivered("p1", [WEBHOOK])[1]
+    assert first.payload == {
+        "event_id": "evt-A-1", "event_type": "mes.order.started.v1",
+        "event_time": AT.isoformat(), "data": {"order_id": "A"}, "order_id": "A",
+    }  # fmt: skip
+    # p1 took A/1: A/2 is its next.
+    later = view_of(tmp_path / "later", [*events, delivered_to("p1", "A", 1)])
+    assert owed("p1", later) == ["A/2"]

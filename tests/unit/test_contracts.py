@@ -75,6 +75,18 @@ EXAMPLES = {
             "previous_eta": "2026-03-03T21:00:00Z",
         },
     ),
+    "mes.hub.webhook.due.v1": (
+        "SO-1",
+        {
+            "order_id": "SO-1",
+            "sequence": 1,
+            "event_id": "4d09f838a0edf9365e88c2554f54cad3",
+            "event_type": "mes.order.started.v1",
+            "event_time": "2026-03-02T06:00:00Z",
+            "data": {"order_id": "SO-1", "machine_id": "M1", "started_at": "2026-03-02T06:00:00Z"},
+            "endpoints": ["customer-c7"],
+        },
+    ),
     "mes.hub.order.confirmation_due.v1": (
         "SO-1",
         {
