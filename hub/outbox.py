@@ -9,7 +9,10 @@ destination reads what that destination has not taken yet and delivers it:
   (a message waits until the one before it was taken); different orders go at once, up to
   ``RetryPolicy.parallel``.
 - **Retried with backoff and jitter**: 1 s, 2 s, 4 s, … up to ``max_delay_s`` (1 h), each
-  ±20 %, so that a destination coming back is not hit by every message at the same instant;
+  ±20 %, so that a destination coming back is not hit by every message at the same instant —
+  or by a fixed ``schedule`` (partners' webhooks: ``standard_webhooks_retry``, 5 s to 24 h);
+  a destination that says when to come back (``DeliveryFailed.retry_after_s``, from an HTTP
+  ``Retry-After``) is left alone at least that long, up to ``max_retry_after_s`` (1 h);
   after ``max_attempts`` (30: some 18 hours) or a refusal that no retry can fix
   (``DeliveryFailed(permanent=True)``) the message is dead — it and the messages after it for
   its key wait for someone (API: retry).
@@ -85,13 +88,22 @@ class Delivered:
 class DeliveryFailed(Exception):
     """The destination did not take the message. ``permanent``: sending the same message again
     cannot help (it refused the content); else it may (down, timeout, 5xx, 429, a login that is
-    refused until someone fixes it)."""
+    refused until someone fixes it). ``retry_after_s``: the destination asked not to be called
+    again before that many seconds (an HTTP ``Retry-After``): the next attempt waits at least
+    that long (up to ``RetryPolicy.max_retry_after_s``)."""
 
     def __init__(
-        self, reason: str, *, status: int | None = None, excerpt: str = "", permanent: bool = False
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        excerpt: str = "",
+        permanent: bool = False,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason, self.status, self.excerpt, self.permanent = reason, status, excerpt, permanent
+        self.retry_after_s = retry_after_s
 
 
 class Destination(Protocol):
@@ -116,20 +128,68 @@ class Outbox(Protocol):
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How a destination's failed messages are tried again: after failed attempt n, wait
+    ``first_delay_s`` doubling up to ``max_delay_s`` — or, with a ``schedule``, its n-th delay
+    (its last one repeated; ``max_delay_s`` does not apply) — each ± ``jitter``; then dead after
+    ``max_attempts`` (by default 30, or one more than the schedule's delays: the first attempt
+    and one after each)."""
+
     first_delay_s: float = 1.0
     max_delay_s: float = 3600.0
     jitter: float = 0.2  # each delay ± this fraction
     # Then the message is dead: 30 attempts take about 18 hours (1 s doubling to 1 h), so an
-    # ERP down for a night, or a password wrong until morning, loses nothing.
-    max_attempts: int = 30
+    # ERP down for a night, or a password wrong until morning, loses nothing. 0: the default
+    # (30, or ``len(schedule) + 1``); always a count once made.
+    max_attempts: int = 0
     circuit_failures: int = 5  # failures in a row that open the circuit
     circuit_open_s: float = 30.0
     parallel: int = 8  # keys delivered at once
+    schedule: tuple[float, ...] | None = None  # the delay after failed attempt 1, 2, …
+    max_retry_after_s: float = 3600.0  # a destination's Retry-After is honoured up to this
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None:
+            if not self.schedule or any(delay < 0 for delay in self.schedule):
+                raise ValueError("a retry schedule needs at least one delay, none negative")
+            object.__setattr__(self, "schedule", tuple(float(d) for d in self.schedule))
+        if self.max_attempts <= 0:
+            default = 30 if self.schedule is None else len(self.schedule) + 1
+            object.__setattr__(self, "max_attempts", default)
 
     def delay_s(self, attempt: int, rng: random.Random) -> float:
         """The wait after failed attempt number ``attempt`` (1, 2, …)."""
-        base = min(self.max_delay_s, self.first_delay_s * 2.0 ** (attempt - 1))
+        if self.schedule is not None:
+            base = self.schedule[min(max(attempt, 1), len(self.schedule)) - 1]
+        else:
+            base = min(self.max_delay_s, self.first_delay_s * 2.0 ** (attempt - 1))
         return base * (1 + rng.uniform(-self.jitter, self.jitter))
+
+    def next_delay_s(
+        self, attempt: int, rng: random.Random, retry_after_s: float | None = None
+    ) -> float:
+        """The wait after failed attempt ``attempt``: the policy's, or longer if the destination
+        asked for longer (``retry_after_s``, honoured up to ``max_retry_after_s``)."""
+        delay = self.delay_s(attempt, rng)
+        if retry_after_s is None or retry_after_s != retry_after_s:  # (None or NaN: not said)
+            return delay
+        return max(delay, min(max(retry_after_s, 0.0), self.max_retry_after_s))
+
+
+# The Standard Webhooks spec's example schedule ("Retry schedule"): immediately, then 5 s,
+# 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h and 24 h — ten attempts over some three days.
+STANDARD_WEBHOOKS_SCHEDULE: tuple[float, ...] = (
+    5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0,
+)  # fmt: skip
+
+
+def standard_webhooks_retry(scale: float = 1.0, **options: Any) -> RetryPolicy:
+    """The retry policy of partners' webhooks: the Standard Webhooks schedule (each delay
+    ± 20 %), dead after its tenth attempt. ``scale``: every delay times this (short in tests);
+    ``options``: any other ``RetryPolicy`` field (``jitter``, ``parallel``, …)."""
+    if scale <= 0:
+        raise ValueError("scale must be positive")
+    schedule = tuple(delay * scale for delay in STANDARD_WEBHOOKS_SCHEDULE)
+    return RetryPolicy(schedule=schedule, **options)
 
 
 @dataclass
@@ -350,7 +410,8 @@ class Sender:
             else:
                 self.circuit.failed()
             if not dead:
-                next_at = now + timedelta(seconds=self.policy.delay_s(since_requeue, self._rng))
+                wait = self.policy.next_delay_s(since_requeue, self._rng, failed.retry_after_s)
+                next_at = now + timedelta(seconds=wait)
         except Exception as exc:  # a dialect's bug: retried like an outage, and said
             now = datetime.now(UTC)
             log.exception("outbox %s: delivering %s failed", self.name, message.key)
