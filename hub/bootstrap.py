@@ -22,6 +22,9 @@ from adapters.erp.base import ErpEntryBase
 from adapters.erp.config import confirmation_sender, order_source
 from adapters.erp.outbox import ErpDestination
 from adapters.erp.poller import OrderPoller
+from adapters.webhooks.config import WebhookEntry
+from adapters.webhooks.destination import WebhookDestination
+from adapters.webhooks.signing import SigningKey
 from hub.api.deps import ApiContext
 from hub.api.reads import ReadPool, ReadSources
 from hub.children import ChildProcess
@@ -43,12 +46,21 @@ from hub.nats_auth import (
     signing_key,
     signing_since,
 )
-from hub.outbox import Destination, OutboxMessage, Requeue, RetryPolicy, Sender
+from hub.outbox import (
+    Destination,
+    OutboxMessage,
+    Requeue,
+    RetryPolicy,
+    Sender,
+    standard_webhooks_retry,
+)
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
 from projections.processes.confirmations import ConfirmationWatch, confirmation_message_key
 from projections.processes.forecast_watch import ForecastWatch
+from projections.processes.partner_watch import PartnerWatch
+from projections.rules.partner_events import Subscription
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
 from projections.views.database import PostgresViews, SQLiteViews, ViewDatabase
@@ -216,6 +228,9 @@ class Hub:
 
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
 CONFIRMATIONS, OUTBOX, ERP_ORDERS = "confirmations", "outbox", "erp-orders"
+PARTNERS = "partner-webhooks"
+PARTNERS_SINCE = "webhooks.since"  # when this hub began to tell partners (data dir)
+PARTNERS_AT = "webhooks.position"  # how far the store was read for them
 CONFIRMATIONS_SINCE = "erp-confirmations.since"  # when this hub began to confirm (data dir)
 CONFIRMATIONS_POSITION = "erp-confirmations.position"  # how far the views were looked at
 
@@ -247,6 +262,49 @@ def erp_destinations(
         if confirmer is not None:
             found.append(ErpDestination(entry.name, confirmer, earlier))
     return found
+
+
+def webhook_destinations(settings: Settings, entries: Sequence[WebhookEntry]) -> list[Destination]:
+    """Each ``[[webhook]]`` entry as an outbox destination: signed, SSRF-checked POSTs."""
+    found: list[Destination] = []
+    for entry in entries:
+        key = entry.signing_key
+        found.append(
+            WebhookDestination(
+                entry.name, entry.url, entry.secrets,
+                signing_key=SigningKey.from_secret(key.read().get_secret_value()) if key else None,
+                allow=entry.allowlist(), site=settings.site, timeout_s=entry.timeout_s,
+            )
+        )  # fmt: skip
+    return found
+
+
+def partner_watch(
+    settings: Settings,
+    store: EventStore,
+    entries: Sequence[WebhookEntry],
+    publisher: EventPublisher,
+    clock: Clock = utc_now,
+) -> PartnerWatch:
+    """The watch deciding what the endpoints are owed: from where the store was when this hub
+    first told partners (kept in the data dir, as when), so no endpoint is sent history."""
+    since_file, position_file = settings.data_dir / PARTNERS_SINCE, settings.data_dir / PARTNERS_AT
+    if not since_file.exists():
+        write_whole(position_file, str(store.last_position()))
+        write_whole(since_file, clock().isoformat())
+    subscriptions = [
+        Subscription(
+            endpoint=e.name, event_types=frozenset(e.events),
+            customers=None if e.all_customers else frozenset(e.customers),
+            part_numbers=frozenset(e.part_numbers), orders=frozenset(e.orders),
+        )
+        for e in entries
+    ]  # fmt: skip
+    return PartnerWatch(
+        settings.site, store.read, store.history, subscriptions, publisher,
+        since=datetime.fromisoformat(since_file.read_text().strip()),
+        position=int(position_file.read_text().strip()), position_file=position_file,
+    )  # fmt: skip
 
 
 def earlier_confirmations(
@@ -367,7 +425,11 @@ def api_context(
         plant=plant or PlantConfig(),
         max_clock_skew_s=settings.max_clock_skew_s,
         requeue=Requeue(hub.publisher, settings.site, getattr(hub, "clock", utc_now)),
-        destinations={sender.name: sender.owed_after for sender in getattr(hub, "senders", ())},
+        destinations={
+            sender.name: sender.owed_after
+            for sender in getattr(hub, "senders", ())
+            if CONFIRMATION in sender.destination.kinds  # (the ERPs, not partners' endpoints)
+        },
     )
 
 
@@ -454,8 +516,10 @@ async def build_hub(
     projections: bool = True,
     plant: PlantConfig | None = None,
     erp: Sequence[ErpEntryBase] = (),
+    webhooks: Sequence[WebhookEntry] = (),
     destinations: Sequence[Destination] = (),
     retry: RetryPolicy | None = None,
+    webhook_retry: RetryPolicy | None = None,
 ) -> Hub:
     """The hub with production parts by default: NATS (embedded unless ``settings.nats_url``),
     the event store of ``settings``, the NATS publisher, the wall clock. Tests pass their own
@@ -577,6 +641,23 @@ async def build_hub(
             confirm = partial(watch.run, interval_s=settings.confirm_interval_s)
             services.append(Service(CONFIRMATIONS, confirm))
         services += [Service(f"{OUTBOX}:{s.name}", s.run) for s in senders]
+    if projections and webhooks:
+        endpoints = await asyncio.to_thread(
+            outbox_senders,
+            settings,
+            webhook_destinations(settings, webhooks),
+            views,
+            publisher,
+            webhook_retry or standard_webhooks_retry(),
+            await asyncio.to_thread(events_store.last_position),
+            clock,
+        )
+        senders += endpoints
+        partners = await asyncio.to_thread(
+            partner_watch, settings, events_store, webhooks, publisher, clock
+        )
+        services.append(Service(PARTNERS, partial(partners.run, interval_s=0.2)))
+        services += [Service(f"{OUTBOX}:{s.name}", s.run) for s in endpoints]
     if erp:
         pollers = erp_pollers(settings, erp, api_publisher)
         services += [Service(f"{ERP_ORDERS}:{p.name}", p.run) for p in pollers]

@@ -7,6 +7,7 @@ the package that owns it.
 | ``[plant]`` | ``projections.config`` | ``projections.rules.plant.PlantConfig`` |
 | ``[adapters]`` | ``adapters.machines.config`` | ``AdaptersConfig`` |
 | ``[[erp]]`` | ``adapters.erp.config`` | a list of dialect entries (``ErpEntryBase``) |
+| ``[[webhook]]`` | ``adapters.webhooks.config`` | a list of partner endpoints (``WebhookEntry``) |
 
 Every section takes ``MES_HUB_<SECTION>__<KEY>`` environment overrides (``__`` again for nested
 keys), and ``MES_HUB_<SECTION>__<KEY>_FILE`` to read a value from a file, so passwords and
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.erp.base import ErpEntryBase
 from adapters.erp.config import erp_section
+from adapters.webhooks.config import WebhookEntry, webhook_section
 from hub.settings import ENV_PREFIX, ConfigError, Settings, read_toml, settings_section
 from projections.config import plant_section
 from projections.rules.plant import PlantConfig
@@ -35,7 +37,7 @@ from projections.rules.plant import PlantConfig
 if TYPE_CHECKING:  # the adapters (and their protocol libraries) load only when asked for
     from adapters.machines.config import AdaptersConfig
 
-SECTIONS = ("hub", "plant", "adapters", "erp")
+SECTIONS = ("hub", "plant", "adapters", "erp", "webhook")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Config:
     plant: PlantConfig
     adapters: AdaptersConfig | None = None
     erp: list[ErpEntryBase] = field(default_factory=list)
+    webhooks: list[WebhookEntry] = field(default_factory=list)
 
 
 def load_config(
@@ -77,4 +80,5 @@ def load_config(
         base = path.parent if path is not None else Path.cwd()
         adapter_config = adapters_section(document.get("adapters", {}), source, base)
     erp = erp_section(document.get("erp", []), source)
-    return Config(path, hub, plant, adapter_config, erp)
+    webhooks = webhook_section(document.get("webhook", []), source)
+    return Config(path, hub, plant, adapter_config, erp, webhooks)

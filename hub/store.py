@@ -824,7 +824,12 @@ class EventStore:
     @_says_why_unavailable
     def machine_history(self, site: str, machine_id: str) -> list[Any]:
         """Every stored event of one machine, in the order it was recorded."""
-        return list(self._app.events.get(machine_aggregate_id(site, machine_id)))
+        return self.history(machine_aggregate_id(site, machine_id))
+
+    @_says_why_unavailable
+    def history(self, aggregate_id: UUID) -> list[Any]:
+        """Every stored event of one aggregate (a machine, an order), in the order recorded."""
+        return list(self._app.events.get(aggregate_id))
 
     def order_cycle_facts(
         self, site: str, order_ids: Iterable[str]

@@ -56,7 +56,7 @@ def serve(
     settings, generated = _api_keys_or_generated(settings)
 
     async def main(stop: asyncio.Event) -> None:
-        hub = await build_hub(settings, plant=plant, erp=loaded.erp)
+        hub = await build_hub(settings, plant=plant, erp=loaded.erp, webhooks=loaded.webhooks)
         try:  # the hub owns the embedded nats-server and the store: closed on every path
             api = api_server(hub, plant)
             try:

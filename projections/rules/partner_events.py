@@ -145,3 +145,26 @@ def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[Part
                     final=due["final"], confirmed_at=event.event_time,
                 )  # fmt: skip
     return found
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """What one partner endpoint is sent: the event types it asked for (None: all), and the
+    orders it may see — of its customers (None: every customer), its part numbers, or its
+    order ids (empty: no narrowing). A partner never sees an order outside what it may see."""
+
+    endpoint: str
+    event_types: frozenset[str] | None = None
+    customers: frozenset[str] | None = frozenset()
+    part_numbers: frozenset[str] = frozenset()
+    orders: frozenset[str] = frozenset()
+
+    def wants(self, event: PartnerEvent) -> bool:
+        data = event.data
+        if self.event_types is not None and event.type not in self.event_types:
+            return False
+        if self.customers is not None and data.get("customer") not in self.customers:
+            return False
+        if self.part_numbers and data.get("part_number") not in self.part_numbers:
+            return False
+        return not self.orders or event.order_id in self.orders

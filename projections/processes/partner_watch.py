@@ -1,0 +1,118 @@
+"""The partner watch: decides what partners' webhook endpoints are owed.
+
+It reads the store's order events after its position, derives each touched order's partner
+events (``projections.rules.partner_events``) and, for each one not told yet whose time is not
+before ``since`` (when the hub began to tell partners: none is sent history), publishes a
+``mes.hub.webhook.due.v1`` for the endpoints whose subscriptions want it. Its id derives from
+the partner event, so a watch that publishes, dies and derives again repeats the same id and the
+repeat is dropped; the outbox (``projections.views.outbox_view``, ``hub.outbox``) delivers it to
+each endpoint, in order per order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.utils import get_topic
+
+from contracts import CloudEvent
+from hub.domain import Order
+from hub.files import write_whole
+from hub.ports import EventPublisher
+from projections.rules.hub_events import hub_event
+from projections.rules.partner_events import Subscription, partner_events
+
+log = logging.getLogger(__name__)
+WEBHOOK_DUE = "mes.hub.webhook.due.v1"
+PRODUCER = "webhooks"
+BATCH = 2000
+# The order events partner events are derived from (what makes an order worth a look).
+_KINDS = ("Released", "Changed", "Cancelled", "Started", "DeliveryForecastChanged",
+          "ConfirmationDue", "DeliveryAttempted")  # fmt: skip
+
+
+def order_topics() -> frozenset[str]:
+    return frozenset(get_topic(getattr(Order, kind)) for kind in _KINDS)
+
+
+class PartnerWatch:
+    """See the module. ``read(after, limit, topics)``: the store's log (``EventStore.read``);
+    ``history(aggregate_id)``: one order's stored events."""
+
+    def __init__(
+        self,
+        site: str,
+        read: Callable[[int, int, Collection[str]], tuple[int, list[tuple[int, Any]]]],
+        history: Callable[[UUID], list[Any]],
+        subscriptions: Sequence[Subscription],
+        publisher: EventPublisher,
+        since: datetime,
+        position: int,
+        position_file: Path | None = None,
+    ) -> None:
+        self._site, self._read, self._history = site, read, history
+        self._subscriptions, self._publisher = list(subscriptions), publisher
+        self._since, self._position, self._position_file = since, position, position_file
+        self._topics = order_topics()
+        self.published = 0
+
+    def decisions(self) -> tuple[list[CloudEvent], int]:
+        """What is owed for the order events stored after the position, and the position read
+        to."""
+        upto, found = self._read(self._position, BATCH, self._topics)
+        touched = sorted({event.originator_id for _, event in found}, key=str)
+        events: list[CloudEvent] = []
+        for key in touched:
+            stored = self._history(key)
+            registered = stored[0] if stored else None
+            if registered is None or getattr(registered, "site", None) != self._site:
+                continue
+            order_id = str(registered.order_id)
+            for sequence, told in enumerate(partner_events(self._site, order_id, stored), 1):
+                if told.time < self._since:
+                    continue
+                endpoints = sorted(s.endpoint for s in self._subscriptions if s.wants(told))
+                if not endpoints:
+                    continue
+                due = {
+                    "order_id": order_id, "sequence": sequence, "event_id": told.id,
+                    "event_type": told.type, "event_time": told.time.isoformat(),
+                    "data": told.data, "endpoints": endpoints,
+                }  # fmt: skip
+                events.append(
+                    hub_event(self._site, PRODUCER, WEBHOOK_DUE, f"webhook-{told.id}", order_id,
+                              told.time, due)
+                )  # fmt: skip
+        return events, upto
+
+    async def check(self) -> int:
+        """One round; returns how many were new (not repeats)."""
+        events, upto = await asyncio.to_thread(self.decisions)
+        new = 0
+        if events:
+            receipts = await self._publisher.publish_many(events)
+            new = sum(1 for receipt in receipts if not receipt.duplicate)
+            self.published += new
+        if upto != self._position:
+            self._position = upto
+            if self._position_file is not None:
+                await asyncio.to_thread(write_whole, self._position_file, str(upto))
+        return new
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        while not stop.is_set():
+            try:
+                decided = await self.check()
+                if decided:
+                    log.info("partner webhooks: %d decided", decided)
+            except Exception:
+                log.exception("partner webhook round failed; next round in %.1f s", interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
