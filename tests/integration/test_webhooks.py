@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request, Response
 from standardwebhooks.webhooks import Webhook
 
-from adapters.webhooks.config import WebhookEntry
+from adapters.webhooks.config import WebhookConfigError, WebhookEntry, webhook_section
 from adapters.webhooks.signing import new_secret
 from hub.bootstrap import CONFIRMATIONS_SINCE, PARTNERS_AT, PARTNERS_SINCE, Hub, build_hub
 from hub.outbox import InMemoryDestination, RetryPolicy, standard_webhooks_retry
@@ -125,3 +125,25 @@ async def test_each_partner_gets_its_orders_signed_once_each_in_order(
     assert len(set(c7.ids)) == 3 and c7.ids == [e["id"] for e in c7.taken]
     assert all(e["data"]["customer"] == "C-7" for e in c7.taken)
     assert c7.taken[1]["data"]["good"] == 5 and c7.taken[2]["data"]["final"] is True
+
+
+@pytest.mark.parametrize(
+    ("keys", "where", "why"),
+    [
+        ({"secret": "whsec_abc"}, "webhook[0].secret", "never written in the config"),
+        ({"customers": []}, "webhook[0]", "whose orders it may see"),
+        ({"customers": ["C-7"], "all_customers": True}, "webhook[0]", "exclude each other"),
+        ({"events": ["mes.order.shipped.v1"]}, "webhook[0].events", "not a partner event"),
+        ({"url": "https://user:pw@hooks.example/x"}, "webhook[0].url", "never go in the URL"),
+    ],
+)
+def test_a_bad_webhook_entry_names_the_file_the_key_and_why(
+    tmp_path: Path, keys: dict[str, Any], where: str, why: str
+) -> None:
+    raw = {"name": "c7", "url": "https://hooks.example/x", "secret": {"env": "C7_SECRET"},
+           "customers": ["C-7"], **keys}  # fmt: skip
+    with pytest.raises(WebhookConfigError) as failed:
+        webhook_section([raw], "mes-hub.toml", env={})
+    said = str(failed.value)
+    assert f"mes-hub.toml: key '{where}'" in said and why in said
+    assert "whsec_abc" not in said and "pw@" not in said
