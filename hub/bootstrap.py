@@ -292,19 +292,34 @@ def partner_watch(
     if not since_file.exists():
         write_whole(position_file, str(store.last_position()))
         write_whole(since_file, clock().isoformat())
+    try:
+        position = int(position_file.read_text().strip())
+    except (FileNotFoundError, ValueError):  # lost: from now on, not from the start
+        position = store.last_position()
     subscriptions = [
         Subscription(
             endpoint=e.name, event_types=frozenset(e.events),
             customers=None if e.all_customers else frozenset(e.customers),
             part_numbers=frozenset(e.part_numbers), orders=frozenset(e.orders),
+            since=_endpoint_since(settings, e.name, clock),
         )
         for e in entries
     ]  # fmt: skip
     return PartnerWatch(
         settings.site, store.read, store.history, subscriptions, publisher,
         since=datetime.fromisoformat(since_file.read_text().strip()),
-        position=int(position_file.read_text().strip()), position_file=position_file,
+        position=position, position_file=position_file,
     )  # fmt: skip
+
+
+def _endpoint_since(settings: Settings, name: str, clock: Clock) -> datetime:
+    """When an endpoint was first configured here (kept in the data dir): it is told what
+    happened from then on, not before."""
+    path = settings.data_dir / "webhooks" / f"{name}.since"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(path, clock().isoformat())
+    return datetime.fromisoformat(path.read_text().strip())
 
 
 def earlier_confirmations(
@@ -318,7 +333,7 @@ def earlier_confirmations(
 
     def earlier(message: OutboxMessage, destination: str) -> tuple[tuple[str, ...], bool]:
         since = _first_seen(_since_file(settings, destination), outbox.last_position())
-        found = outbox.messages(site, message.ordering_key, limit=1000)
+        found = outbox.messages(site, message.ordering_key, limit=1000, kind=CONFIRMATION)
         owed = sorted(
             m.sequence for m, _ in found
             if m.kind == CONFIRMATION and m.sequence < message.sequence and m.position > since

@@ -81,4 +81,11 @@ def load_config(
         adapter_config = adapters_section(document.get("adapters", {}), source, base)
     erp = erp_section(document.get("erp", []), source)
     webhooks = webhook_section(document.get("webhook", []), source)
+    # An ERP and an endpoint are both destinations of the outbox, known by name (what each is
+    # owed, and from when, is kept under it): one name, one destination.
+    erp_names = {e.name for e in erp}
+    for n, endpoint in enumerate(webhooks):
+        if endpoint.name in erp_names:
+            reason = f"{endpoint.name!r} is also an [[erp]] entry's name"
+            raise ConfigError(source, f"webhook[{n}].name", reason)
     return Config(path, hub, plant, adapter_config, erp, webhooks)

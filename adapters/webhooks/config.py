@@ -14,6 +14,7 @@ events = ["mes.order.started.v1", "mes.order.confirmed.v1"]   # default: every t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -39,12 +40,13 @@ class WebhookEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    url: str = Field(pattern=r"^https?://[^\s]+$")
+    # (not in a repr: a receiver's path or query may carry a token)
+    url: str = Field(pattern=r"^https?://[^\s]+$", repr=False)
     # The endpoint's secrets, space-separated in the variable or file: two while it rotates.
     secret: Annotated[SecretRef, Field()]
     # Optional: also sign with Ed25519 (v1a), with this whsk_ key (its whpk_ is published).
     signing_key: SecretRef | None = None
-    events: list[str] = Field(default_factory=lambda: sorted(PARTNER_EVENT_TYPES))
+    events: list[str] = Field(default_factory=lambda: sorted(PARTNER_EVENT_TYPES), min_length=1)
     customers: list[str] = Field(default_factory=list)
     all_customers: bool = False
     part_numbers: list[str] = Field(default_factory=list)
@@ -85,6 +87,15 @@ class WebhookEntry(BaseModel):
             raise ValueError("say whose orders it may see: customers = [...] or all_customers")
         if self.customers and self.all_customers:
             raise ValueError("customers and all_customers exclude each other")
+        host = (urlsplit(self.url).hostname or "").lower()
+        if self.url.startswith("http://") and host not in {a.lower() for a in self.allow}:
+            allowed = self.allowlist()
+            try:  # an address in an allowed network may be called over http
+                plain = any(ipaddress.ip_address(host) in net for net in allowed.networks)
+            except ValueError:
+                plain = False
+            if not plain:
+                raise ValueError("url must be https unless allow names its host or network")
         return self
 
     def allowlist(self) -> Allowlist:

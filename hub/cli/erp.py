@@ -98,7 +98,9 @@ def erp_reconcile(
         told: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         pending: dict[str, int] = defaultdict(int)
         after = ""
-        while batch := outbox.messages(settings.site, order, limit=500, after=after):
+        while batch := outbox.messages(
+            settings.site, order, limit=500, after=after, kind=CONFIRMATION
+        ):
             for message, states in batch:
                 after = message.key
                 if message.kind != CONFIRMATION:

@@ -61,45 +61,73 @@ class PartnerWatch:
         self._subscriptions, self._publisher = list(subscriptions), publisher
         self._since, self._position, self._position_file = since, position, position_file
         self._topics = order_topics()
+        self._endpoints = {s.endpoint for s in self._subscriptions}
+        # Per order, how many of its partner events were decided: the next round decides only
+        # those after (forgotten on a restart: the repeats are dropped by their ids).
+        self._decided: dict[UUID, int] = {}
         self.published = 0
 
-    def decisions(self) -> tuple[list[CloudEvent], int]:
-        """What is owed for the order events stored after the position, and the position read
-        to."""
+    def decisions(self) -> tuple[list[CloudEvent], int, dict[UUID, int]]:
+        """What is owed for the order events stored after the position, the position read to,
+        and per order how many of its partner events that decides (kept once published)."""
         upto, found = self._read(self._position, BATCH, self._topics)
-        touched = sorted({event.originator_id for _, event in found}, key=str)
+        # (An attempt to deliver a webhook changes nothing partners are told: not a reason to
+        # look at its order again, or every attempt would.)
+        touched = sorted(
+            {event.originator_id for _, event in found if not self._webhook_attempt(event)},
+            key=str,
+        )
         events: list[CloudEvent] = []
+        decided: dict[UUID, int] = {}
         for key in touched:
-            stored = self._history(key)
-            registered = stored[0] if stored else None
-            if registered is None or getattr(registered, "site", None) != self._site:
+            try:
+                found_here, decided[key] = self._order_decisions(key)
+                events += found_here
+            except Exception:  # one order's trouble must not stop every partner's webhooks
+                log.exception("partner webhooks: order %s skipped", key)
+        return events, upto, decided
+
+    def _webhook_attempt(self, event: Any) -> bool:
+        attempt = getattr(event, "attempt", None)
+        return isinstance(attempt, dict) and attempt.get("destination") in self._endpoints
+
+    def _order_decisions(self, key: UUID) -> tuple[list[CloudEvent], int]:
+        stored = self._history(key)
+        registered = stored[0] if stored else None
+        if registered is None or getattr(registered, "site", None) != self._site:
+            return [], 0
+        order_id = str(registered.order_id)
+        customer_now = _customer(stored)
+        told_all = partner_events(self._site, order_id, stored)
+        events: list[CloudEvent] = []
+        for sequence, told in enumerate(told_all, 1):
+            if sequence <= self._decided.get(key, 0) or told.time < self._since:
                 continue
-            order_id = str(registered.order_id)
-            for sequence, told in enumerate(partner_events(self._site, order_id, stored), 1):
-                if told.time < self._since:
-                    continue
-                endpoints = sorted(s.endpoint for s in self._subscriptions if s.wants(told))
-                if not endpoints:
-                    continue
-                due = {
-                    "order_id": order_id, "sequence": sequence, "event_id": told.id,
-                    "event_type": told.type, "event_time": told.time.isoformat(),
-                    "data": told.data, "endpoints": endpoints,
-                }  # fmt: skip
-                events.append(
-                    hub_event(self._site, PRODUCER, WEBHOOK_DUE, f"webhook-{told.id}", order_id,
-                              told.time, due)
-                )  # fmt: skip
-        return events, upto
+            endpoints = sorted(
+                s.endpoint for s in self._subscriptions if s.wants(told, customer_now)
+            )
+            if not endpoints:
+                continue
+            due = {
+                "order_id": order_id, "sequence": sequence, "event_id": told.id,
+                "event_type": told.type, "event_time": told.time.isoformat(),
+                "data": told.data, "endpoints": endpoints,
+            }  # fmt: skip
+            events.append(
+                hub_event(self._site, PRODUCER, WEBHOOK_DUE, f"webhook-{told.id}", order_id,
+                          told.time, due)
+            )  # fmt: skip
+        return events, len(told_all)
 
     async def check(self) -> int:
         """One round; returns how many were new (not repeats)."""
-        events, upto = await asyncio.to_thread(self.decisions)
+        events, upto, decided = await asyncio.to_thread(self.decisions)
         new = 0
         if events:
             receipts = await self._publisher.publish_many(events)
             new = sum(1 for receipt in receipts if not receipt.duplicate)
             self.published += new
+        self._decided.update(decided)
         if upto != self._position:
             self._position = upto
             if self._position_file is not None:
@@ -116,3 +144,13 @@ class PartnerWatch:
                 log.exception("partner webhook round failed; next round in %.1f s", interval_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def _customer(stored: Sequence[Any]) -> str | None:
+    """The order's customer as the store has it now (its last release or change naming one)."""
+    customer = None
+    for event in stored:
+        fields = getattr(event, "fields", None)
+        if isinstance(fields, dict) and "customer" in fields:
+            customer = fields["customer"]
+    return customer

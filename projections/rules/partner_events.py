@@ -158,12 +158,20 @@ class Subscription:
     customers: frozenset[str] | None = frozenset()
     part_numbers: frozenset[str] = frozenset()
     orders: frozenset[str] = frozenset()
+    since: datetime | None = None  # when the endpoint was added: what happened before is not its
 
-    def wants(self, event: PartnerEvent) -> bool:
+    def wants(self, event: PartnerEvent, customer_now: str | None = None) -> bool:
+        """``customer_now``: the order's customer as the store has it now (a customer
+        corrected after the event: neither the old nor the new one is told what was before
+        unless both may see it)."""
         data = event.data
         if self.event_types is not None and event.type not in self.event_types:
             return False
-        if self.customers is not None and data.get("customer") not in self.customers:
+        if self.since is not None and event.time < self.since:
+            return False
+        if self.customers is not None and (
+            data.get("customer") not in self.customers or customer_now not in self.customers
+        ):
             return False
         if self.part_numbers and data.get("part_number") not in self.part_numbers:
             return False

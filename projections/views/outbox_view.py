@@ -70,6 +70,10 @@ class OutboxView:
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_position ON {MESSAGES} (position)"
         )
+        # A destination reads its kind only (the ERPs' confirmations among many webhooks).
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_kind ON {MESSAGES} (kind, position)"
+        )
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {MESSAGES}_by_time ON {MESSAGES} (site, decided_at)"
         )
@@ -206,11 +210,15 @@ class OutboxReader:
         after: str = "",
         key: str | None = None,
         outcomes: Sequence[str] = (),
+        kind: str | None = None,
     ) -> list[tuple[OutboxMessage, dict[str, OutboxMessage]]]:
         """Messages of ``site`` (of one ordering key, or the one ``key``, if given) by key,
         after the message key ``after``, each with its state per destination tried.
         ``outcomes``: only messages whose last attempt for some destination had one of them."""
         where, params = ["m.site = ?", "m.key > ?"], [site, after]
+        if kind is not None:
+            where.append("m.kind = ?")
+            params.append(kind)
         if outcomes:
             where.append(
                 f"m.key IN (SELECT key FROM {DELIVERIES} "
@@ -343,8 +351,8 @@ def confirmed_orders(
         cursor.execute(
             f"SELECT DISTINCT s.aggregate_id, s.order_id, s.moves FROM {MESSAGES} m "
             f"JOIN {STATES_TABLE} s ON s.site = m.site AND s.order_id = m.ordering_key "
-            "WHERE m.site = ? AND m.decided_at >= ?",
-            (site, since.isoformat()),
+            "WHERE m.site = ? AND m.kind = ? AND m.decided_at >= ?",
+            (site, CONFIRMATION, since.isoformat()),
         )
         return [(UUID(key), str(order_id), json.loads(moves)) for key, order_id, moves in cursor]
 

@@ -20,9 +20,10 @@ from standardwebhooks.webhooks import Webhook
 from adapters.webhooks.config import WebhookConfigError, WebhookEntry, webhook_section
 from adapters.webhooks.signing import new_secret
 from hub.bootstrap import CONFIRMATIONS_SINCE, PARTNERS_AT, PARTNERS_SINCE, Hub, build_hub
+from hub.config import load_config
 from hub.nats import EmbeddedNatsServer, NatsPublisher, connect, ensure_streams
 from hub.outbox import InMemoryDestination, RetryPolicy, standard_webhooks_retry
-from hub.settings import Settings, load_settings
+from hub.settings import ConfigError, Settings, load_settings
 from projections.rules.plant import PlantConfig
 from tests.conftest import T0, cloud_event, eventually
 from tests.erp_standins import served
@@ -103,10 +104,19 @@ def order_life(order_id: str, customer: str, machine: str, start: int) -> list[A
 async def started(settings: Settings) -> AsyncIterator[Settings]:
     # Tell partners (and confirm to the ERP) from before T0: the test's orders are not history.
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIRMATIONS_SINCE, PARTNERS_SINCE):
-        (settings.data_dir / name).write_text((T0 - timedelta(days=1)).isoformat())
-    (settings.data_dir / PARTNERS_AT).write_text("0")
+    tell_partners_from_before_t0(settings.data_dir, "c7-hooks", "c8-hooks")
     yield settings
+
+
+def tell_partners_from_before_t0(data_dir: Path, *endpoints: str) -> None:
+    """As if the hub, and these endpoints, began before T0: the test's orders are not history."""
+    before = (T0 - timedelta(days=1)).isoformat()
+    for name in (CONFIRMATIONS_SINCE, PARTNERS_SINCE):
+        (data_dir / name).write_text(before)
+    (data_dir / PARTNERS_AT).write_text("0")
+    (data_dir / "webhooks").mkdir(exist_ok=True)
+    for endpoint in endpoints:
+        (data_dir / "webhooks" / f"{endpoint}.since").write_text(before)
 
 
 async def test_each_partner_gets_its_orders_signed_once_each_in_order(
@@ -177,8 +187,7 @@ async def test_a_hub_killed_at_random_while_telling_partners_loses_nothing_and_n
     partner, erp = Receiver(secret, delay_s=0.2), rest_erp(token=TOKEN)
     bodies = partner.bodies
     data_dir = hub_data_dir(tmp_path)
-    (data_dir / PARTNERS_SINCE).write_text((T0 - timedelta(days=1)).isoformat())
-    (data_dir / PARTNERS_AT).write_text("0")
+    tell_partners_from_before_t0(data_dir, "partner")
     async with served(erp) as erp_url, served(partner.app) as partner_url:
         config = erp_config(tmp_path, erp_url)
         config.write_text(
@@ -216,3 +225,28 @@ async def test_a_hub_killed_at_random_while_telling_partners_loses_nothing_and_n
     for k in range(30):
         mine = [t for o, t in partner.told() if o == f"SO-{k}"]
         assert mine == ["started.v1", "confirmed.v1"], (k, mine)
+
+
+def test_an_endpoint_may_not_share_an_erp_s_name_nor_call_the_internet_in_clear(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "mes-hub.toml"
+    erp = (
+        '[[erp]]\nname = "plant"\ndialect = "rest"\nurl = "https://erp.example"\n'
+        'secret = { env = "E" }\npoll_interval_s = 0\nconfirm_path = "/c"\n'
+    )
+    hook = (
+        '[[webhook]]\nname = "{name}"\nurl = "{url}"\nsecret = {{ env = "S" }}\n'
+        "all_customers = true\n"
+    )
+    config.write_text(erp + hook.format(name="plant", url="https://hooks.example/x"))
+    with pytest.raises(ConfigError, match=r"webhook\[0\]\.name.*also an \[\[erp\]\]"):
+        load_config(config)
+    config.write_text(hook.format(name="c7", url="http://hooks.example/x"))
+    with pytest.raises(ConfigError, match=r"webhook\[0\].*https unless allow"):
+        load_config(config)
+    config.write_text(
+        hook.format(name="c7", url="http://10.20.0.5/x") + 'allow = ["10.20.0.0/16"]\n'
+    )
+    assert [e.name for e in load_config(config).webhooks] == ["c7"]
+    assert "10.20.0.5" not in repr(load_config(config).webhooks[0])  # a URL may carry a token

@@ -137,8 +137,9 @@ def read_confirmations(
     cursor = after
     while len(found) <= limit:
         batch = sources.outbox.messages(
-            site, order, limit=MAX_PAGE, after=cursor, outcomes=_OUTCOMES.get(status or "", ())
-        )
+            site, order, limit=MAX_PAGE, after=cursor, outcomes=_OUTCOMES.get(status or "", ()),
+            kind=CONFIRMATION,
+        )  # fmt: skip
         for message, states in batch:
             cursor = message.key
             if message.kind != CONFIRMATION:
@@ -155,7 +156,7 @@ def read_confirmations(
 def read_confirmation(
     sources: ReadSources, site: str, destinations: dict[str, int], key: str
 ) -> tuple[OutboxMessage, dict[str, OutboxMessage], Status] | None:
-    found = sources.outbox.messages(site, limit=1, key=key)
+    found = sources.outbox.messages(site, limit=1, key=key, kind=CONFIRMATION)
     if not found:
         return None
     message, states = found[0]
