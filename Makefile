@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/api_load.py
 	$(BIN)/python bench/erp.py
+	$(BIN)/python bench/webhooks.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
