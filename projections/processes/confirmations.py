@@ -18,7 +18,6 @@ not confirmed: a hub that starts confirming does not send years of history to th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from hub.domain import order_runs as runs_of_moves
 from hub.files import write_whole
 from hub.ports import EventPublisher
 from projections.processes.forecast_watch import order_runs
+from projections.processes.rounds import publish_decided, run_rounds
 from projections.rules.calendar import Interval
 from projections.rules.history import MachineFacts
 from projections.rules.hub_events import hub_event, hub_source
@@ -437,11 +437,8 @@ class ConfirmationWatch:
         self._rounds += 1
         if self._rounds % 1000 == 0:  # (every few minutes)
             await asyncio.to_thread(self._forget_older_than, now - self._window - self._window)
-        new = 0
-        if events:
-            receipts = await self._publisher.publish_many(events)
-            new = sum(1 for receipt in receipts if not receipt.duplicate)
-            self.published += new
+        new = await publish_decided(self._publisher, events)
+        self.published += new
         if upto != self._after:
             self._after = upto
             if self._position_file is not None:
@@ -449,15 +446,7 @@ class ConfirmationWatch:
         return new
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
-        while not stop.is_set():
-            try:
-                decided = await self.check()
-                if decided:
-                    log.info("production confirmations: %d decided", decided)
-            except Exception:
-                log.exception("confirmation round failed; next round in %.1f s", interval_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+        await run_rounds(self.check, stop, interval_s, "production confirmations")
 
 
 def _read_position(path: Path | None) -> int:

@@ -12,7 +12,6 @@ each endpoint, in order per order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
@@ -26,6 +25,7 @@ from contracts import CloudEvent
 from hub.domain import Order
 from hub.files import write_whole
 from hub.ports import EventPublisher
+from projections.processes.rounds import publish_decided, run_rounds
 from projections.rules.hub_events import hub_event
 from projections.rules.partner_events import Subscription, partner_events
 
@@ -122,11 +122,8 @@ class PartnerWatch:
     async def check(self) -> int:
         """One round; returns how many were new (not repeats)."""
         events, upto, decided = await asyncio.to_thread(self.decisions)
-        new = 0
-        if events:
-            receipts = await self._publisher.publish_many(events)
-            new = sum(1 for receipt in receipts if not receipt.duplicate)
-            self.published += new
+        new = await publish_decided(self._publisher, events)
+        self.published += new
         self._decided.update(decided)
         if upto != self._position:
             self._position = upto
@@ -135,15 +132,7 @@ class PartnerWatch:
         return new
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
-        while not stop.is_set():
-            try:
-                decided = await self.check()
-                if decided:
-                    log.info("partner webhooks: %d decided", decided)
-            except Exception:
-                log.exception("partner webhook round failed; next round in %.1f s", interval_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+        await run_rounds(self.check, stop, interval_s, "partner webhooks")
 
 
 def _customer(stored: Sequence[Any]) -> str | None:
