@@ -12,7 +12,8 @@ destination reads what that destination has not taken yet and delivers it:
   ±20 %, so that a destination coming back is not hit by every message at the same instant —
   or by a fixed ``schedule`` (partners' webhooks: ``standard_webhooks_retry``, 5 s to 24 h);
   a destination that says when to come back (``DeliveryFailed.retry_after_s``, from an HTTP
-  ``Retry-After``) is left alone at least that long, up to ``max_retry_after_s`` (1 h);
+  ``Retry-After``) is left alone at least that long — that message and every other — up to
+  ``max_retry_after_s`` (1 h);
   after ``max_attempts`` (30: some 18 hours) or a refusal that no retry can fix
   (``DeliveryFailed(permanent=True)``) the message is dead — it and the messages after it for
   its key wait for someone (API: retry).
@@ -227,6 +228,12 @@ class Circuit:
         if self.until is not None or self.failures >= self.failures_to_open:
             self.until = time.monotonic() + self.open_s
 
+    def hold(self, seconds: float) -> None:
+        """Open for at least ``seconds``: the destination said when to come back (an HTTP
+        ``Retry-After``), for every message, not only the one it answered."""
+        self.until = max(self.until or 0.0, time.monotonic() + seconds)
+        self.probing = False
+
 
 def attempt_event(
     site: str, event_id: str, message: OutboxMessage, now: datetime, data: dict[str, Any]
@@ -409,6 +416,9 @@ class Sender:
                 self.circuit.succeeded()  # a refusal of the content: the destination is up
             else:
                 self.circuit.failed()
+                asked = failed.retry_after_s
+                if asked is not None and asked == asked and asked > 0:  # (not NaN)
+                    self.circuit.hold(min(asked, self.policy.max_retry_after_s))
             if not dead:
                 wait = self.policy.next_delay_s(since_requeue, self._rng, failed.retry_after_s)
                 next_at = now + timedelta(seconds=wait)

@@ -305,6 +305,8 @@ async def test_a_503_with_retry_after_puts_the_next_attempt_at_least_that_late()
     wait, sender = await _next_attempt_after("7", quick)
     assert 7 <= wait < 9
     assert await sender.round() == 0  # not due again yet
+    # The whole endpoint waits: another order's message is not sent to it either.
+    assert sender.circuit.state == "open" and not sender.circuit.allows()
     # Honoured up to the policy's cap; and a longer delay of the policy's own still wins.
     capped = standard_webhooks_retry(0.001, jitter=0, max_retry_after_s=60)
     wait, _ = await _next_attempt_after("86400", capped)
