@@ -87,7 +87,18 @@ class SecretRef(BaseModel):
             raise ValueError(f"cannot read {self.file}: {exc.strerror}") from None
 
 
-def _by_reference(value: object) -> object:
+def url_without_credentials(value: str, refusal: str) -> str:
+    """A configured URL: it names a host and carries no credentials (they would show wherever
+    the URL does: logs, attempt records, ``erp check``); ``refusal``: what to say if it does."""
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(refusal)
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    return value
+
+
+def by_reference(value: object) -> object:
     if isinstance(value, str):
         raise ValueError(
             'a secret is never written in the config: give { env = "VARIABLE" } or '
@@ -116,18 +127,12 @@ class ErpEntryBase(BaseModel):
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.username is not None or parts.password is not None:
-            # They would show wherever the URL does: logs, attempt records, erp check.
-            raise ValueError("credentials go in user and secret, never in the URL")
-        if not parts.hostname:
-            raise ValueError("must name a host")
-        return value
+        return url_without_credentials(value, "credentials go in user and secret, never in the URL")
 
     @field_validator("secret", mode="before")
     @classmethod
     def _secret_by_reference(cls, value: object) -> object:
-        return _by_reference(value)
+        return by_reference(value)
 
     def allowlist(self) -> Allowlist:
         return Allowlist.of(self.allow)

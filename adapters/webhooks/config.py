@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adapters.erp.base import SecretRef, _by_reference
+from adapters.erp.base import SecretRef, by_reference, url_without_credentials
 from contracts import PARTNER_EVENT_TYPES
 from hub.outbound import Allowlist
 from hub.settings import ConfigError, section_values, validation_problems
@@ -60,17 +60,13 @@ class WebhookEntry(BaseModel):
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("credentials never go in the URL (the secret signs instead)")
-        if not parts.hostname:
-            raise ValueError("must name a host")
-        return value
+        refusal = "credentials never go in the URL (the secret signs instead)"
+        return url_without_credentials(value, refusal)
 
     @field_validator("secret", "signing_key", mode="before")
     @classmethod
     def _by_reference(cls, value: object) -> object:
-        return _by_reference(value)
+        return by_reference(value)
 
     @field_validator("events")
     @classmethod
