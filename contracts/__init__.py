@@ -65,6 +65,7 @@ from contracts._types import (
     OrderCancelledV1,
     OrderChangedV1,
     OrderEndedV1,
+    OrderProgressedV1,
     OrderReleasedV1,
     OrderStartedV1,
     PartCountKind,
@@ -74,6 +75,7 @@ from contracts._types import (
     Stream,
     Token,
     WebhookDueV1,
+    WebhooksChangedV1,
 )
 
 __all__ = [
@@ -103,6 +105,7 @@ __all__ = [
     "OrderEndedV1",
     "OrderEtaChangedWebhookV1",
     "OrderProgressWebhookV1",
+    "OrderProgressedV1",
     "OrderReleasedV1",
     "OrderStartedV1",
     "OrderStartedWebhookV1",
@@ -114,6 +117,7 @@ __all__ = [
     "Token",
     "ValidatedEvent",
     "WebhookDueV1",
+    "WebhooksChangedV1",
     "check_event_time",
     "check_subject",
     "decode_event",

@@ -221,6 +221,18 @@ class DeliveryForecastChangedV1(_Data):
     previous_eta: EventTime | None = None
 
 
+class OrderProgressedV1(_Data):
+    """The hub's own event: an order's good parts or scrap changed since the last one, told at
+    most once per ``[hub] webhook_progress_interval_s`` per order (the forecast watch's
+    throttle). Published by the hub, never accepted from outside. The subject is the order."""
+
+    order_id: Token
+    good: StrictInt = Field(ge=0)
+    scrap: StrictInt = Field(ge=0)
+    remaining: StrictInt | None = Field(ge=0)
+    quantity: StrictInt | None = Field(gt=0)
+
+
 class PlantConfiguredV1(_Data):
     """The hub's own event: the plant's calendar and reason catalog (the ``[plant]`` table of
     ``mes-hub.toml``) changed. It applies from ``effective_from``, or from when it was recorded;
@@ -274,6 +286,9 @@ class DeliveryAttemptedV1(_Data):
     reason: StrictStr = Field(default="", max_length=512)
     excerpt: StrictStr = Field(default="", max_length=512)
     next_attempt_at: EventTime | None = None
+    # How long the destination took to answer (or fail), in milliseconds; None: not measured
+    # (a requeue, or an attempt recorded before it was).
+    duration_ms: StrictInt | None = Field(default=None, ge=0)
 
 
 class WebhookDueV1(_Data):
@@ -288,6 +303,26 @@ class WebhookDueV1(_Data):
     event_time: EventTime
     data: dict[str, Any]
     endpoints: list[Token] = Field(min_length=1, max_length=1000)
+
+
+class WebhooksChangedV1(_Data):
+    """The hub's own event: its partners (suppliers, customers), their API keys or their
+    webhook endpoints changed — registered, edited, deleted, a key issued or revoked, a secret
+    rotated, an endpoint paused, resumed, or disabled by the hub (docs/webhooks.md). The subject
+    is the site. Keys and secrets are never in it: a key by the SHA-256 of it, a secret by its
+    id and fingerprint."""
+
+    action: Literal[
+        "partner_saved", "partner_deleted", "key_issued", "key_revoked", "endpoint_saved",
+        "endpoint_deleted", "secret_rotated", "endpoint_paused", "endpoint_resumed",
+        "endpoint_disabled",
+    ]  # fmt: skip
+    partner_id: Token | None = None
+    endpoint_id: Token | None = None
+    key_id: Token | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)
+    by: StrictStr = Field(min_length=1, max_length=128, description="Who asked: a role, or the hub")
+    reason: StrictStr = Field(default="", max_length=512)
 
 
 Stream = Literal["machine", "operator", "erp", "hub"]
@@ -306,7 +341,7 @@ class EventType:
     data_model: type[_Data]
     stream: Stream
     kind: str
-    entity: Literal["order", "plant", ""] = ""
+    entity: Literal["order", "plant", "webhooks", ""] = ""
 
 
 EVENT_TYPES: dict[str, EventType] = {
@@ -333,9 +368,19 @@ EVENT_TYPES: dict[str, EventType] = {
             entity="order",
         ),
         EventType(
+            "mes.hub.order.progressed.v1", OrderProgressedV1, "hub", "progressed", entity="order"
+        ),
+        EventType(
             "mes.hub.plant.configured.v1", PlantConfiguredV1, "hub", "configured", entity="plant"
         ),
         EventType("mes.hub.webhook.due.v1", WebhookDueV1, "hub", "webhook_due", entity="order"),
+        EventType(
+            "mes.hub.webhooks.changed.v1",
+            WebhooksChangedV1,
+            "hub",
+            "webhooks_changed",
+            entity="webhooks",
+        ),
         EventType(
             "mes.hub.order.confirmation_due.v1",
             ConfirmationDueV1,

@@ -24,9 +24,11 @@ from adapters.erp.outbox import ErpDestination
 from adapters.erp.poller import OrderPoller
 from adapters.webhooks.config import WebhookEntry
 from adapters.webhooks.destination import WebhookDestination
+from adapters.webhooks.secrets import EndpointSecrets
 from adapters.webhooks.signing import SigningKey
 from hub.api.deps import ApiContext
 from hub.api.reads import ReadPool, ReadSources
+from hub.api.webhook_desk import WebhookDesk
 from hub.children import ChildProcess
 from hub.domain import Order
 from hub.files import write_whole
@@ -46,6 +48,7 @@ from hub.nats_auth import (
     signing_key,
     signing_since,
 )
+from hub.outbound import Allowlist
 from hub.outbox import (
     Destination,
     OutboxMessage,
@@ -57,10 +60,20 @@ from hub.outbox import (
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
+from hub.webhook_registry import Registry
+from hub.webhook_registry import empty as registry_empty
 from projections.processes.confirmations import ConfirmationWatch, confirmation_message_key
 from projections.processes.forecast_watch import ForecastWatch
 from projections.processes.partner_watch import PartnerWatch
-from projections.rules.partner_events import Subscription
+from projections.processes.webhook_endpoints import (
+    EndpointHealth,
+    EndpointSenders,
+    EndpointSpec,
+    RegistryCache,
+    WebhookChanges,
+    describe,
+)
+from projections.rules.partner_events import Subscription, Visibility
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
 from projections.views.database import PostgresViews, SQLiteViews, ViewDatabase
@@ -114,7 +127,8 @@ class Hub:
     services: list[Service] = field(default_factory=list)
     views_process: ChildProcess | None = None  # None: the views are not kept by this hub
     owns_store: bool = True  # False when the caller passed the store in: theirs to close
-    senders: list[Sender] = field(default_factory=list)  # the outbox's, one per destination
+    senders: list[Sender] = field(default_factory=list)  # the ERPs' outbox senders
+    webhooks: WebhookParts | None = None  # partners' endpoints (their senders come and go)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _group: asyncio.Task[None] | None = None
     _running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -228,7 +242,7 @@ class Hub:
 
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
 CONFIRMATIONS, OUTBOX, ERP_ORDERS = "confirmations", "outbox", "erp-orders"
-PARTNERS = "partner-webhooks"
+PARTNERS, WEBHOOK_SENDERS = "partner-webhooks", "webhook-senders"
 PARTNERS_SINCE = "webhooks.since"  # when this hub began to tell partners (data dir)
 PARTNERS_AT = "webhooks.position"  # how far the store was read for them
 CONFIRMATIONS_SINCE = "erp-confirmations.since"  # when this hub began to confirm (data dir)
@@ -264,18 +278,141 @@ def erp_destinations(
     return found
 
 
-def webhook_destinations(settings: Settings, entries: Sequence[WebhookEntry]) -> list[Destination]:
-    """Each ``[[webhook]]`` entry as an outbox destination: signed, SSRF-checked POSTs."""
-    found: list[Destination] = []
-    for entry in entries:
-        key = entry.signing_key
-        found.append(
-            WebhookDestination(
-                entry.name, entry.url, entry.secrets,
-                signing_key=SigningKey.from_secret(key.read().get_secret_value()) if key else None,
-                allow=entry.allowlist(), site=settings.site, timeout_s=entry.timeout_s,
-            )
+@dataclass
+class WebhookParts:
+    """The partners' webhooks at work: the registry (API-made partners and endpoints), how a
+    change of it is stored, the endpoints' secrets, and their senders."""
+
+    registry: RegistryCache
+    changes: WebhookChanges
+    secrets: EndpointSecrets
+    senders: EndpointSenders
+    config: tuple[WebhookEntry, ...]
+
+
+# What a managed endpoint's sender is made from: a change of any makes a new one.
+_SENDER_FIELDS = ("url", "allow", "timeout_s", "rate_per_s", "sign_ed25519")
+
+
+def webhook_parts(
+    settings: Settings,
+    store: EventStore,
+    views: ViewDatabase,
+    entries: Sequence[WebhookEntry],
+    publisher: EventPublisher,
+    retry: RetryPolicy,
+    clock: Clock = utc_now,
+) -> WebhookParts:
+    """The endpoints of the config file and of the registry, each with a sender while active."""
+    registry = RegistryCache(settings.site, store.load)
+    changes = WebhookChanges(settings.site, publisher, store.received_already, registry, clock)
+    secrets = EndpointSecrets(settings.data_dir / "webhooks" / "secrets")
+    config = {e.name: e for e in entries}
+    outbox = OutboxReader(views)
+
+    def specs() -> list[EndpointSpec]:
+        now = registry()
+        found = [EndpointSpec(name, now.status(name), "config") for name in config]
+        return found + [
+            EndpointSpec(e["endpoint_id"], str(e["status"]), describe(e, _SENDER_FIELDS))
+            for e in now.partner_endpoints()
+            if e["endpoint_id"] not in config
+        ]
+
+    def make(endpoint_id: str, wrap: Callable[[Destination], Destination]) -> Sender | None:
+        destination = _endpoint_destination(settings, config, registry, secrets, endpoint_id)
+        if destination is None:
+            return None
+        return Sender(
+            wrap(destination), outbox, publisher, settings.site, idempotency_key, retry,
+            after=_first_seen(_since_file(settings, endpoint_id), store.last_position()),
+            kill_after_delivery=settings.fault_kill_after_delivery, clock=clock,
         )  # fmt: skip
+
+    async def disable(endpoint_id: str, reason: str) -> None:
+        endpoint = registry().endpoint(endpoint_id) or {}
+        await changes(
+            {"action": "endpoint_disabled", "endpoint_id": endpoint_id,
+             "partner_id": endpoint.get("partner_id"), "by": "hub", "reason": reason}
+        )  # fmt: skip
+
+    health = EndpointHealth(
+        settings.data_dir / "webhooks" / "health", settings.webhook_disable_after_s
+    )
+    senders = EndpointSenders(specs, make, disable, health)
+    return WebhookParts(registry, changes, secrets, senders, tuple(entries))
+
+
+def _endpoint_destination(
+    settings: Settings,
+    config: dict[str, WebhookEntry],
+    registry: RegistryCache,
+    secrets: EndpointSecrets,
+    endpoint_id: str,
+) -> WebhookDestination | None:
+    """One endpoint as an outbox destination: signed, SSRF-checked, rate-limited POSTs."""
+    entry = config.get(endpoint_id)
+    if entry is not None:
+        key = entry.signing_key
+        return WebhookDestination(
+            entry.name, entry.url, entry.secrets,
+            signing_key=SigningKey.from_secret(key.read().get_secret_value()) if key else None,
+            allow=entry.allowlist(), site=settings.site, timeout_s=entry.timeout_s,
+            rate_per_s=entry.rate_per_s,
+        )  # fmt: skip
+    endpoint = registry().endpoint(endpoint_id)
+    if endpoint is None or not endpoint.get("partner_id"):
+        return None
+
+    def current() -> list[str]:
+        # The secrets that sign now (two during a rotation's overlap), newest first.
+        now = datetime.now(UTC).isoformat()
+        found = (registry().endpoint(endpoint_id) or {}).get("secrets", [])
+        live = [s["id"] for s in found if s["expires_at"] is None or s["expires_at"] > now]
+        return secrets.values(endpoint_id, reversed(live))
+
+    return WebhookDestination(
+        endpoint_id, endpoint["url"], current,
+        signing_key=secrets.signing_key() if endpoint.get("sign_ed25519") else None,
+        allow=Allowlist.of(endpoint.get("allow") or []), site=settings.site,
+        timeout_s=float(endpoint.get("timeout_s") or 15.0), rate_per_s=endpoint.get("rate_per_s"),
+    )  # fmt: skip
+
+
+def subscriptions(
+    settings: Settings, registry: Registry, entries: Sequence[WebhookEntry], clock: Clock
+) -> list[Subscription]:
+    """What each endpoint wants and may see: the config file's, and the partners'."""
+    found = [
+        Subscription(
+            endpoint=e.name, event_types=frozenset(e.events),
+            customers=None if e.all_customers else frozenset(e.customers),
+            part_numbers=frozenset(e.part_numbers), orders=frozenset(e.orders),
+            since=_endpoint_since(settings, e.name, clock),
+        )
+        for e in entries
+    ]  # fmt: skip
+    names = {e.name for e in entries}
+    for endpoint in registry.partner_endpoints():
+        partner = registry.partner(endpoint["partner_id"])
+        if partner is None or endpoint["endpoint_id"] in names:
+            continue
+        found.append(
+            Subscription(
+                endpoint=endpoint["endpoint_id"],
+                event_types=frozenset(endpoint["events"]) if endpoint["events"] else None,
+                customers=frozenset(endpoint["customers"]) if endpoint["customers"] else None,
+                part_numbers=frozenset(endpoint["part_numbers"]),
+                orders=frozenset(endpoint["orders"]),
+                since=datetime.fromisoformat(endpoint["created_at"]),
+                visible=Visibility(
+                    all_orders=bool(partner["all_orders"]),
+                    customers=frozenset(partner["customers"]),
+                    part_numbers=frozenset(partner["part_numbers"]),
+                    orders=frozenset(partner["orders"]),
+                ),
+            )
+        )
     return found
 
 
@@ -285,6 +422,7 @@ def partner_watch(
     entries: Sequence[WebhookEntry],
     publisher: EventPublisher,
     clock: Clock = utc_now,
+    registry: Callable[[], Registry] | None = None,
 ) -> PartnerWatch:
     """The watch deciding what the endpoints are owed: from where the store was when this hub
     first told partners (kept in the data dir, as when), so no endpoint is sent history."""
@@ -296,17 +434,10 @@ def partner_watch(
         position = int(position_file.read_text().strip())
     except (FileNotFoundError, ValueError):  # lost: from now on, not from the start
         position = store.last_position()
-    subscriptions = [
-        Subscription(
-            endpoint=e.name, event_types=frozenset(e.events),
-            customers=None if e.all_customers else frozenset(e.customers),
-            part_numbers=frozenset(e.part_numbers), orders=frozenset(e.orders),
-            since=_endpoint_since(settings, e.name, clock),
-        )
-        for e in entries
-    ]  # fmt: skip
+    read_registry = registry or (lambda: Registry(registry_empty()))
     return PartnerWatch(
-        settings.site, store.read, store.history, subscriptions, publisher,
+        settings.site, store.read, store.history,
+        lambda: subscriptions(settings, read_registry(), entries, clock), publisher,
         since=datetime.fromisoformat(since_file.read_text().strip()),
         position=position, position_file=position_file,
     )  # fmt: skip
@@ -445,7 +576,24 @@ def api_context(
             for sender in getattr(hub, "senders", ())
             if CONFIRMATION in sender.destination.kinds  # (the ERPs, not partners' endpoints)
         },
+        webhooks=webhook_desk(hub),
     )
+
+
+def webhook_desk(hub: Hub) -> WebhookDesk | None:
+    """What the API's partner and webhook routes work with (None: the hub keeps no views)."""
+    parts = getattr(hub, "webhooks", None)
+    if parts is None:
+        return None
+    settings = hub.settings
+    return WebhookDesk(
+        site=settings.site, registry=parts.registry, changes=parts.changes,
+        secrets=parts.secrets, outbox=OutboxReader(hub.views),
+        requeue=Requeue(hub.publisher, settings.site, hub.clock), senders=parts.senders,
+        store_position=hub.store.last_position,
+        since_file=partial(_since_file, settings), history=hub.store.history,
+        config_endpoints=tuple(e.name for e in parts.config),
+    )  # fmt: skip
 
 
 def _last_port(url_file: Path) -> int | None:
@@ -627,6 +775,7 @@ async def build_hub(
         plant or PlantConfig(),
         publisher,
         ready=views_caught_up,
+        progress_interval_s=settings.webhook_progress_interval_s,
     )
     services: list[Service] = []
     views_child = views_process(settings) if projections else None
@@ -656,23 +805,17 @@ async def build_hub(
             confirm = partial(watch.run, interval_s=settings.confirm_interval_s)
             services.append(Service(CONFIRMATIONS, confirm))
         services += [Service(f"{OUTBOX}:{s.name}", s.run) for s in senders]
-    if projections and webhooks:
-        endpoints = await asyncio.to_thread(
-            outbox_senders,
-            settings,
-            webhook_destinations(settings, webhooks),
-            views,
-            publisher,
-            webhook_retry or standard_webhooks_retry(),
-            await asyncio.to_thread(events_store.last_position),
-            clock,
-        )
-        senders += endpoints
+    endpoints: WebhookParts | None = None
+    if projections:
+        endpoints = webhook_parts(
+            settings, events_store, views, webhooks, publisher,
+            webhook_retry or standard_webhooks_retry(), clock,
+        )  # fmt: skip
         partners = await asyncio.to_thread(
-            partner_watch, settings, events_store, webhooks, publisher, clock
+            partner_watch, settings, events_store, webhooks, publisher, clock, endpoints.registry
         )
         services.append(Service(PARTNERS, partial(partners.run, interval_s=0.2)))
-        services += [Service(f"{OUTBOX}:{s.name}", s.run) for s in endpoints]
+        services.append(Service(WEBHOOK_SENDERS, endpoints.senders.run))
     if erp:
         pollers = erp_pollers(settings, erp, api_publisher)
         services += [Service(f"{ERP_ORDERS}:{p.name}", p.run) for p in pollers]
@@ -694,6 +837,7 @@ async def build_hub(
         views_process=views_child,
         owns_store=owns_store,
         senders=senders,
+        webhooks=endpoints,
     )
     try:
         hub.start()

@@ -14,6 +14,9 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
+from hub.webhook_registry import apply_change
+from hub.webhook_registry import empty as registry_empty
+
 # Aggregate ids are derived from the plant's own ids, so any process finds the same aggregate.
 _ID_NAMESPACE = uuid5(NAMESPACE_URL, "urn:mes-hub")
 
@@ -303,6 +306,10 @@ class Order(Aggregate):
     # Class defaults, so orders restored from snapshots taken before these existed have them.
     delivery_forecast: dict[str, Any] | None = None  # the last one published (JSON-ready)
     delivery_forecast_changes: int = 0
+    # The last progress published (OrderProgressedV1 data without the order id, and ``as_of``:
+    # the event time, which the watch's throttle counts from), and how many were.
+    progress: dict[str, Any] | None = None
+    progress_changes: int = 0
     # Every start and end as tapped: {machine_id, time (ISO), started}; None on orders stored
     # before moves were kept (their runs are the starting point).
     moves: list[dict[str, Any]] | None = None
@@ -350,6 +357,9 @@ class Order(Aggregate):
 
     def record_delivery_forecast(self, origin: Origin, forecast: dict[str, Any]) -> None:
         self._delivery_forecast_changed(origin.event_id, origin.source, origin.time, forecast)
+
+    def record_progress(self, origin: Origin, progress: dict[str, Any]) -> None:
+        self._progressed(origin.event_id, origin.source, origin.time, progress)
 
     def record_confirmation_due(self, origin: Origin, confirmation: dict[str, Any]) -> None:
         self._confirmation_due(origin.event_id, origin.source, origin.time, confirmation)
@@ -410,6 +420,13 @@ class Order(Aggregate):
     ) -> None:
         self.delivery_forecast = forecast
         self.delivery_forecast_changes += 1
+
+    @event("Progressed")
+    def _progressed(
+        self, event_id: str, source: str, event_time: datetime, progress: dict[str, Any]
+    ) -> None:
+        self.progress = {**progress, "as_of": event_time.isoformat()}
+        self.progress_changes += 1
 
     @event("ConfirmationDue")
     def _confirmation_due(
@@ -524,3 +541,30 @@ class Plant(Aggregate):
                 "recorded_at": event_time.isoformat(),
             }
         )
+
+
+def webhooks_aggregate_id(site: str) -> UUID:
+    return uuid5(_ID_NAMESPACE, f"webhooks/{site}")
+
+
+class Webhooks(Aggregate):
+    """The site's partners and their webhook endpoints (``hub.webhook_registry``): every change
+    kept, who asked for it and why."""
+
+    @staticmethod
+    def create_id(site: str) -> UUID:
+        return webhooks_aggregate_id(site)
+
+    @event("Registered")
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.registry: dict[str, Any] = registry_empty()
+
+    def change(self, origin: Origin, change: dict[str, Any]) -> None:
+        self._changed(origin.event_id, origin.source, origin.time, change)
+
+    @event("Changed")
+    def _changed(
+        self, event_id: str, source: str, event_time: datetime, change: dict[str, Any]
+    ) -> None:
+        self.registry = apply_change(self.registry, change, event_time.isoformat())

@@ -50,6 +50,7 @@ from contracts import (
     OrderCancelledV1,
     OrderChangedV1,
     OrderEndedV1,
+    OrderProgressedV1,
     OrderReleasedV1,
     OrderStartedV1,
     PartCountV1,
@@ -57,6 +58,7 @@ from contracts import (
     ScrapV1,
     ValidatedEvent,
     WebhookDueV1,
+    WebhooksChangedV1,
     check_event_time,
     check_subject,
     decode_event,
@@ -69,9 +71,11 @@ from hub.domain import (
     Order,
     Origin,
     Plant,
+    Webhooks,
     machine_aggregate_id,
     order_aggregate_id,
     plant_aggregate_id,
+    webhooks_aggregate_id,
 )
 from hub.errors import ConcurrentWrite
 from hub.nats import (
@@ -116,7 +120,7 @@ class Target(NamedTuple):
     """An aggregate an event touches: its kind, its site and its id there (the plant's is the
     site)."""
 
-    kind: Literal["machine", "order", "plant"]
+    kind: Literal["machine", "order", "plant", "webhooks"]
     site: str
     entity_id: str
 
@@ -131,7 +135,8 @@ def targets(site: str, event: ValidatedEvent) -> tuple[Target, ...]:
     is written from the machine's partition too; a concurrent write there is retried.)"""
     event_type = event.event_type
     kind = event_type.entity or ("order" if event_type.stream == "erp" else "machine")
-    first = Target(kind, site, site if kind == "plant" else event.envelope.subject)
+    site_wide = kind in ("plant", "webhooks")  # (their id is the site)
+    first = Target(kind, site, site if site_wide else event.envelope.subject)
     if isinstance(event.data, OrderStartedV1 | OrderEndedV1):
         return first, Target("order", site, event.data.order_id)
     return (first,)
@@ -140,6 +145,8 @@ def targets(site: str, event: ValidatedEvent) -> tuple[Target, ...]:
 def aggregate_id(target: Target) -> UUID:
     if target.kind == "plant":
         return plant_aggregate_id(target.site)
+    if target.kind == "webhooks":
+        return webhooks_aggregate_id(target.site)
     make = machine_aggregate_id if target.kind == "machine" else order_aggregate_id
     return make(target.site, target.entity_id)
 
@@ -152,6 +159,8 @@ def _new_aggregate(target: Target) -> Aggregate:
             return Order(site=target.site, order_id=target.entity_id)
         case "plant":
             return Plant(site=target.site)
+        case "webhooks":
+            return Webhooks(site=target.site)
 
 
 def _one(kind: type[_A], aggregates: Sequence[Aggregate]) -> _A:
@@ -401,6 +410,9 @@ class Ingestor:
             case DeliveryForecastChangedV1():
                 forecast = data.model_dump(mode="json", exclude={"order_id"})
                 _one(Order, touched).record_delivery_forecast(origin, forecast)
+            case OrderProgressedV1():
+                progress = data.model_dump(mode="json", exclude={"order_id"})
+                _one(Order, touched).record_progress(origin, progress)
             case ConfirmationDueV1():
                 order = _one(Order, touched)
                 # Whole, with the site: the outbox view reads its messages from these alone.
@@ -416,6 +428,9 @@ class Ingestor:
                 order.record_webhook_due(
                     origin, {**data.model_dump(mode="json"), "site": order.site}
                 )
+            case WebhooksChangedV1():
+                change = data.model_dump(mode="json")
+                _one(Webhooks, touched).change(origin, change)
             case DeliveryAttemptedV1():
                 attempt = data.model_dump(mode="json", exclude={"order_id"})
                 _one(Order, touched).record_delivery_attempt(origin, attempt)

@@ -21,14 +21,20 @@ destination reads what that destination has not taken yet and delivers it:
   destination is left alone for ``circuit_open_s``; then one message probes it (half-open): taken,
   the circuit closes; refused, it opens again. A slow or dead destination has its own sender:
   it never delays another.
+- **A rate limit per destination**, if it declares one (``rate_per_s``; None: unlimited): the
+  sender starts at most that many deliveries a second, averaged over all its slots, with a
+  burst of at most ``max(1, rate_per_s)`` (``RateLimit``, a token bucket). A message held back
+  by it is not an attempt: it goes in a later round, and the sender wakes up for it when the
+  next start is allowed.
 - **The same key every time**: a message's idempotency key derives from the stored event and the
   destination (``projections.views.outbox_view.idempotency_key``), so every retry, a redelivery
   after a crash, a replay, carries the same one, and the destination can drop repeats.
 - **Every attempt is stored** as ``mes.hub.delivery.attempted.v1`` (published by the hub, through
-  ingest like any event: what was sent, when, the outcome, the status and the start of the
-  answer), so an auditor sees what each ERP was told and what it said — and the view learns the
-  outcome. Until it has, the sender remembers it; a hub killed between the destination's answer
-  and the stored attempt sends the message again after its restart, with the same key.
+  ingest like any event: what was sent, when, the outcome, the status, the start of the
+  answer, how long the destination took: ``duration_ms``), so an auditor sees what each ERP
+  was told and what it said — and the view learns the outcome. Until it has, the sender
+  remembers it; a hub killed between the destination's answer and the stored attempt sends the
+  message again after its restart, with the same key.
 """
 
 from __future__ import annotations
@@ -235,6 +241,46 @@ class Circuit:
         self.probing = False
 
 
+class RateLimit:
+    """At most ``rate_per_s`` starts a second, averaged: a token bucket of ``max(1, rate_per_s)``
+    tokens (the burst allowed), full at first, refilled continuously by ``clock`` (monotonic
+    seconds); each start takes one token."""
+
+    _EPSILON = 1e-9  # of a token: what float arithmetic may lose in a refill
+
+    def __init__(self, rate_per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < rate_per_s < float("inf"):  # (NaN fails too)
+            raise ValueError(f"a rate limit must be a positive number per second: {rate_per_s}")
+        self.rate_per_s = float(rate_per_s)
+        self.capacity = max(1.0, self.rate_per_s)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        if now > self._at:
+            self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate_per_s)
+            self._at = now
+
+    def ready(self) -> bool:
+        """Whether a start is allowed now (takes nothing)."""
+        self._refill()
+        return self._tokens >= 1 - self._EPSILON
+
+    def take(self) -> bool:
+        """Take a start if one is allowed now; whether it was."""
+        if not self.ready():
+            return False
+        self._tokens = max(0.0, self._tokens - 1)
+        return True
+
+    def wait_s(self) -> float:
+        """Seconds until the next start is allowed (0: now)."""
+        self._refill()
+        return max(0.0, (1 - self._EPSILON - self._tokens) / self.rate_per_s)
+
+
 def attempt_event(
     site: str, event_id: str, message: OutboxMessage, now: datetime, data: dict[str, Any]
 ) -> CloudEvent:
@@ -308,12 +354,16 @@ class Sender:
         self.circuit = Circuit(self.policy.circuit_failures, self.policy.circuit_open_s)
         self._after, self._poll_s = after, poll_s
         self.owed_after = after  # it is owed what was decided after this store position
+        self._floor_held_until = 0.0  # (monotonic) see ``rewind``
         self._rng = rng or random.Random()
         self._known: dict[str, _Known] = {}
         self._busy: dict[str, asyncio.Task[None]] = {}  # ordering key -> its delivery
         self._wake = asyncio.Event()
         self._kill_after = kill_after_delivery  # failpoint for crash tests
         self.stats = SenderStats()
+        rate_per_s = getattr(destination, "rate_per_s", None)
+        self.rate_limit = RateLimit(rate_per_s) if rate_per_s is not None else None
+        self._rate_held = False  # the last round left a due message for want of a token
 
     @property
     def name(self) -> str:
@@ -327,8 +377,11 @@ class Sender:
                 except Exception:
                     log.exception("outbox %s: a round failed; trying again", self.name)
                 self._wake.clear()
+                wait = self._poll_s
+                if self._rate_held and self.rate_limit is not None:
+                    wait = min(wait, self.rate_limit.wait_s())  # up when the next token is
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                    await asyncio.wait_for(self._wake.wait(), wait)
         finally:
             busy = list(self._busy.values())
             for task in busy:
@@ -342,17 +395,35 @@ class Sender:
         )
         # Everything decided before ``floor`` was taken: ask from there on (else every round
         # would read past all that was ever delivered).
-        self._after = max(self._after, floor)
+        if time.monotonic() >= self._floor_held_until:
+            self._after = max(self._after, floor)
         now = datetime.now(UTC)  # (retries are timed by the wall clock, see ``_deliver``)
         started = 0
+        self._rate_held = False
         for message in self._due(messages, now):
-            if len(self._busy) >= self.policy.parallel or not self.circuit.allows():
+            if len(self._busy) >= self.policy.parallel:
                 break
+            # Asked before the circuit: a half-open circuit's probe, once allowed, must go.
+            if self.rate_limit is not None and not self.rate_limit.ready():
+                self._rate_held = True  # not an attempt: a later round sends it
+                break
+            if not self.circuit.allows():
+                break
+            if self.rate_limit is not None:
+                self.rate_limit.take()
             task = asyncio.create_task(self._deliver(message))
             self._busy[message.ordering_key] = task
             task.add_done_callback(functools.partial(self._done, message.ordering_key))
             started += 1
         return started
+
+    def rewind(self, position: int, hold_s: float = 60.0) -> None:
+        """Look again at what was decided after ``position`` (messages requeued there: a
+        replay, a redelivery), for at least ``hold_s``: the requeues reach the view a moment
+        after they were asked for, and until then the view shows those messages as taken."""
+        self._after = max(self.owed_after, min(self._after, position))
+        self._floor_held_until = time.monotonic() + hold_s
+        self._wake.set()
 
     def _done(self, ordering_key: str, _: asyncio.Task[None]) -> None:
         self._busy.pop(ordering_key, None)
@@ -403,8 +474,12 @@ class Sender:
         next_at: datetime | None = None
         status: int | None = None
         reason = answer = ""
+        began = time.monotonic()
         try:
-            delivered = await self.destination.deliver(message, key)
+            try:
+                delivered = await self.destination.deliver(message, key)
+            finally:
+                duration_ms = max(0, round((time.monotonic() - began) * 1000))
         except DeliveryFailed as failed:
             # Retries are timed from the answer, by the wall clock (a hub's clock given for
             # its events' time may stand still in a test, or jump).
@@ -445,7 +520,9 @@ class Sender:
                 f" (next at {next_at:%H:%M:%S})" if next_at else "",
             )  # fmt: skip
         stamped = self._clock()  # the attempt's event time: the hub's clock
-        await self._record(message, attempt, outcome, status, reason, answer, next_at, stamped)
+        await self._record(
+            message, attempt, outcome, status, reason, answer, next_at, stamped, duration_ms
+        )
 
     def _count(self, outcome: str) -> None:
         if outcome == "delivered":
@@ -476,6 +553,7 @@ class Sender:
         answer: str,
         next_at: datetime | None,
         now: datetime,
+        duration_ms: int,
     ) -> None:
         data = {
             "order_id": message.ordering_key,
@@ -487,6 +565,7 @@ class Sender:
             "reason": excerpt(reason),
             "excerpt": excerpt(answer),
             "next_attempt_at": next_at.isoformat() if next_at else None,
+            "duration_ms": duration_ms,  # how long the destination took (monotonic)
         }
         event = attempt_event(
             self._site, f"attempt-{message.key}-{self.name}-{attempt}", message, now, data
@@ -514,6 +593,7 @@ class InMemoryDestination:
     calls: int = 0
     down: bool = False  # fail, retryably
     refuse: bool = False  # fail for good
+    rate_per_s: float | None = None  # the sender's rate limit for it (None: unlimited)
 
     async def deliver(self, message: OutboxMessage, key: str) -> Delivered:
         self.calls += 1

@@ -28,8 +28,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from hub.errors import MesHubError
 
 ENV_PREFIX = "MES_HUB_"
-ROLES = ("admin", "operator", "erp", "supplier", "auditor")
-Role = Literal["admin", "operator", "erp", "supplier", "auditor"]
+ROLES = ("admin", "operator", "erp", "supplier", "customer", "auditor")
+Role = Literal["admin", "operator", "erp", "supplier", "customer", "auditor"]
 MIN_KEY_LENGTH = 16
 # ``json_schema_extra`` of a setting for tests only (the crash tests' failpoints): it works as any
 # other but is listed nowhere a user looks (``documented_settings``).
@@ -254,6 +254,16 @@ class Settings(BaseSettings):
     projection_batch: int = Field(default=5000, ge=1, le=100_000)
     projection_poll_s: float = Field(default=0.1, gt=0, le=60)
     forecast_interval_s: float = Field(default=60.0, gt=0, description="Re-forecast orders every")
+    webhook_progress_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Tell an order's progress (mes.order.progress.v1) at most once in",
+    )
+    webhook_disable_after_s: float = Field(
+        default=5 * 86400.0,
+        gt=0,
+        description="Disable a partner's webhook endpoint failing this long without a success",
+    )
     confirm_interval_s: float = Field(
         default=0.2, gt=0, le=60, description="How often production confirmations are decided"
     )

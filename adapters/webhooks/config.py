@@ -56,6 +56,9 @@ class WebhookEntry(BaseModel):
         description="Internal networks this endpoint may be on (factory receivers); else refused",
     )
     timeout_s: float = Field(default=15.0, gt=0, le=60)
+    rate_per_s: float | None = Field(
+        default=None, gt=0, le=10_000, description="Webhooks started per second at most"
+    )
 
     @field_validator("url")
     @classmethod

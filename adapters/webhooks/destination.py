@@ -119,9 +119,11 @@ class WebhookDestination:
         allow: Allowlist,
         site: str,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        rate_per_s: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name, self.url, self.site, self.timeout_s = name, url, site, timeout_s
+        self.rate_per_s = rate_per_s  # deliveries started per second at most (hub.outbox)
         self._secrets, self._signing_key, self._allow, self._clock = (
             secrets, signing_key, allow, clock,
         )  # fmt: skip

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from hub.api.deps import ApiContext
 from hub.api.problems import install_problem_handlers, problem_response, problems
-from hub.api.routes import erp, events, health, machines, oee, orders
+from hub.api.routes import erp, events, health, machines, oee, orders, partners, webhooks
 from hub.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ def create_app(context: ApiContext) -> FastAPI:
         app.include_router(module.router, prefix="/api/v1", responses=reads)
     # (The ERP routes that read through the pool say so themselves.)
     app.include_router(erp.router, prefix="/api/v1", responses=problems(*every))
+    # Partners and their webhook endpoints: a hub that keeps no views sends none (503).
+    for module in (partners, webhooks):
+        app.include_router(module.router, prefix="/api/v1", responses=problems(*every, 400, 503))
     # Both OEE routes name a machine, which may be unknown (404).
     app.include_router(oee.router, prefix="/api/v1", responses=reads | problems(404))
     _serve_docs(app)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, cast
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from hub.api.policy import ERP_DESK, EVENT_WRITERS, READERS
+from hub.api.policy import ERP_DESK, EVENT_WRITERS, PARTNER_DESK, READERS, WEBHOOK_USERS
 from hub.api.problems import Problem
 from hub.api.reads import ReadPool
+from hub.api.webhook_desk import PARTNER_KEY, WebhookDesk, key_hash
 from hub.outbox import OutboxMessage
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
@@ -49,6 +50,9 @@ class ApiContext:
     # after (a destination added later is not owed the history): a message is sent once all
     # that are owed it took it.
     destinations: dict[str, int] = field(default_factory=dict)
+    # Partners and their webhook endpoints (``hub.api.routes.partners``, ``…webhooks``);
+    # None: this hub keeps no views, so sends no webhooks.
+    webhooks: WebhookDesk | None = None
 
 
 async def get_context(request: Request) -> ApiContext:
@@ -94,14 +98,20 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 @dataclass(frozen=True)
 class Caller:
     role: Role
+    partner: str | None = None  # a partner's key (roles supplier, customer): whose
 
 
-def _identify(api_keys: list[ApiKey], presented: str) -> Caller | None:
+def _identify(context: ApiContext, presented: str) -> Caller | None:
     # Compare against every key in constant time, so timing tells nothing about near misses.
     found: Caller | None = None
-    for api_key in api_keys:
+    for api_key in context.api_keys:
         if hmac.compare_digest(api_key.key.get_secret_value().encode(), presented.encode()):
             found = Caller(api_key.role)
+    if found is None and context.webhooks is not None and presented.startswith(PARTNER_KEY):
+        # A partner's key, issued by the API: the store keeps its SHA-256 only.
+        owner = context.webhooks.registry().key_owner(key_hash(presented))
+        if owner is not None and owner[1] in ("supplier", "customer"):
+            found = Caller(cast(Role, owner[1]), partner=owner[0])
     return found
 
 
@@ -117,7 +127,7 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
             raise Problem(
                 401, "an API key is required: Authorization: Bearer <key>", headers=challenge
             )
-        caller = _identify(context.api_keys, credentials.credentials)
+        caller = _identify(context, credentials.credentials)
         if caller is None:
             raise Problem(401, "the API key is not valid", headers=challenge)
         if caller.role not in roles:
@@ -133,3 +143,14 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
 Reader = Annotated[Caller, Depends(require(*READERS))]
 EventWriter = Annotated[Caller, Depends(require(*EVENT_WRITERS))]
 ErpDesk = Annotated[Caller, Depends(require(*ERP_DESK))]
+PartnerDesk = Annotated[Caller, Depends(require(*PARTNER_DESK))]
+WebhookUser = Annotated[Caller, Depends(require(*WEBHOOK_USERS))]
+
+
+async def get_desk(context: Context) -> WebhookDesk:
+    if context.webhooks is None:
+        raise Problem(503, "this hub sends no webhooks (it keeps no views)")
+    return context.webhooks
+
+
+Desk = Annotated[WebhookDesk, Depends(get_desk)]

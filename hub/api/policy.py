@@ -8,7 +8,8 @@ The roles (keys from ``MES_HUB_API_KEYS`` or the config file):
 - ``operator``: reads, and sends operator events (a tablet at the machine);
 - ``erp``: reads, and sends ERP order events;
 - ``auditor``: reads;
-- ``supplier``: admitted by no route yet.
+- ``supplier``, ``customer``: a partner's key (issued by ``POST /partners/{id}/keys``): its own
+  partner, webhook endpoints and their deliveries, nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ SENDS: dict[Role, frozenset[Stream]] = {
 EVENT_WRITERS: tuple[Role, ...] = tuple(SENDS)
 # Who sees and retries what the ERPs were told (production confirmations).
 ERP_DESK: tuple[Role, ...] = ("admin", "erp")
+# Who registers partners, issues their keys, and edits any endpoint.
+PARTNER_DESK: tuple[Role, ...] = ("admin",)
+# A partner's own keys; with the admin, who reads an endpoint's deliveries, pauses, resumes,
+# replays and redelivers (a partner's for its own endpoints only).
+PARTNERS: tuple[Role, ...] = ("supplier", "customer")
+WEBHOOK_USERS: tuple[Role, ...] = (*PARTNER_DESK, *PARTNERS)
 
 
 def may_send(role: Role, stream: Stream) -> bool:

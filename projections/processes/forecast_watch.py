@@ -1,5 +1,5 @@
 """Each order's progress and delivery forecast, and the watch that tells the world when a
-forecast changes.
+forecast changes, and how far an order got.
 
 The forecast depends on the clock as much as on events (an order that does not run slides
 towards its due date), so the watch re-forecasts open orders on a timer. When an order's status
@@ -7,8 +7,16 @@ changes, or its ETA moves by more than the plant's tolerance, it publishes a
 ``mes.hub.delivery_forecast.changed.v1`` event, which ingest stores on the order like any other
 fact (and later feeds ERP confirmations and webhooks).
 
-Its event ids are the order's change count: a watch that publishes, dies and publishes again
-before ingest stored the first one repeats the same id, and the repeat is dropped as a duplicate.
+In the same round it tells each open order's progress: a ``mes.hub.order.progressed.v1`` when
+the order's good parts or scrap differ from the last one published and at least
+``progress_interval_s`` passed since it (by the watch's clock; the first one, once the order
+made something, at once). A count that changes within the interval is told by the first round
+after it, with the counts of then. Partners get it as ``mes.order.progress.v1``
+(``projections.rules.partner_events``).
+
+Its event ids are the order's change count (forecasts and progress counted apart): a watch that
+publishes, dies and publishes again before ingest stored the first one repeats the same id, and
+the repeat is dropped as a duplicate.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from projections.views.facts_view import FactsReader, facts_of_runs
 
 log = logging.getLogger(__name__)
 FORECAST_TYPE = "mes.hub.delivery_forecast.changed.v1"
+PROGRESS_TYPE = "mes.hub.order.progressed.v1"
 OPEN = ("unreleased", "released", "running")
 FINAL = ("done", "late")
 
@@ -108,8 +117,38 @@ def forecast_change(
     }
 
 
+def progress_change(
+    order: Order, progress: OrderProgress, now: datetime, interval: timedelta
+) -> dict[str, Any] | None:
+    """The ``data`` of a progressed event, or None when there is nothing to tell yet.
+
+    Worth telling: good parts or scrap other than the last told (``order.progress``), once
+    ``interval`` passed since it was (by event time). An order that made nothing yet and told
+    nothing has nothing to say. Worked example, a 300 s interval: 3 good at 06:00 is told at
+    once; 5 good at 06:02 waits; 6 good at 06:05 is told; 6 good at 06:20 is no news."""
+    good, scrap = progress.good, progress.scrapped
+    last = order.progress
+    if last is None:
+        if good == 0 and scrap == 0:
+            return None
+    else:
+        if (last.get("good"), last.get("scrap")) == (good, scrap):
+            return None
+        as_of = last.get("as_of")
+        if as_of is not None and now - datetime.fromisoformat(as_of) < interval:
+            return None
+    return {
+        "order_id": order.order_id,
+        "good": good,
+        "scrap": scrap,
+        "remaining": progress.remaining,
+        "quantity": order.quantity,
+    }
+
+
 class ForecastWatch:
-    """Re-forecasts the orders still in play and publishes the changes."""
+    """Re-forecasts the orders still in play and publishes the changes, and their progress
+    (at most once per ``progress_interval_s`` per order)."""
 
     def __init__(
         self,
@@ -119,8 +158,10 @@ class ForecastWatch:
         plant: PlantConfig,
         publisher: EventPublisher,
         ready: Callable[[], bool] = lambda: True,
+        progress_interval_s: float = 300.0,
     ) -> None:
         self._site = site
+        self._progress_interval = timedelta(seconds=progress_interval_s)
         self._orders = orders
         self._reader = reader
         self._plant = plant
@@ -129,6 +170,7 @@ class ForecastWatch:
         # every order look as if it had made nothing, and the watch would say so to the world.
         self._ready = ready
         self.published = 0  # forecast changes published (not counting duplicates)
+        self.progressed = 0  # progress events published (not counting duplicates)
 
     def changes(self, now: datetime) -> list[CloudEvent]:
         if not self._ready():
@@ -142,6 +184,16 @@ class ForecastWatch:
             if order.status == "cancelled" or (order.status == "ended" and told in FINAL):
                 continue
             progress, expected = progress_and_forecast(order, self._reader, self._plant, now)
+            told_progress = progress_change(order, progress, now, self._progress_interval)
+            if told_progress is not None:
+                number = order.progress_changes + 1
+                event_id = f"progress-{self._site}-{order.order_id}-{number}"
+                events.append(
+                    hub_event(
+                        self._site, "order-progress", PROGRESS_TYPE, event_id, order.order_id,
+                        now, told_progress,
+                    )
+                )  # fmt: skip
             data = forecast_change(order, expected, progress.remaining, tolerance)
             if data is None:
                 continue
@@ -156,21 +208,23 @@ class ForecastWatch:
         return events
 
     async def check(self, now: datetime | None = None) -> int:
-        """One round: forecast, publish what changed; returns how many events were new."""
+        """One round: forecast, publish what changed (forecasts and progress); returns how
+        many events were new."""
         events = await asyncio.to_thread(self.changes, now or datetime.now(UTC))
         if not events:
             return 0
         receipts = await self._publisher.publish_many(events)
-        new = sum(1 for receipt in receipts if not receipt.duplicate)
-        self.published += new
-        return new
+        new = [e.type for e, r in zip(events, receipts, strict=True) if not r.duplicate]
+        self.published += new.count(FORECAST_TYPE)
+        self.progressed += new.count(PROGRESS_TYPE)
+        return len(new)
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         while not stop.is_set():
             try:
                 published = await self.check()
                 if published:
-                    log.info("delivery forecasts: %d changed", published)
+                    log.info("delivery forecasts and progress: %d events published", published)
             except Exception:
                 log.exception("delivery forecast round failed; next round in %.0f s", interval_s)
             with contextlib.suppress(TimeoutError):

@@ -34,8 +34,8 @@ WEBHOOK_DUE = "mes.hub.webhook.due.v1"
 PRODUCER = "webhooks"
 BATCH = 2000
 # The order events partner events are derived from (what makes an order worth a look).
-_KINDS = ("Released", "Changed", "Cancelled", "Started", "DeliveryForecastChanged",
-          "ConfirmationDue", "DeliveryAttempted")  # fmt: skip
+_KINDS = ("Released", "Changed", "Cancelled", "Started", "Progressed",
+          "DeliveryForecastChanged", "ConfirmationDue", "DeliveryAttempted")  # fmt: skip
 
 
 def order_topics() -> frozenset[str]:
@@ -51,17 +51,22 @@ class PartnerWatch:
         site: str,
         read: Callable[[int, int, Collection[str]], tuple[int, list[tuple[int, Any]]]],
         history: Callable[[UUID], list[Any]],
-        subscriptions: Sequence[Subscription],
+        subscriptions: Sequence[Subscription] | Callable[[], Sequence[Subscription]],
         publisher: EventPublisher,
         since: datetime,
         position: int,
         position_file: Path | None = None,
     ) -> None:
         self._site, self._read, self._history = site, read, history
-        self._subscriptions, self._publisher = list(subscriptions), publisher
+        # A list, or where to read them each round (partners register endpoints any time).
+        self._subscriptions_now = (
+            subscriptions if callable(subscriptions) else lambda: list(subscriptions)
+        )
+        self._subscriptions: list[Subscription] = []
+        self._publisher = publisher
         self._since, self._position, self._position_file = since, position, position_file
         self._topics = order_topics()
-        self._endpoints = {s.endpoint for s in self._subscriptions}
+        self._endpoints: set[str] = set()
         # Per order, how many of its partner events were decided: the next round decides only
         # those after (forgotten on a restart: the repeats are dropped by their ids).
         self._decided: dict[UUID, int] = {}
@@ -70,7 +75,11 @@ class PartnerWatch:
     def decisions(self) -> tuple[list[CloudEvent], int, dict[UUID, int]]:
         """What is owed for the order events stored after the position, the position read to,
         and per order how many of its partner events that decides (kept once published)."""
+        self._subscriptions = list(self._subscriptions_now())
+        self._endpoints = {s.endpoint for s in self._subscriptions}
         upto, found = self._read(self._position, BATCH, self._topics)
+        if not self._subscriptions:  # no endpoint: nothing is owed (nor told later: ``since``)
+            return [], upto, {}
         # (An attempt to deliver a webhook changes nothing partners are told: not a reason to
         # look at its order again, or every attempt would.)
         touched = sorted(

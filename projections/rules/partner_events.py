@@ -3,6 +3,9 @@ from the order's stored events in the order they were stored: a rebuild gives th
 with the same ids (docs/webhooks.md).
 
 - ``mes.order.started.v1``: its first run started (once per order);
+- ``mes.order.progress.v1``: its good parts or scrap changed — the forecast watch records that
+  (``mes.hub.order.progressed.v1``, from the order's part counts) at most once per
+  ``[hub] webhook_progress_interval_s`` per order, so partners are told at that pace at most;
 - ``mes.order.at_risk.v1``: its delivery forecast turned ``at_risk`` or ``late``, or changed
   between the two;
 - ``mes.order.eta_changed.v1``: the forecast end moved with the status unchanged (the forecast
@@ -10,9 +13,6 @@ with the same ids (docs/webhooks.md).
 - ``mes.order.completed.v1``: a production confirmation said the order is done (once);
 - ``mes.order.confirmed.v1``: an ERP acknowledged a production confirmation (once per
   confirmation, at the first ERP that took it).
-
-``mes.order.progress.v1`` comes from the order's part counts, not from these events (the watch
-that sends it throttles it per order).
 
 Each event's id is derived from what caused it — the order and the type where it happens once,
 else the stored event or the confirmation — so the id a partner dedupes on is the same on
@@ -31,6 +31,7 @@ from contracts import PARTNER_EVENT_TYPES
 from projections.rules.keys import message_key
 
 STARTED, AT_RISK = "mes.order.started.v1", "mes.order.at_risk.v1"
+PROGRESS = "mes.order.progress.v1"
 ETA_CHANGED, COMPLETED = "mes.order.eta_changed.v1", "mes.order.completed.v1"
 CONFIRMED = "mes.order.confirmed.v1"
 _ORDER_FIELDS = ("customer", "part_number", "quantity", "due")
@@ -58,7 +59,8 @@ def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[Part
     (in stored order).
 
     Worked example: SO-1 of 10 for customer C-7 is released, starts on M1 at 06:00 (started),
-    its forecast turns at_risk with an ETA of Tuesday 18:00 (at_risk), then the ETA moves to
+    the watch records 4 good and 1 scrap (progress: 6 remaining, 40 % complete), its forecast
+    turns at_risk with an ETA of Tuesday 18:00 (at_risk), then the ETA moves to
     Wednesday 10:00 (eta_changed); confirmation 1 of 10 good, final, is decided (completed) and
     the ERP takes it (confirmed).
 
@@ -104,7 +106,16 @@ def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[Part
             elif first_start is None or event.event_time < first_start.event_time:
                 first_start = event
         elif not released:
-            continue  # (a forecast or confirmation of an order not released: not told)
+            continue  # (a forecast, progress or confirmation of an order not released: not told)
+        elif kind == "Progressed":
+            progress = event.progress
+            good, quantity = progress["good"], progress.get("quantity") or order.get("quantity")
+            tell(
+                partner_event_id(event.source, event.event_id, PROGRESS), PROGRESS,
+                event.event_time, good=good, scrap=progress["scrap"],
+                remaining=progress.get("remaining"),
+                percent_complete=min(1.0, good / quantity) if quantity else None,
+            )  # fmt: skip
         elif kind == "DeliveryForecastChanged":
             forecast = event.forecast
             cause = (event.source, event.event_id)
@@ -159,6 +170,9 @@ class Subscription:
     part_numbers: frozenset[str] = frozenset()
     orders: frozenset[str] = frozenset()
     since: datetime | None = None  # when the endpoint was added: what happened before is not its
+    # What its partner may see (a partner registered through the API): the filters above only
+    # narrow it. None: the filters alone say (a [[webhook]] entry of the config file).
+    visible: Visibility | None = None
 
     def wants(self, event: PartnerEvent, customer_now: str | None = None) -> bool:
         """``customer_now``: the order's customer as the store has it now (a customer
@@ -175,4 +189,28 @@ class Subscription:
             return False
         if self.part_numbers and data.get("part_number") not in self.part_numbers:
             return False
-        return not self.orders or event.order_id in self.orders
+        if self.orders and event.order_id not in self.orders:
+            return False
+        return self.visible is None or self.visible.admits(event, customer_now)
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """The orders a partner may see: all of them, or those of its customers, of its part
+    numbers (a supplier of that part) or named. Worked example: a supplier granted part
+    ``P-100`` sees SO-1 (part P-100, customer C-7) but not SO-2 (part P-200, customer C-7);
+    a customer partner granted C-7 sees both."""
+
+    all_orders: bool = False
+    customers: frozenset[str] = frozenset()
+    part_numbers: frozenset[str] = frozenset()
+    orders: frozenset[str] = frozenset()
+
+    def admits(self, event: PartnerEvent, customer_now: str | None = None) -> bool:
+        data = event.data
+        if self.all_orders or event.order_id in self.orders:
+            return True
+        # (a customer corrected since: both the old and the new one must be this partner's)
+        if data.get("customer") in self.customers and customer_now in self.customers:
+            return True
+        return data.get("part_number") is not None and data["part_number"] in self.part_numbers

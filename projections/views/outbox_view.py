@@ -81,6 +81,10 @@ class OutboxView:
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {DELIVERIES}_by_outcome ON {DELIVERIES} (outcome, key)"
         )
+        # An endpoint's deliveries (the partners' API): its messages without reading all.
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {TARGETS}_by_destination ON {TARGETS} (destination, key)"
+        )
 
     def drop(self, cursor: Cursor) -> None:
         cursor.execute(f"DROP TABLE IF EXISTS {MESSAGES}")
@@ -258,6 +262,51 @@ class OutboxReader:
                          message.decided_at.isoformat(), message.position, *state)
                     )  # fmt: skip
         return [(m, states[m.key]) for m in found]
+
+    def addressed(
+        self,
+        destination: str,
+        *,
+        before: int | None = None,
+        since: datetime | None = None,
+        outcomes: Sequence[str] = (),
+        key: str | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[OutboxMessage]:
+        """The messages addressed to ``destination`` (a partner's endpoint), each with its
+        state there: decided before store position ``before``, at or after ``since``, whose
+        last outcome there is one of ``outcomes`` (``pending``: never tried), or the one
+        ``key``; newest first, or oldest first."""
+        where = [f"EXISTS (SELECT 1 FROM {TARGETS} t WHERE t.key = m.key AND t.destination = ?)"]
+        params: list[Any] = [destination]
+        if before is not None:
+            where.append("m.position < ?")
+            params.append(before)
+        if since is not None:
+            where.append("m.decided_at >= ?")
+            params.append(since.isoformat())
+        if key is not None:
+            where.append("m.key = ?")
+            params.append(key)
+        if outcomes:
+            chosen = [o for o in outcomes if o != "pending"]
+            either = [f"d.outcome IN ({', '.join('?' * len(chosen))})"] if chosen else []
+            if "pending" in outcomes:
+                either.append("d.outcome IS NULL")
+            where.append(f"({' OR '.join(either)})")
+            params.extend(chosen)
+        order = "DESC" if newest_first else "ASC"
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
+                f"m.decided_at, m.position, d.attempts, d.outcome, d.next_attempt_at, "
+                f"d.status_code, d.reason, d.requeued_at FROM {MESSAGES} m "
+                f"LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ? "
+                f"WHERE {' AND '.join(where)} ORDER BY m.position {order} LIMIT ?",
+                [destination, *params, limit],
+            )
+            return [_message(row) for row in cursor.fetchall()]
 
     def last_position(self) -> int:
         """The position of the last message decided (0: none)."""

@@ -225,9 +225,11 @@ async def test_a_forecast_change_is_stored_on_the_order_once_and_announces_laten
     await shift_with_a_ten_minute_stop(hub)
     stored = hub.ingest_stats().applied
     # 392 good parts in 451 busy minutes (05:59-13:30, one 24-hour shift a day): 69 s a part,
-    # so the 108 still to make take about two hours more, well before the due date.
-    assert await hub.forecast_watch.check(now=at(13, 30)) == 1
-    await eventually(lambda: hub.ingest_stats().applied == stored + 1)
+    # so the 108 still to make take about two hours more, well before the due date. The same
+    # round tells the order's first progress (mes.hub.order.progressed.v1): 392 good.
+    assert await hub.forecast_watch.check(now=at(13, 30)) == 2
+    assert (hub.forecast_watch.published, hub.forecast_watch.progressed) == (1, 1)
+    await eventually(lambda: hub.ingest_stats().applied == stored + 2)
     order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
     first = order["published_forecast"]
     assert order["published_forecast_changes"] == 1
@@ -243,8 +245,8 @@ async def test_a_forecast_change_is_stored_on_the_order_once_and_announces_laten
     assert await hub.forecast_watch.check(now=at(13, 40)) == 0
     again = hub.forecast_watch.changes(datetime.fromisoformat("2026-03-03T01:00:00+00:00"))
     receipts = await hub.publisher.publish_many(again + again)
-    assert [r.duplicate for r in receipts] == [False, True]
-    await eventually(lambda: hub.ingest_stats().applied == stored + 2)
+    assert [r.duplicate for r in receipts] == [False, True]  # (progress unchanged: not told)
+    await eventually(lambda: hub.ingest_stats().applied == stored + 3)
     order = (await client.get("/api/v1/orders/SO-1", headers=AUTH)).json()
     late = order["published_forecast"]
     assert order["published_forecast_changes"] == 2
@@ -315,7 +317,10 @@ async def test_the_forecast_watch_stays_silent_while_the_views_are_behind(hub: H
         site, lambda: hub.store.orders(site), FactsReader(hub.views), PlantConfig(),
         hub.publisher,
     )  # fmt: skip
-    assert [e.subject for e in caught_up.changes(at(13, 30))] == ["SO-1"]
+    assert [(e.type, e.subject) for e in caught_up.changes(at(13, 30))] == [
+        ("mes.hub.order.progressed.v1", "SO-1"),
+        ("mes.hub.delivery_forecast.changed.v1", "SO-1"),
+    ]
 
 
 async def test_a_forecast_round_loads_only_the_orders_still_in_play(hub: Hub) -> None:

@@ -75,6 +75,10 @@ EXAMPLES = {
             "previous_eta": "2026-03-03T21:00:00Z",
         },
     ),
+    "mes.hub.order.progressed.v1": (
+        "SO-1",
+        {"order_id": "SO-1", "good": 392, "scrap": 3, "remaining": 108, "quantity": 500},
+    ),
     "mes.hub.webhook.due.v1": (
         "SO-1",
         {
@@ -85,6 +89,16 @@ EXAMPLES = {
             "event_time": "2026-03-02T06:00:00Z",
             "data": {"order_id": "SO-1", "machine_id": "M1", "started_at": "2026-03-02T06:00:00Z"},
             "endpoints": ["customer-c7"],
+        },
+    ),
+    "mes.hub.webhooks.changed.v1": (
+        "default",
+        {
+            "action": "endpoint_disabled",
+            "partner_id": "C7",
+            "endpoint_id": "c7-main",
+            "by": "hub",
+            "reason": "the endpoint answered 410 Gone",
         },
     ),
     "mes.hub.order.confirmation_due.v1": (

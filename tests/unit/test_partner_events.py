@@ -62,6 +62,13 @@ class Facts:
             "previous_eta": (T0 + before).isoformat() if before is not None else None,
         })  # fmt: skip
 
+    def progress(self, at: timedelta, good: int, scrap: int, quantity: int | None = 10) -> None:
+        """The forecast watch's ``mes.hub.order.progressed.v1``, as ingest stores it."""
+        remaining = max(0, quantity - good) if quantity is not None else None
+        self.order.record_progress(self.origin(at, "urn:mes-hub:default:order-progress"), {
+            "good": good, "scrap": scrap, "remaining": remaining, "quantity": quantity,
+        })  # fmt: skip
+
     def release(self, customer: str = "C-7") -> None:
         self.order.release(self.origin(-timedelta(hours=1)), {
             "order_id": "SO-1", "part_number": "P-100", "quantity": 10, "customer": customer,
@@ -177,13 +184,14 @@ def test_what_partners_are_told_meets_the_schemas_they_are_given(tmp_path: Path)
         "due": (T0 + timedelta(days=1)).isoformat(),
     })  # fmt: skip
     life.order.start_on(life.origin(timedelta(0)), "M1")
+    life.progress(timedelta(minutes=30), good=2, scrap=1, quantity=5)
     life.forecast(
         timedelta(hours=1), ("late", "late"), timedelta(hours=30), before=timedelta(hours=20)
     )
     message = life.confirm(timedelta(hours=2), 1, good=5, total=5, final=True)
     life.attempt(timedelta(hours=2, minutes=1), message, "delivered", "erp-a")
     told = partner_events("default", "SO-1", life.events())
-    assert len({e.type for e in told}) == 5
+    assert len({e.type for e in told}) == 6
     for e in told:
         envelope = {
             "specversion": "1.0", "id": e.id, "source": "urn:mes-hub:default", "type": e.type,
@@ -216,3 +224,38 @@ def test_an_order_started_before_its_release_is_told_at_the_release_and_not_afte
     assert (data["customer"], data["machine_id"], data["started_at"]) == (
         "C-7", "M1", "2026-03-02T06:00:00Z",
     )  # fmt: skip
+
+
+def test_progress_is_told_with_its_percent_only_between_the_release_and_a_cancel() -> None:
+    # SO-1 of 10: the watch records 2 good before the ERP released it (not told: whose order
+    # it is is not known yet), then 4 good and 1 scrap (told: 6 remaining, 40 %), then 12 good
+    # (more than ordered: 100 %, not 120 %); the order is cancelled and 13 good is not told.
+    life = Facts()
+    life.progress(-timedelta(hours=2), good=2, scrap=0)
+    life.release()
+    life.progress(timedelta(hours=1), good=4, scrap=1)
+    life.progress(timedelta(hours=2), good=12, scrap=1)
+    life.order.cancel(life.origin(timedelta(hours=3)), "customer withdrew")
+    life.progress(timedelta(hours=4), good=13, scrap=1)
+
+    stored = life.events()
+    told = partner_events("default", "SO-1", stored)
+
+    assert [(e.type, e.time - T0) for e in told] == [
+        ("mes.order.progress.v1", timedelta(hours=1)),
+        ("mes.order.progress.v1", timedelta(hours=2)),
+    ]
+    first, second = (e.data for e in told)
+    assert first == {
+        "order_id": "SO-1", "customer": "C-7", "part_number": "P-100", "quantity": 10,
+        "due": "2026-03-03T06:00:00Z", "good": 4, "scrap": 1, "remaining": 6,
+        "percent_complete": 0.4,
+    }  # fmt: skip
+    assert (second["good"], second["remaining"], second["percent_complete"]) == (12, 0, 1.0)
+    # Each from its stored progressed event: the same ids when derived again.
+    progressed = [e for e in stored if type(e).__name__ == "Progressed"]
+    assert told[0].id == partner_event_id(
+        progressed[1].source, progressed[1].event_id, "mes.order.progress.v1"
+    )
+    assert [e.id for e in partner_events("default", "SO-1", stored)] == [e.id for e in told]
+    assert told[0].id != told[1].id

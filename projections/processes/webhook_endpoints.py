@@ -1,0 +1,278 @@
+"""The partners' webhook endpoints at work: a sender (``hub.outbox.Sender``) for each endpoint
+that is active, started when one is registered or resumed, stopped when one is paused, disabled
+or deleted, made anew when its URL or limits change — without a restart of the hub.
+
+While an endpoint is paused or disabled, the partner watch still decides what it is owed: the
+outbox keeps it, and it goes out, in order, once the endpoint is active again.
+
+An endpoint is **disabled by the hub** (``mes.hub.webhooks.changed.v1``, ``endpoint_disabled``,
+with the reason) when it answers ``410 Gone`` — the receiver says it wants no more — or when it
+has failed for ``disable_after_s`` (5 days by default) without one success in between. When it
+began failing is kept in the data dir, so a restart does not reset the count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from contracts import dedupe_key
+from hub.domain import Webhooks, webhooks_aggregate_id
+from hub.files import write_whole
+from hub.outbox import Delivered, DeliveryFailed, Destination, OutboxMessage, Sender
+from hub.ports import EventPublisher
+from hub.webhook_registry import Registry, empty
+from projections.rules.hub_events import hub_event
+
+log = logging.getLogger(__name__)
+DISABLE_AFTER_S = 5 * 86400.0
+CHANGED = "mes.hub.webhooks.changed.v1"
+
+
+class RegistryCache:
+    """The site's registry as the store has it, read again at most every ``ttl_s`` (the
+    partner watch, the senders and every partner key's request ask for it), or at once after
+    a change (``invalidate``). ``load(aggregate id)``: ``EventStore.load``."""
+
+    def __init__(
+        self, site: str, load: Callable[[Any], Any], ttl_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self._id, self._load, self._ttl_s, self._clock = (
+            webhooks_aggregate_id(site), load, ttl_s, clock,
+        )  # fmt: skip
+        self._read_at: float | None = None
+        self._registry = Registry(empty())
+
+    def __call__(self) -> Registry:
+        now = self._clock()
+        if self._read_at is None or now - self._read_at >= self._ttl_s:
+            aggregate = self._load(self._id)
+            state = aggregate.registry if isinstance(aggregate, Webhooks) else empty()
+            self._registry, self._read_at = Registry(state), now
+        return self._registry
+
+    def invalidate(self) -> None:
+        self._read_at = None
+
+
+class WebhookChanges:
+    """Stores a change of the registry (``mes.hub.webhooks.changed.v1``, published as the hub)
+    and waits until it is stored, so what the API answers next already sees it.
+    ``stored(keys)``: ``EventStore.received_already``."""
+
+    def __init__(
+        self, site: str, publisher: EventPublisher,
+        stored: Callable[[Sequence[str]], set[str]], cache: RegistryCache,
+        clock: Callable[[], Any], timeout_s: float = 15.0,
+    ) -> None:  # fmt: skip
+        self._site, self._publisher, self._stored, self._cache = site, publisher, stored, cache
+        self._clock, self._timeout_s = clock, timeout_s
+        self._lock = asyncio.Lock()  # one change at a time: each is checked against the last
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self._lock
+
+    async def __call__(self, change: dict[str, Any]) -> None:
+        event = hub_event(
+            self._site, "webhooks", CHANGED, f"webhooks-{uuid4().hex}", self._site,
+            self._clock(), change,
+        )  # fmt: skip
+        await self._publisher.publish(event)
+        key = dedupe_key(event)
+        deadline = time.monotonic() + self._timeout_s
+        while not await asyncio.to_thread(self._stored, [key]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the change was sent but is not stored yet")
+            await asyncio.sleep(0.02)
+        self._cache.invalidate()
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """An endpoint as the senders need it: its status, and what a sender is made from (a
+    change of ``definition`` makes a new one)."""
+
+    endpoint_id: str
+    status: str  # active, paused, disabled
+    definition: str = ""
+
+
+class EndpointHealth:
+    """Says when an endpoint is to be disabled: ``410 Gone``, or failing for ``disable_after_s``
+    since its first failure after a success (kept in ``directory``, ``<endpoint>.failing``)."""
+
+    def __init__(
+        self, directory: Path, disable_after_s: float = DISABLE_AFTER_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self._directory, self.disable_after_s, self._clock = directory, disable_after_s, clock
+        self._since: dict[str, float | None] = {}
+
+    def _path(self, endpoint: str) -> Path:
+        return self._directory / f"{endpoint}.failing"
+
+    def failing_since(self, endpoint: str) -> float | None:
+        if endpoint not in self._since:
+            try:
+                self._since[endpoint] = float(self._path(endpoint).read_text().strip())
+            except (FileNotFoundError, ValueError):
+                self._since[endpoint] = None
+        return self._since[endpoint]
+
+    def failed(self, endpoint: str, failure: DeliveryFailed) -> str | None:
+        """Note a failure; the reason to disable the endpoint, if it is time."""
+        if failure.status == 410:
+            return "the endpoint answered 410 Gone: its receiver asks for no more webhooks"
+        if failure.permanent:
+            return None  # (a refusal of one message's content: the endpoint is up)
+        now = self._clock()
+        since = self.failing_since(endpoint)
+        if since is None:
+            self._since[endpoint] = now
+            write_whole(self._path(endpoint), repr(now))
+            return None
+        if now - since >= self.disable_after_s:
+            days = (now - since) / 86400
+            return f"the endpoint has failed for {days:.1f} days without a success"
+        return None
+
+    def succeeded(self, endpoint: str) -> None:
+        if self.failing_since(endpoint) is not None:
+            self._since[endpoint] = None
+            self._path(endpoint).unlink(missing_ok=True)
+
+    def forget(self, endpoint: str) -> None:
+        self._since.pop(endpoint, None)
+        self._path(endpoint).unlink(missing_ok=True)
+
+
+class _Watched:
+    """A destination whose outcomes the health sees."""
+
+    def __init__(
+        self, inner: Destination, health: EndpointHealth, disable: Callable[[str, str], None]
+    ) -> None:
+        self.inner, self.name, self.kinds = inner, inner.name, inner.kinds
+        self.rate_per_s = getattr(inner, "rate_per_s", None)
+        self._health, self._disable = health, disable
+
+    async def deliver(self, message: OutboxMessage, key: str) -> Delivered:
+        try:
+            delivered = await self.inner.deliver(message, key)
+        except DeliveryFailed as failure:
+            reason = self._health.failed(self.name, failure)
+            if reason is not None:
+                self._disable(self.name, reason)
+            raise
+        self._health.succeeded(self.name)
+        return delivered
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass
+class _Running:
+    sender: Sender
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+    definition: str
+
+
+@dataclass
+class EndpointSenders:
+    """See the module. ``specs()``: every endpoint and its status (read each round);
+    ``make(endpoint_id, destination_wrapper)``: a sender for one, its destination wrapped so
+    the health sees it; ``disable(endpoint_id, reason)``: stores that the hub disabled it."""
+
+    specs: Callable[[], Sequence[EndpointSpec]]
+    make: Callable[[str, Callable[[Destination], Destination]], Sender | None]
+    disable: Callable[[str, str], Awaitable[None]]
+    health: EndpointHealth
+    refresh_s: float = 1.0
+    running: dict[str, _Running] = field(default_factory=dict)
+    _disabling: dict[str, str] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def senders(self) -> list[Sender]:
+        return [r.sender for r in self.running.values()]
+
+    def refresh(self) -> None:
+        """Look at the registry now (after the API changed it)."""
+        self._wake.set()
+
+    def rewind(self, endpoint_id: str, position: int) -> None:
+        """The endpoint's sender looks again from ``position`` on (a replay, a redelivery)."""
+        running = self.running.get(endpoint_id)
+        if running is not None:
+            running.sender.rewind(position)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    await self.reconcile()
+                except Exception:
+                    log.exception("webhook endpoints: a round failed; trying again")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+        finally:
+            for endpoint_id in list(self.running):
+                await self._stop(endpoint_id)
+
+    async def reconcile(self) -> None:
+        for endpoint_id, reason in list(self._disabling.items()):
+            try:
+                await self.disable(endpoint_id, reason)
+                log.warning("webhook endpoint %s disabled: %s", endpoint_id, reason)
+                del self._disabling[endpoint_id]
+            except Exception as exc:  # (stored next round)
+                log.warning("webhook endpoint %s: disabling failed (%s)", endpoint_id, exc)
+        specs = {s.endpoint_id: s for s in await asyncio.to_thread(self.specs)}
+        for endpoint_id, running in list(self.running.items()):
+            spec = specs.get(endpoint_id)
+            if spec is None or spec.status != "active" or spec.definition != running.definition:
+                await self._stop(endpoint_id)
+                if spec is None:
+                    self.health.forget(endpoint_id)
+        for endpoint_id, spec in specs.items():
+            if spec.status == "active" and endpoint_id not in self.running:
+                self._start(spec)
+
+    def _start(self, spec: EndpointSpec) -> None:
+        def watched(destination: Destination) -> Destination:
+            return _Watched(destination, self.health, self._ask_disable)
+
+        sender = self.make(spec.endpoint_id, watched)
+        if sender is None:
+            return
+        stop = asyncio.Event()
+        task = asyncio.create_task(sender.run(stop), name=f"outbox:{spec.endpoint_id}")
+        self.running[spec.endpoint_id] = _Running(sender, task, stop, spec.definition)
+
+    def _ask_disable(self, endpoint_id: str, reason: str) -> None:
+        self._disabling.setdefault(endpoint_id, reason)
+        self._wake.set()
+
+    async def _stop(self, endpoint_id: str) -> None:
+        running = self.running.pop(endpoint_id)
+        running.stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(running.task, 20)
+        with contextlib.suppress(Exception):
+            await running.sender.close()
+
+
+def describe(spec: dict[str, Any], fields: Sequence[str]) -> str:
+    """The part of an endpoint's definition a sender is made from, as text to compare."""
+    return repr([spec.get(f) for f in fields])
