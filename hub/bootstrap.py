@@ -97,6 +97,17 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+async def cancel_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again if it went on: on Python
+    3.11 ``asyncio.wait_for`` (which nats-py's publishing uses) can swallow a cancellation that
+    comes as what it waits for completes, and the task would run on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if not task.cancelled():
+        task.result()  # (it ended on its own: its error, if it had one, as ``await`` would)
+
+
 @dataclass(frozen=True)
 class Service:
     """A long-running part of the hub: an ingest partition, a view worker, the forecast watch
@@ -162,9 +173,7 @@ class Hub:
         round under way is cancelled, and it published all or nothing)."""
         task = self._running.get(name)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_task(task)
 
     async def record_plant(self, plant: PlantConfig) -> bool:
         """Record ``plant`` as the site's configuration if it differs from the last one recorded
@@ -323,17 +332,23 @@ def webhook_parts(
         destination = _endpoint_destination(settings, config, registry, secrets, endpoint_id)
         if destination is None:
             return None
+        since = (_since_file if endpoint_id in config else endpoint_since_file)(
+            settings, endpoint_id
+        )
         return Sender(
             wrap(destination), outbox, publisher, settings.site, idempotency_key, retry,
-            after=_first_seen(_since_file(settings, endpoint_id), store.last_position()),
+            after=_first_seen(since, store.last_position()),
             kill_after_delivery=settings.fault_kill_after_delivery, clock=clock,
         )  # fmt: skip
 
     async def disable(endpoint_id: str, reason: str) -> None:
-        endpoint = registry().endpoint(endpoint_id) or {}
+        now = await asyncio.to_thread(registry.fresh)
+        endpoint = now.endpoint(endpoint_id)
+        if now.status(endpoint_id) != "active" or (endpoint is None and endpoint_id not in config):
+            return  # (paused, disabled or deleted meanwhile: nothing to say)
         await changes(
             {"action": "endpoint_disabled", "endpoint_id": endpoint_id,
-             "partner_id": endpoint.get("partner_id"), "by": "hub", "reason": reason}
+             "partner_id": (endpoint or {}).get("partner_id"), "by": "hub", "reason": reason}
         )  # fmt: skip
 
     health = EndpointHealth(
@@ -341,6 +356,12 @@ def webhook_parts(
     )
     senders = EndpointSenders(specs, make, disable, health)
     return WebhookParts(registry, changes, secrets, senders, tuple(entries))
+
+
+def endpoint_since_file(settings: Settings, endpoint_id: str) -> Path:
+    """Where the store position a partner's endpoint was registered at is kept (apart from the
+    ERPs' and the config file's, whose names it may not take)."""
+    return settings.data_dir / "webhooks" / "senders" / f"{endpoint_id}.since"
 
 
 def _endpoint_destination(
@@ -591,8 +612,9 @@ def webhook_desk(hub: Hub) -> WebhookDesk | None:
         secrets=parts.secrets, outbox=OutboxReader(hub.views),
         requeue=Requeue(hub.publisher, settings.site, hub.clock), senders=parts.senders,
         store_position=hub.store.last_position,
-        since_file=partial(_since_file, settings), history=hub.store.history,
+        since_file=partial(endpoint_since_file, settings), history=hub.store.history,
         config_endpoints=tuple(e.name for e in parts.config),
+        reserved=tuple(s.name for s in hub.senders) + tuple(e.name for e in parts.config),
     )  # fmt: skip
 
 
@@ -812,8 +834,9 @@ async def build_hub(
             webhook_retry or standard_webhooks_retry(), clock,
         )  # fmt: skip
         partners = await asyncio.to_thread(
-            partner_watch, settings, events_store, webhooks, publisher, clock, endpoints.registry
-        )
+            partner_watch, settings, events_store, webhooks, publisher, clock,
+            endpoints.registry.fresh,
+        )  # fmt: skip
         services.append(Service(PARTNERS, partial(partners.run, interval_s=0.2)))
         services.append(Service(WEBHOOK_SENDERS, endpoints.senders.run))
     if erp:

@@ -417,6 +417,12 @@ class Sender:
             started += 1
         return started
 
+    def attempts_made(self, key: str) -> int:
+        """How many attempts this sender knows were made to deliver message ``key`` (the view
+        may not show the last ones yet)."""
+        known = self._known.get(key)
+        return known.attempts if known is not None else 0
+
     def rewind(self, position: int, hold_s: float = 60.0) -> None:
         """Look again at what was decided after ``position`` (messages requeued there: a
         replay, a redelivery), for at least ``hold_s``: the requeues reach the view a moment

@@ -22,23 +22,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Action = Literal[
-    "partner_saved",
-    "partner_deleted",
-    "key_issued",
-    "key_revoked",
-    "endpoint_saved",
-    "endpoint_deleted",
-    "secret_rotated",
-    "endpoint_paused",
-    "endpoint_resumed",
-    "endpoint_disabled",
-]
-ACTIONS: tuple[str, ...] = Action.__args__  # type: ignore[attr-defined]
-PARTNER_KINDS = ("customer", "supplier")
-STATUSES = ("active", "paused", "disabled")
 _PARTNER_FIELDS = ("name", "kind", "customers", "part_numbers", "orders", "all_orders")
 _ENDPOINT_FIELDS = (
     "url", "events", "customers", "part_numbers", "orders", "allow", "rate_per_s",
@@ -74,7 +59,7 @@ def apply_change(state: Mapping[str, Any], change: Mapping[str, Any], at: str) -
     elif action == "partner_deleted" and partner_id and partner is not None:
         del partners[partner_id]
         for gone in [e for e, v in endpoints.items() if v.get("partner_id") == partner_id]:
-            del endpoints[gone]
+            _retire(new, gone)
     elif action == "key_issued" and partner is not None and change.get("key_id"):
         partner["keys"][change["key_id"]] = {
             "role": fields.get("role", partner["kind"]), "hash": fields["hash"],
@@ -99,7 +84,7 @@ def apply_change(state: Mapping[str, Any], change: Mapping[str, Any], at: str) -
             endpoint["secrets"] = [{**fields["secret"], "created_at": at, "expires_at": None}]
         endpoint["updated_at"] = at
     elif action == "endpoint_deleted" and endpoint_id and endpoint is not None:
-        del endpoints[endpoint_id]
+        _retire(new, endpoint_id)
     elif action == "secret_rotated" and endpoint is not None:
         # The old ones sign alongside the new until ``expires_at`` (the overlap).
         for secret in endpoint["secrets"]:
@@ -117,6 +102,12 @@ def apply_change(state: Mapping[str, Any], change: Mapping[str, Any], at: str) -
         status = {"endpoint_paused": "paused", "endpoint_resumed": "active"}.get(action, "disabled")
         endpoint.update(status=status, status_reason=str(change.get("reason") or ""), status_at=at)
     return new
+
+
+def _retire(state: dict[str, Any], endpoint_id: str) -> None:
+    """Gone, its id never to be used again: what was sent under it stays its partner's."""
+    del state["endpoints"][endpoint_id]
+    state["retired"] = sorted({*state.get("retired", ()), endpoint_id})
 
 
 @dataclass(frozen=True)
@@ -147,6 +138,10 @@ class Registry:
     def partner_endpoints(self) -> list[dict[str, Any]]:
         """The endpoints registered for partners (not the config file's)."""
         return [e for e in self.endpoints.values() if e.get("partner_id")]
+
+    def used(self, endpoint_id: str) -> bool:
+        """Whether the id names an endpoint, or did (a deleted one's id is not used again)."""
+        return endpoint_id in self.endpoints or endpoint_id in self.state.get("retired", ())
 
     def key_owner(self, key_hash: str) -> tuple[str, str] | None:
         """(partner id, role) of the partner key with this hash, unless revoked."""

@@ -59,11 +59,27 @@ class EndpointSecrets:
         with self._lock:
             kept = self._read(endpoint_id)
             kept[secret_id] = secret
-            path = self._path(endpoint_id)
-            partial = path.with_name(path.name + ".partial")
-            write_private(partial, json.dumps(kept))
-            os.replace(partial, path)  # (whole or not at all)
+            self._write(endpoint_id, kept)
         return secret_id, secret, fingerprint(secret)
+
+    def _write(self, endpoint_id: str, kept: dict[str, str]) -> None:
+        """Whole or not at all, and on disk before the registry names the secret (a power cut
+        after it must not leave an endpoint whose secret is lost)."""
+        path = self._path(endpoint_id)
+        partial = path.with_name(path.name + ".partial")
+        partial.unlink(missing_ok=True)
+        write_private(partial, json.dumps(kept), exclusive=True)
+        descriptor = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(partial, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def values(self, endpoint_id: str, secret_ids: Iterable[str]) -> list[str]:
         """The secrets of these ids that are kept (in the order asked)."""
@@ -80,9 +96,7 @@ class EndpointSecrets:
             if not kept:
                 path.unlink(missing_ok=True)
                 return
-            partial = path.with_name(path.name + ".partial")
-            write_private(partial, json.dumps(kept))
-            os.replace(partial, path)
+            self._write(endpoint_id, kept)
 
     def signing_key(self) -> SigningKey:
         """The hub's Ed25519 key for ``v1a`` signatures, made on first use (0600)."""

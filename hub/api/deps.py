@@ -7,15 +7,23 @@ services they use (``Store``, ``Facts``, ``Orders``, ``Reads``, ``Publisher``, `
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar, cast
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from hub.api.policy import ERP_DESK, EVENT_WRITERS, PARTNER_DESK, READERS, WEBHOOK_USERS
+from hub.api.policy import (
+    ERP_DESK,
+    EVENT_WRITERS,
+    PARTNER_DESK,
+    PARTNERS,
+    READERS,
+    WEBHOOK_USERS,
+)
 from hub.api.problems import Problem
 from hub.api.reads import ReadPool
 from hub.api.webhook_desk import PARTNER_KEY, WebhookDesk, key_hash
@@ -101,17 +109,19 @@ class Caller:
     partner: str | None = None  # a partner's key (roles supplier, customer): whose
 
 
-def _identify(context: ApiContext, presented: str) -> Caller | None:
+async def _identify(context: ApiContext, presented: str) -> Caller | None:
     # Compare against every key in constant time, so timing tells nothing about near misses.
     found: Caller | None = None
     for api_key in context.api_keys:
         if hmac.compare_digest(api_key.key.get_secret_value().encode(), presented.encode()):
             found = Caller(api_key.role)
     if found is None and context.webhooks is not None and presented.startswith(PARTNER_KEY):
-        # A partner's key, issued by the API: the store keeps its SHA-256 only.
-        owner = context.webhooks.registry().key_owner(key_hash(presented))
-        if owner is not None and owner[1] in ("supplier", "customer"):
-            found = Caller(cast(Role, owner[1]), partner=owner[0])
+        # A partner's key, issued by the API: the store keeps its SHA-256 only (a hash looked
+        # up, not compared: its timing tells nothing of the key).
+        registry = await asyncio.to_thread(context.webhooks.registry)
+        owner = registry.key_owner(key_hash(presented))
+        if owner is not None and owner[1] in PARTNERS:
+            found = Caller(owner[1], partner=owner[0])
     return found
 
 
@@ -127,9 +137,16 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
             raise Problem(
                 401, "an API key is required: Authorization: Bearer <key>", headers=challenge
             )
-        caller = _identify(context, credentials.credentials)
+        caller = await _identify(context, credentials.credentials)
         if caller is None:
             raise Problem(401, "the API key is not valid", headers=challenge)
+        if caller.role in PARTNERS and caller.partner is None:
+            # A supplier or customer key of the settings belongs to no partner: it would see
+            # every partner's. A partner's key is issued by POST /api/v1/partners/{id}/keys.
+            raise Problem(
+                403, f"a {caller.role} key from the settings belongs to no partner; use a key "
+                "issued for the partner (POST /api/v1/partners/{id}/keys)",
+            )  # fmt: skip
         if caller.role not in roles:
             raise Problem(
                 403, f"role {caller.role!r} may not do this; admitted: {', '.join(roles)}"

@@ -14,13 +14,14 @@ import asyncio
 import hashlib
 import secrets as random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from adapters.webhooks.secrets import EndpointSecrets
+from hub.api.problems import Problem
 from hub.domain import order_aggregate_id
 from hub.files import write_whole
 from hub.outbox import OutboxMessage
@@ -30,6 +31,7 @@ from projections.views.outbox_view import OutboxReader
 
 PARTNER_KEY = "mhp_"  # a partner's API key: told apart from the hub's own keys at a glance
 REQUEUE_CHUNK = 200
+_TRIED = ("delivered", "duplicate", "failed", "dead", "requeued")  # (not: never tried yet)
 
 
 def key_hash(key: str) -> str:
@@ -55,14 +57,22 @@ class WebhookDesk:
     since_file: Callable[[str], Path]  # where an endpoint's first store position is kept
     history: Callable[[UUID], list[Any]]  # an aggregate's stored events
     config_endpoints: tuple[str, ...] = ()  # the [[webhook]] entries' names
+    reserved: tuple[str, ...] = ()  # names an endpoint may not take (the ERPs', the config's)
 
     async def fresh(self) -> Registry:
-        self.registry.invalidate()
-        return await asyncio.to_thread(self.registry)
+        return await asyncio.to_thread(self.registry.fresh)
 
     async def change(self, change: dict[str, Any]) -> None:
-        await self.changes(change)
-        self.senders.refresh()
+        try:
+            await self.changes(change)
+        except TimeoutError:
+            # Sent, not stored yet (ingest is behind): it takes effect when it is.
+            raise Problem(
+                503, "the change was sent but is not stored yet; look again shortly",
+                headers={"Retry-After": "5"},
+            ) from None  # fmt: skip
+        finally:
+            self.senders.refresh()
 
     async def issue_key(self, partner_id: str, role: str, by: str) -> tuple[str, str]:
         key, key_id = new_partner_key(), "k_" + random.token_hex(6)
@@ -91,7 +101,15 @@ class WebhookDesk:
         """A new secret; the old ones keep signing for ``overlap_s`` (returned: shown once)."""
         endpoint_id = endpoint["endpoint_id"]
         secret_id, secret, fingerprint = await asyncio.to_thread(self.secrets.add, endpoint_id)
-        until = (datetime.now(UTC) + timedelta(seconds=overlap_s)).isoformat()
+        now = datetime.now(UTC)
+        until = (now + timedelta(seconds=overlap_s)).isoformat()
+        # What expired before is dropped from the data dir (the store keeps its fingerprint).
+        live = [
+            x["id"]
+            for x in endpoint["secrets"]
+            if x["expires_at"] is None or datetime.fromisoformat(x["expires_at"]) > now
+        ]
+        await asyncio.to_thread(self.secrets.forget, endpoint_id, [*live, secret_id])
         await self.change(
             {"action": "secret_rotated", "partner_id": endpoint["partner_id"],
              "endpoint_id": endpoint_id, "by": by,
@@ -106,7 +124,12 @@ class WebhookDesk:
             {"action": "endpoint_deleted", "partner_id": endpoint["partner_id"],
              "endpoint_id": endpoint_id, "by": by}
         )  # fmt: skip
+        await self.forget(endpoint_id)
+
+    async def forget(self, endpoint_id: str) -> None:
+        """A deleted endpoint's secrets and failures."""
         await asyncio.to_thread(self.secrets.forget, endpoint_id)
+        self.senders.forget_failures(endpoint_id)
 
     async def set_status(self, endpoint_id: str, action: str, by: str, reason: str = "") -> None:
         endpoint = (await self.fresh()).endpoint(endpoint_id) or {}
@@ -118,6 +141,7 @@ class WebhookDesk:
     async def resume(self, endpoint_id: str, by: str) -> int:
         """Active again; what failed or died meanwhile goes now, in order (with what was never
         tried). Returns how many were asked for again."""
+        self.senders.forget_failures(endpoint_id)  # (its days of failure count afresh)
         await self.set_status(endpoint_id, "endpoint_resumed", by)
         return await self._requeue_where(endpoint_id, by, outcomes=("failed", "dead"))
 
@@ -126,12 +150,26 @@ class WebhookDesk:
         ``webhook-id`` each: the partner drops what it has), in order per order; a disabled
         endpoint is active again. Returns how many were asked for again."""
         if (await self.fresh()).status(endpoint_id) == "disabled":
+            self.senders.forget_failures(endpoint_id)
             await self.set_status(endpoint_id, "endpoint_resumed", by, "replay")
         return await self._requeue_where(endpoint_id, by, since=since)
 
+    async def replay_size(self, endpoint_id: str, since: datetime, cap: int) -> int:
+        """How many a replay since ``since`` would send again, counted up to ``cap`` + 1."""
+        found = await asyncio.to_thread(
+            self.outbox.addressed, endpoint_id, since=since, outcomes=_TRIED, limit=cap + 1
+        )
+        return len(found)
+
     async def redeliver(self, endpoint_id: str, message: OutboxMessage, by: str) -> None:
-        await self.requeue(message, endpoint_id, by)
         self.senders.rewind(endpoint_id, message.position - 1)
+        await self._requeue(message, endpoint_id, by)
+
+    async def _requeue(self, message: OutboxMessage, endpoint_id: str, by: str) -> None:
+        # Counted from the attempts made, which the view may not show yet: a requeue that
+        # counted fewer would be taken for one asked before them (its id) and dropped.
+        made = self.senders.attempts_made(endpoint_id, message.key)
+        await self.requeue(replace(message, attempts=max(message.attempts, made)), endpoint_id, by)
 
     async def _requeue_where(
         self,
@@ -141,22 +179,23 @@ class WebhookDesk:
         outcomes: tuple[str, ...] = (),
         since: datetime | None = None,
     ) -> int:
-        count, first, before = 0, None, None
-        tried = outcomes or ("delivered", "duplicate", "failed", "dead", "requeued")
+        # Oldest first, each order's in sequence (the sender may take a requeued one before
+        # the next is asked for: never a later one of its order before an earlier); the
+        # sender looks back before the first is asked for.
+        count, after = 0, None
         while True:
             page = await asyncio.to_thread(
-                self.outbox.addressed, endpoint_id, before=before, since=since,
-                outcomes=tried, limit=REQUEUE_CHUNK,
+                self.outbox.addressed, endpoint_id, after=after, since=since,
+                outcomes=outcomes or _TRIED, limit=REQUEUE_CHUNK, newest_first=False,
             )  # fmt: skip
             if not page:
                 break
+            if after is None:
+                self.senders.rewind(endpoint_id, page[0].position - 1)
             for message in page:
-                await self.requeue(message, endpoint_id, by)
+                await self._requeue(message, endpoint_id, by)
             count += len(page)
-            first = page[-1].position
-            before = first
-        if first is not None:
-            self.senders.rewind(endpoint_id, first - 1)
+            after = page[-1].position
         return count
 
     async def attempts(self, message: OutboxMessage, endpoint_id: str) -> list[dict[str, Any]]:

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from fastapi import FastAPI, Request, Response
 from rich.console import Console
 from rich.live import Live
 from rich.measure import Measurement
 from rich.table import Table
 
-from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub
+from adapters.webhooks.config import WebhookEntry
+from adapters.webhooks.signing import new_secret, sign
+from hub.bootstrap import CONFIRMATIONS_SINCE, PARTNERS_SINCE, Hub, build_hub, cancel_task
 from hub.cli.shared import (
     DataDirOption,
     api_server,
@@ -28,8 +33,10 @@ from hub.cli.shared import (
     setup_logging,
 )
 from hub.ingest import IngestStats
+from hub.nats_auth import write_private
 from hub.outbox import InMemoryDestination
 from hub.reports import Reports
+from hub.server import ApiServer
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader
@@ -38,6 +45,55 @@ from projections.views.orders_view import OrdersReader
 # Without a terminal (``mes-hub demo | cat``, a CI log) there is no live view: a progress line
 # this often instead.
 PROGRESS_EVERY_S = 5.0
+
+
+DEMO_ENDPOINT = "demo-receiver"
+
+
+class DemoReceiver:
+    """A partner's endpoint on this machine: takes each webhook whose Standard Webhooks
+    signature checks out with its secret (401 otherwise), and counts them by type."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.ids: set[str] = set()
+        self.by_type: Counter[str] = Counter()
+        self.refused = 0
+        self.came = asyncio.Event()
+        self.app = FastAPI()
+
+        @self.app.post("/hook")
+        async def hook(request: Request) -> Response:
+            body, said = await request.body(), request.headers
+            self.came.set()
+            try:
+                expected = sign([self.secret], said["webhook-id"],
+                                int(said["webhook-timestamp"]), body).split()  # fmt: skip
+            except (KeyError, ValueError):
+                expected = []
+            if not set(expected) & set(said.get("webhook-signature", "").split()):
+                self.refused += 1
+                return Response(status_code=401)
+            if said["webhook-id"] not in self.ids:
+                self.ids.add(said["webhook-id"])
+                self.by_type[json.loads(body)["type"].removeprefix("mes.order.")] += 1
+            return Response(status_code=204)
+
+    async def quiet(self, for_s: float = 2.0) -> None:
+        """Until nothing came for ``for_s``."""
+        while True:
+            self.came.clear()
+            try:
+                await asyncio.wait_for(self.came.wait(), for_s)
+            except TimeoutError:
+                return
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.by_type.items()))
+        return (
+            f"{len(self.ids)} partner webhooks taken by the local receiver, each signature "
+            f"checked ({kinds or 'none'}; {self.refused} refused)"
+        )
 
 
 def _percent(value: float | None) -> str:
@@ -189,9 +245,7 @@ def demo(
                 )
 
             async def wind_down() -> None:
-                simulator.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await simulator
+                await cancel_task(simulator)
                 # No forecast round may publish after the last wait, or the summary would
                 # not add up.
                 await hub.stop_forecast_watch()
@@ -246,27 +300,51 @@ def demo(
     # the simulation's start (a hub confirms runs that end after it began to confirm).
     simulated_start = past_start(speed, duration or None)  # ends about now: none from the future
     erp = InMemoryDestination("simulated-erp")
-    since = directory / CONFIRMATIONS_SINCE
-    if not since.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        since.write_text(simulated_start.isoformat())
+    # And the partners' webhooks go to a receiver on this machine that checks each signature,
+    # told from the simulation's start too.
+    receiver = DemoReceiver(new_secret())
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "webhooks").mkdir(exist_ok=True)
+    for since in (
+        directory / CONFIRMATIONS_SINCE,
+        directory / PARTNERS_SINCE,
+        directory / "webhooks" / f"{DEMO_ENDPOINT}.since",
+    ):
+        if not since.exists():
+            since.write_text(simulated_start.isoformat())
+    secret_file = directory / "webhooks" / "demo-receiver.secret"
+    write_private(secret_file, receiver.secret)
 
     async def main(stop: asyncio.Event) -> None:
         if not live:
             say("starting the hub (embedded NATS server, event store, views)…")
-        hub = await build_hub(settings, destinations=[erp])
-        try:  # the hub owns the embedded nats-server and the store: closed on every path
-            progress, stats = await show(hub, stop)
+        partner = ApiServer(receiver.app, "127.0.0.1", 0)
+        partner.start()
+        endpoint = WebhookEntry.model_validate({
+            "name": DEMO_ENDPOINT, "url": f"{partner.url}/hook", "all_customers": True,
+            "secret": {"file": str(secret_file)}, "allow": ["127.0.0.1/32"],
+        })  # fmt: skip
+        try:
+            hub = await build_hub(settings, destinations=[erp], webhooks=[endpoint])
+            try:  # the hub owns the embedded nats-server and the store: closed on every path
+                say(f"partners' webhooks: to {partner.url}/hook (a receiver checking signatures)")
+                progress, stats = await show(hub, stop)
+                # What is owed to the receiver by now goes before the summary.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(receiver.quiet(), 15)
+            finally:
+                if not live:
+                    say("stopping the hub…")
+                await hub.close()
         finally:
-            if not live:
-                say("stopping the hub…")
-            await hub.close()
+            await partner.stop()
         until = progress.simulated_until  # None: stopped before the first event
         say(
             f"\n[bold]Summary[/]: {progress.published} events published, {stats.applied} stored "
             f"exactly once (with {hub.forecast_watch.published} delivery forecast changes the hub "
             f"published), {stats.duplicates} duplicates dropped, {stats.rejected} dead-lettered; "
             f"{len(erp.taken)} production confirmations taken by the simulated ERP; "
+            f"{receiver.summary()}; "
             + (f"simulated until {until:%Y-%m-%d %H:%M:%S} UTC. " if until else "")
             + f"Data kept in {directory}."
         )

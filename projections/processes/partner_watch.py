@@ -75,9 +75,12 @@ class PartnerWatch:
     def decisions(self) -> tuple[list[CloudEvent], int, dict[UUID, int]]:
         """What is owed for the order events stored after the position, the position read to,
         and per order how many of its partner events that decides (kept once published)."""
+        upto, found = self._read(self._position, BATCH, self._topics)
+        # The subscriptions as they are now, read after the events: an endpoint registered
+        # before an event was stored is among them (one registered after may be too: then it
+        # is told what is not before its ``since``).
         self._subscriptions = list(self._subscriptions_now())
         self._endpoints = {s.endpoint for s in self._subscriptions}
-        upto, found = self._read(self._position, BATCH, self._topics)
         if not self._subscriptions:  # no endpoint: nothing is owed (nor told later: ``since``)
             return [], upto, {}
         # (An attempt to deliver a webhook changes nothing partners are told: not a reason to

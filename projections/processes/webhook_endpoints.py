@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ CHANGED = "mes.hub.webhooks.changed.v1"
 
 class RegistryCache:
     """The site's registry as the store has it, read again at most every ``ttl_s`` (the
-    partner watch, the senders and every partner key's request ask for it), or at once after
-    a change (``invalidate``). ``load(aggregate id)``: ``EventStore.load``."""
+    senders and every partner key's request ask for it), or at once after a change
+    (``invalidate``) or when asked (``fresh``). ``load(aggregate id)``: ``EventStore.load``.
+    Called from several threads: a read that began before an ``invalidate`` is not kept."""
 
     def __init__(
         self, site: str, load: Callable[[Any], Any], ttl_s: float = 0.5,
@@ -48,19 +50,36 @@ class RegistryCache:
         self._id, self._load, self._ttl_s, self._clock = (
             webhooks_aggregate_id(site), load, ttl_s, clock,
         )  # fmt: skip
+        self._lock = threading.Lock()
+        self._generation = 0  # of invalidations: a read older than the last one is not kept
         self._read_at: float | None = None
         self._registry = Registry(empty())
 
     def __call__(self) -> Registry:
-        now = self._clock()
-        if self._read_at is None or now - self._read_at >= self._ttl_s:
-            aggregate = self._load(self._id)
-            state = aggregate.registry if isinstance(aggregate, Webhooks) else empty()
-            self._registry, self._read_at = Registry(state), now
-        return self._registry
+        with self._lock:
+            now, generation = self._clock(), self._generation
+            if self._read_at is not None and now - self._read_at < self._ttl_s:
+                return self._registry
+        return self._read(now, generation)
+
+    def fresh(self) -> Registry:
+        """What the store has now."""
+        with self._lock:
+            now, generation = self._clock(), self._generation
+        return self._read(now, generation)
+
+    def _read(self, now: float, generation: int) -> Registry:
+        aggregate = self._load(self._id)
+        registry = Registry(aggregate.registry if isinstance(aggregate, Webhooks) else empty())
+        with self._lock:
+            if generation == self._generation:
+                self._registry, self._read_at = registry, now
+        return registry
 
     def invalidate(self) -> None:
-        self._read_at = None
+        with self._lock:
+            self._generation += 1
+            self._read_at = None
 
 
 class WebhookChanges:
@@ -156,10 +175,11 @@ class EndpointHealth:
 
 
 class _Watched:
-    """A destination whose outcomes the health sees."""
+    """A destination whose outcomes the health sees; ``disable(reason)`` asks, for the sender
+    that wraps it, that the endpoint be disabled."""
 
     def __init__(
-        self, inner: Destination, health: EndpointHealth, disable: Callable[[str, str], None]
+        self, inner: Destination, health: EndpointHealth, disable: Callable[[str], None]
     ) -> None:
         self.inner, self.name, self.kinds = inner, inner.name, inner.kinds
         self.rate_per_s = getattr(inner, "rate_per_s", None)
@@ -171,7 +191,7 @@ class _Watched:
         except DeliveryFailed as failure:
             reason = self._health.failed(self.name, failure)
             if reason is not None:
-                self._disable(self.name, reason)
+                self._disable(reason)
             raise
         self._health.succeeded(self.name)
         return delivered
@@ -186,6 +206,7 @@ class _Running:
     task: asyncio.Task[None]
     stop: asyncio.Event
     definition: str
+    generation: int  # which start of the endpoint's sender (a disable asked by an older is moot)
 
 
 @dataclass
@@ -200,21 +221,33 @@ class EndpointSenders:
     health: EndpointHealth
     refresh_s: float = 1.0
     running: dict[str, _Running] = field(default_factory=dict)
-    _disabling: dict[str, str] = field(default_factory=dict)
+    _disabling: dict[str, tuple[int, str]] = field(default_factory=dict)  # (generation, why)
+    _rewinds: dict[str, int] = field(default_factory=dict)  # for senders not started yet
+    _generation: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def senders(self) -> list[Sender]:
-        return [r.sender for r in self.running.values()]
 
     def refresh(self) -> None:
         """Look at the registry now (after the API changed it)."""
         self._wake.set()
 
     def rewind(self, endpoint_id: str, position: int) -> None:
-        """The endpoint's sender looks again from ``position`` on (a replay, a redelivery)."""
+        """The endpoint's sender looks again from ``position`` on (a replay, a redelivery); a
+        sender not running yet (an endpoint being resumed) does when it starts."""
         running = self.running.get(endpoint_id)
         if running is not None:
             running.sender.rewind(position)
+        else:
+            self._rewinds[endpoint_id] = min(position, self._rewinds.get(endpoint_id, position))
+
+    def attempts_made(self, endpoint_id: str, key: str) -> int:
+        """How many attempts the endpoint's sender knows it made to deliver ``key``."""
+        running = self.running.get(endpoint_id)
+        return running.sender.attempts_made(key) if running is not None else 0
+
+    def forget_failures(self, endpoint_id: str) -> None:
+        """Count its failures afresh (resumed, or deleted)."""
+        self.health.forget(endpoint_id)
+        self._disabling.pop(endpoint_id, None)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -231,41 +264,61 @@ class EndpointSenders:
                 await self._stop(endpoint_id)
 
     async def reconcile(self) -> None:
-        for endpoint_id, reason in list(self._disabling.items()):
+        specs = {s.endpoint_id: s for s in await asyncio.to_thread(self.specs)}
+        disabled_now: set[str] = set()  # (read as active above; not to be started again)
+        for endpoint_id, (generation, reason) in list(self._disabling.items()):
+            running, spec = self.running.get(endpoint_id), specs.get(endpoint_id)
+            if (
+                running is None or running.generation != generation or spec is None
+                or spec.status != "active" or spec.definition != running.definition
+            ):  # fmt: skip
+                # Asked by a sender since stopped, or of an endpoint since paused, disabled or
+                # redefined (a new URL is not disabled for what the old one answered): moot.
+                del self._disabling[endpoint_id]
+                continue
             try:
                 await self.disable(endpoint_id, reason)
                 log.warning("webhook endpoint %s disabled: %s", endpoint_id, reason)
                 del self._disabling[endpoint_id]
+                disabled_now.add(endpoint_id)
+                await self._stop(endpoint_id)
             except Exception as exc:  # (stored next round)
                 log.warning("webhook endpoint %s: disabling failed (%s)", endpoint_id, exc)
-        specs = {s.endpoint_id: s for s in await asyncio.to_thread(self.specs)}
         for endpoint_id, running in list(self.running.items()):
             spec = specs.get(endpoint_id)
             if spec is None or spec.status != "active" or spec.definition != running.definition:
                 await self._stop(endpoint_id)
-                if spec is None:
-                    self.health.forget(endpoint_id)
         for endpoint_id, spec in specs.items():
-            if spec.status == "active" and endpoint_id not in self.running:
-                self._start(spec)
+            if spec.status == "active" and endpoint_id not in {*self.running, *disabled_now}:
+                try:
+                    await self._start(spec)
+                except Exception:  # one endpoint's trouble (a key file unreadable): not all
+                    log.exception("webhook endpoint %s: its sender did not start", endpoint_id)
 
-    def _start(self, spec: EndpointSpec) -> None:
+    async def _start(self, spec: EndpointSpec) -> None:
+        self._generation += 1
+        generation = self._generation
+
+        def ask_disable(reason: str) -> None:
+            self._disabling.setdefault(spec.endpoint_id, (generation, reason))
+            self._wake.set()
+
         def watched(destination: Destination) -> Destination:
-            return _Watched(destination, self.health, self._ask_disable)
+            return _Watched(destination, self.health, ask_disable)
 
-        sender = self.make(spec.endpoint_id, watched)
+        sender = await asyncio.to_thread(self.make, spec.endpoint_id, watched)
         if sender is None:
             return
+        if spec.endpoint_id in self._rewinds:
+            sender.rewind(self._rewinds.pop(spec.endpoint_id))
         stop = asyncio.Event()
         task = asyncio.create_task(sender.run(stop), name=f"outbox:{spec.endpoint_id}")
-        self.running[spec.endpoint_id] = _Running(sender, task, stop, spec.definition)
-
-    def _ask_disable(self, endpoint_id: str, reason: str) -> None:
-        self._disabling.setdefault(endpoint_id, reason)
-        self._wake.set()
+        self.running[spec.endpoint_id] = _Running(sender, task, stop, spec.definition, generation)
 
     async def _stop(self, endpoint_id: str) -> None:
-        running = self.running.pop(endpoint_id)
+        running = self.running.pop(endpoint_id, None)
+        if running is None:
+            return
         running.stop.set()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(running.task, 20)

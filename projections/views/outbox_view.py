@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -103,7 +103,7 @@ class OutboxView:
                 messages.append(
                     (key, WEBHOOK, str(due["site"]), str(due["order_id"]), int(due["sequence"]),
                      json.dumps({**told, "order_id": due["order_id"]}),
-                     event.event_time.isoformat(), position)
+                     _utc(event.event_time), position)
                 )  # fmt: skip
                 targets.extend((key, str(endpoint)) for endpoint in due["endpoints"])
             elif type(event).__name__ == "ConfirmationDue":
@@ -111,7 +111,7 @@ class OutboxView:
                 messages.append(
                     (message_key(event.source, event.event_id), CONFIRMATION, _site(event),
                      _order_id(event), int(due["sequence"]), json.dumps(due),
-                     event.event_time.isoformat(), position)
+                     _utc(event.event_time), position)
                 )  # fmt: skip
             else:
                 tried = event.attempt
@@ -153,6 +153,11 @@ class OutboxView:
             )
 
 
+def _utc(time: datetime) -> str:
+    """A moment as the view keeps it: in UTC, so that text compares in time order."""
+    return time.astimezone(UTC).isoformat()
+
+
 def _order_id(event: Any) -> str:
     return str(event.confirmation["order_id"])
 
@@ -189,10 +194,7 @@ class OutboxReader:
                 return max(after, int(last or 0)), []
             floor = int(first) - 1
             cursor.execute(
-                f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
-                f"m.decided_at, m.position, d.attempts, d.outcome, d.next_attempt_at, "
-                f"d.status_code, d.reason, d.requeued_at FROM {MESSAGES} m "
-                f"LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ? "
+                f"SELECT {_WITH_STATE} "
                 f"WHERE m.position > ? AND m.kind IN ({marks}) "
                 "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'requeued')) "
                 f"AND {_addressed('m')} "
@@ -268,6 +270,7 @@ class OutboxReader:
         destination: str,
         *,
         before: int | None = None,
+        after: int | None = None,
         since: datetime | None = None,
         outcomes: Sequence[str] = (),
         key: str | None = None,
@@ -277,15 +280,18 @@ class OutboxReader:
         """The messages addressed to ``destination`` (a partner's endpoint), each with its
         state there: decided before store position ``before``, at or after ``since``, whose
         last outcome there is one of ``outcomes`` (``pending``: never tried), or the one
-        ``key``; newest first, or oldest first."""
+        ``key``; newest first, or oldest first (after store position ``after``)."""
         where = [f"EXISTS (SELECT 1 FROM {TARGETS} t WHERE t.key = m.key AND t.destination = ?)"]
         params: list[Any] = [destination]
         if before is not None:
             where.append("m.position < ?")
             params.append(before)
+        if after is not None:
+            where.append("m.position > ?")
+            params.append(after)
         if since is not None:
-            where.append("m.decided_at >= ?")
-            params.append(since.isoformat())
+            where.append("m.decided_at >= ?")  # (both in UTC: as text, in time order)
+            params.append(since.astimezone(UTC).isoformat())
         if key is not None:
             where.append("m.key = ?")
             params.append(key)
@@ -299,10 +305,7 @@ class OutboxReader:
         order = "DESC" if newest_first else "ASC"
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
-                f"SELECT m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, "
-                f"m.decided_at, m.position, d.attempts, d.outcome, d.next_attempt_at, "
-                f"d.status_code, d.reason, d.requeued_at FROM {MESSAGES} m "
-                f"LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ? "
+                f"SELECT {_WITH_STATE} "
                 f"WHERE {' AND '.join(where)} ORDER BY m.position {order} LIMIT ?",
                 [destination, *params, limit],
             )
@@ -314,6 +317,14 @@ class OutboxReader:
             cursor.execute(f"SELECT MAX(position) FROM {MESSAGES}")
             (position,) = cursor.fetchone()
         return int(position or 0)
+
+
+# A message with its delivery state for one destination (the next parameter): ``_message``'s row.
+_WITH_STATE = (
+    "m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, m.decided_at, m.position, "
+    "d.attempts, d.outcome, d.next_attempt_at, d.status_code, d.reason, d.requeued_at "
+    f"FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ?"
+)
 
 
 def _addressed(alias: str) -> str:
@@ -401,7 +412,7 @@ def confirmed_orders(
             f"SELECT DISTINCT s.aggregate_id, s.order_id, s.moves FROM {MESSAGES} m "
             f"JOIN {STATES_TABLE} s ON s.site = m.site AND s.order_id = m.ordering_key "
             "WHERE m.site = ? AND m.kind = ? AND m.decided_at >= ?",
-            (site, CONFIRMATION, since.isoformat()),
+            (site, CONFIRMATION, since.astimezone(UTC).isoformat()),
         )
         return [(UUID(key), str(order_id), json.loads(moves)) for key, order_id, moves in cursor]
 

@@ -86,6 +86,15 @@ def test_demo_runs_the_factory_and_exits_with_a_summary(tmp_path: Path) -> None:
     assert published > 100 and taken > 0
     assert stored >= published + forecasts + 2 * taken
     assert "M0004" in result.stdout and "admin key" in result.stdout
+    # The partners' webhooks reached the local receiver, every signature checking out.
+    told = re.search(
+        r"(\d+) partner webhooks taken by the local receiver, each signature checked "
+        r"\((.*?); (\d+) refused\)",
+        " ".join(result.stdout.split()),
+    )
+    assert told is not None, result.stdout[-2000:]
+    assert int(told.group(1)) > 0 and int(told.group(3)) == 0
+    assert "started" in told.group(2)
 
 
 async def test_an_event_from_outside_code_appears_in_the_served_api(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from hub.bootstrap import Hub, build_hub
+from hub.domain import webhooks_aggregate_id
 from hub.outbox import InMemoryDestination, standard_webhooks_retry
 from hub.settings import Settings
 from projections.rules.plant import PlantConfig
@@ -225,8 +226,10 @@ async def test_rotation_pause_gone_resume_redeliver_and_replay_lose_nothing(hub:
         await eventually(lambda: len(receiver.taken) == 10, timeout=60)
         assert receiver.ids()[9] == first_ids[0]
 
-        # Replayed since before SO-1: all nine again, each with its id, in order per order.
-        since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        # Replayed since before SO-1 (said in another offset: the same moment): all nine
+        # again, each with its id, in order per order.
+        east = timezone(timedelta(hours=5))
+        since = (datetime.now(UTC) - timedelta(hours=1)).astimezone(east).isoformat()
         replayed = await http.post(
             "/api/v1/webhooks/c7-main/replay", params={"since": since}, headers=ADMIN
         )
@@ -289,3 +292,71 @@ async def test_after_the_overlap_only_the_new_secret_signs(hub: Hub) -> None:
     assert Webhook(new).verify(body, headers)["subject"] == "SO-1"
     with pytest.raises(WebhookVerificationError):
         Webhook(old).verify(body, headers)
+
+
+async def test_a_settings_key_of_a_partner_role_reads_no_partner(hub: Hub) -> None:
+    # MES_HUB_API_KEYS may hold a supplier key: it belongs to no partner, so it would see every
+    # partner's; it is refused, saying how to get a partner's key.
+    supplier = {"Authorization": f"Bearer {api_key('supplier')}"}
+    async with api_client(hub) as http:
+        for path in ("/api/v1/partners", "/api/v1/webhooks"):
+            refused = await http.get(path, headers=supplier)
+            assert refused.status_code == 403, path
+            assert "belongs to no partner" in refused.json()["detail"]
+
+
+async def test_an_endpoint_id_is_never_used_twice_nor_an_erps_name(hub: Hub) -> None:
+    # c7-main deleted: its deliveries stay C7's, so the id is not given to anyone again; "erp"
+    # is the ERP's name (its outbox files and attempts): no endpoint takes it.
+    receiver = Receiver()
+    partner = {"partner_id": "C7", "name": "C7", "kind": "customer", "customers": ["C-7"]}
+    async with served(receiver.app) as url, api_client(hub) as http:
+        await register(http, partner, "c7-main", url)
+        assert (await http.delete("/api/v1/webhooks/c7-main", headers=ADMIN)).status_code == 204
+        assert (await http.get("/api/v1/webhooks/c7-main", headers=ADMIN)).status_code == 404
+        for endpoint_id in ("c7-main", "erp"):
+            body = {"endpoint_id": endpoint_id, "partner_id": "C7", "url": f"{url}/hook",
+                    "allow": ["127.0.0.1/32"]}  # fmt: skip
+            refused = await http.post("/api/v1/webhooks", json=body, headers=ADMIN)
+            assert refused.status_code == 409, endpoint_id
+            assert "choose another" in refused.json()["detail"]
+
+
+async def test_an_endpoint_failing_longer_than_allowed_is_disabled_and_says_why(
+    settings: Settings,
+) -> None:
+    # [hub] webhook_disable_after_s = 1 (5 days in a plant): an endpoint answering 503 since
+    # its first attempt is disabled by the hub once it has failed for a second, the reason
+    # stored with the change and shown by the API; resumed, it gets what it missed.
+    receiver = Receiver()
+    receiver.answer = 503
+    short = settings.model_copy(update={"webhook_disable_after_s": 1.0})
+    running = await build_hub(
+        short, plant=PlantConfig(time_zone="UTC"), destinations=[InMemoryDestination("erp")],
+        retry=FAST, webhook_retry=standard_webhooks_retry(scale=0.0005),
+    )  # fmt: skip
+    partner = {"partner_id": "C7", "name": "C7", "kind": "customer", "customers": ["C-7"]}
+    try:
+        async with served(receiver.app) as url, api_client(running) as http:
+            receiver.secrets = [(await register(http, partner, "c7-main", url))[0]]
+            await running.publisher.publish_many(order("SO-1", "C-7", "P-1", "M1"))
+
+            async def disabled() -> bool:
+                found = (await http.get("/api/v1/webhooks/c7-main", headers=ADMIN)).json()
+                return bool(found["status"] == "disabled")
+
+            await eventually(disabled, timeout=60)
+            found = (await http.get("/api/v1/webhooks/c7-main", headers=ADMIN)).json()
+            assert "has failed for" in found["status_reason"] and receiver.refused >= 2
+            receiver.answer = 204
+            resumed = await http.post("/api/v1/webhooks/c7-main/resume", headers=ADMIN)
+            assert resumed.status_code == 200
+            await eventually(lambda: len(receiver.taken) == 3, timeout=60)
+            assert receiver.told()[0] == ("SO-1", "started.v1")
+        stored = running.store.history(webhooks_aggregate_id("default"))
+        told = [e.change for e in stored if hasattr(e, "change")]
+        assert [(c["action"], c["by"]) for c in told][-2:] == [
+            ("endpoint_disabled", "hub"), ("endpoint_resumed", "api:admin"),
+        ]  # fmt: skip
+    finally:
+        await running.close()

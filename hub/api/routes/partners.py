@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser
 from hub.api.problems import Problem, problems
+from hub.webhook_registry import Registry
 
 router = APIRouter(prefix="/partners", tags=["partners"])
 
@@ -39,7 +40,7 @@ class PartnerIn(BaseModel):
 
     @model_validator(mode="after")
     def _sees_something(self) -> PartnerIn:
-        if not (self.all_orders or self.customers or self.part_numbers or self.orders):
+        if sees_nothing(self.model_dump()):
             raise ValueError(_SEES)
         return self
 
@@ -106,14 +107,21 @@ async def _partner(desk: Desk, caller: Caller, partner_id: str) -> dict[str, Any
     return partner
 
 
-async def _answer(desk: Desk, partner_id: str) -> PartnerView:
-    registry = await desk.fresh()
+def _answer(registry: Registry, partner_id: str) -> PartnerView:
     partner = registry.partner(partner_id)
-    assert partner is not None
+    if partner is None:  # (deleted meanwhile)
+        raise Problem(404, f"no partner {partner_id!r}")
     own = sorted(
         e["endpoint_id"] for e in registry.partner_endpoints() if e["partner_id"] == partner_id
     )
     return partner_view(partner, own)
+
+
+def sees_nothing(partner: dict[str, Any]) -> bool:
+    return not (
+        partner.get("all_orders") or partner.get("customers") or partner.get("part_numbers")
+        or partner.get("orders")
+    )  # fmt: skip
 
 
 @router.post(
@@ -131,14 +139,14 @@ async def create_partner(body: PartnerIn, desk: Desk, caller: PartnerDesk) -> Pa
             {"action": "partner_saved", "partner_id": body.partner_id, "fields": fields,
              "by": by(caller)}
         )  # fmt: skip
-    return await _answer(desk, body.partner_id)
+    return _answer(await desk.fresh(), body.partner_id)
 
 
 @router.get("", summary="Partners (a partner's key: its own)")
 async def list_partners(desk: Desk, caller: WebhookUser) -> list[PartnerView]:
     registry = await desk.fresh()
     return [
-        await _answer(desk, partner_id)
+        _answer(registry, partner_id)
         for partner_id in sorted(registry.partners)
         if caller.partner is None or caller.partner == partner_id
     ]
@@ -147,7 +155,7 @@ async def list_partners(desk: Desk, caller: WebhookUser) -> list[PartnerView]:
 @router.get("/{partner_id}", summary="A partner", responses=problems(404))
 async def get_partner(partner_id: PartnerId, desk: Desk, caller: WebhookUser) -> PartnerView:
     await _partner(desk, caller, partner_id)
-    return await _answer(desk, partner_id)
+    return _answer(await desk.fresh(), partner_id)
 
 
 @router.patch("/{partner_id}", summary="Change a partner (admin)", responses=problems(404))
@@ -157,15 +165,13 @@ async def change_partner(
     async with desk.changes.lock:
         partner = await _partner(desk, caller, partner_id)
         fields = body.model_dump(exclude_none=True)
-        merged = {**partner, **fields}
-        if not (merged["all_orders"] or merged["customers"] or merged["part_numbers"]
-                or merged["orders"]):  # fmt: skip
+        if sees_nothing({**partner, **fields}):
             raise Problem(422, _SEES)
         await desk.change(
             {"action": "partner_saved", "partner_id": partner_id, "fields": fields,
              "by": by(caller)}
         )  # fmt: skip
-    return await _answer(desk, partner_id)
+    return _answer(await desk.fresh(), partner_id)
 
 
 @router.delete(
@@ -182,7 +188,7 @@ async def delete_partner(partner_id: PartnerId, desk: Desk, caller: PartnerDesk)
         ]
         await desk.change({"action": "partner_deleted", "partner_id": partner_id, "by": by(caller)})
         for endpoint in gone:
-            desk.secrets.forget(endpoint["endpoint_id"])
+            await desk.forget(endpoint["endpoint_id"])
     return Response(status_code=204)
 
 

@@ -27,6 +27,7 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 EndpointId = Annotated[str, Path(pattern=ID_PATTERN)]
 DeliveryId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 MAX_PAGE = 500
+MAX_REPLAY = 10_000  # webhooks a partner's key may have sent again at once
 Status = Literal["pending", "delivered", "failed", "dead"]
 _OUTCOMES: dict[str, tuple[str, ...]] = {
     "pending": ("pending",), "delivered": ("delivered", "duplicate"),
@@ -251,12 +252,12 @@ async def create_endpoint(body: EndpointIn, desk: Desk, caller: PartnerDesk) -> 
         registry = await desk.fresh()
         if registry.partner(body.partner_id) is None:
             raise Problem(404, f"no partner {body.partner_id!r}")
-        if body.endpoint_id in await _endpoints(desk):
-            raise Problem(409, f"endpoint {body.endpoint_id!r} exists")
+        taken = registry.used(body.endpoint_id) or body.endpoint_id in desk.reserved
+        if taken:  # (a deleted endpoint's id too: what it was sent stays its partner's)
+            raise Problem(409, f"the id {body.endpoint_id!r} is taken, or was: choose another")
         fields = body.model_dump(exclude={"endpoint_id", "partner_id"})
         secret = await desk.register_endpoint(body.partner_id, body.endpoint_id, fields, by(caller))
-    endpoint = (await desk.fresh()).endpoint(body.endpoint_id)
-    assert endpoint is not None
+        endpoint = await _endpoint(desk, caller, body.endpoint_id)
     return EndpointCreated(**endpoint_view(endpoint).model_dump(), secret=secret)
 
 
@@ -362,7 +363,7 @@ async def resume(endpoint_id: EndpointId, desk: Desk, caller: WebhookUser) -> Re
     "order per order, with the same `webhook-id` as before (a receiver drops what it has); "
     "what was held while it was disabled is among them, and a disabled endpoint is active "
     "again. A paused one stays paused (409): resume it.",
-    responses=problems(404, 409),
+    responses=problems(404, 409, 422),
 )
 async def replay(
     endpoint_id: EndpointId,
@@ -374,7 +375,12 @@ async def replay(
         endpoint = await _endpoint(desk, caller, endpoint_id)
         if endpoint.get("status") == "paused":
             raise Problem(409, f"{endpoint_id} is paused: resume it first")
-        count = await desk.replay(endpoint_id, since, by(caller))
+        # A partner may not flood the store (a requeue is stored per webhook): a bounded
+        # replay; the admin's is not.
+        bounded = caller.partner is not None
+        if bounded and await desk.replay_size(endpoint_id, since, MAX_REPLAY) > MAX_REPLAY:
+            raise Problem(422, f"more than {MAX_REPLAY} webhooks since then: choose a later since")
+    count = await desk.replay(endpoint_id, since, by(caller))
     return Requeued(endpoint_id=endpoint_id, status="active", requeued=count)
 
 
@@ -437,7 +443,7 @@ async def delivery(
     status_code=202,
     summary="Send one delivery again now (the same webhook-id)",
     description="Whatever its state — taken, failed or dead — it goes again at once, its "
-    "attempts counted afresh. Nothing else of its order is held back by it.",
+    "attempts counted afresh. As always, its order's webhooks not sent yet wait for it.",
     responses=problems(404, 409),
 )
 async def redeliver(
