@@ -8,10 +8,13 @@ of them hanging, against bare httpx POSTs of the same bodies to the same endpoin
 
 Figures: deliveries/s to the healthy endpoints (from the first order started to the last
 delivery they took), the ratio hub/baseline, and the delay from an order's start (published and
-acked by NATS) to each healthy endpoint taking its webhook, p50/p99. The issue's full size is
-``--endpoints 100 --orders 1000`` (100,000 deliveries); the default is a tenth of it.
+acked by NATS) to each healthy endpoint taking its webhook, p50/p99 — in the burst (queueing),
+and then with ``--paced-orders`` started one by one at ``--paced-rate`` a second (the delay a
+partner sees in a plant's normal day). The issue's full size is ``--endpoints 100 --orders
+1000`` (100,000 deliveries); the default is a tenth of it.
 
-    .venv/bin/python bench/webhooks.py [--endpoints 20] [--orders 500]
+    .venv/bin/python bench/webhooks.py [--endpoints 20] [--orders 500] [--paced-orders 60]
+        [--paced-rate 1]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from adapters.webhooks.signing import new_secret  # noqa: E402
 from hub.bootstrap import PARTNERS_AT, PARTNERS_SINCE  # noqa: E402
 from hub.nats import EmbeddedNatsServer, connect, ensure_streams  # noqa: E402
 from hub.settings import load_settings  # noqa: E402
+from projections.rules.partner_events import STARTED, partner_event_id  # noqa: E402
 
 HANGING = "hanging"
 
@@ -113,8 +117,10 @@ def orders(count: int) -> tuple[list[Any], list[tuple[str, Any]]]:
 
 
 async def run_hub(
-    endpoints: int, count: int, workdir: Path, url: str, log_path: Path
-) -> dict[str, Any]:
+    endpoints: int, count: int, workdir: Path, url: str, log_path: Path,
+    paced: int = 0, rate: float = 1.0,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """The burst (``count`` orders at once), then ``paced`` orders started ``rate`` a second."""
     secret = new_secret()
     data_dir = workdir / "hub"
     data_dir.mkdir()
@@ -134,7 +140,8 @@ async def run_hub(
             'allow = ["127.0.0.1"]\n'
         )
     config.write_text("\n".join(entries))
-    releases, starts = orders(count)
+    releases, all_starts = orders(count + paced)
+    starts, paced_starts = all_starts[:count], all_starts[count:]
     with EmbeddedNatsServer(workdir / "nats") as nats_server:
         client = await connect(nats_server.url)
         await ensure_streams(client.jetstream(), load_settings())
@@ -160,15 +167,48 @@ async def run_hub(
                 if time.time() > deadline:
                     raise RuntimeError(f"{len(done)} of {healthy} webhooks taken")
                 await asyncio.sleep(0.5)
+            steady = await run_paced(js, paced_starts, rate, endpoints, log_path)
         finally:
             hub.terminate()
             hub.wait(60)
             await client.close()
     delays = sorted(at - started_at for at, _, _ in done)
     quantiles = statistics.quantiles(delays, n=100)
-    return {
+    burst = {
         "name": "hub", "count": len(done), "seconds": max(at for at, _, _ in done) - first,
         "p50_ms": quantiles[49] * 1000, "p99_ms": quantiles[98] * 1000,
+    }  # fmt: skip
+    return burst, steady
+
+
+async def run_paced(
+    js: Any, starts: list[tuple[str, Any]], rate: float, endpoints: int, log_path: Path
+) -> dict[str, Any] | None:
+    """Orders started one by one, ``rate`` a second, after the burst: the delay from each
+    start (acked by NATS) to each healthy endpoint taking its webhook."""
+    if not starts:
+        return None
+    published: dict[str, float] = {}  # webhook-id -> when its order's start was acked
+    began = time.time()
+    for n, (order_id, start) in enumerate(starts):
+        await asyncio.sleep(max(0.0, began + n / rate - time.time()))
+        await publish(js, [start])
+        published[partner_event_id("default", order_id, STARTED)] = time.time()
+    want = (endpoints - 1) * len(starts)
+    deadline = time.time() + 600
+    while True:
+        done = [(at, eid) for at, name, eid in taken(log_path)
+                if eid in published and name != HANGING]  # fmt: skip
+        if len(done) >= want:
+            break
+        if time.time() > deadline:
+            raise RuntimeError(f"paced: {len(done)} of {want} webhooks taken")
+        await asyncio.sleep(0.2)
+    delays = sorted(at - published[eid] for at, eid in done)
+    quantiles = statistics.quantiles(delays, n=100)
+    return {
+        "name": "paced", "count": len(done), "seconds": max(at for at, _ in done) - began,
+        "p50_ms": quantiles[49] * 1000, "p99_ms": quantiles[98] * 1000, "rate": rate,
     }  # fmt: skip
 
 
@@ -216,6 +256,8 @@ async def main() -> None:
     )
     parser.add_argument("--endpoints", type=int, default=20, help="one of them hanging")
     parser.add_argument("--orders", type=int, default=500)
+    parser.add_argument("--paced-orders", type=int, default=60, help="then started one by one")
+    parser.add_argument("--paced-rate", type=float, default=1.0, help="orders a second")
     args = parser.parse_args()
     print(f"{args.orders} orders started x {args.endpoints} endpoints (1 hanging); "
           f"{os.cpu_count()} CPUs; SQLite")  # fmt: skip
@@ -224,7 +266,10 @@ async def main() -> None:
         process, url, log_path = start_receiver(workdir)
         try:
             baseline = await run_baseline(args.endpoints, args.orders, url)
-            hub = await run_hub(args.endpoints, args.orders, workdir, url, log_path)
+            hub, steady = await run_hub(
+                args.endpoints, args.orders, workdir, url, log_path,
+                args.paced_orders, args.paced_rate,
+            )  # fmt: skip
         finally:
             process.terminate()
             try:
@@ -235,6 +280,12 @@ async def main() -> None:
     print(show(hub) + " (healthy endpoints)")
     ratio = (hub["count"] / hub["seconds"]) / (baseline["count"] / baseline["seconds"])
     print(f"ratio hub/baseline (deliveries/s): {ratio:.2f}")
+    if steady is not None:
+        print(
+            f"paced: {args.paced_orders} orders at {args.paced_rate:g}/s after the burst, "
+            f"{steady['count']} webhooks to the healthy endpoints: delay from order start to "
+            f"endpoint p50 {steady['p50_ms']:.0f} ms, p99 {steady['p99_ms']:.0f} ms"
+        )
 
 
 if __name__ == "__main__":

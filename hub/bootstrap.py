@@ -60,6 +60,7 @@ from hub.outbox import (
 from hub.ports import EventPublisher
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
+from hub.tasks import cancel_task
 from hub.webhook_registry import Registry
 from hub.webhook_registry import empty as registry_empty
 from projections.processes.confirmations import ConfirmationWatch, confirmation_message_key
@@ -95,17 +96,6 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-async def cancel_task(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has ended, cancelling again if it went on: on Python
-    3.11 ``asyncio.wait_for`` (which nats-py's publishing uses) can swallow a cancellation that
-    comes as what it waits for completes, and the task would run on."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
-    if not task.cancelled():
-        task.result()  # (it ended on its own: its error, if it had one, as ``await`` would)
 
 
 @dataclass(frozen=True)
@@ -339,6 +329,7 @@ def webhook_parts(
             wrap(destination), outbox, publisher, settings.site, idempotency_key, retry,
             after=_first_seen(since, store.last_position()),
             kill_after_delivery=settings.fault_kill_after_delivery, clock=clock,
+            poll_s=1.0,  # (nudged when something is decided: the retries' timer)
         )  # fmt: skip
 
     async def disable(endpoint_id: str, reason: str) -> None:
@@ -354,7 +345,7 @@ def webhook_parts(
     health = EndpointHealth(
         settings.data_dir / "webhooks" / "health", settings.webhook_disable_after_s
     )
-    senders = EndpointSenders(specs, make, disable, health)
+    senders = EndpointSenders(specs, make, disable, health, last_position=outbox.last_position)
     return WebhookParts(registry, changes, secrets, senders, tuple(entries))
 
 

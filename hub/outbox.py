@@ -40,7 +40,6 @@ destination reads what that destination has not taken yet and delivers it:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -56,6 +55,7 @@ from typing import Any, Protocol
 
 from contracts import CloudEvent
 from hub.ports import EventPublisher
+from hub.tasks import wake_or_stop
 
 log = logging.getLogger(__name__)
 EXCERPT_CHARS = 512  # of a destination's answer, kept with each attempt
@@ -380,8 +380,7 @@ class Sender:
                 wait = self._poll_s
                 if self._rate_held and self.rate_limit is not None:
                     wait = min(wait, self.rate_limit.wait_s())  # up when the next token is
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                await wake_or_stop(self._wake, stop, wait)
         finally:
             busy = list(self._busy.values())
             for task in busy:
@@ -416,6 +415,10 @@ class Sender:
             task.add_done_callback(functools.partial(self._done, message.ordering_key))
             started += 1
         return started
+
+    def nudge(self) -> None:
+        """Look at the outbox now (something was decided: ``poll_s`` may be long)."""
+        self._wake.set()
 
     def attempts_made(self, key: str) -> int:
         """How many attempts this sender knows were made to deliver message ``key`` (the view

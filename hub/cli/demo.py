@@ -23,7 +23,7 @@ from rich.table import Table
 
 from adapters.webhooks.config import WebhookEntry
 from adapters.webhooks.signing import new_secret, sign
-from hub.bootstrap import CONFIRMATIONS_SINCE, PARTNERS_SINCE, Hub, build_hub, cancel_task
+from hub.bootstrap import CONFIRMATIONS_SINCE, PARTNERS_SINCE, Hub, build_hub
 from hub.cli.shared import (
     DataDirOption,
     api_server,
@@ -37,6 +37,7 @@ from hub.nats_auth import write_private
 from hub.outbox import InMemoryDestination
 from hub.reports import Reports
 from hub.server import ApiServer
+from hub.tasks import cancel_task
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader

@@ -29,6 +29,7 @@ from hub.domain import Webhooks, webhooks_aggregate_id
 from hub.files import write_whole
 from hub.outbox import Delivered, DeliveryFailed, Destination, OutboxMessage, Sender
 from hub.ports import EventPublisher
+from hub.tasks import cancel_task, wake_or_stop
 from hub.webhook_registry import Registry, empty
 from projections.rules.hub_events import hub_event
 
@@ -220,6 +221,11 @@ class EndpointSenders:
     disable: Callable[[str, str], Awaitable[None]]
     health: EndpointHealth
     refresh_s: float = 1.0
+    # The outbox's last decided position (``OutboxReader.last_position``): watched every
+    # ``bell_s``, and each sender nudged when it moves — a hundred endpoints' senders then
+    # need not each poll the outbox often (their own ``poll_s`` is for retries coming due).
+    last_position: Callable[[], int] | None = None
+    bell_s: float = 0.05
     running: dict[str, _Running] = field(default_factory=dict)
     _disabling: dict[str, tuple[int, str]] = field(default_factory=dict)  # (generation, why)
     _rewinds: dict[str, int] = field(default_factory=dict)  # for senders not started yet
@@ -250,6 +256,7 @@ class EndpointSenders:
         self._disabling.pop(endpoint_id, None)
 
     async def run(self, stop: asyncio.Event) -> None:
+        bell = asyncio.create_task(self._ring(stop)) if self.last_position else None
         try:
             while not stop.is_set():
                 try:
@@ -257,11 +264,28 @@ class EndpointSenders:
                 except Exception:
                     log.exception("webhook endpoints: a round failed; trying again")
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+                await wake_or_stop(self._wake, stop, self.refresh_s)
         finally:
+            if bell is not None:
+                await cancel_task(bell)
             for endpoint_id in list(self.running):
                 await self._stop(endpoint_id)
+
+    async def _ring(self, stop: asyncio.Event) -> None:
+        assert self.last_position is not None
+        seen = -1
+        while not stop.is_set():
+            try:
+                now = await asyncio.to_thread(self.last_position)
+            except Exception as exc:  # (the senders' own polls carry on meanwhile)
+                log.warning("webhook endpoints: the outbox's position unreadable (%s)", exc)
+                now = seen
+            if now != seen:
+                seen = now
+                for running in list(self.running.values()):
+                    running.sender.nudge()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.bell_s)
 
     async def reconcile(self) -> None:
         specs = {s.endpoint_id: s for s in await asyncio.to_thread(self.specs)}

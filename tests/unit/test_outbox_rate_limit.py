@@ -14,7 +14,6 @@ import pytest
 from pydantic import ValidationError
 
 from contracts import DeliveryAttemptedV1
-from hub.bootstrap import cancel_task
 from hub.outbox import (
     Circuit,
     Delivered,
@@ -25,6 +24,7 @@ from hub.outbox import (
     Sender,
 )
 from hub.ports import InMemoryPublisher
+from hub.tasks import cancel_task
 from tests.conftest import eventually
 
 KINDS = ("erp.confirmation",)
