@@ -28,6 +28,7 @@ hub did not check.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -310,12 +311,19 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The one TLS context of every outbound client (certifi's CAs). Made once: loading the CA
+    bundle takes milliseconds, and a hub with a hundred partner endpoints makes as many
+    clients."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class _PoolTransport(httpx.AsyncHTTPTransport):
     def __init__(self, allow: Allowlist, resolver: Resolver | None, scheme: str) -> None:
-        super().__init__(trust_env=False)
+        super().__init__(verify=_tls(), trust_env=False)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl.create_default_context(cafile=certifi.where()),
-            network_backend=_CheckedBackend(allow, resolver, scheme),
+            ssl_context=_tls(), network_backend=_CheckedBackend(allow, resolver, scheme)
         )
 
 

@@ -178,35 +178,38 @@ class OutboxReader:
         holds its key back until it is requeued) — at most ``limit``, in the order decided.
         Also the position below which every message was taken (ask from there next time)."""
         marks = ", ".join("?" * len(kinds))
-        open_outcome = "(d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued'))"
+        # One pass over what is still open for the destination (not taken; dead included: it
+        # holds its key back): per key the first by sequence (``head``), and the first open
+        # position of all (below it, everything was taken).
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
-                f"SELECT MIN(m.position) FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d "
-                "ON d.key = m.key AND d.destination = ? "
-                f"WHERE m.position > ? AND m.kind IN ({marks}) AND {open_outcome} "
+                f"SELECT {_COLUMNS}, first_open FROM (SELECT {_WITH_STATE_COLUMNS}, "
+                "ROW_NUMBER() OVER (PARTITION BY m.site, m.ordering_key, m.kind "
+                "ORDER BY m.sequence) AS head, MIN(m.position) OVER () AS first_open "
+                f"FROM {_JOINED} WHERE m.position > ? AND m.kind IN ({marks}) "
+                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued')) "
+                f"AND {_addressed('m')}) o "
+                "WHERE o.head = 1 AND (o.outcome IS NULL OR o.outcome IN ('failed', 'requeued')) "
+                "ORDER BY o.position LIMIT ?",
+                [destination, after, *kinds, destination, limit],
+            )
+            rows = cursor.fetchall()
+            if rows:
+                return int(rows[0][-1]) - 1, [_message(row[:-1]) for row in rows]
+            # Nothing to send: every key's first is dead, or nothing is open at all.
+            cursor.execute(
+                f"SELECT MIN(m.position) FROM {_JOINED} WHERE m.position > ? "
+                f"AND m.kind IN ({marks}) "
+                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued')) "
                 f"AND {_addressed('m')}",
                 [destination, after, *kinds, destination],
             )
             (first,) = cursor.fetchone()
-            if first is None:
-                cursor.execute(f"SELECT MAX(position) FROM {MESSAGES}")
-                (last,) = cursor.fetchone()
-                return max(after, int(last or 0)), []
-            floor = int(first) - 1
-            cursor.execute(
-                f"SELECT {_WITH_STATE} "
-                f"WHERE m.position > ? AND m.kind IN ({marks}) "
-                "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'requeued')) "
-                f"AND {_addressed('m')} "
-                f"AND NOT EXISTS (SELECT 1 FROM {MESSAGES} e LEFT JOIN {DELIVERIES} d "
-                "ON d.key = e.key AND d.destination = ? WHERE e.site = m.site "
-                "AND e.ordering_key = m.ordering_key AND e.kind = m.kind "
-                f"AND e.sequence < m.sequence AND e.position > ? AND {open_outcome} "
-                f"AND {_addressed('e')}) "
-                "ORDER BY m.position LIMIT ?",
-                [destination, floor, *kinds, destination, destination, floor, destination, limit],
-            )
-            return floor, [_message(row) for row in cursor.fetchall()]
+            if first is not None:
+                return int(first) - 1, []
+            cursor.execute(f"SELECT MAX(position) FROM {MESSAGES}")
+            (last,) = cursor.fetchone()
+            return max(after, int(last or 0)), []
 
     def messages(
         self,
@@ -320,11 +323,16 @@ class OutboxReader:
 
 
 # A message with its delivery state for one destination (the next parameter): ``_message``'s row.
-_WITH_STATE = (
-    "m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, m.decided_at, m.position, "
-    "d.attempts, d.outcome, d.next_attempt_at, d.status_code, d.reason, d.requeued_at "
-    f"FROM {MESSAGES} m LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ?"
+_COLUMNS = (
+    "key, kind, site, ordering_key, sequence, payload, decided_at, position, "
+    "attempts, outcome, next_attempt_at, status_code, reason, requeued_at"
 )
+_WITH_STATE_COLUMNS = (
+    "m.key, m.kind, m.site, m.ordering_key, m.sequence, m.payload, m.decided_at, m.position, "
+    "d.attempts, d.outcome, d.next_attempt_at, d.status_code, d.reason, d.requeued_at"
+)
+_JOINED = f"{MESSAGES} m LEFT JOIN {DELIVERIES} d ON d.key = m.key AND d.destination = ?"
+_WITH_STATE = f"{_WITH_STATE_COLUMNS} FROM {_JOINED}"
 
 
 def _addressed(alias: str) -> str:
