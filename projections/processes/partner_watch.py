@@ -71,6 +71,7 @@ class PartnerWatch:
         # those after (forgotten on a restart: the repeats are dropped by their ids).
         self._decided: dict[UUID, int] = {}
         self.published = 0
+        self.behind = False  # the last round read a whole batch
 
     def decisions(self) -> tuple[list[CloudEvent], int, dict[UUID, int]]:
         """What is owed for the order events stored after the position, the position read to,
@@ -133,7 +134,9 @@ class PartnerWatch:
 
     async def check(self) -> int:
         """One round; returns how many were new (not repeats)."""
+        before = self._position
         events, upto, decided = await asyncio.to_thread(self.decisions)
+        self.behind = upto - before >= BATCH  # (read a whole batch: there is likely more)
         new = await publish_decided(self._publisher, events)
         self.published += new
         self._decided.update(decided)
@@ -144,7 +147,7 @@ class PartnerWatch:
         return new
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
-        await run_rounds(self.check, stop, interval_s, "partner webhooks")
+        await run_rounds(self.check, stop, interval_s, "partner webhooks", lambda: self.behind)
 
 
 def _customer(stored: Sequence[Any]) -> str | None:

@@ -23,15 +23,23 @@ async def publish_decided(publisher: EventPublisher, events: list[CloudEvent]) -
 
 
 async def run_rounds(
-    check: Callable[[], Awaitable[int]], stop: asyncio.Event, interval_s: float, what: str
+    check: Callable[[], Awaitable[int]],
+    stop: asyncio.Event,
+    interval_s: float,
+    what: str,
+    behind: Callable[[], bool] = lambda: False,
 ) -> None:
-    """``check`` every ``interval_s`` until ``stop``; a failed round is logged, and the next one
-    comes as usual."""
+    """``check`` every ``interval_s`` until ``stop``, or at once again while ``behind()`` (a
+    round read as far as it may at once, and there is more: after a burst, what comes next
+    must not wait for the backlog at one batch per interval); a failed round is logged, and
+    the next one comes as usual."""
     while not stop.is_set():
         try:
             decided = await check()
             if decided:
                 log.info("%s: %d decided", what, decided)
+            if behind():
+                continue
         except Exception:
             log.exception("%s: a round failed; next round in %.1f s", what, interval_s)
         with contextlib.suppress(TimeoutError):
