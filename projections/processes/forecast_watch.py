@@ -186,26 +186,26 @@ class ForecastWatch:
             progress, expected = progress_and_forecast(order, self._reader, self._plant, now)
             told_progress = progress_change(order, progress, now, self._progress_interval)
             if told_progress is not None:
-                number = order.progress_changes + 1
-                event_id = f"progress-{self._site}-{order.order_id}-{number}"
                 events.append(
-                    hub_event(
-                        self._site, "order-progress", PROGRESS_TYPE, event_id, order.order_id,
-                        now, told_progress,
-                    )
+                    self._numbered("progress", "order-progress", PROGRESS_TYPE,
+                                   order.progress_changes, order, now, told_progress)
                 )  # fmt: skip
             data = forecast_change(order, expected, progress.remaining, tolerance)
-            if data is None:
-                continue
-            number = order.delivery_forecast_changes + 1
-            event_id = f"forecast-{self._site}-{order.order_id}-{number}"
-            events.append(
-                hub_event(
-                    self._site, "delivery-forecast", FORECAST_TYPE, event_id, order.order_id,
-                    now, data,
-                )
-            )  # fmt: skip
+            if data is not None:
+                events.append(
+                    self._numbered("forecast", "delivery-forecast", FORECAST_TYPE,
+                                   order.delivery_forecast_changes, order, now, data)
+                )  # fmt: skip
         return events
+
+    def _numbered(
+        self, kind: str, producer: str, type_: str, told: int, order: Order, now: datetime,
+        data: dict[str, Any],
+    ) -> CloudEvent:  # fmt: skip
+        """The order's next event of ``kind`` (``told`` of them stored): its id is that count,
+        so a watch that publishes, dies and publishes again repeats the same id."""
+        event_id = f"{kind}-{self._site}-{order.order_id}-{told + 1}"
+        return hub_event(self._site, producer, type_, event_id, order.order_id, now, data)
 
     async def check(self, now: datetime | None = None) -> int:
         """One round: forecast, publish what changed (forecasts and progress); returns how
