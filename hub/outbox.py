@@ -47,6 +47,7 @@ import random
 import re
 import signal
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 EXCERPT_CHARS = 512  # of a destination's answer, kept with each attempt
 ATTEMPT_TYPE = "mes.hub.delivery.attempted.v1"
 PAGE = 64  # messages read per round (the first of each key): a few per sender slot
+READ_TRUSTED_S = 1.0  # a read of the outbox is worked through for this long at most
+FOLLOW_UP_S = 0.1  # how soon to look again while the view has not caught up with the sender
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,8 @@ class Sender:
         self.owed_after = after  # it is owed what was decided after this store position
         self._floor_held_until = 0.0  # (monotonic) see ``rewind``
         self._read: list[OutboxMessage] = []  # what the last read of the outbox found
+        self._read_at = 0.0  # (monotonic) when that read began
+        self._rewinds = 0  # how many rewinds so far (a read begun before one is not kept)
         self._rng = rng or random.Random()
         self._known: dict[str, _Known] = {}
         self._busy: dict[str, asyncio.Task[None]] = {}  # ordering key -> its delivery
@@ -373,12 +378,16 @@ class Sender:
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
+                self._wake.clear()  # (before the round: a nudge during it is not lost)
                 try:
                     await self.round()
                 except Exception:
                     log.exception("outbox %s: a round failed; trying again", self.name)
-                self._wake.clear()
                 wait = self._poll_s
+                if self._known or time.monotonic() < self._floor_held_until:
+                    # What it did, or a requeue asked for, is not in the view yet: the next
+                    # message of an order, or the requeued one, shows up there shortly.
+                    wait = min(wait, FOLLOW_UP_S)
                 if self._rate_held and self.rate_limit is not None:
                     wait = min(wait, self.rate_limit.wait_s())  # up when the next token is
                 await wake_or_stop(self._wake, stop, wait)
@@ -394,16 +403,22 @@ class Sender:
         # What the last read found is worked through before the outbox is read again: a
         # read costs as much as what is open, and a burst to a hundred endpoints would read
         # once per delivery. (What this sender did since, it knows: ``_state``.)
-        due = self._due(self._read, now)
+        # Trusted for a second at most: an order's next message, or one requeued, is not
+        # kept waiting behind a whole page at a slow destination.
+        fresh = time.monotonic() - self._read_at < READ_TRUSTED_S
+        due = self._due(self._read, now) if fresh else []
         if not due:
-            floor, self._read = await asyncio.to_thread(
+            generation, started_at = self._rewinds, time.monotonic()
+            floor, found = await asyncio.to_thread(
                 self._outbox.undelivered, self.name, self.destination.kinds, self._after, PAGE
             )
-            # Everything decided before ``floor`` was taken: ask from there on (else every
-            # round would read past all that was ever delivered).
-            if time.monotonic() >= self._floor_held_until:
-                self._after = max(self._after, floor)
-            due = self._due(self._read, now)
+            if generation == self._rewinds:  # (a rewind meanwhile: this read is too old)
+                self._read, self._read_at = found, started_at
+                # Everything decided before ``floor`` was taken: ask from there on (else
+                # every round would read past all that was ever delivered).
+                if time.monotonic() >= self._floor_held_until:
+                    self._after = max(self._after, floor)
+            due = self._due(found, now)
         started = 0
         self._rate_held = False
         for message in due:
@@ -439,7 +454,7 @@ class Sender:
         after they were asked for, and until then the view shows those messages as taken."""
         self._after = max(self.owed_after, min(self._after, position))
         self._floor_held_until = time.monotonic() + hold_s
-        self._read = []
+        self._read, self._rewinds = [], self._rewinds + 1
         self._wake.set()
 
     def _done(self, ordering_key: str, _: asyncio.Task[None]) -> None:
@@ -584,9 +599,10 @@ class Sender:
             "next_attempt_at": next_at.isoformat() if next_at else None,
             "duration_ms": duration_ms,  # how long the destination took (monotonic)
         }
-        event = attempt_event(
-            self._site, f"attempt-{message.key}-{self.name}-{attempt}", message, now, data
-        )
+        # Each attempt is a fact of its own: its id is never another's, even when its number
+        # is (a requeue counted from a view that had not seen the last attempts yet).
+        event_id = f"attempt-{message.key}-{self.name}-{attempt}-{uuid.uuid4().hex[:12]}"
+        event = attempt_event(self._site, event_id, message, now, data)
         try:
             await self._publisher.publish(event)
         except Exception as exc:

@@ -267,7 +267,8 @@ class EndpointSenders:
                 await wake_or_stop(self._wake, stop, self.refresh_s)
         finally:
             if bell is not None:
-                await cancel_task(bell)
+                with contextlib.suppress(Exception):  # (its trouble was logged: stop the rest)
+                    await cancel_task(bell)
             for endpoint_id in list(self.running):
                 await self._stop(endpoint_id)
 

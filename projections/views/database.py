@@ -39,6 +39,7 @@ class Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
     def fetchall(self) -> list[tuple[Any, ...]]: ...
+    def fetchone(self) -> tuple[Any, ...] | None: ...
 
 
 class ViewDatabase(Protocol):
@@ -145,6 +146,10 @@ class _PostgresCursor:
 
     def fetchall(self) -> list[tuple[Any, ...]]:
         return list(self._cursor.fetchall())
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        found = self._cursor.fetchone()
+        return None if found is None else tuple(found)
 
 
 class PostgresViews:

@@ -185,7 +185,7 @@ class OutboxReader:
             cursor.execute(
                 f"SELECT {_COLUMNS}, first_open FROM (SELECT {_WITH_STATE_COLUMNS}, "
                 "ROW_NUMBER() OVER (PARTITION BY m.site, m.ordering_key, m.kind "
-                "ORDER BY m.sequence) AS head, MIN(m.position) OVER () AS first_open "
+                "ORDER BY m.sequence, m.position) AS head, MIN(m.position) OVER () AS first_open "
                 f"FROM {_JOINED} WHERE m.position > ? AND m.kind IN ({marks}) "
                 "AND (d.outcome IS NULL OR d.outcome IN ('failed', 'dead', 'requeued')) "
                 f"AND {_addressed('m')}) o "

@@ -1,14 +1,18 @@
-"""The outbox view's reads (SQLite): what a destination may be sent now is the first message not
-taken of each order; a dead one holds its order back without holding back the others."""
+"""The outbox view's reads, on SQLite and PostgreSQL: what a destination may be sent now is the
+first message not taken of each order; a dead one holds its order back without holding back the
+others."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from projections.views.database import SQLiteViews
+import pytest
+
+from projections.views.database import PostgresViews, SQLiteViews
 from projections.views.outbox_view import (
     CONFIRMATION,
     WEBHOOK,
@@ -16,6 +20,7 @@ from projections.views.outbox_view import (
     OutboxView,
     message_key,
 )
+from tests.conftest import fresh_schema
 
 AT = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 
@@ -52,12 +57,31 @@ def tried(order_id: str, sequence: int, outcome: str, attempt: int = 1) -> Deliv
     )  # fmt: skip
 
 
-def view_of(tmp_path: Path, events: list[Any]) -> OutboxReader:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    db = SQLiteViews(tmp_path / "views.sqlite")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Makes fresh, empty views databases: SQLite files, or PostgreSQL schemas."""
+    made: list[Any] = []
+
+    def fresh() -> Any:
+        if request.param == "sqlite":
+            path = tmp_path / f"views-{len(made)}.sqlite"
+            db: Any = SQLiteViews(path)
+        else:
+            dsn = request.getfixturevalue("postgres_dsn")
+            db = PostgresViews(dsn, fresh_schema(dsn), pool_size=1)
+        made.append(db)
+        return db
+
+    yield fresh
+    for db in made:
+        db.close()
+
+
+def view_of(stores: Callable[[], Any], events: list[Any]) -> OutboxReader:
+    db = stores()
     view = OutboxView()
     with db.transaction() as cursor:
-        view.create(cursor, "sqlite")
+        view.create(cursor, db.dialect)
         view.create_indexes(cursor)
         view.apply(cursor, list(enumerate(events, start=1)))
     return OutboxReader(db)
@@ -69,10 +93,10 @@ def heads(reader: OutboxReader) -> list[str]:
 
 
 def test_each_order_s_first_message_not_taken_and_a_dead_one_holds_only_its_order(
-    tmp_path: Path,
+    stores: Callable[[], Any],
 ) -> None:
     reader = view_of(
-        tmp_path,
+        stores,
         [due("A", 1), due("A", 2), due("B", 1), due("B", 2), due("C", 1),
          tried("A", 1, "dead"), tried("B", 1, "delivered")],
     )  # fmt: skip
@@ -81,21 +105,21 @@ def test_each_order_s_first_message_not_taken_and_a_dead_one_holds_only_its_orde
     assert floor == 0  # A/1 (position 1), dead, is not taken: nothing before it to skip
 
 
-def test_many_dead_orders_do_not_fill_the_page(tmp_path: Path) -> None:
+def test_many_dead_orders_do_not_fill_the_page(stores: Callable[[], Any]) -> None:
     events: list[Any] = []
     for n in range(100):
         events += [due(f"D{n}", 1), tried(f"D{n}", 1, "dead")]
     events.append(due("LIVE", 1))
-    reader = view_of(tmp_path, events)
+    reader = view_of(stores, events)
     _, found = reader.undelivered("erp", [CONFIRMATION], limit=64)
     assert [m.ordering_key for m in found] == ["LIVE"]
 
 
 def test_a_requeued_dead_message_is_sent_again_and_taken_ones_move_the_floor(
-    tmp_path: Path,
+    stores: Callable[[], Any],
 ) -> None:
     reader = view_of(
-        tmp_path,
+        stores,
         [due("A", 1), due("B", 1), tried("A", 1, "delivered"), tried("B", 1, "dead", 3),
          tried("B", 1, "requeued", 3)],
     )  # fmt: skip
@@ -134,14 +158,14 @@ def delivered_to(endpoint: str, order_id: str, sequence: int) -> DeliveryAttempt
 
 
 def test_a_message_addressed_to_endpoints_goes_to_them_only_in_order_per_order(
-    tmp_path: Path,
+    stores: Callable[[], Any],
 ) -> None:
     # A's partner events: 1 for p1, 2 for p1 and p2; B's 1 for p2; and an ERP confirmation,
     # addressed to no one in particular. p1 gets A/1 (A/2 waits behind it); p2 gets A/2 at
     # once (A/1 is not its) and B/1; the ERP gets its confirmation and no webhook.
     events: list[Any] = [webhook("A", 1, "p1"), webhook("A", 2, "p1", "p2"),
                          webhook("B", 1, "p2"), due("C", 1)]  # fmt: skip
-    reader = view_of(tmp_path, events)
+    reader = view_of(stores, events)
 
     def owed(endpoint: str, reader: OutboxReader = reader) -> list[str]:
         _, found = reader.undelivered(endpoint, [WEBHOOK])
@@ -157,5 +181,5 @@ def test_a_message_addressed_to_endpoints_goes_to_them_only_in_order_per_order(
         "event_time": AT.isoformat(), "data": {"order_id": "A"}, "order_id": "A",
     }  # fmt: skip
     # p1 took A/1: A/2 is its next.
-    later = view_of(tmp_path / "later", [*events, delivered_to("p1", "A", 1)])
+    later = view_of(stores, [*events, delivered_to("p1", "A", 1)])
     assert owed("p1", later) == ["A/2"]
