@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/mes-hub demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check contracts hub adapters projections tests bench
-	$(BIN)/ruff format --check contracts hub adapters projections tests bench
+	$(BIN)/ruff check contracts hub adapters projections audit tests bench
+	$(BIN)/ruff format --check contracts hub adapters projections audit tests bench
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
