@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 EXCERPT_CHARS = 512  # of a destination's answer, kept with each attempt
 ATTEMPT_TYPE = "mes.hub.delivery.attempted.v1"
 PAGE = 64  # messages read per round (the first of each key): a few per sender slot
-READ_TRUSTED_S = 1.0  # a read of the outbox is worked through for this long at most
+READ_TRUSTED_S = 5.0  # a read of the outbox is worked through for this long at most
 FOLLOW_UP_S = 0.1  # how soon to look again while the view has not caught up with the sender
 
 
@@ -403,7 +403,7 @@ class Sender:
         # What the last read found is worked through before the outbox is read again: a
         # read costs as much as what is open, and a burst to a hundred endpoints would read
         # once per delivery. (What this sender did since, it knows: ``_state``.)
-        # Trusted for a second at most: an order's next message, or one requeued, is not
+        # Trusted for a few seconds at most: an order's next message, or one requeued, is not
         # kept waiting behind a whole page at a slow destination.
         fresh = time.monotonic() - self._read_at < READ_TRUSTED_S
         due = self._due(self._read, now) if fresh else []
