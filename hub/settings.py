@@ -6,6 +6,8 @@ A bad value fails at start with the place it came from, the key and the reason.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import tomllib
@@ -281,6 +283,31 @@ class Settings(BaseSettings):
     api_read_queue: int = Field(
         default=16, ge=0, le=10_000, description="Reads that may wait for one; more get 429"
     )
+    # --- the auditors' log (docs/audit.md) ---
+    audit_key: Path | None = Field(
+        default=None,
+        description="The Ed25519 key that signs the log's checkpoints (a C2SP note signer key "
+        "file, mode 0600); empty: one made in the data dir on first start",
+    )
+    audit_origin: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The checkpoints' origin line; empty: mes-hub/<site>",
+    )
+    audit_checkpoint_every: int = Field(
+        default=10_000, ge=1, description="Sign a checkpoint after this many events"
+    )
+    audit_checkpoint_interval_s: float = Field(
+        default=60.0, gt=0, description="… or this long after the last one, if the log grew"
+    )
+    store_encryption_key: SecretStr | None = Field(
+        default=None,
+        description="Encrypt stored events with AES-GCM: a base64 key of 16, 24 or 32 bytes "
+        "(mes-hub store new-key); empty: stored as plain JSON",
+    )
+    store_compression: bool = Field(
+        default=False, description="Compress stored events (zlib) before any encryption"
+    )
     # Failpoint for crash tests: SIGKILL this process right after the Nth commit, before its ack.
     fault_kill_after_commit: int | None = Field(default=None, ge=1, json_schema_extra=INTERNAL)
     # The same for a view: SIGKILL right after its Nth batch is committed.
@@ -292,6 +319,24 @@ class Settings(BaseSettings):
     @classmethod
     def _check_api_keys(cls, value: SecretStr) -> SecretStr:
         parse_api_keys(value.get_secret_value())
+        return value
+
+    @field_validator("store_encryption_key")
+    @classmethod
+    def _check_store_encryption_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        # Checked here, not when the store opens: a bad key must stop the hub before it writes.
+        # The key is never echoed.
+        try:
+            key = base64.b64decode(value.get_secret_value(), validate=True)
+        except binascii.Error:
+            raise ValueError("is not base64 (make one with: mes-hub store new-key)") from None
+        if len(key) not in (16, 24, 32):
+            raise ValueError(
+                f"decodes to {len(key)} bytes; an AES key is 16, 24 or 32 bytes "
+                "(make one with: mes-hub store new-key)"
+            )
         return value
 
     @field_validator("postgres_dsn")

@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hub.api.policy import (
+    AUDITORS,
     ERP_DESK,
     EVENT_WRITERS,
     PARTNER_DESK,
@@ -162,6 +163,7 @@ EventWriter = Annotated[Caller, Depends(require(*EVENT_WRITERS))]
 ErpDesk = Annotated[Caller, Depends(require(*ERP_DESK))]
 PartnerDesk = Annotated[Caller, Depends(require(*PARTNER_DESK))]
 WebhookUser = Annotated[Caller, Depends(require(*WEBHOOK_USERS))]
+Auditor = Annotated[Caller, Depends(require(*AUDITORS))]
 
 
 async def get_desk(context: Context) -> WebhookDesk:

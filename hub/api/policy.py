@@ -7,7 +7,8 @@ The roles (keys from ``MES_HUB_API_KEYS`` or the config file):
 - ``admin``: everything;
 - ``operator``: reads, and sends operator events (a tablet at the machine);
 - ``erp``: reads, and sends ERP order events;
-- ``auditor``: reads;
+- ``auditor``: reads, and the audit log, checkpoints and proofs (``/api/v1/audit``); writes
+  nothing;
 - ``supplier``, ``customer``: a partner's key (issued by ``POST /partners/{id}/keys``): its own
   partner, webhook endpoints and their deliveries, nothing else.
 """
@@ -35,6 +36,9 @@ PARTNER_DESK: tuple[Role, ...] = ("admin",)
 # replays and redelivers (a partner's for its own endpoints only).
 PARTNERS: tuple[Role, ...] = ("supplier", "customer")
 WEBHOOK_USERS: tuple[Role, ...] = (*PARTNER_DESK, *PARTNERS)
+# Who reads the audit log (who did what, and when the hub knew it), its checkpoints and proofs:
+# not an operator's tablet, which has no business with who else did what.
+AUDITORS: tuple[Role, ...] = ("admin", "auditor")
 
 
 def may_send(role: Role, stream: Stream) -> bool:
