@@ -4,6 +4,7 @@ Public surface:
 - ``CloudEvent``: the CloudEvents 1.0 envelope (JSON structured mode).
 - the v1 data models and ``EVENT_TYPES`` (type name -> ``EventType``).
 - ``decode_event`` / ``encode_event``: bytes <-> validated envelope and data.
+- ``ACTOR_EXTENSIONS``: the extension attributes in which the hub says who sent an event.
 - ``dedupe_key``: what makes an event unique (``source`` + ``id``), as one token.
 - ``check_event_time``: the rule against event times from the future.
 - ``nats_subject_for`` / ``check_subject``: the NATS subject rules.
@@ -18,6 +19,10 @@ This package imports nothing else of mes-hub.
 """
 
 from contracts._envelope import (
+    ACTOR_EXTENSIONS,
+    ACTOR_ID,
+    ACTOR_KIND,
+    ACTOR_ROLE,
     CloudEvent,
     ValidatedEvent,
     check_event_time,
@@ -79,6 +84,10 @@ from contracts._types import (
 )
 
 __all__ = [
+    "ACTOR_EXTENSIONS",
+    "ACTOR_ID",
+    "ACTOR_KIND",
+    "ACTOR_ROLE",
     "DLQ_PREFIX",
     "EVENT_TYPES",
     "PARTNER_EVENT_TYPES",

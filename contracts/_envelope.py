@@ -34,6 +34,11 @@ _TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 # system, bounded: Boolean, Integer (32-bit signed) and the string-typed ones (String, URI,
 # URI-reference, Timestamp, Binary as base64).
 MAX_EXTENSIONS = 20
+# Who sent an event, as the hub's API vouches for it: extension attributes set by the hub (the
+# API key's id and role), never by a client; ingest takes them only from a message the hub
+# signed. The replay export writes the actor of every event in the same attributes.
+ACTOR_KIND, ACTOR_ID, ACTOR_ROLE = "mesactorkind", "mesactorid", "mesactorrole"
+ACTOR_EXTENSIONS = (ACTOR_KIND, ACTOR_ID, ACTOR_ROLE)
 MAX_EXTENSION_STRING = 1024
 _INTEGER_MIN, _INTEGER_MAX = -(2**31), 2**31 - 1
 

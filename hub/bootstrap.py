@@ -773,7 +773,11 @@ async def build_hub(
         )
         for k in range(settings.partitions)
     ]
-    api_publisher = publisher or NatsPublisher(api_client.jetstream(), settings.site)
+    # Signed too: what the API publishes names the caller's key (its actor), which ingest takes
+    # from the hub's own publishers only.
+    api_publisher = publisher or NatsPublisher(
+        api_client.jetstream(), settings.site, signing_key=key
+    )
     if publisher is None:
         publisher = NatsPublisher(jetstream, settings.site, signing_key=key)
 

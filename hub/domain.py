@@ -29,13 +29,28 @@ def order_aggregate_id(site: str, order_id: str) -> UUID:
     return uuid5(_ID_NAMESPACE, f"order/{site}/{order_id}")
 
 
+# Who put a fact into the hub (``Origin.actor``): {"kind": "key", "id": the API key's id,
+# "role": its role} for what came through the API; {"kind": "adapter", "id": the CloudEvent
+# source, "role": its family} for what an adapter published on NATS; {"kind": "hub", "id": the
+# source of the hub's component} for the hub's own events. Set by the hub, never by a client.
+Actor = dict[str, str]
+
+
+def actor_of(stored_event: Any) -> Actor | None:
+    """The actor recorded with a stored event; None for events stored before actors were kept
+    (they have no such field: read it so, never as an attribute)."""
+    found = stored_event.__dict__.get("actor")
+    return dict(found) if isinstance(found, dict) else None
+
+
 @dataclass(frozen=True)
 class Origin:
-    """Where a fact came from: the CloudEvent id, its source, and the event time."""
+    """Where a fact came from: the CloudEvent id, its source, the event time, and who sent it."""
 
     event_id: str
     source: str
     time: datetime
+    actor: Actor | None = None
 
 
 def _newer(time: datetime, than: datetime | None) -> bool:
@@ -43,11 +58,13 @@ def _newer(time: datetime, than: datetime | None) -> bool:
 
 
 class MachineEvent(Aggregate.Event):
-    """What every fact about a machine carries: the CloudEvent id, its source, the event time."""
+    """What every fact about a machine carries: the CloudEvent id, its source, the event time
+    and its actor (``actor_of``: events stored before actors were kept have none)."""
 
     event_id: str
     source: str
     event_time: datetime
+    actor: Actor | None
 
 
 # The condition the hub shows for an implausible counter reading, until a ``normal`` condition
@@ -154,6 +171,7 @@ class Machine(Aggregate):
             event_id=origin.event_id,
             source=origin.source,
             event_time=origin.time,
+            actor=origin.actor,
             **fields,
         )
 
@@ -341,34 +359,40 @@ class Order(Aggregate):
         self.changes = 0
 
     def release(self, origin: Origin, fields: dict[str, Any]) -> None:
-        self._released(origin.event_id, origin.source, origin.time, fields)
+        self._released(origin.event_id, origin.source, origin.time, fields, actor=origin.actor)
 
     def change(self, origin: Origin, fields: dict[str, Any]) -> None:
-        self._changed(origin.event_id, origin.source, origin.time, fields)
+        self._changed(origin.event_id, origin.source, origin.time, fields, actor=origin.actor)
 
     def cancel(self, origin: Origin, reason: str) -> None:
-        self._cancelled(origin.event_id, origin.source, origin.time, reason)
+        self._cancelled(origin.event_id, origin.source, origin.time, reason, actor=origin.actor)
 
     def start_on(self, origin: Origin, machine_id: str) -> None:
-        self._started(origin.event_id, origin.source, origin.time, machine_id)
+        self._started(origin.event_id, origin.source, origin.time, machine_id, actor=origin.actor)
 
     def end_on(self, origin: Origin, machine_id: str) -> None:
-        self._ended(origin.event_id, origin.source, origin.time, machine_id)
+        self._ended(origin.event_id, origin.source, origin.time, machine_id, actor=origin.actor)
 
     def record_delivery_forecast(self, origin: Origin, forecast: dict[str, Any]) -> None:
-        self._delivery_forecast_changed(origin.event_id, origin.source, origin.time, forecast)
+        self._delivery_forecast_changed(
+            origin.event_id, origin.source, origin.time, forecast, actor=origin.actor
+        )
 
     def record_progress(self, origin: Origin, progress: dict[str, Any]) -> None:
-        self._progressed(origin.event_id, origin.source, origin.time, progress)
+        self._progressed(origin.event_id, origin.source, origin.time, progress, actor=origin.actor)
 
     def record_confirmation_due(self, origin: Origin, confirmation: dict[str, Any]) -> None:
-        self._confirmation_due(origin.event_id, origin.source, origin.time, confirmation)
+        self._confirmation_due(
+            origin.event_id, origin.source, origin.time, confirmation, actor=origin.actor
+        )
 
     def record_webhook_due(self, origin: Origin, webhook: dict[str, Any]) -> None:
-        self._webhook_due(origin.event_id, origin.source, origin.time, webhook)
+        self._webhook_due(origin.event_id, origin.source, origin.time, webhook, actor=origin.actor)
 
     def record_delivery_attempt(self, origin: Origin, attempt: dict[str, Any]) -> None:
-        self._delivery_attempted(origin.event_id, origin.source, origin.time, attempt)
+        self._delivery_attempted(
+            origin.event_id, origin.source, origin.time, attempt, actor=origin.actor
+        )
 
     @property
     def confirmed(self) -> list[dict[str, Any]]:
@@ -396,7 +420,12 @@ class Order(Aggregate):
 
     @event("Released")
     def _released(
-        self, event_id: str, source: str, event_time: datetime, fields: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        fields: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         self._set_fields(fields)
         self.released_at = event_time
@@ -404,57 +433,108 @@ class Order(Aggregate):
 
     @event("Changed")
     def _changed(
-        self, event_id: str, source: str, event_time: datetime, fields: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        fields: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         self._set_fields(fields)
         self.changes += 1
 
     @event("Cancelled")
-    def _cancelled(self, event_id: str, source: str, event_time: datetime, reason: str) -> None:
+    def _cancelled(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        reason: str,
+        actor: Actor | None = None,
+    ) -> None:
         self.status = "cancelled"
         self.cancelled_reason = reason
 
     @event("DeliveryForecastChanged")
     def _delivery_forecast_changed(
-        self, event_id: str, source: str, event_time: datetime, forecast: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        forecast: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         self.delivery_forecast = forecast
         self.delivery_forecast_changes += 1
 
     @event("Progressed")
     def _progressed(
-        self, event_id: str, source: str, event_time: datetime, progress: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        progress: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         self.progress = {**progress, "as_of": event_time.isoformat()}
         self.progress_changes += 1
 
     @event("ConfirmationDue")
     def _confirmation_due(
-        self, event_id: str, source: str, event_time: datetime, confirmation: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        confirmation: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         self.confirmations = [*(self.confirmations or []), confirmation]
 
     @event("WebhookDue")
     def _webhook_due(
-        self, event_id: str, source: str, event_time: datetime, webhook: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        webhook: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         # Kept in the store for the outbox and the auditors; the order's state does not change.
         pass
 
     @event("DeliveryAttempted")
     def _delivery_attempted(
-        self, event_id: str, source: str, event_time: datetime, attempt: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        attempt: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         # The last outcome per message and destination (every attempt stays in the store).
         key = f"{attempt['destination']}/{attempt['message_id']}"
         self.deliveries = {**(self.deliveries or {}), key: attempt}
 
     @event("Started")
-    def _started(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:
+    def _started(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        machine_id: str,
+        actor: Actor | None = None,
+    ) -> None:
         self._move(machine_id, event_time, started=True)
 
     @event("Ended")
-    def _ended(self, event_id: str, source: str, event_time: datetime, machine_id: str) -> None:
+    def _ended(
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        machine_id: str,
+        actor: Actor | None = None,
+    ) -> None:
         self._move(machine_id, event_time, started=False)
 
     def _move(self, machine_id: str, time: datetime, started: bool) -> None:
@@ -523,7 +603,9 @@ class Plant(Aggregate):
     def configure(
         self, origin: Origin, config: dict[str, Any], effective_from: datetime | None
     ) -> None:
-        self._configured(origin.event_id, origin.source, origin.time, config, effective_from)
+        self._configured(
+            origin.event_id, origin.source, origin.time, config, effective_from, actor=origin.actor
+        )
 
     @event("Configured")
     def _configured(
@@ -533,6 +615,7 @@ class Plant(Aggregate):
         event_time: datetime,
         config: dict[str, Any],
         effective_from: datetime | None,
+        actor: Actor | None = None,
     ) -> None:
         self.configurations.append(
             {
@@ -561,10 +644,15 @@ class Webhooks(Aggregate):
         self.registry: dict[str, Any] = registry_empty()
 
     def change(self, origin: Origin, change: dict[str, Any]) -> None:
-        self._changed(origin.event_id, origin.source, origin.time, change)
+        self._changed(origin.event_id, origin.source, origin.time, change, actor=origin.actor)
 
     @event("Changed")
     def _changed(
-        self, event_id: str, source: str, event_time: datetime, change: dict[str, Any]
+        self,
+        event_id: str,
+        source: str,
+        event_time: datetime,
+        change: dict[str, Any],
+        actor: Actor | None = None,
     ) -> None:
         self.registry = apply_change(self.registry, change, event_time.isoformat())

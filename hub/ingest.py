@@ -37,6 +37,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from contracts import (
+    ACTOR_EXTENSIONS,
+    ACTOR_ID,
+    ACTOR_KIND,
+    ACTOR_ROLE,
     DLQ_PREFIX,
     AvailabilityV1,
     CloudEvent,
@@ -67,6 +71,7 @@ from contracts import (
     partition_of,
 )
 from hub.domain import (
+    Actor,
     Machine,
     Order,
     Origin,
@@ -268,7 +273,7 @@ class Ingestor:
         messages = sorted(messages, key=lambda m: m.stream_seq)
         batch = _Batch(messages, last_seq=messages[-1].stream_seq)
         now = self.clock()
-        valid: list[tuple[IncomingMessage, ValidatedEvent, tuple[Target, ...]]] = []
+        valid: list[tuple[IncomingMessage, ValidatedEvent, tuple[Target, ...], Actor]] = []
         for message in messages:
             if message.subject.startswith(DLQ_PREFIX):
                 continue  # the dead letters share the stream; they are not ours to apply
@@ -282,23 +287,24 @@ class Ingestor:
                 site = check_subject(message.subject, event)
                 check_event_time(event.envelope, now, self.max_clock_skew_s)
                 self._check_hub_signature(message, event)
+                actor = self._actor(message, event)
             except ContractViolation as violation:
                 batch.rejected.append(Rejected(message, violation.reason))
                 continue
-            valid.append((message, event, targets(site, event)))
+            valid.append((message, event, targets(site, event), actor))
         already = self.store.received_events(
-            [e.envelope for _, e, _ in valid], legacy_margin_s=self.max_clock_skew_s
+            [e.envelope for _, e, _, _ in valid], legacy_margin_s=self.max_clock_skew_s
         )
         if after is not None:
             already.update(r.key for r in after.received)
-        self._find_new_aggregates(t for _, _, touched in valid for t in touched)
-        for message, event, touched in valid:
+        self._find_new_aggregates(t for _, _, touched, _ in valid for t in touched)
+        for message, event, touched, actor in valid:
             key = dedupe_key(event.envelope)
             if key in already:
                 batch.duplicates += 1
                 continue
             already.add(key)
-            self._apply(event, [self._aggregate(batch, target) for target in touched])
+            self._apply(event, [self._aggregate(batch, target) for target in touched], actor)
             batch.received.append(Received(key, message.stream_seq))
         # A snapshot when an aggregate crosses a multiple of the interval, so loading it
         # replays fewer than ``snapshot_interval`` events.
@@ -333,6 +339,31 @@ class Ingestor:
                 field="type",
             )
 
+    def _actor(self, message: IncomingMessage, event: ValidatedEvent) -> Actor:
+        """Who sent ``event``: the API key named in its actor attributes, which only the hub's
+        own publishers may set (so the message must bear the hub's signature); else the hub's
+        component or the adapter, by its source."""
+        envelope = event.envelope
+        extensions = envelope.model_extra or {}
+        claimed = {name: extensions[name] for name in ACTOR_EXTENSIONS if name in extensions}
+        if claimed:
+            vouched = self.hub_key is not None and signed_by(
+                self.hub_key, message.data, message.signature
+            )
+            if not vouched and message.stream_seq > self.signed_after:
+                raise ContractViolation(
+                    f"{', '.join(claimed)}: who sent an event is said by the hub's API only, "
+                    f"and this message has no valid {SIGNATURE_HEADER}",
+                    field=next(iter(claimed)),
+                )
+            actor = {"kind": str(claimed.get(ACTOR_KIND, "key")), "id": str(claimed.get(ACTOR_ID))}
+            if ACTOR_ROLE in claimed:
+                actor["role"] = str(claimed[ACTOR_ROLE])
+            return actor
+        if event.event_type.stream == "hub":
+            return {"kind": "hub", "id": envelope.source}
+        return {"kind": "adapter", "id": envelope.source, "role": event.event_type.stream}
+
     # --- applying one event ----------------------------------------------------------------
 
     def _aggregate_id(self, target: Target) -> UUID:
@@ -363,10 +394,11 @@ class Ingestor:
         batch.touched[key] = aggregate
         return aggregate
 
-    def _apply(self, event: ValidatedEvent, touched: Sequence[Aggregate]) -> None:
-        """Apply ``event`` to the aggregates it touches (``targets``, loaded or new)."""
+    def _apply(self, event: ValidatedEvent, touched: Sequence[Aggregate], actor: Actor) -> None:
+        """Apply ``event``, sent by ``actor``, to the aggregates it touches (``targets``,
+        loaded or new)."""
         envelope, data = event.envelope, event.data
-        origin = Origin(envelope.id, envelope.source, envelope.time)
+        origin = Origin(envelope.id, envelope.source, envelope.time, actor)
         subject = envelope.subject
         match data:
             case AvailabilityV1():

@@ -329,8 +329,9 @@ class NatsPublisher:
     """``EventPublisher`` over JetStream. The event's ``dedupe_key`` (its ``source`` and ``id``)
     is the ``Nats-Msg-Id``, so a republished event is dropped by the stream's duplicate window
     (and by the store after), while two producers that happen to use the same id are not. With
-    ``signing_key`` (the hub's own publisher) the hub's events are signed, and ingest takes no
-    hub event without that signature."""
+    ``signing_key`` (the hub's own publishers: its components' and its API's) every event is
+    signed, and ingest takes no hub event, and no event naming its actor, without that
+    signature."""
 
     def __init__(
         self,
@@ -349,7 +350,7 @@ class NatsPublisher:
 
     def _headers(self, event: CloudEvent, subject: str, body: bytes) -> dict[str, str]:
         headers = {MSG_ID_HEADER: dedupe_key(event)}
-        if self._signing_key is not None and subject.startswith(f"mes.{self._site}.hub."):
+        if self._signing_key is not None:
             headers[SIGNATURE_HEADER] = signature(self._signing_key, body)
         return headers
 

@@ -8,6 +8,7 @@ services they use (``Store``, ``Facts``, ``Orders``, ``Reads``, ``Publisher``, `
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from contracts import ACTOR_ID, ACTOR_KIND, ACTOR_ROLE
 from hub.api.policy import (
     AUDITORS,
     ERP_DESK,
@@ -108,6 +110,20 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: 
 class Caller:
     role: Role
     partner: str | None = None  # a partner's key (roles supplier, customer): whose
+    # The key's id (``key_id``), recorded as the actor of what the caller sends; never the key.
+    key_id: str = ""
+
+    def actor_attributes(self) -> dict[str, str]:
+        """The CloudEvent extension attributes naming this caller as the actor of an event it
+        sends (the hub's API publisher signs them; ingest records them)."""
+        return {ACTOR_KIND: "key", ACTOR_ID: self.key_id, ACTOR_ROLE: self.role}
+
+
+def key_id(presented: str) -> str:
+    """An API key's id: the first 16 hex digits of its SHA-256 (``printf %s "$KEY" | sha256sum
+    | cut -c1-16`` tells an admin whose it is). Unique enough to name a key in the audit log,
+    and of no use to guess it."""
+    return "key-" + hashlib.sha256(presented.encode()).hexdigest()[:16]
 
 
 async def _identify(context: ApiContext, presented: str) -> Caller | None:
@@ -115,14 +131,14 @@ async def _identify(context: ApiContext, presented: str) -> Caller | None:
     found: Caller | None = None
     for api_key in context.api_keys:
         if hmac.compare_digest(api_key.key.get_secret_value().encode(), presented.encode()):
-            found = Caller(api_key.role)
+            found = Caller(api_key.role, key_id=key_id(presented))
     if found is None and context.webhooks is not None and presented.startswith(PARTNER_KEY):
         # A partner's key, issued by the API: the store keeps its SHA-256 only (a hash looked
         # up, not compared: its timing tells nothing of the key).
         registry = await asyncio.to_thread(context.webhooks.registry)
         owner = registry.key_owner(key_hash(presented))
         if owner is not None and owner[1] in PARTNERS:
-            found = Caller(owner[1], partner=owner[0])
+            found = Caller(owner[1], partner=owner[0], key_id=key_id(presented))
     return found
 
 

@@ -3,6 +3,7 @@ to ingest itself (the Ingestor on a store and views in SQLite files in a temp di
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ import pytest
 from contracts import CloudEvent, encode_event
 from hub.api.app import create_app
 from hub.bootstrap import all_views, api_context
-from hub.domain import order_aggregate_id
+from hub.domain import actor_of, order_aggregate_id
 from hub.ingest import IncomingMessage, Ingestor
+from hub.nats_auth import signature
 from hub.ports import InMemoryPublisher, PublishReceipt
 from hub.settings import Settings, load_settings
 from hub.store import EventStore, StoreUnavailable
@@ -27,6 +29,9 @@ from projections.views.runner import ProjectionWorker
 from tests.conftest import API_ROLES, T0, api_client, api_key, cloud_event
 
 PROBLEM = "application/problem+json"
+
+
+HUB_KEY = bytes(range(32))
 
 
 @dataclass
@@ -46,12 +51,16 @@ class HubWithoutNats:
     def deliver(self) -> None:
         """Ingest what was published since the last call, and bring the views up to date."""
         fresh = self.publisher.published[self.delivered :]
+        # Signed as the hub's API publisher signs: ingest takes the actor (the API key) only so.
+        bodies = [(subject, encode_event(event.envelope)) for subject, event in fresh]
         messages = [
-            IncomingMessage(subject, encode_event(event.envelope), self.delivered + n)
-            for n, (subject, event) in enumerate(fresh, start=1)
+            IncomingMessage(subject, body, self.delivered + n, signature(HUB_KEY, body))
+            for n, (subject, body) in enumerate(bodies, start=1)
         ]
         if messages:
-            ingestor = Ingestor(self.store, "test", clock=lambda: T0 + timedelta(days=30))
+            ingestor = Ingestor(
+                self.store, "test", clock=lambda: T0 + timedelta(days=30), hub_key=HUB_KEY
+            )
             ingestor.commit(ingestor.prepare(messages))
         self.delivered += len(fresh)
         worker = ProjectionWorker(all_views(), self.store, self.views)
@@ -104,6 +113,27 @@ def ended(machine: str, order_id: str, minutes: int) -> CloudEvent:
 
 def available(machine: str) -> CloudEvent:
     return cloud_event("mes.machine.availability.v1", machine, {"availability": "AVAILABLE"})
+
+
+async def test_the_store_keeps_which_key_sent_an_event_and_no_client_may_say_so(
+    client: httpx.AsyncClient, floor: HubWithoutNats
+) -> None:
+    assert (await post(client, "admin", available("M1"))).status_code == 202
+    floor.deliver()
+    assert (await post(client, "operator", started("M1", "O-1"))).status_code == 202
+    floor.deliver()
+    stored = floor.store.machine_history("default", "M1")
+    operator_key = hashlib.sha256(api_key("operator").encode()).hexdigest()[:16]
+    admin_key = hashlib.sha256(api_key("admin").encode()).hexdigest()[:16]
+    assert [actor_of(e) for e in stored if hasattr(e, "event_id")] == [
+        {"kind": "key", "id": f"key-{admin_key}", "role": "admin"},
+        {"kind": "key", "id": f"key-{operator_key}", "role": "operator"},
+    ]
+    assert api_key("operator") not in json.dumps([e.__dict__ for e in stored], default=str)
+    # A client naming an actor itself is refused, whoever it names.
+    forged = started("M1", "O-2").model_copy(update={"mesactorid": f"key-{admin_key}"})
+    refused = await post(client, "operator", forged)
+    assert refused.status_code == 400 and "mesactorid" in refused.json()["detail"]
 
 
 async def test_an_event_is_published_and_only_ingest_makes_it_visible(

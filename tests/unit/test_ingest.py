@@ -17,9 +17,17 @@ from contracts import (
     partition_of,
     validate_envelope,
 )
-from hub.domain import Machine, Order, Plant, machine_aggregate_id, order_aggregate_id
+from hub.domain import (
+    Machine,
+    Order,
+    Plant,
+    actor_of,
+    machine_aggregate_id,
+    order_aggregate_id,
+)
 from hub.errors import ConcurrentWrite, MesHubError
 from hub.ingest import IncomingMessage, Ingestor, Target, aggregate_id, targets
+from hub.nats_auth import signature
 from hub.store import Entity
 from tests.conftest import T0, cloud_event
 from tests.fakes import InMemoryStore
@@ -184,3 +192,53 @@ def test_an_events_first_target_is_the_entity_its_partition_is_keyed_by(type_nam
 def test_aggregate_ids_are_the_domains() -> None:
     assert aggregate_id(Target("machine", "s", "M1")) == machine_aggregate_id("s", "M1")
     assert aggregate_id(Target("order", "s", "SO-1")) == order_aggregate_id("s", "SO-1")
+
+
+# --- who sent it: the actor kept with every fact ---------------------------------------------
+
+HUB_KEY = bytes(range(32))
+
+
+def signed(event: CloudEvent, seq: int) -> IncomingMessage:
+    unsigned = message(event, seq)
+    return IncomingMessage(unsigned.subject, unsigned.data, seq, signature(HUB_KEY, unsigned.data))
+
+
+def actors(store: InMemoryStore, machine: str) -> list[Any]:
+    stored = store.events.get(machine_aggregate_id("default", machine), [])
+    return [actor_of(e) for e in stored if hasattr(e, "event_id")]
+
+
+def test_an_adapters_event_names_its_source(
+    store: InMemoryStore,
+) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0, hub_key=HUB_KEY)
+    from_adapter = execution("M1", "ACTIVE").model_copy(update={"source": "urn:shdr:okuma-7"})
+    ingest(ingestor, message(from_adapter, 1))
+    assert actors(store, "M1") == [{"kind": "adapter", "id": "urn:shdr:okuma-7", "role": "machine"}]
+
+
+def test_the_api_key_named_by_the_hubs_api_is_the_actor(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0, hub_key=HUB_KEY)
+    event = execution("M1", "ACTIVE").model_copy(
+        update={
+            "mesactorkind": "key",
+            "mesactorid": "key-0123456789abcdef",
+            "mesactorrole": "admin",
+        }
+    )
+    batch = ingest(ingestor, signed(event, 1))
+    assert batch.rejected == []
+    assert actors(store, "M1") == [{"kind": "key", "id": "key-0123456789abcdef", "role": "admin"}]
+
+
+def test_an_actor_the_hub_did_not_sign_is_dead_lettered(store: InMemoryStore) -> None:
+    # Anyone with NATS credentials could otherwise pass an event off as an admin's.
+    ingestor = Ingestor(store, "p0", clock=lambda: T0, hub_key=HUB_KEY)
+    forged = execution("M1", "ACTIVE").model_copy(
+        update={"mesactorid": "key-0123456789abcdef", "mesactorrole": "admin"}
+    )
+    batch = ingest(ingestor, message(forged, 1))
+    assert len(batch.rejected) == 1 and "mesactorid" in batch.rejected[0].reason
+    assert "Mes-Hub-Signature" in batch.rejected[0].reason
+    assert store.load(machine_aggregate_id("default", "M1")) is None

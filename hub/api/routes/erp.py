@@ -240,7 +240,7 @@ async def retry_confirmation(
         said = "taken" if state is not None else "not tried yet"
         raise Problem(409, f"{destination} has {said} confirmation {confirmation_id}")
     # The destination's own state: its attempts so far (the requeue's id and count build on it).
-    await requeue(state, destination, f"an API key of role {caller.role}")
+    await requeue(state, destination, f"API key {caller.key_id} of role {caller.role}")
     return Requeued(id=confirmation_id, destination=destination, requeued=True)
 
 
@@ -297,5 +297,6 @@ async def post_b2mml(
             check_event_time(event, now, max_skew_s)
         except ContractViolation as violation:
             raise Problem(400, f"order {event.subject}: {violation.reason}") from None
-    receipts = await publisher.publish_many(events)
+    vouched = [event.model_copy(update=caller.actor_attributes()) for event in events]
+    receipts = await publisher.publish_many(vouched)
     return [Accepted(id=r.event_id, subject=r.subject, duplicate=r.duplicate) for r in receipts]

@@ -16,6 +16,7 @@ import asyncio
 import copy
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -25,6 +26,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 
 from contracts import (
+    ACTOR_EXTENSIONS,
     EVENT_TYPES,
     CloudEvent,
     ContractViolation,
@@ -141,7 +143,21 @@ def _check(
         raise Problem(400, where + violation.reason, errors=errors) from None
     if isinstance(validated.data, DowntimeReasonV1):
         _check_reason(validated.data.reason, plant, where)
-    return validated
+    return _with_actor(validated, caller, where)
+
+
+def _with_actor(event: ValidatedEvent, caller: Caller, where: str) -> ValidatedEvent:
+    """The event as the hub publishes it: naming the caller's key as its actor. A client may
+    not say who sent an event: the key it used says so."""
+    claimed = sorted(set(event.envelope.model_extra or {}) & set(ACTOR_EXTENSIONS))
+    if claimed:
+        rule = "set by the hub from the API key used; a client may not send it"
+        raise Problem(
+            400,
+            f"{where}{', '.join(claimed)}: {rule}",
+            errors=[{"field": name, "rule": rule} for name in claimed],
+        )
+    return replace(event, envelope=event.envelope.model_copy(update=caller.actor_attributes()))
 
 
 def _check_reason(reason: str, plant: PlantConfig, where: str) -> None:

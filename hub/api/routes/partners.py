@@ -96,7 +96,8 @@ def partner_view(partner: dict[str, Any], endpoints: list[str]) -> PartnerView:
 
 def by(caller: Caller) -> str:
     """Who asked, as the store keeps it (never the key)."""
-    return f"api:{caller.role}" + (f":{caller.partner}" if caller.partner else "")
+    partner = f":{caller.partner}" if caller.partner else ""
+    return f"api:{caller.role}{partner}:{caller.key_id}"
 
 
 async def _partner(desk: Desk, caller: Caller, partner_id: str) -> dict[str, Any]:
