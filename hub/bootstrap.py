@@ -77,6 +77,7 @@ from projections.processes.webhook_endpoints import (
 from projections.rules.partner_events import Subscription, Visibility
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
+from projections.views.audit_view import AuditLogReader, AuditLogView
 from projections.views.database import PostgresViews, SQLiteViews, ViewDatabase
 from projections.views.facts_view import FactsReader, MachineFactsView
 from projections.views.orders_view import (
@@ -573,7 +574,9 @@ def api_context(
         orders=orders,
         reads=reads
         or ReadPool.in_threads(
-            ReadSources(hub.store, facts, orders, OutboxReader(hub.views)),
+            ReadSources(
+                hub.store, facts, orders, OutboxReader(hub.views), AuditLogReader(hub.views)
+            ),
             settings.api_read_workers,
             settings.api_read_queue,
         ),
@@ -629,11 +632,13 @@ def read_sources(settings: Settings) -> ReadSources:
     """A read worker's store and views (run in the worker; sent to it by name)."""
     store = EventStore(settings, read_only=True)  # the hub made and upgraded its tables
     views = open_views(settings, pool_size=1)  # a worker answers one read at a time
-    return ReadSources(store, FactsReader(views), OrdersReader(views), OutboxReader(views))
+    return ReadSources(
+        store, FactsReader(views), OrdersReader(views), OutboxReader(views), AuditLogReader(views)
+    )
 
 
 def all_views() -> list[View]:
-    return [MachineFactsView(), OrdersView(), OrderStatesView(), OutboxView()]
+    return [MachineFactsView(), OrdersView(), OrderStatesView(), OutboxView(), AuditLogView()]
 
 
 def view_positions(views: ViewDatabase) -> dict[str, int]:

@@ -656,3 +656,36 @@ class Webhooks(Aggregate):
         actor: Actor | None = None,
     ) -> None:
         self.registry = apply_change(self.registry, change, event_time.isoformat())
+
+
+# The CloudEvent type each stored event was made from (``ingest`` maps types to aggregate
+# methods; this is the way back), by the event's class: "Machine.ExecutionReported", ….
+_CLOUD_EVENT_TYPES = {
+    "Machine.AvailabilityReported": "mes.machine.availability.v1",
+    "Machine.ExecutionReported": "mes.machine.execution.v1",
+    "Machine.PartCountReported": "mes.machine.partcount.v1",
+    "Machine.ConditionReported": "mes.machine.condition.v1",
+    "Machine.DowntimeReasonGiven": "mes.operator.downtime_reason.v1",
+    "Machine.OrderStarted": "mes.operator.order_started.v1",
+    "Machine.OrderEnded": "mes.operator.order_ended.v1",
+    "Machine.ScrapReported": "mes.operator.scrap.v1",
+    "Order.Started": "mes.operator.order_started.v1",
+    "Order.Ended": "mes.operator.order_ended.v1",
+    "Order.Released": "mes.erp.order.released.v1",
+    "Order.Changed": "mes.erp.order.changed.v1",
+    "Order.Cancelled": "mes.erp.order.cancelled.v1",
+    "Order.DeliveryForecastChanged": "mes.hub.delivery_forecast.changed.v1",
+    "Order.Progressed": "mes.hub.order.progressed.v1",
+    "Order.ConfirmationDue": "mes.hub.order.confirmation_due.v1",
+    "Order.WebhookDue": "mes.hub.webhook.due.v1",
+    "Order.DeliveryAttempted": "mes.hub.delivery.attempted.v1",
+    "Plant.Configured": "mes.hub.plant.configured.v1",
+    "Webhooks.Changed": "mes.hub.webhooks.changed.v1",
+}
+
+
+def cloud_event_type(stored_event: Any) -> str:
+    """The CloudEvent type a stored event was made from; for an event no CloudEvent made (an
+    aggregate's ``Registered``), its class name."""
+    name = type(stored_event).__qualname__
+    return _CLOUD_EVENT_TYPES.get(name, name)

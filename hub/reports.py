@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 
-from hub.domain import machine_aggregate_id
+from hub.domain import Plant, machine_aggregate_id, plant_aggregate_id
 from hub.store import EventStore
 from projections.rules.calendar import Interval
 from projections.rules.history import MachineFacts
@@ -66,6 +66,15 @@ class Reports:
     orders: OrdersReader
     site: str
     plant: PlantConfig
+    # The site's ``Plant`` as it stood at this version (``as_known_at``); None: as it is now.
+    plant_version: int | None = None
+
+    def as_known_at(self, position: int, plant_version: int) -> Reports:
+        """These reports as the hub could have made them when its log ended at ``position``:
+        the machine facts stored up to it, and the plant configurations recorded up to it
+        (``plant_version``, the site's ``Plant`` then; 0: none recorded yet). The orders'
+        ideal cycle times are taken as they are now."""
+        return replace(self, facts=self.facts.as_known_at(position), plant_version=plant_version)
 
     def machine_timeline(
         self, machine_id: str, window: Interval, now: datetime
@@ -104,7 +113,7 @@ class Reports:
         return site_report(reports, group_by)
 
     def _plants(self) -> PlantHistory:
-        plants = PlantHistory.of(self.store.plant(self.site), self.plant)
+        plants = PlantHistory.of(self._plant_record(), self.plant)
         for skipped in plants.unreadable:
             key = (self.site, skipped.number, skipped.recorded_at)
             if key not in _SAID:  # once per process, not on every report
@@ -115,6 +124,16 @@ class Reports:
                     skipped.number, self.site, skipped.recorded_at, skipped.reason,
                 )  # fmt: skip
         return plants
+
+    def _plant_record(self) -> Plant | None:
+        if self.plant_version is None:
+            return self.store.plant(self.site)
+        if self.plant_version == 0:
+            return None
+        found: object = self.store.application.repository.get(
+            plant_aggregate_id(self.site), version=self.plant_version
+        )
+        return found if isinstance(found, Plant) else None
 
     def _report(
         self,

@@ -18,7 +18,17 @@ from fastapi.staticfiles import StaticFiles
 
 from hub.api.deps import ApiContext
 from hub.api.problems import install_problem_handlers, problem_response, problems
-from hub.api.routes import erp, events, health, machines, oee, orders, partners, webhooks
+from hub.api.routes import (
+    audit,
+    erp,
+    events,
+    health,
+    machines,
+    oee,
+    orders,
+    partners,
+    webhooks,
+)
 from hub.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,10 @@ def create_app(context: ApiContext) -> FastAPI:
         app.include_router(module.router, prefix="/api/v1", responses=problems(*every, 400, 503))
     # Both OEE routes name a machine, which may be unknown (404).
     app.include_router(oee.router, prefix="/api/v1", responses=reads | problems(404))
+    # The auditors' log, states as of a moment and OEE as reported against as known now: a
+    # known_at beyond what is stored is refused (422); a machine or order unknown (404).
+    for router in (audit.router, audit.diff_router):
+        app.include_router(router, prefix="/api/v1", responses=reads | problems(404))
     _serve_docs(app)
     return app
 

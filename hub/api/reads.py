@@ -43,6 +43,7 @@ from starlette.responses import Response
 from hub.api.problems import Problem
 from hub.settings import Settings
 from hub.store import EventStore
+from projections.views.audit_view import AuditLogReader
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
 from projections.views.outbox_view import OutboxReader
@@ -63,6 +64,7 @@ class ReadSources:
     facts: FactsReader
     orders: OrdersReader
     outbox: OutboxReader
+    audit: AuditLogReader
 
 
 class JsonAnswer(Response):

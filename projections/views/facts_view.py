@@ -157,11 +157,20 @@ class MachineFactsView:
 class FactsReader:
     """Queries on the view, answered as ``MachineFacts``."""
 
-    def __init__(self, db: ViewDatabase) -> None:
+    def __init__(self, db: ViewDatabase, known_at: int | None = None) -> None:
         self._db = db
+        # Only the facts stored up to this log position (``as_known_at``), in every query.
+        self.known_at = known_at
+        self._upto = "" if known_at is None else f" AND position <= {int(known_at)}"
         # What each counter added up to, and how far it was read (see ``counter_totals``).
         self._counters: dict[tuple[str, str, int], _Counter] = {}
         self._lock = threading.Lock()
+
+    def as_known_at(self, position: int) -> FactsReader:
+        """This view as it stood when the log ended at ``position``: every answer is made of
+        the facts stored up to it only (a late reason or reading stored after it is not
+        there). A filter on each fact's position, not a replay."""
+        return FactsReader(self._db, known_at=position)
 
     def window(self, machine: UUID, window: Interval, parts_only: bool = False) -> MachineFacts:
         """The raw facts that decide the machine's timeline, parts and scrap within ``window``
@@ -169,7 +178,7 @@ class FactsReader:
         the parts and scrap and the orders they belong to (no timeline: half the queries, for
         the production confirmations)."""
         key, start, end = machine.hex, to_micros(window.start), to_micros(window.end)
-        select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = ?"
+        select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = ?{self._upto}"
         latest = " AND time < ? ORDER BY time DESC, position DESC LIMIT 1"
         with self._db.transaction(write=False) as cursor:
             rows: list[tuple[Any, ...]] = []
@@ -185,7 +194,7 @@ class FactsReader:
                 # Literal kind, so the planner can use the partial index on programs.
                 programs = (
                     f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = 'execution' "
-                    "AND program IS NOT NULL"
+                    f"AND program IS NOT NULL{self._upto}"
                 )
                 fetch(programs + latest, key, start)
             # The readings that decide what the window's first readings add.
@@ -210,7 +219,7 @@ class FactsReader:
                     end,
                     start,
                 )
-            first = None if parts_only else _first_report(cursor, key)
+            first = None if parts_only else _first_report(cursor, key, self._upto)
         facts = _facts(rows)
         facts.first_report = first
         facts.scrap = [s for s in facts.scrap if s.time <= window.end]
@@ -229,7 +238,7 @@ class FactsReader:
             for first in range(0, len(unique), 500):
                 chunk = unique[first : first + 500]
                 cursor.execute(
-                    f"SELECT {_COLUMNS} FROM {TABLE} WHERE kind = ? "
+                    f"SELECT {_COLUMNS} FROM {TABLE} WHERE kind = ?{self._upto} "
                     f"AND order_id IN ({', '.join('?' * len(chunk))})",
                     (SCRAP, *chunk),
                 )
@@ -244,7 +253,8 @@ class FactsReader:
         """The order the machine runs now, by event time (the fold over its starts and ends)."""
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
-                f"SELECT time, value, kind FROM {TABLE} WHERE machine = ? AND kind IN (?, ?)",
+                f"SELECT time, value, kind FROM {TABLE} WHERE machine = ? AND kind IN (?, ?)"
+                + self._upto,
                 (machine.hex, ORDER_START, ORDER_END),
             )
             rows = cursor.fetchall()
@@ -264,7 +274,9 @@ class FactsReader:
                 key = (machine.hex, tag, max_per_reading)
                 with self._lock:
                     known = self._counters.get(key)
-                counter = _counter_since(cursor, machine.hex, tag, max_per_reading, known)
+                counter = _counter_since(
+                    cursor, machine.hex, tag, max_per_reading, known, self._upto
+                )
                 with self._lock:
                     self._counters[key] = counter
                     if len(self._counters) > _COUNTER_CACHE:
@@ -298,10 +310,12 @@ class _Counter:
 
 
 def _counter_since(
-    cursor: Cursor, machine: str, tag: str, limit: int, known: _Counter | None
+    cursor: Cursor, machine: str, tag: str, limit: int, known: _Counter | None, upto: str = ""
 ) -> _Counter:
     # The kind written out (one of ours, not input), so the planner can use the partial index.
-    select = f"SELECT position, time, quantity FROM {TABLE} WHERE machine = ? AND kind = '{tag}'"
+    select = (
+        f"SELECT position, time, quantity FROM {TABLE} WHERE machine = ? AND kind = '{tag}'{upto}"
+    )
     if known is not None:
         cursor.execute(select + " AND position > ?", (machine, known.position))
         fresh = sorted(cursor.fetchall(), key=lambda row: (row[1], row[2]))
@@ -336,13 +350,13 @@ def _fold(rows: list[tuple[Any, ...]], limit: int, known: _Counter | None) -> _C
     return _Counter(position, added, resets, implausible, jump, tuple(readings[-CONTEXT:]))
 
 
-def _first_report(cursor: Cursor, machine: str) -> datetime | None:
+def _first_report(cursor: Cursor, machine: str, upto: str = "") -> datetime | None:
     """The machine's first report by event time: its first availability, execution or
     counter reading (each found on the index)."""
     times = []
     for kind in (AVAILABILITY, EXECUTION, *READINGS.values()):
         cursor.execute(
-            f"SELECT MIN(time) FROM {TABLE} WHERE machine = ? AND kind = ?", (machine, kind)
+            f"SELECT MIN(time) FROM {TABLE} WHERE machine = ? AND kind = ?{upto}", (machine, kind)
         )
         found = cursor.fetchall()
         if found and found[0][0] is not None:

@@ -193,12 +193,14 @@ def test_the_read_workers_end_with_a_hub_killed_by_sigkill(tmp_path: Path) -> No
 _WINDOW = {"from": "2026-03-02T00:00:00Z", "to": "2026-03-03T00:00:00Z"}
 
 
-def _readers(hub: Hub) -> tuple[Any, Any, Any]:
+def _readers(hub: Hub) -> tuple[Any, Any, Any, Any]:
+    from projections.views.audit_view import AuditLogReader
     from projections.views.facts_view import FactsReader
     from projections.views.orders_view import OrdersReader
     from projections.views.outbox_view import OutboxReader
 
-    return FactsReader(hub.views), OrdersReader(hub.views), OutboxReader(hub.views)
+    views = hub.views
+    return FactsReader(views), OrdersReader(views), OutboxReader(views), AuditLogReader(views)
 
 
 def _workers(parent: psutil.Process | None = None) -> list[psutil.Process]:

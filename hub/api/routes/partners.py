@@ -7,14 +7,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser
+from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser, require
+from hub.api.policy import WEBHOOK_USERS
 from hub.api.problems import Problem, problems
 from hub.webhook_registry import Registry
 
-router = APIRouter(prefix="/partners", tags=["partners"])
+# Who may use these routes at all is checked first: a caller of another role learns nothing
+# (not even whether this hub sends webhooks) before its 403. Each route narrows it further.
+router = APIRouter(
+    prefix="/partners", tags=["partners"], dependencies=[Depends(require(*WEBHOOK_USERS))]
+)
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 PartnerId = Annotated[str, Path(pattern=ID_PATTERN)]

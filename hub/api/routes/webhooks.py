@@ -11,18 +11,23 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from adapters.webhooks.destination import cloud_event_body
 from contracts import PARTNER_EVENT_TYPES
-from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser
+from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser, require
+from hub.api.policy import WEBHOOK_USERS
 from hub.api.problems import Problem, problems
 from hub.api.routes.partners import ID_PATTERN, Ids, by
 from hub.outbound import Allowlist, OutboundRefused, check_url
 from hub.outbox import OutboxMessage
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+# Who may use these routes at all is checked first: a caller of another role learns nothing
+# (not even whether this hub sends webhooks) before its 403. Each route narrows it further.
+router = APIRouter(
+    prefix="/webhooks", tags=["webhooks"], dependencies=[Depends(require(*WEBHOOK_USERS))]
+)
 
 EndpointId = Annotated[str, Path(pattern=ID_PATTERN)]
 DeliveryId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
