@@ -204,12 +204,14 @@ class AuditLogReader:
     def position_at(self, recorded: datetime) -> int:
         """The last position recorded at or before ``recorded`` (0: none)."""
         with self._db.transaction(write=False) as cursor:
+            # (On the index: the latest recorded then, not a scan of everything before.)
             cursor.execute(
-                f"SELECT MAX(position) FROM {TABLE} WHERE recorded_time <= ?",
+                f"SELECT position FROM {TABLE} WHERE recorded_time <= ? "
+                "ORDER BY recorded_time DESC, position DESC LIMIT 1",
                 (to_micros(recorded),),
             )
             row = cursor.fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return int(row[0]) if row else 0
 
     def recorded_at(self, position: int) -> datetime | None:
         """When the hub recorded the event at ``position`` or the last one before it."""
@@ -226,11 +228,12 @@ class AuditLogReader:
         """The aggregate's version as of ``position`` (0: it did not exist yet)."""
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
-                f"SELECT MAX(version) FROM {TABLE} WHERE aggregate = ? AND position <= ?",
+                f"SELECT version FROM {TABLE} WHERE aggregate = ? AND position <= ? "
+                "ORDER BY position DESC LIMIT 1",
                 (aggregate, position),
             )
             row = cursor.fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return int(row[0]) if row else 0
 
     def positions_of(self, event_id: str) -> list[int]:
         """Where the events of one CloudEvent id are stored (an order's start is stored on

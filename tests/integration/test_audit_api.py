@@ -15,35 +15,45 @@ Worked example (one machine, the default plant: one 24-hour shift a day, micro-s
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from contracts import CloudEvent, encode_event
 from hub.settings import load_settings
 from hub.store import EventStore
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
-from projections.views.database import SQLiteViews
-from tests.conftest import API_ROLES, T0, api_client, api_key, cloud_event
+from projections.views.database import PostgresViews, SQLiteViews
+from tests.conftest import API_ROLES, T0, api_client, api_key, cloud_event, postgres_settings
 from tests.unit.test_api_routes import HubWithoutNats
 
 H = timedelta(hours=1)
 
 
-@pytest.fixture
-def floor(tmp_path: Path) -> AsyncIterator[HubWithoutNats]:
-    settings = load_settings(
-        data_dir=tmp_path / "hub",
-        api_keys=",".join(f"{role}:{api_key(role)}" for role in API_ROLES),
-    )
-    hub = HubWithoutNats(settings, EventStore(settings), SQLiteViews(tmp_path / "views.sqlite"))
-    yield hub  # type: ignore[misc]
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def floor(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubWithoutNats]:
+    """A store and views on SQLite, or on PostgreSQL (a fresh schema each)."""
+    keys = ",".join(f"{role}:{api_key(role)}" for role in API_ROLES)
+    views: Any
+    if request.param == "sqlite":
+        settings = load_settings(data_dir=tmp_path / "hub", api_keys=keys)
+        views = SQLiteViews(tmp_path / "views.sqlite")
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+        settings = postgres_settings(dsn, tmp_path / "hub").model_copy(
+            update={"api_keys": SecretStr(keys)}
+        )
+        views = PostgresViews(dsn, settings.postgres_schema, pool_size=2)
+    hub = HubWithoutNats(settings, EventStore(settings), views)
+    yield hub
     hub.views.close()
+    hub.store.close()
 
 
 @pytest.fixture
