@@ -23,7 +23,7 @@ from pydantic_core import to_jsonable_python
 from hub.api.deps import Auditor, Plant, Reads, Site
 from hub.api.problems import Problem
 from hub.api.reads import JsonAnswer, ReadPool, ReadSources
-from hub.api.routes.machines import MachineView
+from hub.api.routes.machines import ConditionView
 from hub.api.routes.oee import From, OeeBucket, To, _window
 from hub.api.routes.orders import OrderView
 from hub.domain import (
@@ -47,6 +47,8 @@ diff_router = APIRouter(tags=["audit"])
 
 MAX_PAGE = 1000
 FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
+SCRAP_TYPE = "mes.operator.scrap.v1"
+SCENE = timedelta(days=1)  # how far before a window a late fact is looked for
 # The stored event's own bookkeeping, shown as the entry's fields rather than in its data.
 _BOOKKEEPING = {
     "originator_id", "originator_version", "timestamp", "event_id", "source", "event_time",
@@ -116,6 +118,35 @@ class TimelineState(BaseModel):
     since: datetime
 
 
+class MachineRecord(BaseModel):
+    """What the hub's record of a machine said (its counters' totals are the views' work: see
+    the state's timeline and the OEE)."""
+
+    availability: str | None
+    execution: str | None
+    mode: str | None
+    program: str | None
+    state_since: datetime | None
+    order_id: str | None
+    conditions: list[ConditionView]
+    last_event_time: datetime | None
+    version: int
+
+    @classmethod
+    def of(cls, machine: Machine) -> MachineRecord:
+        return cls(
+            availability=machine.availability,
+            execution=machine.execution,
+            mode=machine.mode,
+            program=machine.program,
+            state_since=machine.state_since,
+            order_id=machine.order_id,
+            conditions=[ConditionView.model_validate(c) for c in machine.conditions.values()],
+            last_event_time=machine.last_event_time,
+            version=machine.version,
+        )
+
+
 class MachineAsOf(BaseModel):
     machine_id: str
     as_of: datetime
@@ -123,9 +154,9 @@ class MachineAsOf(BaseModel):
     state: TimelineState | None = Field(
         description="What the machine was doing at as_of, from the facts known at known_at"
     )
-    record: MachineView | None = Field(
+    record: MachineRecord | None = Field(
         description="The machine's record as the hub held it at known_at (its latest facts "
-        "then, whatever their event time)"
+        "then, whatever their event time); null: not known yet"
     )
 
 
@@ -227,26 +258,42 @@ def _data(event: Any) -> dict[str, Any]:
     return found
 
 
-def _stored_at(sources: ReadSources, position: int) -> Any:
-    _, found = sources.store.read(position - 1, 1, _TOPICS)
-    return found[0][1] if found and found[0][0] == position else None
+def _stored(sources: ReadSources, positions: Sequence[int]) -> dict[int, Any]:
+    """The stored events at ``positions`` (ascending), read in runs: one read of the log for
+    positions close together, not one each."""
+    found: dict[int, Any] = {}
+    index = 0
+    while index < len(positions):
+        first = last = positions[index]
+        # Extend the run while the next wanted position is near (a page of one machine's
+        # events is mostly contiguous; reading a few unwanted ones costs less than a query).
+        while index + 1 < len(positions) and positions[index + 1] - last <= 16:
+            index += 1
+            last = positions[index]
+        _, events = sources.store.read(first - 1, last - first + 1, _TOPICS)
+        found.update(events)
+        index += 1
+    return found
 
 
-def _event(sources: ReadSources, entry: AuditEntry) -> AuditEvent:
-    stored = _stored_at(sources, entry.position)
-    return AuditEvent(
-        position=entry.position,
-        recorded_time=entry.recorded_time,
-        event_time=entry.event_time,
-        type=entry.type,
-        subject_kind=entry.kind,
-        subject=entry.entity,
-        event_id=entry.event_id,
-        source=entry.source,
-        actor=entry.actor,
-        version=entry.version,
-        data=_data(stored) if stored is not None else {},
-    )
+def _events(sources: ReadSources, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+    stored = _stored(sources, [e.position for e in entries])
+    return [
+        AuditEvent(
+            position=entry.position,
+            recorded_time=entry.recorded_time,
+            event_time=entry.event_time,
+            type=entry.type,
+            subject_kind=entry.kind,
+            subject=entry.entity,
+            event_id=entry.event_id,
+            source=entry.source,
+            actor=entry.actor,
+            version=entry.version,
+            data=_data(stored[entry.position]) if entry.position in stored else {},
+        )
+        for entry in entries
+    ]
 
 
 def read_log(sources: ReadSources, query: AuditQuery, limit: int) -> bytes:
@@ -255,7 +302,7 @@ def read_log(sources: ReadSources, query: AuditQuery, limit: int) -> bytes:
     more = len(entries) > limit
     entries = entries[:limit]
     page = AuditPage(
-        events=[_event(sources, e) for e in entries],
+        events=_events(sources, entries),
         next_after=entries[-1].position if more and entries else None,
         known_up_to=sources.audit.known_up_to(),
     )
@@ -293,10 +340,7 @@ def read_machine_as_of(
     if version:
         machine: object = sources.store.application.repository.get(aggregate, version=version)
         assert isinstance(machine, Machine)
-        facts = sources.facts.as_known_at(known.position)
-        rules = plant.machine_rules(machine_id)
-        counters = facts.counter_totals(aggregate, rules.max_parts_per_reading)
-        record = MachineView.of(machine, counters, facts.current_order(aggregate))
+        record = MachineRecord.of(machine)
     reports = _reports(sources, site, plant, known)
     try:
         # A day back is enough to know the state at the moment (the window's first facts
@@ -410,16 +454,26 @@ def _change(event: AuditEvent) -> ChangeEvent:
     )
 
 
-def _later(sources: ReadSources, aggregates: Sequence[str], known: Known) -> list[AuditEvent]:
-    """The events of ``aggregates`` recorded after ``known`` (every page)."""
+def _later(
+    sources: ReadSources,
+    aggregates: Sequence[str],
+    known: Known,
+    window: Interval | None = None,
+    types: Sequence[str] = (),
+) -> list[AuditEvent]:
+    """The events of ``aggregates`` recorded after ``known`` (every page); with ``window``,
+    those dated from a day before it to its end only (what may bear on it: a reason is given
+    after the stop it labels begins; the day before holds the state the window opens in)."""
+    query = AuditQuery(aggregates=aggregates, types=types, after=known.position)
+    if window is not None:
+        query = replace(query, event_from=window.start - SCENE, event_to=window.end)
     found: list[AuditEvent] = []
-    after = known.position
     while True:
-        entries = sources.audit.page(AuditQuery(aggregates=aggregates, after=after), MAX_PAGE)
-        found += [_event(sources, e) for e in entries if e.type != "registered"]
+        entries = sources.audit.page(query, MAX_PAGE)
+        found += _events(sources, [e for e in entries if e.type != "registered"])
         if len(entries) < MAX_PAGE:
             return found
-        after = entries[-1].position
+        query = replace(query, after=entries[-1].position)
 
 
 def _bears_on(event: AuditEvent, start: datetime, end: datetime, first: bool) -> bool:
@@ -459,8 +513,9 @@ def read_oee_diff(
         today = current.machine_oee(machine_id, window, group_by, now)
     except UnknownMachine:
         raise UnknownEntity(f"no machine {machine_id!r} at site {site!r}") from None
-    aggregates = [machine_aggregate_id(site, machine_id).hex, plant_aggregate_id(site).hex]
-    later = _later(sources, aggregates, known)
+    machine = [machine_aggregate_id(site, machine_id).hex]
+    later = _later(sources, machine, known, window)
+    later += _later(sources, [plant_aggregate_id(site).hex], known)  # (configurations: few)
     buckets = []
     # The buckets of both reports are cut alike (same window, grouping and calendar segments),
     # unless a calendar change moved a shift: then they are matched by their start.
@@ -504,16 +559,21 @@ def read_progress_diff(
     order_now = _order_at(sources, site, order_id, latest)
     then, _ = _progress_as_of(sources, plant, order_then, known, known.recorded_time or now)
     today, _ = _progress_as_of(sources, plant, order_now, latest, now)
-    machines = sorted({run["machine_id"] for run in order_now.runs})
-    aggregates = [
-        order_aggregate_id(site, order_id).hex,
-        *(machine_aggregate_id(site, m).hex for m in machines),
-    ]
-    later = [
-        e
-        for e in _later(sources, aggregates, known)
-        if e.subject_kind == "order" or _names_order(e, order_id, order_now)
-    ]
+    runs = order_runs(order_now)
+    machines = [machine_aggregate_id(site, m).hex for m in sorted({r.machine_id for r in runs})]
+    later = _later(sources, [order_aggregate_id(site, order_id).hex], known)
+    if runs:
+        # The machines' facts over the order's runs, and scrap naming it whenever reported
+        # (an inspection days after).
+        span = Interval(min(r.start for r in runs), max(r.end or now for r in runs))
+        seen = {e.position for e in later}
+        nearby = _later(sources, machines, known, span)
+        scrap = _later(sources, machines, known, types=[SCRAP_TYPE])
+        for event in sorted([*nearby, *scrap], key=lambda e: e.position):
+            if event.position not in seen and _names_order(event, order_id, order_now):
+                seen.add(event.position)
+                later.append(event)
+        later.sort(key=lambda e: e.position)
     answer = ProgressDiff(
         order_id=order_id,
         known_at=known.view(),
