@@ -16,13 +16,22 @@ and ``mes_hub_meta``, a few facts about the store itself. Stores written before 
 held the bare CloudEvent id in ``mes_received_events``; the first open by this version records
 that moment (``legacy_received_until``), and those old rows still count for events dated up to
 then (see ``EventStore.received_events``).
+
+At rest (docs/at-rest.md): with ``store_encryption_key`` the state of every stored event and
+snapshot is encrypted with the library's AES-GCM cipher, and with ``store_compression``
+compressed with zlib before. Ids, versions, topics, positions and the tables above stay
+plaintext. The meta table keeps a key check (``store_key_check``): a known token encrypted with
+the store's key, or ``plaintext``; every open compares the key given with it and refuses a
+wrong key, a key for a plaintext store and no key for an encrypted one (``ConfigError``).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
+import zlib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,7 +42,7 @@ from uuid import UUID
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.domain import Aggregate, Snapshot
-from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.persistence import Cipher, Compressor, IntegrityError, Tracking
 from eventsourcing.persistence import InterfaceError as LibraryInterfaceError
 from eventsourcing.persistence import OperationalError as LibraryOperationalError
 from eventsourcing.postgres import ConnectionPool as LibraryConnectionPool
@@ -60,7 +69,7 @@ from hub.domain import (
     plant_aggregate_id,
 )
 from hub.errors import ConcurrentWrite, MesHubError
-from hub.settings import Settings
+from hub.settings import ConfigError, Settings
 
 RECEIVED_TABLE = "mes_received_events"
 ENTITIES_TABLE = "mes_entities"
@@ -69,6 +78,12 @@ META_TABLE = "mes_hub_meta"
 RECEIVED_KEY = "received_key"
 RECEIVED_KEY_FORMAT = "sha256(source LF id) hex"
 LEGACY_RECEIVED_UNTIL = "legacy_received_until"
+# Meta row: how the store's events are written, checked at every open (``EventStore._check_key``).
+KEY_CHECK = "store_key_check"
+KEY_CHECK_PLAINTEXT = "plaintext"
+KEY_CHECK_PREFIX = "aes-gcm:"
+KEY_CHECK_TOKEN = b"mes-hub store key check v1"
+ENCRYPTION_KEY_SETTING = "hub.store_encryption_key"
 
 
 @dataclass(frozen=True)
@@ -142,6 +157,20 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
             c.execute(f"SELECT value FROM {META_TABLE} WHERE name=?", (LEGACY_RECEIVED_UNTIL,))
             row = c.fetchone()
             return str(row[0]) if row is not None else None
+
+    def meta_value(self, name: str) -> str | None:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(f"SELECT value FROM {META_TABLE} WHERE name=?", (name,))
+            row = c.fetchone()
+            return str(row[0]) if row is not None else None
+
+    def add_meta(self, name: str, value: str) -> str:
+        """Record ``value`` under ``name`` unless a value is there already (another process
+        opening the store at the same moment); returns the value recorded."""
+        with self.datastore.transaction(commit=True) as c:
+            c.execute(f"INSERT OR IGNORE INTO {META_TABLE} VALUES (?, ?)", (name, value))
+            c.execute(f"SELECT value FROM {META_TABLE} WHERE name=?", (name,))
+            return str(c.fetchone()[0])
 
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[Any], **kwargs: Any
@@ -506,6 +535,31 @@ class PostgresHubRecorder(PostgresProcessRecorder):
             row = curs.fetchone()
             return str(row["value"]) if row is not None else None
 
+    def _meta(self) -> Any:
+        return SQL("{schema}.{table}").format(
+            schema=Identifier(self.datastore.schema), table=Identifier(META_TABLE)
+        )
+
+    def meta_value(self, name: str) -> str | None:
+        statement = SQL("SELECT value FROM {meta} WHERE name = %s").format(meta=self._meta())
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (name,))
+            row = curs.fetchone()
+            return str(row["value"]) if row is not None else None
+
+    def add_meta(self, name: str, value: str) -> str:
+        """See ``SQLiteHubRecorder.add_meta``."""
+        meta = self._meta()
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                SQL("INSERT INTO {meta} VALUES (%s, %s) ON CONFLICT DO NOTHING").format(meta=meta),
+                (name, value),
+            )
+            curs.execute(SQL("SELECT value FROM {meta} WHERE name = %s").format(meta=meta), (name,))
+            row = curs.fetchone()
+            assert row is not None  # (inserted just now, or by another process before)
+            return str(row["value"])
+
     def _insert_events(self, curs: Any, stored_events: Sequence[Any], **kwargs: Any) -> None:
         super()._insert_events(curs, stored_events, **kwargs)
         schema = Identifier(self.datastore.schema)
@@ -594,12 +648,90 @@ class HubApplication(Application[UUID]):
         return self.factory.process_recorder()
 
 
+# --- at rest: compression and encryption of the stored state ------------------------------------
+
+# The library's transcoder writes an event's state as a JSON object: its first byte is "{". A
+# zlib stream's first byte says "deflate" in its low four bits (8), which "{" (0x7B) does not: the
+# two never get mistaken for each other, so one store may hold both.
+_JSON_OBJECT = b"{"
+
+
+class ZlibCompressing(Compressor):
+    """``store_compression`` on: the library's zlib compression of what it stores; what was
+    stored before compression was turned on is read as it is."""
+
+    def compress(self, data: bytes) -> bytes:
+        return zlib.compress(data)
+
+    def decompress(self, data: bytes) -> bytes:
+        return data if data[:1] == _JSON_OBJECT else zlib.decompress(data)
+
+
+class ZlibReading(ZlibCompressing):
+    """``store_compression`` off: stored as it is, but what was stored compressed while it was
+    on is still read (so turning it off is safe)."""
+
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+
+def at_rest_environment(settings: Settings) -> dict[str, str]:
+    """The library's cipher and compressor settings: compress (zlib) before encrypting (AES-GCM,
+    a random nonce per event), as its ``Mapper`` does. The cipher is the library's AES-GCM over
+    the ``cryptography`` package (a dependency already), not its twin over ``pycryptodome``
+    (``eventsourcing.cipher``, not installed): both write the same bytes (nonce, tag, text)."""
+    env = {
+        "COMPRESSOR_TOPIC": "hub.store:"
+        + (ZlibCompressing if settings.store_compression else ZlibReading).__name__
+    }
+    key = settings.store_encryption_key
+    if key is not None and key.get_secret_value():
+        env |= {
+            "CIPHER_TOPIC": "eventsourcing.cryptography:AESCipher",
+            "CIPHER_KEY": key.get_secret_value(),
+        }
+    return env
+
+
+def key_check_value(cipher: Cipher | None) -> str:
+    """What the meta table keeps to check a key with: a known token encrypted with the key, or
+    ``plaintext`` for a store written without a key."""
+    if cipher is None:
+        return KEY_CHECK_PLAINTEXT
+    return KEY_CHECK_PREFIX + base64.b64encode(cipher.encrypt(KEY_CHECK_TOKEN)).decode()
+
+
+def key_refusal(recorded: str, cipher: Cipher | None) -> str | None:
+    """Why the key given (``cipher``; None: no key) cannot open a store whose key check is
+    ``recorded``; None if it can. Never names the key."""
+    if recorded == KEY_CHECK_PLAINTEXT:
+        if cipher is None:
+            return None
+        return (
+            "is set, but this store was written in plaintext: a key cannot encrypt a store "
+            "afterwards (export and import it into a new store to encrypt it, docs/at-rest.md); "
+            "remove the key to open it"
+        )
+    if not recorded.startswith(KEY_CHECK_PREFIX):
+        return f"this store's key check ({KEY_CHECK} in {META_TABLE}) is not one the hub wrote"
+    if cipher is None:
+        return "is not set, but this store is encrypted: set it to the key it was written with"
+    try:
+        token = cipher.decrypt(base64.b64decode(recorded[len(KEY_CHECK_PREFIX) :]))
+    except ValueError:  # (AES-GCM: the tag does not verify with another key)
+        token = None
+    if token != KEY_CHECK_TOKEN:
+        return "is not the key this store was encrypted with (its key check does not decrypt)"
+    return None
+
+
 def store_environment(settings: Settings) -> dict[str, str]:
     """The library's configuration, derived from our settings."""
     env = {
         "IS_SNAPSHOTTING_ENABLED": "y",
         "AGGREGATE_CACHE_MAXSIZE": "10000",
         "CREATE_TABLE": "y",
+        **at_rest_environment(settings),
     }
     if settings.store == "sqlite":
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -635,6 +767,15 @@ def store_postgres_params(settings: Settings) -> dict[str, str]:
     if settings.postgres_dsn is None:  # (refused by the settings already)
         raise ValueError("store is 'postgres' but postgres_dsn is not set")
     return postgres_params(settings.postgres_dsn.get_secret_value())
+
+
+def store_location(settings: Settings) -> str:
+    """Where the store is, fit to print (no password)."""
+    if settings.store == "sqlite":
+        return str(settings.sqlite_path)
+    params = store_postgres_params(settings)
+    places = ", ".join(_where(h, p) for h, p in _servers(params))
+    return f"PostgreSQL {places}, database {params['dbname']}, schema {settings.postgres_schema}"
 
 
 def check_store(settings: Settings) -> None:
@@ -708,9 +849,32 @@ class EventStore:
         # Ingest writes snapshots in its own transaction, into the library's snapshot table.
         self._recorder.snapshots_table = getattr(snapshots.recorder, "events_table_name")  # noqa: B009
         self._read_only = read_only
+        try:
+            self._check_key(settings)
+        except BaseException:
+            self._app.close()
+            raise
         until = None if read_only else self._recorder.upgrade_received_keys(_now_text())
         # Until when the received table held bare CloudEvent ids (None: never).
         self.legacy_received_until = datetime.fromisoformat(until) if until else None
+
+    def _check_key(self, settings: Settings) -> None:
+        """Refuse (``ConfigError``) a key this store cannot be read with, or a missing one. The
+        first open of an empty store records how it is written; a store with events and no
+        record was written before encryption existed: in plaintext."""
+        cipher = self._app.mapper.cipher
+        recorded = self._recorder.meta_value(KEY_CHECK)
+        if recorded is None:
+            written = bool(self._recorder.max_notification_id())
+            value = KEY_CHECK_PLAINTEXT if written else key_check_value(cipher)
+            if self._read_only:
+                recorded = value if written else None  # (an empty store: nothing to check yet)
+            else:
+                recorded = self._recorder.add_meta(KEY_CHECK, value)
+        refusal = None if recorded is None else key_refusal(recorded, cipher)
+        if refusal is not None:
+            where = f"event store {store_location(settings)}"
+            raise ConfigError(where, ENCRYPTION_KEY_SETTING, refusal)
 
     @property
     def application(self) -> HubApplication:
@@ -873,6 +1037,20 @@ class EventStore:
             return after, []
         decode = self._app.mapper.to_domain_event
         return notifications[-1].id, [(n.id, decode(n)) for n in notifications if n.topic in topics]
+
+    @_says_why_unavailable
+    def read_log(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to ``limit`` stored events after position ``after``, every one decoded, with its
+        position (the replay export reads the whole log so)."""
+        notifications = self._recorder.select_notifications(after, limit, inclusive_of_start=False)
+        decode = self._app.mapper.to_domain_event
+        return [(n.id, decode(n)) for n in notifications]
+
+    @_says_why_unavailable
+    def entities(self) -> list[Entity]:
+        """Every machine, order, plant and webhook registry the store knows, on every site."""
+        kinds = ("machine", "order", "plant", "webhooks")
+        return [e for kind in kinds for e in self._recorder.entities(kind, None)]
 
     @_says_why_unavailable
     def last_position(self) -> int:

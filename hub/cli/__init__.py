@@ -7,6 +7,8 @@
 - ``contracts``: ``export`` of the JSON Schemas;
 - ``nats``: ``credentials`` of an identity for an adapter host (``hub.nats_auth``);
 - ``erp``: ``check`` each ERP of ``[[erp]]`` once, ``reconcile`` what they were told;
+- ``replay``: ``replay`` (the history out as CloudEvents) and ``import`` (a fresh hub from it);
+- ``store``: ``new-key`` for encryption at rest;
 - ``shared``: what they share — the common options (``--config``, ``--data-dir``,
   ``--nats-url``), configuration loaded or exit code 2 (``config_file_or_exit``: every section
   read once; ``settings_or_exit``, ``adapters_or_exit``; all through ``config_or_exit``),
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import typer
 
-from hub.cli import adapter, contracts, demo, erp, nats, projections, serve
+from hub.cli import adapter, contracts, demo, erp, nats, projections, replay, serve, store
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -40,6 +42,9 @@ app.add_typer(adapter.app, name="adapter")
 app.add_typer(projections.app, name="projections")
 app.add_typer(nats.app, name="nats")
 app.add_typer(erp.app, name="erp")
+app.command("replay")(replay.replay)
+app.command("import")(replay.import_)
+app.add_typer(store.app, name="store")
 
 __all__ = ["app", "main"]
 
