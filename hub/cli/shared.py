@@ -141,7 +141,9 @@ def existing_store_or_exit(settings: Settings) -> None:
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``main`` with an event that Ctrl-C or SIGTERM sets (for a clean shutdown). If the
-    store's PostgreSQL does not answer, why in one line on stderr and exit code 1."""
+    store's PostgreSQL does not answer, why in one line on stderr and exit code 1; if a setting
+    found only when the hub starts is refused (a wrong store encryption key, an audit key file
+    open to others), the file, key and reason on stderr and exit code 2, as for any setting."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -152,7 +154,7 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     try:
-        asyncio.run(runner())
+        config_or_exit(lambda: asyncio.run(runner()))
     except StoreUnavailable as failure:
         raise store_unavailable_exit(failure) from None
 

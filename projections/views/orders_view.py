@@ -277,6 +277,8 @@ def orders_in_play(db: ViewDatabase) -> list[UUID]:
     with db.transaction(write=False) as cursor:
         cursor.execute(
             f"SELECT aggregate_id FROM {STATES_TABLE} WHERE followed = 1 AND cancelled = 0 AND "
-            "NOT (announced IN ('done', 'late') AND ran = 1 AND running = 0)"
+            # (COALESCE: with nothing announced yet, NULL IN (…) is NULL, and NOT NULL would
+            # drop an order that ended before its first forecast.)
+            "NOT (COALESCE(announced, '') IN ('done', 'late') AND ran = 1 AND running = 0)"
         )
         return [UUID(row[0]) for row in cursor.fetchall()]

@@ -331,3 +331,27 @@ def test_the_documented_okuma_keys_read_the_capture_as_its_devices_xml_does(
     # Every key of the example occurs in the capture, and maps as Devices.xml maps it.
     assert by_keys.keys == {k: v for k, v in by_xml.keys.items() if k in by_keys.keys}
     assert all(f"|{key}|" in capture.read_text() for key in by_keys.keys)
+
+
+def test_serve_with_the_wrong_store_key_exits_naming_the_setting_not_the_key(
+    tmp_path: Path,
+) -> None:
+    from eventsourcing.cryptography import AESCipher
+
+    from hub.settings import load_settings
+    from hub.store import EventStore
+
+    data_dir = tmp_path / "hub"
+    right, wrong = AESCipher.create_key(32), AESCipher.create_key(32)
+    EventStore(load_settings(data_dir=data_dir, store_encryption_key=right)).close()
+    result = subprocess.run(
+        [*MES_HUB, "serve", "--port", "0", "--data-dir", str(data_dir)],
+        env={**os.environ, "COLUMNS": "200", "MES_HUB_STORE_ENCRYPTION_KEY": wrong},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    error = " ".join(result.stderr.split())
+    assert result.returncode == 2, error
+    assert "store_encryption_key" in error and "Traceback" not in error, error
+    assert right not in result.stderr + result.stdout and wrong not in result.stderr + result.stdout

@@ -328,7 +328,8 @@ async def test_forecasts_follow_the_orders_in_play_only(
 ) -> None:
     await orders_on(floor, client)
     found = set(orders_in_play(floor.views))
-    assert {order_aggregate_id("default", f"SO-{n}") for n in (2, 3, 4)} <= found
+    # SO-1 ended, and no final forecast was announced for it yet: still followed, to get one.
+    assert {order_aggregate_id("default", f"SO-{n}") for n in (1, 2, 3, 4)} <= found
     # Not SO-5 (cancelled), nor SO-6 (changed ahead of its release: not followed yet).
     assert not found & {order_aggregate_id("default", f"SO-{n}") for n in (5, 6)}
 
