@@ -55,6 +55,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from contracts import CloudEvent
+from hub.domain import Asker
 from hub.ports import EventPublisher
 from hub.tasks import wake_or_stop
 
@@ -655,8 +656,9 @@ class Requeue:
     ) -> None:
         self._publisher, self._site, self._clock = publisher, site, clock
 
-    async def __call__(self, message: OutboxMessage, destination: str, by: str) -> None:
+    async def __call__(self, message: OutboxMessage, destination: str, asker: Asker) -> None:
         now = self._clock()
+        by = asker.by
         data = {
             "order_id": message.ordering_key,
             "message_id": message.key,
@@ -671,4 +673,6 @@ class Requeue:
         }
         # Once per state: asking again before it was tried is the same request (the same id).
         event_id = f"requeue-{message.key}-{destination}-{message.attempts}"
-        await self._publisher.publish(attempt_event(self._site, event_id, message, now, data))
+        event = attempt_event(self._site, event_id, message, now, data)
+        # Named as the asker's doing (its API key), not the outbox's.
+        await self._publisher.publish(event.model_copy(update=asker.attributes()))

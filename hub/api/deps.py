@@ -17,7 +17,6 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from contracts import ACTOR_ID, ACTOR_KIND, ACTOR_ROLE
 from hub.api.policy import (
     AUDITORS,
     ERP_DESK,
@@ -30,6 +29,7 @@ from hub.api.policy import (
 from hub.api.problems import Problem
 from hub.api.reads import ReadPool
 from hub.api.webhook_desk import PARTNER_KEY, WebhookDesk, key_hash
+from hub.domain import Asker
 from hub.outbox import OutboxMessage
 from hub.ports import EventPublisher
 from hub.settings import ApiKey, Role
@@ -56,7 +56,7 @@ class ApiContext:
     # ``[hub] max_clock_skew_s``: an event dated further than this after now is refused.
     max_clock_skew_s: float = 300.0
     # Asks for an outbox message to be tried again (``hub.outbox.Requeue``); None: no outbox.
-    requeue: Callable[[OutboxMessage, str, str], Awaitable[None]] | None = None
+    requeue: Callable[[OutboxMessage, str, Asker], Awaitable[None]] | None = None
     # The outbox's destinations, each with the store position it is owed what was decided
     # after (a destination added later is not owed the history): a message is sent once all
     # that are owed it took it.
@@ -96,7 +96,7 @@ Site = Annotated[str, Depends(_service(lambda c: c.site))]
 MaxClockSkew = Annotated[float, Depends(_service(lambda c: c.max_clock_skew_s))]
 Destinations = Annotated[dict[str, int], Depends(_service(lambda c: c.destinations))]
 Requeuer = Annotated[
-    Callable[[OutboxMessage, str, str], Awaitable[None]] | None,
+    Callable[[OutboxMessage, str, Asker], Awaitable[None]] | None,
     Depends(_service(lambda c: c.requeue)),
 ]
 Reads = Annotated[ReadPool, Depends(_service(lambda c: c.reads))]
@@ -116,7 +116,11 @@ class Caller:
     def actor_attributes(self) -> dict[str, str]:
         """The CloudEvent extension attributes naming this caller as the actor of an event it
         sends (the hub's API publisher signs them; ingest records them)."""
-        return {ACTOR_KIND: "key", ACTOR_ID: self.key_id, ACTOR_ROLE: self.role}
+        return self.asking("").attributes()
+
+    def asking(self, by: str) -> Asker:
+        """This caller as the asker of something the hub records as its own event."""
+        return Asker(by, {"kind": "key", "id": self.key_id, "role": self.role})
 
 
 def key_id(presented: str) -> str:

@@ -22,7 +22,7 @@ from uuid import UUID
 
 from adapters.webhooks.secrets import EndpointSecrets
 from hub.api.problems import Problem
-from hub.domain import order_aggregate_id
+from hub.domain import Asker, order_aggregate_id
 from hub.files import write_whole
 from hub.outbox import OutboxMessage
 from hub.webhook_registry import Registry
@@ -51,7 +51,7 @@ class WebhookDesk:
     changes: WebhookChanges
     secrets: EndpointSecrets
     outbox: OutboxReader
-    requeue: Callable[[OutboxMessage, str, str], Awaitable[None]]
+    requeue: Callable[[OutboxMessage, str, Asker], Awaitable[None]]
     senders: EndpointSenders
     store_position: Callable[[], int]
     since_file: Callable[[str], Path]  # where an endpoint's first store position is kept
@@ -62,9 +62,12 @@ class WebhookDesk:
     async def fresh(self) -> Registry:
         return await asyncio.to_thread(self.registry.fresh)
 
-    async def change(self, change: dict[str, Any]) -> None:
+    async def change(self, change: dict[str, Any], asker: Asker | None = None) -> None:
+        """Record ``change`` (``asker``: who asked, kept in its ``by`` and named its actor)."""
+        if asker is not None:
+            change = {**change, "by": asker.by}
         try:
-            await self.changes(change)
+            await self.changes(change, asker)
         except TimeoutError:
             # Sent, not stored yet (ingest is behind): it takes effect when it is.
             raise Problem(
@@ -74,16 +77,16 @@ class WebhookDesk:
         finally:
             self.senders.refresh()
 
-    async def issue_key(self, partner_id: str, role: str, by: str) -> tuple[str, str]:
+    async def issue_key(self, partner_id: str, role: str, asker: Asker) -> tuple[str, str]:
         key, key_id = new_partner_key(), "k_" + random.token_hex(6)
         await self.change(
             {"action": "key_issued", "partner_id": partner_id, "key_id": key_id,
-             "fields": {"role": role, "hash": key_hash(key)}, "by": by}
+             "fields": {"role": role, "hash": key_hash(key)}}, asker
         )  # fmt: skip
         return key_id, key
 
     async def register_endpoint(
-        self, partner_id: str, endpoint_id: str, fields: dict[str, Any], by: str
+        self, partner_id: str, endpoint_id: str, fields: dict[str, Any], asker: Asker
     ) -> str:
         """A new endpoint and its first secret (returned: shown once)."""
         secret_id, secret, fingerprint = await asyncio.to_thread(self.secrets.add, endpoint_id)
@@ -93,11 +96,11 @@ class WebhookDesk:
         fields = {**fields, "secret": {"id": secret_id, "fingerprint": fingerprint}}
         await self.change(
             {"action": "endpoint_saved", "partner_id": partner_id, "endpoint_id": endpoint_id,
-             "fields": fields, "by": by}
+             "fields": fields}, asker
         )  # fmt: skip
         return secret
 
-    async def rotate(self, endpoint: dict[str, Any], overlap_s: float, by: str) -> str:
+    async def rotate(self, endpoint: dict[str, Any], overlap_s: float, asker: Asker) -> str:
         """A new secret; the old ones keep signing for ``overlap_s`` (returned: shown once)."""
         endpoint_id = endpoint["endpoint_id"]
         secret_id, secret, fingerprint = await asyncio.to_thread(self.secrets.add, endpoint_id)
@@ -112,17 +115,17 @@ class WebhookDesk:
         await asyncio.to_thread(self.secrets.forget, endpoint_id, [*live, secret_id])
         await self.change(
             {"action": "secret_rotated", "partner_id": endpoint["partner_id"],
-             "endpoint_id": endpoint_id, "by": by,
+             "endpoint_id": endpoint_id,
              "fields": {"secret": {"id": secret_id, "fingerprint": fingerprint},
-                        "old_expire_at": until}}
+                        "old_expire_at": until}}, asker
         )  # fmt: skip
         return secret
 
-    async def delete_endpoint(self, endpoint: dict[str, Any], by: str) -> None:
+    async def delete_endpoint(self, endpoint: dict[str, Any], asker: Asker) -> None:
         endpoint_id = endpoint["endpoint_id"]
         await self.change(
             {"action": "endpoint_deleted", "partner_id": endpoint["partner_id"],
-             "endpoint_id": endpoint_id, "by": by}
+             "endpoint_id": endpoint_id}, asker
         )  # fmt: skip
         await self.forget(endpoint_id)
 
@@ -131,28 +134,30 @@ class WebhookDesk:
         await asyncio.to_thread(self.secrets.forget, endpoint_id)
         self.senders.forget_failures(endpoint_id)
 
-    async def set_status(self, endpoint_id: str, action: str, by: str, reason: str = "") -> None:
+    async def set_status(
+        self, endpoint_id: str, action: str, asker: Asker, reason: str = ""
+    ) -> None:
         endpoint = (await self.fresh()).endpoint(endpoint_id) or {}
         await self.change(
             {"action": action, "partner_id": endpoint.get("partner_id"),
-             "endpoint_id": endpoint_id, "by": by, "reason": reason}
+             "endpoint_id": endpoint_id, "reason": reason}, asker
         )  # fmt: skip
 
-    async def resume(self, endpoint_id: str, by: str) -> int:
+    async def resume(self, endpoint_id: str, asker: Asker) -> int:
         """Active again; what failed or died meanwhile goes now, in order (with what was never
         tried). Returns how many were asked for again."""
         self.senders.forget_failures(endpoint_id)  # (its days of failure count afresh)
-        await self.set_status(endpoint_id, "endpoint_resumed", by)
-        return await self._requeue_where(endpoint_id, by, outcomes=("failed", "dead"))
+        await self.set_status(endpoint_id, "endpoint_resumed", asker)
+        return await self._requeue_where(endpoint_id, asker, outcomes=("failed", "dead"))
 
-    async def replay(self, endpoint_id: str, since: datetime, by: str) -> int:
+    async def replay(self, endpoint_id: str, since: datetime, asker: Asker) -> int:
         """Everything decided for the endpoint since ``since`` goes again (the same
         ``webhook-id`` each: the partner drops what it has), in order per order; a disabled
         endpoint is active again. Returns how many were asked for again."""
         if (await self.fresh()).status(endpoint_id) == "disabled":
             self.senders.forget_failures(endpoint_id)
-            await self.set_status(endpoint_id, "endpoint_resumed", by, "replay")
-        return await self._requeue_where(endpoint_id, by, since=since)
+            await self.set_status(endpoint_id, "endpoint_resumed", asker, "replay")
+        return await self._requeue_where(endpoint_id, asker, since=since)
 
     async def replay_size(self, endpoint_id: str, since: datetime, cap: int) -> int:
         """How many a replay since ``since`` would send again, counted up to ``cap`` + 1."""
@@ -161,20 +166,21 @@ class WebhookDesk:
         )
         return len(found)
 
-    async def redeliver(self, endpoint_id: str, message: OutboxMessage, by: str) -> None:
+    async def redeliver(self, endpoint_id: str, message: OutboxMessage, asker: Asker) -> None:
         self.senders.rewind(endpoint_id, message.position - 1)
-        await self._requeue(message, endpoint_id, by)
+        await self._requeue(message, endpoint_id, asker)
 
-    async def _requeue(self, message: OutboxMessage, endpoint_id: str, by: str) -> None:
+    async def _requeue(self, message: OutboxMessage, endpoint_id: str, asker: Asker) -> None:
         # Counted from the attempts made, which the view may not show yet: a requeue that
         # counted fewer would be taken for one asked before them (its id) and dropped.
         made = self.senders.attempts_made(endpoint_id, message.key)
-        await self.requeue(replace(message, attempts=max(message.attempts, made)), endpoint_id, by)
+        requeued = replace(message, attempts=max(message.attempts, made))
+        await self.requeue(requeued, endpoint_id, asker)
 
     async def _requeue_where(
         self,
         endpoint_id: str,
-        by: str,
+        asker: Asker,
         *,
         outcomes: tuple[str, ...] = (),
         since: datetime | None = None,
@@ -193,7 +199,7 @@ class WebhookDesk:
             if after is None:
                 self.senders.rewind(endpoint_id, page[0].position - 1)
             for message in page:
-                await self._requeue(message, endpoint_id, by)
+                await self._requeue(message, endpoint_id, asker)
             count += len(page)
             after = page[-1].position
         return count

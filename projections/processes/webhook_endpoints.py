@@ -25,7 +25,7 @@ from typing import Any
 from uuid import uuid4
 
 from contracts import dedupe_key
-from hub.domain import Webhooks, webhooks_aggregate_id
+from hub.domain import Asker, Webhooks, webhooks_aggregate_id
 from hub.files import write_whole
 from hub.outbox import Delivered, DeliveryFailed, Destination, OutboxMessage, Sender
 from hub.ports import EventPublisher
@@ -101,11 +101,13 @@ class WebhookChanges:
     def lock(self) -> asyncio.Lock:
         return self._lock
 
-    async def __call__(self, change: dict[str, Any]) -> None:
+    async def __call__(self, change: dict[str, Any], asker: Asker | None = None) -> None:
         event = hub_event(
             self._site, "webhooks", CHANGED, f"webhooks-{uuid4().hex}", self._site,
             self._clock(), change,
         )  # fmt: skip
+        if asker is not None:  # named as the asker's doing (its API key), not the hub's
+            event = event.model_copy(update=asker.attributes())
         await self._publisher.publish(event)
         key = dedupe_key(event)
         deadline = time.monotonic() + self._timeout_s

@@ -8,6 +8,7 @@ attempts, redelivered, and everything since a moment replayed — the same webho
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request, Response
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from hub.bootstrap import Hub, build_hub
-from hub.domain import webhooks_aggregate_id
+from hub.domain import actor_of, webhooks_aggregate_id
 from hub.outbox import InMemoryDestination, standard_webhooks_retry
 from hub.settings import Settings
 from projections.rules.plant import PlantConfig
@@ -355,8 +356,15 @@ async def test_an_endpoint_failing_longer_than_allowed_is_disabled_and_says_why(
             assert receiver.told()[0] == ("SO-1", "started.v1")
         stored = running.store.history(webhooks_aggregate_id("default"))
         told = [e.change for e in stored if hasattr(e, "change")]
+        admin_key = "key-" + hashlib.sha256(ADMIN["Authorization"][7:].encode()).hexdigest()[:16]
         assert [(c["action"], c["by"]) for c in told][-2:] == [
-            ("endpoint_disabled", "hub"), ("endpoint_resumed", "api:admin"),
+            ("endpoint_disabled", "hub"), ("endpoint_resumed", f"api:admin:{admin_key}"),
         ]  # fmt: skip
+        # The resume is stored as the admin key's doing; the disabling, as the hub's.
+        actors = [actor_of(e) for e in stored if hasattr(e, "change")][-2:]
+        assert actors == [
+            {"kind": "hub", "id": "urn:mes-hub:default:webhooks"},
+            {"kind": "key", "id": admin_key, "role": "admin"},
+        ]
     finally:
         await running.close()

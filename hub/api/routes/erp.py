@@ -240,7 +240,9 @@ async def retry_confirmation(
         said = "taken" if state is not None else "not tried yet"
         raise Problem(409, f"{destination} has {said} confirmation {confirmation_id}")
     # The destination's own state: its attempts so far (the requeue's id and count build on it).
-    await requeue(state, destination, f"API key {caller.key_id} of role {caller.role}")
+    await requeue(
+        state, destination, caller.asking(f"API key {caller.key_id} of role {caller.role}")
+    )
     return Requeued(id=confirmation_id, destination=destination, requeued=True)
 
 

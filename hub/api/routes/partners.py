@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser, require
 from hub.api.policy import WEBHOOK_USERS
 from hub.api.problems import Problem, problems
+from hub.domain import Asker
 from hub.webhook_registry import Registry
 
 # Who may use these routes at all is checked first: a caller of another role learns nothing
@@ -99,10 +100,11 @@ def partner_view(partner: dict[str, Any], endpoints: list[str]) -> PartnerView:
     )  # fmt: skip
 
 
-def by(caller: Caller) -> str:
-    """Who asked, as the store keeps it (never the key)."""
+def by(caller: Caller) -> Asker:
+    """Who asked, as the store keeps it (never the key): in the change's words, and as the
+    actor of its event."""
     partner = f":{caller.partner}" if caller.partner else ""
-    return f"api:{caller.role}{partner}:{caller.key_id}"
+    return caller.asking(f"api:{caller.role}{partner}:{caller.key_id}")
 
 
 async def _partner(desk: Desk, caller: Caller, partner_id: str) -> dict[str, Any]:
@@ -142,8 +144,7 @@ async def create_partner(body: PartnerIn, desk: Desk, caller: PartnerDesk) -> Pa
             raise Problem(409, f"partner {body.partner_id!r} exists: PATCH it")
         fields = body.model_dump(exclude={"partner_id"})
         await desk.change(
-            {"action": "partner_saved", "partner_id": body.partner_id, "fields": fields,
-             "by": by(caller)}
+            {"action": "partner_saved", "partner_id": body.partner_id, "fields": fields}, by(caller)
         )  # fmt: skip
     return _answer(await desk.fresh(), body.partner_id)
 
@@ -174,8 +175,7 @@ async def change_partner(
         if sees_nothing({**partner, **fields}):
             raise Problem(422, _SEES)
         await desk.change(
-            {"action": "partner_saved", "partner_id": partner_id, "fields": fields,
-             "by": by(caller)}
+            {"action": "partner_saved", "partner_id": partner_id, "fields": fields}, by(caller)
         )  # fmt: skip
     return _answer(await desk.fresh(), partner_id)
 
@@ -192,7 +192,7 @@ async def delete_partner(partner_id: PartnerId, desk: Desk, caller: PartnerDesk)
         gone = [
             e for e in (await desk.fresh()).partner_endpoints() if e["partner_id"] == partner_id
         ]
-        await desk.change({"action": "partner_deleted", "partner_id": partner_id, "by": by(caller)})
+        await desk.change({"action": "partner_deleted", "partner_id": partner_id}, by(caller))
         for endpoint in gone:
             await desk.forget(endpoint["endpoint_id"])
     return Response(status_code=204)
@@ -230,7 +230,6 @@ async def revoke_key(
         if key_id not in partner["keys"]:
             raise Problem(404, f"partner {partner_id!r} has no key {key_id!r}")
         await desk.change(
-            {"action": "key_revoked", "partner_id": partner_id, "key_id": key_id,
-             "by": by(caller)}
+            {"action": "key_revoked", "partner_id": partner_id, "key_id": key_id}, by(caller)
         )  # fmt: skip
     return Response(status_code=204)

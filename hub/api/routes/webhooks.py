@@ -300,7 +300,7 @@ async def change_endpoint(
                              fields.get("allow", endpoint["allow"]))  # fmt: skip
         await desk.change(
             {"action": "endpoint_saved", "partner_id": endpoint["partner_id"],
-             "endpoint_id": endpoint_id, "fields": fields, "by": by(caller)}
+             "endpoint_id": endpoint_id, "fields": fields}, by(caller)
         )  # fmt: skip
     return endpoint_view(await _endpoint(desk, caller, endpoint_id))
 
