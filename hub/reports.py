@@ -12,7 +12,7 @@ An entry point's module: it reads the store and the views, and computes with the
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -37,6 +37,8 @@ from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
 
 log = logging.getLogger(__name__)
+# Site and order ids -> each order's (ideal cycle time, part number), as the orders view says.
+CycleFacts = Callable[[str, Collection[str]], dict[str, tuple[float | None, str | None]]]
 # The unreadable plant configurations already said, by (site, number, recorded at).
 _SAID: set[tuple[str, int, str]] = set()
 
@@ -68,13 +70,21 @@ class Reports:
     plant: PlantConfig
     # The site's ``Plant`` as it stood at this version (``as_known_at``); None: as it is now.
     plant_version: int | None = None
+    # What the orders said of their ideal cycle times then (``as_known_at``); None: the view.
+    cycle_facts: CycleFacts | None = None
 
-    def as_known_at(self, position: int, plant_version: int) -> Reports:
+    def as_known_at(self, position: int, plant_version: int, cycle_facts: CycleFacts) -> Reports:
         """These reports as the hub could have made them when its log ended at ``position``:
-        the machine facts stored up to it, and the plant configurations recorded up to it
-        (``plant_version``, the site's ``Plant`` then; 0: none recorded yet). The orders'
-        ideal cycle times are taken as they are now."""
-        return replace(self, facts=self.facts.as_known_at(position), plant_version=plant_version)
+        the machine facts stored up to it, the plant configurations recorded up to it
+        (``plant_version``, the site's ``Plant`` then; 0: none recorded yet), and the orders'
+        ideal cycle times as they stood then (``cycle_facts``: site and order ids to
+        ``OrdersReader.order_cycle_facts``' answer)."""
+        return replace(
+            self,
+            facts=self.facts.as_known_at(position),
+            plant_version=plant_version,
+            cycle_facts=cycle_facts,
+        )
 
     def machine_timeline(
         self, machine_id: str, window: Interval, now: datetime
@@ -130,9 +140,7 @@ class Reports:
             return self.store.plant(self.site)
         if self.plant_version == 0:
             return None
-        found: object = self.store.application.repository.get(
-            plant_aggregate_id(self.site), version=self.plant_version
-        )
+        found = self.store.aggregate_at(plant_aggregate_id(self.site), self.plant_version)
         return found if isinstance(found, Plant) else None
 
     def _report(
@@ -146,7 +154,7 @@ class Reports:
     ) -> list[Bucket]:
         return report_over_time(
             self._facts_for(machine_id, configured),
-            partial(self.orders.order_cycle_facts, self.site),
+            partial(self.cycle_facts or self.orders.order_cycle_facts, self.site),
             window,
             group_by,
             plants,

@@ -42,7 +42,7 @@ from uuid import UUID
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.domain import Aggregate, Snapshot
-from eventsourcing.persistence import Cipher, Compressor, IntegrityError, Tracking
+from eventsourcing.persistence import Cipher, Compressor, IntegrityError, Notification, Tracking
 from eventsourcing.persistence import InterfaceError as LibraryInterfaceError
 from eventsourcing.persistence import OperationalError as LibraryOperationalError
 from eventsourcing.postgres import ConnectionPool as LibraryConnectionPool
@@ -222,6 +222,29 @@ class SQLiteHubRecorder(SQLiteProcessRecorder):
 
     def received_already(self, keys: Sequence[str]) -> set[str]:
         return self._select_in("event_id", RECEIVED_TABLE, keys)
+
+    def records_at(self, positions: Sequence[int]) -> list[Notification]:
+        """The stored records at ``positions`` (those that exist), in log order."""
+        found: list[Notification] = []
+        with self.datastore.transaction(commit=False) as c:
+            for start in range(0, len(positions), 500):
+                chunk = list(positions[start : start + 500])
+                c.execute(
+                    "SELECT rowid, originator_id, originator_version, topic, state FROM "
+                    f"{self.events_table_name} WHERE rowid IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found += [
+                    Notification(
+                        id=row[0],
+                        originator_id=UUID(row[1]),
+                        originator_version=row[2],
+                        topic=row[3],
+                        state=row[4],
+                    )
+                    for row in c.fetchall()
+                ]
+        return sorted(found, key=lambda n: n.id)
 
     def existing(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
         hexes = [a.hex for a in aggregate_ids]
@@ -589,6 +612,25 @@ class PostgresHubRecorder(PostgresProcessRecorder):
                 ).format(schema=schema, table=Identifier(self.snapshots_table)),
                 snapshots,
             )
+
+    def records_at(self, positions: Sequence[int]) -> list[Notification]:
+        """The stored records at ``positions`` (those that exist), in log order."""
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{table} WHERE notification_id = ANY(%s) ORDER BY notification_id"
+        ).format(schema=Identifier(self.datastore.schema), table=Identifier(self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (list(positions),))
+            return [
+                Notification(
+                    id=row["notification_id"],
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+                for row in curs.fetchall()
+            ]
 
     def received_already(self, keys: Sequence[str]) -> set[str]:
         statement = SQL("SELECT event_id FROM {schema}.{table} WHERE event_id = ANY(%s)").format(
@@ -1037,6 +1079,23 @@ class EventStore:
             return after, []
         decode = self._app.mapper.to_domain_event
         return notifications[-1].id, [(n.id, decode(n)) for n in notifications if n.topic in topics]
+
+    @_says_why_unavailable
+    def events_at(self, positions: Sequence[int]) -> dict[int, Any]:
+        """The stored events at ``positions``, decoded, by position (one query for a page of
+        the audit log, however far apart its positions)."""
+        decode = self._app.mapper.to_domain_event
+        return {n.id: decode(n) for n in self._recorder.records_at(positions)} if positions else {}
+
+    @_says_why_unavailable
+    def aggregate_at(self, aggregate_id: UUID, version: int) -> Aggregate | None:
+        """A machine, order or plant as it stood at ``version`` (from the snapshot before it and
+        the events up to it), or None if it had not reached it."""
+        try:
+            found: object = self._app.repository.get(aggregate_id, version=version)
+        except AggregateNotFoundError:
+            return None
+        return found if isinstance(found, Aggregate) and found.version == version else None
 
     @_says_why_unavailable
     def read_log(self, after: int, limit: int) -> list[tuple[int, Any]]:

@@ -11,6 +11,7 @@ own included (forecasts, confirmations, delivery attempts, configuration).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +21,7 @@ from eventsourcing.domain import Aggregate
 
 from hub.domain import Machine, Order, Plant, Webhooks, actor_of, cloud_event_type
 from projections.views.database import Cursor, ViewDatabase, position_of
-from projections.views.facts_view import from_micros, to_micros
+from projections.views.facts_view import MachineFactsView, from_micros, to_micros
 
 TABLE = "mes_view_audit_log"
 ENTITIES = "mes_view_audit_entities"
@@ -38,7 +39,8 @@ _COLUMNS = (
 )
 
 
-def _event_classes() -> tuple[type, ...]:
+@functools.cache
+def audited_classes() -> tuple[type, ...]:
     """Every event class of the hub's aggregates (the library makes most of them from the
     ``@event`` decorators, so they are found rather than named)."""
     found: list[type] = []
@@ -59,7 +61,10 @@ def _registered(event: Any) -> tuple[str, str, str] | None:
 
 class AuditLogView:
     name = "audit_log_v1"
-    event_classes: tuple[type, ...] = _event_classes()
+
+    @property
+    def event_classes(self) -> tuple[type, ...]:
+        return audited_classes()
 
     def create(self, cursor: Cursor, dialect: str) -> None:
         key = "INTEGER" if dialect == "sqlite" else "BIGINT"
@@ -67,7 +72,7 @@ class AuditLogView:
             f"CREATE TABLE IF NOT EXISTS {TABLE} (position {key} PRIMARY KEY, "
             "aggregate TEXT NOT NULL, version BIGINT NOT NULL, type TEXT NOT NULL, "
             "event_id TEXT, source TEXT, actor_kind TEXT, actor_id TEXT, actor_role TEXT, "
-            "event_time BIGINT, recorded_time BIGINT NOT NULL)"
+            "event_time BIGINT, recorded_time BIGINT NOT NULL, recorded_by BIGINT NOT NULL)"
         )
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {ENTITIES} (aggregate TEXT PRIMARY KEY, "
@@ -77,6 +82,8 @@ class AuditLogView:
     def create_indexes(self, cursor: Cursor) -> None:
         for name, columns in (
             ("aggregate", "aggregate, position"),
+            ("aggregate_time", "aggregate, event_time"),
+            ("recorded_by", "recorded_by"),
             ("actor", "actor_id, position"),
             ("type", "type, position"),
             ("event_time", "event_time"),
@@ -91,6 +98,12 @@ class AuditLogView:
 
     def apply(self, cursor: Cursor, events: Sequence[tuple[int, Any]]) -> None:
         rows, entities = [], []
+        # "Recorded by": the latest recorded time up to each position. Recorded times are
+        # stamped when ingest prepares a batch, so with several partitions they are not in
+        # position order; this one is, so "what was known at T" is a prefix of the log.
+        cursor.execute(f"SELECT MAX(recorded_by) FROM {TABLE}")
+        found = cursor.fetchone()
+        recorded_by = int(found[0]) if found and found[0] is not None else 0
         for position, event in events:
             registered = _registered(event)
             if registered is not None:
@@ -110,11 +123,12 @@ class AuditLogView:
                     actor.get("role"),
                     to_micros(event_time) if event_time is not None else None,
                     to_micros(event.timestamp),
+                    (recorded_by := max(recorded_by, to_micros(event.timestamp))),
                 )
             )
         if rows:
             cursor.executemany(
-                f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({', '.join('?' * 11)}) "
+                f"INSERT INTO {TABLE} ({_COLUMNS}, recorded_by) VALUES ({', '.join('?' * 12)}) "
                 "ON CONFLICT (position) DO NOTHING",
                 rows,
             )
@@ -197,17 +211,20 @@ class AuditLogReader:
             return [_entry(row) for row in cursor.fetchall()]
 
     def known_up_to(self) -> int:
-        """The log position this view has read up to."""
+        """The log position both this view and the machine facts view have read up to: what
+        an answer made of the two may speak for."""
         with self._db.transaction(write=False) as cursor:
-            return position_of(cursor, AuditLogView.name)
+            return min(
+                position_of(cursor, AuditLogView.name), position_of(cursor, MachineFactsView.name)
+            )
 
     def position_at(self, recorded: datetime) -> int:
         """The last position recorded at or before ``recorded`` (0: none)."""
         with self._db.transaction(write=False) as cursor:
-            # (On the index: the latest recorded then, not a scan of everything before.)
+            # (On the index: the last position all of whose log was recorded by then.)
             cursor.execute(
-                f"SELECT position FROM {TABLE} WHERE recorded_time <= ? "
-                "ORDER BY recorded_time DESC, position DESC LIMIT 1",
+                f"SELECT position FROM {TABLE} WHERE recorded_by <= ? "
+                "ORDER BY recorded_by DESC, position DESC LIMIT 1",
                 (to_micros(recorded),),
             )
             row = cursor.fetchone()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,15 @@ import pytest
 from pydantic import SecretStr
 
 from contracts import CloudEvent, encode_event
+from hub.ingest import IncomingMessage, Ingestor
+from hub.nats_auth import signature
 from hub.settings import load_settings
 from hub.store import EventStore
 from projections.rules.plant import PlantConfig
 from projections.rules.plant_history import configuration_event
 from projections.views.database import PostgresViews, SQLiteViews
 from tests.conftest import API_ROLES, T0, api_client, api_key, cloud_event, postgres_settings
-from tests.unit.test_api_routes import HubWithoutNats
+from tests.unit.test_api_routes import HUB_KEY, HubWithoutNats
 
 H = timedelta(hours=1)
 
@@ -294,3 +296,139 @@ async def test_order_progress_as_of_and_as_reported_against_now(
     # As of 45 minutes in, as known now: the 3 parts read at 30 minutes.
     at = await get(client, "/api/v1/audit/orders/O-1/state", as_of=(T0 + 0.75 * H).isoformat())
     assert at["progress"]["produced"] == 3 and at["record"]["order_id"] == "O-1"
+    # The scrap was reported at 2 h: by 45 minutes in, none.
+    assert at["progress"]["scrapped"] == 0
+
+
+async def diff_of(client: httpx.AsyncClient, known_at: str, **params: Any) -> Any:
+    window = {"from": T0.isoformat(), "to": (T0 + 8 * H).isoformat()}
+    return await get(client, "/api/v1/oee/diff", machine="M1", known_at=known_at,
+                     **window, **params)  # fmt: skip
+
+
+async def test_a_reason_given_the_next_morning_is_listed_for_the_stop_it_labels(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    await from_adapter(
+        floor, execution("ACTIVE", 0 * H), execution("STOPPED", 2 * H), execution("ACTIVE", 3 * H)
+    )
+    reported = await machine_history(floor)
+    # Given at 06:00 the next day (event time), for 2h-3h of the night before.
+    await post(client, "operator", cloud_event(
+        "mes.operator.downtime_reason.v1", "M1",
+        {"reason": "planned/changeover", "start": (T0 + 2 * H).isoformat(),
+         "end": (T0 + 3 * H).isoformat(), "operator": "op-7"},
+        at=24 * H,
+    ))  # fmt: skip
+    floor.deliver()
+    (bucket,) = (await diff_of(client, str(reported)))["buckets"]
+    assert bucket["as_reported"]["planned_busy_time_s"] == 28800
+    assert bucket["as_known_now"]["planned_busy_time_s"] == 25200
+    assert [c["type"] for c in bucket["changes"]] == ["mes.operator.downtime_reason.v1"]
+
+
+async def test_a_late_stop_is_listed_for_every_bucket_it_goes_on_changing(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    await from_adapter(floor, execution("ACTIVE", 0 * H))
+    reported = await machine_history(floor)
+    # A stop at 1h30 the adapter had buffered: the machine stood still for the rest of the
+    # window (as far as anyone knows now).
+    await from_adapter(floor, execution("STOPPED", 1.5 * H))
+    floor.deliver()
+    buckets = (await diff_of(client, str(reported), group_by="hour"))["buckets"]
+    assert len(buckets) == 8
+    changed = [b["changed"] for b in buckets]
+    listed = [len(b["changes"]) for b in buckets]
+    assert changed == [False, True, True, True, True, True, True, True]
+    assert listed == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert buckets[3]["as_reported"]["actual_production_time_s"] == 3600
+    assert buckets[3]["as_known_now"]["actual_production_time_s"] == 0
+
+
+async def test_as_reported_uses_the_ideal_cycle_time_the_order_had_then(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    def count(value: int, at: timedelta) -> CloudEvent:
+        return cloud_event("mes.machine.partcount.v1", "M1", {"count": value, "kind": "all"}, at=at)
+
+    await post(client, "erp", cloud_event("mes.erp.order.released.v1", "O-1", {
+        "order_id": "O-1", "part_number": "P-1", "quantity": 1000, "ideal_cycle_time_s": 60.0,
+        "due": (T0 + 24 * H).isoformat()}))  # fmt: skip
+    await from_adapter(floor, execution("ACTIVE", 0 * H), count(0, 0 * H))
+    floor.deliver()
+    await post(client, "operator", cloud_event(
+        "mes.operator.order_started.v1", "M1", {"order_id": "O-1"}))  # fmt: skip
+    await from_adapter(floor, count(60, 2 * H))
+    reported = await machine_history(floor)
+    # The ERP halves the ideal cycle time afterwards: the performance as reported stays.
+    await post(client, "erp", cloud_event("mes.erp.order.changed.v1", "O-1", {
+        "order_id": "O-1", "ideal_cycle_time_s": 30.0}, at=9 * H))  # fmt: skip
+    floor.deliver()
+    (bucket,) = (await diff_of(client, str(reported)))["buckets"]
+    # 60 parts in 8 h running: 60 x 60 s = 1 h ideal; then 60 x 30 s = 30 min.
+    assert bucket["as_reported"]["ideal_time_s"] == 3600
+    assert bucket["as_known_now"]["ideal_time_s"] == 1800
+    assert [(c["type"], c["actor"]["role"]) for c in bucket["changes"]] == [
+        ("mes.erp.order.changed.v1", "erp")
+    ]
+
+
+async def test_a_shift_moved_by_a_calendar_change_shows_what_was_reported_apart(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    early = {"shifts": [{"name": "early", "start": "06:00", "end": "14:00"}],
+             "effective_from": T0 - 24 * H}  # fmt: skip
+    configured = configuration_event("default", None, PlantConfig.model_validate(early), T0)
+    assert configured is not None
+    await floor.publisher.publish(configured)
+    await from_adapter(floor, execution("ACTIVE", 0 * H))
+    reported = await machine_history(floor)
+    later = {"shifts": [{"name": "early", "start": "07:00", "end": "15:00"}],
+             "effective_from": T0 - 24 * H}  # fmt: skip
+    moved = configuration_event(
+        "default", floor.store.plant("default"), PlantConfig.model_validate(later), T0 + 9 * H
+    )
+    assert moved is not None
+    await floor.publisher.publish(moved)
+    floor.deliver()
+    diff = await diff_of(client, str(reported), group_by="shift")
+    now_starts = [b["start"] for b in diff["buckets"]]
+    assert now_starts == ["2026-03-02T07:00:00Z"]
+    assert diff["buckets"][0]["as_reported"] is None and diff["buckets"][0]["changed"] is True
+    assert [b["start"] for b in diff["dropped"]] == ["2026-03-02T06:00:00Z"]
+    assert [c["type"] for c in diff["buckets"][0]["changes"]] == ["mes.hub.plant.configured.v1"]
+
+
+async def test_known_at_a_time_speaks_for_that_moment_and_not_beyond_the_views(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    await from_adapter(floor, execution("ACTIVE", 0 * H))
+    first = await machine_history(floor)
+    asked = datetime.now(UTC)
+    state = await get(client, "/api/v1/audit/machines/M1/state", known_at=asked.isoformat())
+    assert state["known_at"]["position"] == first
+    assert state["known_at"]["moment"] == asked.isoformat().replace("+00:00", "Z")
+    # Stored but not read by the views yet: not in the audit log, refused.
+    ingestor = Ingestor(floor.store, "late", clock=lambda: T0 + 24 * H, hub_key=HUB_KEY)
+    late = execution("STOPPED", H)
+    body = encode_event(late)
+    ingestor.commit(ingestor.prepare(
+        [IncomingMessage("mes.default.machine.M1.execution", body, 1, signature(HUB_KEY, body))]
+    ))  # fmt: skip
+    beyond = floor.store.last_position()
+    refused = await client.get(
+        "/api/v1/audit/machines/M1/state", params={"known_at": str(beyond)}, headers=auth("auditor")
+    )
+    assert refused.status_code == 422 and "not in the audit log yet" in refused.json()["detail"]
+
+
+async def test_an_event_with_no_room_for_its_actor_is_refused_at_once(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    crowded = execution("ACTIVE", 0 * H).model_copy(update={f"ext{n}": "x" for n in range(18)})
+    refused = await client.post(
+        "/api/v1/events", content=encode_event(crowded),
+        headers={**auth("admin"), "Content-Type": "application/cloudevents+json"},
+    )  # fmt: skip
+    assert refused.status_code == 400 and "at most 17 extension" in refused.json()["detail"]

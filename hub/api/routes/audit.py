@@ -10,12 +10,11 @@ guessed. Every route admits the ``admin`` and ``auditor`` roles only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from eventsourcing.utils import get_topic
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, Field
 from pydantic_core import to_jsonable_python
@@ -24,7 +23,7 @@ from hub.api.deps import Auditor, Plant, Reads, Site
 from hub.api.problems import Problem
 from hub.api.reads import JsonAnswer, ReadPool, ReadSources
 from hub.api.routes.machines import ConditionView
-from hub.api.routes.oee import From, OeeBucket, To, _window
+from hub.api.routes.oee import EARLIEST, LATEST, From, OeeBucket, To, window_of
 from hub.api.routes.orders import OrderView
 from hub.domain import (
     Machine,
@@ -39,7 +38,7 @@ from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
 from projections.rules.progress import OrderProgress, order_progress
 from projections.rules.report import GroupBy
-from projections.views.audit_view import AuditEntry, AuditLogView, AuditQuery
+from projections.views.audit_view import AuditEntry, AuditQuery
 from projections.views.facts_view import facts_of_runs
 
 router = APIRouter(prefix="/audit", tags=["audit"])
@@ -48,13 +47,23 @@ diff_router = APIRouter(tags=["audit"])
 MAX_PAGE = 1000
 FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
 SCRAP_TYPE = "mes.operator.scrap.v1"
+REASON_TYPE = "mes.operator.downtime_reason.v1"
+PLANT_TYPE = "mes.hub.plant.configured.v1"
+FIRST_CONFIGURATION = 2  # the Plant's version after its first configuration (1: registered)
+# What the ERP and the operators say of an order (not the hub's own forecasts, confirmations
+# and deliveries, which follow from these).
+ORDER_FIELDS = ("mes.erp.order.released.v1", "mes.erp.order.changed.v1")
+ORDER_FACTS = (
+    *ORDER_FIELDS, "mes.erp.order.cancelled.v1", "mes.operator.order_started.v1",
+    "mes.operator.order_ended.v1",
+)  # fmt: skip
+MAX_CHANGES = 500  # per bucket or order: more are cut (changes_truncated)
 SCENE = timedelta(days=1)  # how far before a window a late fact is looked for
 # The stored event's own bookkeeping, shown as the entry's fields rather than in its data.
 _BOOKKEEPING = {
     "originator_id", "originator_version", "timestamp", "event_id", "source", "event_time",
     "actor",
 }  # fmt: skip
-_TOPICS = frozenset(get_topic(cls) for cls in AuditLogView.event_classes)
 
 KnownAt = Annotated[
     str | None,
@@ -107,8 +116,9 @@ class AuditPage(BaseModel):
 
 
 class KnownAtView(BaseModel):
-    position: int
-    recorded_time: datetime | None
+    position: int = Field(description="The last log position known then")
+    recorded_time: datetime | None = Field(description="When that position was recorded")
+    moment: datetime = Field(description="The moment the answer speaks for")
 
 
 class TimelineState(BaseModel):
@@ -181,12 +191,16 @@ class DiffBucket(BaseModel):
     start: datetime
     end: datetime
     label: str | None
-    as_reported: OeeBucket
+    as_reported: OeeBucket | None = Field(
+        description="The bucket as reported then; null: there was no such bucket then (a "
+        "calendar change moved a shift since: see dropped)"
+    )
     as_known_now: OeeBucket
     changed: bool
     changes: list[ChangeEvent] = Field(
-        description="Events recorded after known_at that bear on this bucket"
+        description="Events recorded after known_at that bear on this bucket, in log order"
     )
+    changes_truncated: bool = Field(description=f"More than {MAX_CHANGES} changes: the first")
 
 
 class OeeDiff(BaseModel):
@@ -195,16 +209,20 @@ class OeeDiff(BaseModel):
     known_at: KnownAtView
     now: KnownAtView
     buckets: list[DiffBucket]
+    dropped: list[OeeBucket] = Field(
+        description="Buckets reported then that are no longer cut so (a calendar change)"
+    )
 
 
 class ProgressDiff(BaseModel):
     order_id: str
     known_at: KnownAtView
     now: KnownAtView
-    as_reported: OrderProgress
+    as_reported: OrderProgress | None = Field(description="null: the order was not known then")
     as_known_now: OrderProgress
     changed: bool
     changes: list[ChangeEvent]
+    changes_truncated: bool
 
 
 # --- reading the log ------------------------------------------------------------------------
@@ -212,13 +230,17 @@ class ProgressDiff(BaseModel):
 
 @dataclass(frozen=True)
 class Known:
-    """A ``known_at`` resolved: the last log position then, and when it was recorded."""
+    """A ``known_at`` resolved: the last log position then, when that was recorded, and the
+    moment it stands for (the time asked; for a position, when it was recorded; else now)."""
 
     position: int
     recorded_time: datetime | None
+    moment: datetime
 
     def view(self) -> KnownAtView:
-        return KnownAtView(position=self.position, recorded_time=self.recorded_time)
+        return KnownAtView(
+            position=self.position, recorded_time=self.recorded_time, moment=self.moment
+        )
 
 
 def resolve_known_at(sources: ReadSources, text: str | None, now: datetime) -> Known:
@@ -226,9 +248,9 @@ def resolve_known_at(sources: ReadSources, text: str | None, now: datetime) -> K
     audit = sources.audit
     indexed = audit.known_up_to()
     if text is None:
-        return Known(indexed, audit.recorded_at(indexed))
+        return Known(indexed, audit.recorded_at(indexed), now)
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         position = int(text)
         stored = sources.store.last_position()
         if position > stored:
@@ -238,7 +260,8 @@ def resolve_known_at(sources: ReadSources, text: str | None, now: datetime) -> K
                 f"known_at {position} is not in the audit log yet (it has read up to "
                 f"{indexed}); ask again in a moment"
             )
-        return Known(position, audit.recorded_at(position))
+        recorded = audit.recorded_at(position)
+        return Known(position, recorded, recorded or now)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -247,8 +270,8 @@ def resolve_known_at(sources: ReadSources, text: str | None, now: datetime) -> K
         raise Refused("known_at needs a UTC offset (e.g. 2026-03-02T06:00:00Z)")
     if moment > now:
         raise Refused("known_at is in the future: what the hub will know is not known yet")
-    position = audit.position_at(moment)
-    return Known(position, audit.recorded_at(position) if position else None)
+    position = min(audit.position_at(moment), indexed)
+    return Known(position, audit.recorded_at(position) if position else None, moment)
 
 
 def _data(event: Any) -> dict[str, Any]:
@@ -258,26 +281,8 @@ def _data(event: Any) -> dict[str, Any]:
     return found
 
 
-def _stored(sources: ReadSources, positions: Sequence[int]) -> dict[int, Any]:
-    """The stored events at ``positions`` (ascending), read in runs: one read of the log for
-    positions close together, not one each."""
-    found: dict[int, Any] = {}
-    index = 0
-    while index < len(positions):
-        first = last = positions[index]
-        # Extend the run while the next wanted position is near (a page of one machine's
-        # events is mostly contiguous; reading a few unwanted ones costs less than a query).
-        while index + 1 < len(positions) and positions[index + 1] - last <= 16:
-            index += 1
-            last = positions[index]
-        _, events = sources.store.read(first - 1, last - first + 1, _TOPICS)
-        found.update(events)
-        index += 1
-    return found
-
-
 def _events(sources: ReadSources, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
-    stored = _stored(sources, [e.position for e in entries])
+    stored = sources.store.events_at([e.position for e in entries])
     return [
         AuditEvent(
             position=entry.position,
@@ -313,15 +318,34 @@ def read_log(sources: ReadSources, query: AuditQuery, limit: int) -> bytes:
 
 
 def _reports(sources: ReadSources, site: str, plant: PlantConfig, known: Known) -> Reports:
+    """The reports as the hub could have made them at ``known``: the facts, the plant's
+    configurations and the orders' ideal cycle times as they stood at its position."""
     reports = Reports(sources.store, sources.facts, sources.orders, site, plant)
     plant_version = sources.audit.version_at(plant_aggregate_id(site).hex, known.position)
-    return reports.as_known_at(known.position, plant_version)
+
+    def cycle_facts(
+        site: str, order_ids: Collection[str]
+    ) -> dict[str, tuple[float | None, str | None]]:
+        found: dict[str, tuple[float | None, str | None]] = {}
+        for order_id in order_ids:
+            order = _order_known(sources, site, order_id, known)
+            if order is not None:
+                found[order_id] = (order.ideal_cycle_time_s, order.part_number)
+        return found
+
+    return reports.as_known_at(known.position, plant_version, cycle_facts)
 
 
 def _as_of(as_of: datetime | None, known: Known) -> datetime:
-    if as_of is not None:
-        return as_of.astimezone(UTC)
-    return known.recorded_time or datetime.now(UTC)
+    return as_of.astimezone(UTC) if as_of is not None else known.moment
+
+
+def _order_known(sources: ReadSources, site: str, order_id: str, known: Known) -> Order | None:
+    """The order as it stood at ``known`` (None: not known then)."""
+    aggregate = order_aggregate_id(site, order_id)
+    version = sources.audit.version_at(aggregate.hex, known.position)
+    found = sources.store.aggregate_at(aggregate, version) if version else None
+    return found if isinstance(found, Order) else None
 
 
 def read_machine_as_of(
@@ -336,11 +360,8 @@ def read_machine_as_of(
     moment = _as_of(as_of, known)
     aggregate = machine_aggregate_id(site, machine_id)
     version = sources.audit.version_at(aggregate.hex, known.position)
-    record = None
-    if version:
-        machine: object = sources.store.application.repository.get(aggregate, version=version)
-        assert isinstance(machine, Machine)
-        record = MachineRecord.of(machine)
+    machine = sources.store.aggregate_at(aggregate, version) if version else None
+    record = MachineRecord.of(machine) if isinstance(machine, Machine) else None
     reports = _reports(sources, site, plant, known)
     try:
         # A day back is enough to know the state at the moment (the window's first facts
@@ -376,25 +397,19 @@ def _progress_as_of(
         if run.start <= moment
     ]
     ideal = plant.order_ideal_cycle_time(order.ideal_cycle_time_s, order.part_number)
-    made = order_progress(
-        order.order_id,
-        order.quantity,
-        ideal,
-        runs,
-        facts_of_runs(facts, order.site, order.order_id, runs, plant, moment),
-        plant,
-        moment,
-    )
+    by_machine = facts_of_runs(facts, order.site, order.order_id, runs, plant, moment)
+    for machine_facts in by_machine.values():
+        # Scrap naming the order counts whenever reported: by ``moment``, what was reported
+        # by then only.
+        machine_facts.scrap = [s for s in machine_facts.scrap if s.time <= moment]
+    made = order_progress(order.order_id, order.quantity, ideal, runs, by_machine, plant, moment)
     return made, OrderView.of(order, progress, forecast)
 
 
 def _order_at(sources: ReadSources, site: str, order_id: str, known: Known) -> Order:
-    aggregate = order_aggregate_id(site, order_id)
-    version = sources.audit.version_at(aggregate.hex, known.position)
-    if not version:
+    order = _order_known(sources, site, order_id, known)
+    if order is None:
         raise UnknownEntity(f"no order {order_id!r} at site {site!r} (known at {known.position})")
-    order: object = sources.store.application.repository.get(aggregate, version=version)
-    assert isinstance(order, Order)
     return order
 
 
@@ -458,39 +473,73 @@ def _later(
     sources: ReadSources,
     aggregates: Sequence[str],
     known: Known,
+    latest: Known,
     window: Interval | None = None,
     types: Sequence[str] = (),
 ) -> list[AuditEvent]:
-    """The events of ``aggregates`` recorded after ``known`` (every page); with ``window``,
-    those dated from a day before it to its end only (what may bear on it: a reason is given
-    after the stop it labels begins; the day before holds the state the window opens in)."""
-    query = AuditQuery(aggregates=aggregates, types=types, after=known.position)
+    """The events of ``aggregates`` recorded after ``known`` up to ``latest``, at most
+    ``MAX_CHANGES`` + 1; with ``window``, those dated from a day before it to its end only (the
+    day before holds the state the window opens in)."""
+    query = AuditQuery(
+        aggregates=aggregates, types=types, after=known.position, until=latest.position
+    )
     if window is not None:
         query = replace(query, event_from=window.start - SCENE, event_to=window.end)
     found: list[AuditEvent] = []
-    while True:
+    while len(found) <= MAX_CHANGES:
         entries = sources.audit.page(query, MAX_PAGE)
         found += _events(sources, [e for e in entries if e.type != "registered"])
         if len(entries) < MAX_PAGE:
-            return found
+            break
         query = replace(query, after=entries[-1].position)
+    return found
 
 
-def _bears_on(event: AuditEvent, start: datetime, end: datetime, first: bool) -> bool:
+def _machine_changes(
+    sources: ReadSources, site: str, machine_id: str, known: Known, latest: Known, window: Interval
+) -> list[AuditEvent]:
+    """What was recorded late about a machine's window: its facts dated in it (or the day
+    before), its reasons whenever given (an operator labels last night's stop this morning),
+    the plant's configurations, and changes of the orders it ran then."""
+    machine = [machine_aggregate_id(site, machine_id).hex]
+    found = _later(sources, machine, known, latest, window)
+    found += _later(sources, machine, known, latest, types=[REASON_TYPE])
+    found += _later(sources, [plant_aggregate_id(site).hex], known, latest)
+    ran = {r.order_id for r in sources.facts.window(machine_aggregate_id(site, machine_id),
+                                                     window, parts_only=True).orders}  # fmt: skip
+    orders = [order_aggregate_id(site, o).hex for o in sorted(o for o in ran if o)]
+    if orders:
+        found += _later(sources, orders, known, latest, types=ORDER_FIELDS)
+    unique = {e.position: e for e in found}
+    return [unique[p] for p in sorted(unique)]
+
+
+def _bears_on(event: AuditEvent, start: datetime, end: datetime) -> bool:
     """Whether a fact recorded late may change a bucket from ``start`` to ``end``: a reason
-    whose span meets it, a plant configuration in force by its end, any other fact dated in it
-    (or, for the window's first bucket, before it: the state it opened in)."""
+    whose span meets it; a plant configuration in force by its end; an order's fields (its
+    ideal cycle time); any other fact dated before its end (a state, a counter reading, an
+    order start goes on counting until the next one)."""
     data = event.data
-    if event.type == "mes.operator.downtime_reason.v1":
+    if event.type == REASON_TYPE:
         reason_start = datetime.fromisoformat(str(data["start"]))
         reason_end = datetime.fromisoformat(str(data["end"])) if data.get("end") else None
         return reason_start < end and (reason_end is None or reason_end > start)
-    if event.type == "mes.hub.plant.configured.v1":
+    if event.type == PLANT_TYPE:
+        # The first configuration applies from the beginning; a later one without a date
+        # from when it was recorded (``projections.rules.plant_history``).
         effective = data.get("effective_from")
-        return effective is None or datetime.fromisoformat(str(effective)) < end
-    if event.event_time is None:
-        return False
-    return event.event_time < end and (first or event.event_time >= start)
+        if effective is not None:
+            return datetime.fromisoformat(str(effective)) < end
+        return event.version <= FIRST_CONFIGURATION or (
+            event.event_time is not None and event.event_time < end
+        )
+    if event.type in ORDER_FIELDS:
+        return True
+    return event.event_time is not None and event.event_time < end
+
+
+def _changes(later: Sequence[AuditEvent], start: datetime, end: datetime) -> list[ChangeEvent]:
+    return [_change(e) for e in later if _bears_on(e, start, end)][: MAX_CHANGES + 1]
 
 
 def read_oee_diff(
@@ -504,39 +553,40 @@ def read_oee_diff(
 ) -> bytes:
     now = datetime.now(UTC)
     known = resolve_known_at(sources, known_at, now)
+    # Now, as the views have it: both views up to the same position, as the past one is.
     latest = resolve_known_at(sources, None, now)
-    current = Reports(sources.store, sources.facts, sources.orders, site, plant)
     try:
         then = _reports(sources, site, plant, known).machine_oee(
-            machine_id, window, group_by, known.recorded_time or now
+            machine_id, window, group_by, known.moment
         )
-        today = current.machine_oee(machine_id, window, group_by, now)
+        today = _reports(sources, site, plant, latest).machine_oee(
+            machine_id, window, group_by, latest.moment
+        )
     except UnknownMachine:
         raise UnknownEntity(f"no machine {machine_id!r} at site {site!r}") from None
-    machine = [machine_aggregate_id(site, machine_id).hex]
-    later = _later(sources, machine, known, window)
-    later += _later(sources, [plant_aggregate_id(site).hex], known)  # (configurations: few)
+    later = _machine_changes(sources, site, machine_id, known, latest, window)
+    # The buckets of both reports are cut alike (same window, grouping and calendar), unless
+    # a calendar change moved a shift: matched by start and label, the others told apart.
+    reported = {(b.figures.start, b.figures.end, b.label): b for b in then}
     buckets = []
-    # The buckets of both reports are cut alike (same window, grouping and calendar segments),
-    # unless a calendar change moved a shift: then they are matched by their start.
-    by_start = {b.figures.start: b for b in then}
-    for index, bucket in enumerate(today):
-        before = by_start.get(bucket.figures.start)
-        reported = OeeBucket.of(before if before is not None else bucket)
+    for bucket in today:
+        before = reported.pop((bucket.figures.start, bucket.figures.end, bucket.label), None)
+        as_reported = OeeBucket.of(before) if before is not None else None
         known_now = OeeBucket.of(bucket)
-        start, end = bucket.figures.start, bucket.figures.end
-        changes = [_change(e) for e in later if _bears_on(e, start, end, index == 0)]
-        reported_figures = reported.model_dump(exclude={"provisional"})
+        changes = _changes(later, bucket.figures.start, bucket.figures.end)
+        same = as_reported is not None and as_reported.model_dump(
+            exclude={"provisional"}
+        ) == known_now.model_dump(exclude={"provisional"})
         buckets.append(
             DiffBucket(
-                start=start,
-                end=end,
+                start=bucket.figures.start,
+                end=bucket.figures.end,
                 label=bucket.label,
-                as_reported=reported,
+                as_reported=as_reported,
                 as_known_now=known_now,
-                changed=before is None
-                or reported_figures != known_now.model_dump(exclude={"provisional"}),
-                changes=changes,
+                changed=not same,
+                changes=changes[:MAX_CHANGES],
+                changes_truncated=len(changes) > MAX_CHANGES,
             )
         )
     answer = OeeDiff(
@@ -545,6 +595,7 @@ def read_oee_diff(
         known_at=known.view(),
         now=latest.view(),
         buckets=buckets,
+        dropped=[OeeBucket.of(b) for b in reported.values()],
     )
     return answer.model_dump_json().encode()
 
@@ -555,33 +606,38 @@ def read_progress_diff(
     now = datetime.now(UTC)
     known = resolve_known_at(sources, known_at, now)
     latest = resolve_known_at(sources, None, now)
-    order_then = _order_at(sources, site, order_id, known)
     order_now = _order_at(sources, site, order_id, latest)
-    then, _ = _progress_as_of(sources, plant, order_then, known, known.recorded_time or now)
-    today, _ = _progress_as_of(sources, plant, order_now, latest, now)
+    order_then = _order_known(sources, site, order_id, known)
+    then = None
+    if order_then is not None:
+        then, _ = _progress_as_of(sources, plant, order_then, known, known.moment)
+    today, _ = _progress_as_of(sources, plant, order_now, latest, latest.moment)
+    order = [order_aggregate_id(site, order_id).hex]
+    later = _later(sources, order, known, latest, types=ORDER_FACTS)
     runs = order_runs(order_now)
-    machines = [machine_aggregate_id(site, m).hex for m in sorted({r.machine_id for r in runs})]
-    later = _later(sources, [order_aggregate_id(site, order_id).hex], known)
     if runs:
         # The machines' facts over the order's runs, and scrap naming it whenever reported
         # (an inspection days after).
+        machines = sorted({machine_aggregate_id(site, r.machine_id).hex for r in runs})
         span = Interval(min(r.start for r in runs), max(r.end or now for r in runs))
+        nearby = _later(sources, machines, known, latest, span)
+        scrap = _later(sources, machines, known, latest, types=[SCRAP_TYPE])
         seen = {e.position for e in later}
-        nearby = _later(sources, machines, known, span)
-        scrap = _later(sources, machines, known, types=[SCRAP_TYPE])
-        for event in sorted([*nearby, *scrap], key=lambda e: e.position):
+        for event in [*nearby, *scrap]:
             if event.position not in seen and _names_order(event, order_id, order_now):
                 seen.add(event.position)
                 later.append(event)
         later.sort(key=lambda e: e.position)
+    changes = [_change(e) for e in later]
     answer = ProgressDiff(
         order_id=order_id,
         known_at=known.view(),
         now=latest.view(),
         as_reported=then,
         as_known_now=today,
-        changed=_figures(then) != _figures(today),
-        changes=[_change(e) for e in later],
+        changed=then is None or _figures(then) != _figures(today),
+        changes=changes[:MAX_CHANGES],
+        changes_truncated=len(changes) > MAX_CHANGES,
     )
     return answer.model_dump_json().encode()
 
@@ -592,12 +648,10 @@ def _figures(progress: OrderProgress) -> tuple[int, int, int, int]:
 
 def _names_order(event: AuditEvent, order_id: str, order: Order) -> bool:
     """A machine fact that bears on the order: one naming it, or one bearing on one of its
-    runs (dated in it; a reason, overlapping it)."""
+    runs (dated before its end, as a state goes on; a reason, overlapping it)."""
     if event.data.get("order_id") == order_id:
         return True
-    return any(
-        _bears_on(event, run.start, run.end or FOREVER, first=False) for run in order_runs(order)
-    )
+    return any(_bears_on(event, run.start, run.end or FOREVER) for run in order_runs(order))
 
 
 # --- the routes -----------------------------------------------------------------------------
@@ -615,7 +669,22 @@ async def _answer(
 
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Events per page")]
-After = Annotated[int, Query(ge=0, description="The cursor: next_after of the page before")]
+After = Annotated[
+    int, Query(ge=0, le=2**63 - 1, description="The cursor: next_after of the page before")
+]
+
+
+def _checked(as_of: datetime | None) -> datetime | None:
+    """``as_of`` in UTC, within the years the reports can look a day around."""
+    if as_of is None:
+        return None
+    try:
+        moment = as_of.astimezone(UTC)
+    except OverflowError:
+        moment = EARLIEST
+    if not EARLIEST + SCENE <= moment <= LATEST - SCENE:
+        raise Problem(422, f"as_of must be between the years {EARLIEST.year} and {LATEST.year - 1}")
+    return moment
 
 
 @router.get(
@@ -705,8 +774,8 @@ async def machine_as_of(
     as_of: AsOf = None,
     known_at: KnownAt = None,
 ) -> Response:
-    work = read_machine_as_of
-    return await _answer(request, reads, work, site, plant, machine_id, as_of, known_at)
+    work, moment = read_machine_as_of, _checked(as_of)
+    return await _answer(request, reads, work, site, plant, machine_id, moment, known_at)
 
 
 @router.get(
@@ -724,8 +793,8 @@ async def order_as_of(
     as_of: AsOf = None,
     known_at: KnownAt = None,
 ) -> Response:
-    work = read_order_as_of
-    return await _answer(request, reads, work, site, plant, order_id, as_of, known_at)
+    work, moment = read_order_as_of, _checked(as_of)
+    return await _answer(request, reads, work, site, plant, order_id, moment, known_at)
 
 
 @router.get(
@@ -762,6 +831,6 @@ async def oee_diff(
     known_at: Annotated[str, Query(max_length=64, description="A log position or RFC 3339 time")],
     group_by: GroupBy | None = None,
 ) -> Response:
-    window = _window(start, end)
+    window = window_of(start, end)
     work = read_oee_diff
     return await _answer(request, reads, work, site, plant, machine, window, group_by, known_at)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from contracts import (
     ACTOR_EXTENSIONS,
     EVENT_TYPES,
+    MAX_EXTENSIONS,
     CloudEvent,
     ContractViolation,
     DowntimeReasonV1,
@@ -157,6 +158,11 @@ def _with_actor(event: ValidatedEvent, caller: Caller, where: str) -> ValidatedE
             f"{where}{', '.join(claimed)}: {rule}",
             errors=[{"field": name, "rule": rule} for name in claimed],
         )
+    room = MAX_EXTENSIONS - len(ACTOR_EXTENSIONS)
+    if len(event.envelope.model_extra or {}) > room:
+        # The hub adds the actor's three: ingest would refuse the event after a 202.
+        rule = f"at most {room} extension attributes (the hub adds {len(ACTOR_EXTENSIONS)})"
+        raise Problem(400, f"{where}{rule}", errors=[{"field": "(event)", "rule": rule}])
     return replace(event, envelope=event.envelope.model_copy(update=caller.actor_attributes()))
 
 

@@ -97,7 +97,8 @@ class OeeView(BaseModel):
     end: WindowEnd
 
 
-def _window(start: datetime, end: datetime) -> Interval:
+def window_of(start: datetime, end: datetime) -> Interval:
+    """The window asked for, in UTC; a problem (422) for one out of range, reversed or too long."""
     in_range = f"from and to must be between the years {EARLIEST.year} and {LATEST.year - 1}"
     try:
         window = Interval(start.astimezone(UTC), end.astimezone(UTC))
@@ -177,7 +178,7 @@ async def timeline(
     plant: Plant,
     _: Reader,
 ) -> Response:
-    window = _window(start, end)
+    window = window_of(start, end)
     return await _answer(request, reads, read_timeline, site, plant, machine_id, window)
 
 
@@ -197,5 +198,5 @@ async def oee(
     machine: str | None = None,
     group_by: GroupBy | None = None,
 ) -> Response:
-    window = _window(start, end)
+    window = window_of(start, end)
     return await _answer(request, reads, read_oee, site, plant, machine, window, group_by)
