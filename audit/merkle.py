@@ -13,8 +13,12 @@ verify_inclusion(leaf_hash(record_bytes), index, size, proof, checkpoint_root)  
 ```
 
 Proofs are generated from a sequence of leaf hashes that is only ever indexed (never copied or
-sliced), so a later step can pass a lazy sequence backed by the store. Generation recomputes the
-subtree hashes it needs, O(n) per proof; the verifiers are O(log n) and check every step.
+sliced); that recomputes the subtree hashes it needs, O(n) per proof. A log that keeps the roots
+of its perfect subtrees as it grows (``CompactTree.append`` hands each one over as it completes)
+makes them from those instead (``inclusion_proof_from``, ``consistency_proof_from``,
+``root_from`` over a ``SubtreeSource``): only the right edge of the tree is not a stored subtree,
+so a proof costs O(log² n) lookups at most, O(log n) as a rule. The verifiers are O(log n) and
+check every step.
 
 Errors: ``ProofError`` (a ``ValueError``) when a proof does not prove what it claims, with the
 reason; a plain ``ValueError`` for arguments no proof could be made from (a leaf hash of the wrong
@@ -24,8 +28,9 @@ length, an index outside the tree).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from typing import TypedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypedDict
 
 __all__ = [
     "EMPTY_ROOT",
@@ -33,11 +38,17 @@ __all__ = [
     "CompactTree",
     "CompactTreeState",
     "ProofError",
+    "Subtree",
+    "SubtreeSource",
     "consistency_proof",
+    "consistency_proof_from",
     "inclusion_proof",
+    "inclusion_proof_from",
     "leaf_hash",
     "node_hash",
+    "perfect_subtrees",
     "root",
+    "root_from",
     "verify_consistency",
     "verify_inclusion",
 ]
@@ -105,18 +116,24 @@ class CompactTree:
         """The perfect subtree roots, left to right (what ``to_dict`` stores)."""
         return tuple(self._hashes)
 
-    def append(self, leaf_hash: bytes) -> None:
-        """Add the next leaf (its hash, as ``leaf_hash()`` gives it)."""
+    def append(self, leaf_hash: bytes) -> list[Subtree]:
+        """Add the next leaf (its hash, as ``leaf_hash()`` gives it). Returns the perfect
+        subtrees of two leaves or more that this leaf completed, smallest first: what a log
+        stores to make proofs from (``SubtreeSource``) without reading every leaf again."""
         _check_hash(leaf_hash, "leaf hash")
         node = leaf_hash
+        completed: list[Subtree] = []
         # Each trailing set bit of the old size is a perfect subtree as large as the one being
         # carried: the two merge into one twice as large, exactly like binary addition of 1.
-        bits = self._size
+        bits, level = self._size, 0
         while bits & 1:
             node = node_hash(self._hashes.pop(), node)
             bits >>= 1
+            level += 1
+            completed.append(Subtree(level, self._size >> level, node))
         self._hashes.append(node)
         self._size += 1
+        return completed
 
     def root(self) -> bytes:
         """The root of the tree so far (equal to ``root()`` of all leaf hashes appended)."""
@@ -162,13 +179,69 @@ class CompactTree:
         return f"CompactTree(size={self._size})"
 
 
+@dataclass(frozen=True, slots=True)
+class Subtree:
+    """A perfect subtree: the ``index``-th run of 2**``level`` leaves (leaves
+    ``index << level`` to ``((index + 1) << level) - 1``) and its root hash."""
+
+    level: int
+    index: int
+    hash: bytes
+
+
+class SubtreeSource(Protocol):
+    """Where a log keeps the roots of its perfect subtrees (level 0: the leaf hashes)."""
+
+    def perfect(self, level: int, index: int) -> bytes:
+        """The root hash of the ``index``-th perfect subtree of 2**``level`` leaves."""
+        ...
+
+
+def perfect_subtrees(start: int, end: int) -> list[tuple[int, int]]:
+    """The perfect subtrees, as (level, index), whose roots make up MTH(D[start:end]) for a
+    range that RFC 9162's recursion produces (``start`` a multiple of the next power of two at
+    or above its length), left to right: the range is one such subtree per set bit of its
+    length, largest first."""
+    if not 0 <= start < end:
+        raise ValueError(f"not a non-empty range of leaves: {start}..{end}")
+    found = []
+    while start < end:
+        level = (end - start).bit_length() - 1
+        if start & ((1 << level) - 1):
+            raise ValueError(f"leaves {start}..{end} are not a range of the tree's recursion")
+        found.append((level, start >> level))
+        start += 1 << level
+    return found
+
+
+def root_from(source: SubtreeSource, size: int) -> bytes:
+    """The root of the tree of ``size`` leaves, from the roots of its perfect subtrees."""
+    if size < 0:
+        raise ValueError(f"a tree size is not negative: {size}")
+    return _range_root_from(source, 0, size) if size else EMPTY_ROOT
+
+
+def inclusion_proof_from(source: SubtreeSource, index: int, size: int) -> list[bytes]:
+    """``inclusion_proof`` from the roots of perfect subtrees, not from every leaf hash."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf index {index} is not in a tree of {size} leaves")
+    return _path(_source_roots(source), index, 0, size)
+
+
+def consistency_proof_from(source: SubtreeSource, size1: int, size2: int) -> list[bytes]:
+    """``consistency_proof`` from the roots of perfect subtrees, not from every leaf hash."""
+    if not 0 < size1 <= size2:
+        raise ValueError(f"no consistency proof from size {size1} to size {size2}")
+    return _subproof(_source_roots(source), size1, 0, size2, complete=True)
+
+
 def inclusion_proof(leaf_hashes: Sequence[bytes], index: int, size: int) -> list[bytes]:
     """The audit path of leaf ``index`` in the tree of the first ``size`` leaf hashes
     (RFC 9162, section 2.1.3.1: PATH), nearest sibling first."""
     _check_size(leaf_hashes, size)
     if not 0 <= index < size:
         raise ValueError(f"leaf index {index} is not in a tree of {size} leaves")
-    return _path(leaf_hashes, index, 0, size)
+    return _path(_leaf_roots(leaf_hashes), index, 0, size)
 
 
 def consistency_proof(leaf_hashes: Sequence[bytes], size1: int, size2: int) -> list[bytes]:
@@ -178,7 +251,7 @@ def consistency_proof(leaf_hashes: Sequence[bytes], size1: int, size2: int) -> l
     if not 0 < size1 <= size2:
         # A proof from the empty tree proves nothing, and the verifier refuses it.
         raise ValueError(f"no consistency proof from size {size1} to size {size2}")
-    return _subproof(leaf_hashes, size1, 0, size2, complete=True)
+    return _subproof(_leaf_roots(leaf_hashes), size1, 0, size2, complete=True)
 
 
 def verify_inclusion(
@@ -288,34 +361,62 @@ def _subtree_root(leaf_hashes: Sequence[bytes], start: int, end: int) -> bytes:
     )
 
 
-def _path(leaf_hashes: Sequence[bytes], index: int, start: int, end: int) -> list[bytes]:
+# The roots of ranges of leaves D[start:end], however they are found: the proofs below are the
+# RFC's definitions over such a function, so both ways of finding them make the same proofs.
+_RangeRoot = Callable[[int, int], bytes]
+
+
+def _leaf_roots(leaf_hashes: Sequence[bytes]) -> _RangeRoot:
+    return lambda start, end: _subtree_root(leaf_hashes, start, end)
+
+
+def _source_roots(source: SubtreeSource) -> _RangeRoot:
+    return lambda start, end: _range_root_from(source, start, end)
+
+
+def _range_root_from(source: SubtreeSource, start: int, end: int) -> bytes:
+    """MTH(D[start:end]) from perfect subtree roots: one lookup if the range is a perfect
+    subtree (every range left of the right edge is), else its subtrees folded from the right."""
+    parts = perfect_subtrees(start, end)
+    result = _checked(source.perfect(*parts[-1]), parts[-1])
+    for part in reversed(parts[:-1]):
+        result = node_hash(_checked(source.perfect(*part), part), result)
+    return result
+
+
+def _checked(value: bytes, part: tuple[int, int]) -> bytes:
+    _check_hash(value, f"subtree hash (level {part[0]}, index {part[1]})")
+    return value
+
+
+def _path(range_root: _RangeRoot, index: int, start: int, end: int) -> list[bytes]:
     """PATH(index, D[start:end]): the sibling subtree roots from the leaf up to the range's root."""
     if end - start == 1:
         return []
     middle = start + _split(end - start)
     if index < middle:
-        return [*_path(leaf_hashes, index, start, middle), _subtree_root(leaf_hashes, middle, end)]
-    return [*_path(leaf_hashes, index, middle, end), _subtree_root(leaf_hashes, start, middle)]
+        return [*_path(range_root, index, start, middle), range_root(middle, end)]
+    return [*_path(range_root, index, middle, end), range_root(start, middle)]
 
 
 def _subproof(
-    leaf_hashes: Sequence[bytes], count: int, start: int, end: int, *, complete: bool
+    range_root: _RangeRoot, count: int, start: int, end: int, *, complete: bool
 ) -> list[bytes]:
     """SUBPROOF(count, D[start:end], complete): the first tree is D[start:start + count];
     ``complete`` is true while that is still the whole first tree, whose root the verifier holds
     already (so the proof need not carry it)."""
     if start + count == end:
-        return [] if complete else [_subtree_root(leaf_hashes, start, end)]
+        return [] if complete else [range_root(start, end)]
     split = _split(end - start)
     middle = start + split
     if count <= split:
         return [
-            *_subproof(leaf_hashes, count, start, middle, complete=complete),
-            _subtree_root(leaf_hashes, middle, end),
+            *_subproof(range_root, count, start, middle, complete=complete),
+            range_root(middle, end),
         ]
     return [
-        *_subproof(leaf_hashes, count - split, middle, end, complete=False),
-        _subtree_root(leaf_hashes, start, middle),
+        *_subproof(range_root, count - split, middle, end, complete=False),
+        range_root(start, middle),
     ]
 
 

@@ -58,6 +58,7 @@ from hub.outbox import (
     standard_webhooks_retry,
 )
 from hub.ports import EventPublisher
+from hub.sealer import sealer_of
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
 from hub.tasks import cancel_task
@@ -243,6 +244,7 @@ class Hub:
 INGEST, VIEWS, FORECAST_WATCH = "ingest", "views", "forecast-watch"
 CONFIRMATIONS, OUTBOX, ERP_ORDERS = "confirmations", "outbox", "erp-orders"
 PARTNERS, WEBHOOK_SENDERS = "partner-webhooks", "webhook-senders"
+SEALER = "audit-sealer"
 PARTNERS_SINCE = "webhooks.since"  # when this hub began to tell partners (data dir)
 PARTNERS_AT = "webhooks.position"  # how far the store was read for them
 CONFIRMATIONS_SINCE = "erp-confirmations.since"  # when this hub began to confirm (data dir)
@@ -748,6 +750,8 @@ async def build_hub(
         # One after the other: concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL.
         for worker in workers:
             await asyncio.to_thread(worker.prepare)
+        # The log's sealer (hub.sealer): its checkpoint key refused here, before anything runs.
+        sealer = await asyncio.to_thread(sealer_of, settings, store)
     except BaseException:
         for opened in (client, api_client):
             if opened is not None:
@@ -839,6 +843,7 @@ async def build_hub(
         )  # fmt: skip
         services.append(Service(PARTNERS, partial(partners.run, interval_s=0.2)))
         services.append(Service(WEBHOOK_SENDERS, endpoints.senders.run))
+    services.append(Service(SEALER, sealer.run))
     if erp:
         pollers = erp_pollers(settings, erp, api_publisher)
         services += [Service(f"{ERP_ORDERS}:{p.name}", p.run) for p in pollers]

@@ -20,6 +20,7 @@ from hub.api.deps import ApiContext
 from hub.api.problems import install_problem_handlers, problem_response, problems
 from hub.api.routes import (
     audit,
+    audit_proofs,
     erp,
     events,
     health,
@@ -71,6 +72,8 @@ def create_app(context: ApiContext) -> FastAPI:
     # known_at beyond what is stored is refused (422); a machine or order unknown (404).
     for router in (audit.router, audit.diff_router):
         app.include_router(router, prefix="/api/v1", responses=reads | problems(404))
+    # Checkpoints and proofs (a proof that no longer checks: 409).
+    app.include_router(audit_proofs.router, prefix="/api/v1", responses=reads | problems(404, 409))
     _serve_docs(app)
     return app
 

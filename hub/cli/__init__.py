@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import typer
 
-from hub.cli import adapter, contracts, demo, erp, nats, projections, replay, serve, store
+from hub.cli import adapter, audit, contracts, demo, erp, nats, projections, replay, serve, store
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -42,6 +42,7 @@ app.add_typer(adapter.app, name="adapter")
 app.add_typer(projections.app, name="projections")
 app.add_typer(nats.app, name="nats")
 app.add_typer(erp.app, name="erp")
+app.add_typer(audit.app, name="audit")
 app.command("replay")(replay.replay)
 app.command("import")(replay.import_)
 app.add_typer(store.app, name="store")

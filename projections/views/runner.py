@@ -48,7 +48,11 @@ class EventLog(Protocol):
 
 class View(Protocol):
     name: str
-    event_classes: tuple[type, ...]
+
+    @property
+    def event_classes(self) -> tuple[type, ...]:
+        """The stored event classes it reads (a class attribute, or found when asked)."""
+        ...
 
     def create(self, cursor: Cursor, dialect: str) -> None:
         """Create the view's tables if they do not exist (without their indexes)."""

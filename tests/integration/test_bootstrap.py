@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from contracts import encode_event
-from hub.bootstrap import FORECAST_WATCH, PARTNERS, WEBHOOK_SENDERS, build_hub
+from hub.bootstrap import FORECAST_WATCH, PARTNERS, SEALER, WEBHOOK_SENDERS, build_hub
 from hub.ports import InMemoryPublisher
 from hub.settings import Settings
 from projections.rules.plant import PlantConfig
@@ -35,6 +35,7 @@ async def test_a_publisher_and_a_clock_passed_in_are_the_ones_the_hub_uses(
             FORECAST_WATCH,
             PARTNERS,
             WEBHOOK_SENDERS,
+            SEALER,
         ]
         # Ingest judges "the future" by that clock too: 06:00 is accepted, 12:10 (ten minutes
         # after the hub's noon) is dead-lettered.

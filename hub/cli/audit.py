@@ -1,0 +1,297 @@
+"""``mes-hub audit``: prove the log was not edited, deleted or reordered (``hub.sealer``).
+
+- ``verify``: recompute the Merkle tree from the stored records, check every checkpoint;
+- ``evidence``: the evidence bundle of one stored event (its record, proof and checkpoint);
+- ``verify-bundle``: check a bundle offline with the hub's public key (``audit`` only);
+- ``checkpoint``: export the latest signed checkpoint, or check an exported one against the log;
+- ``seal``: seal what is stored now (or ``--follow``: keep sealing; ``serve`` does it itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+
+from hub.cli.shared import (
+    ConfigOption,
+    DataDirOption,
+    config_or_exit,
+    console,
+    err_console,
+    existing_store_or_exit,
+    settings_or_exit,
+)
+from hub.settings import Settings
+from hub.store import EventStore
+
+if TYPE_CHECKING:
+    from audit.note import NoteVerifier
+
+app = typer.Typer(
+    help="Tamper evidence: Merkle proofs and signed checkpoints.", no_args_is_help=True
+)
+
+
+@contextlib.contextmanager
+def _store(config: Path | None, data_dir: Path | None) -> Iterator[tuple[Settings, EventStore]]:
+    settings = settings_or_exit(config, data_dir=data_dir)
+    existing_store_or_exit(settings)
+    store = EventStore(settings)
+    try:
+        yield settings, store
+    finally:
+        store.close()
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]{escape(message)}[/]", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _hub_verifier(settings: Settings) -> NoteVerifier:
+    """The public half of the hub's checkpoint key, from its key file (not from the store,
+    which whoever holds the database could rewrite)."""
+    from hub.sealer import audit_verifier
+
+    verifier = config_or_exit(lambda: audit_verifier(settings))
+    if verifier is None:
+        raise _fail(
+            f"no checkpoint key in {settings.data_dir}: this hub has signed no checkpoint", 2
+        )
+    return verifier
+
+
+@app.command("verify")
+def audit_verify(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Recompute the tree from the stored records; check every checkpoint's signature, root
+    and consistency. Exit 1 naming the first position (or checkpoint) that does not match."""
+    from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from hub.sealer import AuditLog
+
+    with _store(config, data_dir) as (settings, store):
+        audit_log = AuditLog(store)
+        verifier = _hub_verifier(settings)
+        recorded = audit_log.public_key()
+        if recorded is not None and recorded != verifier.key_string():
+            err_console.print(
+                "[yellow]the store records another public key than the key file's: checking "
+                "with the key file's[/]"
+            )
+        columns = (
+            *Progress.get_default_columns()[:-1],
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("verifying", total=store.last_position())
+
+            def advance(position: int, last: int) -> None:
+                bar.update(task, completed=position, total=last)
+
+            report = audit_log.verify(verifier, advance)
+        console.print(
+            f"{report.records:,} records checked against {report.sealed:,} sealed leaves; "
+            f"{report.checkpoints:,} checkpoints; {report.unsealed:,} not sealed yet"
+        )
+        if not report.ok:
+            for finding in report.problems:
+                err_console.print(f"[red]{finding.what} {finding.at}: {escape(finding.reason)}[/]")
+            first = report.bad_position or report.bad_checkpoint or report.problems[0]
+            raise _fail(f"verify FAILED: first bad {first.what} {first.at}")
+        console.print("[green]verify OK[/]: the log matches every signed checkpoint")
+
+
+def evidence_of(
+    settings: Settings, store: EventStore, position: int, tree_size: int | None = None
+) -> dict[str, object]:
+    """The evidence bundle of the event at ``position`` (``hub.sealer.AuditLog.evidence``), with
+    the public key of the hub's key file."""
+    from hub.sealer import AuditLog
+
+    verifier = _hub_verifier(settings)
+    return AuditLog(store).evidence(position, verifier.key_string(), tree_size)
+
+
+@app.command("evidence")
+def audit_evidence(
+    position: Annotated[int, typer.Option("--position", min=1, help="The event's log position")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the JSON bundle")],
+    tree_size: Annotated[
+        int | None, typer.Option("--tree-size", min=1, help="A checkpoint's size; none: latest")
+    ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Write an evidence bundle: the stored event, its inclusion proof and the signed
+    checkpoint, which verify-bundle (or any RFC 9162 verifier) checks offline."""
+    from hub.sealer import AuditError
+
+    with _store(config, data_dir) as (settings, store):
+        try:
+            bundle = evidence_of(settings, store, position, tree_size)
+        except AuditError as failure:
+            raise _fail(str(failure)) from None
+    out.write_text(json.dumps(bundle, indent=2) + "\n")
+    console.print(
+        f"evidence of position {position}: leaf {bundle['leaf_index']} of the checkpoint of "
+        f"{bundle['tree_size']} leaves, written to {out}"
+    )
+
+
+def _verifier_of(public_key: str) -> NoteVerifier:
+    """``--public-key``: the key string itself, or a file holding it."""
+    from audit.note import NoteError, NoteVerifier
+
+    text = public_key
+    candidate = Path(public_key)
+    if "+" not in public_key or candidate.is_file():
+        try:
+            text = candidate.read_text().strip()
+        except OSError as failure:
+            raise _fail(
+                f"--public-key: not a key string, and {failure.strerror}: {public_key}", 2
+            ) from None
+    try:
+        return NoteVerifier.from_key_string(text)
+    except NoteError as failure:
+        raise _fail(f"--public-key: {failure}", 2) from None
+
+
+@app.command("verify-bundle")
+def audit_verify_bundle(
+    file: Annotated[Path, typer.Argument(help="An evidence bundle (audit evidence)")],
+    public_key: Annotated[
+        str, typer.Option("--public-key", help="The hub's public key string, or a file holding it")
+    ],
+) -> None:
+    """Check an evidence bundle offline: the checkpoint's signature by this key, the record's
+    leaf and its inclusion proof up to the signed root. Exit 1 naming what fails."""
+    from audit.bundle import BundleError, check_bundle
+
+    verifier = _verifier_of(public_key)
+    try:
+        bundle = json.loads(file.read_text())
+    except (OSError, ValueError) as failure:
+        raise _fail(f"{file}: not a readable JSON bundle ({failure})", 2) from None
+    try:
+        checked = check_bundle(bundle, verifier)
+    except BundleError as failure:
+        raise _fail(f"bundle FAILED: {failure}") from None
+    record = checked.record
+    console.print(
+        f"[green]bundle OK[/]: the event at position {record.position} "
+        f"({record.topic}, aggregate {record.originator_id} v{record.originator_version}) is "
+        f"leaf {checked.leaf_index} of {checked.checkpoint.origin}'s signed tree of "
+        f"{checked.checkpoint.size} leaves"
+    )
+
+
+@app.command("checkpoint")
+def audit_checkpoint(
+    export: Annotated[
+        bool, typer.Option("--export", help="Print or write the latest checkpoint")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="With --export: write it here")] = None,
+    check: Annotated[
+        Path | None, typer.Option("--check", help="An exported checkpoint to check against the log")
+    ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """--export: the latest signed checkpoint, for an auditor to keep. --check FILE: whether an
+    exported checkpoint is consistent with the log now (a consistency proof up to the latest
+    checkpoint); exit 1 if not."""
+    from audit.note import NoteError
+    from hub.sealer import AuditError, AuditLog, checked_checkpoint
+
+    if export == (check is not None):
+        raise _fail("give one of --export or --check FILE", 2)
+    with _store(config, data_dir) as (settings, store):
+        audit_log = AuditLog(store)
+        verifier = _hub_verifier(settings)
+        try:
+            latest = audit_log.checkpoint()
+            checked_checkpoint(latest.note, verifier)
+        except (AuditError, NoteError) as failure:
+            raise _fail(f"the latest checkpoint: {failure}") from None
+        if export:
+            if out is None:
+                typer.echo(latest.note, nl=False)  # byte for byte: it is signed
+            else:
+                out.write_text(latest.note)
+                console.print(f"checkpoint of {latest.size} leaves written to {out}")
+            return
+        assert check is not None
+        try:
+            kept = checked_checkpoint(check.read_text(), verifier)
+        except OSError as failure:
+            raise _fail(f"{check}: {failure.strerror}", 2) from None
+        except NoteError as failure:
+            raise _fail(f"{check}: not a checkpoint signed by this hub's key: {failure}") from None
+        try:
+            proof = audit_log.consistency_with(kept.size, kept.root_hash, latest.size)
+        except AuditError as failure:
+            raise _fail(f"checkpoint FAILED: {failure}") from None
+    console.print(
+        f"[green]checkpoint OK[/]: the tree of {kept.size} leaves is a prefix of the log's "
+        f"checkpoint of {latest.size} ({len(proof.proof)} proof hashes)"
+    )
+
+
+@app.command("seal")
+def audit_seal(
+    follow: Annotated[bool, typer.Option("--follow", help="Keep sealing until stopped")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    settings_from_stdin: Annotated[
+        bool,
+        typer.Option(
+            hidden=True, help="Settings JSON as the first line of input; stop when input ends"
+        ),
+    ] = False,
+    batch: Annotated[int, typer.Option(hidden=True, min=1)] = 5_000,
+    kill_in_batch: Annotated[int | None, typer.Option(hidden=True, min=1)] = None,
+) -> None:
+    """Seal what the store holds now and sign a checkpoint of it (serve seals as it runs: this
+    is for a store no hub runs on). --follow: keep sealing until stopped."""
+    import asyncio
+
+    from hub.sealer import sealer_of
+
+    if settings_from_stdin:  # started by a hub
+        from hub.children import read_settings_line
+        from hub.settings import settings_from_json
+
+        settings = config_or_exit(lambda: settings_from_json(read_settings_line()))
+    else:
+        settings = settings_or_exit(config, data_dir=data_dir)
+        existing_store_or_exit(settings)
+    store = EventStore(settings)
+    try:
+        sealer = config_or_exit(
+            lambda: sealer_of(settings, store, batch=batch, kill_in_batch=kill_in_batch)
+        )
+        sealer.prepare()
+        if not (follow or settings_from_stdin):
+            sealed = sealer.catch_up()
+            console.print(f"sealed {sealed:,} events; the tree has {sealer.size:,} leaves")
+            return
+        from hub.cli.shared import run_until_signal
+
+        async def main(stop: asyncio.Event) -> None:
+            if settings_from_stdin:
+                from hub.children import stop_when_input_ends
+
+                stop_when_input_ends(stop)
+            await sealer.run(stop)
+
+        run_until_signal(main)
+    finally:
+        store.close()
