@@ -14,7 +14,6 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 
-from contracts import ACTOR_ID, ACTOR_KIND, ACTOR_ROLE
 from hub.webhook_registry import apply_change
 from hub.webhook_registry import empty as registry_empty
 
@@ -35,25 +34,6 @@ def order_aggregate_id(site: str, order_id: str) -> UUID:
 # source, "role": its family} for what an adapter published on NATS; {"kind": "hub", "id": the
 # source of the hub's component} for the hub's own events. Set by the hub, never by a client.
 Actor = dict[str, str]
-
-
-@dataclass(frozen=True)
-class Asker:
-    """Who asked the hub for something it then records as its own event (a webhook registry
-    change, a message requeued): ``by``, the words kept in the record, and ``actor``, whom the
-    event names as its actor (an API key's id and role) instead of the hub's component."""
-
-    by: str
-    actor: Actor | None = None
-
-    def attributes(self) -> dict[str, str]:
-        """The CloudEvent extension attributes naming the actor (none without one)."""
-        if self.actor is None:
-            return {}
-        found = {ACTOR_KIND: self.actor["kind"], ACTOR_ID: self.actor["id"]}
-        if "role" in self.actor:
-            found[ACTOR_ROLE] = self.actor["role"]
-        return found
 
 
 def actor_of(stored_event: Any) -> Actor | None:

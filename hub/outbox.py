@@ -55,8 +55,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from contracts import CloudEvent
-from hub.domain import Asker
-from hub.ports import EventPublisher
+from hub.ports import Asker, EventPublisher
 from hub.tasks import wake_or_stop
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from contracts import CloudEvent, ValidatedEvent, dedupe_key, nats_subject_for, validate_envelope
+from contracts import (
+    ACTOR_ID,
+    ACTOR_KIND,
+    ACTOR_ROLE,
+    CloudEvent,
+    ValidatedEvent,
+    dedupe_key,
+    nats_subject_for,
+    validate_envelope,
+)
+
+
+@dataclass(frozen=True)
+class Asker:
+    """Who asked the hub for something it then records as its own event (a webhook registry
+    change, a message requeued): ``by``, the words kept in the record, and ``actor``, whom the
+    event names as its actor (an API key's id and role) instead of the hub's component."""
+
+    by: str
+    actor: dict[str, str] | None = None
+
+    def attributes(self) -> dict[str, str]:
+        """The CloudEvent extension attributes naming the actor (none without one)."""
+        if self.actor is None:
+            return {}
+        found = {ACTOR_KIND: self.actor["kind"], ACTOR_ID: self.actor["id"]}
+        if "role" in self.actor:
+            found[ACTOR_ROLE] = self.actor["role"]
+        return found
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,8 @@ from hub.api.policy import (
 from hub.api.problems import Problem
 from hub.api.reads import ReadPool
 from hub.api.webhook_desk import PARTNER_KEY, WebhookDesk, key_hash
-from hub.domain import Asker
 from hub.outbox import OutboxMessage
-from hub.ports import EventPublisher
+from hub.ports import Asker, EventPublisher
 from hub.settings import ApiKey, Role
 from hub.store import EventStore
 from projections.rules.plant import PlantConfig

@@ -22,9 +22,10 @@ from uuid import UUID
 
 from adapters.webhooks.secrets import EndpointSecrets
 from hub.api.problems import Problem
-from hub.domain import Asker, order_aggregate_id
+from hub.domain import order_aggregate_id
 from hub.files import write_whole
 from hub.outbox import OutboxMessage
+from hub.ports import Asker
 from hub.webhook_registry import Registry
 from projections.processes.webhook_endpoints import EndpointSenders, RegistryCache, WebhookChanges
 from projections.views.outbox_view import OutboxReader

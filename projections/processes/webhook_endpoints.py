@@ -25,10 +25,10 @@ from typing import Any
 from uuid import uuid4
 
 from contracts import dedupe_key
-from hub.domain import Asker, Webhooks, webhooks_aggregate_id
+from hub.domain import Webhooks, webhooks_aggregate_id
 from hub.files import write_whole
 from hub.outbox import Delivered, DeliveryFailed, Destination, OutboxMessage, Sender
-from hub.ports import EventPublisher
+from hub.ports import Asker, EventPublisher
 from hub.tasks import cancel_task, wake_or_stop
 from hub.webhook_registry import Registry, empty
 from projections.rules.hub_events import hub_event

@@ -75,7 +75,10 @@ KnownAt = Annotated[
 ]
 AsOf = Annotated[
     AwareDatetime | None,
-    Query(description="Event time: what had happened by then. Default: the known_at moment."),
+    Query(
+        description="Event time: what had happened by then (no later than the known_at "
+        "moment). Default: the known_at moment."
+    ),
 ]
 
 
@@ -337,7 +340,9 @@ def _reports(sources: ReadSources, site: str, plant: PlantConfig, known: Known) 
 
 
 def _as_of(as_of: datetime | None, known: Known) -> datetime:
-    return as_of.astimezone(UTC) if as_of is not None else known.moment
+    """The event time asked for; no later than the moment known_at stands for (what happened
+    after it was not known then: the answer would count a run on to a moment no one saw)."""
+    return min(as_of.astimezone(UTC), known.moment) if as_of is not None else known.moment
 
 
 def _order_known(sources: ReadSources, site: str, order_id: str, known: Known) -> Order | None:
@@ -389,7 +394,9 @@ def _progress_as_of(
     sources: ReadSources, plant: PlantConfig, order: Order, known: Known, moment: datetime
 ) -> tuple[OrderProgress, OrderView]:
     facts = sources.facts.as_known_at(known.position)
-    progress, forecast = progress_and_forecast(order, facts, plant, moment)
+    # The record as the hub held it (its progress and forecast then, at the moment known_at
+    # stands for); what was made by ``moment`` below.
+    progress, forecast = progress_and_forecast(order, facts, plant, known.moment)
     # What had been made by ``moment``: the runs as they stood then.
     runs = [
         replace(run, end=None if run.end is None or run.end > moment else run.end)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from hub.api.deps import Caller, Desk, PartnerDesk, WebhookUser, require
 from hub.api.policy import WEBHOOK_USERS
 from hub.api.problems import Problem, problems
-from hub.domain import Asker
+from hub.ports import Asker
 from hub.webhook_registry import Registry
 
 # Who may use these routes at all is checked first: a caller of another role learns nothing
