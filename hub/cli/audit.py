@@ -119,10 +119,33 @@ def evidence_of(
     return AuditLog(store).evidence(position, verifier.key_string(), tree_size)
 
 
+# Several events' bundles in one file: what one CloudEvent became (an order's start is stored
+# on the machine and on the order).
+EVIDENCE_SET = "mes-hub-evidence-set-v1"
+
+
+def _positions_of(settings: Settings, event_id: str) -> list[int]:
+    """Where the events of one CloudEvent id are stored, from the audit log view."""
+    from hub.bootstrap import open_views
+    from projections.views.audit_view import AuditLogReader
+
+    views = open_views(settings, pool_size=1)
+    try:
+        return AuditLogReader(views).positions_of(event_id)
+    finally:
+        views.close()
+
+
 @app.command("evidence")
 def audit_evidence(
-    position: Annotated[int, typer.Option("--position", min=1, help="The event's log position")],
     out: Annotated[Path, typer.Option("--out", help="Where to write the JSON bundle")],
+    position: Annotated[
+        int | None, typer.Option("--position", min=1, help="The event's log position")
+    ] = None,
+    event: Annotated[
+        str | None,
+        typer.Option("--event", help="A CloudEvent id: the evidence of every event it became"),
+    ] = None,
     tree_size: Annotated[
         int | None, typer.Option("--tree-size", min=1, help="A checkpoint's size; none: latest")
     ] = None,
@@ -130,19 +153,27 @@ def audit_evidence(
     data_dir: DataDirOption = None,
 ) -> None:
     """Write an evidence bundle: the stored event, its inclusion proof and the signed
-    checkpoint, which verify-bundle (or any RFC 9162 verifier) checks offline."""
+    checkpoint, which verify-bundle (or any RFC 9162 verifier) checks offline. With --event,
+    one bundle per stored event the CloudEvent became."""
     from hub.sealer import AuditError
 
+    if (position is None) == (event is None):
+        raise _fail("give one of --position or --event", 2)
     with _store(config, data_dir) as (settings, store):
+        positions = [position] if position is not None else _positions_of(settings, event or "")
+        if not positions:
+            raise _fail(f"no stored event has the CloudEvent id {event!r} (in the audit log yet)")
         try:
-            bundle = evidence_of(settings, store, position, tree_size)
+            bundles = [evidence_of(settings, store, p, tree_size) for p in positions]
         except AuditError as failure:
             raise _fail(str(failure)) from None
-    out.write_text(json.dumps(bundle, indent=2) + "\n")
-    console.print(
-        f"evidence of position {position}: leaf {bundle['leaf_index']} of the checkpoint of "
-        f"{bundle['tree_size']} leaves, written to {out}"
-    )
+    document = bundles[0] if len(bundles) == 1 else {"format": EVIDENCE_SET, "bundles": bundles}
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    for at, bundle in zip(positions, bundles, strict=True):
+        console.print(
+            f"evidence of position {at}: leaf {bundle['leaf_index']} of the checkpoint of "
+            f"{bundle['tree_size']} leaves, written to {out}"
+        )
 
 
 def _verifier_of(public_key: str) -> NoteVerifier:
@@ -180,17 +211,19 @@ def audit_verify_bundle(
         bundle = json.loads(file.read_text())
     except (OSError, ValueError) as failure:
         raise _fail(f"{file}: not a readable JSON bundle ({failure})", 2) from None
-    try:
-        checked = check_bundle(bundle, verifier)
-    except BundleError as failure:
-        raise _fail(f"bundle FAILED: {failure}") from None
-    record = checked.record
-    console.print(
-        f"[green]bundle OK[/]: the event at position {record.position} "
-        f"({record.topic}, aggregate {record.originator_id} v{record.originator_version}) is "
-        f"leaf {checked.leaf_index} of {checked.checkpoint.origin}'s signed tree of "
-        f"{checked.checkpoint.size} leaves"
-    )
+    several = isinstance(bundle, dict) and bundle.get("format") == EVIDENCE_SET
+    for one in bundle.get("bundles") or [None] if several else [bundle]:
+        try:
+            checked = check_bundle(one, verifier)
+        except BundleError as failure:
+            raise _fail(f"bundle FAILED: {failure}") from None
+        record = checked.record
+        console.print(
+            f"[green]bundle OK[/]: the event at position {record.position} "
+            f"({record.topic}, aggregate {record.originator_id} v{record.originator_version}) "
+            f"is leaf {checked.leaf_index} of {checked.checkpoint.origin}'s signed tree of "
+            f"{checked.checkpoint.size} leaves"
+        )
 
 
 @app.command("checkpoint")

@@ -148,3 +148,55 @@ def test_an_exported_checkpoint_is_consistent_with_the_grown_log(
         app, ["audit", "checkpoint", "--check", str(forged), "--data-dir", str(data_dir)]
     )
     assert refused.exit_code == 1 and "not a checkpoint signed by this hub" in refused.output
+
+
+def test_evidence_of_a_cloudevent_id_covers_every_event_it_became(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from eventsourcing.persistence import Tracking
+
+    from hub.bootstrap import open_views, projection_workers
+    from hub.domain import Order, Origin
+    from hub.store import Entity
+    from tests.conftest import T0
+
+    settings = load_settings(data_dir=data_dir)
+    store = EventStore(settings)
+    # An operator's order start is stored twice: on the machine and on the order.
+    machine = store.machine("default", "M1")
+    assert machine is not None
+    order = Order(site="default", order_id="SO-9")
+    tap = Origin("tap-42", "urn:tablet", T0 + timedelta(hours=1))
+    machine.start_order(tap, "SO-9")
+    order.start_on(tap, "M1")
+    store.commit([machine, order], Tracking("test-tap", 1), [],
+                 [Entity("order", "default", "SO-9", order.id)])  # fmt: skip
+    views = open_views(settings)
+    for worker in projection_workers(settings, store, views):
+        worker.prepare()
+        worker.catch_up()
+    views.close()
+    store.close()
+    assert runner.invoke(app, ["audit", "seal", "--data-dir", str(data_dir)]).exit_code == 0
+    out = tmp_path / "tap.json"
+    made = runner.invoke(
+        app, ["audit", "evidence", "--event", "tap-42", "--out", str(out),
+              "--data-dir", str(data_dir)],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    document = json.loads(out.read_text())
+    assert document["format"] == "mes-hub-evidence-set-v1"
+    topics = [b["record"]["topic"] for b in document["bundles"]]
+    assert topics == ["hub.domain:Machine.OrderStarted", "hub.domain:Order.Started"]
+    checked = runner.invoke(
+        app, ["audit", "verify-bundle", str(out), "--public-key", str(data_dir / "audit.vkey")]
+    )
+    assert checked.exit_code == 0, checked.output
+    assert checked.output.count("bundle OK") == 2
+    unknown = runner.invoke(
+        app, ["audit", "evidence", "--event", "no-such", "--out", str(out),
+              "--data-dir", str(data_dir)],
+    )  # fmt: skip
+    assert unknown.exit_code == 1 and "no stored event" in unknown.output
