@@ -9,7 +9,10 @@ Sections, in one run over the same store (each prints its figures, none asserts)
 - verify:   ``audit verify`` (records read, leaves recomputed and compared, checkpoints checked)
             against a raw read of the log (``select_notifications`` only): events/s and ratio;
 - proofs:   inclusion proofs (generation from stored subtrees, the whole evidence bundle,
-            verification) and consistency proofs per second, and their sizes.
+            verification) and consistency proofs per second, and their sizes;
+- queries:  the auditors' questions on one machine with a year of history (a store of its
+            own): p50/p99 of a state as of a moment and of an OEE diff, against their plain
+            counterparts (``bench/audit_queries.py``).
 
 Tessera (Trillian's successor) publishes about 2,900 integrated writes/s on one node; the
 sealing rates are compared with that.
@@ -297,6 +300,17 @@ def proofs(bench: Bench) -> None:
     )
 
 
+def auditors_queries(bench: Bench) -> None:
+    """The p99 of a state as of a moment and of an OEE diff, on one machine with a year of
+    history in a store of its own (``bench/audit_queries.py``, kept beside this one's)."""
+    import audit_queries
+
+    settings = load_settings(data_dir=bench.settings.data_dir.parent / "one-machine-a-year")
+    before, end = audit_queries.build(settings, 365)
+    print(f"one machine, a year: {end:,} positions; late facts after position {before:,}")
+    audit_queries.measure(settings, 365, before, 200)
+
+
 Section = Callable[[Bench], None]
 SECTIONS: list[tuple[str, Section]] = [
     ("store", build_store),
@@ -304,6 +318,7 @@ SECTIONS: list[tuple[str, Section]] = [
     ("ingest", ingest_with_and_without_sealer),
     ("verify", verify_against_raw_read),
     ("proofs", proofs),
+    ("queries", auditors_queries),
 ]
 
 
