@@ -58,7 +58,7 @@ from hub.outbox import (
     standard_webhooks_retry,
 )
 from hub.ports import EventPublisher
-from hub.sealer import sealer_of
+from hub.sealer import AuditLog, checkpoint_reference, sealer_of
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
 from hub.tasks import cancel_task
@@ -455,6 +455,7 @@ def partner_watch(
         lambda: subscriptions(settings, read_registry(), entries, clock), publisher,
         since=datetime.fromisoformat(since_file.read_text().strip()),
         position=position, position_file=position_file,
+        checkpoint=partial(checkpoint_reference, AuditLog(store)),
     )  # fmt: skip
 
 
@@ -559,6 +560,7 @@ def confirmation_watch(
         settings.site, load, views, FactsReader(views), plant or PlantConfig(), publisher, since,
         position_file=settings.data_dir / CONFIRMATIONS_POSITION,
         each_shift=settings.confirm_each_shift, clock=clock,
+        checkpoint=partial(checkpoint_reference, AuditLog(store)),
     )  # fmt: skip
 
 
@@ -594,6 +596,8 @@ def api_context(
             if CONFIRMATION in sender.destination.kinds  # (the ERPs, not partners' endpoints)
         },
         webhooks=webhook_desk(hub),
+        # (The hub's signing key, made once in the data dir: the same ids across restarts.)
+        key_id_secret=signing_key(settings.data_dir),
     )
 
 

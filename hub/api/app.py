@@ -56,6 +56,7 @@ def create_app(context: ApiContext) -> FastAPI:
     # Every route under /api/v1 wants a key with an admitted role, and checks its parameters.
     every = (401, 403, 422)
     app.include_router(events.router, prefix="/api/v1", responses=problems(*every))
+    app.include_router(health.me_router, prefix="/api/v1", responses=problems(*every))
     # The reads run in a bounded pool: when it is full they are refused for a while (429), and
     # when a worker of it dies the read is too (503); both say when to ask again (Retry-After).
     reads = problems(*every, 429, 503, retry_after=(429, 503))

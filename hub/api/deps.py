@@ -31,7 +31,7 @@ from hub.api.reads import ReadPool
 from hub.api.webhook_desk import PARTNER_KEY, WebhookDesk, key_hash
 from hub.outbox import OutboxMessage
 from hub.ports import Asker, EventPublisher
-from hub.settings import ApiKey, Role
+from hub.settings import ROLES, ApiKey, Role
 from hub.store import EventStore
 from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader
@@ -63,6 +63,8 @@ class ApiContext:
     # Partners and their webhook endpoints (``hub.api.routes.partners``, ``…webhooks``);
     # None: this hub keeps no views, so sends no webhooks.
     webhooks: WebhookDesk | None = None
+    # What keys' ids are made with (``key_id``): the hub's own secret (its signing key).
+    key_id_secret: bytes = b""
 
 
 async def get_context(request: Request) -> ApiContext:
@@ -122,11 +124,11 @@ class Caller:
         return Asker(by, {"kind": "key", "id": self.key_id, "role": self.role})
 
 
-def key_id(presented: str) -> str:
-    """An API key's id: the first 16 hex digits of its SHA-256 (``printf %s "$KEY" | sha256sum
-    | cut -c1-16`` tells an admin whose it is). Unique enough to name a key in the audit log,
-    and of no use to guess it."""
-    return "key-" + hashlib.sha256(presented.encode()).hexdigest()[:16]
+def key_id(presented: str, secret: bytes) -> str:
+    """An API key's id in the audit log: the first 16 hex digits of an HMAC-SHA256 of the key
+    under a secret of the hub's (``ApiContext.key_id_secret``), so that whoever reads the log
+    cannot test guesses of a key against it. ``GET /api/v1/me`` tells a key's holder its id."""
+    return "key-" + hmac.new(secret, presented.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 async def _identify(context: ApiContext, presented: str) -> Caller | None:
@@ -134,14 +136,16 @@ async def _identify(context: ApiContext, presented: str) -> Caller | None:
     found: Caller | None = None
     for api_key in context.api_keys:
         if hmac.compare_digest(api_key.key.get_secret_value().encode(), presented.encode()):
-            found = Caller(api_key.role, key_id=key_id(presented))
+            found = Caller(api_key.role, key_id=key_id(presented, context.key_id_secret))
     if found is None and context.webhooks is not None and presented.startswith(PARTNER_KEY):
         # A partner's key, issued by the API: the store keeps its SHA-256 only (a hash looked
         # up, not compared: its timing tells nothing of the key).
         registry = await asyncio.to_thread(context.webhooks.registry)
         owner = registry.key_owner(key_hash(presented))
         if owner is not None and owner[1] in PARTNERS:
-            found = Caller(owner[1], partner=owner[0], key_id=key_id(presented))
+            found = Caller(
+                owner[1], partner=owner[0], key_id=key_id(presented, context.key_id_secret)
+            )
     return found
 
 
@@ -178,6 +182,7 @@ def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
 
 
 Reader = Annotated[Caller, Depends(require(*READERS))]
+AnyCaller = Annotated[Caller, Depends(require(*ROLES))]
 EventWriter = Annotated[Caller, Depends(require(*EVENT_WRITERS))]
 ErpDesk = Annotated[Caller, Depends(require(*ERP_DESK))]
 PartnerDesk = Annotated[Caller, Depends(require(*PARTNER_DESK))]

@@ -123,8 +123,10 @@ async def test_the_store_keeps_which_key_sent_an_event_and_no_client_may_say_so(
     assert (await post(client, "operator", started("M1", "O-1"))).status_code == 202
     floor.deliver()
     stored = floor.store.machine_history("default", "M1")
-    operator_key = hashlib.sha256(api_key("operator").encode()).hexdigest()[:16]
-    admin_key = hashlib.sha256(api_key("admin").encode()).hexdigest()[:16]
+    me = [(await client.get("/api/v1/me", headers=auth(r))).json() for r in ("operator", "admin")]
+    operator_key, admin_key = (m["key_id"].removeprefix("key-") for m in me)
+    # Keyed by the hub's secret: not the key's plain hash, which a reader could test guesses on.
+    assert admin_key != hashlib.sha256(api_key("admin").encode()).hexdigest()[:16]
     assert [actor_of(e) for e in stored if hasattr(e, "event_id")] == [
         {"kind": "key", "id": f"key-{admin_key}", "role": "admin"},
         {"kind": "key", "id": f"key-{operator_key}", "role": "operator"},
@@ -382,8 +384,9 @@ def test_the_reads_document_429_and_503_with_retry_after_and_posts_their_body(
                 challenge = answers["401"]["headers"]["WWW-Authenticate"]
                 assert challenge["required"], (method, path)
             # Read through the pool: the reads (partners and webhook endpoints are read in the
-            # hub's own process: a few rows of its registry and outbox) and the ERP retry.
-            own = path.startswith(("/api/v1/partners", "/api/v1/webhooks"))
+            # hub's own process: a few rows of its registry and outbox; /me reads nothing) and
+            # the ERP retry.
+            own = path.startswith(("/api/v1/partners", "/api/v1/webhooks")) or path == "/api/v1/me"
             pooled = (method == "get" and not own) or path.endswith("/retry")
             if path.startswith("/api/v1") and pooled:
                 for status in ("429", "503"):
