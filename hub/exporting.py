@@ -331,11 +331,10 @@ def events_to_import(lines: Iterable[bytes]) -> Iterator[ToImport]:
             document.pop(RECORDED_TIME, None)
             event = CloudEvent.model_validate(document)
             validate_envelope(event)
+            if position is not None and (
+                isinstance(position, bool) or not isinstance(position, int)
+            ):
+                raise ValueError(f"{POSITION} must be an integer, not {position!r}")
         except (ValueError, ContractViolation) as refused:  # (ValidationError is a ValueError)
             raise ExportError(f"line {number}: not a CloudEvent to import: {refused}") from None
-        yield ToImport(
-            number,
-            str(site) if site is not None else None,
-            int(position) if position is not None else None,
-            event,
-        )
+        yield ToImport(number, str(site) if site is not None else None, position, event)

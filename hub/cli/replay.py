@@ -120,7 +120,9 @@ def _written_whole(out: Path) -> Iterator[BinaryIO]:
         return
     partial = out.with_name(f".{out.name}.partial")
     try:
-        with partial.open("wb") as file:
+        # 0600: the history in plain CloudEvents, even from an encrypted store.
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
             yield file
         os.replace(partial, out)
     finally:

@@ -64,6 +64,7 @@ def test_replay_writes_json_lines_and_import_builds_a_hub_from_them(
     result = run("replay", "--data-dir", str(ran), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "4 CloudEvents written" in result.stderr
+    assert out.stat().st_mode & 0o777 == 0o600  # plain CloudEvents: for its owner only
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["type"] for line in lines][:1] == ["mes.machine.execution.v1"]
     assert {line["messite"] for line in lines} == {"default"}
