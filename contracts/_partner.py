@@ -4,7 +4,8 @@ CloudEvents its webhooks carry (docs/webhooks.md).
 These are not events the hub takes in: they are derived from what it stored (an order's start,
 its delivery forecast, its production confirmations and the ERP's acknowledgements), so they have
 no NATS subject. Each says which order it is about and what the partner may know of it: the
-order's id, customer, part number, quantity and due date as the ERP released them.
+order's id, customer, part number, quantity and due date as the ERP released them; and the hub's
+latest signed audit checkpoint when it was decided (``checkpoint``), for the partner to keep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Literal
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from contracts._types import DeliveryStatus, EventTime, Token, _Data
+from contracts._types import (
+    CHECKPOINT_DESCRIPTION,
+    CheckpointReference,
+    DeliveryStatus,
+    EventTime,
+    Token,
+    _Data,
+)
 
 
 class _PartnerOrder(_Data):
@@ -22,6 +30,7 @@ class _PartnerOrder(_Data):
     part_number: StrictStr | None = Field(default=None, max_length=128)
     quantity: StrictInt | None = Field(default=None, gt=0)
     due: EventTime | None = None
+    checkpoint: CheckpointReference | None = Field(default=None, description=CHECKPOINT_DESCRIPTION)
 
 
 class OrderStartedWebhookV1(_PartnerOrder):

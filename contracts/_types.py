@@ -61,6 +61,22 @@ EventTime = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time", "pattern": DATE_TIME_PATTERN}),
 ]
 
+# The hub's latest signed audit checkpoint when a production confirmation or a partner event was
+# decided (``hub.sealer.checkpoint_reference``): ``<origin> <size> <base64 root hash>``, the first
+# three lines of its C2SP checkpoint note joined by spaces (the origin, one line of at most 200
+# characters, may hold spaces: read it from the right).
+CHECKPOINT_PATTERN = r"^[^\x00-\x1f\x7f]+ (0|[1-9][0-9]*) [A-Za-z0-9+/]{43}=$"
+CheckpointReference = Annotated[
+    StrictStr, Field(min_length=48, max_length=300, pattern=CHECKPOINT_PATTERN)
+]
+CHECKPOINT_DESCRIPTION = (
+    "The hub's latest signed audit checkpoint when this was decided, as "
+    "'<origin> <tree size> <base64 root hash>' (the checkpoint note's first three lines joined "
+    "by spaces). Keep it: a consistency proof from that tree size to any later checkpoint, which "
+    "an auditor asks the hub for, shows that the hub's event log was not rewritten since "
+    "(docs/audit-proofs.md). null: the hub had signed no checkpoint yet."
+)
+
 
 class _Data(BaseModel):
     # Unknown fields are refused: a typo in an integrator's field name must not pass silently.
@@ -249,8 +265,9 @@ class ConfirmationDueV1(_Data):
     (``correction``: late scrap or parts). Quantities are what is new since the confirmations
     before it — negative when parts were taken back (a correction's; or a run's end after a
     shift end's partial, when scrap came in between) — and the totals the order has confirmed
-    with it, computed from the store when it was decided, so a rebuild reproduces them. The
-    subject is the order."""
+    with it, computed from the store when it was decided, so a rebuild reproduces them; and
+    the latest signed audit checkpoint then (``checkpoint``), which every ERP is sent with it.
+    The subject is the order."""
 
     order_id: Token
     sequence: StrictInt = Field(ge=1, description="The order's confirmations: 1, 2, …")
@@ -269,6 +286,7 @@ class ConfirmationDueV1(_Data):
     scrap_total: StrictInt | None = Field(
         default=None, ge=0, description="Scrap confirmed for the order in all, with this one"
     )
+    checkpoint: CheckpointReference | None = Field(default=None, description=CHECKPOINT_DESCRIPTION)
 
 
 class DeliveryAttemptedV1(_Data):

@@ -1000,3 +1000,18 @@ def _chunks(values: Sequence[int], size: int) -> Iterator[list[int]]:
 def checked_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
     """The checkpoint in ``note`` once ``verifier`` checked its signature (``NoteError``)."""
     return parse_checkpoint(open_note(note, [verifier]))
+
+
+def checkpoint_reference(source: AuditLog | EventStore) -> str | None:
+    """The latest signed checkpoint as the hub hands it to ERPs and partners (in each production
+    confirmation and webhook payload): ``<origin> <size> <base64 root>``, the first three lines of
+    the checkpoint note joined by spaces (the origin may hold spaces: split from the right), or
+    None while no checkpoint is signed. Whoever keeps it can later ask an auditor for the
+    consistency proof from ``size`` to a newer checkpoint (``GET /api/v1/audit/proofs/consistency
+    ?from=<size>``) and check that the tree of ``size`` leaves still has this root."""
+    audit = source if isinstance(source, AuditLog) else AuditLog(source)
+    try:
+        latest = audit.checkpoint()
+    except AuditError:
+        return None
+    return " ".join(latest.note.split("\n", 3)[:3])

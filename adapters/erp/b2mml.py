@@ -24,7 +24,9 @@ whole document, naming the element and its line.
 
 Confirmations out: ``operations_performance`` writes one V0701 ``SyncOperationsPerformance``
 per confirmation (``BODID`` = the confirmation's key), POSTed to ``url`` or written to
-``outbox_folder/<key>.xml`` (temp file and rename: a retry overwrites the same file).
+``outbox_folder/<key>.xml`` (temp file and rename: a retry overwrites the same file). The hub's
+audit checkpoint when it was decided is one more ``SegmentData`` (``AuditCheckpoint``, a
+string), and the POST's ``Mes-Hub-Checkpoint`` header.
 
 Exceptions::
 
@@ -638,16 +640,22 @@ def operations_performance(
         e.sub(segment, "ProcessSegmentID", confirmation.operation)
     e.sub(segment, "OperationsRequestID", confirmation.order_id)
     e.sub(segment, "SegmentState", state)
-    facts = [("Sequence", confirmation.sequence), ("Final", confirmation.final)]
+    facts: list[tuple[str, int | bool | str]] = [
+        ("Sequence", confirmation.sequence),
+        ("Final", confirmation.final),
+    ]
     if confirmation.correction_of is not None:
         facts.append(("CorrectionOf", confirmation.correction_of))
+    if confirmation.checkpoint is not None:  # the hub's audit checkpoint when it was decided
+        facts.append(("AuditCheckpoint", confirmation.checkpoint))
     for name, fact in facts:
         item = e.sub(segment, "SegmentData")
         e.sub(item, "ID", name)
         value = e.sub(item, "Value")
         is_bool = isinstance(fact, bool)
         e.sub(value, "ValueString", str(fact).lower() if is_bool else str(fact))
-        e.sub(value, "DataType", "boolean" if is_bool else "integer")
+        kind = "boolean" if is_bool else "string" if isinstance(fact, str) else "integer"
+        e.sub(value, "DataType", kind)
     if confirmation.machine_id:
         equipment = e.sub(segment, "EquipmentActual")
         e.sub(equipment, "ID", confirmation.machine_id)
@@ -837,16 +845,16 @@ class B2mmlSender:
                 _write_atomically, self.entry.outbox_folder, _file_name(confirmation.key), document
             )
             return Delivered(status=None, excerpt=f"written to {path.name}")
-        return await self._post(document)
+        return await self._post(document, confirmation.checkpoint_header())
 
-    async def _post(self, document: bytes) -> Delivered:
+    async def _post(self, document: bytes, extra: dict[str, str]) -> Delivered:
         assert self.entry.url is not None
         try:
             client = self._http()
             response = await client.post(
                 self.entry.url,
                 content=document,
-                headers={"Content-Type": "application/xml; charset=utf-8"},
+                headers={"Content-Type": "application/xml; charset=utf-8", **extra},
             )
         except (OutboundRefused, ValueError) as exc:  # refused address, unreadable secret
             raise DeliveryFailed(str(exc)) from None

@@ -153,6 +153,9 @@ class OrderSource(Protocol):
 # --- confirmations out -------------------------------------------------------------------------
 
 
+CHECKPOINT_HEADER = "Mes-Hub-Checkpoint"
+
+
 @dataclass(frozen=True)
 class Confirmation:
     """A production confirmation the hub decided on (``mes.hub.order.confirmation_due.v1``):
@@ -177,6 +180,19 @@ class Confirmation:
     # The keys this ERP was sent the order's earlier confirmations with: how a dialect that
     # reverses them tells the hub's postings from anyone else's.
     earlier_keys: tuple[str, ...] = ()
+    # The hub's latest signed audit checkpoint when it was decided, "<origin> <size> <base64
+    # root>" (``hub.sealer.checkpoint_reference``; None: none signed yet): each dialect leaves
+    # it where its ERP keeps it, so the ERP holds copies of the hub's checkpoints.
+    checkpoint: str | None = None
+
+    def checkpoint_header(self) -> dict[str, str]:
+        """``Mes-Hub-Checkpoint: <checkpoint>`` for an HTTP call that carries the confirmation
+        (none without one, or for an origin that is not printable ASCII, which no header
+        carries unencoded: the body still has it)."""
+        value = self.checkpoint
+        if value is None or not (value.isascii() and value.isprintable()):
+            return {}
+        return {CHECKPOINT_HEADER: value}
 
 
 class ConfirmationSender(Protocol):
@@ -190,6 +206,7 @@ class ConfirmationSender(Protocol):
 
 
 __all__ = [
+    "CHECKPOINT_HEADER",
     "Confirmation",
     "ConfirmationSender",
     "Delivered",

@@ -24,7 +24,10 @@ Confirmations out: ``make_stock_entry`` (ERPNext's own, as the Work Order's Fini
 the good plus the scrapped quantity, the finished item's row set to the good quantity (the rest
 is the entry's ``process_loss_qty``), submitted in one insert with the idempotency key in a
 unique Custom Field; a repeated key is found before the insert, or refused by the database's
-unique index (``UniqueValidationError``) and counted as delivered.
+unique index (``UniqueValidationError``) and counted as delivered. The entry's ``remarks``
+(Stock Entry's Text field "Remarks", no length limit) says what it confirms and ends with the
+hub's audit checkpoint when the confirmation was decided (``audit checkpoint <origin> <size>
+<base64 root>``).
 
 Corrections that take parts back: a Manufacture entry cannot be negative, so the Work Order's
 submitted entries that the hub posted (their key is one of the keys the order's earlier
@@ -658,6 +661,8 @@ def _remarks(key: str, c: Confirmation, good: float, scrap: float) -> str:
         parts.append(f"operation {c.operation}")
     if c.start and c.end:
         parts.append(f"{c.start.isoformat()} to {c.end.isoformat()}")
+    if c.checkpoint is not None:
+        parts.append(f"audit checkpoint {c.checkpoint}")
     return ", ".join(parts)
 
 

@@ -25,7 +25,9 @@ Confirmations out: the good quantity goes to ``mrp.production.qty_producing`` (c
 ``set_qty_producing`` updates the components), the final one ``button_mark_done``; each is first
 written as an internal note in the MO's chatter (``message_post``) that carries the idempotency
 key and the quantity it sets, so a retry after a lost answer sets the same quantity again
-instead of adding twice.
+instead of adding twice. The note ends with the hub's audit checkpoint when the confirmation was
+decided (``; audit checkpoint <origin> <size> <base64 root>``): the MO's chatter keeps it, and
+``mail.message.body`` (Html) takes any length.
 """
 
 from __future__ import annotations
@@ -580,6 +582,8 @@ def _note(key: str, c: Confirmation, target: float) -> str:
     ]
     if any(details):
         text += "; " + ", ".join(d for d in details if d)
+    if c.checkpoint is not None:  # (last: the parts before it are what ``_NOTE`` reads back)
+        text += f"; audit checkpoint {c.checkpoint}"
     return text
 
 

@@ -44,6 +44,7 @@ def confirmation(
         yield_total=due.get("yield_total") if totals_held else None,
         scrap_total=due.get("scrap_total") if totals_held else None,
         earlier_keys=earlier_keys,
+        checkpoint=due.get("checkpoint"),
     )
 
 

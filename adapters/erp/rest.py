@@ -848,6 +848,7 @@ def confirmation_json(confirmation: Confirmation) -> dict[str, Any]:
         "posted_at": rfc3339(c.posted_at),
         "yield_total": c.yield_total,
         "scrap_total": c.scrap_total,
+        "checkpoint": c.checkpoint,
     }
 
 
@@ -867,7 +868,8 @@ def http_failure(
 
 
 class RestConfirmationSender:
-    """POSTs each confirmation as JSON with ``Idempotency-Key: <confirmation.key>``. A 2xx is
+    """POSTs each confirmation as JSON with ``Idempotency-Key: <confirmation.key>`` (and the
+    hub's audit checkpoint in ``Mes-Hub-Checkpoint`` as in the body's ``checkpoint``). A 2xx is
     delivered; a 409 that names the key (``Idempotency-Key`` header echoed, or the key in the
     body), or a 2xx with ``Idempotent-Replayed: true``, is a duplicate the ERP had already."""
 
@@ -891,6 +893,7 @@ class RestConfirmationSender:
                 headers={
                     "Accept": "application/json",
                     "Idempotency-Key": confirmation.key,
+                    **confirmation.checkpoint_header(),
                     **authorization(entry, secret),
                 },
             )

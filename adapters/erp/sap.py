@@ -24,6 +24,9 @@ a hub restarted between the POST and its answer) is found and reported delivered
 token (``x-csrf-token: Fetch``) that the ``POST`` needs, with the session cookies that go with
 it; a ``403`` answered ``x-csrf-token: Required`` fetches a new token once.
 
+``ConfirmationText`` (40 characters) carries the hub's audit checkpoint as far as it can: the
+tree size and a prefix of the root, after the machine and sequence (``confirmation_text``).
+
 Corrections: SAP posts no negative quantity, so a confirmation whose yield or scrap is negative
 (a correction that lowers what was confirmed) is made by reversal and re-post: the operation's
 active confirmations the hub posted are cancelled (function import ``CancelProdnOrdConf``), and
@@ -103,6 +106,9 @@ ORDERS = "A_ProductionOrder_2"  # EntitySet of A_ProductionOrder_2Type
 EXTERNAL_KEY_NAMESPACE = uuid.UUID("c0f618c2-53de-5486-acfa-c3771975b726")
 # MaxLength of the ProdnOrdConf2Type properties sent as text (the service's $metadata).
 MAX_LENGTH = {"OrderID": 12, "OrderOperation": 4, "ConfirmationText": 40}
+# The fewest characters of the checkpoint's base64 root worth putting in ConfirmationText
+# (48 bits: a prefix a forger would have to match).
+SAP_ROOT_PREFIX_MIN = 8
 # ProdnOrdConf2Type properties read back: the keys, whether a record still counts, whose it is,
 # and what a correction carries over into the confirmation that replaces the cancelled ones.
 RECORD_PROPERTIES = (
@@ -205,9 +211,6 @@ def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, A
     quantity is never posted: ``SapConfirmationSender`` makes such a correction by reversal.)"""
     c = confirmation
     operation = c.operation or entry.operation
-    text = f"mes-hub {c.machine_id or ''} #{c.sequence}".replace("  ", " ")
-    if c.correction_of is not None:
-        text += f" corrects #{c.correction_of}"
     for name, value in (("OrderID", c.order_id), ("OrderOperation", operation)):
         if len(value) > MAX_LENGTH[name]:
             raise DeliveryFailed(
@@ -219,7 +222,7 @@ def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, A
     entity: dict[str, Any] = {
         "OrderID": c.order_id,
         "OrderOperation": operation,
-        "ConfirmationText": text[: MAX_LENGTH["ConfirmationText"]],
+        "ConfirmationText": confirmation_text(c),
         "ConfirmationYieldQuantity": str(c.yield_quantity),  # Edm.Decimal: a string in V2
         "ConfirmationScrapQuantity": str(c.scrap_quantity),
         "IsFinalConfirmation": c.final,
@@ -232,6 +235,26 @@ def confirmation_entity(confirmation: Confirmation, entry: Entry) -> dict[str, A
             entity[f"{prefix}Date"] = edm_date(local.date())
             entity[f"{prefix}Time"] = edm_time(local.time())
     return entity
+
+
+def confirmation_text(c: Confirmation) -> str:
+    """``ConfirmationText`` (Edm.String, MaxLength 40, the only text ProdnOrdConf2Type has):
+    ``mes-hub <machine> #<sequence>`` (`` corrects #<sequence>``), cut at 40, then, in what is
+    left, the hub's audit checkpoint as `` @<size>:<root prefix>``: the tree size and as much of
+    the base64 root as fits — the whole reference (origin, size, 44 characters of root) never
+    does. Left out when fewer than ``SAP_ROOT_PREFIX_MIN`` characters of the root would fit."""
+    limit = MAX_LENGTH["ConfirmationText"]
+    text = f"mes-hub {c.machine_id or ''} #{c.sequence}".replace("  ", " ")
+    if c.correction_of is not None:
+        text += f" corrects #{c.correction_of}"
+    text = text[:limit]
+    parts = (c.checkpoint or "").rsplit(" ", 2)  # origin, size, root
+    if len(parts) == 3:
+        mark = f" @{parts[1]}:"
+        room = limit - len(text) - len(mark)
+        if room >= SAP_ROOT_PREFIX_MIN:
+            text += mark + parts[2][:room]
+    return text
 
 
 def uri_literal(text: str) -> str:
@@ -814,6 +837,7 @@ __all__ = [
     "SapOrderSource",
     "confirmation_entity",
     "confirmation_sender",
+    "confirmation_text",
     "external_key",
     "order_source",
 ]

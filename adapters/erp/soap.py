@@ -20,7 +20,9 @@ order becomes ``mes.erp.order.released.v1`` with its current state, a ``cancelle
 Confirmations out: ``ConfirmOperation(confirmation)``: ``accepted`` is delivered, ``duplicate``
 (the service had the key) delivered as a duplicate. A SOAP fault whose code is ``Client`` or
 ``Sender`` (``Client.*``) fails for good (the content is refused); a ``Server`` fault, an HTTP
-error (401 included), a timeout or no connection is retried.
+error (401 included), a timeout or no connection is retried. The hub's audit checkpoint when the
+confirmation was decided goes in the HTTP header ``Mes-Hub-Checkpoint``: the WSDL's
+``Confirmation`` has no element for it, and a service that validates against it refuses one.
 
 How zeep calls out: zeep's ``AsyncTransport`` is given the hub's own client,
 ``hub.outbound.outbound_client`` (httpx), so every connection is checked against the entry's
@@ -37,6 +39,7 @@ Exceptions::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -64,6 +67,11 @@ log = logging.getLogger(__name__)
 WSDL = Path(__file__).with_name("mes-hub-erp.wsdl")
 NAMESPACE = "urn:mes-hub:erp:v1"
 BINDING = f"{{{NAMESPACE}}}MesHubErpBinding"
+# HTTP headers of the call being made (``SoapService.call``'s ``http_headers``), which zeep has no
+# argument for: the transport adds them to the POST of the task that set them.
+_CALL_HEADERS: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "soap_call_headers", default=()
+)
 
 
 class SoapCallFailed(Exception):
@@ -116,6 +124,7 @@ class _CheckedTransport(AsyncTransport):
         """An HTTP error without a SOAP envelope (a proxy's 502 page, a 401, a 503) as the
         ``TransportError`` with its status that it is, not as zeep's status-less "unknown
         fault" (zeep reads any well-formed answer to a failed call as a fault)."""
+        headers = {**headers, **dict(_CALL_HEADERS.get())}
         response = await super().post_xml(address, envelope, headers)  # type: ignore[no-untyped-call]
         status = int(response.status_code)
         if not 200 <= status < 300 and b"Envelope" not in bytes(response.content[:1024]):
@@ -168,7 +177,11 @@ class SoapService:
             self._client = client
         return self._proxy
 
-    async def call(self, operation: str, **arguments: Any) -> Any:
+    async def call(
+        self, operation: str, http_headers: dict[str, str] | None = None, **arguments: Any
+    ) -> Any:
+        """``operation`` with ``arguments``; ``http_headers``: added to its HTTP POST."""
+        token = _CALL_HEADERS.set(tuple((http_headers or {}).items()))
         try:
             proxy = await self._ready()
             return await getattr(proxy, operation)(**arguments)
@@ -196,6 +209,8 @@ class SoapService:
             # (XMLSyntaxError, XMLParseError) may have been booked: retrying is safe (keys).
             permanent = isinstance(exc, NotSendable)
             raise SoapCallFailed(reason, permanent=permanent) from None
+        finally:
+            _CALL_HEADERS.reset(token)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -385,7 +400,9 @@ class SoapSender:
     async def send(self, confirmation: Confirmation) -> Delivered:
         try:
             result = await self.service.call(
-                "ConfirmOperation", confirmation=self.message(confirmation)
+                "ConfirmOperation",
+                http_headers=confirmation.checkpoint_header(),
+                confirmation=self.message(confirmation),
             )
         except SoapCallFailed as exc:
             raise DeliveryFailed(

@@ -13,6 +13,11 @@ confirmations. Its event id is the order and the confirmation's sequence number,
 publishes, dies and decides again before the first was stored repeats the same id, and the
 repeat is dropped. Runs that ended before ``since`` (when confirmations began on this hub) are
 not confirmed: a hub that starts confirming does not send years of history to the ERP.
+
+Each decision also carries the hub's latest signed audit checkpoint when it was decided
+(``checkpoint``: ``hub.sealer.checkpoint_reference``, None before the first), stored with it and
+so sent as stored to every ERP: the ERPs hold copies of the checkpoints that whoever holds the
+hub's database cannot rewrite.
 """
 
 from __future__ import annotations
@@ -321,8 +326,12 @@ class ConfirmationWatch:
         position_file: Path | None = None,
         each_shift: bool = False,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        checkpoint: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._site, self._load, self._views = site, load, views
+        # The latest signed audit checkpoint's reference, read once per round that decides
+        # something (off the event loop, like the rest of ``decisions``).
+        self._checkpoint = checkpoint
         self._reader, self._plant, self._publisher = reader, plant, publisher
         self._since, self._window, self._clock = since, correction_window, clock
         # Confirm what the orders running at each shift end made by then ([hub]
@@ -389,11 +398,15 @@ class ConfirmationWatch:
             self._site, [(d.order.order_id, d.covered) for d in dues], self._reader,
             self._plant, now,
         )  # fmt: skip
+        reference: list[str | None] = []  # (read at the first decision of the round)
         for due, (good, scrap) in zip(dues, counted, strict=True):
             order, data = due.order, confirmation_data(due, good, scrap)
             if data is None:
                 self._recheck.pop(order.id, None)
                 continue
+            if not reference:
+                reference.append(self._checkpoint())
+            data["checkpoint"] = reference[0]
             self._recheck[order.id] = clock
             event_id = confirmation_event_id(self._site, order.order_id, data["sequence"])
             events.append(

@@ -7,6 +7,11 @@ before ``since`` (when the hub began to tell partners: none is sent history), pu
 the partner event, so a watch that publishes, dies and derives again repeats the same id and the
 repeat is dropped; the outbox (``projections.views.outbox_view``, ``hub.outbox``) delivers it to
 each endpoint, in order per order.
+
+The partner event's data gets the hub's latest signed audit checkpoint when it was decided
+(``checkpoint``: ``hub.sealer.checkpoint_reference``; null before the first), stored with the
+decision and so sent as stored: partners hold copies of the checkpoints that whoever holds the
+hub's database cannot rewrite.
 """
 
 from __future__ import annotations
@@ -56,8 +61,13 @@ class PartnerWatch:
         since: datetime,
         position: int,
         position_file: Path | None = None,
+        checkpoint: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._site, self._read, self._history = site, read, history
+        # The latest signed audit checkpoint's reference, read once per round that looks at
+        # an order (off the event loop, like the rest of ``decisions``).
+        self._checkpoint = checkpoint
+        self._reference: str | None = None  # this round's
         # A list, or where to read them each round (partners register endpoints any time).
         self._subscriptions_now = (
             subscriptions if callable(subscriptions) else lambda: list(subscriptions)
@@ -92,6 +102,9 @@ class PartnerWatch:
         )
         events: list[CloudEvent] = []
         decided: dict[UUID, int] = {}
+        # Read before the orders are (a failure fails the round, read again from the same
+        # position; not one order's, which would skip its partner events).
+        self._reference = self._checkpoint() if touched else None
         for key in touched:
             try:
                 found_here, decided[key] = self._order_decisions(key)
@@ -124,7 +137,7 @@ class PartnerWatch:
             due = {
                 "order_id": order_id, "sequence": sequence, "event_id": told.id,
                 "event_type": told.type, "event_time": told.time.isoformat(),
-                "data": told.data, "endpoints": endpoints,
+                "data": {**told.data, "checkpoint": self._reference}, "endpoints": endpoints,
             }  # fmt: skip
             events.append(
                 hub_event(self._site, PRODUCER, WEBHOOK_DUE, f"webhook-{told.id}", order_id,

@@ -82,7 +82,9 @@ def partner_events(site: str, order_id: str, events: Iterable[Any]) -> list[Part
         payload = {**order, **data}
         # Validated as partners will validate it: a derivation bug fails here, not at them.
         checked = PARTNER_EVENT_TYPES[type_].model_validate(payload)
-        found.append(PartnerEvent(event_id, type_, time, order_id, checked.model_dump(mode="json")))
+        # (Its ``checkpoint`` is not derived from the order: the watch adds it when deciding.)
+        data = checked.model_dump(mode="json", exclude={"checkpoint"})
+        found.append(PartnerEvent(event_id, type_, time, order_id, data))
 
     def started(start: Any) -> None:
         tell(

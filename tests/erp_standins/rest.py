@@ -5,7 +5,8 @@ confirmations the way an API with idempotency keys does.
   ``?modified_since=<RFC 3339>`` (inclusive) or ``?after_id=<n>``;
 - ``POST /api/v1/confirmations`` — needs ``Idempotency-Key``; a repeated key is answered
   ``409 Conflict`` naming the key (and echoing it in the ``Idempotency-Key`` header), nothing
-  stored twice; every attempt is counted per key.
+  stored twice; every attempt is counted per key, and the ``Mes-Hub-Checkpoint`` header of
+  what is taken kept.
 
 Auth: ``Authorization: Bearer <token>`` or basic (user + password). On demand (``app.state``):
 ``down`` → 503 with ``Retry-After``, ``error`` → 500, ``slow`` → sleeps that many seconds first,
@@ -41,6 +42,7 @@ CONFIRMATION_FIELDS: dict[str, tuple[type, ...]] = {
     "posted_at": (str,),
     "yield_total": (int, type(None)),
     "scrap_total": (int, type(None)),
+    "checkpoint": (str, type(None)),
 }
 
 
@@ -60,6 +62,7 @@ def rest_erp(
     state.known_orders = None  # a set: confirmations for other orders are refused (400)
     state.confirmations = {}  # Idempotency-Key -> the body first taken
     state.attempts = Counter()  # Idempotency-Key -> every POST that carried it
+    state.checkpoint_headers = {}  # Idempotency-Key -> its first POST's Mes-Hub-Checkpoint
     state.authorizations = []  # the Authorization header of every request
     state.down = False
     state.error = False
@@ -126,6 +129,7 @@ def rest_erp(
         if problem is not None:
             return JSONResponse({"error": problem}, status_code=400)
         state.confirmations[key] = body
+        state.checkpoint_headers[key] = request.headers.get("mes-hub-checkpoint")
         number = len(state.confirmations)
         return JSONResponse({"id": number, "status": "accepted"}, status_code=201)
 

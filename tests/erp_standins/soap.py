@@ -107,6 +107,8 @@ class SoapErp:
     confirmations: dict[str, dict[str, Any]] = field(default_factory=dict)
     repeats: Counter[str] = field(default_factory=Counter)  # key -> times sent again
     calls: list[tuple[str, Any]] = field(default_factory=list)  # (operation, argument)
+    # The Mes-Hub-Checkpoint HTTP header of every request that passed the login (None: absent).
+    checkpoint_headers: list[str | None] = field(default_factory=list)
     fail: str | None = None  # down | client_fault | server_fault | slow
     delay_s: float = 3.0
     user: str = USER
@@ -193,6 +195,7 @@ def _guarded(erp: SoapErp, app: WsgiApp) -> WsgiApp:
                 [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Basic realm="erp"')],
             )
             return [b"login refused"]
+        erp.checkpoint_headers.append(environ.get("HTTP_MES_HUB_CHECKPOINT"))
         return app(environ, start_response)
 
     return guarded

@@ -400,6 +400,9 @@ async def test_a_file_still_being_written_is_left_for_later(tmp_path: Path) -> N
 # --- confirmations out -------------------------------------------------------------------------
 
 
+CHECKPOINT = "mes-hub/default 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
+
+
 def confirmation(key: str = "0f3c9a2e-confirmation-1", **fields: Any) -> Confirmation:
     values: dict[str, Any] = {
         "key": key,
@@ -442,6 +445,16 @@ def test_the_confirmation_is_a_valid_v0701_sync_operations_performance(
         for m in segment.findall("b:MaterialActual", ns)
     }
     assert quantities == {"good": "240", "scrap": "10"}
+
+    # The hub's audit checkpoint is one more SegmentData (a string): valid too.
+    with_checkpoint = operations_performance(confirmation(checkpoint=CHECKPOINT))
+    performance_schema.validate(with_checkpoint.decode())
+    data = {
+        item.findtext("b:ID", namespaces=ns): item.findtext("b:Value/b:ValueString", namespaces=ns)
+        for item in etree.fromstring(with_checkpoint).iterfind(".//b:SegmentData", ns)
+    }
+    assert data == {"Sequence": "2", "Final": "true", "AuditCheckpoint": CHECKPOINT}
+    assert "AuditCheckpoint" not in document.decode()  # (none signed: none)
 
     # A correction (negative yield, no machine, no times, in the plant's zone) is valid too.
     correction = confirmation(
@@ -519,10 +532,12 @@ async def test_confirmations_are_posted_as_application_xml(
         sender = confirmation_sender(entry(tmp_path, **keys))
         assert sender is not None
 
-        delivered = await sender.send(confirmation())
+        delivered = await sender.send(confirmation(checkpoint=CHECKPOINT))
         assert (delivered.status, delivered.duplicate) == (200, False)
         assert receiver.headers[0]["content-type"].startswith("application/xml")
         assert receiver.headers[0]["authorization"] == "Bearer t0ken-never-shown"
+        assert receiver.headers[0]["mes-hub-checkpoint"] == CHECKPOINT
+        assert CHECKPOINT in receiver.bodies[0].decode()
         performance_schema.validate(receiver.bodies[0].decode())
 
         receiver.status = 409  # the receiver had that BODID already

@@ -19,6 +19,7 @@ from tests.erp_standins import erp_fixtures, served
 from tests.erp_standins.erpnext import ErpnextStandIn, erpnext_app
 
 API_KEY, SECRET, WRONG = "5f1c2a9b7d3e4f6", "a8b7c6d5e4f3a2b1c0d9", "wrong-secret-99887766"
+CHECKPOINT = "mes-hub/default 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
 KEY_FIELD = {"fieldname": "mes_hub_key", "fieldtype": "Data", "unique": 1, "label": "MES Hub Key"}
 
 
@@ -73,6 +74,7 @@ def confirmation(
     correction_of: int | None = None,
     totals: tuple[int, int] | None = None,
     earlier: tuple[str, ...] = (),
+    checkpoint: str | None = None,
 ) -> Confirmation:
     """A confirmation; ``totals`` (good, scrap) and ``earlier`` (keys) as the core sets them."""
     end = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
@@ -92,6 +94,7 @@ def confirmation(
         yield_total=None if totals is None else totals[0],
         scrap_total=None if totals is None else totals[1],
         earlier_keys=earlier,
+        checkpoint=checkpoint,
     )
 
 
@@ -180,7 +183,9 @@ async def test_a_confirmation_is_a_submitted_manufacture_stock_entry(
     sender = erpnext.confirmation_sender(entry(stand_in.url, monkeypatch))
     assert sender is not None
     try:
-        first = await sender.send(confirmation("MFG-WO-2026-00012", "k-1", 25, 2))
+        first = await sender.send(
+            confirmation("MFG-WO-2026-00012", "k-1", 25, 2, checkpoint=CHECKPOINT)
+        )
         final = await sender.send(
             confirmation("MFG-WO-2026-00012", "k-2", 15, sequence=2, final=True)
         )
@@ -219,6 +224,9 @@ async def test_a_confirmation_is_a_submitted_manufacture_stock_entry(
     (finished,) = [row for row in entry_1["items"] if row.get("is_finished_item")]
     assert (finished["item_code"], finished["qty"], finished["transfer_qty"]) == ("BRK-7", 25, 25)
     assert entry_1["remarks"].startswith("mes-hub confirmation k-1: sequence 1, good 25, scrap 2")
+    # The hub's audit checkpoint when it was decided ends the remarks (none signed: none).
+    assert entry_1["remarks"].endswith(f", audit checkpoint {CHECKPOINT}")
+    assert "checkpoint" not in erp.docs["Stock Entry"]["MAT-STE-2026-00002"]["remarks"]
     assert (order["produced_qty"], order["status"]) == (40.0, "Completed")
 
 

@@ -21,6 +21,7 @@ from tests.erp_standins.odoo import OdooStandIn, odoo_app
 KEY = "odoo-key-1f2e3d4c5b6a79880a1b"
 WRONG = "odoo-key-wrong-0000000000000"
 APIS = ["json2", "jsonrpc"]
+CHECKPOINT = "mes-hub/default 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
 
 
 @dataclass
@@ -68,7 +69,14 @@ def entry(
 
 
 def confirmation(
-    order: str, key: str, good: int, scrap: int = 0, *, sequence: int = 1, final: bool = False
+    order: str,
+    key: str,
+    good: int,
+    scrap: int = 0,
+    *,
+    sequence: int = 1,
+    final: bool = False,
+    checkpoint: str | None = None,
 ) -> Confirmation:
     at = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
     return Confirmation(
@@ -84,6 +92,7 @@ def confirmation(
         final=final,
         correction_of=None,
         posted_at=at,
+        checkpoint=checkpoint,
     )
 
 
@@ -196,7 +205,7 @@ async def test_confirmations_set_qty_producing_and_the_final_one_marks_done(
     sender = odoo.confirmation_sender(entry(stand_in.url, api, monkeypatch))
     assert sender is not None
     try:
-        first = await sender.send(confirmation("WH-MO-00012", "k-1", 25, 2))
+        first = await sender.send(confirmation("WH-MO-00012", "k-1", 25, 2, checkpoint=CHECKPOINT))
         assert (first.status, first.duplicate) == (200, False)
         production = erp.records["mrp.production"][mo]
         assert (production["qty_producing"], production["state"]) == (25.0, "progress")
@@ -210,6 +219,9 @@ async def test_confirmations_set_qty_producing_and_the_final_one_marks_done(
     assert len(notes) == 2
     assert "mes-hub confirmation k-1: sequence 1, good +25, scrap 2, qty_producing 25.0" in notes[0]
     assert "machine CNC-1, operation Milling" in notes[0]
+    # The hub's audit checkpoint when it was decided ends the note (none signed: none).
+    assert notes[0].endswith(f"; audit checkpoint {CHECKPOINT}</p>")
+    assert "audit checkpoint" not in notes[1]
     assert ("mrp.production", "set_qty_producing") in erp.calls
 
 

@@ -32,6 +32,8 @@ from tests.erp_standins.rest import (
 )
 
 TOKEN = "rest-token-0123456789"
+# A checkpoint reference as hub.sealer.checkpoint_reference gives it: origin, size, base64 root.
+CHECKPOINT = "mes-hub/default 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
 
 
 @pytest.fixture
@@ -335,9 +337,24 @@ async def test_a_confirmation_is_delivered_with_its_idempotency_key_and_token(
             "posted_at": "2026-03-02T09:01:00Z",
             "yield_total": 40,
             "scrap_total": 2,
+            "checkpoint": None,  # (no audit checkpoint signed when it was decided)
         }
     }
     assert app.state.authorizations == [f"Bearer {TOKEN}"]
+    assert app.state.checkpoint_headers == {"evt-0001": None}
+
+
+async def test_the_hubs_audit_checkpoint_goes_in_the_body_and_a_header(
+    erp: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    app, url = erp
+    out = sender(entry(url, secret_file))
+    try:
+        await out.send(confirmation(checkpoint=CHECKPOINT))
+    finally:
+        await out.close()
+    assert app.state.confirmations["evt-0001"]["checkpoint"] == CHECKPOINT
+    assert app.state.checkpoint_headers == {"evt-0001": CHECKPOINT}
 
 
 async def test_a_repeated_key_is_delivered_as_a_duplicate_and_taken_once(

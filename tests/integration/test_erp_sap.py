@@ -33,6 +33,7 @@ from tests.erp_standins.sap import (
 )
 
 USER, PASSWORD = "MES_HUB", "s4-password-0123"
+CHECKPOINT = "mes-hub/default 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
 
 
 @pytest.fixture
@@ -149,6 +150,29 @@ async def test_a_confirmation_is_posted_with_the_metadatas_names_types_and_forma
     }
     assert app.state.lookups == [f"ExternalSystemConfirmation eq guid'{guid('evt-0001')}'"]
     assert app.state.token_fetches == 1 and len(app.state.posts) == 1
+
+
+async def test_the_hubs_audit_checkpoint_fills_what_confirmation_text_has_left(
+    s4: tuple[FastAPI, str], secret_file: Path
+) -> None:
+    # ConfirmationText is the entity's only text, 40 characters (MaxLength, which the stand-in
+    # enforces from the metadata): the whole reference never fits, its size and a root prefix do.
+    app, url = s4
+    app.state.orders = {"1000123"}
+    out = sender(entry(url, secret_file))
+    try:
+        delivered = await out.send(confirmation(checkpoint=CHECKPOINT))
+    finally:
+        await out.close()
+    assert not delivered.duplicate
+    [booked] = app.state.confirmations
+    root = CHECKPOINT.rsplit(" ", 1)[1]
+    assert booked["ConfirmationText"] == "mes-hub M-1 #1 @4097:" + root[:19]
+    assert len(booked["ConfirmationText"]) == 40
+    # A correction's text leaves less than 8 characters of the root: left out, not cut short.
+    correction = confirmation(sequence=2, correction_of=1, checkpoint=CHECKPOINT)
+    assert sap.confirmation_text(correction) == "mes-hub M-1 #2 corrects #1"
+    assert sap.confirmation_text(confirmation()) == "mes-hub M-1 #1"
 
 
 async def test_the_csrf_token_is_reused_and_fetched_again_once_when_it_expired(

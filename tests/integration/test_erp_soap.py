@@ -18,6 +18,7 @@ from hub.outbox import DeliveryFailed
 from tests.erp_standins.soap import PASSWORD, USER, SoapErp, served_soap
 
 T0 = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
+CHECKPOINT = "mes-hub/default 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
 
 
 @pytest.fixture
@@ -178,6 +179,21 @@ async def test_a_confirmation_is_accepted_once_and_a_repeat_is_a_duplicate(
     assert erp.confirmations["evt-0002"]["correctionOf"] == 1
     assert erp.confirmations["evt-0002"]["yieldQuantity"] == -3
     await sender.close()
+
+
+async def test_the_hubs_audit_checkpoint_goes_in_an_http_header(
+    erp: SoapErp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The WSDL's Confirmation has no element for it (the stand-in validates against it).
+    sender = config.confirmation_sender(entry(erp.url, monkeypatch))
+    assert isinstance(sender, soap.SoapSender)
+    try:
+        await sender.send(confirmation(checkpoint=CHECKPOINT))
+        await sender.send(confirmation("evt-0002", sequence=2))  # decided before any checkpoint
+    finally:
+        await sender.close()
+    assert list(erp.confirmations) == ["evt-0001", "evt-0002"]
+    assert erp.checkpoint_headers == [CHECKPOINT, None]
 
 
 async def test_faults_fail_the_delivery_with_the_right_permanence(

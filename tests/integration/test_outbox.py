@@ -7,6 +7,7 @@ own tests run against their stand-ins."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -17,13 +18,19 @@ from typer.testing import CliRunner
 
 from adapters.erp.base import Confirmation
 from adapters.erp.outbox import ErpDestination
+from adapters.erp.outbox import confirmation as erp_confirmation
+from contracts import ConfirmationDueV1
 from hub.bootstrap import CONFIRMATIONS_SINCE, Hub, build_hub, earlier_confirmations
 from hub.cli import app
+from hub.domain import Order
 from hub.outbox import Delivered, InMemoryDestination, RetryPolicy
+from hub.ports import InMemoryPublisher
+from hub.sealer import AuditLog, AuditMismatch, checkpoint_reference
 from hub.settings import Settings
-from projections.processes.confirmations import confirmation_message_key
+from projections.processes.confirmations import ConfirmationWatch, confirmation_message_key
 from projections.rules.hub_events import hub_event
 from projections.rules.plant import PlantConfig
+from projections.views.facts_view import FactsReader
 from projections.views.outbox_view import WEBHOOK, OutboxReader, idempotency_key
 from tests.conftest import T0, api_client, api_key, cloud_event, eventually
 
@@ -505,3 +512,64 @@ async def test_a_webhook_due_is_stored_on_the_order_and_owed_to_its_endpoints_on
 
     await eventually(lambda: owed("c7-endpoint") == ["evt-50-1"])
     assert owed("another-partner") == [] and owed("erp-1") == []
+
+
+async def test_each_confirmation_carries_the_latest_checkpoint_which_later_proves_the_log(
+    hub: Hub, erp: InMemoryDestination
+) -> None:
+    # The sealer signs its first checkpoint once the log has records; the confirmation decided
+    # after that carries the latest one, and a consistency proof from its size checks its root.
+    await publish(hub, released("SO-60", 10))
+    await eventually(lambda: checkpoint_reference(hub.store) is not None, timeout=30)
+    await run_on(hub, "M1", "SO-60", start=0, end=60, parts=10)
+    await eventually(lambda: len(taken(erp, "SO-60")) == 1, timeout=30)
+    [due] = taken(erp, "SO-60")
+    origin, size, root = due["checkpoint"].rsplit(" ", 2)
+    assert origin == "mes-hub/default" and int(size) >= 1
+    audit = AuditLog(hub.store)
+    stored = audit.checkpoint(int(size))  # a checkpoint the hub signed, as the ERP was told
+    assert base64.b64encode(stored.root).decode() == root
+    # What a partner asks an auditor for: the proof from that size to the latest checkpoint,
+    # which holds for the root it was told and for no other.
+    proof = audit.consistency_with(int(size), base64.b64decode(root))
+    assert proof.first_size == int(size) and proof.second.size >= int(size)
+    with pytest.raises(AuditMismatch):
+        audit.consistency_with(int(size), bytes(32))
+    # What the ERP dialects are handed: the stored decision's.
+    [message] = [m for m in erp.taken.values() if m.ordering_key == "SO-60"]
+    assert erp_confirmation(message, "k").checkpoint == due["checkpoint"]
+
+
+async def test_the_watch_puts_what_its_checkpoint_source_gives_in_each_decision(
+    settings: Settings,
+) -> None:
+    # Without an ERP the hub runs no confirmation watch: two are made here over its views, one
+    # with a fake source of checkpoints, one with the default (none signed: null).
+    running = await build_hub(settings, plant=PlantConfig(time_zone="UTC"))
+    try:
+        await publish(running, released("SO-61", 10))
+        await run_on(running, "M1", "SO-61", start=0, end=60, parts=4)
+        await running.wait_projected()
+        reference = "mes-hub/plant-9 4097 Vb0lMT3kzAt4F3t1VmnOA1l+8+8K3VJ0M9a6HlqTQu0="
+
+        def load(keys: Any) -> list[Order]:
+            found = (running.store.load(key) for key in keys)
+            return [o for o in found if isinstance(o, Order)]
+
+        def decide(**options: Any) -> list[Any]:
+            """What a fresh watch decides now (each remembers what it decided)."""
+            watch = ConfirmationWatch(
+                "default", load, running.views, FactsReader(running.views),
+                PlantConfig(time_zone="UTC"), InMemoryPublisher(), T0 - timedelta(days=1),
+                **options,
+            )  # fmt: skip
+            return watch.decisions(T0 + timedelta(hours=2))[0]
+
+        await eventually(lambda: bool(decide()), timeout=30)
+        [decided] = decide(checkpoint=lambda: reference)
+        assert decided.data["checkpoint"] == reference
+        assert ConfirmationDueV1.model_validate(decided.data).checkpoint == reference
+        [plain] = decide()
+        assert plain.data["checkpoint"] is None
+    finally:
+        await running.close()

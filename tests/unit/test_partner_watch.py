@@ -6,6 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import pytest
+
+from contracts import PARTNER_EVENT_TYPES
 from hub.domain import Order, Origin
 from hub.ports import InMemoryPublisher
 from projections.processes.partner_watch import PartnerWatch
@@ -49,11 +52,13 @@ def order(order_id: str, customer: str) -> Order:
     return made
 
 
-def watch(store: Store, *subscriptions: Subscription) -> tuple[PartnerWatch, InMemoryPublisher]:
+def watch(
+    store: Store, *subscriptions: Subscription, **options: Any
+) -> tuple[PartnerWatch, InMemoryPublisher]:
     publisher = InMemoryPublisher()
     found = PartnerWatch(
         "default", store.read, store.history, subscriptions, publisher,
-        since=T0 - timedelta(days=1), position=0,
+        since=T0 - timedelta(days=1), position=0, **options,
     )  # fmt: skip
     return found, publisher
 
@@ -123,3 +128,55 @@ async def test_one_broken_order_does_not_stop_the_others() -> None:
     store.broken.add(bad.id)
     found, publisher = watch(store, C7)
     assert await found.check() == 1 and owed(publisher) == [("SO-7", ["c7"])]
+
+
+REFERENCE = "mes-hub/default 12 " + "A" * 43 + "="  # a checkpoint reference's form
+
+
+async def test_each_decision_carries_the_latest_checkpoint_read_once_a_round() -> None:
+    store = Store()
+    store.add(order("SO-8", "C-7"))
+    store.add(order("SO-9", "C-7"))
+    reads: list[int] = []
+
+    def checkpoint() -> str | None:
+        reads.append(1)
+        return REFERENCE
+
+    found, publisher = watch(store, C7, checkpoint=checkpoint)
+    assert await found.check() == 2 and len(reads) == 1
+    told = [e.envelope.data for _, e in publisher.published]
+    assert [d["data"]["checkpoint"] for d in told] == [REFERENCE, REFERENCE]
+    # As partners validate it: the contract's model takes it.
+    started = PARTNER_EVENT_TYPES[told[0]["event_type"]].model_validate(told[0]["data"])
+    assert started.checkpoint == REFERENCE
+    assert await found.check() == 0 and len(reads) == 1  # (nothing new: not read)
+
+
+async def test_before_the_first_checkpoint_the_payload_says_null() -> None:
+    store = Store()
+    store.add(order("SO-10", "C-7"))
+    found, publisher = watch(store, C7)  # (the default: no checkpoint signed yet)
+    assert await found.check() == 1
+    [(_, event)] = publisher.published
+    assert "checkpoint" in event.envelope.data["data"]
+    assert event.envelope.data["data"]["checkpoint"] is None
+
+
+async def test_a_checkpoint_that_cannot_be_read_fails_the_round_and_skips_nothing() -> None:
+    store = Store()
+    store.add(order("SO-11", "C-7"))
+    failing = [True]
+
+    def checkpoint() -> str | None:
+        if failing[0]:
+            raise RuntimeError("database locked")
+        return REFERENCE
+
+    found, publisher = watch(store, C7, checkpoint=checkpoint)
+    with pytest.raises(RuntimeError):
+        await found.check()
+    failing[0] = False
+    assert await found.check() == 1  # the same position read again: SO-11 is owed its start
+    [(_, event)] = publisher.published
+    assert event.envelope.data["data"]["checkpoint"] == REFERENCE
