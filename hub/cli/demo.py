@@ -18,6 +18,7 @@ import typer
 from fastapi import FastAPI, Request, Response
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -36,6 +37,7 @@ from hub.ingest import IngestStats
 from hub.nats_auth import write_private
 from hub.outbox import InMemoryDestination
 from hub.reports import Reports
+from hub.sealer import checkpoint_reference
 from hub.server import ApiServer
 from hub.tasks import cancel_task
 from projections.rules.calendar import Interval
@@ -325,6 +327,7 @@ def demo(
             "name": DEMO_ENDPOINT, "url": f"{partner.url}/hook", "all_customers": True,
             "secret": {"file": str(secret_file)}, "allow": ["127.0.0.1/32"],
         })  # fmt: skip
+        checkpoint: str | None = None
         try:
             hub = await build_hub(settings, destinations=[erp], webhooks=[endpoint])
             try:  # the hub owns the embedded nats-server and the store: closed on every path
@@ -333,6 +336,7 @@ def demo(
                 # What is owed to the receiver by now goes before the summary.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(receiver.quiet(), 15)
+                checkpoint = await asyncio.to_thread(checkpoint_reference, hub.store)
             finally:
                 if not live:
                     say("stopping the hub…")
@@ -349,5 +353,11 @@ def demo(
             + (f"simulated until {until:%Y-%m-%d %H:%M:%S} UTC. " if until else "")
             + f"Data kept in {directory}."
         )
+        if checkpoint is not None:
+            size = checkpoint.rsplit(" ", 2)[1]
+            say(
+                f"The log is sealed and signed up to its first {size} events (checkpoint "
+                f"{escape(checkpoint)}); prove it: mes-hub audit verify --data-dir {directory}"
+            )
 
     run_until_signal(main)

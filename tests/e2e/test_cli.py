@@ -95,6 +95,16 @@ def test_demo_runs_the_factory_and_exits_with_a_summary(tmp_path: Path) -> None:
     assert told is not None, result.stdout[-2000:]
     assert int(told.group(1)) > 0 and int(told.group(3)) == 0
     assert "started" in told.group(2)
+    # The log was sealed and signed as it ran, and says how to prove it.
+    sealed = re.search(r"sealed and signed up to its first (\d+) events", result.stdout)
+    assert sealed is not None and int(sealed.group(1)) > 0, result.stdout[-2000:]
+    verified = subprocess.run(
+        [*MES_HUB, "audit", "verify", "--data-dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0 and "verify OK" in verified.stdout, verified.stderr[-2000:]
 
 
 async def test_an_event_from_outside_code_appears_in_the_served_api(tmp_path: Path) -> None:
