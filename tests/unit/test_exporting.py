@@ -273,7 +273,7 @@ def test_an_export_line_that_is_not_a_cloud_event_is_refused_naming_its_line() -
     assert (item.line, item.site, item.position) == (1, "north", 7)
     assert item.event == valid and not item.event.model_extra
     for position in ("7", 7.5, True):
-        with pytest.raises(ExportError, match="line 1: .*mesposition must be an integer"):
+        with pytest.raises(ExportError, match=r"line 1: .*mesposition must be an integer"):
             list(events_to_import([json.dumps(raw | {POSITION: position}).encode()]))
 
 
