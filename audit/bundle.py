@@ -170,10 +170,14 @@ class BundleCheck:
     checkpoint: Checkpoint
 
 
-def check_bundle(bundle: object, verifier: NoteVerifier) -> BundleCheck:
+def check_bundle(
+    bundle: object, verifier: NoteVerifier, *, origin: str | None = None
+) -> BundleCheck:
     """Check every part of an evidence bundle with the key the caller trusts: the checkpoint's
-    signature, that its size is the bundle's, the record's leaf hash, and the inclusion proof
-    from that leaf to the signed root. ``BundleError`` names the first part that fails."""
+    signature, its origin (with ``origin``: the log the caller expects; else the caller looks
+    at ``BundleCheck.checkpoint.origin``), that its size is the bundle's, the record's leaf
+    hash, and the inclusion proof from that leaf to the signed root. ``BundleError`` names the
+    first part that fails."""
     if not isinstance(bundle, Mapping):
         raise BundleError("the bundle is not a JSON object")
     if bundle.get("format") != BUNDLE_FORMAT:
@@ -188,6 +192,10 @@ def check_bundle(bundle: object, verifier: NoteVerifier) -> BundleCheck:
         checkpoint = parse_checkpoint(open_note(note, [verifier]))
     except NoteError as failure:
         raise BundleError(f"the checkpoint's signature: {failure}") from None
+    if origin is not None and checkpoint.origin != origin:
+        raise BundleError(
+            f"the checkpoint's origin: {checkpoint.origin!r}, not the expected {origin!r}"
+        )
     if checkpoint.size != tree_size:
         raise BundleError(
             f"the tree size: the bundle says {tree_size}, the signed checkpoint {checkpoint.size}"

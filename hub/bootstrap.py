@@ -58,7 +58,7 @@ from hub.outbox import (
     standard_webhooks_retry,
 )
 from hub.ports import EventPublisher
-from hub.sealer import AuditLog, checkpoint_reference, sealer_of
+from hub.sealer import AuditLog, audit_verifier, checkpoint_reference, sealer_of
 from hub.settings import Settings, redacted_url, settings_json
 from hub.store import EventStore
 from hub.tasks import cancel_task
@@ -598,7 +598,15 @@ def api_context(
         webhooks=webhook_desk(hub),
         # (The hub's signing key, made once in the data dir: the same ids across restarts.)
         key_id_secret=signing_key(settings.data_dir),
+        # The checkpoints' key from the settings (not the store's record, which whoever holds
+        # the database could replace): what the audit routes check signatures with.
+        audit_public_key=_audit_public_key(settings),
     )
+
+
+def _audit_public_key(settings: Settings) -> str | None:
+    verifier = audit_verifier(settings)
+    return None if verifier is None else verifier.key_string()
 
 
 def webhook_desk(hub: Hub) -> WebhookDesk | None:

@@ -15,19 +15,24 @@ Its tables live in the event store's own database (the SQLite file, the PostgreS
 - ``mes_audit_nodes`` (last_leaf, level, hash): each perfect subtree of 2**level leaves, keyed by
   its last leaf, so proofs read O(log² n) stored hashes at most instead of every leaf;
 - ``mes_audit_state`` (name, value): the compact tree with its position (``tree``), and the public
-  key the sealer signs with (``public_key``), for the API;
+  key the sealer signs with (``public_key``, recorded at its first start: a key other than the
+  one the store's checkpoints were signed with is refused, never recorded over it);
 - ``mes_audit_checkpoints`` (tree_size, root, position, signed_at, note): every signed checkpoint,
   so what the hub had sealed at any time stays provable.
 
-``AuditLog`` reads them for the API and the CLI: checkpoints, inclusion proofs (as evidence
-bundles), consistency proofs, and ``verify``, which recomputes the tree from the stored records.
+The sealer creates them (``sealer_of``, where the hub starts); ``AuditLog`` only reads them, for
+the API and the CLI: checkpoints (their size and root always from the signed note), inclusion
+proofs (as evidence bundles), consistency proofs, and ``verify``, which recomputes the tree from
+the stored records.
 
 Errors::
 
     MesHubError
-    └── AuditError            no such checkpoint, a position not sealed yet
-        └── AuditMismatch     the stored log no longer matches what was sealed and signed
-    ConfigError               the checkpoint key: missing, malformed, readable by others
+    └── AuditError            no such checkpoint, a position not sealed yet, nothing sealed yet
+        ├── AuditMismatch     the stored log no longer matches what was sealed and signed
+        └── SealerConflict    another sealer stored the batch first (read again, go on)
+    ConfigError               the checkpoint key: missing, malformed, readable by others,
+                              not the key the store's checkpoints were signed with
 """
 
 from __future__ import annotations
@@ -102,6 +107,10 @@ class AuditMismatch(AuditError):
     """The stored log no longer matches what the sealer sealed and signed."""
 
 
+class SealerConflict(AuditError):
+    """Another sealer stored what this one was about to (``mes-hub audit seal`` beside a hub)."""
+
+
 # --- the checkpoint key ------------------------------------------------------------------------
 
 
@@ -119,13 +128,26 @@ def audit_signer(settings: Settings) -> NoteSigner:
         path = settings.data_dir / KEY_FILE
         fresh = NoteSigner.generate(_key_name(audit_origin(settings)))
         # Exclusive: two starts at once must not each make a key and sign with both.
-        write_private(path, fresh.key_string() + "\n", exclusive=True)
+        if write_private(path, fresh.key_string() + "\n", exclusive=True):
+            _synced(path)  # on disk before anything is signed with it
     signer = read_signer(path)
     if settings.audit_key is None:
         public = settings.data_dir / PUBLIC_KEY_FILE
         if not public.exists():
             write_whole(public, signer.verifier.key_string() + "\n")
+            _synced(public)
     return signer
+
+
+def _synced(path: Path) -> None:
+    """Flush a file just made, and its directory entry, to disk: a key lost to a power cut
+    after checkpoints were signed with it would leave them unverifiable."""
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        descriptor = os.open(target, flags)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def audit_verifier(settings: Settings) -> NoteVerifier | None:
@@ -176,8 +198,9 @@ class _Database:
     connections, its reader-writer lock on SQLite). Statements are written with ``?`` and the
     table names in braces."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, *, create: bool = False) -> None:
         recorder: Any = store.application.recorder
+        self._create = create  # the sealer's: creates the tables; a reader's only reads
         self.recorder = recorder
         self._datastore = recorder.datastore
         self.schema: str | None = getattr(self._datastore, "schema", None)
@@ -232,31 +255,41 @@ class _Database:
 
     @contextlib.contextmanager
     def transaction(self, write: bool) -> Iterator[_Cursor]:
-        self.ensure_tables()
+        if self._create:
+            self.ensure_tables()
+        elif not self.has_tables():
+            raise AuditError("nothing is sealed yet: the audit tables are not there")
         with self._datastore.transaction(commit=write) as cursor:
             yield _Cursor(self, cursor)
 
+    def has_tables(self) -> bool:
+        """Whether the audit tables are there (read only; once seen, not looked for again)."""
+        if not self._ready:
+            with self._datastore.transaction(commit=False) as cursor:
+                self._ready = self._present(cursor) == 4
+        return self._ready
+
+    def _present(self, cursor: Any) -> int:
+        if self.postgres:
+            cursor.execute(
+                "SELECT count(*) AS n FROM information_schema.tables "
+                "WHERE table_schema = %s AND table_name = ANY(%s)",
+                (self.schema, [LEAVES, NODES, STATE, CHECKPOINTS]),
+            )
+            return int(cursor.fetchone()["n"])
+        cursor.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?, ?)",
+            (LEAVES, NODES, STATE, CHECKPOINTS),
+        )
+        return int(cursor.fetchone()[0])
+
     def ensure_tables(self) -> None:
-        """Create the tables if they are missing (looked for first: on PostgreSQL, concurrent
-        CREATE TABLE IF NOT EXISTS can collide)."""
+        """Create the tables if they are missing (the sealer's, at the hub's start: looked for
+        first, as on PostgreSQL concurrent CREATE TABLE IF NOT EXISTS can collide)."""
         if self._ready:
             return
         with self._datastore.transaction(commit=True) as cursor:
-            if self.postgres:
-                cursor.execute(
-                    "SELECT count(*) AS n FROM information_schema.tables "
-                    "WHERE table_schema = %s AND table_name = ANY(%s)",
-                    (self.schema, [LEAVES, NODES, STATE, CHECKPOINTS]),
-                )
-                present = int(cursor.fetchone()["n"])
-            else:
-                cursor.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
-                    "(?, ?, ?, ?)",
-                    (LEAVES, NODES, STATE, CHECKPOINTS),
-                )
-                present = int(cursor.fetchone()[0])
-            if present < 4:
+            if self._present(cursor) < 4:
                 blob = "BYTEA" if self.postgres else "BLOB"
                 rowless = "" if self.postgres else " WITHOUT ROWID"
                 key = "BIGINT" if self.postgres else "INTEGER"  # (SQLite's: the rowid itself)
@@ -316,7 +349,15 @@ class StoredCheckpoint:
     @classmethod
     def of(cls, row: tuple[Any, ...]) -> StoredCheckpoint:
         size, root, position, signed_at, note = row
-        return cls(int(size), bytes(root), int(position), datetime.fromisoformat(signed_at), note)
+        return cls(int(size), bytes(root), int(position), _signed_at(signed_at), str(note))
+
+
+def _signed_at(value: Any) -> datetime:
+    # Not signed (the note is): an unreadable one is shown as the epoch, not a traceback.
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return datetime.fromtimestamp(0, UTC)
 
 
 _CHECKPOINT_COLUMNS = "tree_size, root, position, signed_at, note"
@@ -341,13 +382,16 @@ def _read_state(cursor: _Cursor) -> _Sealed:
     if row is None:
         tree, position = CompactTree(), 0
     else:
-        stored = json.loads(row[0])
-        tree, position = CompactTree.from_dict(stored), int(stored["position"])
+        try:
+            stored = json.loads(row[0])
+            tree, position = CompactTree.from_dict(stored), int(stored["position"])
+        except (ValueError, KeyError, TypeError, AttributeError) as failure:
+            raise AuditMismatch(f"the sealer's stored state is unreadable: {failure}") from None
     cursor.execute("SELECT tree_size, signed_at FROM {checkpoints} ORDER BY tree_size DESC LIMIT 1")
     last = cursor.fetchone()
     if last is None:
         return _Sealed(tree, position, 0)
-    return _Sealed(tree, position, int(last[0]), datetime.fromisoformat(last[1]))
+    return _Sealed(tree, position, int(last[0]), _signed_at(last[1]))
 
 
 def record_of(notification: Any) -> Record:
@@ -419,9 +463,12 @@ class Sealer:
         clock: Clock = time.monotonic,
         now: WallClock = _utc_now,
         kill_in_batch: int | None = None,
+        key_file: Path | None = None,
     ) -> None:
         checkpoint_body(origin, 0, bytes(HASH_SIZE))  # refuses an origin no note could carry
-        self._db = _Database(store)
+        self._db = _Database(store, create=True)
+        self._key_file = key_file  # (named when the key is refused)
+        self._behind = False  # the last batch read as many records as it asked for
         self._signer, self._origin = signer, origin
         self._every, self._interval_s, self._batch = every, interval_s, batch
         self._clock, self._now = clock, now
@@ -440,33 +487,74 @@ class Sealer:
         return self._state().position
 
     def prepare(self) -> None:
-        """Create the tables and record the public key the checkpoints are signed with."""
+        """Create the tables and record the public key the checkpoints are signed with; refuse
+        (``ConfigError``) a key other than the one the store's checkpoints were signed with: a
+        checkpoint signed by another would fail every verify (key rotation is not supported)."""
+        verifier = self._signer.verifier
+        ours = verifier.key_string()
         with self._db.transaction(write=True) as cursor:
-            cursor.execute("DELETE FROM {state} WHERE name = ?", ("public_key",))
-            cursor.execute(
-                "INSERT INTO {state} (name, value) VALUES (?, ?)",
-                ("public_key", self._signer.verifier.key_string()),
-            )
+            # (A write first, as in ``_commit``: the write lock before anything is read.)
+            cursor.execute("UPDATE {state} SET value = value WHERE name = ?", ("public_key",))
+            cursor.execute("SELECT value FROM {state} WHERE name = ?", ("public_key",))
+            row = cursor.fetchone()
+            recorded = None if row is None else str(row[0])
+            cursor.execute("SELECT count(*) FROM {checkpoints}")
+            count = int(cursor.fetchone()[0])  # type: ignore[index]
+            cursor.execute("SELECT note FROM {checkpoints} ORDER BY tree_size DESC LIMIT 1")
+            latest = cursor.fetchone()
+            if latest is not None and recorded != ours:
+                signed_by_ours = False
+                if recorded is None:  # (not recorded: whose the checkpoints are, they tell)
+                    with contextlib.suppress(NoteError):
+                        signed_by_ours = bool(open_note(str(latest[0]), [verifier]))
+                if not signed_by_ours:
+                    raise ConfigError(
+                        str(self._key_file or "the checkpoint key"),
+                        KEY_SETTING,
+                        f"the store holds {count} checkpoints signed with another key "
+                        f"({recorded or 'not recorded'}), not this one ({ours}): use the key "
+                        "file they were signed with (restore it from a backup); key rotation "
+                        "is not supported",
+                    )
+            if recorded != ours:
+                cursor.execute("DELETE FROM {state} WHERE name = ?", ("public_key",))
+                cursor.execute(
+                    "INSERT INTO {state} (name, value) VALUES (?, ?)", ("public_key", ours)
+                )
         self._sealed = None
 
     def _state(self) -> _Sealed:
-        if self._sealed is None:
+        sealed = self._sealed
+        if sealed is None:
             with self._db.transaction(write=False) as cursor:
-                self._sealed = _read_state(cursor)
+                sealed = self._sealed = _read_state(cursor)
             if self._last_signed is None:
                 # The interval runs from the last checkpoint, even one signed before a restart;
                 # with none yet, the first batch is signed at once.
-                signed = self._sealed.signed_at
+                signed = sealed.signed_at
                 ago = (self._now() - signed).total_seconds() if signed else float("inf")
                 self._last_signed = self._clock() - max(ago, 0.0)
-        return self._sealed
+        return sealed
 
     def seal_batch(self) -> int:
         """Seal the next records of the log (up to a batch, and no further than the next
-        checkpoint due by count), in one transaction; returns how many."""
+        checkpoint due by count), in one transaction; returns how many. Another sealer that
+        sealed them first (``mes-hub audit seal`` beside a running hub) is no error: this one
+        reads where that one stopped and goes on from there."""
+        for attempt in range(1, 6):
+            try:
+                return self._seal_batch()
+            except SealerConflict:
+                if attempt == 5:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _seal_batch(self) -> int:
         sealed = self._state()
-        limit = min(self._batch, self._every - (sealed.tree.size - sealed.checkpoint_size))
-        rows = self._db.read_log(sealed.position, max(limit, 1))
+        limit = max(min(self._batch, self._every - (sealed.tree.size - sealed.checkpoint_size)), 1)
+        rows = self._db.read_log(sealed.position, limit)
+        # Behind whenever the read was full, even if a checkpoint due cut it below a batch.
+        self._behind = len(rows) >= limit
         if not rows:
             return 0
         tree = CompactTree.from_dict(sealed.tree.to_dict())  # committed only with the batch
@@ -488,7 +576,10 @@ class Sealer:
         sealed = self._state()
         if sealed.tree.size == sealed.checkpoint_size or not self._interval_passed():
             return False
-        self._commit(sealed, sealed, [], [], checkpoint=True)
+        try:
+            self._commit(sealed, sealed, [], [], checkpoint=True)
+        except SealerConflict:
+            return False  # another sealer moved on: the next round looks again
         return True
 
     def catch_up(self) -> int:
@@ -496,9 +587,17 @@ class Sealer:
         total = 0
         while added := self.seal_batch():
             total += added
-        sealed = self._state()
-        if sealed.tree.size > sealed.checkpoint_size:
-            self._commit(sealed, sealed, [], [], checkpoint=True)
+        for attempt in range(1, 6):
+            sealed = self._state()
+            if sealed.tree.size == sealed.checkpoint_size:
+                break
+            try:
+                self._commit(sealed, sealed, [], [], checkpoint=True)
+            except SealerConflict:
+                if attempt == 5:
+                    raise
+            else:
+                break
         return total
 
     def _interval_passed(self) -> bool:
@@ -520,10 +619,18 @@ class Sealer:
             note = sign_note(checkpoint_body(self._origin, after.tree.size, root), self._signer)
         try:
             with self._db.transaction(write=True) as cursor:
+                # A write first: it takes the database's write lock (SQLite) or the state row's
+                # (PostgreSQL) before the state is read, so another sealer's commit waits for
+                # this one, or this one sees it, rather than failing halfway.
+                cursor.execute("UPDATE {state} SET value = value WHERE name = ?", ("tree",))
                 stored = _read_state(cursor)
-                if (stored.tree.size, stored.position) != (before.tree.size, before.position):
+                if (stored.tree.size, stored.position, stored.checkpoint_size) != (
+                    before.tree.size,
+                    before.position,
+                    before.checkpoint_size,
+                ):
                     # Another sealer moved on meanwhile: this batch is not ours to store.
-                    raise AuditError(
+                    raise SealerConflict(
                         f"the sealed tree is at {stored.tree.size} leaves, not "
                         f"{before.tree.size}: another sealer is running"
                     )
@@ -552,8 +659,13 @@ class Sealer:
                 self._batches += 1
                 if self._kill_in_batch is not None and self._batches >= self._kill_in_batch:
                     os.kill(os.getpid(), signal.SIGKILL)  # mid-transaction: nothing of it stays
-        except BaseException:
+        except BaseException as failure:
             self._sealed = None  # read again from the store: it holds what was committed
+            if _is_duplicate(failure):
+                # Another sealer committed the same leaves (or checkpoint) first.
+                raise SealerConflict(
+                    f"another sealer sealed the same records first: {failure}"
+                ) from failure
             raise
         if note is not None:
             after = _Sealed(after.tree, after.position, after.tree.size)
@@ -564,10 +676,11 @@ class Sealer:
         """Seal the log as it grows until ``stop`` is set; a failed round (the database went
         away) is logged and tried again, waiting longer each time up to 30 s.
 
-        Behind by more than a batch (a first start on a full store, a restart after a long
-        stop), it pauses after each batch for ``BACKLOG_PAUSE`` times as long as the batch
-        took: ingest shares this process' interpreter and, on SQLite, the database's one writer
-        with it, and must not wait on the sealer catching up (measured in bench/audit.py)."""
+        Behind (its last read came back full, even one cut short by a checkpoint due: a
+        first start on a full store, a restart after a long stop), it pauses after each batch
+        for ``BACKLOG_PAUSE`` times as long as the batch took: ingest shares this process'
+        interpreter and, on SQLite, the database's one writer with it, and must not wait on the
+        sealer catching up (measured in bench/audit.py)."""
         loop = asyncio.get_running_loop()
         backoff = 1.0
         prepared = False
@@ -581,29 +694,66 @@ class Sealer:
                 if not added:
                     await asyncio.to_thread(self.checkpoint_if_due)
                 backoff = 1.0
+            except SealerConflict:
+                # Another sealer keeps storing first (``mes-hub audit seal`` beside the hub):
+                # no failure; look again soon, from where it got to.
+                log.info("another sealer is sealing this store too")
+                added, wait = 0, poll_s
             except Exception:
                 log.exception("the audit sealer failed; trying again in %.0f s", backoff)
                 added, wait = 0, backoff
                 backoff = min(backoff * 2, 30.0)
             else:
                 wait = poll_s
-            if added >= self._batch:  # (a partial batch: caught up, look again in poll_s)
+            if added and self._behind:  # (a partial read: caught up, look again in poll_s)
                 wait = (loop.time() - started) * BACKLOG_PAUSE
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
 
 
 def sealer_of(settings: Settings, store: EventStore, **options: Any) -> Sealer:
-    """The sealer of ``settings``: its key (``audit_signer``, which refuses a bad one), origin
-    and checkpoint cadence."""
-    return Sealer(
+    """The sealer of ``settings``, prepared (``Sealer.prepare``: its tables made, here where the
+    hub starts, before anything reads them): its key (``audit_signer``, which refuses a bad
+    one; refused too if the store's checkpoints were signed with another), origin and
+    checkpoint cadence."""
+    path = settings.audit_key or settings.data_dir / KEY_FILE
+    if settings.audit_key is None and not path.exists():
+        # A new key would be made: not for a store whose checkpoints another key signed.
+        try:
+            signed = AuditLog(store).checkpoints(limit=1, checked=False)
+        except AuditError:
+            signed = []  # (no tables yet: nothing sealed)
+        if signed:
+            raise ConfigError(
+                str(path),
+                KEY_SETTING,
+                "file not found, and the store holds checkpoints signed with it: restore the "
+                "key file they were signed with (a new key would not verify them; key rotation "
+                "is not supported)",
+            )
+    sealer = Sealer(
         store,
         audit_signer(settings),
         audit_origin(settings),
         every=settings.audit_checkpoint_every,
         interval_s=settings.audit_checkpoint_interval_s,
+        key_file=path,
         **options,
     )
+    sealer.prepare()
+    return sealer
+
+
+def _is_duplicate(failure: BaseException) -> bool:
+    """Whether ``failure`` is a unique key refused (either backend, through the library)."""
+    seen: BaseException | None = failure
+    for _ in range(10):  # (a chain of causes, not a cycle of them)
+        if seen is None:
+            break
+        if type(seen).__name__ in ("IntegrityError", "UniqueViolation"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # --- reading: checkpoints, proofs, verify ------------------------------------------------------
@@ -623,7 +773,9 @@ class ConsistencyProof:
 class Finding:
     """What no longer matches: a log position, or a checkpoint (its tree size), and why."""
 
-    what: str  # "position", "checkpoint", or "tree" (a stored subtree node)
+    # "position", "checkpoint", "tree" (a stored subtree node), "state" (the sealer's), or "key"
+    # (the store records another public key than the one checked with)
+    what: str
     at: int
     reason: str
 
@@ -694,17 +846,27 @@ class _Known:
 
 
 class AuditLog:
-    """The sealed tree and its checkpoints, read for the API and the CLI. Synchronous: async
-    callers run it in a thread."""
+    """The sealed tree and its checkpoints, read for the API and the CLI: read only (the sealer
+    makes the tables where the hub starts; without them, ``AuditError``: nothing sealed yet).
+    Synchronous: async callers run it in a thread.
 
-    def __init__(self, store: EventStore, batch: int = SEAL_BATCH) -> None:
+    ``verifier``: the key the caller trusts (the hub's configured key, an auditor's copy). A
+    checkpoint's size and root are always those of its signed note, opened with it, never the
+    ``tree_size`` and ``root`` columns: a row whose columns disagree with its note, or whose
+    note does not verify, is refused (``AuditMismatch``). Without one the note is read
+    unchecked (the hub's own references to its latest checkpoint)."""
+
+    def __init__(
+        self, store: EventStore, batch: int = SEAL_BATCH, *, verifier: NoteVerifier | None = None
+    ) -> None:
         self._db = _Database(store)
         self._batch = batch
+        self._verifier = verifier
 
     # --- checkpoints ---
 
     def public_key(self) -> str | None:
-        """The key string the sealer last signed with (recorded at its start)."""
+        """The key string the sealer records it signs with (at its first start)."""
         with self._db.transaction(write=False) as cursor:
             cursor.execute("SELECT value FROM {state} WHERE name = ?", ("public_key",))
             row = cursor.fetchone()
@@ -714,23 +876,35 @@ class AuditLog:
         with self._db.transaction(write=False) as cursor:
             return _read_state(cursor).tree.size
 
-    def checkpoints(self, before: int | None = None, limit: int = 100) -> list[StoredCheckpoint]:
-        """The checkpoints, newest first, of sizes below ``before`` (all by default)."""
+    def checkpoints(
+        self, before: int | None = None, limit: int = 100, *, checked: bool = True
+    ) -> list[StoredCheckpoint]:
+        """The checkpoints, newest first, of sizes below ``before`` (all by default); each
+        checked against its note (``checked=False``: the rows as stored)."""
         with self._db.transaction(write=False) as cursor:
             cursor.execute(
                 f"SELECT {_CHECKPOINT_COLUMNS} FROM {{checkpoints}} WHERE tree_size < ? "
                 "ORDER BY tree_size DESC LIMIT ?",
                 (before if before is not None else 2**62, limit),
             )
-            return [StoredCheckpoint.of(row) for row in cursor.fetchall()]
+            found = [StoredCheckpoint.of(row) for row in cursor.fetchall()]
+        return [self._signed(c) for c in found] if checked else found
 
     def all_checkpoints(self) -> list[StoredCheckpoint]:
-        with self._db.transaction(write=False) as cursor:
-            cursor.execute(f"SELECT {_CHECKPOINT_COLUMNS} FROM {{checkpoints}} ORDER BY tree_size")
-            return [StoredCheckpoint.of(row) for row in cursor.fetchall()]
+        """Every checkpoint, oldest first, each checked against its note."""
+        return [self._signed(c) for c in self._checkpoint_rows()]
 
     def checkpoint(self, size: int | None = None) -> StoredCheckpoint:
-        """The checkpoint of ``size`` leaves, or the latest; ``AuditError`` if there is none."""
+        """The checkpoint of ``size`` leaves, or the latest, checked against its note;
+        ``AuditError`` if there is none."""
+        found = self._stored_checkpoint(size)
+        if found is None:
+            raise AuditError(
+                "no checkpoint signed yet" if size is None else f"no checkpoint of size {size}"
+            )
+        return self._signed(found)
+
+    def _stored_checkpoint(self, size: int | None) -> StoredCheckpoint | None:
         with self._db.transaction(write=False) as cursor:
             if size is None:
                 cursor.execute(
@@ -743,11 +917,41 @@ class AuditLog:
                     (size,),
                 )
             row = cursor.fetchone()
-        if row is None:
-            raise AuditError(
-                "no checkpoint signed yet" if size is None else f"no checkpoint of size {size}"
+        return None if row is None else StoredCheckpoint.of(row)
+
+    def _signed(self, stored: StoredCheckpoint) -> StoredCheckpoint:
+        """``stored`` with the size and root of its note (opened with the trusted key);
+        ``AuditMismatch`` if the note does not verify or its columns say otherwise."""
+        try:
+            signed = _note_checkpoint(stored.note, self._verifier)
+        except NoteError as failure:
+            raise AuditMismatch(
+                f"the checkpoint stored as size {stored.size}: its signed note: {failure}"
+            ) from None
+        if (signed.size, signed.root_hash) != (stored.size, stored.root):
+            raise AuditMismatch(
+                f"the checkpoint stored as size {stored.size}: its size or root column is not "
+                f"its signed note's (size {signed.size})"
             )
-        return StoredCheckpoint.of(row)
+        return StoredCheckpoint(
+            signed.size, signed.root_hash, stored.position, stored.signed_at, stored.note
+        )
+
+    def _checkpoint_rows(self, page: int = 500) -> Iterator[StoredCheckpoint]:
+        """The checkpoints as stored, oldest first, read ``page`` at a time."""
+        after = -1
+        while True:
+            with self._db.transaction(write=False) as cursor:
+                cursor.execute(
+                    f"SELECT {_CHECKPOINT_COLUMNS} FROM {{checkpoints}} WHERE tree_size > ? "
+                    "ORDER BY tree_size LIMIT ?",
+                    (after, page),
+                )
+                rows = [StoredCheckpoint.of(row) for row in cursor.fetchall()]
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1].size
 
     # --- proofs ---
 
@@ -794,14 +998,13 @@ class AuditLog:
         ``second`` (the latest by default), checked against both roots: the signed one of a
         checkpoint of ``first`` leaves, else the stored tree's (an auditor compares it with the
         root they hold, as RFC 6962's get-sth-consistency takes any first size)."""
-        try:
-            root = self.checkpoint(first).root
-        except AuditError:
+        stored = self._stored_checkpoint(first)
+        if stored is not None:
+            root = self._signed(stored).root
+        else:
             later = self.checkpoint(second)
             if not 1 <= first <= later.size:
-                raise AuditError(
-                    f"no tree of {first} leaves before the checkpoint of {later.size}"
-                ) from None
+                raise AuditError(f"no tree of {first} leaves before the checkpoint of {later.size}")
             root = self._proof(lambda source: root_from(source, first))
         return self.consistency_with(first, root, second)
 
@@ -860,54 +1063,96 @@ class AuditLog:
     def verify(self, verifier: NoteVerifier, progress: Progress | None = None) -> VerifyReport:
         """Recompute the tree from the stored records and compare: each record's leaf with the
         sealed one (naming the first position that no longer matches: an edited byte, a deleted
-        event, two events swapped), each checkpoint's signature by ``verifier``, its root with
-        the recomputed one at its size, and the consistency of each with the one before."""
+        event, two events swapped), each stored subtree node with the one the leaves make, each
+        checkpoint's signature by ``verifier`` and the root of its signed note with the
+        recomputed one at its size. Nothing stored is trusted for what to check: the sealed size
+        is the largest of the sealer's state, the stored leaves and the checkpoints, and a
+        checkpoint larger than the records recomputed covers records that are not there."""
         report = VerifyReport()
-        checkpoints = self.all_checkpoints()
-        report.checkpoints = len(checkpoints)
-        self._verify_checkpoints(checkpoints, verifier, report)
-        self._verify_records(checkpoints, report, progress)
+        recorded = self.public_key()
+        if recorded is not None and recorded != verifier.key_string():
+            report.found(
+                Finding(
+                    "key",
+                    0,
+                    f"the store records another public key ({recorded}) than the one checked "
+                    f"with ({verifier.key_string()}): checkpoints signed again, or a key replaced",
+                )
+            )
+        state = self._stored_state(report)
+        leaves, leaves_end, largest = self._extent()
+        sealed = max(leaves_end, largest, state.tree.size if state is not None else 0)
+        report.sealed = sealed
+        if state is not None and (state.tree.size != leaves_end or leaves != leaves_end):
+            report.found(
+                Finding(
+                    "state",
+                    state.tree.size,
+                    f"the sealer's state says {state.tree.size} sealed leaves; the store holds "
+                    f"{leaves} (up to leaf #{leaves_end - 1})",
+                )
+            )
+        due = _Due(self._signed_rows(verifier, report))
+        complete = self._verify_records(due, sealed, state, report, progress)
+        for stored in due.rest():
+            if complete:  # (after a bad position the tree recomputed is not the sealed one)
+                report.found(
+                    Finding(
+                        "checkpoint",
+                        stored.size,
+                        f"it covers records that are not there: the log holds "
+                        f"{report.records + report.unsealed} records",
+                    )
+                )
         return report
 
-    def _verify_checkpoints(
-        self,
-        checkpoints: Sequence[StoredCheckpoint],
-        verifier: NoteVerifier,
-        report: VerifyReport,
-    ) -> None:
-        previous: StoredCheckpoint | None = None
-        for stored in checkpoints:
+    def _stored_state(self, report: VerifyReport) -> _Sealed | None:
+        try:
+            with self._db.transaction(write=False) as cursor:
+                return _read_state(cursor)
+        except AuditMismatch as failure:
+            report.found(Finding("state", 0, str(failure)))
+            return None
+
+    def _extent(self) -> tuple[int, int, int]:
+        """How many leaves are stored, one past the last leaf's index, the largest checkpoint's
+        size."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute("SELECT count(*), max(leaf_index) FROM {leaves}")
+            count, last = cursor.fetchone() or (0, None)
+            cursor.execute("SELECT max(tree_size) FROM {checkpoints}")
+            (largest,) = cursor.fetchone() or (None,)
+        return int(count), (int(last) + 1 if last is not None else 0), int(largest or 0)
+
+    def _signed_rows(
+        self, verifier: NoteVerifier, report: VerifyReport
+    ) -> Iterator[StoredCheckpoint]:
+        """The checkpoints in size order whose note ``verifier`` checks and whose columns are
+        the note's; a finding for each other."""
+        for stored in self._checkpoint_rows():
+            report.checkpoints += 1
             try:
-                signed = parse_checkpoint(open_note(stored.note, [verifier]))
+                signed = _note_checkpoint(stored.note, verifier)
             except NoteError as failure:
                 report.found(Finding("checkpoint", stored.size, f"its signature: {failure}"))
                 continue
             if (signed.size, signed.root_hash) != (stored.size, stored.root):
-                report.found(
-                    Finding(
-                        "checkpoint", stored.size, "its stored size or root is not the signed one"
-                    )
-                )
+                reason = "its stored size or root is not the signed one"
+                report.found(Finding("checkpoint", stored.size, reason))
                 continue
-            if previous is not None:
-                try:
-                    self.consistency_with(previous.size, previous.root, stored.size)
-                except AuditError as failure:
-                    report.found(Finding("checkpoint", stored.size, str(failure)))
-            previous = stored
+            yield stored
 
     def _verify_records(
         self,
-        checkpoints: Sequence[StoredCheckpoint],
+        due: _Due,
+        sealed: int,
+        state: _Sealed | None,
         report: VerifyReport,
         progress: Progress | None,
-    ) -> None:
-        recorder = self._db.recorder
-        last = int(recorder.max_notification_id() or 0)
-        sealed = self.sealed_size()
-        report.sealed = sealed
-        due = iter(checkpoints)
-        next_checkpoint = next(due, None)
+    ) -> bool:
+        """Every record against its sealed leaf, and each checkpoint due at its size; whether
+        it read to the end (False: it stopped at a position that no longer matches)."""
+        last = int(self._db.recorder.max_notification_id() or 0)
         tree = CompactTree()
         after = 0
         previous_checkpoint = 0
@@ -929,7 +1174,7 @@ class AuditLog:
                     report.found(
                         Finding("position", position, f"its sealed leaf #{index} is missing")
                     )
-                    return
+                    return False
                 if position != leaf[0]:
                     if position > leaf[0]:
                         reason = "the sealed event at this position is missing (deleted)"
@@ -937,13 +1182,13 @@ class AuditLog:
                     else:
                         reason = f"not the event sealed as leaf #{index} (position {leaf[0]})"
                         report.found(Finding("position", position, reason))
-                    return
+                    return False
                 if row_leaf_hash(row) != leaf[1]:
                     reason = (
                         "its stored record no longer matches its sealed leaf (edited or swapped)"
                     )
                     report.found(Finding("position", position, reason))
-                    return
+                    return False
                 for node in tree.append(leaf[1]):
                     if stored_nodes.get((index, node.level)) != node.hash:
                         # A proof through it would not check, though every record does.
@@ -954,24 +1199,30 @@ class AuditLog:
                         )
                         report.found(Finding("tree", position, reason))
                 report.records += 1
-                while next_checkpoint is not None and next_checkpoint.size == tree.size:
-                    if tree.root() != next_checkpoint.root:
+                if state is not None and state.tree.size == tree.size:
+                    same = state.tree.root() == tree.root()
+                    if not same:
+                        reason = "the sealer's state holds another tree than the records make"
+                        report.found(Finding("state", tree.size, reason))
+                while (checkpoint := due.peek()) is not None and checkpoint.size <= tree.size:
+                    due.take()
+                    if tree.root() != checkpoint.root or checkpoint.size != tree.size:
                         reason = (
                             "the stored records give another root at this size (changed between "
                             f"positions after {previous_checkpoint} and {position})"
                         )
-                        report.found(Finding("checkpoint", next_checkpoint.size, reason))
-                    previous_checkpoint = next_checkpoint.position
-                    next_checkpoint = next(due, None)
+                        report.found(Finding("checkpoint", checkpoint.size, reason))
+                    previous_checkpoint = checkpoint.position
             after = rows[-1][0]
             if progress is not None:
                 progress(after, max(last, after))
-        if tree.size < sealed and report.ok:
+        if tree.size < sealed and report.bad_position is None:
             leaf = self._stored_leaves(tree.size, tree.size + 1).get(tree.size)
             at = leaf[0] if leaf is not None else after + 1
             report.found(
                 Finding("position", at, "the sealed event at this position is missing (deleted)")
             )
+        return True
 
     def _stored_nodes(self, start: int, end: int) -> dict[tuple[int, int], bytes]:
         """The stored subtree nodes whose last leaf is in ``start``..``end - 1``."""
@@ -990,6 +1241,36 @@ class AuditLog:
                 (start, end),
             )
             return {int(i): (int(p), bytes(h)) for i, p, h in cursor.fetchall()}
+
+
+class _Due:
+    """The checkpoints still to be compared, in size order, one looked at ahead."""
+
+    def __init__(self, checkpoints: Iterator[StoredCheckpoint]) -> None:
+        self._checkpoints = checkpoints
+        self._next: StoredCheckpoint | None = None
+        self._looked = False
+
+    def peek(self) -> StoredCheckpoint | None:
+        if not self._looked:
+            self._next = next(self._checkpoints, None)
+            self._looked = True
+        return self._next
+
+    def take(self) -> None:
+        self._looked = False
+
+    def rest(self) -> Iterator[StoredCheckpoint]:
+        if (pending := self.peek()) is not None:
+            yield pending
+        yield from self._checkpoints
+
+
+def _note_checkpoint(note: str, verifier: NoteVerifier | None) -> Checkpoint:
+    """The checkpoint of a stored note: opened with ``verifier``, or with none, read unchecked."""
+    if verifier is not None:
+        return parse_checkpoint(open_note(note, [verifier]))
+    return parse_checkpoint(note[: note.rfind("\n\n") + 1])
 
 
 def _chunks(values: Sequence[int], size: int) -> Iterator[list[int]]:

@@ -65,6 +65,9 @@ class ApiContext:
     webhooks: WebhookDesk | None = None
     # What keys' ids are made with (``key_id``): the hub's own secret (its signing key).
     key_id_secret: bytes = b""
+    # The public key string of the checkpoints' key from the settings, which the audit routes
+    # verify with (``hub.sealer.audit_verifier``); None: the hub has made no key yet.
+    audit_public_key: str | None = None
 
 
 async def get_context(request: Request) -> ApiContext:

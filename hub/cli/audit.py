@@ -5,6 +5,11 @@
 - ``verify-bundle``: check a bundle offline with the hub's public key (``audit`` only);
 - ``checkpoint``: export the latest signed checkpoint, or check an exported one against the log;
 - ``seal``: seal what is stored now (or ``--follow``: keep sealing; ``serve`` does it itself).
+
+What checks signatures is a public key only (``--public-key``, else the data dir's
+``audit.vkey``, else the public half of the configured ``audit_key``): an auditor needs no
+private key, and never the store's own record of the key, which whoever holds the database could
+replace.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ app = typer.Typer(
 def _store(config: Path | None, data_dir: Path | None) -> Iterator[tuple[Settings, EventStore]]:
     settings = settings_or_exit(config, data_dir=data_dir)
     existing_store_or_exit(settings)
-    store = EventStore(settings)
+    store = config_or_exit(lambda: EventStore(settings))  # (a wrong store key: exit 2)
     try:
         yield settings, store
     finally:
@@ -54,36 +59,61 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _hub_verifier(settings: Settings) -> NoteVerifier:
-    """The public half of the hub's checkpoint key, from its key file (not from the store,
-    which whoever holds the database could rewrite)."""
-    from hub.sealer import audit_verifier
+PublicKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--public-key",
+        help="The hub's public key string, or a file holding it (default: the data dir's "
+        "audit.vkey, else the configured audit_key's public half)",
+    ),
+]
 
-    verifier = config_or_exit(lambda: audit_verifier(settings))
+
+def _hub_verifier(settings: Settings, public_key: str | None = None) -> NoteVerifier:
+    """The key to check signatures with: ``--public-key``; else the data dir's ``audit.vkey``
+    (the hub writes it beside a key it made); else the public half of the configured key file.
+    Never the store's record of it, which whoever holds the database could rewrite."""
+    from hub.sealer import KEY_FILE, PUBLIC_KEY_FILE, audit_verifier
+
+    if public_key is not None:
+        return _verifier_of(public_key)
+    public = settings.data_dir / PUBLIC_KEY_FILE
+    if public.exists():
+        return _verifier_of(str(public), "the data dir's public key")
+    try:
+        verifier = config_or_exit(lambda: audit_verifier(settings))
+    except OSError as failure:  # (the key file is not this user's to read)
+        path = settings.audit_key or settings.data_dir / KEY_FILE
+        raise _fail(
+            f"cannot read the checkpoint key {path} ({failure.strerror}): give the hub's public "
+            "key with --public-key",
+            2,
+        ) from None
     if verifier is None:
         raise _fail(
-            f"no checkpoint key in {settings.data_dir}: this hub has signed no checkpoint", 2
+            f"no checkpoint key in {settings.data_dir}: this hub has signed no checkpoint "
+            "(or give the hub's public key with --public-key)",
+            2,
         )
     return verifier
 
 
 @app.command("verify")
-def audit_verify(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Recompute the tree from the stored records; check every checkpoint's signature, root
-    and consistency. Exit 1 naming the first position (or checkpoint) that does not match."""
+def audit_verify(
+    public_key: PublicKeyOption = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Recompute the tree from the stored records; check every checkpoint's signature and its
+    root against the records. Exit 1 naming the first position (or checkpoint) that does not
+    match."""
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from hub.sealer import AuditLog
+    from hub.sealer import AuditError, AuditLog
 
     with _store(config, data_dir) as (settings, store):
         audit_log = AuditLog(store)
-        verifier = _hub_verifier(settings)
-        recorded = audit_log.public_key()
-        if recorded is not None and recorded != verifier.key_string():
-            err_console.print(
-                "[yellow]the store records another public key than the key file's: checking "
-                "with the key file's[/]"
-            )
+        verifier = _hub_verifier(settings, public_key)
         columns = (
             *Progress.get_default_columns()[:-1],
             MofNCompleteColumn(),
@@ -95,7 +125,10 @@ def audit_verify(config: ConfigOption = None, data_dir: DataDirOption = None) ->
             def advance(position: int, last: int) -> None:
                 bar.update(task, completed=position, total=last)
 
-            report = audit_log.verify(verifier, advance)
+            try:
+                report = audit_log.verify(verifier, advance)
+            except AuditError as failure:
+                raise _fail(f"verify: {failure}") from None
         console.print(
             f"{report.records:,} records checked against {report.sealed:,} sealed leaves; "
             f"{report.checkpoints:,} checkpoints; {report.unsealed:,} not sealed yet"
@@ -116,7 +149,7 @@ def evidence_of(
     from hub.sealer import AuditLog
 
     verifier = _hub_verifier(settings)
-    return AuditLog(store).evidence(position, verifier.key_string(), tree_size)
+    return AuditLog(store, verifier=verifier).evidence(position, verifier.key_string(), tree_size)
 
 
 # Several events' bundles in one file: what one CloudEvent became (an order's start is stored
@@ -176,7 +209,7 @@ def audit_evidence(
         )
 
 
-def _verifier_of(public_key: str) -> NoteVerifier:
+def _verifier_of(public_key: str, what: str = "--public-key") -> NoteVerifier:
     """``--public-key``: the key string itself, or a file holding it."""
     from audit.note import NoteError, NoteVerifier
 
@@ -185,14 +218,13 @@ def _verifier_of(public_key: str) -> NoteVerifier:
     if "+" not in public_key or candidate.is_file():
         try:
             text = candidate.read_text().strip()
-        except OSError as failure:
-            raise _fail(
-                f"--public-key: not a key string, and {failure.strerror}: {public_key}", 2
-            ) from None
+        except (OSError, UnicodeDecodeError) as failure:
+            reason = failure.strerror if isinstance(failure, OSError) else "not UTF-8 text"
+            raise _fail(f"{what}: not a key string, and {reason}: {public_key}", 2) from None
     try:
         return NoteVerifier.from_key_string(text)
     except NoteError as failure:
-        raise _fail(f"--public-key: {failure}", 2) from None
+        raise _fail(f"{what}: {failure}", 2) from None
 
 
 @app.command("verify-bundle")
@@ -201,9 +233,14 @@ def audit_verify_bundle(
     public_key: Annotated[
         str, typer.Option("--public-key", help="The hub's public key string, or a file holding it")
     ],
+    origin: Annotated[
+        str | None,
+        typer.Option("--origin", help="The log the checkpoint must be of (e.g. mes-hub/plant-7)"),
+    ] = None,
 ) -> None:
-    """Check an evidence bundle offline: the checkpoint's signature by this key, the record's
-    leaf and its inclusion proof up to the signed root. Exit 1 naming what fails."""
+    """Check an evidence bundle offline: the checkpoint's signature by this key (and its
+    origin, with --origin), the record's leaf and its inclusion proof up to the signed root.
+    Exit 1 naming what fails."""
     from audit.bundle import BundleError, check_bundle
 
     verifier = _verifier_of(public_key)
@@ -214,15 +251,15 @@ def audit_verify_bundle(
     several = isinstance(bundle, dict) and bundle.get("format") == EVIDENCE_SET
     for one in bundle.get("bundles") or [None] if several else [bundle]:
         try:
-            checked = check_bundle(one, verifier)
+            checked = check_bundle(one, verifier, origin=origin)
         except BundleError as failure:
             raise _fail(f"bundle FAILED: {failure}") from None
         record = checked.record
         console.print(
             f"[green]bundle OK[/]: the event at position {record.position} "
             f"({record.topic}, aggregate {record.originator_id} v{record.originator_version}) "
-            f"is leaf {checked.leaf_index} of {checked.checkpoint.origin}'s signed tree of "
-            f"{checked.checkpoint.size} leaves"
+            f"is leaf {checked.leaf_index} of the signed tree of {checked.checkpoint.size} "
+            f"leaves of origin {escape(checked.checkpoint.origin)}"
         )
 
 
@@ -235,24 +272,25 @@ def audit_checkpoint(
     check: Annotated[
         Path | None, typer.Option("--check", help="An exported checkpoint to check against the log")
     ] = None,
+    public_key: PublicKeyOption = None,
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """--export: the latest signed checkpoint, for an auditor to keep. --check FILE: whether an
-    exported checkpoint is consistent with the log now (a consistency proof up to the latest
-    checkpoint); exit 1 if not."""
+    exported checkpoint is a prefix of the latest signed checkpoint (a consistency proof
+    between the two, from the stored tree; the records themselves: verify); exit 1 if not."""
     from audit.note import NoteError
     from hub.sealer import AuditError, AuditLog, checked_checkpoint
 
     if export == (check is not None):
         raise _fail("give one of --export or --check FILE", 2)
     with _store(config, data_dir) as (settings, store):
-        audit_log = AuditLog(store)
-        verifier = _hub_verifier(settings)
+        verifier = _hub_verifier(settings, public_key)
+        # Sizes and roots from the notes opened with this key, never the rows' columns.
+        audit_log = AuditLog(store, verifier=verifier)
         try:
             latest = audit_log.checkpoint()
-            checked_checkpoint(latest.note, verifier)
-        except (AuditError, NoteError) as failure:
+        except AuditError as failure:
             raise _fail(f"the latest checkpoint: {failure}") from None
         if export:
             if out is None:
@@ -274,7 +312,8 @@ def audit_checkpoint(
             raise _fail(f"checkpoint FAILED: {failure}") from None
     console.print(
         f"[green]checkpoint OK[/]: the tree of {kept.size} leaves is a prefix of the log's "
-        f"checkpoint of {latest.size} ({len(proof.proof)} proof hashes)"
+        f"latest signed checkpoint of {latest.size} ({len(proof.proof)} proof hashes; the "
+        "records themselves: mes-hub audit verify)"
     )
 
 
@@ -306,12 +345,13 @@ def audit_seal(
     else:
         settings = settings_or_exit(config, data_dir=data_dir)
         existing_store_or_exit(settings)
-    store = EventStore(settings)
+    store = config_or_exit(lambda: EventStore(settings))  # (a wrong store key: exit 2)
     try:
+        # Prepared: its tables made, and a key the store's checkpoints were not signed with
+        # refused (exit 2).
         sealer = config_or_exit(
             lambda: sealer_of(settings, store, batch=batch, kill_in_batch=kill_in_batch)
         )
-        sealer.prepare()
         if not (follow or settings_from_stdin):
             sealed = sealer.catch_up()
             console.print(f"sealed {sealed:,} events; the tree has {sealer.size:,} leaves")

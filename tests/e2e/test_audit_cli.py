@@ -4,6 +4,7 @@ refused once tampered with), checkpoints exported and checked against the grown 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def test_an_exported_checkpoint_is_consistent_with_the_grown_log(
         app, ["audit", "checkpoint", "--check", str(kept), "--data-dir", str(data_dir)]
     )
     assert checked.exit_code == 0, checked.output
-    assert "prefix of the log's checkpoint of 520" in checked.output
+    assert "prefix of the log's latest signed checkpoint of 520" in " ".join(checked.output.split())
 
     # A checkpoint the hub never signed (another key) is refused.
     from audit.note import NoteSigner, checkpoint_body, sign_note
@@ -200,3 +201,131 @@ def test_evidence_of_a_cloudevent_id_covers_every_event_it_became(
               "--data-dir", str(data_dir)],
     )  # fmt: skip
     assert unknown.exit_code == 1 and "no stored event" in unknown.output
+
+
+def test_checkpoint_check_takes_the_root_from_the_signed_note_not_the_column(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    # An auditor keeps the checkpoint of 420; the log grows to 520 and is sealed. Then event 500
+    # is rewritten and the tree beyond 420 sealed again; the genuine note of 520 is put back
+    # over the new one, whose root column stays the rewritten tree's. The stored tree is
+    # consistent with that column: only the signed note tells.
+    kept = tmp_path / "checkpoint.txt"
+    runner.invoke(
+        app, ["audit", "checkpoint", "--export", "--out", str(kept), "--data-dir", str(data_dir)]
+    )
+    database = data_dir / "events.sqlite"
+    with sqlite3.connect(database) as connection:
+        (state_at_420,) = connection.execute(
+            "SELECT value FROM mes_audit_state WHERE name = 'tree'"
+        ).fetchone()
+    connection.close()
+    store = EventStore(load_settings(data_dir=data_dir))
+    fill(store, 100)
+    store.close()
+    assert runner.invoke(app, ["audit", "seal", "--data-dir", str(data_dir)]).exit_code == 0
+    with sqlite3.connect(database) as connection:
+        (genuine,) = connection.execute(
+            "SELECT note FROM mes_audit_checkpoints WHERE tree_size = 520"
+        ).fetchone()
+        connection.execute("UPDATE stored_events SET state = state || ' ' WHERE rowid = 500")
+        connection.execute("DELETE FROM mes_audit_leaves WHERE leaf_index >= 420")
+        connection.execute("DELETE FROM mes_audit_nodes WHERE last_leaf >= 420")
+        connection.execute("DELETE FROM mes_audit_checkpoints WHERE tree_size > 420")
+        connection.execute(
+            "UPDATE mes_audit_state SET value = ? WHERE name = 'tree'", (state_at_420,)
+        )
+    connection.close()
+    assert runner.invoke(app, ["audit", "seal", "--data-dir", str(data_dir)]).exit_code == 0
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "UPDATE mes_audit_checkpoints SET note = ? WHERE tree_size = 520", (genuine,)
+        )
+    connection.close()
+    checked = runner.invoke(
+        app, ["audit", "checkpoint", "--check", str(kept), "--data-dir", str(data_dir)]
+    )
+    assert checked.exit_code == 1, checked.output
+    assert "root column is not its signed note's" in " ".join(checked.output.split())
+
+
+def test_an_auditor_verifies_with_the_public_key_alone(data_dir: Path, tmp_path: Path) -> None:
+    kept = tmp_path / "checkpoint.txt"
+    runner.invoke(
+        app, ["audit", "checkpoint", "--export", "--out", str(kept), "--data-dir", str(data_dir)]
+    )
+    public = tmp_path / "hub.vkey"
+    (data_dir / "audit.vkey").rename(public)
+    (data_dir / "audit.key").unlink()  # the auditor's copy holds no private key
+    for command in (["verify"], ["checkpoint", "--check", str(kept)]):
+        done = runner.invoke(
+            app, ["audit", *command, "--public-key", str(public), "--data-dir", str(data_dir)]
+        )
+        assert done.exit_code == 0, (command, done.output)
+    public.rename(data_dir / "audit.vkey")  # by default, the data dir's public key
+    done = runner.invoke(app, ["audit", "verify", "--data-dir", str(data_dir)])
+    assert done.exit_code == 0 and "verify OK" in done.output, done.output
+
+
+def test_an_unreadable_key_file_is_a_clear_error(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hub import sealer
+
+    def refused(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sealer, "read_signer", refused)
+    (data_dir / "audit.vkey").unlink()
+    done = runner.invoke(app, ["audit", "verify", "--data-dir", str(data_dir)])
+    assert done.exit_code == 2, done.output
+    assert "Permission denied" in done.output and "--public-key" in done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+
+
+def test_a_wrong_store_key_is_a_configuration_error(tmp_path: Path) -> None:
+    from eventsourcing.cryptography import AESCipher
+
+    data = tmp_path / "hub"
+    right, wrong = AESCipher.create_key(32), AESCipher.create_key(32)
+    store = EventStore(load_settings(data_dir=data, store_encryption_key=right))
+    fill(store, 20)
+    store.close()
+    for command in (["verify"], ["seal"], ["checkpoint", "--export"]):
+        done = subprocess.run(
+            [*MES_HUB, "audit", *command, "--data-dir", str(data)],
+            env={**os.environ, "COLUMNS": "200", "MES_HUB_STORE_ENCRYPTION_KEY": wrong},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        error = " ".join(done.stderr.split())
+        assert done.returncode == 2, (command, error)
+        assert "configuration error" in error and "store_encryption_key" in error, error
+        assert "Traceback" not in error and wrong not in error
+
+
+def test_verify_bundle_prints_and_requires_the_origin(data_dir: Path, tmp_path: Path) -> None:
+    bundle_file = tmp_path / "evidence.json"
+    runner.invoke(
+        app,
+        ["audit", "evidence", "--position", "9", "--out", str(bundle_file),
+         "--data-dir", str(data_dir)],
+    )  # fmt: skip
+    key = str(data_dir / "audit.vkey")
+    plain = runner.invoke(app, ["audit", "verify-bundle", str(bundle_file), "--public-key", key])
+    assert plain.exit_code == 0 and "origin mes-hub/default" in plain.output, plain.output
+    same = runner.invoke(
+        app,
+        ["audit", "verify-bundle", str(bundle_file), "--public-key", key,
+         "--origin", "mes-hub/default"],
+    )  # fmt: skip
+    assert same.exit_code == 0, same.output
+    other = runner.invoke(
+        app,
+        ["audit", "verify-bundle", str(bundle_file), "--public-key", key,
+         "--origin", "mes-hub/plant-7"],
+    )  # fmt: skip
+    assert other.exit_code == 1
+    assert "the checkpoint's origin" in other.output and "mes-hub/plant-7" in other.output

@@ -301,11 +301,13 @@ def test_a_proof_through_an_edited_stored_node_is_refused(
 
 def tamper(settings: Settings, statement: str, params: tuple[Any, ...] = ()) -> None:
     """Run SQL on the store's database behind the hub's back. ``{events}``: the stored events'
-    table, ``{position}`` its position column; ``{nodes}``, ``{checkpoints}``: the audit's;
+    table, ``{position}`` its position column; ``{nodes}``, ``{checkpoints}``, ``{leaves}``,
+    ``{state}``: the audit's;
     ``{zero}``: 32 zero bytes."""
+    audit = {"nodes", "checkpoints", "leaves", "state"}
     if settings.store == "sqlite":
         names = {"events": "stored_events", "position": "rowid"}
-        names |= {"nodes": "mes_audit_nodes", "checkpoints": "mes_audit_checkpoints"}
+        names |= {table: f"mes_audit_{table}" for table in audit}
         names |= {"zero": "zeroblob(32)"}
         with sqlite3.connect(settings.sqlite_path) as connection:
             connection.execute(statement.format(**names), params)
@@ -316,10 +318,7 @@ def tamper(settings: Settings, statement: str, params: tuple[Any, ...] = ()) -> 
     assert settings.postgres_dsn is not None
     schema = settings.postgres_schema
     names = {"events": f"{schema}.mes_hub_events", "position": "notification_id"}
-    names |= {
-        "nodes": f"{schema}.mes_audit_nodes",
-        "checkpoints": f"{schema}.mes_audit_checkpoints",
-    }
+    names |= {table: f"{schema}.mes_audit_{table}" for table in audit}
     names |= {"zero": "'\\x" + "00" * 32 + "'::bytea"}
     with psycopg.connect(settings.postgres_dsn.get_secret_value()) as connection:
         connection.execute(statement.format(**names).replace("?", "%s"), params)  # type: ignore[arg-type]
@@ -426,6 +425,187 @@ def test_verify_names_a_checkpoint_whose_records_were_rewritten_with_their_leave
     assert "another root" in report.bad_checkpoint.reason
 
 
+def test_verify_does_not_trust_a_rewound_state(store_settings: Settings, store: EventStore) -> None:
+    # An event edited and the sealer's state set back to an empty tree: the sealed size is
+    # taken from the leaves and the checkpoints too, never from the state alone.
+    fill(store, 1_200)
+    sealed(store_settings, store)
+    edit_a_byte(store_settings, store, 5)
+    tamper(
+        store_settings,
+        "UPDATE {state} SET value = ? WHERE name = 'tree'",
+        ('{"size": 0, "hashes": [], "position": 0}',),
+    )
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    report = AuditLog(store).verify(verifier)
+    assert not report.ok
+    assert report.sealed == 1_200 and report.unsealed == 0
+    assert report.bad_position is not None and report.bad_position.at == 5, report.problems
+    assert any(p.what == "state" and "says 0 sealed leaves" in p.reason for p in report.problems)
+
+
+def test_verify_names_a_log_cut_back_with_its_leaves_and_state(
+    store_settings: Settings, store: EventStore
+) -> None:
+    # The last 130 events deleted, with their leaves and nodes, and the state gone: what is
+    # left matches its leaves, but the checkpoints of 1170 and 1200 leaves cover records that
+    # are not there.
+    fill(store, 1_200)
+    sealed(store_settings, store)
+    positions = [n.id for n in store.application.recorder.select_notifications(0, 10**9)]
+    cut = positions[1_070]
+    tamper(store_settings, "DELETE FROM {events} WHERE {position} >= ?", (cut,))
+    tamper(store_settings, "DELETE FROM {leaves} WHERE leaf_index >= 1070")
+    tamper(store_settings, "DELETE FROM {nodes} WHERE last_leaf >= 1070")
+    tamper(store_settings, "DELETE FROM {state} WHERE name = 'tree'")
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    report = AuditLog(store).verify(verifier)
+    assert not report.ok and report.records == 1_070
+    covering = [p for p in report.problems if "records that are not there" in p.reason]
+    assert [p.at for p in covering] == [1_170, 1_200], report.problems
+    assert report.bad_position is not None and report.bad_position.at == cut
+
+
+@pytest.mark.parametrize("value", ["not json", '{"size": 3, "hashes": [], "position": 9}'])
+def test_an_unreadable_state_is_a_finding_not_a_traceback(
+    store_settings: Settings, store: EventStore, value: str
+) -> None:
+    fill(store, 300)
+    sealed(store_settings, store)
+    tamper(store_settings, "UPDATE {state} SET value = ? WHERE name = 'tree'", (value,))
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    report = AuditLog(store).verify(verifier)
+    assert not report.ok and report.records == 300
+    assert [p.what for p in report.problems] == ["state"]
+    assert "unreadable" in report.problems[0].reason
+
+
+def test_a_checkpoint_row_whose_columns_are_not_its_note_is_refused(
+    store_settings: Settings, store: EventStore
+) -> None:
+    # The genuine note kept, the root column forged: sizes and roots come from the note.
+    fill(store, 600)
+    sealed(store_settings, store)
+    tamper(store_settings, "UPDATE {checkpoints} SET root = {zero} WHERE tree_size = 600")
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    audit_log = AuditLog(store, verifier=verifier)
+    for read in (
+        lambda: audit_log.checkpoint(),
+        lambda: audit_log.checkpoints(),
+        lambda: audit_log.consistency(170, 600),
+        lambda: audit_log.consistency_with(170, audit_log.checkpoint(170).root),
+        lambda: audit_log.evidence(3, verifier.key_string()),
+    ):
+        with pytest.raises(AuditMismatch, match="root column is not its signed note's"):
+            read()
+    assert audit_log.checkpoint(170).size == 170  # (the others still read)
+    report = AuditLog(store).verify(verifier)
+    assert report.bad_checkpoint is not None and report.bad_checkpoint.at == 600
+
+
+def test_a_store_the_sealer_never_ran_on_is_not_sealed_yet_and_reading_creates_nothing(
+    store_settings: Settings, store: EventStore
+) -> None:
+    fill(store, 10)
+    audit_log = AuditLog(store)
+    for read in (audit_log.checkpoint, audit_log.sealed_size, audit_log.public_key):
+        with pytest.raises(AuditError, match="nothing is sealed yet"):
+            read()
+    verifier = NoteSigner.generate("mes-hub/default").verifier
+    with pytest.raises(AuditError, match="nothing is sealed yet"):
+        audit_log.verify(verifier)
+    assert not AuditLog(store)._db.has_tables()  # a reader made no table
+    sealer_of(store_settings, store)  # where the hub starts: made there
+    assert AuditLog(store)._db.has_tables()
+    assert audit_log.sealed_size() == 0
+
+
+def test_two_sealers_at_once_seal_each_record_once(
+    store_settings: Settings, store: EventStore
+) -> None:
+    # The hub's sealer and `mes-hub audit seal --follow` on the same store at the same time:
+    # whichever stores a batch first, the other goes on from there; nothing sealed twice, no
+    # failure logged.
+    import signal
+    import threading
+    import time
+
+    fill(store, 2_000)
+    hubs = sealer_of(store_settings, store, batch=40)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MES_HUB_")}
+    env |= {
+        "MES_HUB_DATA_DIR": str(store_settings.data_dir),
+        "MES_HUB_STORE": store_settings.store,
+        "MES_HUB_AUDIT_CHECKPOINT_EVERY": "500",
+    }
+    if store_settings.store == "postgres":
+        assert store_settings.postgres_dsn is not None
+        env |= {
+            "MES_HUB_POSTGRES_DSN": store_settings.postgres_dsn.get_secret_value(),
+            "MES_HUB_POSTGRES_SCHEMA": store_settings.postgres_schema,
+        }
+    command = [sys.executable, "-m", "hub", "audit", "seal", "--follow", "--batch", "35"]
+    other = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    audit_log = AuditLog(store)
+    try:
+        deadline = time.monotonic() + 60
+        while audit_log.sealed_size() < 35 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the other one has begun
+        failures: list[BaseException] = []
+
+        def in_the_hub() -> None:
+            try:
+                for _ in range(3):
+                    hubs.catch_up()
+                    fill(store, 300)
+            except BaseException as failure:  # pragma: no cover - what the test reports
+                failures.append(failure)
+
+        thread = threading.Thread(target=in_the_hub)
+        thread.start()
+        thread.join(120)
+        assert not failures, failures
+        hubs.catch_up()
+        while audit_log.checkpoint().size < 2_900 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        other.send_signal(signal.SIGINT)
+        _, errors = other.communicate(timeout=60)
+    assert other.returncode in (0, 130), errors.decode()
+    assert "failed" not in errors.decode() and "Traceback" not in errors.decode(), errors.decode()
+    assert audit_log.sealed_size() == 2_900
+    assert_sealed_once(store)
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    assert audit_log.verify(verifier).ok
+
+
+async def test_the_sealer_keeps_pace_when_checkpoints_come_more_often_than_batches(
+    store_settings: Settings, store: EventStore
+) -> None:
+    # every=100 < batch: each read stops at a checkpoint, a full read all the same, so no
+    # poll_s wait between them (which would seal 100 events per poll).
+    import asyncio
+
+    fill(store, 2_000)
+    often = store_settings.model_copy(update={"audit_checkpoint_every": 100})
+    sealer = sealer_of(often, store, batch=5_000)
+    stop = asyncio.Event()
+    running = asyncio.create_task(sealer.run(stop, poll_s=30.0))
+    try:
+        async with asyncio.timeout(20):
+            while await asyncio.to_thread(AuditLog(store).sealed_size) < 2_000:
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
+    assert [c.size for c in AuditLog(store).all_checkpoints()][-1] == 2_000
+
+
 # --- the checkpoint key ---------------------------------------------------------------------------
 
 
@@ -481,6 +661,67 @@ def test_a_good_key_file_signs(tmp_path: Path) -> None:
     assert audit_signer(settings).key_string() == key.key_string()
     verifier = audit_verifier(settings)
     assert verifier is not None and verifier.key_string() == key.verifier.key_string()
+
+
+def test_a_missing_key_file_is_refused_when_the_store_holds_checkpoints_signed_with_it(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(data_dir=tmp_path / "hub")
+    store = EventStore(settings)
+    try:
+        fill(store, 50)
+        sealed(settings, store)
+        (tmp_path / "hub" / KEY_FILE).unlink()
+        with pytest.raises(ConfigError) as refused:
+            sealer_of(settings, store)
+        assert refused.value.key == "hub.audit_key"
+        assert refused.value.source == str(tmp_path / "hub" / KEY_FILE)
+        assert "rotation is not supported" in refused.value.reason
+        assert not (tmp_path / "hub" / KEY_FILE).exists()  # no new key made meanwhile
+    finally:
+        store.close()
+
+
+def test_another_key_than_the_checkpoints_were_signed_with_is_refused_and_not_recorded(
+    tmp_path: Path,
+) -> None:
+    first = load_settings(data_dir=tmp_path / "hub")
+    store = EventStore(first)
+    try:
+        fill(store, 50)
+        sealed(first, store)
+        recorded = AuditLog(store).public_key()
+        other = key_settings(tmp_path, NoteSigner.generate("mes-hub-default").key_string())
+        other = other.model_copy(update={"data_dir": first.data_dir})
+        with pytest.raises(ConfigError) as refused:
+            sealer_of(other, store)
+        assert refused.value.key == "hub.audit_key"
+        assert "signed with another key" in refused.value.reason
+        assert "rotation is not supported" in refused.value.reason
+        assert AuditLog(store).public_key() == recorded  # not overwritten
+        # The key they were signed with starts again.
+        assert sealer_of(first, store).size == 50
+    finally:
+        store.close()
+
+
+def test_a_key_made_is_flushed_to_disk_with_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    settings = load_settings(data_dir=tmp_path / "hub")
+    audit_signer(settings)
+    data_dir = str((tmp_path / "hub").resolve())
+    assert str((tmp_path / "hub" / KEY_FILE).resolve()) in synced
+    assert str((tmp_path / "hub" / PUBLIC_KEY_FILE).resolve()) in synced
+    assert data_dir in synced
 
 
 async def test_a_hub_with_a_bad_key_file_refuses_to_start(
@@ -627,6 +868,88 @@ async def test_the_api_gives_checkpoints_proofs_that_check_and_verify(
     assert report["ok"] is False and report["first_bad_position"]["at"] == 77
     refused = await client.get("/api/v1/audit/proofs/inclusion?position=77", headers=auditor)
     assert refused.status_code == 409
+
+
+async def test_the_api_verifies_with_the_configured_key_not_the_stored_one(
+    api: tuple[httpx.AsyncClient, Settings, EventStore],
+) -> None:
+    # Whoever holds the database clears the audit tables and seals again with a key of their
+    # own (recording it): the API still checks with the hub's configured key.
+    client, settings, store = api
+    auditor = as_role("auditor")
+    for table in ("leaves", "nodes", "state", "checkpoints"):
+        tamper(settings, f"DELETE FROM {{{table}}}")
+    forger = Sealer(store, NoteSigner.generate("mes-hub-default"), "mes-hub/default", every=100)
+    forger.prepare()
+    forger.catch_up()
+    report = (await client.get("/api/v1/audit/verify", headers=auditor)).json()
+    assert report["ok"] is False
+    assert report["first_bad_checkpoint"]["at"] == 100
+    assert "signature" in report["first_bad_checkpoint"]["reason"]
+    assert any(p["what"] == "key" for p in report["problems"])
+    verifier = audit_verifier(settings)
+    assert verifier is not None
+    key = (await client.get("/api/v1/audit/public-key", headers=auditor)).json()
+    assert key == {"public_key": verifier.key_string()}
+    latest = await client.get("/api/v1/audit/checkpoints/latest", headers=auditor)
+    assert latest.status_code == 409 and "signed note" in latest.json()["detail"]
+
+
+async def test_the_api_refuses_a_checkpoint_whose_root_column_is_not_its_note(
+    api: tuple[httpx.AsyncClient, Settings, EventStore],
+) -> None:
+    client, settings, _ = api
+    auditor = as_role("auditor")
+    tamper(settings, "UPDATE {checkpoints} SET root = {zero} WHERE tree_size = 250")
+    for route in (
+        "/api/v1/audit/checkpoints",
+        "/api/v1/audit/checkpoints/latest",
+        "/api/v1/audit/proofs/inclusion?position=5",
+        "/api/v1/audit/proofs/consistency?from=100",
+    ):
+        answer = await client.get(route, headers=auditor)
+        assert answer.status_code == 409, (route, answer.text)
+        assert "root column is not its signed note's" in answer.json()["detail"]
+
+
+async def test_a_consistency_proof_from_a_larger_tree_is_a_bad_request(
+    api: tuple[httpx.AsyncClient, Settings, EventStore],
+) -> None:
+    client = api[0]
+    answer = await client.get(
+        "/api/v1/audit/proofs/consistency?from=250&to=100", headers=as_role("auditor")
+    )
+    assert answer.status_code == 422
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert "larger than to" in answer.json()["detail"]
+
+
+async def test_one_verify_at_a_time(
+    api: tuple[httpx.AsyncClient, Settings, EventStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import threading
+
+    client = api[0]
+    auditor = as_role("auditor")
+    entered, release = threading.Event(), threading.Event()
+    real = AuditLog.verify
+
+    def slow(self: AuditLog, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AuditLog, "verify", slow)
+    first = asyncio.create_task(client.get("/api/v1/audit/verify", headers=auditor))
+    assert await asyncio.to_thread(entered.wait, 30)
+    second = await client.get("/api/v1/audit/verify", headers=auditor)
+    assert second.status_code == 429
+    assert int(second.headers["Retry-After"]) >= 1
+    release.set()
+    assert (await first).json()["ok"] is True
+    again = await client.get("/api/v1/audit/verify", headers=auditor)
+    assert again.status_code == 200 and again.json()["ok"] is True
 
 
 # --- in a running hub --------------------------------------------------------------------------

@@ -245,11 +245,23 @@ def test_a_tampered_bundle_fails_naming_what(
 def test_a_bundle_does_not_check_with_another_key(
     signed: tuple[dict[str, Any], NoteSigner],
 ) -> None:
-    bundle, _ = signed
+    bundle, hub = signed
     other = NoteSigner.generate("mes-hub/test")
     with pytest.raises(BundleError, match="the checkpoint's signature"):
         check_bundle(bundle, other.verifier)
     # A bundle re-signed by another key, carrying that key, still fails with the hub's key.
     forged = bundle_of([Record(1, UUID(int=1), 1, "t", b"x")], 0, other)
+    assert forged["public_key"] == other.verifier.key_string()
+    assert check_bundle(forged, other.verifier).leaf_index == 0  # (a well-made bundle)
     with pytest.raises(BundleError, match="the checkpoint's signature"):
-        check_bundle(forged, NoteSigner.generate("mes-hub/test").verifier)
+        check_bundle(forged, hub.verifier)
+
+
+def test_a_bundle_of_another_origin_fails_when_one_is_expected(
+    signed: tuple[dict[str, Any], NoteSigner],
+) -> None:
+    bundle, signer = signed
+    assert check_bundle(bundle, signer.verifier).checkpoint.origin == "mes-hub/test"
+    assert check_bundle(bundle, signer.verifier, origin="mes-hub/test").leaf_index == 6
+    with pytest.raises(BundleError, match="the checkpoint's origin: 'mes-hub/test', not"):
+        check_bundle(bundle, signer.verifier, origin="mes-hub/plant-7")

@@ -3,22 +3,33 @@
 
 Hashes are standard base64, as in the checkpoints themselves. Every proof is checked against the
 signed root before it is given: one that does not check means the stored log no longer matches
-what was signed (409). The public key the checks here use is the one the sealer recorded when it
-started; an auditor checks with the copy they hold (``mes-hub audit verify-bundle``)."""
+what was signed (409). The key the checks here use is the hub's from its settings
+(``ApiContext.audit_public_key``), never the one recorded in the store, which whoever holds the
+database could replace; a checkpoint's size and root are those of its note opened with that key
+(a row whose columns say otherwise: 409). An auditor checks with the copy they hold
+(``mes-hub audit verify-bundle``). One verify runs at a time (it reads the whole log): another
+asked for meanwhile is answered 429."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import math
+import threading
+import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from hub.api.deps import Auditor, Reads
+from hub.api.deps import Auditor, Context, Reads
 from hub.api.problems import Problem
 from hub.api.reads import JsonAnswer, ReadSources
 from hub.sealer import AuditError, AuditLog, AuditMismatch, StoredCheckpoint
+
+if TYPE_CHECKING:
+    from audit.note import NoteVerifier
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -110,18 +121,29 @@ def _out(checkpoint: StoredCheckpoint) -> CheckpointOut:
     )
 
 
-def _public_key(audit_log: AuditLog) -> str:
-    found = audit_log.public_key()
-    if found is None:
-        raise AuditError("the sealer has not started yet: no public key recorded")
-    return found
+def _verifier(public_key: str | None) -> NoteVerifier:
+    """The hub's configured checkpoint key (``ApiContext.audit_public_key``)."""
+    from audit.note import NoteError, NoteVerifier
+
+    if public_key is None:
+        raise AuditError("this hub has no checkpoint key yet: nothing is signed")
+    try:
+        return NoteVerifier.from_key_string(public_key)
+    except NoteError as failure:  # (made from the key file: cannot happen)
+        raise AuditError(f"the hub's checkpoint key: {failure}") from None
+
+
+def _audit_log(sources: ReadSources, public_key: str | None) -> AuditLog:
+    return AuditLog(sources.store, verifier=_verifier(public_key))
 
 
 # --- the reads (in the API's read pool: verify reads the whole log) -------------------------
 
 
-def read_checkpoints(sources: ReadSources, before: int | None, limit: int) -> bytes:
-    found = AuditLog(sources.store).checkpoints(before, limit + 1)
+def read_checkpoints(
+    sources: ReadSources, public_key: str | None, before: int | None, limit: int
+) -> bytes:
+    found = _audit_log(sources, public_key).checkpoints(before, limit + 1)
     page = found[:limit]
     more = len(found) > limit
     answer = CheckpointPage(
@@ -130,19 +152,23 @@ def read_checkpoints(sources: ReadSources, before: int | None, limit: int) -> by
     return answer.model_dump_json().encode()
 
 
-def read_latest(sources: ReadSources, note: bool) -> bytes:
-    latest = AuditLog(sources.store).checkpoint()
+def read_latest(sources: ReadSources, public_key: str | None, note: bool) -> bytes:
+    latest = _audit_log(sources, public_key).checkpoint()
     return latest.note.encode() if note else _out(latest).model_dump_json().encode()
 
 
-def read_inclusion(sources: ReadSources, position: int, tree_size: int | None) -> bytes:
-    audit_log = AuditLog(sources.store)
-    bundle = audit_log.evidence(position, _public_key(audit_log), tree_size)
+def read_inclusion(
+    sources: ReadSources, public_key: str | None, position: int, tree_size: int | None
+) -> bytes:
+    audit_log = _audit_log(sources, public_key)
+    bundle = audit_log.evidence(position, _verifier(public_key).key_string(), tree_size)
     return EvidenceOut.model_validate(bundle).model_dump_json().encode()
 
 
-def read_consistency(sources: ReadSources, first: int, second: int | None) -> bytes:
-    audit_log = AuditLog(sources.store)
+def read_consistency(
+    sources: ReadSources, public_key: str | None, first: int, second: int | None
+) -> bytes:
+    audit_log = _audit_log(sources, public_key)
     proof = audit_log.consistency(first, second)
     earlier = next(iter(audit_log.checkpoints(before=first + 1, limit=1)), None)
     answer = ConsistencyOut(
@@ -155,24 +181,17 @@ def read_consistency(sources: ReadSources, first: int, second: int | None) -> by
     return answer.model_dump_json().encode()
 
 
-def read_verify(sources: ReadSources) -> bytes:
-    from audit.note import NoteError, NoteVerifier
-
-    audit_log = AuditLog(sources.store)
-    try:
-        verifier = NoteVerifier.from_key_string(_public_key(audit_log))
-    except NoteError as failure:
-        raise AuditMismatch(f"the recorded public key: {failure}") from None
-    report = audit_log.verify(verifier).to_json()
+def read_verify(sources: ReadSources, public_key: str | None) -> bytes:
+    """Verify with the hub's configured key; the store's recorded key, if another, is a
+    finding (``AuditLog.verify``)."""
+    verifier = _verifier(public_key)
+    report = AuditLog(sources.store).verify(verifier).to_json()
     return VerifyOut.model_validate(report).model_dump_json().encode()
 
 
-def read_public_key(sources: ReadSources) -> bytes:
-    key = _public_key(AuditLog(sources.store))
-    return PublicKeyOut(public_key=key).model_dump_json().encode()
-
-
-async def _answer(request: Request, reads: Reads, work: Callable[..., bytes], *args: Any) -> bytes:
+async def _answer(
+    request: Request | None, reads: Reads, work: Callable[..., bytes], *args: Any
+) -> bytes:
     """``work`` in the read pool: 404 for what is not there (yet), 409 for a log that no
     longer matches its checkpoints."""
     try:
@@ -181,6 +200,44 @@ async def _answer(request: Request, reads: Reads, work: Callable[..., bytes], *a
         raise Problem(409, f"the stored log no longer matches its checkpoints: {failure}") from None
     except AuditError as failure:
         raise Problem(404, str(failure)) from None
+
+
+class _OneAtATime:
+    """One verify at a time in this hub process: it holds a read worker for the whole log.
+    Held until the read ends, even if its client went away meanwhile (a read handed to a
+    worker runs to its end)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._began = 0.0
+        self._took = 10.0  # how long the last one took (a first guess)
+
+    async def run(self, reads: Reads, public_key: str | None) -> bytes:
+        if not self._lock.acquire(blocking=False):
+            left = self._took - (time.monotonic() - self._began)
+            retry_after = min(300, max(1, math.ceil(left)))
+            raise Problem(
+                429,
+                f"a verify is running already (one at a time); ask again in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        self._began = time.monotonic()
+        # Its own task, shielded: the lock is released when the read ends, not when the
+        # request does. No request given: not dropped while queued either.
+        task = asyncio.ensure_future(self._verify(reads, public_key))
+        # (Its outcome taken even when nobody waits for it any more.)
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(task)
+
+    async def _verify(self, reads: Reads, public_key: str | None) -> bytes:
+        try:
+            return await _answer(None, reads, read_verify, public_key)
+        finally:
+            self._took = time.monotonic() - self._began
+            self._lock.release()
+
+
+_VERIFY = _OneAtATime()
 
 
 # --- the routes -----------------------------------------------------------------------------
@@ -192,11 +249,13 @@ async def _answer(request: Request, reads: Reads, work: Callable[..., bytes], *a
 async def checkpoints(
     request: Request,
     reads: Reads,
+    context: Context,
     _: Auditor,
     before: Annotated[int | None, Query(ge=1, le=2**62, description="Sizes below this")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    return JsonAnswer(await _answer(request, reads, read_checkpoints, before, limit))
+    key = context.audit_public_key
+    return JsonAnswer(await _answer(request, reads, read_checkpoints, key, before, limit))
 
 
 @router.get(
@@ -205,10 +264,12 @@ async def checkpoints(
     response_model=CheckpointOut,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-async def latest_checkpoint(request: Request, reads: Reads, _: Auditor) -> Response:
+async def latest_checkpoint(
+    request: Request, reads: Reads, context: Context, _: Auditor
+) -> Response:
     accept = request.headers.get("accept", "")
     note = "text/plain" in accept and "application/json" not in accept
-    found = await _answer(request, reads, read_latest, note)
+    found = await _answer(request, reads, read_latest, context.audit_public_key, note)
     if note:
         return Response(found, media_type="text/plain; charset=utf-8")
     return JsonAnswer(found)
@@ -222,6 +283,7 @@ async def latest_checkpoint(request: Request, reads: Reads, _: Auditor) -> Respo
 async def inclusion(
     request: Request,
     reads: Reads,
+    context: Context,
     _: Auditor,
     position: Annotated[int, Query(ge=1, le=2**62, description="The event's log position")],
     tree_size: Annotated[
@@ -230,7 +292,8 @@ async def inclusion(
 ) -> Response:
     """The stored record, its leaf index, the inclusion proof and the signed checkpoint: what
     ``mes-hub audit verify-bundle`` (or any RFC 9162 verifier) checks offline."""
-    return JsonAnswer(await _answer(request, reads, read_inclusion, position, tree_size))
+    key = context.audit_public_key
+    return JsonAnswer(await _answer(request, reads, read_inclusion, key, position, tree_size))
 
 
 @router.get(
@@ -241,6 +304,7 @@ async def inclusion(
 async def consistency(
     request: Request,
     reads: Reads,
+    context: Context,
     _: Auditor,
     first: Annotated[
         int, Query(alias="from", ge=1, le=2**62, description="A tree size (an older checkpoint's)")
@@ -252,8 +316,14 @@ async def consistency(
 ) -> Response:
     """That the tree of ``from`` leaves is a prefix of the checkpoint of ``to``. ``first`` is
     the checkpoint of ``from`` leaves if there is one; else its size and the root the stored tree
-    gives (compare it with the root you hold)."""
-    return JsonAnswer(await _answer(request, reads, read_consistency, first, second))
+    gives (compare it with the root you hold). ``from`` larger than ``to``: 422."""
+    if second is not None and first > second:
+        raise Problem(
+            422, f"from ({first}) is larger than to ({second}): a consistency proof goes from "
+            "a smaller tree to a larger one",
+        )  # fmt: skip
+    key = context.audit_public_key
+    return JsonAnswer(await _answer(request, reads, read_consistency, key, first, second))
 
 
 @router.get(
@@ -261,12 +331,12 @@ async def consistency(
     summary="Recompute the tree from the stored records and check it all",
     response_model=VerifyOut,
 )
-async def verify(request: Request, reads: Reads, _: Auditor) -> Response:
-    """Every stored record against its sealed leaf, every checkpoint's signature, root and
-    consistency with the one before. ``ok`` false names the first position or checkpoint that
-    no longer matches. It reads the whole log (in a read worker, below ingest): minutes for
-    millions of events."""
-    return JsonAnswer(await _answer(request, reads, read_verify))
+async def verify(request: Request, reads: Reads, context: Context, _: Auditor) -> Response:
+    """Every stored record against its sealed leaf, every checkpoint's signature (by the hub's
+    configured key) and root against the tree the records make. ``ok`` false names the first
+    position or checkpoint that no longer matches. It reads the whole log (in a read worker,
+    below ingest): minutes for millions of events; one at a time (429 while one runs)."""
+    return JsonAnswer(await _VERIFY.run(reads, context.audit_public_key))
 
 
 @router.get(
@@ -274,5 +344,10 @@ async def verify(request: Request, reads: Reads, _: Auditor) -> Response:
     summary="The public key the checkpoints are signed with",
     response_model=PublicKeyOut,
 )
-async def public_key(request: Request, reads: Reads, _: Auditor) -> Response:
-    return JsonAnswer(await _answer(request, reads, read_public_key))
+async def public_key(context: Context, _: Auditor) -> Response:
+    """The hub's configured checkpoint key (what every check here uses)."""
+    try:
+        key = _verifier(context.audit_public_key).key_string()
+    except AuditError as failure:
+        raise Problem(404, str(failure)) from None
+    return JsonAnswer(PublicKeyOut(public_key=key).model_dump_json().encode())
