@@ -27,7 +27,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, **(env or {})},
+        # (Wide: what is asserted on is not cut by the wrapping of a long temporary path.)
+        env={**os.environ, "COLUMNS": "500", **(env or {})},
     )
 
 
@@ -86,7 +87,8 @@ def test_replay_writes_json_lines_and_import_builds_a_hub_from_them(
     new = tmp_path / "imported"
     result = run("import", str(out), "--data-dir", str(new))
     assert result.returncode == 0, result.stderr
-    assert "imported 4 CloudEvents" in result.stdout and "4 stored" in result.stdout
+    said = " ".join(result.stdout.split())  # (as wrapped to the terminal's width, or 80)
+    assert "imported 4 CloudEvents" in said and "4 stored" in said
     store = EventStore(load_settings(data_dir=new), read_only=True)
     try:
         machine = store.machine("default", "M1")
