@@ -59,6 +59,12 @@ def _registered(event: Any) -> tuple[str, str, str] | None:
     return None
 
 
+def _span(event: Any) -> tuple[int | None, int | None]:
+    if not isinstance(event, Machine.DowntimeReasonGiven):
+        return None, None
+    return to_micros(event.start), to_micros(event.end) if event.end is not None else None
+
+
 class AuditLogView:
     name = "audit_log_v1"
 
@@ -72,7 +78,10 @@ class AuditLogView:
             f"CREATE TABLE IF NOT EXISTS {TABLE} (position {key} PRIMARY KEY, "
             "aggregate TEXT NOT NULL, version BIGINT NOT NULL, type TEXT NOT NULL, "
             "event_id TEXT, source TEXT, actor_kind TEXT, actor_id TEXT, actor_role TEXT, "
-            "event_time BIGINT, recorded_time BIGINT NOT NULL, recorded_by BIGINT NOT NULL)"
+            "event_time BIGINT, recorded_time BIGINT NOT NULL, recorded_by BIGINT NOT NULL, "
+            # A downtime reason's span (start, end: null while open): an OEE diff finds the
+            # late reasons that meet its window by these, however late they were given.
+            "span_start BIGINT, span_end BIGINT)"
         )
         cursor.execute(
             f"CREATE TABLE IF NOT EXISTS {ENTITIES} (aggregate TEXT PRIMARY KEY, "
@@ -124,11 +133,13 @@ class AuditLogView:
                     to_micros(event_time) if event_time is not None else None,
                     to_micros(event.timestamp),
                     (recorded_by := max(recorded_by, to_micros(event.timestamp))),
+                    *_span(event),
                 )
             )
         if rows:
             cursor.executemany(
-                f"INSERT INTO {TABLE} ({_COLUMNS}, recorded_by) VALUES ({', '.join('?' * 12)}) "
+                f"INSERT INTO {TABLE} ({_COLUMNS}, recorded_by, span_start, span_end) "
+                f"VALUES ({', '.join('?' * 14)}) "
                 "ON CONFLICT (position) DO NOTHING",
                 rows,
             )
@@ -170,6 +181,8 @@ class AuditQuery:
     recorded_to: datetime | None = None
     after: int = 0
     until: int | None = None  # positions up to this one only
+    # Downtime reasons whose span meets this stretch only (other events are not kept).
+    spans_meeting: tuple[datetime, datetime] | None = None
 
 
 class AuditLogReader:
@@ -201,6 +214,10 @@ class AuditLogReader:
             if bound is not None:
                 where.append(f"a.{column} {operator} ?")
                 params.append(to_micros(bound))
+        if query.spans_meeting is not None:
+            start, end = query.spans_meeting
+            where.append("a.span_start < ? AND (a.span_end IS NULL OR a.span_end > ?)")
+            params += [to_micros(end), to_micros(start)]
         sql = (
             f"SELECT {', '.join('a.' + c.strip() for c in _COLUMNS.split(','))}, e.kind, "
             f"e.entity FROM {TABLE} a LEFT JOIN {ENTITIES} e ON e.aggregate = a.aggregate "
@@ -251,6 +268,17 @@ class AuditLogReader:
             )
             row = cursor.fetchone()
         return int(row[0]) if row else 0
+
+    def touched(self, types: Sequence[str], after: int, until: int) -> set[str]:
+        """The aggregates (hex) with an event of ``types`` stored after ``after`` up to
+        ``until`` (on the index by type and position: the few since, not the whole log)."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT DISTINCT aggregate FROM {TABLE} WHERE type IN "
+                f"({', '.join('?' * len(types))}) AND position > ? AND position <= ?",
+                (*types, after, until),
+            )
+            return {str(row[0]) for row in cursor.fetchall()}
 
     def positions_of(self, event_id: str) -> list[int]:
         """Where the events of one CloudEvent id are stored (an order's start is stored on

@@ -249,6 +249,16 @@ class FactsReader:
                     )
         return found
 
+    def orders_started(self, machine: UUID, before: datetime) -> set[str]:
+        """The orders ever started on the machine before ``before`` (event time)."""
+        with self._db.transaction(write=False) as cursor:
+            cursor.execute(
+                f"SELECT DISTINCT value FROM {TABLE} WHERE machine = ? AND kind = ? AND time < ?"
+                + self._upto,
+                (machine.hex, ORDER_START, to_micros(before)),
+            )
+            return {str(row[0]) for row in cursor.fetchall()}
+
     def current_order(self, machine: UUID) -> str | None:
         """The order the machine runs now, by event time (the fold over its starts and ends)."""
         with self._db.transaction(write=False) as cursor:

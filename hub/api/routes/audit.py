@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from uuid import UUID
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, Field
@@ -329,10 +330,17 @@ def _reports(sources: ReadSources, site: str, plant: PlantConfig, known: Known) 
     def cycle_facts(
         site: str, order_ids: Collection[str]
     ) -> dict[str, tuple[float | None, str | None]]:
-        found: dict[str, tuple[float | None, str | None]] = {}
+        # As the orders view has them now, but for the orders the ERP released or changed
+        # since: those as they stood then (read at their version, a few).
+        found = sources.orders.order_cycle_facts(site, order_ids)
+        since = sources.audit.touched(ORDER_FIELDS, known.position, sources.store.last_position())
         for order_id in order_ids:
+            if order_aggregate_id(site, order_id).hex not in since:
+                continue
             order = _order_known(sources, site, order_id, known)
-            if order is not None:
+            if order is None:
+                found.pop(order_id, None)
+            else:
                 found[order_id] = (order.ideal_cycle_time_s, order.part_number)
         return found
 
@@ -483,6 +491,7 @@ def _later(
     latest: Known,
     window: Interval | None = None,
     types: Sequence[str] = (),
+    spans: Interval | None = None,
 ) -> list[AuditEvent]:
     """The events of ``aggregates`` recorded after ``known`` up to ``latest``, at most
     ``MAX_CHANGES`` + 1; with ``window``, those dated from a day before it to its end only (the
@@ -492,6 +501,8 @@ def _later(
     )
     if window is not None:
         query = replace(query, event_from=window.start - SCENE, event_to=window.end)
+    if spans is not None:
+        query = replace(query, spans_meeting=(spans.start, spans.end))
     found: list[AuditEvent] = []
     while len(found) <= MAX_CHANGES:
         entries = sources.audit.page(query, MAX_PAGE)
@@ -510,11 +521,22 @@ def _machine_changes(
     the plant's configurations, and changes of the orders it ran then."""
     machine = [machine_aggregate_id(site, machine_id).hex]
     found = _later(sources, machine, known, latest, window)
-    found += _later(sources, machine, known, latest, types=[REASON_TYPE])
+    # Reasons whenever given, whose span meets the window (found by their span, not read all).
+    found += _later(sources, machine, known, latest, types=[REASON_TYPE], spans=window)
     found += _later(sources, [plant_aggregate_id(site).hex], known, latest)
-    ran = {r.order_id for r in sources.facts.window(machine_aggregate_id(site, machine_id),
-                                                     window, parts_only=True).orders}  # fmt: skip
-    orders = [order_aggregate_id(site, o).hex for o in sorted(o for o in ran if o)]
+    # The ERP's changes, since, of the orders that ran on the machine in the window (the few
+    # changed since, checked against their runs).
+    changed = sources.audit.touched(ORDER_FIELDS, known.position, latest.position)
+    started = sources.facts.orders_started(machine_aggregate_id(site, machine_id), window.end)
+    orders = []
+    for aggregate in sorted(changed & {order_aggregate_id(site, o).hex for o in started}):
+        order = sources.store.load(UUID(aggregate))
+        if isinstance(order, Order) and any(
+            run.machine_id == machine_id and run.start < window.end
+            and (run.end is None or run.end > window.start)
+            for run in order_runs(order)
+        ):  # fmt: skip
+            orders.append(aggregate)
     if orders:
         found += _later(sources, orders, known, latest, types=ORDER_FIELDS)
     unique = {e.position: e for e in found}
