@@ -124,16 +124,19 @@ def audit_signer(settings: Settings) -> NoteSigner:
     the data dir on first use (mode 0600, its public key string beside it in ``audit.vkey``).
     ``ConfigError`` naming the file if it is missing, malformed or readable by others."""
     path = settings.audit_key
+    made = False
     if path is None:
         path = settings.data_dir / KEY_FILE
         fresh = NoteSigner.generate(_key_name(audit_origin(settings)))
         # Exclusive: two starts at once must not each make a key and sign with both.
-        if write_private(path, fresh.key_string() + "\n", exclusive=True):
+        made = write_private(path, fresh.key_string() + "\n", exclusive=True)
+        if made:
             _synced(path)  # on disk before anything is signed with it
     signer = read_signer(path)
     if settings.audit_key is None:
         public = settings.data_dir / PUBLIC_KEY_FILE
-        if not public.exists():
+        # Written afresh with a key made now: an older one's would fail every check.
+        if made or not public.exists():
             write_whole(public, signer.verifier.key_string() + "\n")
             _synced(public)
     return signer
@@ -348,7 +351,11 @@ class StoredCheckpoint:
 
     @classmethod
     def of(cls, row: tuple[Any, ...]) -> StoredCheckpoint:
+        """A stored row; ``AuditMismatch`` for one whose values are not a checkpoint's (SQLite
+        keeps whatever was written into a column)."""
         size, root, position, signed_at, note = row
+        if not isinstance(root, bytes | memoryview) or not (_is_int(size) and _is_int(position)):
+            raise AuditMismatch(f"a stored checkpoint row is not one (size {size!r})")
         return cls(int(size), bytes(root), int(position), _signed_at(signed_at), str(note))
 
 
@@ -937,21 +944,35 @@ class AuditLog:
             signed.size, signed.root_hash, stored.position, stored.signed_at, stored.note
         )
 
-    def _checkpoint_rows(self, page: int = 500) -> Iterator[StoredCheckpoint]:
-        """The checkpoints as stored, oldest first, read ``page`` at a time."""
+    def _checkpoint_rows(
+        self, page: int = 500, until: int | None = None, findings: VerifyReport | None = None
+    ) -> Iterator[StoredCheckpoint]:
+        """The checkpoints as stored, oldest first, read ``page`` at a time (up to size
+        ``until``). A row that is not even a checkpoint's shape (a value of another type) is a
+        finding of ``findings``, or ``AuditMismatch`` without it."""
         after = -1
+        limit = until if until is not None else 2**62
         while True:
             with self._db.transaction(write=False) as cursor:
                 cursor.execute(
                     f"SELECT {_CHECKPOINT_COLUMNS} FROM {{checkpoints}} WHERE tree_size > ? "
-                    "ORDER BY tree_size LIMIT ?",
-                    (after, page),
+                    "AND tree_size <= ? ORDER BY tree_size LIMIT ?",
+                    (after, limit, page),
                 )
-                rows = [StoredCheckpoint.of(row) for row in cursor.fetchall()]
-            yield from rows
-            if len(rows) < page:
+                raw = cursor.fetchall()
+            for row in raw:
+                try:
+                    yield StoredCheckpoint.of(row)
+                except AuditMismatch as failure:
+                    if findings is None:
+                        raise
+                    findings.found(Finding("checkpoint", 0, str(failure)))
+            if len(raw) < page:
                 return
-            after = rows[-1].size
+            try:
+                after = int(raw[-1][0])
+            except (TypeError, ValueError):
+                return
 
     # --- proofs ---
 
@@ -1079,8 +1100,15 @@ class AuditLog:
                     f"with ({verifier.key_string()}): checkpoints signed again, or a key replaced",
                 )
             )
-        state = self._stored_state(report)
-        leaves, leaves_end, largest = self._extent()
+        # One consistent reading of the state and the extent, while a hub may go on sealing:
+        # read again until the extent did not move around the state.
+        for _ in range(20):
+            extent = self._extent()
+            state = self._stored_state(report)
+            if self._extent() == extent:
+                break
+            report.problems = [p for p in report.problems if p.what != "state"]
+        leaves, leaves_end, largest = extent
         sealed = max(leaves_end, largest, state.tree.size if state is not None else 0)
         report.sealed = sealed
         if state is not None and (state.tree.size != leaves_end or leaves != leaves_end):
@@ -1092,7 +1120,7 @@ class AuditLog:
                     f"{leaves} (up to leaf #{leaves_end - 1})",
                 )
             )
-        due = _Due(self._signed_rows(verifier, report))
+        due = _Due(self._signed_rows(verifier, report, largest))
         complete = self._verify_records(due, sealed, state, report, progress)
         for stored in due.rest():
             if complete:  # (after a bad position the tree recomputed is not the sealed one)
@@ -1125,11 +1153,12 @@ class AuditLog:
         return int(count), (int(last) + 1 if last is not None else 0), int(largest or 0)
 
     def _signed_rows(
-        self, verifier: NoteVerifier, report: VerifyReport
+        self, verifier: NoteVerifier, report: VerifyReport, until: int
     ) -> Iterator[StoredCheckpoint]:
-        """The checkpoints in size order whose note ``verifier`` checks and whose columns are
-        the note's; a finding for each other."""
-        for stored in self._checkpoint_rows():
+        """The checkpoints up to size ``until`` (those signed before verify began), in size
+        order, whose note ``verifier`` checks and whose columns are the note's; a finding for
+        each other."""
+        for stored in self._checkpoint_rows(until=until, findings=report):
             report.checkpoints += 1
             try:
                 signed = _note_checkpoint(stored.note, verifier)
@@ -1183,7 +1212,11 @@ class AuditLog:
                         reason = f"not the event sealed as leaf #{index} (position {leaf[0]})"
                         report.found(Finding("position", position, reason))
                     return False
-                if row_leaf_hash(row) != leaf[1]:
+                try:
+                    recomputed = row_leaf_hash(row)
+                except (TypeError, ValueError):  # (a value no record can have: tampered)
+                    recomputed = b""
+                if recomputed != leaf[1]:
                     reason = (
                         "its stored record no longer matches its sealed leaf (edited or swapped)"
                     )
@@ -1231,7 +1264,11 @@ class AuditLog:
                 "SELECT last_leaf, level, hash FROM {nodes} WHERE last_leaf >= ? AND last_leaf < ?",
                 (start, end),
             )
-            return {(int(last), int(level)): bytes(h) for last, level, h in cursor.fetchall()}
+            return {
+                (int(last), int(level)): _blob(h)
+                for last, level, h in cursor.fetchall()
+                if _is_int(last) and _is_int(level)
+            }
 
     def _stored_leaves(self, start: int, end: int) -> dict[int, tuple[int, bytes]]:
         with self._db.transaction(write=False) as cursor:
@@ -1240,7 +1277,12 @@ class AuditLog:
                 "WHERE leaf_index >= ? AND leaf_index < ?",
                 (start, end),
             )
-            return {int(i): (int(p), bytes(h)) for i, p, h in cursor.fetchall()}
+            # (A value of another type, as SQLite keeps whatever was written: a mismatch.)
+            return {
+                int(i): (int(p) if _is_int(p) else -1, _blob(h))
+                for i, p, h in cursor.fetchall()
+                if _is_int(i)
+            }
 
 
 class _Due:
@@ -1271,6 +1313,15 @@ def _note_checkpoint(note: str, verifier: NoteVerifier | None) -> Checkpoint:
     if verifier is not None:
         return parse_checkpoint(open_note(note, [verifier]))
     return parse_checkpoint(note[: note.rfind("\n\n") + 1])
+
+
+def _blob(value: object) -> bytes:
+    """A stored hash; empty (matching nothing) for a value of another type."""
+    return bytes(value) if isinstance(value, bytes | memoryview) else b""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _chunks(values: Sequence[int], size: int) -> Iterator[list[int]]:

@@ -63,8 +63,8 @@ PublicKeyOption = Annotated[
     str | None,
     typer.Option(
         "--public-key",
-        help="The hub's public key string, or a file holding it (default: the data dir's "
-        "audit.vkey, else the configured audit_key's public half)",
+        help="The hub's public key string, or a file holding it (default: the configured "
+        "audit_key's public half, else the data dir's audit.vkey)",
     ),
 ]
 
@@ -78,7 +78,9 @@ def _hub_verifier(settings: Settings, public_key: str | None = None) -> NoteVeri
     if public_key is not None:
         return _verifier_of(public_key)
     public = settings.data_dir / PUBLIC_KEY_FILE
-    if public.exists():
+    # Only for a key the hub made there: with audit_key configured, a file in the data dir
+    # (which whoever holds the store can write) does not say which key is the hub's.
+    if settings.audit_key is None and public.exists():
         return _verifier_of(str(public), "the data dir's public key")
     try:
         verifier = config_or_exit(lambda: audit_verifier(settings))
@@ -249,7 +251,10 @@ def audit_verify_bundle(
     except (OSError, ValueError) as failure:
         raise _fail(f"{file}: not a readable JSON bundle ({failure})", 2) from None
     several = isinstance(bundle, dict) and bundle.get("format") == EVIDENCE_SET
-    for one in bundle.get("bundles") or [None] if several else [bundle]:
+    listed = bundle.get("bundles") if several else [bundle]
+    if not isinstance(listed, list) or not listed:
+        raise _fail("bundle FAILED: an evidence set without a list of bundles")
+    for one in listed:
         try:
             checked = check_bundle(one, verifier, origin=origin)
         except BundleError as failure:

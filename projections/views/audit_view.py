@@ -235,6 +235,12 @@ class AuditLogReader:
                 position_of(cursor, AuditLogView.name), position_of(cursor, MachineFactsView.name)
             )
 
+    def ahead_of_me(self, view: str) -> bool:
+        """Whether ``view`` has read further than this one (one rebuilt alone, catching up):
+        what it holds past this one's position is not indexed here yet."""
+        with self._db.transaction(write=False) as cursor:
+            return position_of(cursor, view) > position_of(cursor, AuditLogView.name)
+
     def position_at(self, recorded: datetime) -> int:
         """The last position recorded at or before ``recorded`` (0: none)."""
         with self._db.transaction(write=False) as cursor:

@@ -987,3 +987,52 @@ async def test_a_running_hub_seals_what_it_stores_and_signs_it(settings: Setting
         assert audit_log.checkpoint().root == root(recomputed_leaves(hub.store))
     finally:
         await hub.close()
+
+
+def test_verify_while_the_hub_goes_on_sealing_and_signing_is_ok(
+    store_settings: Settings, store: EventStore
+) -> None:
+    # A verify takes minutes on a real log, and the hub's sealer goes on meanwhile: what it
+    # seals and signs after verify began is not "records that are not there".
+    # More checkpoints than verify reads in one page (500), so it reads the next page after
+    # the sealer signed more.
+    fill(store, 600)
+    often = store_settings.model_copy(update={"audit_checkpoint_every": 1})
+    sealer = sealed(often, store)
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    grown: list[int] = []
+
+    def meanwhile(position: int, last: int) -> None:
+        if not grown:
+            fill(store, 40)
+            grown.append(sealer.catch_up())
+
+    report = AuditLog(store, batch=100).verify(verifier, meanwhile)
+    assert grown and grown[0] == 40
+    assert report.ok, report.to_json()
+    assert report.sealed == 600 and report.records == 600 and report.checkpoints == 600
+
+
+def test_verify_names_values_of_the_wrong_type_instead_of_failing(tmp_path: Path) -> None:
+    # SQLite keeps whatever is written into a column (PostgreSQL refuses it itself): a text
+    # hash or root is tampering too, named, not a traceback.
+    store_settings = load_settings(
+        data_dir=tmp_path / "hub", audit_checkpoint_every=500, audit_checkpoint_interval_s=3600.0
+    )
+    store = EventStore(store_settings)
+    fill(store, 300)
+    sealed(store_settings, store)
+    verifier = audit_verifier(store_settings)
+    assert verifier is not None
+    with sqlite3.connect(store_settings.sqlite_path) as connection:
+        connection.execute("UPDATE mes_audit_leaves SET hash = 'x' WHERE leaf_index = 41")
+    connection.close()
+    report = AuditLog(store).verify(verifier)
+    assert not report.ok and report.bad_position is not None
+    with sqlite3.connect(store_settings.sqlite_path) as connection:
+        connection.execute("UPDATE mes_audit_checkpoints SET root = 'x'")
+    connection.close()
+    report = AuditLog(store).verify(verifier)
+    assert not report.ok and report.bad_checkpoint is not None
+    store.close()

@@ -224,17 +224,22 @@ class _OneAtATime:
         self._began = time.monotonic()
         # Its own task, shielded: the lock is released when the read ends, not when the
         # request does. No request given: not dropped while queued either.
-        task = asyncio.ensure_future(self._verify(reads, public_key))
-        # (Its outcome taken even when nobody waits for it any more.)
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            task = asyncio.ensure_future(_answer(None, reads, read_verify, public_key))
+        except BaseException:
+            self._lock.release()
+            raise
+        # Released when the task is done, however: also if it is cancelled before its first
+        # step (a loop closing), when a ``finally`` inside it would never run. Its outcome is
+        # taken even when nobody waits for it any more.
+        task.add_done_callback(self._done)
         return await asyncio.shield(task)
 
-    async def _verify(self, reads: Reads, public_key: str | None) -> bytes:
-        try:
-            return await _answer(None, reads, read_verify, public_key)
-        finally:
-            self._took = time.monotonic() - self._began
-            self._lock.release()
+    def _done(self, task: asyncio.Future[bytes]) -> None:
+        self._took = time.monotonic() - self._began
+        self._lock.release()
+        if not task.cancelled():
+            task.exception()
 
 
 _VERIFY = _OneAtATime()
