@@ -74,7 +74,7 @@ CHECKPOINT_DESCRIPTION = (
     "'<origin> <tree size> <base64 root hash>' (the checkpoint note's first three lines joined "
     "by spaces). Keep it: a consistency proof from that tree size to any later checkpoint, which "
     "an auditor asks the hub for, shows that the hub's event log was not rewritten since "
-    "(docs/audit-proofs.md). null: the hub had signed no checkpoint yet."
+    "(docs/audit.md). null: the hub had signed no checkpoint yet."
 )
 
 
