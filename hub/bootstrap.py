@@ -26,7 +26,7 @@ from adapters.webhooks.config import WebhookEntry
 from adapters.webhooks.destination import WebhookDestination
 from adapters.webhooks.secrets import EndpointSecrets
 from adapters.webhooks.signing import SigningKey
-from hub.api.deps import ApiContext
+from hub.api.deps import ApiContext, key_id
 from hub.api.reads import ReadPool, ReadSources
 from hub.api.webhook_desk import WebhookDesk
 from hub.children import ChildProcess
@@ -59,9 +59,11 @@ from hub.outbox import (
 )
 from hub.ports import EventPublisher
 from hub.sealer import AuditLog, audit_verifier, checkpoint_reference, sealer_of
-from hub.settings import Settings, redacted_url, settings_json
+from hub.settings import ApiKey, Settings, redacted_url, settings_json
 from hub.store import EventStore
 from hub.tasks import cancel_task
+from hub.ui.live import LiveFeed
+from hub.ui.sessions import SESSIONS_FILE, Sessions
 from hub.webhook_registry import Registry
 from hub.webhook_registry import empty as registry_empty
 from projections.processes.confirmations import ConfirmationWatch, confirmation_message_key
@@ -572,20 +574,20 @@ def api_context(
     views (``serve`` and the demo give it ``api_reads``, worker processes)."""
     facts, orders = FactsReader(hub.views), OrdersReader(hub.views)
     settings = hub.settings
+    reads = reads or ReadPool.in_threads(
+        ReadSources(hub.store, facts, orders, OutboxReader(hub.views), AuditLogReader(hub.views)),
+        settings.api_read_workers,
+        settings.api_read_queue,
+    )
+    api_keys = settings.parsed_api_keys()
+    key_secret = signing_key(settings.data_dir)
     return ApiContext(
         store=hub.store,
         facts=facts,
         orders=orders,
-        reads=reads
-        or ReadPool.in_threads(
-            ReadSources(
-                hub.store, facts, orders, OutboxReader(hub.views), AuditLogReader(hub.views)
-            ),
-            settings.api_read_workers,
-            settings.api_read_queue,
-        ),
+        reads=reads,
         publisher=hub.api_publisher,
-        api_keys=settings.parsed_api_keys(),
+        api_keys=api_keys,
         site=settings.site,
         plant=plant or PlantConfig(),
         max_clock_skew_s=settings.max_clock_skew_s,
@@ -597,11 +599,34 @@ def api_context(
         },
         webhooks=webhook_desk(hub),
         # (The hub's signing key, made once in the data dir: the same ids across restarts.)
-        key_id_secret=signing_key(settings.data_dir),
+        key_id_secret=key_secret,
         # The checkpoints' key from the settings (not the store's record, which whoever holds
         # the database could replace): what the audit routes check signatures with.
         audit_public_key=_audit_public_key(settings),
+        sessions=screen_sessions(settings, api_keys, key_secret),
+        live=LiveFeed(
+            reads,
+            settings.site,
+            plant or PlantConfig(),
+            partial(_views_read_up_to, hub.views),
+            partial(hub.store.changed_machines, settings.site),
+            poll_s=settings.projection_poll_s,
+        ),
     )
+
+
+def screen_sessions(settings: Settings, api_keys: list[ApiKey], key_secret: bytes) -> Sessions:
+    """The floor's screens' signed-in devices (``hub.ui.sessions``), in the data dir; those of
+    keys no longer configured are removed now."""
+    known = {key_id(k.key.get_secret_value(), key_secret): k.role for k in api_keys}
+    sessions = Sessions(settings.data_dir / SESSIONS_FILE, known)
+    sessions.forget_revoked()
+    return sessions
+
+
+def _views_read_up_to(views: ViewDatabase) -> int:
+    """The store position every view has read up to (what the screens show is made of)."""
+    return min(view_positions(views).values(), default=0)
 
 
 def _audit_public_key(settings: Settings) -> str | None:

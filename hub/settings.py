@@ -30,8 +30,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from hub.errors import MesHubError
 
 ENV_PREFIX = "MES_HUB_"
-ROLES = ("admin", "operator", "erp", "supplier", "customer", "auditor")
-Role = Literal["admin", "operator", "erp", "supplier", "customer", "auditor"]
+ROLES = ("admin", "operator", "erp", "supplier", "customer", "auditor", "viewer")
+Role = Literal["admin", "operator", "erp", "supplier", "customer", "auditor", "viewer"]
 MIN_KEY_LENGTH = 16
 # ``json_schema_extra`` of a setting for tests only (the crash tests' failpoints): it works as any
 # other but is listed nowhere a user looks (``documented_settings``).

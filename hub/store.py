@@ -1106,6 +1106,27 @@ class EventStore:
         return [(n.id, decode(n)) for n in notifications]
 
     @_says_why_unavailable
+    def changed_machines(self, site: str, after: int, upto: int) -> set[str]:
+        """The ids of ``site``'s machines with an event stored after position ``after`` and up
+        to ``upto`` (what the floor's screens redraw; the events are not decoded)."""
+        by_key: dict[object, str] = {
+            machine_aggregate_id(site, m): m for m in self.machine_ids(site)
+        }
+        changed: set[str] = set()
+        while after < upto:
+            notifications = self._recorder.select_notifications(
+                after, 10_000, stop=upto, inclusive_of_start=False
+            )
+            if not notifications:
+                break
+            for notification in notifications:
+                machine_id = by_key.get(notification.originator_id)
+                if machine_id is not None:
+                    changed.add(machine_id)
+            after = notifications[-1].id
+        return changed
+
+    @_says_why_unavailable
     def entities(self) -> list[Entity]:
         """Every machine, order, plant and webhook registry the store knows, on every site."""
         kinds = ("machine", "order", "plant", "webhooks")

@@ -77,7 +77,7 @@ def settings(tmp_path: Path, nats_server: EmbeddedNatsServer) -> Settings:
     )
 
 
-API_ROLES = ("admin", "operator", "erp", "supplier", "auditor")
+API_ROLES = ("admin", "operator", "erp", "supplier", "auditor", "viewer")
 
 
 def api_key(role: str) -> str:

@@ -31,6 +31,7 @@ from hub.api.routes import (
     webhooks,
 )
 from hub.store import StoreUnavailable
+from hub.ui.app import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def create_app(context: ApiContext) -> FastAPI:
     # Checkpoints and proofs (a proof that no longer checks: 409).
     app.include_router(audit_proofs.router, prefix="/api/v1", responses=reads | problems(404, 409))
     _serve_docs(app)
+    if context.sessions is not None:
+        install_ui(app)  # the floor's screens under /ui (hub.ui)
     return app
 
 

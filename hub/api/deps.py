@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -33,9 +33,13 @@ from hub.outbox import OutboxMessage
 from hub.ports import Asker, EventPublisher
 from hub.settings import ROLES, ApiKey, Role
 from hub.store import EventStore
+from hub.ui.sessions import Session, Sessions
 from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader
 from projections.views.orders_view import OrdersReader
+
+if TYPE_CHECKING:
+    from hub.ui.live import LiveFeed
 
 T = TypeVar("T")
 
@@ -68,6 +72,10 @@ class ApiContext:
     # The public key string of the checkpoints' key from the settings, which the audit routes
     # verify with (``hub.sealer.audit_verifier``); None: the hub has made no key yet.
     audit_public_key: str | None = None
+    # The floor's screens' signed-in devices (``hub.ui.sessions``); None: no screens.
+    sessions: Sessions | None = None
+    # What pushes the views' changes to the screens' open pages (``hub.ui.live``).
+    live: LiveFeed | None = None
 
 
 async def get_context(request: Request) -> ApiContext:
@@ -116,6 +124,8 @@ class Caller:
     partner: str | None = None  # a partner's key (roles supplier, customer): whose
     # The key's id (``key_id``), recorded as the actor of what the caller sends; never the key.
     key_id: str = ""
+    # A screen's signed-in device calling with its session cookie (``hub.ui``), not a key.
+    session: Session | None = None
 
     def actor_attributes(self) -> dict[str, str]:
         """The CloudEvent extension attributes naming this caller as the actor of an event it
@@ -134,7 +144,7 @@ def key_id(presented: str, secret: bytes) -> str:
     return "key-" + hmac.new(secret, presented.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-async def _identify(context: ApiContext, presented: str) -> Caller | None:
+async def identify(context: ApiContext, presented: str) -> Caller | None:
     # Compare against every key in constant time, so timing tells nothing about near misses.
     found: Caller | None = None
     for api_key in context.api_keys:
@@ -152,19 +162,63 @@ async def _identify(context: ApiContext, presented: str) -> Caller | None:
     return found
 
 
+SESSION_COOKIE = "mes_hub_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def session_caller(context: ApiContext, request: Request) -> Caller | None:
+    """The caller a screen's session cookie signs in (``hub.ui.sessions``), or None. A request
+    that changes something must also carry the session's CSRF token in ``X-CSRF-Token``: a
+    page of another site cannot read it (403 otherwise)."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if context.sessions is None or not token:
+        return None
+    session = await asyncio.to_thread(context.sessions.find, token)
+    if session is None:
+        return None
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER)
+        if sent is None and request.url.path.startswith("/ui/") and _is_form(request):
+            # The screens' own forms (sign out, the admin's) carry it as a field.
+            sent = str((await request.form()).get("csrf", ""))
+        sent = sent or ""
+        if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+            raise Problem(
+                403,
+                f"this request changes something: it needs the page's {CSRF_HEADER} header "
+                "(a request from another site has none)",
+            )
+    return Caller(session.role, key_id=session.key_id, session=session)
+
+
+def _is_form(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return kind in ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
 def require(*roles: Role) -> Callable[..., Awaitable[Caller]]:
-    """A dependency admitting callers whose key has one of ``roles``."""
+    """A dependency admitting callers whose key has one of ``roles``: given as a bearer token,
+    or by a screen's session cookie (``session_caller``)."""
 
     async def check(
         context: Context,
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Caller:
         challenge = {"WWW-Authenticate": 'Bearer realm="mes-hub"'}
-        if credentials is None or credentials.scheme.lower() != "bearer":
+        caller: Caller | None = None
+        if credentials is None and (caller := await session_caller(context, request)) is None:
             raise Problem(
                 401, "an API key is required: Authorization: Bearer <key>", headers=challenge
             )
-        caller = await _identify(context, credentials.credentials)
+        if credentials is not None and credentials.scheme.lower() != "bearer":
+            raise Problem(
+                401, "an API key is required: Authorization: Bearer <key>", headers=challenge
+            )
+        if caller is None:
+            assert credentials is not None
+            caller = await identify(context, credentials.credentials)
         if caller is None:
             raise Problem(401, "the API key is not valid", headers=challenge)
         if caller.role in PARTNERS and caller.partner is None:

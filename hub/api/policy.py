@@ -7,6 +7,7 @@ The roles (keys from ``MES_HUB_API_KEYS`` or the config file):
 - ``admin``: everything;
 - ``operator``: reads, and sends operator events (a tablet at the machine);
 - ``erp``: reads, and sends ERP order events;
+- ``viewer``: reads only (a wall screen showing the plant board, ``hub.ui``);
 - ``auditor``: reads, and the audit log, checkpoints and proofs (``/api/v1/audit``); writes
   nothing;
 - ``supplier``, ``customer``: a partner's key (issued by ``POST /partners/{id}/keys``): its own
@@ -18,7 +19,7 @@ from __future__ import annotations
 from contracts import Stream
 from hub.settings import Role
 
-READERS: tuple[Role, ...] = ("admin", "operator", "erp", "auditor")
+READERS: tuple[Role, ...] = ("admin", "operator", "erp", "auditor", "viewer")
 
 # Which event families each role may send: an operator tablet must not release ERP orders, and
 # only the hub itself publishes its own ("hub") events.
@@ -43,3 +44,10 @@ AUDITORS: tuple[Role, ...] = ("admin", "auditor")
 
 def may_send(role: Role, stream: Stream) -> bool:
     return stream in SENDS.get(role, frozenset())
+
+
+# The floor's screens (``hub.ui``): who may sign in to them, and who may open the operator
+# station (which taps reasons, starts orders and reports scrap) and the admin pages.
+SCREEN_USERS: tuple[Role, ...] = ("admin", "operator", "viewer")
+STATION_USERS: tuple[Role, ...] = ("admin", "operator")
+SCREEN_ADMINS: tuple[Role, ...] = ("admin",)

@@ -36,6 +36,11 @@ ideal_cycle_time_s = 45.0       # the last fallback for this machine's parts
 mechanical = { spindle = "unplanned", coolant = "unplanned" }
 material = { waiting = "unplanned" }
 planned = { changeover = "planned", maintenance = "planned", break = "planned" }
+
+reason_prompt_after_s = 300     # the operator station asks why after a stop this long
+
+[plant.stations.LATHE-3]        # the reasons its operator station offers (codes or branches)
+reasons = ["mechanical", "material/waiting", "planned/changeover"]
 ```
 
 With no shifts configured the plant runs one 24-hour shift a day, no breaks (docs/oee.md).
@@ -50,7 +55,7 @@ from datetime import date, datetime, time
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from projections.rules.calendar import WEEKDAYS, Calendar, Interval, PlannedStop, ShiftPattern
 
@@ -116,6 +121,14 @@ class MachineRules:
     program_cycle_times: Mapping[str, float] = field(default_factory=dict)
 
 
+class StationConfig(_Strict):
+    """What one machine's operator station offers (``[plant.stations.<id>]``)."""
+
+    # Codes or whole branches of the catalog (``mechanical``, ``material/waiting``): plants
+    # keep six to nine per machine; none listed: the whole catalog.
+    reasons: list[str] = []
+
+
 class PlantConfig(_Strict):
     time_zone: str = "UTC"
     micro_stop_threshold_s: float = Field(default=120.0, ge=0, le=3600)
@@ -129,6 +142,9 @@ class PlantConfig(_Strict):
     max_parts_per_reading: int = Field(default=10_000, ge=1)
     ideal_cycle_times: IdealCycleTimesConfig = Field(default_factory=IdealCycleTimesConfig)
     machines: dict[str, MachinePlantConfig] = {}
+    # The operator station asks why a machine stopped once the stop has lasted this long.
+    reason_prompt_after_s: float = Field(default=300.0, ge=0, le=86_400)
+    stations: dict[str, StationConfig] = {}
     # When this configuration starts to apply; none: from when the hub first runs with it.
     effective_from: AwareDatetime | None = None
 
@@ -176,6 +192,18 @@ class PlantConfig(_Strict):
         leaf_kinds(value)
         return value
 
+    @model_validator(mode="after")
+    def _station_reasons_in_catalog(self) -> PlantConfig:
+        codes = leaf_kinds(self.reasons)
+        for machine_id, station in self.stations.items():
+            for listed in station.reasons:
+                if not _in_tree(codes, listed):
+                    raise ValueError(
+                        f"stations.{machine_id}.reasons: {listed!r} is neither a reason code "
+                        "nor a branch of [plant.reasons]"
+                    )
+        return self
+
     def calendar(self) -> Calendar:
         zone = ZoneInfo(self.time_zone)
         patterns = tuple(
@@ -215,6 +243,24 @@ class PlantConfig(_Strict):
     def planned_reasons(self) -> dict[str, bool]:
         """Reason code (``a/b``) -> whether it is a planned stop."""
         return {code: kind == "planned" for code, kind in leaf_kinds(self.reasons).items()}
+
+    def station_reasons(self, machine_id: str) -> dict[str, str]:
+        """The reason codes (``a/b`` -> planned or unplanned) machine ``machine_id``'s operator
+        station offers: those ``[plant.stations]`` lists for it, else the whole catalog."""
+        codes = leaf_kinds(self.reasons)
+        station = self.stations.get(machine_id)
+        if station is None or not station.reasons:
+            return codes
+        return {
+            code: kind
+            for code, kind in codes.items()
+            if any(_in_tree({code: kind}, listed) for listed in station.reasons)
+        }
+
+
+def _in_tree(codes: Mapping[str, str], listed: str) -> bool:
+    """Whether ``listed`` is one of ``codes`` or a branch above one of them."""
+    return listed in codes or any(code.startswith(listed.rstrip("/") + "/") for code in codes)
 
 
 def leaf_kinds(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -1,0 +1,262 @@
+"""Live pages: one follower of the views for every open page, pushing changes by server-sent
+events (``GET /ui/live``).
+
+The views are kept in another process (``hub.bootstrap.views_process``); this follower polls
+how far they have read (``poll_s``, a read of one small table). When they have moved on, it
+asks the store which machines had events in between, has their tiles made once in the read
+pool (``hub.ui.floor.read_tiles``, without the shift's figures: the light part) and hands
+them to every open stream that shows one of those machines. The shift's figures change with
+time even when nothing happens (a stop lasting lowers availability), so every
+``figures_every_s`` all tiles are made again with them.
+
+What a stream sends (``text/event-stream``):
+
+- ``event: tiles``, data ``{"position": p, "tiles": [...], "full": bool}``: the tiles of the
+  machines the stream shows that changed (all of them first, ``full``); ``position``: how far
+  the views had read;
+- ``event: views``, data ``{"position": p, "machines": [...]}``: the views moved on and these
+  machines changed (the OEE pages fetch their figures again);
+- a comment every ``KEEPALIVE_S`` (proxies close silent connections); a stream whose session
+  has ended (signed out, ended by an admin, its key revoked) is closed then.
+
+A stream that cannot keep up (``QUEUE`` messages waiting) is closed; the browser's
+EventSource opens it again and gets all its tiles afresh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from hub.api.deps import SESSION_COOKIE, Caller, Context, require
+from hub.api.policy import SCREEN_USERS
+from hub.api.problems import Problem
+from hub.api.reads import ReadPool
+from hub.ui.floor import read_tiles
+from projections.rules.plant import PlantConfig
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 15.0
+QUEUE = 64
+
+
+@dataclass(eq=False)
+class Stream:
+    """One open page's stream: the machines it shows (None: all) and what waits to be sent."""
+
+    machines: frozenset[str] | None
+    queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(QUEUE))
+
+    def wants(self, machine_id: str) -> bool:
+        return self.machines is None or machine_id in self.machines
+
+    def put(self, message: bytes) -> bool:
+        """Queue ``message``; False when the stream is too far behind (it is then closed)."""
+        try:
+            self.queue.put_nowait(message)
+            return True
+        except asyncio.QueueFull:
+            return False
+
+
+def event(name: str, data: Any, event_id: int | None = None) -> bytes:
+    """One server-sent event."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class LiveFeed:
+    """The follower of the views behind every live page (see the module)."""
+
+    def __init__(
+        self,
+        reads: ReadPool,
+        site: str,
+        plant: PlantConfig,
+        views_position: Callable[[], int],
+        changed_machines: Callable[[int, int], set[str]],
+        *,
+        poll_s: float = 0.1,
+        figures_every_s: float = 5.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._reads, self._site, self._plant = reads, site, plant
+        self._views_position, self._changed = views_position, changed_machines
+        self.poll_s, self.figures_every_s = poll_s, figures_every_s
+        self._clock = clock
+        self._streams: set[Stream] = set()
+        self._tiles: dict[str, dict[str, Any]] = {}  # the latest of each machine
+        self._position = -1  # how far the tiles are made (-1: not yet)
+        self._task: asyncio.Task[None] | None = None
+        self._figures_due = 0.0
+        self._ready = asyncio.Event()  # set once the first round has made every tile
+        self.rounds = 0  # how many times the views had moved on (for the bench and tests)
+
+    # --- streams --------------------------------------------------------------------------
+
+    async def stream(
+        self, machines: Collection[str] | None, still_signed_in: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[bytes]:
+        """The server-sent events of one page (see the module)."""
+        subscriber = Stream(None if machines is None else frozenset(machines))
+        self._streams.add(subscriber)
+        self._ensure_running()
+        try:
+            yield b"retry: 2000\n\n"  # the browser reconnects after 2 s when the hub is gone
+            first = await self._snapshot(subscriber)
+            yield event("tiles", {"position": self._position, "tiles": first, "full": True})
+            while True:
+                try:
+                    message = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    if not await still_signed_in():
+                        return
+                    yield b": keepalive\n\n"
+                    continue
+                if message is None:
+                    return  # it fell behind: the browser opens it again
+                yield message
+        finally:
+            self._streams.discard(subscriber)
+
+    async def _snapshot(self, subscriber: Stream) -> list[dict[str, Any]]:
+        await self._ready.wait()
+        return [t for m, t in sorted(self._tiles.items()) if subscriber.wants(m)]
+
+    def _send(self, machines: Collection[str], tiles: list[dict[str, Any]]) -> None:
+        everything = event("views", {"position": self._position, "machines": sorted(machines)})
+        for subscriber in list(self._streams):
+            mine = [t for t in tiles if subscriber.wants(t["machine_id"])]
+            ok = True
+            if mine:
+                ok = subscriber.put(
+                    event(
+                        "tiles",
+                        {"position": self._position, "tiles": mine, "full": False},
+                        self._position,
+                    )
+                )
+            shown = sorted(m for m in machines if subscriber.wants(m))
+            if ok and shown:
+                views = (
+                    everything
+                    if subscriber.machines is None
+                    else event("views", {"position": self._position, "machines": shown})
+                )
+                ok = subscriber.put(views)
+            if not ok:
+                # Too far behind: closed; its browser reconnects and gets every tile afresh.
+                self._streams.discard(subscriber)
+                with contextlib.suppress(asyncio.QueueFull):
+                    subscriber.queue.get_nowait()
+                    subscriber.queue.put_nowait(None)
+
+    # --- following the views ------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._follow(), name="ui-live-feed")
+
+    async def _follow(self) -> None:
+        """Follow the views while any page is open; stop when the last one closes."""
+        while self._streams:
+            try:
+                full = time.monotonic() >= self._figures_due
+                await self._catch_up(full=full)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store or a read failed: try again shortly
+                log.warning("live pages: could not follow the views: %s", exc)
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(self.poll_s)
+        self._task = None
+        # The next page to open waits for a fresh first round: nothing was followed meanwhile.
+        self._ready.clear()
+        self._position = -1
+
+    async def _catch_up(self, full: bool) -> None:
+        """Make the tiles of what changed since the last round (every tile when ``full``)."""
+        position = await asyncio.to_thread(self._views_position)
+        if full:
+            self._figures_due = time.monotonic() + self.figures_every_s
+            tiles = await self._reads.run(
+                None, read_tiles, self._site, self._plant, None, self._clock(), True
+            )
+            changed = {t["machine_id"] for t in tiles} if self._position < 0 else set()
+            if self._position >= 0 and position > self._position:
+                changed = await asyncio.to_thread(self._changed, self._position, position)
+            self._tiles = {t["machine_id"]: t for t in tiles}
+            self._position = max(position, self._position)
+            self._send(changed, tiles)
+            self._ready.set()
+            self.rounds += 1
+            return
+        if position <= self._position:
+            return
+        changed = await asyncio.to_thread(self._changed, self._position, position)
+        self._position = position
+        if not changed:
+            return
+        light = await self._reads.run(
+            None, read_tiles, self._site, self._plant, sorted(changed), self._clock(), False
+        )
+        tiles = []
+        for tile in light:
+            known = self._tiles.get(tile["machine_id"])
+            # The shift's figures stay those of the last full round until the next.
+            tile["shift"] = known.get("shift") if known else None
+            self._tiles[tile["machine_id"]] = tile
+            tiles.append(tile)
+        self._send(changed, tiles)
+        self.rounds += 1
+
+    async def close(self) -> None:
+        for subscriber in list(self._streams):
+            with contextlib.suppress(asyncio.QueueFull):
+                subscriber.queue.put_nowait(None)
+        self._streams.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# --- the route ----------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+MAX_MACHINES = 500
+
+
+@router.get("/live")
+async def live(
+    request: Request,
+    context: Context,
+    _: Annotated[Caller, Depends(require(*SCREEN_USERS))],
+    machine: Annotated[list[str] | None, Query(max_length=MAX_MACHINES)] = None,
+) -> StreamingResponse:
+    """The server-sent events of a page showing ``machine`` (repeated; none: every machine)."""
+    if context.live is None:
+        raise Problem(503, "this hub keeps no views: its pages cannot be live")
+    token = request.cookies.get(SESSION_COOKIE)
+    sessions = context.sessions
+
+    async def still_signed_in() -> bool:
+        if token is None or sessions is None:
+            return True  # a key (bearer), checked when the stream opened
+        return await asyncio.to_thread(sessions.find, token) is not None
+
+    return StreamingResponse(
+        context.live.stream(machine, still_signed_in),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
