@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from fastapi import FastAPI, Request, Response
@@ -24,6 +24,8 @@ from rich.table import Table
 
 from adapters.webhooks.config import WebhookEntry
 from adapters.webhooks.signing import new_secret, sign
+from hub.api.deps import key_id
+from hub.api.policy import SCREEN_USERS
 from hub.bootstrap import CONFIRMATIONS_SINCE, PARTNERS_SINCE, Hub, build_hub
 from hub.cli.shared import (
     DataDirOption,
@@ -34,12 +36,14 @@ from hub.cli.shared import (
     setup_logging,
 )
 from hub.ingest import IngestStats
-from hub.nats_auth import write_private
+from hub.nats_auth import signing_key, write_private
 from hub.outbox import InMemoryDestination
 from hub.reports import Reports
 from hub.sealer import checkpoint_reference
 from hub.server import ApiServer
+from hub.settings import Role, Settings
 from hub.tasks import cancel_task
+from hub.ui.sessions import SESSIONS_FILE, Sessions
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
 from projections.views.facts_view import FactsReader
@@ -51,6 +55,33 @@ PROGRESS_EVERY_S = 5.0
 
 
 DEMO_ENDPOINT = "demo-receiver"
+# The reason catalog of the demo's plant: the simulator's operators give these
+# (``adapters.machines.simulator.REASONS``); an operator at a station picks from them too.
+DEMO_REASONS: dict[str, Any] = {
+    "mechanical": {"spindle": "unplanned", "coolant": "unplanned"},
+    "material": {"waiting": "unplanned"},
+    "tooling": {"change": "unplanned"},
+    "quality": {"inspection": "unplanned"},
+    "planned": {"break": "planned", "changeover": "planned", "maintenance": "planned"},
+}
+
+
+def screen_links(
+    settings: Settings, keys: dict[Role, str], url: str, machine_id: str
+) -> tuple[str, str]:
+    """One-time sign-in links: the plant board as a viewer, ``machine_id``'s station as an
+    operator (``hub.ui.sessions``: each opens one session, within a day)."""
+    secret = signing_key(settings.data_dir)
+    sessions = Sessions(settings.data_dir / SESSIONS_FILE, {})
+    try:
+        board = sessions.issue_link(key_id(keys["viewer"], secret), "viewer")
+        station = sessions.issue_link(key_id(keys["operator"], secret), "operator")
+    finally:
+        sessions.close()
+    return (
+        f"{url}/ui/enter/{board}?next=/ui/",
+        f"{url}/ui/enter/{station}?next=/ui/station/{machine_id}",
+    )
 
 
 class DemoReceiver:
@@ -186,18 +217,27 @@ def demo(
     from adapters.machines.simulator import (
         SimulatorConfig,
         SimulatorRun,
+        machine_name,
         past_start,
         run_simulator,
     )
 
     directory = data_dir or Path(tempfile.mkdtemp(prefix="mes-hub-demo-"))
-    key = secrets.token_urlsafe(24)
+    # An admin's key, and the keys the floor's screens sign in with (one-time links below).
+    keys: dict[Role, str] = {role: secrets.token_urlsafe(24) for role in SCREEN_USERS}
+    key = keys["admin"]
     settings = settings_or_exit(
-        None, data_dir=directory, api_port=port, api_keys=f"admin:{key}", nats_url=""
+        None,
+        data_dir=directory,
+        api_port=port,
+        api_keys=",".join(f"{role}:{secret}" for role, secret in keys.items()),
+        nats_url="",
     )
     setup_logging(logging.INFO, directory / "hub.log")
 
-    plant = PlantConfig()  # the defaults: one 24-hour shift a day, UTC
+    # The defaults (one 24-hour shift a day, UTC) with a reason catalog holding the reasons
+    # the simulated operators give, and those the station offers for the stops left unassigned.
+    plant = PlantConfig(reasons=DEMO_REASONS)
     # On a terminal, a live table redrawn in place (as Rich's Live draws one). Otherwise (a
     # pipe, a file, a dumb terminal) Live would show nothing until the end: plain lines, each
     # printed (and flushed) as it happens, not folded at a width a pipe does not have.
@@ -219,6 +259,12 @@ def demo(
             say(f"API: {api.url}/api/v1/machines   docs: {api.url}/docs")
             say(f"admin key (this run only): [bold]{key}[/]")
             say(f"try: curl -H 'Authorization: Bearer {key}' {api.url}/api/v1/machines")
+            board, station = screen_links(settings, keys, api.url, machine_name(0))
+            say(f"plant board (opens signed in as a viewer, once): [bold]{board}[/]")
+            say(f"{machine_name(0)}'s operator station (as an operator, once): [bold]{station}[/]")
+            if duration:
+                say(f"(the pages are live while the demo runs: {duration:g} s; --duration 0 "
+                    "keeps it running until Ctrl-C)")  # fmt: skip
             say(f"data and log: {directory}\n")
             progress = SimulatorRun()
             simulation = SimulatorConfig(

@@ -266,3 +266,18 @@ async def test_the_live_stream_wants_a_session_or_a_key(server: ApiServer) -> No
         answer = await client.get("/ui/live")
         assert answer.status_code == 401
         assert answer.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_pages_run_only_their_own_script_and_are_framed_by_nobody(
+    server: ApiServer,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        page = await client.get("/ui/login")
+        policy = page.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert page.headers["x-frame-options"] == "DENY"
+        assert page.headers["cache-control"] == "no-store"  # a signed-in page is not kept
+        assert "<script>" not in page.text  # no inline script for the policy to allow
+        script = await client.get("/ui/static/mes.js")
+        assert script.status_code == 200 and "TapQueue" in script.text
+        assert "no-store" not in script.headers.get("cache-control", "")
