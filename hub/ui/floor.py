@@ -224,11 +224,16 @@ def read_station(
     if not tiles:
         return None
     shift = current_shift(plant, now)
-    window = Interval(shift.interval.start, now) if shift else Interval(now - LOOKBACK, now)
+    since = shift.interval.start if shift else now - LOOKBACK
+    # Read from further back, so that a stop that began before the shift is shown whole (and
+    # labelled whole), then keep the stops that reach into the shift.
+    window = Interval(since - LOOKBACK, now)
     stops: list[dict[str, Any]] = []
     if window.end > window.start:
         timeline = _reports(sources, site, plant).machine_timeline(machine_id, window, now)
         for stop in shift_stops(timeline, now):
+            if stop.end is not None and stop.end <= since:
+                continue
             stops.append(
                 _jsonable(
                     {

@@ -15,7 +15,9 @@ What a stream sends (``text/event-stream``):
   machines the stream shows that changed (all of them first, ``full``); ``position``: how far
   the views had read;
 - ``event: views``, data ``{"position": p, "machines": [...]}``: the views moved on and these
-  machines changed (the OEE pages fetch their figures again);
+  of the machines it shows changed (the OEE pages fetch their figures again); a stream of the
+  whole site hears of every move, also of none of its machines (the ERP changed an order). A
+  stream opened with ``tiles=false`` gets these only, the first one ``full``;
 - a comment every ``KEEPALIVE_S`` (proxies close silent connections); a stream whose session
   has ended (signed out, ended by an admin, its key revoked) is closed then.
 
@@ -55,6 +57,7 @@ class Stream:
     """One open page's stream: the machines it shows (None: all) and what waits to be sent."""
 
     machines: frozenset[str] | None
+    tiles: bool = True  # False: only ``views`` events (a page of figures, not of tiles)
     queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(QUEUE))
 
     def wants(self, machine_id: str) -> bool:
@@ -105,16 +108,23 @@ class LiveFeed:
     # --- streams --------------------------------------------------------------------------
 
     async def stream(
-        self, machines: Collection[str] | None, still_signed_in: Callable[[], Awaitable[bool]]
+        self,
+        machines: Collection[str] | None,
+        still_signed_in: Callable[[], Awaitable[bool]],
+        tiles: bool = True,
     ) -> AsyncIterator[bytes]:
-        """The server-sent events of one page (see the module)."""
-        subscriber = Stream(None if machines is None else frozenset(machines))
+        """The server-sent events of one page (see the module); ``tiles`` False: its ``views``
+        events only, the first one ``full``."""
+        subscriber = Stream(None if machines is None else frozenset(machines), tiles)
         self._streams.add(subscriber)
         self._ensure_running()
         try:
             yield b"retry: 2000\n\n"  # the browser reconnects after 2 s when the hub is gone
             first = await self._snapshot(subscriber)
-            yield event("tiles", {"position": self._position, "tiles": first, "full": True})
+            if tiles:
+                yield event("tiles", {"position": self._position, "tiles": first, "full": True})
+            else:
+                yield event("views", {"position": self._position, "machines": [], "full": True})
             while True:
                 try:
                     message = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_S)
@@ -136,7 +146,7 @@ class LiveFeed:
     def _send(self, machines: Collection[str], tiles: list[dict[str, Any]]) -> None:
         everything = event("views", {"position": self._position, "machines": sorted(machines)})
         for subscriber in list(self._streams):
-            mine = [t for t in tiles if subscriber.wants(t["machine_id"])]
+            mine = [t for t in tiles if subscriber.tiles and subscriber.wants(t["machine_id"])]
             ok = True
             if mine:
                 ok = subscriber.put(
@@ -147,7 +157,9 @@ class LiveFeed:
                     )
                 )
             shown = sorted(m for m in machines if subscriber.wants(m))
-            if ok and shown:
+            # A page of the whole site hears of every move of the views, a machine changed or
+            # not (the ERP's orders change what the orders page shows).
+            if ok and (shown or subscriber.machines is None):
                 views = (
                     everything
                     if subscriber.machines is None
@@ -206,6 +218,7 @@ class LiveFeed:
         changed = await asyncio.to_thread(self._changed, self._position, position)
         self._position = position
         if not changed:
+            self._send(changed, [])
             return
         light = await self._reads.run(
             None, read_tiles, self._site, self._plant, sorted(changed), self._clock(), False
@@ -243,8 +256,10 @@ async def live(
     context: Context,
     _: Annotated[Caller, Depends(require(*SCREEN_USERS))],
     machine: Annotated[list[str] | None, Query(max_length=MAX_MACHINES)] = None,
+    tiles: bool = True,
 ) -> StreamingResponse:
-    """The server-sent events of a page showing ``machine`` (repeated; none: every machine)."""
+    """The server-sent events of a page showing ``machine`` (repeated; none: every machine);
+    ``tiles=false``: the views' moves only (a page of figures)."""
     if context.live is None:
         raise Problem(503, "this hub keeps no views: its pages cannot be live")
     token = request.cookies.get(SESSION_COOKIE)
@@ -256,7 +271,7 @@ async def live(
         return await asyncio.to_thread(sessions.find, token) is not None
 
     return StreamingResponse(
-        context.live.stream(machine, still_signed_in),
+        context.live.stream(machine, still_signed_in, tiles),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

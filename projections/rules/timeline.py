@@ -7,6 +7,7 @@ A machine that reports execution but never availability is available while it re
 ``UNAVAILABLE`` in either means offline.
 Facts are placed by their event time whatever order they arrived in, so a late or out-of-order
 event re-slices the intervals it falls into, and a late reason re-labels the stop it covers.
+A reason with no end ends where the machine next runs (``first_run``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ class OrderReport:
 
 @dataclass(frozen=True)
 class ReasonReport:
-    """An operator's reason for the stop(s) in [start, end); ``end`` None: still going on."""
+    """An operator's reason for the stop(s) in [start, end); where two overlap, the latest
+    ``given_at`` wins. ``end`` None: open-ended, for the stop going on at ``start``: it ends
+    where the machine next runs, the first moment at or after ``start`` that it is running
+    (``first_run``: it reports executing ``ACTIVE`` and is not ``UNAVAILABLE``; a micro-stop
+    counts as running), so a later stop, after the machine ran again, is not labelled by it;
+    if the machine is running at ``start`` it covers nothing. *Example:* stopped 08:00-08:40,
+    running 08:40-09:00, stopped 09:00-09:30; a reason from 08:00 with no end labels
+    08:00-08:40 only, and 09:00-09:30 is ``unassigned`` (docs/oee.md, rule 14)."""
 
     start: datetime
     end: datetime | None
@@ -143,6 +151,36 @@ def _machine_segments(
     return merged
 
 
+def _runs(reports: Iterable[StateReport]) -> list[tuple[datetime, bool]]:
+    """Each moment a report may change whether the machine runs, in time order, with whether it
+    runs from then on (after every report of that moment, in the order they are given)."""
+    by_time = sorted(reports, key=lambda r: r.time)  # stable: one moment's in their order
+    availability: str | None = None
+    execution: str | None = None
+    runs: list[tuple[datetime, bool]] = []
+    for moment, same in itertools.groupby(by_time, key=lambda r: r.time):
+        for report in same:
+            availability = report.availability or availability
+            execution = report.execution or execution
+        runs.append((moment, execution == "ACTIVE" and availability != "UNAVAILABLE"))
+    return runs
+
+
+def first_run(reports: Iterable[StateReport], start: datetime) -> datetime | None:
+    """The first moment at or after ``start`` that the machine runs (it reports executing
+    ``ACTIVE`` and is not ``UNAVAILABLE``) by ``reports``, every one up to where it matters
+    (those of one moment in the order they were stored): where a reason with no end given
+    from ``start`` ends. None: it does not run in these reports."""
+    return _first_run(_runs(reports), start)
+
+
+def _first_run(runs: list[tuple[datetime, bool]], start: datetime) -> datetime | None:
+    k = bisect.bisect_right(runs, start, key=lambda run: run[0]) - 1
+    if k >= 0 and runs[k][1]:
+        return start  # running at its start: it covers nothing
+    return next((moment for moment, running in runs[k + 1 :] if running), None)
+
+
 def build_timeline(
     window: Interval,
     calendar: Calendar,
@@ -156,7 +194,8 @@ def build_timeline(
     """The machine's intervals in ``window``. ``planned_reasons`` maps a reason code to whether
     it is a planned stop (from the reason catalog); unknown codes are unplanned.
     ``exists_from``: the machine's first report or commissioning (None: the first of
-    ``reports``; with none, the machine never reported)."""
+    ``reports``; with none, the machine never reported). ``reports`` before the window set the
+    scene, and decide where a reason with no end that began before the window ends."""
     planned_reasons = planned_reasons or {}
     reports = list(reports)
     if exists_from is None:
@@ -169,6 +208,9 @@ def build_timeline(
         reasons, key=lambda r: (r.given_at, r.start, r.end or r.start, r.reason)
     )  # at one moment, in one order whatever order they were stored in
 
+    # Where each reason ends: as given, or, with no end given, where the machine next runs.
+    ends = _reason_ends(reason_list, reports, segments, window)
+
     cuts = {window.start, window.end}
     cuts.update(s.start for s in segments)
     for each in shifts:
@@ -176,8 +218,8 @@ def build_timeline(
         for stop in each.planned_stops:
             cuts.update((stop.interval.start, stop.interval.end))
     cuts.update(o.time for o in order_reports if window.start < o.time < window.end)
-    for report in reason_list:
-        cuts.update(t for t in (report.start, report.end) if t and window.start < t < window.end)
+    for report, until in zip(reason_list, ends, strict=True):
+        cuts.update(t for t in (report.start, until) if t and window.start < t < window.end)
     boundaries = sorted(cuts)
 
     segment_starts = [s.start for s in segments]
@@ -208,8 +250,8 @@ def build_timeline(
             state, reason = PLANNED_STOP, planned.reason
         elif state in (STOPPED, OFFLINE):
             reason = UNASSIGNED
-            for given in reason_list:
-                if given.start <= start and (given.end is None or start < given.end):
+            for given, until in zip(reason_list, ends, strict=True):
+                if given.start <= start and (until is None or start < until):
                     reason = given.reason
             if planned_reasons.get(reason, False):
                 state = PLANNED_STOP
@@ -234,3 +276,31 @@ def build_timeline(
         else:
             merged.append(piece)
     return merged
+
+
+def _reason_ends(
+    reasons: list[ReasonReport],
+    reports: list[StateReport],
+    segments: list[_Segment],
+    window: Interval,
+) -> list[datetime | None]:
+    """Where each of ``reasons`` ends (None: not before the window's end): its end as given;
+    with none, where the machine next runs. A reason that starts in a micro-stop covers nothing
+    (it counts as running); one that started before the window may have been ended by a run
+    before it (``reports`` are every report up to the window's end, or enough of them: the
+    facts view gives those from the start of each such reason on)."""
+    if all(given.end is not None for given in reasons):
+        return [given.end for given in reasons]
+    runs = _runs(r for r in reports if r.time <= window.end)
+    segment_starts = [segment.start for segment in segments]
+    ends: list[datetime | None] = []
+    for given in reasons:
+        if given.end is not None or given.start >= window.end:
+            ends.append(given.end)
+            continue
+        k = bisect.bisect_right(segment_starts, given.start) - 1
+        if k >= 0 and segments[k].state == "micro_stop":
+            ends.append(given.start)
+        else:
+            ends.append(_first_run(runs, given.start))
+    return ends

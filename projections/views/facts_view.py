@@ -7,8 +7,10 @@ they are read back (``projections.rules.counters``), so a late reading takes its
 A query for a window reads only that window's facts plus the few that set the scene (the last
 availability and execution before it, the two counter readings before it, the machine's order
 starts and ends, the reasons that overlap it, its first report), instead of the machine's whole
-history. What it returns, settled, is what ``projections.rules.history.machine_facts`` makes of the
-whole history, for that window.
+history. A reason with no end that began before the window comes only if the machine has not
+run since, and then with the machine's reports from its start on (``_open_reasons``). What it
+returns, settled, is what ``projections.rules.history.machine_facts`` makes of the whole
+history, for that window.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from projections.rules.oee import ScrapReport
 from projections.rules.plant import PlantConfig
 from projections.rules.progress import Run
 from projections.rules.report import facts_window
-from projections.rules.timeline import ReasonReport, StateReport
+from projections.rules.timeline import ReasonReport, StateReport, first_run
 from projections.views.database import Cursor, ViewDatabase
 
 # v2: counter readings as read (v1 kept increments decided at arrival); a new name, so a hub
@@ -212,13 +214,13 @@ class FactsReader:
             for kind in (ORDER_START, ORDER_END):
                 fetch(select + " AND time <= ?", key, kind, end)
             if not parts_only:
-                fetch(
+                cursor.execute(
                     select + " AND time <= ? AND (end_time IS NULL OR end_time > ?)",
-                    key,
-                    REASON,
-                    end,
-                    start,
+                    (key, REASON, end, start),
                 )
+                reasons, scene = _open_reasons(cursor, key, cursor.fetchall(), start, self._upto)
+                rows.extend(reasons)
+                rows.extend(scene)
             first = None if parts_only else _first_report(cursor, key, self._upto)
         facts = _facts(rows)
         facts.first_report = first
@@ -358,6 +360,87 @@ def _fold(rows: list[tuple[Any, ...]], limit: int, known: _Counter | None) -> _C
     position = max([row[0] for row in rows] + [known.position if known else 0])
     readings = tail + [(time, count) for _, time, count in rows]
     return _Counter(position, added, resets, implausible, jump, tuple(readings[-CONTEXT:]))
+
+
+# Reports read at a time (per kind) while looking for where an open reason ended: the first
+# page is small (the machine usually runs again soon after), the next ones larger.
+_FIRST_PAGE, _LAST_PAGE = 50, 2000
+
+
+def _open_reasons(
+    cursor: Cursor,
+    machine: str,
+    reasons: list[tuple[Any, ...]],
+    start: int,
+    upto: str = "",
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The reason rows a window starting at ``start`` needs, and the report rows that come
+    with them. A reason with no end ends where the machine next runs (``first_run``): one that
+    started before the window and was ended by a run before it labels nothing in the window
+    and is left out; one still going on when the window opens comes with the machine's
+    reports from its start on (the last availability and execution at its start, every report
+    after it), so that the timeline finds the end the whole history gives. Reasons are looked
+    at latest start first: once one ran out before the window, every one that started before
+    it did too."""
+    starts = sorted({row[3] for row in reasons if row[8] is None and row[3] < start}, reverse=True)
+    scene: list[tuple[Any, ...]] = []
+    upper, ran_out = start, None
+    for begin in starts:
+        found, ran = _reports_until_run(cursor, machine, begin, upper, upto)
+        if ran:
+            ran_out = begin
+            break
+        scene.extend(found)  # nothing ran from ``begin`` to the window: it is still open
+        upper = begin
+    if ran_out is None:
+        return reasons, scene
+    kept = [row for row in reasons if row[8] is not None or row[3] > ran_out]
+    return kept, scene
+
+
+def _reports_until_run(
+    cursor: Cursor, machine: str, begin: int, upper: int, upto: str
+) -> tuple[list[tuple[Any, ...]], bool]:
+    """The machine's availability and execution rows from ``begin`` (the last of each at it,
+    then those after it) up to the first moment it runs or to ``upper`` (not included), and
+    whether it ran in that stretch. Read a page at a time, on the index of each kind, each
+    moment's reports whole."""
+    select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ?{upto} AND "
+    found: list[tuple[Any, ...]] = []
+    for kind in (AVAILABILITY, EXECUTION):
+        cursor.execute(
+            select + "kind = ? AND time <= ? ORDER BY time DESC, position DESC LIMIT 1",
+            (machine, kind, begin),
+        )
+        found.extend(cursor.fetchall())
+    after, size = begin, _FIRST_PAGE
+    while True:
+        page: list[tuple[Any, ...]] = []
+        cut = None  # a kind's page was full: what comes after its last moment is still unread
+        for kind in (AVAILABILITY, EXECUTION):
+            cursor.execute(
+                select + f"kind = ? AND time > ? AND time < ? ORDER BY time, position LIMIT {size}",
+                (machine, kind, after, upper),
+            )
+            rows = cursor.fetchall()
+            page.extend(rows)
+            if len(rows) == size:
+                cut = rows[-1][3] if cut is None else min(cut, rows[-1][3])
+        if cut is not None:
+            # Both kinds are whole before ``cut``; at ``cut``, all of its reports.
+            page = [row for row in page if row[3] < cut]
+            cursor.execute(
+                select + "kind IN (?, ?) AND time = ? ORDER BY position",
+                (machine, AVAILABILITY, EXECUTION, cut),
+            )
+            page.extend(cursor.fetchall())
+            after, size = cut, min(2 * size, _LAST_PAGE)
+        found.extend(page)
+        run = first_run(_facts(found).states, from_micros(begin))
+        if run is not None and to_micros(run) < upper:
+            return found, True
+        if cut is None:
+            return found, False
 
 
 def _first_report(cursor: Cursor, machine: str, upto: str = "") -> datetime | None:

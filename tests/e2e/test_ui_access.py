@@ -281,3 +281,37 @@ async def test_the_pages_run_only_their_own_script_and_are_framed_by_nobody(
         script = await client.get("/ui/static/mes.js")
         assert script.status_code == 200 and "TapQueue" in script.text
         assert "no-store" not in script.headers.get("cache-control", "")
+
+
+async def test_a_page_of_figures_hears_of_the_views_moving_only(
+    server: ApiServer, hub: Hub
+) -> None:
+    await machine_reported(hub, "M1")
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+        await sign_in(client, "viewer")
+        async with client.stream("GET", "/ui/live", params={"tiles": "false"}) as stream:
+            lines = stream.aiter_lines()
+            ((name, first),) = await read_events(lines, 1)
+            assert (name, first["full"], first["machines"]) == ("views", True, [])
+            # The ERP releases an order: no machine changed, yet the orders page must hear.
+            release = cloud_event(
+                "mes.erp.order.released.v1",
+                "SO-9",
+                {"order_id": "SO-9", "part_number": "P", "quantity": 5,
+                 "due": "2030-01-01T00:00:00Z", "ideal_cycle_time_s": 30},
+            )  # fmt: skip
+            before = hub.ingest_stats().applied
+            await hub.publisher.publish_many([release])
+            await eventually(lambda: hub.ingest_stats().applied == before + 1)
+
+            async def next_move(after: int) -> tuple[str, Any]:
+                while True:  # (what was queued before, of the position first sent, is passed)
+                    ((name, data),) = await read_events(lines, 1)
+                    if data["position"] > after:
+                        return name, data
+
+            name, moved = await asyncio.wait_for(next_move(first["position"]), 10)
+            assert (name, moved["machines"]) == ("views", [])
+            await machine_reported(hub, "M1", "STOPPED")
+            name, changed = await asyncio.wait_for(next_move(moved["position"]), 10)
+            assert (name, changed["machines"]) == ("views", ["M1"])  # and no tiles at all

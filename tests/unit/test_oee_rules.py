@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -9,7 +10,13 @@ import pytest
 
 from projections.rules.calendar import Calendar, Interval, PlannedStop, ShiftPattern, local_days
 from projections.rules.oee import OeeFigures, PartsReport, ScrapReport, by_order, compute_oee
-from projections.rules.timeline import OrderReport, ReasonReport, StateReport, build_timeline
+from projections.rules.timeline import (
+    OrderReport,
+    ReasonReport,
+    StateReport,
+    TimelineInterval,
+    build_timeline,
+)
 
 DAY = date(2026, 3, 2)  # a Monday
 EARLY = ShiftPattern("early", time(6), time(14), breaks=((time(10), time(10, 30)),))
@@ -209,3 +216,142 @@ def test_default_calendar_is_one_24_hour_shift_a_day_in_utc() -> None:
     day = Interval(datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 3, tzinfo=UTC))
     (shift,) = Calendar().shifts(day)
     assert shift.interval == day and shift.planned_stops == ()
+
+
+# --- open-ended reasons (docs/oee.md, Reasons) --------------------------------------------------
+
+PLANNED = {"planned/changeover": True, "material/waiting": False}
+# Stopped 08:00-08:40, running 08:40-09:00, stopped 09:00-09:30, running again.
+TWO_STOPS = [active(at(6)), stopped(at(8)), active(at(8, 40)), stopped(at(9)), active(at(9, 30))]
+
+
+def timeline_of(
+    reports: list[StateReport], reasons: list[ReasonReport], window: Interval = SHIFT
+) -> list[TimelineInterval]:
+    return build_timeline(
+        window,
+        Calendar(patterns=(EARLY,)),
+        [StateReport(at(5), availability="AVAILABLE"), *reports],
+        reasons=reasons,
+        planned_reasons=PLANNED,
+    )
+
+
+def stops(timeline: list[TimelineInterval]) -> list[tuple[datetime, datetime, str | None]]:
+    return [(i.start, i.end, i.reason) for i in timeline if i.state in ("stopped", "offline")]
+
+
+def test_an_open_ended_reason_labels_only_the_stop_it_was_given_for() -> None:
+    # Tapped at 08:05 for the stop going on (from 08:00), with no end: it ends where the
+    # machine runs again, 08:40. The stop at 09:00 is another one, still to be labelled.
+    tapped = ReasonReport(at(8), None, "material/waiting", given_at=at(8, 5))
+    assert stops(timeline_of(TWO_STOPS, [tapped])) == [
+        (at(8), at(8, 40), "material/waiting"),
+        (at(9), at(9, 30), "unassigned"),
+    ]
+    figures = oee_of(TWO_STOPS, reasons=[tapped])
+    assert figures.downtime_s_by_reason == {"material/waiting": 2400, "unassigned": 1800}
+    # A window that opens after the run (08:50): the reason, given before it, labels nothing.
+    later = Interval(at(8, 50), at(14))
+    assert stops(timeline_of(TWO_STOPS, [tapped], later)) == [(at(9), at(9, 30), "unassigned")]
+    # One that opens mid-stop (08:10): the reason still labels the rest of its stop.
+    mid = Interval(at(8, 10), at(14))
+    assert stops(timeline_of(TWO_STOPS, [tapped], mid)) == [
+        (at(8, 10), at(8, 40), "material/waiting"),
+        (at(9), at(9, 30), "unassigned"),
+    ]
+
+
+def test_an_open_ended_reason_given_while_the_machine_runs_covers_nothing() -> None:
+    for start in (at(8, 50), at(8, 40)):  # running; and the very moment it runs again
+        given = ReasonReport(start, None, "material/waiting", given_at=at(8, 55))
+        assert stops(timeline_of(TWO_STOPS, [given])) == [
+            (at(8), at(8, 40), "unassigned"),
+            (at(9), at(9, 30), "unassigned"),
+        ]
+    # From the very moment the machine stops, it labels that stop.
+    at_the_stop = ReasonReport(at(9), None, "material/waiting", given_at=at(9, 5))
+    assert stops(timeline_of(TWO_STOPS, [at_the_stop]))[1] == (at(9), at(9, 30), "material/waiting")
+
+
+def test_an_open_ended_reason_in_a_micro_stop_covers_nothing_and_ends_at_no_later_stop() -> None:
+    # A 60 s stop at 07:00 is a micro-stop: running. A reason tapped in it labels no later stop.
+    reports = [active(at(6)), stopped(at(7)), active(at(7, 1)), *TWO_STOPS[1:]]
+    given = ReasonReport(at(7, 0, 30), None, "material/waiting", given_at=at(7, 0, 40))
+    assert stops(timeline_of(reports, [given])) == [
+        (at(8), at(8, 40), "unassigned"),
+        (at(9), at(9, 30), "unassigned"),
+    ]
+
+
+def test_an_open_ended_reason_over_offline_time_ends_when_the_machine_runs_again() -> None:
+    # Executing ACTIVE all along, but UNAVAILABLE 08:00-08:30: offline, not running, until the
+    # machine is back at 08:30. Then it stops at 09:00: unassigned.
+    reports = [
+        active(at(6)),
+        StateReport(at(8), availability="UNAVAILABLE"),
+        StateReport(at(8, 30), availability="AVAILABLE"),
+        stopped(at(9)),
+        active(at(9, 30)),
+    ]
+    given = ReasonReport(at(8), None, "material/waiting", given_at=at(8, 10))
+    assert stops(timeline_of(reports, [given])) == [
+        (at(8), at(8, 30), "material/waiting"),
+        (at(9), at(9, 30), "unassigned"),
+    ]
+
+
+def test_overlapping_reasons_never_make_a_figure_negative_whatever_their_order() -> None:
+    """Point85 issue #9: overlapping manual entries gave negative availability. Here seven
+    reasons, planned and unplanned, open and closed, some over running time (as NATS keeps
+    them), overlap one stop 08:00-09:00; the latest given wins on each stretch of it."""
+    reports = [active(at(6)), stopped(at(8)), active(at(9))]
+    reasons = [
+        ReasonReport(at(7, 30), at(8, 20), "planned/changeover", given_at=at(8, 10)),
+        ReasonReport(at(8, 10), None, "material/waiting", given_at=at(8, 15)),  # to 09:00
+        ReasonReport(at(7), None, "planned/changeover", given_at=at(8, 20)),  # ran: nothing
+        ReasonReport(at(8, 30), at(10), "material/waiting", given_at=at(8, 25)),
+        ReasonReport(at(8, 40), at(8, 50), "planned/changeover", given_at=at(8, 30)),
+        ReasonReport(at(8, 45), None, "unknown/code", given_at=at(8, 35)),  # to 09:00
+        # Given at the same moment as the one before: the order is fixed by span, then code.
+        ReasonReport(at(8, 45), None, "material/waiting", given_at=at(8, 35)),
+    ]
+    expected = [
+        (at(8), at(8, 10), "planned_stop", "planned/changeover"),
+        (at(8, 10), at(8, 40), "stopped", "material/waiting"),
+        (at(8, 40), at(8, 45), "planned_stop", "planned/changeover"),
+        (at(8, 45), at(9), "stopped", "unknown/code"),
+    ]
+    rng = random.Random(85)
+    orders = [reasons, reasons[::-1], *(rng.sample(reasons, len(reasons)) for _ in range(200))]
+    for given in orders:
+        timeline = timeline_of(reports, given)
+        labelled = [
+            (i.start, i.end, i.state, i.reason)
+            for i in timeline
+            if at(8) <= i.start < at(9) and i.state != "running"
+        ]
+        assert labelled == expected
+        figures = compute_oee(SHIFT, timeline, [], [], by_order({}), now=LATER)
+        assert figures.planned_stop_s_by_reason == {
+            "planned/break": 1800,
+            "planned/changeover": 900,
+        }
+        assert figures.downtime_s_by_reason == {"material/waiting": 1800, "unknown/code": 900}
+        assert figures.planned_busy_time_s == (480 - 30 - 15) * 60
+        assert figures.actual_production_time_s == (480 - 30 - 60) * 60
+        assert figures.availability == pytest.approx(390 / 435)
+        values = [
+            figures.planned_busy_time_s,
+            figures.actual_production_time_s,
+            *figures.downtime_s_by_reason.values(),
+            *figures.planned_stop_s_by_reason.values(),
+        ]
+        assert all(value >= 0 for value in values)
+        assert figures.availability is not None and 0 <= figures.availability <= 1
+        # The shift is planned busy time plus planned stops; planned busy time is production
+        # time plus unplanned downtime.
+        planned = sum(figures.planned_stop_s_by_reason.values())
+        downtime = sum(figures.downtime_s_by_reason.values())
+        assert figures.planned_busy_time_s + planned == SHIFT.seconds
+        assert figures.actual_production_time_s + downtime == figures.planned_busy_time_s

@@ -3,8 +3,10 @@
 The API never writes the store: it publishes, and ingest applies (one way in). Besides the
 contract, it refuses what ingest would have to keep but the sender can still put right: an
 event dated too far ahead of the hub's clock (400, as ingest does), an operator event for a
-machine the hub does not know (404), a downtime reason that is not in the catalog (400). A
-batch is checked whole before any of it is published.
+machine the hub does not know (404), a downtime reason that is not in the catalog (400), and a
+downtime reason that covers time the machine was running, by its timeline as the hub knows it
+when asked (409: ``_check_reasons_cover_stops``). A batch is checked whole before any of it is
+published. Over NATS (adapters, gateways) the last three are not checked: what comes is kept.
 
 What the route accepts (it reads the body itself) is told to the OpenAPI document by
 ``openapi_extra`` and ``openapi_schemas``: the three content types, the ``ce-*`` headers, and
@@ -17,7 +19,7 @@ import copy
 import json
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 from urllib.parse import unquote
@@ -39,11 +41,24 @@ from contracts import (
     typed_events,
     validate_envelope,
 )
-from hub.api.deps import Caller, EventWriter, MaxClockSkew, Plant, Publisher, Site, Store
+from hub.api.deps import (
+    Caller,
+    EventWriter,
+    Facts,
+    MaxClockSkew,
+    Orders,
+    Plant,
+    Publisher,
+    Site,
+    Store,
+)
 from hub.api.policy import SENDS, may_send
 from hub.api.problems import Problem, problems
+from hub.reports import Reports, UnknownMachine
 from hub.store import EventStore
+from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
+from projections.rules.timeline import RUNNING
 
 router = APIRouter(prefix="/events", tags=["events"])
 
@@ -224,6 +239,110 @@ async def _check_machines_known(
         )
 
 
+# How far past its start a reason with no end is read, to say until when the machine ran.
+_OPEN_REASON_LOOK = timedelta(days=1)
+
+
+def _running_stretches(
+    reports: Reports, machine_id: str, reason: DowntimeReasonV1, now: datetime
+) -> list[Interval]:
+    """When the machine was running, by its timeline as the hub knows it now (a micro-stop
+    counts as running), in the time ``reason`` covers: [start, end), or for one with no end,
+    the running stretch going on at its start, if any. Only what is known counts: the time
+    after ``now`` is not, and a machine with no timeline (``UnknownMachine``) never ran."""
+    start = reason.start.astimezone(UTC)
+    if reason.end is None:
+        window = Interval(start, min(now, start + _OPEN_REASON_LOOK))
+    else:
+        window = Interval(start, min(reason.end.astimezone(UTC), now))
+    if window.end <= window.start:
+        return []
+    try:
+        intervals = reports.machine_timeline(machine_id, window, now)
+    except UnknownMachine:
+        return []
+    stretches: list[Interval] = []
+    for interval in intervals:
+        if interval.state != RUNNING:
+            continue
+        if stretches and stretches[-1].end == interval.start:
+            stretches[-1] = Interval(stretches[-1].start, interval.end)
+        else:
+            stretches.append(Interval(interval.start, interval.end))
+    if reason.end is None:
+        return stretches[:1] if stretches and stretches[0].start == start else []
+    return stretches
+
+
+def _clock(time: datetime, day: datetime) -> str:
+    """A time an operator reads on a tablet: the time of day, with the date when it is not
+    that of ``day`` (the reason's start)."""
+    time = time.astimezone(UTC)
+    return time.strftime("%H:%M:%S" if time.date() == day.date() else "%Y-%m-%d %H:%M:%S")
+
+
+def _iso(time: datetime) -> str:
+    return time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _reasons_over_running_time(
+    reports: Reports, events: list[tuple[int, ValidatedEvent]], now: datetime, batch: bool
+) -> Problem | None:
+    """The refusal of the first of ``events`` (index, downtime reason) that covers time its
+    machine was running; None: each covers stops only."""
+    for index, event in events:
+        reason = event.data
+        assert isinstance(reason, DowntimeReasonV1)
+        machine_id = event.envelope.subject
+        running = _running_stretches(reports, machine_id, reason, now)
+        if not running:
+            continue
+        where = f"event {index}: " if batch else ""
+        day = reason.start.astimezone(UTC)
+        first = running[0]
+        if reason.end is None:
+            detail = (
+                f"{machine_id} was running at {_clock(first.start, day)} UTC: a downtime reason "
+                "without an end may only start while the machine is stopped"
+            )
+        else:
+            more = len(running) - 1
+            also = f" (and {more} more time{'s' if more > 1 else ''})" if more else ""
+            detail = (
+                f"{machine_id} was running from {_clock(first.start, day)} to "
+                f"{_clock(first.end, day)} UTC{also}: a downtime reason may only cover time "
+                "the machine was stopped"
+            )
+        return Problem(
+            409,
+            where + detail,
+            extensions={
+                "machine_id": machine_id,
+                "running": [{"from": _iso(r.start), "to": _iso(r.end)} for r in running],
+            },
+        )
+    return None
+
+
+async def _check_reasons_cover_stops(
+    reports: Reports, events: list[ValidatedEvent], applied: set[str], now: datetime, batch: bool
+) -> None:
+    """A downtime reason sent to the API may only cover time its machine was stopped, by the
+    machine's timeline as the hub knows it now (not counting the batch's own machine events);
+    one with no end (for the stop going on at its start) may not start while it was running.
+    A reason already applied (a retry) is answered as a duplicate, not checked again."""
+    reasons = [
+        (index, event)
+        for index, event in enumerate(events)
+        if isinstance(event.data, DowntimeReasonV1) and dedupe_key(event.envelope) not in applied
+    ]
+    if not reasons:
+        return
+    refusal = await asyncio.to_thread(_reasons_over_running_time, reports, reasons, now, batch)
+    if refusal is not None:
+        raise refusal
+
+
 # --- what the OpenAPI document says of POST /events ---------------------------------------------
 
 # The types some role may send here (the hub's own types are refused: only the hub sends those).
@@ -312,10 +431,18 @@ _DOCUMENTED: dict[str, Any] = {
     f"it is published. The event families each role may send: {_WHO_SENDS_WHAT} (403 "
     "otherwise). An event that breaks the contract, is dated too far ahead of the hub's clock "
     "or names a downtime reason missing from the catalog is refused (400); an operator event "
-    "for a machine the hub does not know is 404.",
+    "for a machine the hub does not know is 404. A downtime reason may only cover time its "
+    "machine was stopped, by the machine's timeline as the hub knows it when asked (a "
+    "micro-stop counts as running); one with no end is for the stop going on at its start and "
+    "may not start while the machine runs. One that covers running time is refused with 409 "
+    "Conflict, naming the machine (`machine_id`) and when it ran (`running`: `from`, `to`): "
+    "the event itself is valid (not 400 or 422), it conflicts with the machine's history as "
+    "the hub holds it, which late machine events may still change, so the same reason may be "
+    "accepted later. Reasons that come over NATS (adapters, gateways) are not checked: they "
+    "are kept.",
     responses={
         202: {"description": "Published; ingest applies it shortly"},
-        **problems(400, 404, 413, 415, 503),
+        **problems(400, 404, 409, 413, 415, 503),
     },
     openapi_extra=_DOCUMENTED,
 )
@@ -327,6 +454,8 @@ async def post_events(
     site: Site,
     max_skew_s: MaxClockSkew,
     caller: EventWriter,
+    facts: Facts,
+    orders: Orders,
 ) -> Accepted | list[Accepted]:
     body = await limited_body(request, MAX_BODY_BYTES)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -348,6 +477,8 @@ async def post_events(
     # published again. A repeat still in NATS' duplicate window is answered so by NATS.
     envelopes = [e.envelope for e in events]
     applied = await asyncio.to_thread(store.received_events, envelopes, max_skew_s)
+    reports = Reports(store, facts, orders, site, plant)
+    await _check_reasons_cover_stops(reports, events, applied, now, content_type == BATCH)
     fresh = [e for e in envelopes if dedupe_key(e) not in applied]
     try:
         receipts = iter(await publisher.publish_many(fresh) if fresh else [])

@@ -37,9 +37,12 @@ export function setLinkState(text) {
 }
 
 // The page's live stream: handlers.tiles({tiles, full, position}), handlers.views({machines,
-// position}). machines: the machine ids the page shows (none: all).
+// position, full}). machines: the machine ids the page shows (none: all). A page without a
+// tiles handler gets the views' moves only (the first one full: the stream is open).
 export function live(machines, handlers) {
-  const query = (machines ?? []).map((m) => `machine=${encodeURIComponent(m)}`).join("&");
+  const params = (machines ?? []).map((m) => `machine=${encodeURIComponent(m)}`);
+  if (!handlers.tiles) params.push("tiles=false");
+  const query = params.join("&");
   let source;
   const open = () => {
     source = new EventSource(`/ui/live${query ? `?${query}` : ""}`);
