@@ -625,8 +625,11 @@ def screen_sessions(settings: Settings, api_keys: list[ApiKey], key_secret: byte
 
 
 def _views_read_up_to(views: ViewDatabase) -> int:
-    """The store position every view has read up to (what the screens show is made of)."""
-    return min(view_positions(views).values(), default=0)
+    """The store position the views the screens are made of (the machines' facts, the orders)
+    have all read up to; the outbox's and the audit log's do not hold them back."""
+    shown = (MachineFactsView.name, OrdersView.name, OrderStatesView.name)
+    positions = view_positions(views)
+    return min((positions.get(name, 0) for name in shown), default=0)
 
 
 def _audit_public_key(settings: Settings) -> str | None:

@@ -188,6 +188,7 @@ async def session_caller(context: ApiContext, request: Request) -> Caller | None
                 403,
                 f"this request changes something: it needs the page's {CSRF_HEADER} header "
                 "(a request from another site has none)",
+                extensions={"csrf_required": True},
             )
     return Caller(session.role, key_id=session.key_id, session=session)
 

@@ -3,7 +3,8 @@
 - ``GET /ui/login`` and ``POST /ui/login`` (a key, once per device) open a session
   (``hub.ui.sessions``): an HttpOnly, SameSite=Strict cookie, Secure when served over https.
 - ``GET /ui/enter/{token}``: a one-time sign-in link (the demo prints two; an admin makes
-  them on ``/ui/admin`` for a tablet or a wall screen, so nobody types a key there).
+  them on ``/ui/admin`` for a tablet or a wall screen, so nobody types a key there); its page
+  asks, and its button (``POST``) signs the device in.
 - ``POST /ui/logout`` ends the session.
 - ``/ui/admin``: the signed-in devices, ended one by one, and one-time links for the keys
   configured (admins only).
@@ -197,9 +198,28 @@ async def login(
 
 
 @router.get("/enter/{token}")
-async def enter(
+async def enter_page(
     request: Request, context: Context, token: str, next: str | None = None
 ) -> Response:
+    """A one-time link asks before it signs the device in: a mail or chat scanner that opens
+    every link it sees must not use it up (or get the session)."""
+    role = await asyncio.to_thread(_sessions(context).link_role, token)
+    if role is None:
+        return render(request, "login.html", None, 401, next=_local(next),
+                      error="that sign-in link was used already or has expired")  # fmt: skip
+    return render(request, "enter.html", None, token=token, link_role=role, next=_local(next))
+
+
+@router.post("/enter/{token}")
+async def enter(
+    request: Request,
+    context: Context,
+    token: str,
+    next: Annotated[str, Form(max_length=2048)] = HOME,
+) -> Response:
+    if not _same_origin(request):
+        return render(request, "login.html", None, 403, next=_local(next),
+                      error="sign in from this hub's own page")  # fmt: skip
     sessions = _sessions(context)
     device = request.headers.get("user-agent", "")
     opened = await asyncio.to_thread(sessions.redeem_link, token, device)

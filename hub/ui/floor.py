@@ -104,10 +104,15 @@ def _state_now(
     return last.state, last.reason, (None if since <= window.start else since)
 
 
-def _figures(shift: Shift, figures: OeeFigures) -> ShiftFigures:
+def _figures(shift: Shift, figures: OeeFigures, configured_cycle_s: float | None) -> ShiftFigures:
+    """The shift's figures for a tile. The target: parts at the ideal cycle time of the parts
+    made so far (those with one), else the machine's configured one; None when neither is
+    known."""
     target = None
-    if figures.produced and figures.ideal_time_s > 0:
-        ideal_cycle = figures.ideal_time_s / figures.produced
+    timed = figures.produced - figures.parts_without_ideal_time
+    ideal_cycle = figures.ideal_time_s / timed if timed > 0 and figures.ideal_time_s > 0 else None
+    ideal_cycle = ideal_cycle or configured_cycle_s
+    if ideal_cycle:
         target = int(figures.planned_busy_time_s // ideal_cycle)
     return ShiftFigures(
         name=shift.name,
@@ -168,7 +173,9 @@ def read_tiles(
             order_id,
             quantity,
             good,
-            _figures(shift, figures) if shift is not None and figures is not None else None,
+            None
+            if shift is None or figures is None
+            else _figures(shift, figures, plant.machine_rules(machine_id).ideal_cycle_time_s),
         )
         tiles.append(tile.as_json())
     return tiles
@@ -248,7 +255,10 @@ def read_station(
     for status in ("running", "released"):
         for order_id, key in sources.orders.page(site, status=status, machine=machine_id):
             order = sources.store.load(key)
-            if isinstance(order, Order):
+            # (An order running on another machine is not this station's to end.)
+            if isinstance(order, Order) and (
+                status == "released" or machine_id in order.running_on
+            ):
                 orders.append(
                     {
                         "order_id": order_id,

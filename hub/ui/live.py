@@ -49,6 +49,7 @@ from projections.rules.plant import PlantConfig
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0
+SESSION_CHECK_S = 5.0  # how soon a stream ends after its session has
 QUEUE = 64
 
 
@@ -102,7 +103,8 @@ class LiveFeed:
         self._position = -1  # how far the tiles are made (-1: not yet)
         self._task: asyncio.Task[None] | None = None
         self._figures_due = 0.0
-        self._ready = asyncio.Event()  # set once the first round has made every tile
+        self._ready = asyncio.Event()  # set once a first round has made every tile
+        self._closed = False
         self.rounds = 0  # how many times the views had moved on (for the bench and tests)
 
     # --- streams --------------------------------------------------------------------------
@@ -114,36 +116,61 @@ class LiveFeed:
         tiles: bool = True,
     ) -> AsyncIterator[bytes]:
         """The server-sent events of one page (see the module); ``tiles`` False: its ``views``
-        events only, the first one ``full``."""
+        events only, the first one ``full``. Its session is checked every ``SESSION_CHECK_S``:
+        a stream whose session has ended (signed out, ended by an admin, its key revoked)
+        closes then."""
+        if self._closed:
+            return
         subscriber = Stream(None if machines is None else frozenset(machines), tiles)
         self._streams.add(subscriber)
         self._ensure_running()
         try:
             yield b"retry: 2000\n\n"  # the browser reconnects after 2 s when the hub is gone
             first = await self._snapshot(subscriber)
+            if first is None:
+                return  # the hub is stopping
             if tiles:
                 yield event("tiles", {"position": self._position, "tiles": first, "full": True})
             else:
                 yield event("views", {"position": self._position, "machines": [], "full": True})
+            check_due = time.monotonic() + SESSION_CHECK_S
+            quiet_since = time.monotonic()
             while True:
+                wait = max(0.0, min(check_due, quiet_since + KEEPALIVE_S) - time.monotonic())
                 try:
-                    message = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_S)
+                    message = await asyncio.wait_for(subscriber.queue.get(), wait)
                 except TimeoutError:
+                    message = b""
+                now = time.monotonic()
+                if now >= check_due:
                     if not await still_signed_in():
                         return
-                    yield b": keepalive\n\n"
-                    continue
+                    check_due = now + SESSION_CHECK_S
                 if message is None:
-                    return  # it fell behind: the browser opens it again
-                yield message
+                    return  # it fell behind, or the hub stops: the browser opens it again
+                if message:
+                    quiet_since = now
+                    yield message
+                elif now - quiet_since >= KEEPALIVE_S:
+                    quiet_since = now
+                    yield b": keepalive\n\n"
         finally:
             self._streams.discard(subscriber)
 
-    async def _snapshot(self, subscriber: Stream) -> list[dict[str, Any]]:
-        await self._ready.wait()
+    async def _snapshot(self, subscriber: Stream) -> list[dict[str, Any]] | None:
+        """Every tile ``subscriber`` shows, once a round has made them (None: closing)."""
+        while not self._ready.is_set():
+            if self._closed:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), 1.0)
         return [t for m, t in sorted(self._tiles.items()) if subscriber.wants(m)]
 
-    def _send(self, machines: Collection[str], tiles: list[dict[str, Any]]) -> None:
+    def _send(
+        self, machines: Collection[str], tiles: list[dict[str, Any]], moved: bool = True
+    ) -> None:
+        """``tiles`` to the streams showing them; and, when the views ``moved``, a ``views``
+        event naming the changed ``machines`` each stream shows."""
         everything = event("views", {"position": self._position, "machines": sorted(machines)})
         for subscriber in list(self._streams):
             mine = [t for t in tiles if subscriber.tiles and subscriber.wants(t["machine_id"])]
@@ -159,7 +186,7 @@ class LiveFeed:
             shown = sorted(m for m in machines if subscriber.wants(m))
             # A page of the whole site hears of every move of the views, a machine changed or
             # not (the ERP's orders change what the orders page shows).
-            if ok and (shown or subscriber.machines is None):
+            if ok and moved and (shown or subscriber.machines is None):
                 views = (
                     everything
                     if subscriber.machines is None
@@ -167,11 +194,16 @@ class LiveFeed:
                 )
                 ok = subscriber.put(views)
             if not ok:
-                # Too far behind: closed; its browser reconnects and gets every tile afresh.
-                self._streams.discard(subscriber)
-                with contextlib.suppress(asyncio.QueueFull):
-                    subscriber.queue.get_nowait()
-                    subscriber.queue.put_nowait(None)
+                self._drop(subscriber)
+
+    def _drop(self, subscriber: Stream) -> None:
+        """Close ``subscriber``'s stream (too far behind, or the hub stops); its browser
+        reconnects and gets every tile afresh."""
+        self._streams.discard(subscriber)
+        with contextlib.suppress(asyncio.QueueEmpty):
+            subscriber.queue.get_nowait()  # room for the end, in a full queue
+        with contextlib.suppress(asyncio.QueueFull):
+            subscriber.queue.put_nowait(None)
 
     # --- following the views ------------------------------------------------------------------
 
@@ -181,63 +213,66 @@ class LiveFeed:
 
     async def _follow(self) -> None:
         """Follow the views while any page is open; stop when the last one closes."""
-        while self._streams:
-            try:
-                full = time.monotonic() >= self._figures_due
-                await self._catch_up(full=full)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the store or a read failed: try again shortly
-                log.warning("live pages: could not follow the views: %s", exc)
-                await asyncio.sleep(1.0)
-            await asyncio.sleep(self.poll_s)
-        self._task = None
-        # The next page to open waits for a fresh first round: nothing was followed meanwhile.
-        self._ready.clear()
-        self._position = -1
+        try:
+            while self._streams and not self._closed:
+                try:
+                    # Every tile is made again (with the shift's figures) when due, and until
+                    # a first round has made them all.
+                    full = not self._ready.is_set() or time.monotonic() >= self._figures_due
+                    await self._round(full)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the store or a read failed: try again shortly
+                    log.warning("live pages: could not follow the views: %s", exc)
+                    await asyncio.sleep(1.0)
+                await asyncio.sleep(self.poll_s)
+        finally:
+            self._task = None
+            # The next page to open waits for a fresh first round: nothing is followed now.
+            self._ready.clear()
+            self._position = -1
 
-    async def _catch_up(self, full: bool) -> None:
-        """Make the tiles of what changed since the last round (every tile when ``full``)."""
+    async def _round(self, full: bool) -> None:
+        """Make the tiles of what changed since the last round (every tile when ``full``).
+        How far the tiles are made moves on only once they are sent: a round that fails is
+        made again, whole, by the next."""
         position = await asyncio.to_thread(self._views_position)
+        moved = position > self._position
+        changed: set[str] = set()
+        if moved and self._position >= 0:
+            changed = await asyncio.to_thread(self._changed, self._position, position)
         if full:
-            self._figures_due = time.monotonic() + self.figures_every_s
             tiles = await self._reads.run(
                 None, read_tiles, self._site, self._plant, None, self._clock(), True
             )
-            changed = {t["machine_id"] for t in tiles} if self._position < 0 else set()
-            if self._position >= 0 and position > self._position:
-                changed = await asyncio.to_thread(self._changed, self._position, position)
             self._tiles = {t["machine_id"]: t for t in tiles}
-            self._position = max(position, self._position)
-            self._send(changed, tiles)
-            self._ready.set()
-            self.rounds += 1
+            self._figures_due = time.monotonic() + self.figures_every_s
+        elif not moved:
             return
-        if position <= self._position:
-            return
-        changed = await asyncio.to_thread(self._changed, self._position, position)
-        self._position = position
-        if not changed:
-            self._send(changed, [])
-            return
-        light = await self._reads.run(
-            None, read_tiles, self._site, self._plant, sorted(changed), self._clock(), False
-        )
-        tiles = []
-        for tile in light:
-            known = self._tiles.get(tile["machine_id"])
-            # The shift's figures stay those of the last full round until the next.
-            tile["shift"] = known.get("shift") if known else None
-            self._tiles[tile["machine_id"]] = tile
-            tiles.append(tile)
-        self._send(changed, tiles)
+        elif changed:
+            tiles = await self._reads.run(
+                None, read_tiles, self._site, self._plant, sorted(changed), self._clock(), False
+            )
+            for tile in tiles:
+                known = self._tiles.get(tile["machine_id"])
+                # The shift's figures stay those of the last full round until the next.
+                tile["shift"] = known.get("shift") if known else None
+                self._tiles[tile["machine_id"]] = tile
+        else:
+            tiles = []
+        first = self._position < 0
+        self._position = max(position, self._position)
+        # (The first round's tiles go to every stream as its snapshot, nothing more.)
+        if not first and (moved or tiles):
+            self._send(changed, tiles, moved)
+        self._ready.set()
         self.rounds += 1
 
     async def close(self) -> None:
+        """End every stream and the follower (the API stops); no stream opens after."""
+        self._closed = True
         for subscriber in list(self._streams):
-            with contextlib.suppress(asyncio.QueueFull):
-                subscriber.queue.put_nowait(None)
-        self._streams.clear()
+            self._drop(subscriber)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -17,6 +17,7 @@ minute per session after that. Blocking: the pages call it off the event loop.""
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -92,6 +93,9 @@ class Sessions:
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Made private before SQLite opens it: its -wal and -shm files take its mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            self.path.chmod(0o600)
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=5000")
@@ -104,7 +108,6 @@ class Sessions:
                 "CREATE TABLE IF NOT EXISTS ui_links (hash TEXT PRIMARY KEY, key_id TEXT NOT "
                 "NULL, role TEXT NOT NULL, expires INTEGER NOT NULL)"
             )
-            self.path.chmod(0o600)
             self._db = db
         return self._db
 
@@ -139,6 +142,24 @@ class Sessions:
                 (_hash(token), key_id, role, _micros(expires)),
             )
         return token
+
+    def link_role(self, token: str) -> Role | None:
+        """The role a one-time link would sign in as, without using it (None: no such link)."""
+        with self._lock:
+            row = (
+                self._open()
+                .execute(
+                    "SELECT key_id, role, expires FROM ui_links WHERE hash = ?", (_hash(token),)
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        key_id, role, expires = row
+        if _utc(expires) <= self._clock() or self.known_keys.get(key_id) != role:
+            return None
+        found: Role = role
+        return found
 
     def redeem_link(self, token: str, device: str) -> Opened | None:
         """The session a one-time link opens, or None (unknown, used, expired, key revoked)."""
@@ -220,10 +241,18 @@ class Sessions:
         ]
 
     def forget_revoked(self) -> int:
-        """Remove the sessions and links of keys no longer configured (at start); how many."""
+        """Remove the sessions and links of keys no longer configured, and those over (unused
+        too long, too old, expired): at start. How many."""
+        now = self._clock()
         with self._lock:
             db = self._open()
-            removed = 0
+            removed = db.execute(
+                "DELETE FROM ui_sessions WHERE last_seen < ? OR created < ?",
+                (_micros(now - self.idle), _micros(now - self.lifetime)),
+            ).rowcount
+            removed += db.execute(
+                "DELETE FROM ui_links WHERE expires <= ?", (_micros(now),)
+            ).rowcount
             for table in ("ui_sessions", "ui_links"):
                 rows = db.execute(f"SELECT hash, key_id, role FROM {table}").fetchall()
                 for digest, key_id, role in rows:

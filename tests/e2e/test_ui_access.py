@@ -188,13 +188,20 @@ async def test_a_one_time_link_opens_one_session_once(server: ApiServer) -> None
         )
         assert made.status_code == 200
         link = made.text.split('id="one-time-link">')[1].split("<")[0].replace("&amp;", "&")
+    async with httpx.AsyncClient() as scanner:
+        # A mail scanner opening the link uses nothing up: the page asks first.
+        for _ in range(2):
+            asked = await scanner.get(link)
+            assert asked.status_code == 200 and "Sign in as viewer" in asked.text
+        assert SESSION_COOKIE not in scanner.cookies
     async with httpx.AsyncClient() as wall:
-        entered = await wall.get(link)
+        entered = await wall.post(link.split("?")[0], data={"next": "/ui/"})
         assert entered.status_code == 303 and entered.headers["location"] == "/ui/"
         assert SESSION_COOKIE in wall.cookies
     async with httpx.AsyncClient() as again:
-        second = await again.get(link)
+        second = await again.post(link.split("?")[0], data={"next": "/ui/"})
         assert second.status_code == 401 and "used already" in second.text
+        assert (await again.get(link)).status_code == 401
 
 
 async def test_revoking_a_key_ends_its_sessions(
@@ -315,3 +322,21 @@ async def test_a_page_of_figures_hears_of_the_views_moving_only(
             await machine_reported(hub, "M1", "STOPPED")
             name, changed = await asyncio.wait_for(next_move(moved["position"]), 10)
             assert (name, changed["machines"]) == ("views", ["M1"])  # and no tiles at all
+
+
+async def test_a_live_stream_ends_when_its_session_does(server: ApiServer, hub: Hub) -> None:
+    await machine_reported(hub)
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+        await sign_in(client, "admin")
+        token = csrf_of((await client.get("/ui/admin")).text)
+        async with client.stream("GET", "/ui/live") as stream:
+            lines = stream.aiter_lines()
+            await read_events(lines, 1)
+            out = await client.post("/ui/logout", data={"csrf": token})
+            assert out.status_code == 303
+
+            async def drain() -> None:
+                async for _ in lines:
+                    pass
+
+            await asyncio.wait_for(drain(), 15)  # ended by the hub, not by this test

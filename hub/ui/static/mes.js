@@ -12,13 +12,30 @@ export function csrfHeaders() {
   return { [meta("csrf-header") || "X-CSRF-Token"]: meta("csrf-token") };
 }
 
+// A request the shop-floor Wi-Fi swallows (no answer, no error) is given up after this: the
+// tap stays queued and goes again.
+const SEND_TIMEOUT_MS = 10_000;
+
 export async function send(url, { method = "POST", body, type = "application/json" } = {}) {
   const headers = { ...csrfHeaders(), Accept: "application/json, application/problem+json" };
   if (body !== undefined) headers["Content-Type"] = type;
   return fetch(url, {
-    method, headers, credentials: "same-origin",
+    method, headers, credentials: "same-origin", signal: AbortSignal.timeout(SEND_TIMEOUT_MS),
     body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body),
   });
+}
+
+// The session has ended (signed out elsewhere, ended by an admin, its key revoked): say so,
+// with the way back, instead of failing quietly.
+export function signedOut() {
+  const el = document.getElementById("link-state");
+  if (!el || el.querySelector("a")) return;
+  const back = encodeURIComponent(location.pathname + location.search);
+  el.textContent = "Signed out: ";
+  const a = document.createElement("a");
+  a.href = `/ui/login?next=${back}`;
+  a.textContent = "sign in again";
+  el.append(a);
 }
 
 // A version 4 UUID from the browser's random numbers (crypto.randomUUID exists only on https
@@ -50,33 +67,48 @@ export function live(machines, handlers) {
       source.addEventListener(name, (e) => handle(JSON.parse(e.data)));
     }
     source.onopen = () => document.body.classList.remove("disconnected");
-    source.onerror = () => {
+    source.onerror = async () => {
       document.body.classList.add("disconnected");
-      if (source.readyState === EventSource.CLOSED) setTimeout(open, 2000);
+      if (source.readyState !== EventSource.CLOSED) return; // it reconnects by itself
+      // Refused (not merely cut): while the session is over, stop and say so.
+      try {
+        const me = await fetch("/api/v1/me", { credentials: "same-origin" });
+        if (me.status === 401) return signedOut();
+      } catch {
+        // the hub cannot be reached: try again
+      }
+      setTimeout(open, 2000);
     };
   };
   open();
   return () => source.close();
 }
 
-const problemText = async (response) => {
+const problemOf = async (response) => {
   try {
-    const problem = await response.json();
-    return problem.detail || problem.title || `${response.status}`;
+    return await response.json();
   } catch {
-    return `the hub answered ${response.status}`;
+    return { detail: `the hub answered ${response.status}` };
   }
 };
 
 // Taps kept in localStorage under `key` until the hub has them. onChange(waiting) after each
-// change; onRefused(tap, message) when the hub refuses one (it is then dropped: sending it
-// again would be refused again); onAccepted(tap, receipt).
+// change; onRefused(tap, message) when the hub refuses one for what it says (it is then
+// dropped: sending it again would be refused again); onAccepted(tap, receipt); onSignedOut()
+// when the session is over (the taps are kept for after signing in again). now(): the time
+// taps are dated with, in ms (the station gives the hub's clock: a tablet's may be off).
 export class TapQueue {
-  constructor(key, { onChange = () => {}, onRefused = () => {}, onAccepted = () => {} } = {}) {
+  constructor(
+    key,
+    { onChange = () => {}, onRefused = () => {}, onAccepted = () => {}, onSignedOut = signedOut,
+      now = () => Date.now() } = {},
+  ) {
     this.key = key;
     this.onChange = onChange;
     this.onRefused = onRefused;
     this.onAccepted = onAccepted;
+    this.onSignedOut = onSignedOut;
+    this.now = now;
     this.sending = false;
     window.addEventListener("online", () => this.flush());
     setInterval(() => this.flush(), 5000);
@@ -99,7 +131,7 @@ export class TapQueue {
   event(type, subject, data) {
     return {
       specversion: "1.0", id: newId(), source: `mes-hub/ui/station/${subject}`, type, subject,
-      time: new Date().toISOString(), datacontenttype: "application/json", data,
+      time: new Date(this.now()).toISOString(), datacontenttype: "application/json", data,
     };
   }
 
@@ -123,12 +155,19 @@ export class TapQueue {
         } catch {
           break; // the hub cannot be reached: kept, sent when it can be
         }
-        if (response.status >= 500 || response.status === 429 || response.status === 401) {
-          break; // the hub is busy, starting or the session must be renewed: kept
+        if (response.status >= 500 || response.status === 429) {
+          break; // the hub is busy or starting: kept
+        }
+        const problem = response.ok ? null : await problemOf(response);
+        if (response.status === 401 || problem?.csrf_required) {
+          // The session is over, or this page's token is stale (signed in again elsewhere):
+          // kept for after signing in again.
+          this.onSignedOut();
+          break;
         }
         this._save(this.waiting.filter((t) => t.id !== tap.id));
         if (response.ok) this.onAccepted(tap, await response.json());
-        else this.onRefused(tap, await problemText(response));
+        else this.onRefused(tap, problem.detail || problem.title || `${response.status}`);
       }
     } finally {
       this.sending = false;
@@ -155,7 +194,12 @@ function tickSince() {
 
 function csvOf(table) {
   const cell = (c) => {
-    const text = (c.dataset.value ?? c.textContent).trim().replace(/\s+/g, " ");
+    let text = (c.dataset.value ?? c.textContent).trim().replace(/\s+/g, " ");
+    // A cell a spreadsheet would run as a formula (an ERP's customer name, a reason code
+    // from NATS) is kept as text; numbers, negative ones included, stay numbers.
+    if (/^[=+\-@\t\r]/.test(text) && !/^[-+]?\d[\d.,]*(e[-+]?\d+)?$/i.test(text)) {
+      text = `'${text}`;
+    }
     return /[",\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
   };
   return [...table.rows]

@@ -1,7 +1,7 @@
 // The OEE and orders pages: their figures fetched again (?partial=1) when the live stream
 // says a machine they show changed — at most once a second, the last change never missed —
 // and every `data-refresh-every` seconds if set; Pareto bars open their drill link.
-import { live, addCsvButtons } from "/ui/static/mes.js";
+import { live, addCsvButtons, signedOut } from "/ui/static/mes.js";
 
 const part = document.querySelector("[data-live-refresh]");
 const THROTTLE_MS = 1000;
@@ -27,6 +27,8 @@ if (part) {
       const url = new URL(window.location.href);
       url.searchParams.set("partial", "1");
       const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } });
+      // Sent to the sign-in page: the session is over; say so, keep the figures shown.
+      if (response.redirected) { signedOut(); return; }
       if (response.ok || response.status === 404 || response.status === 422) {
         const opened = new Set([...part.querySelectorAll("details[open]")].map((d) => d.querySelector("summary")?.textContent));
         part.innerHTML = await response.text();

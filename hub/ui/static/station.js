@@ -218,7 +218,13 @@ function describe(tap) {
 const answered = new Map(); // start of a stop (ms) -> when the hub took an open reason for it
 
 const queue = new TapQueue(TAPS_KEY, {
+  // Taps are dated by the hub's clock (as last heard): a tablet's may be minutes off, and the
+  // hub refuses events dated too far ahead of its own.
+  now: hubNow,
   onChange: () => render(),
+  onSignedOut: () => showAlert("This tablet is no longer signed in: taps wait until it is.", {
+    href: `/ui/login?next=${encodeURIComponent(location.pathname)}`, text: "Sign in again",
+  }),
   onAccepted: (tap, receipt) => {
     if (tap.type === REASON && !tap.data.end) answered.set(at(tap.data.start), Date.now());
     notice(`Recorded: ${describe(tap)}${receipt?.duplicate ? " (the hub had it already)" : ""}.`);
