@@ -22,7 +22,9 @@ from projections.rules.oee import OeeFigures
 from projections.rules.plant import PlantConfig
 from projections.rules.timeline import RUNNING, UNASSIGNED, TimelineInterval
 
-# How far back a tile looks for when its machine's state began (further: "more than").
+# How far back a tile looks for when its machine's state began (further: "more than"): the
+# last half hour first, then this far.
+RECENT = timedelta(minutes=30)
 LOOKBACK = timedelta(hours=12)
 # A day either side of now always holds the shift running now, if one is.
 _AROUND = timedelta(days=1)
@@ -129,6 +131,22 @@ def _figures(shift: Shift, figures: OeeFigures, configured_cycle_s: float | None
     )
 
 
+def _state_of(
+    reports: Reports, machine_id: str, now: datetime
+) -> tuple[str, str | None, datetime | None, str | None]:
+    """The machine's state, reason and since when, and its order, from its timeline: over
+    the last half hour first, further back (``LOOKBACK``) only when the state began before
+    (a timeline's cost grows with the stretch read, and most states are younger). Raises
+    ``UnknownMachine``."""
+    for lookback in (RECENT, LOOKBACK):
+        window = Interval(now - lookback, now)
+        timeline = reports.machine_timeline(machine_id, window, now)
+        state, reason, since = _state_now(timeline, window)
+        if since is not None or lookback == LOOKBACK:
+            return state, reason, since, timeline[-1].order_id if timeline else None
+    raise AssertionError("unreachable")
+
+
 def read_tiles(
     sources: ReadSources,
     site: str,
@@ -138,7 +156,8 @@ def read_tiles(
     with_figures: bool = True,
 ) -> list[dict[str, Any]]:
     """The tiles of ``machine_ids`` (None: every machine of the site), as JSON-ready dicts.
-    ``with_figures``: with the running shift's OEE (the heavier part)."""
+    ``with_figures``: with the running shift's OEE and the order's good parts (the heavier
+    part); without, those are None (the live feed keeps the last ones it had)."""
     reports = _reports(sources, site, plant)
     known = sorted({*sources.store.machine_ids(site), *plant.machines})
     wanted = known if machine_ids is None else [m for m in known if m in set(machine_ids)]
@@ -149,17 +168,14 @@ def read_tiles(
         for machine_id, buckets in reports.machines_oee(wanted, window, None, now).items():
             if buckets:
                 shift_figures[machine_id] = buckets[0].figures
-    window = Interval(now - LOOKBACK, now)
     tiles = []
     for machine_id in wanted:
         try:
-            timeline = reports.machine_timeline(machine_id, window, now)
+            state, reason, since, order_id = _state_of(reports, machine_id, now)
         except UnknownMachine:
             continue
-        state, reason, since = _state_now(timeline, window)
-        order_id = timeline[-1].order_id if timeline else None
         quantity = good = None
-        if order_id is not None:
+        if order_id is not None and with_figures:
             order = sources.store.order(site, order_id)
             if isinstance(order, Order):
                 progress, _ = progress_and_forecast(order, sources.facts, plant, now)

@@ -5,9 +5,10 @@ The views are kept in another process (``hub.bootstrap.views_process``); this fo
 how far they have read (``poll_s``, a read of one small table). When they have moved on, it
 asks the store which machines had events in between, has their tiles made once in the read
 pool (``hub.ui.floor.read_tiles``, without the shift's figures: the light part) and hands
-them to every open stream that shows one of those machines. The shift's figures change with
-time even when nothing happens (a stop lasting lowers availability), so every
-``figures_every_s`` all tiles are made again with them.
+them to every open stream that shows one of those machines, each message encoded once. The
+shift's figures change with time even when nothing happens (a stop lasting lowers
+availability), so every ``figures_every_s`` they are made again for every tile, beside the
+rounds (a round never waits for them), and sent.
 
 What a stream sends (``text/event-stream``):
 
@@ -102,7 +103,6 @@ class LiveFeed:
         self._tiles: dict[str, dict[str, Any]] = {}  # the latest of each machine
         self._position = -1  # how far the tiles are made (-1: not yet)
         self._task: asyncio.Task[None] | None = None
-        self._figures_due = 0.0
         self._ready = asyncio.Event()  # set once a first round has made every tile
         self._closed = False
         self.rounds = 0  # how many times the views had moved on (for the bench and tests)
@@ -170,31 +170,32 @@ class LiveFeed:
         self, machines: Collection[str], tiles: list[dict[str, Any]], moved: bool = True
     ) -> None:
         """``tiles`` to the streams showing them; and, when the views ``moved``, a ``views``
-        event naming the changed ``machines`` each stream shows."""
-        everything = event("views", {"position": self._position, "machines": sorted(machines)})
+        event naming the changed ``machines`` each stream shows. Each message is encoded once
+        for all the streams that show the same machines (every board gets the same bytes)."""
+        encoded: dict[tuple[frozenset[str] | None, bool], list[bytes]] = {}
         for subscriber in list(self._streams):
-            mine = [t for t in tiles if subscriber.tiles and subscriber.wants(t["machine_id"])]
-            ok = True
-            if mine:
-                ok = subscriber.put(
-                    event(
-                        "tiles",
-                        {"position": self._position, "tiles": mine, "full": False},
-                        self._position,
-                    )
-                )
-            shown = sorted(m for m in machines if subscriber.wants(m))
-            # A page of the whole site hears of every move of the views, a machine changed or
-            # not (the ERP's orders change what the orders page shows).
-            if ok and moved and (shown or subscriber.machines is None):
-                views = (
-                    everything
-                    if subscriber.machines is None
-                    else event("views", {"position": self._position, "machines": shown})
-                )
-                ok = subscriber.put(views)
-            if not ok:
+            key = (subscriber.machines, subscriber.tiles)
+            messages = encoded.get(key)
+            if messages is None:
+                messages = encoded[key] = self._messages(subscriber, machines, tiles, moved)
+            if not all(subscriber.put(message) for message in messages):
                 self._drop(subscriber)
+
+    def _messages(
+        self, subscriber: Stream, machines: Collection[str], tiles: list[dict[str, Any]],
+        moved: bool,
+    ) -> list[bytes]:  # fmt: skip
+        messages = []
+        mine = [t for t in tiles if subscriber.tiles and subscriber.wants(t["machine_id"])]
+        if mine:
+            data = {"position": self._position, "tiles": mine, "full": False}
+            messages.append(event("tiles", data, self._position))
+        shown = sorted(m for m in machines if subscriber.wants(m))
+        # A page of the whole site hears of every move of the views, a machine changed or not
+        # (the ERP's orders change what the orders page shows).
+        if moved and (shown or subscriber.machines is None):
+            messages.append(event("views", {"position": self._position, "machines": shown}))
+        return messages
 
     def _drop(self, subscriber: Stream) -> None:
         """Close ``subscriber``'s stream (too far behind, or the hub stops); its browser
@@ -212,61 +213,101 @@ class LiveFeed:
             self._task = asyncio.create_task(self._follow(), name="ui-live-feed")
 
     async def _follow(self) -> None:
-        """Follow the views while any page is open; stop when the last one closes."""
+        """Follow the views while any page is open; stop when the last one closes. The
+        shift's figures are made again, for every tile, beside it (``_refresh``): a round
+        never waits for them."""
+        refresher: asyncio.Task[None] | None = None
         try:
             while self._streams and not self._closed:
+                began = time.monotonic()
                 try:
-                    # Every tile is made again (with the shift's figures) when due, and until
-                    # a first round has made them all.
-                    full = not self._ready.is_set() or time.monotonic() >= self._figures_due
-                    await self._round(full)
+                    if not self._ready.is_set():
+                        await self._first_round()
+                    else:
+                        await self._round()
+                        if refresher is None or refresher.done():
+                            refresher = asyncio.create_task(self._refresh(), name="ui-figures")
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the store or a read failed: try again shortly
                     log.warning("live pages: could not follow the views: %s", exc)
                     await asyncio.sleep(1.0)
-                await asyncio.sleep(self.poll_s)
+                await asyncio.sleep(max(0.0, self.poll_s - (time.monotonic() - began)))
         finally:
+            if refresher is not None:
+                refresher.cancel()
             self._task = None
             # The next page to open waits for a fresh first round: nothing is followed now.
             self._ready.clear()
             self._position = -1
 
-    async def _round(self, full: bool) -> None:
-        """Make the tiles of what changed since the last round (every tile when ``full``).
-        How far the tiles are made moves on only once they are sent: a round that fails is
-        made again, whole, by the next."""
+    async def _first_round(self) -> None:
+        """Every tile, with its figures: what every stream opened meanwhile starts with."""
         position = await asyncio.to_thread(self._views_position)
-        moved = position > self._position
-        changed: set[str] = set()
-        if moved and self._position >= 0:
-            changed = await asyncio.to_thread(self._changed, self._position, position)
-        if full:
-            tiles = await self._reads.run(
-                None, read_tiles, self._site, self._plant, None, self._clock(), True
-            )
-            self._tiles = {t["machine_id"]: t for t in tiles}
-            self._figures_due = time.monotonic() + self.figures_every_s
-        elif not moved:
+        tiles = await self._reads.run(
+            None, read_tiles, self._site, self._plant, None, self._clock(), True
+        )
+        self._tiles = {t["machine_id"]: t for t in tiles}
+        self._position = position
+        self._ready.set()
+        self.rounds += 1
+
+    async def _round(self) -> None:
+        """The tiles of the machines changed since the last round, without the figures (they
+        keep the last ones made). How far the tiles are made moves on only once they are
+        sent: a round that fails is made again, whole, by the next."""
+        position = await asyncio.to_thread(self._views_position)
+        if position <= self._position:
             return
-        elif changed:
+        changed = await asyncio.to_thread(self._changed, self._position, position)
+        tiles: list[dict[str, Any]] = []
+        if changed:
             tiles = await self._reads.run(
                 None, read_tiles, self._site, self._plant, sorted(changed), self._clock(), False
             )
             for tile in tiles:
-                known = self._tiles.get(tile["machine_id"])
-                # The shift's figures stay those of the last full round until the next.
-                tile["shift"] = known.get("shift") if known else None
+                self._keep_figures(tile)
                 self._tiles[tile["machine_id"]] = tile
-        else:
-            tiles = []
-        first = self._position < 0
-        self._position = max(position, self._position)
-        # (The first round's tiles go to every stream as its snapshot, nothing more.)
-        if not first and (moved or tiles):
-            self._send(changed, tiles, moved)
-        self._ready.set()
+        self._position = position
+        self._send(changed, tiles)
         self.rounds += 1
+
+    def _keep_figures(self, tile: dict[str, Any]) -> None:
+        """``tile`` (made without figures) with the last figures made of its machine: the
+        shift's, and its order's good parts while the order is the same."""
+        known = self._tiles.get(tile["machine_id"])
+        if known is None:
+            return
+        tile["shift"] = known.get("shift")
+        if known.get("order_id") == tile["order_id"]:
+            tile["order_quantity"] = known.get("order_quantity")
+            tile["order_good"] = known.get("order_good")
+
+    async def _refresh(self) -> None:
+        """Every ``figures_every_s``, the figures of every tile made again (a stop that goes
+        on lowers availability without any event) and sent; the states stay those of the
+        rounds, which may be newer."""
+        while self._streams and not self._closed:
+            await asyncio.sleep(self.figures_every_s)
+            try:
+                made = await self._reads.run(
+                    None, read_tiles, self._site, self._plant, None, self._clock(), True
+                )
+            except Exception as exc:
+                log.warning("live pages: could not make the shift's figures: %s", exc)
+                continue
+            updated = []
+            for fresh in made:
+                tile = self._tiles.get(fresh["machine_id"])
+                if tile is None:
+                    continue  # a machine new since: its first round brings it
+                tile = dict(tile, shift=fresh["shift"])
+                if tile["order_id"] == fresh["order_id"]:
+                    tile["order_quantity"] = fresh["order_quantity"]
+                    tile["order_good"] = fresh["order_good"]
+                self._tiles[tile["machine_id"]] = tile
+                updated.append(tile)
+            self._send((), updated, moved=False)
 
     async def close(self) -> None:
         """End every stream and the follower (the API stops); no stream opens after."""

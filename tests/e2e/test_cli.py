@@ -186,11 +186,28 @@ def test_demo_on_ctrl_c_prints_the_summary_and_exits_zero(tmp_path: Path) -> Non
         env={**os.environ, "COLUMNS": "160"},
     )
     deadline = time.monotonic() + 60
-    while "admin key" not in out.read_text() and time.monotonic() < deadline:
+    while "operator station" not in out.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(60) == 0
+    try:
+        # The board's one-time link, printed by the demo, shows the simulated factory.
+        printed = " ".join(out.read_text().split())
+        link = re.search(r"plant board \(opens signed in as a viewer, once\): (\S+)", printed)
+        assert link is not None, printed
+        station = re.search(r"M0001's operator station \(as an operator, once\): (\S+)", printed)
+        assert station is not None and "next=/ui/station/M0001" in station[1]
+        with httpx.Client() as browser:
+            asked = browser.get(link[1])
+            assert asked.status_code == 200 and "Sign in as viewer" in asked.text
+            board = browser.post(
+                link[1].split("?")[0], data={"next": "/ui/"}, follow_redirects=True
+            )
+            assert board.status_code == 200 and "Plant board" in board.text
+            for machine in ("M0001", "M0002"):
+                assert f'data-machine="{machine}"' in board.text
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
     assert re.search(r"\d+ events published, \d+ stored exactly once", out.read_text())
 
 

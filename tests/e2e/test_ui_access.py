@@ -262,6 +262,8 @@ async def test_the_live_stream_sends_the_tiles_then_each_change(
                     received.extend(await read_events(lines, 1))
 
             await asyncio.wait_for(until_stopped(), 10)
+            # The round's tiles come with its views event, naming what changed.
+            received.extend(await asyncio.wait_for(read_events(lines, 1), 10))
     shown = {t["machine_id"] for name, data in received if name == "tiles" for t in data["tiles"]}
     assert shown == {"M1"}
     views = [data["machines"] for name, data in received if name == "views"]

@@ -34,13 +34,18 @@ class FakeFactory:
         self.changed_calls.append((after, upto))
         return set(self.changed)
 
-    async def run(self, request: Any, work: Any, site: str, plant: Any, machines: Any, *_: Any):
+    async def run(self, request: Any, work: Any, site: str, plant: Any, machines: Any, *rest: Any):
         self.reads += 1
+        figures = rest[-1]
         if self.fail_reads:
             self.fail_reads -= 1
             raise RuntimeError("the read pool is full")
         wanted = sorted(self.states) if machines is None else machines
-        return [{"machine_id": m, "state": self.states[m], "shift": None} for m in wanted]
+        return [
+            {"machine_id": m, "state": self.states[m], "order_id": None,
+             "shift": {"oee": 0.5} if figures else None}
+            for m in wanted
+        ]  # fmt: skip
 
 
 @pytest.fixture
@@ -88,11 +93,13 @@ async def test_a_stopped_machine_reaches_the_page_showing_it(factory: FakeFactor
     )
     factory.states["M1"], factory.changed, factory.position = "stopped", {"M1"}, 11
     received = await asyncio.wait_for(events(stream, 2), 5)
+    # The state is new; the figures are those of the last time they were made.
+    tile = {"machine_id": "M1", "state": "stopped", "order_id": None, "shift": {"oee": 0.5},
+            "order_quantity": None, "order_good": None}  # fmt: skip
     assert received == [
-        ("tiles", {"position": 11, "tiles": [{"machine_id": "M1", "state": "stopped",
-                                              "shift": None}], "full": False}),
+        ("tiles", {"position": 11, "tiles": [tile], "full": False}),
         ("views", {"position": 11, "machines": ["M1"]}),
-    ]  # fmt: skip
+    ]
     await stream.aclose()
     await feed.close()
 
@@ -115,9 +122,9 @@ async def test_nothing_is_said_while_the_views_stand_still(factory: FakeFactory)
     feed.figures_every_s = 0.05  # every tile made again, often: the figures change with time
     stream = feed.stream(None, signed_in, tiles=False)
     await events(stream, 1)
-    rounds = feed.rounds
+    reads = factory.reads
     await asyncio.sleep(0.5)
-    assert feed.rounds > rounds + 3  # full rounds went on
+    assert factory.reads > reads + 3  # the figures were made again, and again
     factory.position = 13  # the first move after them is the first thing said
     ((name, views),) = await asyncio.wait_for(events(stream, 1), 5)
     assert (name, views["position"]) == ("views", 13)
