@@ -6,7 +6,9 @@ catalog and the micro-stop threshold, from the ``[plant]`` table of ``mes-hub.to
 time_zone = "Europe/Berlin"
 micro_stop_threshold_s = 120
 forecast_eta_tolerance_s = 1800   # publish a forecast change when the ETA moves more than this
+max_parts_per_reading = 10000   # a counter step above this is implausible: kept, not counted
 effective_from = "2026-03-01T00:00:00+01:00"   # optional: applies from then (default: from start)
+reason_prompt_after_s = 300     # the operator station asks why after a stop this long
 holidays = ["2026-12-25"]
 
 [[plant.shifts]]
@@ -21,8 +23,6 @@ start = "2026-03-07T06:00:00+01:00"
 end = "2026-03-07T14:00:00+01:00"
 reason = "planned/maintenance"
 
-max_parts_per_reading = 10000   # a counter step above this is implausible: kept, not counted
-
 [plant.ideal_cycle_times]       # PRI when the order gives none (the order's value wins)
 part_numbers = { "P-100" = 42.0 }
 programs = { "O1234" = 40.0 }
@@ -36,8 +36,6 @@ ideal_cycle_time_s = 45.0       # the last fallback for this machine's parts
 mechanical = { spindle = "unplanned", coolant = "unplanned" }
 material = { waiting = "unplanned" }
 planned = { changeover = "planned", maintenance = "planned", break = "planned" }
-
-reason_prompt_after_s = 300     # the operator station asks why after a stop this long
 
 [plant.stations.LATHE-3]        # the reasons its operator station offers (codes or branches)
 reasons = ["mechanical", "material/waiting", "planned/changeover"]
