@@ -53,7 +53,7 @@ from datetime import date, datetime, time
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from projections.rules.calendar import WEEKDAYS, Calendar, Interval, PlannedStop, ShiftPattern
 
@@ -190,17 +190,20 @@ class PlantConfig(_Strict):
         leaf_kinds(value)
         return value
 
-    @model_validator(mode="after")
-    def _station_reasons_in_catalog(self) -> PlantConfig:
-        codes = leaf_kinds(self.reasons)
-        for machine_id, station in self.stations.items():
+    @field_validator("stations")
+    @classmethod
+    def _station_reasons_in_catalog(
+        cls, value: dict[str, StationConfig], info: ValidationInfo
+    ) -> dict[str, StationConfig]:
+        codes = leaf_kinds(info.data.get("reasons") or {})
+        for machine_id, station in value.items():
             for listed in station.reasons:
                 if not _in_tree(codes, listed):
                     raise ValueError(
-                        f"stations.{machine_id}.reasons: {listed!r} is neither a reason code "
-                        "nor a branch of [plant.reasons]"
+                        f"{machine_id}.reasons: {listed!r} is neither a reason code nor a "
+                        "branch of [plant.reasons]"
                     )
-        return self
+        return value
 
     def calendar(self) -> Calendar:
         zone = ZoneInfo(self.time_zone)
