@@ -22,19 +22,11 @@ from hub.api.deps import Context
 from hub.api.policy import STATION_USERS
 from hub.ui import charts
 from hub.ui.access import ScreenUser, render
-from hub.ui.floor import LOOKBACK, read_tiles
+from hub.ui.floor import LOOKBACK, read_tiles, state_word
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 DOWN = ("stopped", "offline")
-STATE_WORDS = {
-    "running": "Running",
-    "stopped": "Stopped",
-    "offline": "Offline",
-    "planned_stop": "Planned stop",
-    "no_shift": "No shift",
-    "not_commissioned": "Not commissioned",
-}
 # A shape beside the word (colour is never the only carrier; the word is the one read).
 STATE_ICONS = {
     "running": "▶",
@@ -44,10 +36,6 @@ STATE_ICONS = {
     "no_shift": "\u2013",
     "not_commissioned": "\u2013",
 }
-
-
-def state_word(state: str) -> str:
-    return STATE_WORDS.get(state, state.replace("_", " ").capitalize())
 
 
 def worst_first(tile: dict[str, Any]) -> tuple[int, float, str]:

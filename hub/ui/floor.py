@@ -29,6 +29,19 @@ LOOKBACK = timedelta(hours=12)
 # A day either side of now always holds the shift running now, if one is.
 _AROUND = timedelta(days=1)
 STOPPED_STATES = ("stopped", "offline", "planned_stop")
+# The timeline's states as the screens write them.
+STATE_WORDS = {
+    "running": "Running",
+    "stopped": "Stopped",
+    "offline": "Offline",
+    "planned_stop": "Planned stop",
+    "no_shift": "No shift",
+    "not_commissioned": "Not commissioned",
+}
+
+
+def state_word(state: str) -> str:
+    return STATE_WORDS.get(state, state.replace("_", " ").capitalize())
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from hub.api.routes.oee import read_oee, read_timeline, window_of
 from hub.reports import UnknownMachine
 from hub.ui import charts
 from hub.ui.access import ScreenUser, render
-from hub.ui.board import state_word
+from hub.ui.floor import state_word
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
 from projections.rules.report import GroupBy

@@ -33,7 +33,8 @@ from hub.api.deps import ApiContext, Caller, Context, require
 from hub.api.policy import STATION_USERS
 from hub.api.problems import Problem
 from hub.ui.access import page_user, render
-from hub.ui.floor import read_station, read_tiles
+from hub.ui.floor import read_station, read_tiles, state_word
+from projections.rules.timeline import UNASSIGNED
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -42,16 +43,6 @@ MACHINE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 StationUser = Annotated[Caller, Depends(page_user(*STATION_USERS))]
 # The JSON route: a script asks, so a missing session is a 401 problem, not the sign-in page.
 StationReader = Annotated[Caller, Depends(require(*STATION_USERS))]
-
-STATE_WORDS = {
-    "running": "Running",
-    "stopped": "Stopped",
-    "offline": "Offline",
-    "planned_stop": "Planned stop",
-    "no_shift": "No shift",
-    "not_commissioned": "Not commissioned",
-}
-UNASSIGNED = "unassigned"
 
 
 @dataclass(frozen=True)
@@ -84,7 +75,7 @@ class Words:
 
     @staticmethod
     def state(state: str) -> str:
-        return STATE_WORDS.get(state, state.replace("_", " ").capitalize())
+        return state_word(state)
 
     @staticmethod
     def reason(reason: str | None) -> str:
