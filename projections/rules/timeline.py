@@ -7,7 +7,9 @@ A machine that reports execution but never availability is available while it re
 ``UNAVAILABLE`` in either means offline.
 Facts are placed by their event time whatever order they arrived in, so a late or out-of-order
 event re-slices the intervals it falls into, and a late reason re-labels the stop it covers.
-A reason with no end ends where the machine next runs (``first_run``).
+A reason with no end ends where the machine next runs (``first_run``). When the machine ran by
+its own reports alone, before any calendar (``running_stretches``), is what the API judges a
+reason by.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def _machine_segments(
             return OFFLINE
         if availability is None and execution is None:
             return OFFLINE  # commissioned, yet silent
-        return RUNNING if execution == "ACTIVE" else STOPPED
+        return RUNNING if _runs_with(availability, execution) else STOPPED
 
     cuts = [r for r in reports if r.time <= window.end]
     if exists_from is not None and window.start < exists_from < window.end:
@@ -151,6 +153,13 @@ def _machine_segments(
     return merged
 
 
+def _runs_with(availability: str | None, execution: str | None) -> bool:
+    """Whether a machine whose last reports say ``availability`` and ``execution`` runs: it
+    executes ``ACTIVE`` and is not ``UNAVAILABLE`` (the one test of the timeline's
+    ``running``, of ``first_run`` and of ``running_stretches``)."""
+    return execution == "ACTIVE" and availability != "UNAVAILABLE"
+
+
 def _runs(reports: Iterable[StateReport]) -> list[tuple[datetime, bool]]:
     """Each moment a report may change whether the machine runs, in time order, with whether it
     runs from then on (after every report of that moment, in the order they are given)."""
@@ -162,7 +171,7 @@ def _runs(reports: Iterable[StateReport]) -> list[tuple[datetime, bool]]:
         for report in same:
             availability = report.availability or availability
             execution = report.execution or execution
-        runs.append((moment, execution == "ACTIVE" and availability != "UNAVAILABLE"))
+        runs.append((moment, _runs_with(availability, execution)))
     return runs
 
 
@@ -179,6 +188,47 @@ def _first_run(runs: list[tuple[datetime, bool]], start: datetime) -> datetime |
     if k >= 0 and runs[k][1]:
         return start  # running at its start: it covers nothing
     return next((moment for moment, running in runs[k + 1 :] if running), None)
+
+
+@dataclass(frozen=True)
+class RunningStretch:
+    """A stretch of time the machine ran by its own reports; ``micro_stops``: the stops in it
+    shorter than the micro-stop threshold, which count as running."""
+
+    start: datetime
+    end: datetime
+    micro_stops: tuple[Interval, ...] = ()
+
+
+def running_stretches(
+    reports: Iterable[StateReport], window: Interval, micro_stop: timedelta
+) -> list[RunningStretch]:
+    """The stretches of ``window`` in which the machine ran, by its availability and execution
+    reports alone, before any calendar, commissioning date or reason: time it ran in a planned
+    break, outside the shifts or before its commissioning is running here. Running as for
+    ``first_run`` (executing ``ACTIVE``, not ``UNAVAILABLE``), and a stop shorter than
+    ``micro_stop`` between two runs counts as running, as on the timeline. ``reports``: the
+    machine's reports from the last of each kind before ``window.start - micro_stop`` up to
+    ``window.end + micro_stop`` (a stop cut by an edge of the window is judged by its whole
+    length), those of one moment in the order they were stored; none after what is known."""
+    wide = Interval(window.start - micro_stop, window.end + micro_stop)
+    # Existing from the wide window's start: before its first report a machine is silent, so
+    # offline, which is not running either.
+    segments = _machine_segments(reports, wide, micro_stop, exists_from=wide.start)
+    stretches: list[RunningStretch] = []
+    for segment in segments:
+        if segment.state not in (RUNNING, "micro_stop"):
+            continue
+        part = Interval(segment.start, segment.end).clip(window)
+        if part is None:
+            continue
+        micro = (part,) if segment.state == "micro_stop" else ()
+        last = stretches[-1] if stretches else None
+        if last is not None and last.end == part.start:
+            stretches[-1] = RunningStretch(last.start, part.end, last.micro_stops + micro)
+        else:
+            stretches.append(RunningStretch(part.start, part.end, micro))
+    return stretches
 
 
 def build_timeline(
@@ -209,7 +259,7 @@ def build_timeline(
     )  # at one moment, in one order whatever order they were stored in
 
     # Where each reason ends: as given, or, with no end given, where the machine next runs.
-    ends = _reason_ends(reason_list, reports, segments, window)
+    ends = _reason_ends(reason_list, reports, window)
 
     cuts = {window.start, window.end}
     cuts.update(s.start for s in segments)
@@ -279,28 +329,20 @@ def build_timeline(
 
 
 def _reason_ends(
-    reasons: list[ReasonReport],
-    reports: list[StateReport],
-    segments: list[_Segment],
-    window: Interval,
+    reasons: list[ReasonReport], reports: list[StateReport], window: Interval
 ) -> list[datetime | None]:
     """Where each of ``reasons`` ends (None: not before the window's end): its end as given;
-    with none, where the machine next runs. A reason that starts in a micro-stop covers nothing
-    (it counts as running); one that started before the window may have been ended by a run
-    before it (``reports`` are every report up to the window's end, or enough of them: the
-    facts view gives those from the start of each such reason on)."""
+    with none, where the machine next runs (``first_run``). One that starts in a micro-stop
+    ends where that stop ends, so labels nothing (the stop counts as running); one that
+    started before the window may have been ended by a run before it (``reports`` are every
+    report up to the window's end, or enough of them: the facts view gives those from the
+    start of each such reason on)."""
     if all(given.end is not None for given in reasons):
         return [given.end for given in reasons]
     runs = _runs(r for r in reports if r.time <= window.end)
-    segment_starts = [segment.start for segment in segments]
-    ends: list[datetime | None] = []
-    for given in reasons:
-        if given.end is not None or given.start >= window.end:
-            ends.append(given.end)
-            continue
-        k = bisect.bisect_right(segment_starts, given.start) - 1
-        if k >= 0 and segments[k].state == "micro_stop":
-            ends.append(given.start)
-        else:
-            ends.append(_first_run(runs, given.start))
-    return ends
+    return [
+        given.end
+        if given.end is not None or given.start >= window.end
+        else _first_run(runs, given.start)
+        for given in reasons
+    ]

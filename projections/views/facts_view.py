@@ -10,7 +10,8 @@ starts and ends, the reasons that overlap it, its first report), instead of the 
 history. A reason with no end that began before the window comes only if the machine has not
 run since, and then with the machine's reports from its start on (``_open_reasons``). What it
 returns, settled, is what ``projections.rules.history.machine_facts`` makes of the whole
-history, for that window.
+history, for that window. When a machine ran is read from its availability and execution
+reports alone (``states``), as the API's check of a downtime reason does.
 """
 
 from __future__ import annotations
@@ -135,10 +136,22 @@ class MachineFactsView:
                 f"(machine, position) WHERE kind = '{tag}'"
             )
         # The last program before a window, found without walking back through every execution
-        # of a machine that never reports one (PLCs).
+        # of a machine that never reports one (PLCs). The kind is a column too: with the same
+        # columns as the index by time SQLite takes this smaller, partial one (with one column
+        # fewer it took the index by time and walked back through every execution).
+        cursor.execute(f"DROP INDEX IF EXISTS {TABLE}_programs")
         cursor.execute(
-            f"CREATE INDEX IF NOT EXISTS {TABLE}_programs ON {TABLE} (machine, time) "
+            f"CREATE INDEX IF NOT EXISTS {TABLE}_programs_by_kind ON {TABLE} (machine, kind, time) "
             "WHERE kind = 'execution' AND program IS NOT NULL"
+        )
+        # The reasons a window needs, without reading every reason the machine ever had: those
+        # with an end by where they end, those without one by where they start (``window``,
+        # ``_open_reasons``). ``end_time IS NULL`` is an equality on it, so SQLite takes it over
+        # the index by time, and finds the open reasons before a window without walking back
+        # through the closed ones.
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {TABLE}_reasons ON {TABLE} "
+            "(machine, kind, end_time, time) WHERE kind = 'reason'"
         )
 
     def drop(self, cursor: Cursor) -> None:
@@ -214,18 +227,49 @@ class FactsReader:
             for kind in (ORDER_START, ORDER_END):
                 fetch(select + " AND time <= ?", key, kind, end)
             if not parts_only:
-                cursor.execute(
-                    select + " AND time <= ? AND (end_time IS NULL OR end_time > ?)",
-                    (key, REASON, end, start),
+                # The reasons that overlap the window, the kind written out so that the planner
+                # can use the partial index of reasons: those with an end, by where they end;
+                # those without one that start in it; those without one that started before it
+                # and still go on when it opens, with the reports that decide where they end.
+                reasons = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = 'reason'"
+                fetch(
+                    reasons + f" AND end_time IS NOT NULL{self._upto} AND end_time > ? "
+                    "AND time <= ?",
+                    key,
+                    start,
+                    end,
                 )
-                reasons, scene = _open_reasons(cursor, key, cursor.fetchall(), start, self._upto)
-                rows.extend(reasons)
-                rows.extend(scene)
+                fetch(
+                    reasons + f" AND end_time IS NULL{self._upto} AND time >= ? AND time <= ?",
+                    key,
+                    start,
+                    end,
+                )
+                rows.extend(_open_reasons(cursor, key, start, self._upto))
             first = None if parts_only else _first_report(cursor, key, self._upto)
         facts = _facts(rows)
         facts.first_report = first
         facts.scrap = [s for s in facts.scrap if s.time <= window.end]
         return facts
+
+    def states(self, machine: UUID, window: Interval) -> list[StateReport]:
+        """The machine's availability and execution reports in ``window`` (both ends
+        included), after the last of each kind before it: all that says whether it ran
+        (``running_stretches``), without its counter readings, orders or reasons. In event-time
+        order, those of one moment in the order they were stored."""
+        key, start, end = machine.hex, to_micros(window.start), to_micros(window.end)
+        select = f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = ?{self._upto}"
+        rows: list[tuple[Any, ...]] = []
+        with self._db.transaction(write=False) as cursor:
+            for kind in (AVAILABILITY, EXECUTION):
+                cursor.execute(
+                    select + " AND time < ? ORDER BY time DESC, position DESC LIMIT 1",
+                    (key, kind, start),
+                )
+                rows.extend(cursor.fetchall())
+                cursor.execute(select + " AND time >= ? AND time <= ?", (key, kind, start, end))
+                rows.extend(cursor.fetchall())
+        return _facts(rows).states
 
     def order_scrap(self, order_id: str) -> dict[str, list[ScrapReport]]:
         """Scrap reported naming the order, whenever it was reported, by machine (aggregate id
@@ -365,37 +409,53 @@ def _fold(rows: list[tuple[Any, ...]], limit: int, known: _Counter | None) -> _C
 # Reports read at a time (per kind) while looking for where an open reason ended: the first
 # page is small (the machine usually runs again soon after), the next ones larger.
 _FIRST_PAGE, _LAST_PAGE = 50, 2000
+# Reasons without an end read at a time, latest start first, while looking for those still
+# going on when a window opens (``_open_reasons``): usually the first page ends the search.
+_REASON_PAGE = 20
 
 
 def _open_reasons(
-    cursor: Cursor,
-    machine: str,
-    reasons: list[tuple[Any, ...]],
-    start: int,
-    upto: str = "",
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """The reason rows a window starting at ``start`` needs, and the report rows that come
-    with them. A reason with no end ends where the machine next runs (``first_run``): one that
-    started before the window and was ended by a run before it labels nothing in the window
-    and is left out; one still going on when the window opens comes with the machine's
-    reports from its start on (the last availability and execution at its start, every report
-    after it), so that the timeline finds the end the whole history gives. Reasons are looked
-    at latest start first: once one ran out before the window, every one that started before
-    it did too."""
-    starts = sorted({row[3] for row in reasons if row[8] is None and row[3] < start}, reverse=True)
-    scene: list[tuple[Any, ...]] = []
-    upper, ran_out = start, None
-    for begin in starts:
-        found, ran = _reports_until_run(cursor, machine, begin, upper, upto)
-        if ran:
-            ran_out = begin
-            break
-        scene.extend(found)  # nothing ran from ``begin`` to the window: it is still open
-        upper = begin
-    if ran_out is None:
-        return reasons, scene
-    kept = [row for row in reasons if row[8] is not None or row[3] > ran_out]
-    return kept, scene
+    cursor: Cursor, machine: str, start: int, upto: str = ""
+) -> list[tuple[Any, ...]]:
+    """The rows of the reasons with no end that started before ``start`` and still go on at
+    it, with the report rows that decide where they end. A reason with no end ends where the
+    machine next runs (``first_run``): one that started before the window and was ended by a
+    run before it labels nothing in the window and is left out; one still going on when the
+    window opens comes with the machine's reports from its start on (the last availability and
+    execution at its start, every report after it), so that the timeline finds the end the
+    whole history gives. Reasons are read latest start first, a page at a time on the index of
+    reasons, each moment's whole: once one ran out before the window, every one that started
+    before it did too, and the reading stops there (not at the machine's first reason)."""
+    select = (
+        f"SELECT {_COLUMNS} FROM {TABLE} WHERE machine = ? AND kind = 'reason' "
+        f"AND end_time IS NULL{upto}"
+    )
+    found: list[tuple[Any, ...]] = []
+    upper = before = start
+    while True:
+        cursor.execute(
+            select + f" AND time < ? ORDER BY time DESC, position DESC LIMIT {_REASON_PAGE}",
+            (machine, before),
+        )
+        page = cursor.fetchall()
+        if not page:
+            return found
+        last = page[-1][3]
+        if len(page) == _REASON_PAGE:
+            # The page may cut the reasons of its last moment: that moment's, all of them.
+            cursor.execute(select + " AND time = ?", (machine, last))
+            page = [row for row in page if row[3] != last] + cursor.fetchall()
+        for begin in sorted({row[3] for row in page}, reverse=True):
+            reports, ran = _reports_until_run(cursor, machine, begin, upper, upto)
+            if ran:
+                return found
+            # Nothing ran from ``begin`` to the window: its reasons are still open.
+            found.extend(reports)
+            found.extend(row for row in page if row[3] == begin)
+            upper = begin
+        if len(page) < _REASON_PAGE:
+            return found
+        before = last
 
 
 def _reports_until_run(

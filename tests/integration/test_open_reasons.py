@@ -148,6 +148,12 @@ async def test_an_open_ended_reason_labels_only_its_stop_in_every_window(
     # the reason given before the window labels nothing in it.
     assert await stops(client, at(8, 50), at(10)) == [(z(at(9)), z(at(9, 30)), "unassigned")]
     assert await downtime(client, at(8, 50), at(10)) == {"unassigned": 1800}
+    # One opening at 09:10, in the next stop: the window's own reports say stopped since 09:00
+    # and running from 09:30, not that the machine ran at 08:40. Only the view can tell that the
+    # run ended the reason (it leaves the reason out); given the reason alone, the timeline
+    # would end it at 09:30 and label the stop with it.
+    assert await stops(client, at(9, 10), at(10)) == [(z(at(9, 10)), z(at(9, 30)), "unassigned")]
+    assert await downtime(client, at(9, 10), at(10)) == {"unassigned": 1200}
     # A window opening mid-stop (08:10): the reason still labels the rest of that stop.
     assert await stops(client, at(8, 10), at(10)) == [
         (z(at(8, 10)), z(at(8, 40)), "material/waiting"),
@@ -202,3 +208,86 @@ async def test_reasons_tapped_stop_after_stop_each_label_their_own(
         (z(at(10)), "stopped", "unassigned"),
         (z(at(10, 20)), "running", None),
     ]
+
+
+async def test_a_retry_of_a_reason_accepted_but_not_yet_applied_is_a_duplicate(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    """The tablet never heard the answer to its tap and sends it again, while the tap is still
+    on its way to the store (in NATS' duplicate window) and a machine event landed meanwhile
+    that says the machine was running at the tap's start: the same event, a duplicate, not a
+    conflict (docs/oee.md, rule 15)."""
+    await from_adapter(floor, *TWO_STOPS)
+    tap = cloud_event(
+        "mes.operator.downtime_reason.v1",
+        "M7",
+        {"reason": "material/waiting", "start": at(9, 5).isoformat(), "operator": "op-7"},
+        at=at(9, 6),
+    )
+    headers = {**auth("operator"), "Content-Type": "application/cloudevents+json"}
+    body = json.dumps(json.loads(encode_event(tap)))
+    first = await client.post("/api/v1/events", content=body, headers=headers)
+    assert first.status_code == 202, first.text
+    assert first.json()["duplicate"] is False
+    # Accepted, not applied: the adapter's late report of a run at 09:05 is applied first.
+    on_its_way = floor.publisher.published.pop()
+    await from_adapter(floor, ("ACTIVE", at(9, 5)))
+    floor.publisher.published.append(on_its_way)
+    # A new reason from 09:05 conflicts with the run; the retry of the accepted one does not.
+    other = cloud_event(
+        "mes.operator.downtime_reason.v1",
+        "M7",
+        {"reason": "material/waiting", "start": at(9, 5).isoformat(), "operator": "op-7"},
+        at=at(9, 7),
+    )
+    refused = await client.post(
+        "/api/v1/events", content=json.dumps(json.loads(encode_event(other))), headers=headers
+    )
+    assert refused.status_code == 409, refused.text
+    again = await client.post("/api/v1/events", content=body, headers=headers)
+    assert again.status_code == 202, again.text
+    assert again.json()["duplicate"] is True
+    floor.deliver()
+    reasons = [e for e in floor.store.machine_history("default", "M7") if hasattr(e, "reason")]
+    assert len(reasons) == 1
+
+
+async def test_taps_over_a_long_stop_more_than_a_page_of_them_label_it_as_the_latest_given(
+    floor: HubWithoutNats, client: httpx.AsyncClient
+) -> None:
+    """Stopped 08:00-12:00, tapped again and again: every tap still goes on at 11:00, and the
+    view reads them a page (20) at a time, latest start first, each moment whole. Asked from
+    11:00, the stop is labelled by the tap given last, wherever it is in the pages."""
+    await from_adapter(floor, ("ACTIVE", at(7)), ("STOPPED", at(8)), ("ACTIVE", at(12)))
+
+    def tap(start: datetime, given: datetime, reason: str = "material/waiting") -> Any:
+        data = {"reason": reason, "start": start.isoformat(), "operator": "op-7"}
+        event = cloud_event("mes.operator.downtime_reason.v1", "M7", data, at=given)
+        return json.loads(encode_event(event))
+
+    async def post(*taps: Any) -> None:
+        answer = await client.post(
+            "/api/v1/events",
+            content=json.dumps(list(taps)),
+            headers={**auth("operator"), "Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert answer.status_code == 202, answer.text
+        floor.deliver()
+
+    # 08:06 to 08:24, one a minute; three at 08:05, the first stored given last of all: the
+    # first page (the 20 latest starts) ends inside 08:05.
+    await post(
+        *(tap(at(8, m), at(8, 30 + m)) for m in range(6, 25)),
+        tap(at(8, 5), at(11, 40), "planned/changeover"),
+        tap(at(8, 5), at(8, 40)),
+        tap(at(8, 5), at(8, 41)),
+    )
+    window = {"from": z(at(11)), "to": z(at(13))}
+    body = await get(client, "/api/v1/machines/M7/timeline", **window)
+    assert [(i["start"], i["state"], i["reason"]) for i in body["intervals"]] == [
+        (z(at(11)), "planned_stop", "planned/changeover"),
+        (z(at(12)), "running", None),
+    ]
+    # One more, from 08:00, on the second page, given after all the others.
+    await post(tap(at(8), at(11, 50)))
+    assert await stops(client, at(11), at(13)) == [(z(at(11)), z(at(12)), "material/waiting")]

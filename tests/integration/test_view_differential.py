@@ -3,9 +3,14 @@
 re-based counters; late and same-moment order taps; scrap with and without an order; open and
 unknown reasons, some starting at the very moment of a report) stored in random arrival orders.
 For every window and grouping, the view (the window's facts plus their context) must give what
-the whole history gives, also as known at a position of the log; two arrival orders of the same
-facts must give the same figures, and the machine's counter totals must be the history's after
-every batch.
+the whole history gives, also as known at a position of the log, and so must the machine's state
+reports alone (``FactsReader.states``: when it ran, as the API's check of a reason reads it); two
+arrival orders of the same facts must give the same figures, and the machine's counter totals
+must be the history's after every batch.
+
+Two availability (or two execution) reports at the very same instant are taken in the order
+they were stored: the histories have such ties, which the view must take as the history does;
+the second arrival order keeps each tie's order (it is what decides).
 
 A reason with no end ends where the machine next runs, which may be long before the window: the
 view must leave out those a run ended before it and bring what decides the end of the others."""
@@ -27,6 +32,7 @@ from projections.rules.history import machine_facts
 from projections.rules.plant import MachinePlantConfig, PlantConfig
 from projections.rules.progress import Run, order_parts, order_progress
 from projections.rules.report import GroupBy, facts_window, machine_timeline, report_from_facts
+from projections.rules.timeline import running_stretches
 from projections.views import facts_view
 from projections.views.database import SQLiteViews
 from projections.views.facts_view import FactsReader, MachineFactsView, facts_of_runs
@@ -45,6 +51,7 @@ def messy_facts(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
     counts = {"all": 0, "bad": 0}
     facts: list[tuple[Any, ...]] = []
     reported: list[datetime] = []  # availability and execution times so far
+    begun: list[datetime] = []  # reasons' starts so far
     for i, t in enumerate(times):
         r = rng.random()
         if 0.35 <= r < 0.62:
@@ -83,11 +90,44 @@ def messy_facts(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
             start = t - timedelta(seconds=rng.randint(0, 3000))
             if reported and rng.random() < 0.25:
                 start = rng.choice(reported)  # at the very moment of a report
+            elif begun and rng.random() < 0.25:
+                start = rng.choice(begun)  # another tap for the same stop
+            begun.append(start)
             # Open-ended: ends where the machine next runs (an operator's tablet gives these).
             end = None if rng.random() < 0.4 else start + timedelta(seconds=rng.randint(1, 5000))
             reason = rng.choice(["mechanical/spindle", "planned/maintenance", "no/such/code"])
             facts.append(("reason", t, reason, start, end))
     return facts
+
+
+def _tie(fact: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What a report ties with: another of its kind at its very instant."""
+    return (fact[0], fact[1]) if fact[0] in ("exec", "avail") else None
+
+
+def with_ties(rng: random.Random, facts: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``facts`` (in arrival order) with another report of the same kind at the very instant of
+    some availability and execution reports, arriving at some later point."""
+    tied = list(facts)
+    for fact in facts:
+        if _tie(fact) is not None and rng.random() < 0.3:
+            if fact[0] == "exec":
+                other = ("exec", fact[1], rng.choice(["ACTIVE", "READY", "STOPPED"]), fact[3])
+            else:
+                other = ("avail", fact[1], rng.choice(["AVAILABLE", "UNAVAILABLE"]))
+            after = tied.index(fact) + 1
+            tied.insert(rng.randint(after, len(tied)), other)
+    return tied
+
+
+def keeping_ties(order: list[tuple[Any, ...]], stored_first: list[tuple[Any, ...]]) -> list[Any]:
+    """``order``, another arrival order of ``stored_first``'s facts, with the reports tied at
+    one instant in the order they were first stored."""
+    ties: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+    for fact in stored_first:
+        if (key := _tie(fact)) is not None:
+            ties.setdefault(key, []).append(fact)
+    return [fact if (key := _tie(fact)) is None else ties[key].pop(0) for fact in order]
 
 
 def stored(facts: list[tuple[Any, ...]]) -> tuple[Machine, list[Any]]:
@@ -122,10 +162,12 @@ def test_the_view_agrees_with_the_whole_history_on_messy_facts(
 ) -> None:
     rng = random.Random(seed)
     if seed % 2:
-        # The view reads the reports after an open reason's start a page at a time: pages of
-        # one and two reports, so that moments split across pages are met.
+        # The view reads the reports after an open reason's start a page at a time, and the
+        # open reasons before a window too: pages of one and two, so that moments split
+        # across pages are met.
         monkeypatch.setattr(facts_view, "_FIRST_PAGE", 1)
         monkeypatch.setattr(facts_view, "_LAST_PAGE", 2)
+        monkeypatch.setattr(facts_view, "_REASON_PAGE", 1)
     # A third of the histories have a commissioning date, often after the machine's first
     # reports: not_commissioned before it, yet a reason with no end ends at the first run the
     # machine reports, as the view (which knows no commissioning date) finds it.
@@ -139,9 +181,11 @@ def test_the_view_agrees_with_the_whole_history_on_messy_facts(
     rules = plant.machine_rules("M1")
     facts = messy_facts(rng, rng.randint(5, 80))
     rng.shuffle(facts)
+    facts = with_ties(rng, facts)
     machine, events = stored(facts)
-    rng.shuffle(facts)
-    _, other_arrival = stored(facts)
+    other = list(facts)
+    rng.shuffle(other)
+    _, other_arrival = stored(keeping_ties(other, facts))
     views = SQLiteViews(tmp_path / "views.sqlite")
     view = MachineFactsView()
     with views.transaction() as cursor:
@@ -171,13 +215,21 @@ def test_the_view_agrees_with_the_whole_history_on_messy_facts(
     )
     now = T0 + timedelta(seconds=rng.randint(0, 30_000))
     moments = sorted({fact[1] for fact in facts})
+    # Windows whose facts begin at the very start of a reason, too.
+    margin = timedelta(seconds=plant.micro_stop_threshold_s)
+    begins = [fact[3] + margin for fact in facts if fact[0] == "reason"]
     for _ in range(8):
-        start = rng.choice([*moments, T0 + timedelta(seconds=rng.randint(0, 20_000))])
+        start = rng.choice([*moments, *begins, T0 + timedelta(seconds=rng.randint(0, 20_000))])
         later = [t for t in moments if t > start]
         end = rng.choice([*later, start + timedelta(seconds=rng.randint(1, 20_000))])
         window = Interval(start, end)
         windowed = reader.window(machine.id, facts_window(window, plant)).settle(rules)
         expected = machine_timeline(history, window, plant, now)
+        # When it ran, by its state reports alone (the micro-stop threshold's margin read too).
+        states = reader.states(machine.id, facts_window(window, plant))
+        assert running_stretches(states, window, margin) == running_stretches(
+            history.states, window, margin
+        )
         assert machine_timeline(windowed, window, plant, now) == expected
         assert machine_timeline(again, window, plant, now) == expected
         for group_by in GROUPINGS:
@@ -190,6 +242,10 @@ def test_the_view_agrees_with_the_whole_history_on_messy_facts(
         then = machine_facts(events[:cut]).settle(rules)
         assert machine_timeline(known.settle(rules), window, plant, now) == machine_timeline(
             then, window, plant, now
+        )
+        states = reader.as_known_at(cut).states(machine.id, facts_window(window, plant))
+        assert running_stretches(states, window, margin) == running_stretches(
+            then.states, window, margin
         )
     views.close()
 

@@ -13,9 +13,11 @@ from projections.rules.oee import OeeFigures, PartsReport, ScrapReport, by_order
 from projections.rules.timeline import (
     OrderReport,
     ReasonReport,
+    RunningStretch,
     StateReport,
     TimelineInterval,
     build_timeline,
+    running_stretches,
 )
 
 DAY = date(2026, 3, 2)  # a Monday
@@ -355,3 +357,101 @@ def test_overlapping_reasons_never_make_a_figure_negative_whatever_their_order()
         downtime = sum(figures.downtime_s_by_reason.values())
         assert figures.planned_busy_time_s + planned == SHIFT.seconds
         assert figures.actual_production_time_s + downtime == figures.planned_busy_time_s
+
+
+# --- when the machine ran, by its own reports (the API's check of a reason, docs/oee.md rule 15) -
+
+MINUTES_2 = timedelta(seconds=120)
+
+
+def test_running_stretches_are_the_machine_s_own_whatever_the_calendar_says() -> None:
+    # Running 07:00-09:40, in the break 10:00-10:30 and at 15:00-15:10, after the shift: the
+    # timeline shows the break as planned_stop and 15:00 as no_shift; the machine ran in both.
+    reports = [
+        StateReport(at(5), availability="AVAILABLE"),
+        active(at(7)),
+        stopped(at(9, 40)),
+        active(at(10)),
+        stopped(at(10, 30)),
+        active(at(15)),
+        stopped(at(15, 10)),
+    ]
+    stretches = running_stretches(reports, Interval(at(9), at(16)), MINUTES_2)
+    assert stretches == [
+        RunningStretch(at(9), at(9, 40)),
+        RunningStretch(at(10), at(10, 30)),
+        RunningStretch(at(15), at(15, 10)),
+    ]
+    timeline = build_timeline(Interval(at(9), at(16)), Calendar(patterns=(EARLY,)), reports)
+    assert [next(i.state for i in timeline if i.start <= t < i.end) for t in (at(10), at(15))] == [
+        "planned_stop",
+        "no_shift",
+    ]
+
+
+def test_running_stretches_count_a_micro_stop_as_running_and_say_where_it_was() -> None:
+    reports = [active(at(6)), stopped(at(7), "INTERRUPTED"), active(at(7, 1)), stopped(at(8))]
+    (stretch,) = running_stretches(reports, Interval(at(6, 30), at(9)), MINUTES_2)
+    assert stretch == RunningStretch(at(6, 30), at(8), (Interval(at(7), at(7, 1)),))
+    # Cut by the window's edge, the stop is judged by its whole length (the reports within the
+    # threshold of the window say it): 60 s, a micro-stop; 3 minutes is a stop.
+    (inside,) = running_stretches(reports, Interval(at(7, 0, 30), at(7, 0, 50)), MINUTES_2)
+    assert inside == RunningStretch(
+        at(7, 0, 30), at(7, 0, 50), (Interval(at(7, 0, 30), at(7, 0, 50)),)
+    )
+    longer = [active(at(6)), stopped(at(7)), active(at(7, 3))]
+    assert running_stretches(longer, Interval(at(7, 0, 30), at(7, 0, 50)), MINUTES_2) == []
+    # A stop at the end of what is known is not a micro-stop: it may go on.
+    assert running_stretches(reports, Interval(at(7, 59), at(8, 0, 30)), MINUTES_2) == [
+        RunningStretch(at(7, 59), at(8))
+    ]
+
+
+def test_running_stretches_know_offline_and_reports_of_one_moment() -> None:
+    # ACTIVE yet UNAVAILABLE is offline; of two reports of one moment the one stored last holds.
+    reports = [
+        active(at(6)),
+        StateReport(at(7), availability="UNAVAILABLE"),
+        StateReport(at(7, 30), availability="AVAILABLE"),
+        stopped(at(8), "READY"),
+        active(at(8)),
+        active(at(9)),
+        stopped(at(9), "READY"),
+    ]
+    assert running_stretches(reports, Interval(at(6), at(10)), timedelta(0)) == [
+        RunningStretch(at(6), at(7)),
+        RunningStretch(at(7, 30), at(9)),
+    ]
+
+
+def a_report(rng: random.Random) -> StateReport:
+    """An availability or execution report of 06:00-08:00, often on a whole minute (ties)."""
+    t = at(6) + timedelta(seconds=rng.choice([rng.randint(0, 7200), 60 * rng.randint(0, 120)]))
+    if rng.random() < 0.2:
+        return StateReport(t, availability=rng.choice(["AVAILABLE", "UNAVAILABLE"]))
+    return StateReport(t, execution=rng.choice(["ACTIVE", "ACTIVE", "READY", "STOPPED"]))
+
+
+def test_running_stretches_are_the_timeline_s_running_on_random_reports() -> None:
+    """With a calendar of one shift all day and the machine there from the first report, the
+    stretches are the timeline's running time (micro-stops too), over any window."""
+    rng = random.Random(15)
+    for _ in range(300):
+        reports = sorted((a_report(rng) for _ in range(rng.randint(0, 30))), key=lambda r: r.time)
+        micro = timedelta(seconds=rng.choice([0, 60, 120, 600]))
+        start = at(6) + timedelta(seconds=rng.randint(-600, 7200))
+        window = Interval(start, start + timedelta(seconds=rng.randint(1, 7200)))
+        wide = Interval(window.start - micro, window.end + micro)
+        timeline = build_timeline(wide, Calendar(), reports, micro_stop=micro, exists_from=at(0))
+        expected: list[RunningStretch] = []
+        for interval in timeline:
+            part = Interval(interval.start, interval.end).clip(window)
+            if interval.state != "running" or part is None:
+                continue
+            stops = (part,) if interval.micro_stop else ()
+            if expected and expected[-1].end == part.start:
+                last = expected.pop()
+                expected.append(RunningStretch(last.start, part.end, last.micro_stops + stops))
+            else:
+                expected.append(RunningStretch(part.start, part.end, stops))
+        assert running_stretches(reports, window, micro) == expected

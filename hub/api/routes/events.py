@@ -4,9 +4,9 @@ The API never writes the store: it publishes, and ingest applies (one way in). B
 contract, it refuses what ingest would have to keep but the sender can still put right: an
 event dated too far ahead of the hub's clock (400, as ingest does), an operator event for a
 machine the hub does not know (404), a downtime reason that is not in the catalog (400), and a
-downtime reason that covers time the machine was running, by its timeline as the hub knows it
-when asked (409: ``_check_reasons_cover_stops``). A batch is checked whole before any of it is
-published. Over NATS (adapters, gateways) the last three are not checked: what comes is kept.
+downtime reason that covers time the machine was running, by its own reports as the hub knows
+them when asked (409: ``_check_reasons_cover_stops``). A batch is checked whole before any of it
+is published. Over NATS (adapters, gateways) the last three are not checked: what comes is kept.
 
 What the route accepts (it reads the body itself) is told to the OpenAPI document by
 ``openapi_extra`` and ``openapi_schemas``: the three content types, the ``ce-*`` headers, and
@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from typing import Any
 from urllib.parse import unquote
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
@@ -46,7 +48,6 @@ from hub.api.deps import (
     EventWriter,
     Facts,
     MaxClockSkew,
-    Orders,
     Plant,
     Publisher,
     Site,
@@ -54,11 +55,12 @@ from hub.api.deps import (
 )
 from hub.api.policy import SENDS, may_send
 from hub.api.problems import Problem, problems
-from hub.reports import Reports, UnknownMachine
+from hub.domain import machine_aggregate_id
 from hub.store import EventStore
 from projections.rules.calendar import Interval
 from projections.rules.plant import PlantConfig
-from projections.rules.timeline import RUNNING
+from projections.rules.timeline import RunningStretch, running_stretches
+from projections.views.facts_view import FactsReader
 
 router = APIRouter(prefix="/events", tags=["events"])
 
@@ -239,46 +241,68 @@ async def _check_machines_known(
         )
 
 
-# How far past its start a reason with no end is read, to say until when the machine ran.
+# How far past its start a reason with no end is read, to say until when the machine ran; and
+# the window that says whether it ran at that start.
 _OPEN_REASON_LOOK = timedelta(days=1)
+_MOMENT = timedelta(microseconds=1)
 
 
 def _running_stretches(
-    reports: Reports, machine_id: str, reason: DowntimeReasonV1, now: datetime
-) -> list[Interval]:
-    """When the machine was running, by its timeline as the hub knows it now (a micro-stop
-    counts as running), in the time ``reason`` covers: [start, end), or for one with no end,
-    the running stretch going on at its start, if any. Only what is known counts: the time
-    after ``now`` is not, and a machine with no timeline (``UnknownMachine``) never ran."""
+    facts: FactsReader,
+    site: str,
+    plant: PlantConfig,
+    machine_id: str,
+    reason: DowntimeReasonV1,
+    now: datetime,
+) -> list[RunningStretch]:
+    """When the machine was running, by its own availability and execution reports as the hub
+    knows them now (``running_stretches``: a micro-stop counts as running, and so does running
+    in a planned break, outside the shifts or before its commissioning, which its timeline
+    shows otherwise), in the time ``reason`` covers: [start, end), or for one with no end, the
+    running stretch going on at its start, if any. Only what is known counts: the time after
+    ``now`` is not, and a machine with no reports never ran. Reads the machine's state reports
+    over that time only; for a reason with no end, those around its start, and only if it was
+    running then, those of the day after (until when it ran)."""
+    machine = machine_aggregate_id(site, machine_id)
+    margin = timedelta(seconds=plant.micro_stop_threshold_s)
     start = reason.start.astimezone(UTC)
-    if reason.end is None:
-        window = Interval(start, min(now, start + _OPEN_REASON_LOOK))
-    else:
-        window = Interval(start, min(reason.end.astimezone(UTC), now))
-    if window.end <= window.start:
+
+    def running(until: datetime) -> list[RunningStretch]:
+        window = Interval(start, min(until, now))
+        if window.end <= window.start:
+            return []
+        # The threshold's margin on each side, so a stop cut by the window is judged whole.
+        reports = facts.states(machine, Interval(window.start - margin, window.end + margin))
+        return running_stretches([r for r in reports if r.time <= now], window, margin)
+
+    if reason.end is not None:
+        return running(reason.end.astimezone(UTC))
+    at_start = running(start + _MOMENT)
+    if not at_start or at_start[0].start != start:
         return []
-    try:
-        intervals = reports.machine_timeline(machine_id, window, now)
-    except UnknownMachine:
-        return []
-    stretches: list[Interval] = []
-    for interval in intervals:
-        if interval.state != RUNNING:
-            continue
-        if stretches and stretches[-1].end == interval.start:
-            stretches[-1] = Interval(stretches[-1].start, interval.end)
-        else:
-            stretches.append(Interval(interval.start, interval.end))
-    if reason.end is None:
-        return stretches[:1] if stretches and stretches[0].start == start else []
-    return stretches
+    return running(start + _OPEN_REASON_LOOK)[:1]
 
 
-def _clock(time: datetime, day: datetime) -> str:
-    """A time an operator reads on a tablet: the time of day, with the date when it is not
-    that of ``day`` (the reason's start)."""
-    time = time.astimezone(UTC)
-    return time.strftime("%H:%M:%S" if time.date() == day.date() else "%Y-%m-%d %H:%M:%S")
+def _zone_name(time: datetime, zone: ZoneInfo) -> str:
+    """The plant's time zone at ``time`` as a station shows it: its abbreviation (CET, CEST),
+    or its offset from UTC where it has none (UTC-03)."""
+    name = time.astimezone(zone).tzname() or ""
+    return f"UTC{name}" if not name or name[0] in "+-" else name
+
+
+def _clock(time: datetime, day: date, zone: ZoneInfo) -> str:
+    """A time an operator reads on a tablet, in the plant's time zone: the time of day, with
+    the date when it is not ``day`` (the reason's start, there)."""
+    local = time.astimezone(zone)
+    return local.strftime("%H:%M:%S" if local.date() == day else "%Y-%m-%d %H:%M:%S")
+
+
+def _span(stretch: RunningStretch, day: date, zone: ZoneInfo) -> str:
+    start, end = _zone_name(stretch.start, zone), _zone_name(stretch.end, zone)
+    since, until = _clock(stretch.start, day, zone), _clock(stretch.end, day, zone)
+    if start == end:
+        return f"from {since} to {until} {end}"
+    return f"from {since} {start} to {until} {end}"  # across a change of clocks
 
 
 def _iso(time: datetime) -> str:
@@ -286,61 +310,130 @@ def _iso(time: datetime) -> str:
 
 
 def _reasons_over_running_time(
-    reports: Reports, events: list[tuple[int, ValidatedEvent]], now: datetime, batch: bool
+    facts: FactsReader,
+    site: str,
+    plant: PlantConfig,
+    events: list[tuple[int, ValidatedEvent]],
+    now: datetime,
+    batch: bool,
 ) -> Problem | None:
     """The refusal of the first of ``events`` (index, downtime reason) that covers time its
     machine was running; None: each covers stops only."""
+    zone = ZoneInfo(plant.time_zone)
+    micro = (
+        f"a stop shorter than the micro-stop threshold ({plant.micro_stop_threshold_s:g} s) "
+        "counts as running"
+    )
     for index, event in events:
         reason = event.data
         assert isinstance(reason, DowntimeReasonV1)
         machine_id = event.envelope.subject
-        running = _running_stretches(reports, machine_id, reason, now)
+        running = _running_stretches(facts, site, plant, machine_id, reason, now)
         if not running:
             continue
         where = f"event {index}: " if batch else ""
-        day = reason.start.astimezone(UTC)
+        start = reason.start.astimezone(UTC)
+        day = start.astimezone(zone).date()
         first = running[0]
         if reason.end is None:
+            short = any(stop.start <= start < stop.end for stop in first.micro_stops)
+            noted = f" ({micro})" if short else ""
             detail = (
-                f"{machine_id} was running at {_clock(first.start, day)} UTC: a downtime reason "
-                "without an end may only start while the machine is stopped"
+                f"{machine_id} was running at {_clock(start, day, zone)} "
+                f"{_zone_name(start, zone)}{noted}: a downtime reason without an end may only "
+                "start while the machine is stopped"
             )
         else:
             more = len(running) - 1
-            also = f" (and {more} more time{'s' if more > 1 else ''})" if more else ""
+            notes = [f"and {more} more time{'s' if more > 1 else ''}"] if more else []
+            if any(stretch.micro_stops for stretch in running):
+                notes.append(micro)
+            noted = f" ({'; '.join(notes)})" if notes else ""
             detail = (
-                f"{machine_id} was running from {_clock(first.start, day)} to "
-                f"{_clock(first.end, day)} UTC{also}: a downtime reason may only cover time "
-                "the machine was stopped"
+                f"{machine_id} was running {_span(first, day, zone)}{noted}: a downtime reason "
+                "may only cover time the machine was stopped"
             )
         return Problem(
             409,
             where + detail,
             extensions={
                 "machine_id": machine_id,
-                "running": [{"from": _iso(r.start), "to": _iso(r.end)} for r in running],
+                # The first ones (a reason over a year could name thousands), and how many.
+                "running": [
+                    {"from": _iso(r.start), "to": _iso(r.end)} for r in running[:MAX_LISTED]
+                ],
+                "running_count": len(running),
             },
         )
     return None
 
 
 async def _check_reasons_cover_stops(
-    reports: Reports, events: list[ValidatedEvent], applied: set[str], now: datetime, batch: bool
+    facts: FactsReader,
+    site: str,
+    plant: PlantConfig,
+    events: list[ValidatedEvent],
+    passed: set[str],
+    now: datetime,
+    batch: bool,
 ) -> None:
     """A downtime reason sent to the API may only cover time its machine was stopped, by the
-    machine's timeline as the hub knows it now (not counting the batch's own machine events);
-    one with no end (for the stop going on at its start) may not start while it was running.
-    A reason already applied (a retry) is answered as a duplicate, not checked again."""
+    machine's own reports as the hub knows them now (not counting the batch's own machine
+    events); one with no end (for the stop going on at its start) may not start while it was
+    running. A reason in ``passed`` (applied already, or accepted here lately: a retry) is
+    answered as a duplicate, not checked again."""
     reasons = [
         (index, event)
         for index, event in enumerate(events)
-        if isinstance(event.data, DowntimeReasonV1) and dedupe_key(event.envelope) not in applied
+        if isinstance(event.data, DowntimeReasonV1) and dedupe_key(event.envelope) not in passed
     ]
     if not reasons:
         return
-    refusal = await asyncio.to_thread(_reasons_over_running_time, reports, reasons, now, batch)
+    refusal = await asyncio.to_thread(
+        _reasons_over_running_time, facts, site, plant, reasons, now, batch
+    )
     if refusal is not None:
         raise refusal
+
+
+# The downtime reasons accepted here lately, remembered for a while (and no more than so many),
+# so that a retry of one not yet applied is not checked again (``_accepted_reasons``).
+_REMEMBER_FOR = timedelta(hours=1)
+# A refusal lists at most this many of the stretches the machine ran.
+MAX_LISTED = 100
+_REMEMBER_AT_MOST = 10_000
+
+
+class _AcceptedReasons:
+    """The dedupe keys of the downtime reasons the API published lately, with when. A reason
+    accepted but not yet applied may be retried (a tablet that never heard the answer) after a
+    machine event landed that the check would now refuse it for: it is the same event, so it
+    is published again unchecked, and NATS' duplicate window (or the store, after it) answers
+    it as a duplicate."""
+
+    def __init__(self) -> None:
+        self._keys: OrderedDict[str, datetime] = OrderedDict()
+
+    def of(self, keys: Sequence[str], now: datetime) -> set[str]:
+        while self._keys and next(iter(self._keys.values())) < now - _REMEMBER_FOR:
+            self._keys.popitem(last=False)
+        return {key for key in keys if key in self._keys}
+
+    def add(self, keys: Sequence[str], now: datetime) -> None:
+        for key in keys:
+            self._keys[key] = now
+            self._keys.move_to_end(key)
+        while len(self._keys) > _REMEMBER_AT_MOST:
+            self._keys.popitem(last=False)
+
+
+def _accepted_reasons(request: Request) -> _AcceptedReasons:
+    """The app's memory of the reasons it accepted (one per app, made on first use)."""
+    state = request.app.state
+    accepted = getattr(state, "accepted_reasons", None)
+    if not isinstance(accepted, _AcceptedReasons):
+        accepted = state.accepted_reasons = _AcceptedReasons()
+    return accepted
 
 
 # --- what the OpenAPI document says of POST /events ---------------------------------------------
@@ -432,14 +525,16 @@ _DOCUMENTED: dict[str, Any] = {
     "otherwise). An event that breaks the contract, is dated too far ahead of the hub's clock "
     "or names a downtime reason missing from the catalog is refused (400); an operator event "
     "for a machine the hub does not know is 404. A downtime reason may only cover time its "
-    "machine was stopped, by the machine's timeline as the hub knows it when asked (a "
-    "micro-stop counts as running); one with no end is for the stop going on at its start and "
-    "may not start while the machine runs. One that covers running time is refused with 409 "
-    "Conflict, naming the machine (`machine_id`) and when it ran (`running`: `from`, `to`): "
-    "the event itself is valid (not 400 or 422), it conflicts with the machine's history as "
-    "the hub holds it, which late machine events may still change, so the same reason may be "
-    "accepted later. Reasons that come over NATS (adapters, gateways) are not checked: they "
-    "are kept.",
+    "machine was stopped, by the machine's own reports as the hub knows them when asked (a "
+    "micro-stop counts as running, and so does running in a break, outside the shifts or "
+    "before commissioning); one with no end is for the stop going on at its start and may not "
+    "start while the machine runs. One that covers running time is refused with 409 "
+    "Conflict, naming the machine (`machine_id`) and when it ran (`running`: `from`, `to`; "
+    "the `detail` tells the times on the plant's clock): the event itself is valid (not 400 "
+    "or 422), it conflicts with the machine's history as the hub holds it, which late machine "
+    "events may still change, so the same reason may be accepted later. A retry of a reason "
+    "already accepted is answered as a duplicate, not checked again. Reasons that come over "
+    "NATS (adapters, gateways) are not checked: they are kept.",
     responses={
         202: {"description": "Published; ingest applies it shortly"},
         **problems(400, 404, 409, 413, 415, 503),
@@ -455,7 +550,6 @@ async def post_events(
     max_skew_s: MaxClockSkew,
     caller: EventWriter,
     facts: Facts,
-    orders: Orders,
 ) -> Accepted | list[Accepted]:
     body = await limited_body(request, MAX_BODY_BYTES)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -477,13 +571,18 @@ async def post_events(
     # published again. A repeat still in NATS' duplicate window is answered so by NATS.
     envelopes = [e.envelope for e in events]
     applied = await asyncio.to_thread(store.received_events, envelopes, max_skew_s)
-    reports = Reports(store, facts, orders, site, plant)
-    await _check_reasons_cover_stops(reports, events, applied, now, content_type == BATCH)
+    # A reason accepted here lately but not applied yet is published again, unchecked: NATS'
+    # duplicate window answers it as a duplicate (or the store drops it, after the window).
+    accepted_reasons = _accepted_reasons(request)
+    reason_keys = [dedupe_key(e.envelope) for e in events if isinstance(e.data, DowntimeReasonV1)]
+    passed = applied | accepted_reasons.of(reason_keys, now)
+    await _check_reasons_cover_stops(facts, site, plant, events, passed, now, content_type == BATCH)
     fresh = [e for e in envelopes if dedupe_key(e) not in applied]
     try:
         receipts = iter(await publisher.publish_many(fresh) if fresh else [])
     except Exception as exc:
         raise Problem(503, f"could not publish to NATS: {type(exc).__name__}") from None
+    accepted_reasons.add([key for key in reason_keys if key not in applied], now)
     accepted = []
     for event in events:
         if dedupe_key(event.envelope) in applied:
