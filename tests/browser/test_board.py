@@ -113,6 +113,15 @@ def background(page: Page, selector: str) -> str:
     return color
 
 
+def tile_order(page: Page) -> list[str]:
+    """The tiles' machines in the order shown, read at one moment (the live stream may move them
+    between two reads)."""
+    order: list[str] = page.eval_on_selector_all(
+        "ul.tiles > li", "tiles => tiles.map(t => t.dataset.machine)"
+    )
+    return order
+
+
 def live_on(page: Page) -> None:
     """Wait for the board's live stream to have given its first tiles."""
     page.wait_for_function("() => document.getElementById('board').dataset.position !== undefined")
@@ -131,24 +140,38 @@ def test_a_tile_changes_colour_within_a_second_of_a_machine_event(
     assert background(page, "#tile-M1") == RUNNING
     live_on(page)
 
+    # The page notes the moment the tile turns, by its own clock (the wall clock, as this
+    # test's): what is measured is the hub and the page, not this test's calls to the browser,
+    # which a loaded machine can hold up for seconds.
+    page.evaluate(
+        """colour => {
+          window.turnedAt = null;
+          const turned = () => {
+            const tile = document.getElementById('tile-M1');
+            if (window.turnedAt === null && getComputedStyle(tile).backgroundColor === colour) {
+              window.turnedAt = Date.now();
+            }
+          };
+          new MutationObserver(turned).observe(
+            document.getElementById('board'), {subtree: true, childList: true, attributes: true});
+        }""",
+        STOPPED,
+    )
     stop = cloud_event(
         "mes.machine.execution.v1", "M1", {"execution": "STOPPED"}, at=datetime.now(UTC)
     )
-    began = time.monotonic()
+    published = time.time()
     served.run(served.hub.publisher.publish_many([stop]))
-    page.wait_for_function(
-        "colour => getComputedStyle(document.getElementById('tile-M1')).backgroundColor === colour",
-        arg=STOPPED,
-        polling="raf",
-        timeout=5_000,
-    )
-    took = time.monotonic() - began
+    page.wait_for_function("() => window.turnedAt !== null")
+    took = page.evaluate("window.turnedAt") / 1000 - published
     expect(tile).to_have_attribute("data-state", "stopped")
+    assert background(page, "#tile-M1") == STOPPED
     assert took < 1.0, f"the tile turned after {took:.2f} s"
-    # In place: the same page (no reload), the state in words, its reason, time counted.
+    # In place: the same page (no reload), the state in words, its reason, time counted (in
+    # seconds: it has just begun).
     expect(tile.locator(".state-word")).to_have_text("Stopped")
     expect(tile.locator(".reason-code")).to_have_text("unassigned")
-    expect(tile.locator("[data-since]")).to_have_text(re.compile(r"^\d s$"))
+    expect(tile.locator("[data-since]")).to_have_text(re.compile(r"^\d{1,2} s$"))
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
 
     # It runs again: green again, and with ?sort=worst it would move; here by machine id.
@@ -162,17 +185,14 @@ def test_a_tile_changes_colour_within_a_second_of_a_machine_event(
         )
     )
     expect(tile).to_have_attribute("data-state", "running")
-    assert [t.get_attribute("data-machine") for t in page.locator("ul.tiles > li").all()] == list(
-        MACHINES
-    )
+    assert tile_order(page) == list(MACHINES)
 
 
 def test_worst_first_keeps_its_order_as_machines_change(
     serve_hub: Callable[..., ServedHub], page: Page
 ) -> None:
     served, _ = board(serve_hub, page, to="/ui/?sort=worst")
-    tiles = page.locator("ul.tiles > li")
-    order = [t.get_attribute("data-machine") for t in tiles.all()]
+    order = tile_order(page)
     assert set(order[:2]) == {"M3", "M4"} and order[2:] == ["M2", "M1"]
     live_on(page)
     served.run(
@@ -185,7 +205,7 @@ def test_worst_first_keeps_its_order_as_machines_change(
         )
     )
     expect(page.locator("ul.tiles > li").nth(2)).not_to_have_attribute("data-machine", "M2")
-    order = [t.get_attribute("data-machine") for t in tiles.all()]
+    order = tile_order(page)
     assert set(order[:3]) == {"M1", "M3", "M4"} and order[3] == "M2"
 
 
@@ -273,6 +293,8 @@ def test_the_waterfall_adds_up_and_the_pareto_is_the_api_s_downtime(
 
     page.locator("#pareto .pareto-bar[data-reason='mechanical'] rect").click()
     expect(page).to_have_url(re.compile("drill=mechanical"))
+    # The new page is there (its address changes when it starts to arrive, not when it is read).
+    page.wait_for_load_state()
     drilled = {b["reason"]: float(b["seconds"]) for b in bars(page, "#pareto [data-seconds]")}
     assert drilled == {"mechanical/spindle": 600, "mechanical/coolant": 300}
 
