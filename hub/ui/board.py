@@ -22,7 +22,7 @@ from hub.api.deps import Context
 from hub.api.policy import STATION_USERS
 from hub.ui import charts
 from hub.ui.access import ScreenUser, render
-from hub.ui.floor import LOOKBACK, read_tiles, state_word
+from hub.ui.floor import LOOKBACK, duration_text, read_tiles, state_word
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -60,13 +60,7 @@ def since_text(since: str | None, now: datetime) -> str:
     """What ``mes.js`` shows in a ``data-since`` span (it counts on from here every second)."""
     if since is None:
         return f"over {int(LOOKBACK.total_seconds() // 3600)} h"
-    seconds = max(0, int((now - datetime.fromisoformat(since)).total_seconds()))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
+    return duration_text((now - datetime.fromisoformat(since)).total_seconds())
 
 
 @router.get("/")

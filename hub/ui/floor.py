@@ -40,6 +40,18 @@ STATE_WORDS = {
 }
 
 
+def duration_text(seconds: float) -> str:
+    """A time in state as the screens write it: "45 s", "12 min", "2 h 05 min" (as ``since``
+    of ``static/mes.js``, which counts on from it)."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    minutes = whole // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def state_word(state: str) -> str:
     return STATE_WORDS.get(state, state.replace("_", " ").capitalize())
 

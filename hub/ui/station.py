@@ -33,7 +33,7 @@ from hub.api.deps import ApiContext, Caller, Context, require
 from hub.api.policy import STATION_USERS
 from hub.api.problems import Problem
 from hub.ui.access import page_user, render
-from hub.ui.floor import read_station, read_tiles, state_word
+from hub.ui.floor import duration_text, read_station, read_tiles, state_word
 from projections.rules.timeline import UNASSIGNED
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -61,13 +61,7 @@ class Words:
         """How long from ``start`` to ``end`` (None: to ``now``): "45 s", "12 min", "2 h 05 min"
         (as ``since`` of ``static/mes.js``)."""
         span = datetime.fromisoformat(end or now) - datetime.fromisoformat(start)
-        seconds = max(0, int(span.total_seconds()))
-        if seconds < 60:
-            return f"{seconds} s"
-        minutes = seconds // 60
-        if minutes < 60:
-            return f"{minutes} min"
-        return f"{minutes // 60} h {minutes % 60:02d} min"
+        return duration_text(span.total_seconds())
 
     @staticmethod
     def percent(share: float | None) -> str:
