@@ -23,7 +23,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from contracts._errors import ContractViolation, describe_validation_error
-from contracts._types import EVENT_TYPES, TOKEN_PATTERN, EventTime, EventType, _Data
+from contracts._types import (
+    EVENT_TYPES,
+    TOKEN_PATTERN,
+    EventTime,
+    EventType,
+    ProgramSentV1,
+    _Data,
+)
 
 # CloudEvents extension attribute names: lower-case letters and digits (spec section 3.1.1).
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
@@ -147,6 +154,10 @@ def check_event_time(envelope: CloudEvent, now: datetime, max_skew_s: float) -> 
         )
 
 
+def _rfc3339(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
 def _seconds(value: float) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".")
 
@@ -206,6 +217,14 @@ def validate_envelope(envelope: CloudEvent) -> ValidatedEvent:
 
 def _checked(event: ValidatedEvent) -> ValidatedEvent:
     """Rules across envelope and data."""
+    if isinstance(event.data, ProgramSentV1) and event.data.started_at > event.envelope.time:
+        # The event's time is when the send ended: it cannot have started after that.
+        raise ContractViolation(
+            f"data.started_at {_rfc3339(event.data.started_at)} is after the CloudEvent time "
+            f"{_rfc3339(event.envelope.time)} (when the send ended); a send cannot end before "
+            "it started",
+            field="data.started_at",
+        )
     if event.event_type.stream != "erp" and event.event_type.entity != "order":
         return event
     order_id = getattr(event.data, "order_id", None)

@@ -17,7 +17,9 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -142,6 +144,65 @@ class ConditionV1(_Data):
     level: ConditionLevel
     native_code: StrictStr | None = Field(default=None, max_length=128)
     message: StrictStr | None = Field(default=None, max_length=2048)
+
+
+class ProgramSentV1(_Data):
+    """An NC program sent to a machine's control (DNC drip feed over RS-232), told once when the
+    send ended, so the audit log shows which version of which program went to which machine.
+    The subject is the machine; the event time is when the send ended. It changes no machine
+    state, no count and no OEE figure: it is a record. ``started_at`` must not be after the
+    event's ``time`` (checked with the envelope, ``contracts._envelope``)."""
+
+    program: StrictStr = Field(
+        min_length=1,
+        max_length=256,
+        description="The program as the control knows it, e.g. O1234 or the name after %",
+    )
+    file: StrictStr = Field(
+        min_length=1, max_length=1024, description="The file it was read from, as given"
+    )
+    sha256: StrictStr = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the program's bytes as stored in the file (lower-case hex)",
+    )
+    size_bytes: StrictInt = Field(
+        ge=0, description="The program's length in bytes: what a complete send delivers"
+    )
+    sent_bytes: StrictInt = Field(ge=0, description="Bytes that went out on the wire")
+    outcome: Literal["completed", "cancelled", "failed"]
+    started_at: EventTime = Field(description="When the first byte went out")
+    port: StrictStr | None = Field(
+        default=None, max_length=256, description="The serial device, e.g. /dev/ttyUSB0"
+    )
+    sent_by: StrictStr | None = Field(
+        default=None, max_length=128, description="Who started the send (the OS user)"
+    )
+    message: StrictStr | None = Field(
+        default=None,
+        max_length=1024,
+        description="Cancelled or failed: why, and the state the control was left in",
+    )
+
+    # Field validators, not a model validator, so that the error names the field at fault
+    # (``data.sent_bytes``, ``data.outcome``); each sees the fields declared before it.
+    @field_validator("sent_bytes")
+    @classmethod
+    def _not_more_than_the_program(cls, sent: int, info: ValidationInfo) -> int:
+        size = info.data.get("size_bytes")
+        if size is not None and sent > size:
+            raise ValueError(f"{sent} bytes sent is more than size_bytes ({size})")
+        return sent
+
+    @field_validator("outcome")
+    @classmethod
+    def _completed_means_all_sent(cls, outcome: str, info: ValidationInfo) -> str:
+        size, sent = info.data.get("size_bytes"), info.data.get("sent_bytes")
+        if outcome == "completed" and size is not None and sent is not None and sent != size:
+            raise ValueError(
+                f"'completed' needs sent_bytes == size_bytes, got {sent} of {size} bytes; "
+                "a send that stopped early is 'cancelled' or 'failed'"
+            )
+        return outcome
 
 
 class DowntimeReasonV1(_Data):
@@ -369,6 +430,7 @@ EVENT_TYPES: dict[str, EventType] = {
         EventType("mes.machine.execution.v1", ExecutionV1, "machine", "execution"),
         EventType("mes.machine.partcount.v1", PartCountV1, "machine", "partcount"),
         EventType("mes.machine.condition.v1", ConditionV1, "machine", "condition"),
+        EventType("mes.machine.program_sent.v1", ProgramSentV1, "machine", "program_sent"),
         EventType(
             "mes.operator.downtime_reason.v1", DowntimeReasonV1, "operator", "downtime_reason"
         ),

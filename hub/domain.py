@@ -165,6 +165,35 @@ class Machine(Aggregate):
             reason=reason,
         )
 
+    def record_program_sent(
+        self,
+        origin: Origin,
+        program: str,
+        file: str,
+        sha256: str,
+        size_bytes: int,
+        sent_bytes: int,
+        outcome: str,
+        started_at: datetime,
+        port: str | None,
+        sent_by: str | None,
+        message: str | None,
+    ) -> None:
+        self._record(
+            self.ProgramSent,
+            origin,
+            program=program,
+            file=file,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            sent_bytes=sent_bytes,
+            outcome=outcome,
+            started_at=started_at,
+            port=port,
+            sent_by=sent_by,
+            message=message,
+        )
+
     def _record(self, event_class: type[MachineEvent], origin: Origin, **fields: Any) -> None:
         self.trigger_event(
             event_class,
@@ -312,6 +341,25 @@ class Machine(Aggregate):
             machine: Machine = aggregate
             machine._seen(self.event_time)
             machine.parts_scrapped += self.quantity
+
+    class ProgramSent(MachineEvent):
+        """An NC program sent to the machine's control (DNC). Kept for the auditors (which
+        version of which program went to this machine); it changes nothing of the machine's
+        state, not even when it was last heard of: the hub sent it, the machine said nothing."""
+
+        program: str
+        file: str
+        sha256: str
+        size_bytes: int
+        sent_bytes: int
+        outcome: str
+        started_at: datetime
+        port: str | None
+        sent_by: str | None
+        message: str | None
+
+        def apply(self, aggregate: Any) -> None:
+            pass
 
 
 class Order(Aggregate):
@@ -669,6 +717,7 @@ _CLOUD_EVENT_TYPES = {
     "Machine.OrderStarted": "mes.operator.order_started.v1",
     "Machine.OrderEnded": "mes.operator.order_ended.v1",
     "Machine.ScrapReported": "mes.operator.scrap.v1",
+    "Machine.ProgramSent": "mes.machine.program_sent.v1",
     "Order.Started": "mes.operator.order_started.v1",
     "Order.Ended": "mes.operator.order_ended.v1",
     "Order.Released": "mes.erp.order.released.v1",

@@ -59,6 +59,7 @@ from contracts import (
     OrderStartedV1,
     PartCountV1,
     PlantConfiguredV1,
+    ProgramSentV1,
     ScrapV1,
     ValidatedEvent,
     WebhookDueV1,
@@ -416,6 +417,20 @@ class Ingestor:
             case ConditionV1():
                 _one(Machine, touched).report_condition(
                     origin, data.level.value, data.native_code, data.message
+                )
+            case ProgramSentV1():
+                _one(Machine, touched).record_program_sent(
+                    origin,
+                    data.program,
+                    data.file,
+                    data.sha256,
+                    data.size_bytes,
+                    data.sent_bytes,
+                    data.outcome,
+                    data.started_at,
+                    data.port,
+                    data.sent_by,
+                    data.message,
                 )
             case DowntimeReasonV1():
                 _one(Machine, touched).give_downtime_reason(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -30,6 +31,21 @@ from contracts import (
 from tests.conftest import T0, cloud_event
 from tests.integration.test_shdr_adapter import MTCONNECT, okuma
 
+# An NC program as a DNC sender reads it from its file, and the worked example of
+# docs/contract.md: it went out whole, from 06:00:12 to the event's time (06:04:10).
+PROGRAM = b"%\nO1234 (FLANGE REV C)\nG21 G90 G40\nT0101\nG97 S1200 M03\nM30\n%\n"
+PROGRAM_SENT: dict[str, Any] = {
+    "program": "O1234",
+    "file": "programs/O1234-rev-C.nc",
+    "sha256": hashlib.sha256(PROGRAM).hexdigest(),
+    "size_bytes": len(PROGRAM),
+    "sent_bytes": len(PROGRAM),
+    "outcome": "completed",
+    "started_at": "2026-03-02T05:56:02Z",
+    "port": "/dev/ttyUSB0",
+    "sent_by": "jdoe",
+}
+
 EXAMPLES = {
     "mes.machine.availability.v1": ("M1", {"availability": "AVAILABLE"}),
     "mes.machine.execution.v1": (
@@ -38,6 +54,7 @@ EXAMPLES = {
     ),
     "mes.machine.partcount.v1": ("M1", {"count": 12, "kind": "all"}),
     "mes.machine.condition.v1": ("M1", {"level": "fault", "native_code": "1010", "message": "x"}),
+    "mes.machine.program_sent.v1": ("lathe-7", PROGRAM_SENT),
     "mes.operator.downtime_reason.v1": (
         "M1",
         {"reason": "mechanical/spindle", "start": "2026-03-02T06:00:00Z", "operator": "op1"},
@@ -388,3 +405,99 @@ def test_the_exported_schemas_accept_the_events_the_hub_produces(tmp_path: Path)
         "mes.erp.order.released.v1", "mes.hub.plant.configured.v1",
         "mes.hub.delivery_forecast.changed.v1",
     }  # fmt: skip
+
+
+# --- mes.machine.program_sent.v1 (issue 15: DNC drip feed) ----------------------------------------
+
+
+def program_sent(at: str = "2026-03-02T06:00:00Z", **data: object) -> bytes:
+    """The worked example (sent at T0), with ``data`` changed; a value None leaves it out."""
+    changed = {k: v for k, v in {**PROGRAM_SENT, **data}.items() if v is not None}
+    return raw(type="mes.machine.program_sent.v1", subject="lathe-7", time=at, data=changed)
+
+
+def test_a_program_sent_whole_or_stopped_part_way_is_taken() -> None:
+    whole = decode_event(program_sent())
+    assert whole.data == EVENT_TYPES["mes.machine.program_sent.v1"].data_model(**PROGRAM_SENT)
+    # A cancel after 40 bytes: the control holds a partial program, which the message says.
+    stopped = decode_event(
+        program_sent(
+            sent_bytes=40,
+            outcome="cancelled",
+            message="cancelled by the operator (Ctrl-C); the control holds a partial O1234",
+        )
+    )
+    assert (stopped.data.sent_bytes, stopped.data.outcome) == (40, "cancelled")  # type: ignore[attr-defined]
+    # Nothing went out (the port would not open), and only the required fields: still a fact.
+    failed = decode_event(
+        program_sent(sent_bytes=0, outcome="failed", port=None, sent_by=None, message=None)
+    )
+    assert failed.data.sent_bytes == 0  # type: ignore[attr-defined]
+    # A send that took no time (an empty program) ends when it started.
+    empty = decode_event(
+        program_sent(
+            at="2026-03-02T05:56:02Z",
+            sha256=hashlib.sha256(b"").hexdigest(),
+            size_bytes=0,
+            sent_bytes=0,
+        )
+    )
+    assert empty.data.size_bytes == 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "words"),
+    [
+        (program_sent(sent_bytes=len(PROGRAM) + 1, outcome="failed"), "data.sent_bytes",
+         f"more than size_bytes ({len(PROGRAM)})"),
+        (program_sent(sent_bytes=40), "data.outcome", "'completed' needs sent_bytes == size_bytes"),
+        (program_sent(sha256="D3291DDD" * 8), "data.sha256", "should match pattern"),
+        (program_sent(sha256="d3291ddd"), "data.sha256", "should match pattern"),
+        (program_sent(at="2026-03-02T05:56:01Z"), "data.started_at", "after the CloudEvent time"),
+        (program_sent(started_at="2026-03-02T05:56:02"), "data.started_at", "timezone"),
+        (program_sent(program=""), "data.program", "at least 1 character"),
+        (program_sent(program="O" * 257), "data.program", "at most 256 characters"),
+        (program_sent(file=None), "data.file", "Field required"),
+        (program_sent(file="f" * 1025), "data.file", "at most 1024 characters"),
+        (program_sent(size_bytes=-1, sent_bytes=0, outcome="failed"), "data.size_bytes",
+         "greater than or equal to 0"),
+        (program_sent(sent_bytes=-1, outcome="failed"), "data.sent_bytes",
+         "greater than or equal to 0"),
+        (program_sent(size_bytes=str(len(PROGRAM))), "data.size_bytes", "valid integer"),
+        (program_sent(outcome="done"), "data.outcome", "'completed', 'cancelled' or 'failed'"),
+        (program_sent(port="p" * 257), "data.port", "at most 256 characters"),
+        (program_sent(sent_by="u" * 129), "data.sent_by", "at most 128 characters"),
+        (program_sent(message="m" * 1025), "data.message", "at most 1024 characters"),
+        (program_sent(checksum="x"), "data.checksum", "not permitted"),
+    ],
+)  # fmt: skip
+def test_a_broken_program_sent_is_refused_naming_the_field(
+    message: bytes, field: str, words: str
+) -> None:
+    with pytest.raises(ContractViolation) as caught:
+        decode_event(message)
+    assert caught.value.field == field
+    assert words in caught.value.reason
+
+
+def test_the_program_sent_schema_checks_what_a_json_schema_can(tmp_path: Path) -> None:
+    """The exported schema takes the worked example and refuses each field's own rule; the
+    rules across fields (bytes sent against the size and the outcome, the start against the
+    event's time) are beyond a JSON Schema: the hub checks them (docs/contract.md)."""
+    check = validator(exported(tmp_path)["mes.machine.program_sent.v1"])
+    check.validate(json.loads(program_sent()))
+    for broken in (
+        program_sent(sha256="d3291ddd"),
+        program_sent(outcome="done"),
+        program_sent(size_bytes=-1),
+        program_sent(started_at="2026-03-02T05:56:02"),
+        program_sent(program=""),
+        program_sent(file=None),
+        program_sent(checksum="x"),
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            check.validate(json.loads(broken))
+    beyond = json.loads(program_sent(sent_bytes=40))
+    check.validate(beyond)
+    with pytest.raises(ContractViolation):
+        decode_event(json.dumps(beyond).encode())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -31,7 +31,7 @@ from hub.nats_auth import signature
 from hub.store import Entity
 from tests.conftest import T0, cloud_event
 from tests.fakes import InMemoryStore
-from tests.unit.test_contracts import EXAMPLES
+from tests.unit.test_contracts import EXAMPLES, PROGRAM_SENT
 
 
 @pytest.fixture
@@ -242,3 +242,79 @@ def test_an_actor_the_hub_did_not_sign_is_dead_lettered(store: InMemoryStore) ->
     assert len(batch.rejected) == 1 and "mesactorid" in batch.rejected[0].reason
     assert "Mes-Hub-Signature" in batch.rejected[0].reason
     assert store.load(machine_aggregate_id("default", "M1")) is None
+
+
+# --- mes.machine.program_sent.v1: a record for the auditors, no change to the machine -----------
+
+
+def program_sent(machine: str = "lathe-7", **data: Any) -> CloudEvent:
+    """The worked example of docs/contract.md: O1234 sent whole, ending 4 min after T0."""
+    return cloud_event(
+        "mes.machine.program_sent.v1", machine, {**PROGRAM_SENT, **data}, at=timedelta(minutes=4)
+    )
+
+
+def state(machine: Any) -> dict[str, Any]:
+    """The machine's state (the library's bookkeeping, version and times, left out)."""
+    return {k: v for k, v in vars(machine).items() if not k.startswith("_")}
+
+
+def test_a_program_sent_is_stored_once_as_sent_and_changes_nothing_of_the_machine(
+    store: InMemoryStore,
+) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0 + timedelta(minutes=5))
+    running = execution("lathe-7", "ACTIVE", 60)
+    ingest(ingestor, message(running, 1))
+    lathe = store.load(machine_aggregate_id("default", "lathe-7"))
+    assert isinstance(lathe, Machine)
+    before = state(lathe)
+    sent = program_sent()
+    batch = ingest(ingestor, message(sent, 2), message(sent, 3))  # published twice
+    assert (len(batch.received), batch.duplicates) == (1, 1)
+    again = ingest(Ingestor(store, "p0", clock=lambda: T0), message(sent, 4))  # after a restart
+    assert (len(again.received), again.duplicates) == (0, 1)
+    stored = store.events[lathe.id]
+    (fact,) = [e for e in stored if isinstance(e, Machine.ProgramSent)]
+    assert (fact.event_id, fact.source, fact.event_time) == (sent.id, sent.source, sent.time)
+    assert {name: getattr(fact, name) for name in sent.data} == {
+        **sent.data,
+        "started_at": datetime.fromisoformat(sent.data["started_at"]),
+    }
+    assert (fact.port, fact.sent_by, fact.message) == ("/dev/ttyUSB0", "jdoe", None)
+    assert actor_of(fact) == {"kind": "adapter", "id": sent.source, "role": "machine"}
+    # The machine's state is what its own reports made it: the send is no report of the machine.
+    lathe_now = store.load(lathe.id)
+    assert lathe_now is not None and lathe_now.version == lathe.version + 1
+    assert state(lathe_now) == before
+
+
+def test_a_program_sent_to_an_unknown_machine_does_not_make_it_a_reporting_machine(
+    store: InMemoryStore,
+) -> None:
+    ingest(Ingestor(store, "p0", clock=lambda: T0), message(program_sent("mill-2"), 1))
+    mill = store.load(machine_aggregate_id("default", "mill-2"))
+    assert isinstance(mill, Machine) and not mill.has_reported()
+    assert (mill.execution, mill.availability, mill.last_event_time) == (None, None, None)
+
+
+def test_a_malformed_program_sent_is_rejected_with_its_reason(store: InMemoryStore) -> None:
+    ingestor = Ingestor(store, "p0", clock=lambda: T0 + timedelta(minutes=5))
+    good = message(program_sent(), 1)
+    # Claims completed with 40 bytes of the program's sent: a DNC sender's bug, not a fact.
+    size = PROGRAM_SENT["size_bytes"]
+    short = IncomingMessage(
+        good.subject, good.data.replace(f'"sent_bytes":{size}'.encode(), b'"sent_bytes":40'), 2
+    )
+    # Started a minute after it ended (the event's time, T0 + 4 min).
+    late_start = IncomingMessage(
+        good.subject, good.data.replace(b"2026-03-02T05:56:02Z", b"2026-03-02T06:05:00Z"), 3
+    )
+    batch = ingest(ingestor, short, late_start)
+    assert [(r.message.stream_seq, r.message.data) for r in batch.rejected] == [
+        (2, short.data),
+        (3, late_start.data),
+    ]
+    assert "data.outcome" in batch.rejected[0].reason
+    assert "'completed' needs sent_bytes == size_bytes" in batch.rejected[0].reason
+    assert "data.started_at" in batch.rejected[1].reason
+    assert store.events == {} and store.tracking_position("p0") == 3

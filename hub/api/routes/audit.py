@@ -51,6 +51,8 @@ FOREVER = datetime(9999, 1, 1, tzinfo=UTC)
 SCRAP_TYPE = "mes.operator.scrap.v1"
 REASON_TYPE = "mes.operator.downtime_reason.v1"
 PLANT_TYPE = "mes.hub.plant.configured.v1"
+# A program sent to a machine (DNC) is kept for the auditors but changes no figure.
+PROGRAM_SENT_TYPE = "mes.machine.program_sent.v1"
 FIRST_CONFIGURATION = 2  # the Plant's version after its first configuration (1: registered)
 # What the ERP and the operators say of an order (not the hub's own forecasts, confirmations
 # and deliveries, which follow from these).
@@ -551,8 +553,10 @@ def _bears_on(event: AuditEvent, start: datetime, end: datetime) -> bool:
     """Whether a fact recorded late may change a bucket from ``start`` to ``end``: a reason
     whose span meets it; a plant configuration in force by its end; an order's fields (its
     ideal cycle time); any other fact dated before its end (a state, a counter reading, an
-    order start goes on counting until the next one)."""
+    order start goes on counting until the next one). Not a program sent: it changes none."""
     data = event.data
+    if event.type == PROGRAM_SENT_TYPE:
+        return False
     if event.type == REASON_TYPE:
         reason_start = datetime.fromisoformat(str(data["start"]))
         reason_end = datetime.fromisoformat(str(data["end"])) if data.get("end") else None
