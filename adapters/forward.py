@@ -7,6 +7,9 @@ back.
 - Nothing is duplicated: an event published twice (its ack was lost in the outage) carries the
   same CloudEvent id, which JetStream's duplicate window and the hub's store both drop.
 - Order: while anything waits, new events queue behind it instead of overtaking it.
+- Only what the contract accepts: an event the contract refuses is never queued (it could
+  never go out and would block every event behind it); ``publish_many`` and ``store`` raise
+  ``ContractViolation`` to the caller instead, before anything is published or queued.
 - Bounded: at ``max_events`` the OLDEST waiting events are dropped to make room (the newest
   state of a machine matters more than its oldest history), and every drop is logged as an
   error with the running total. An adapter whose events are never superseded by later ones
@@ -28,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from contracts import CloudEvent, nats_subject_for, validate_envelope
+from contracts import CloudEvent, ContractViolation, nats_subject_for, validate_envelope
 from hub.ports import EventPublisher, PublishReceipt
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,11 @@ class _Queue:
         ).fetchall()
         return [(seq, CloudEvent.model_validate_json(text)) for seq, text in rows]
 
+    def remove(self, seqs: list[int]) -> None:
+        self.opened.result()
+        self._db.executemany("DELETE FROM waiting WHERE seq = ?", [(s,) for s in seqs])
+        self.size = self._count()
+
     def remove_through(self, seq: int) -> None:
         self.opened.result()
         self.size -= self._db.execute("DELETE FROM waiting WHERE seq <= ?", (seq,)).rowcount
@@ -123,6 +131,19 @@ class _Queue:
             await self.run(self._close)
         finally:
             self._worker.shutdown(wait=False)
+
+
+def _refused(batch: list[tuple[int, CloudEvent]]) -> list[int]:
+    """The queued events the contract refuses, each logged as an error (they are dropped)."""
+    refused = []
+    for seq, event in batch:
+        try:
+            validate_envelope(event)
+        except ContractViolation as exc:
+            log.error("store-and-forward: dropped waiting event %s (%s): the contract refuses "
+                      "it: %s", event.id, event.type, exc.reason)  # fmt: skip
+            refused.append(seq)
+    return refused
 
 
 class BufferInUse(RuntimeError):
@@ -184,22 +205,39 @@ class StoreAndForward:
         return receipt
 
     async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        """Publish through, or queue while NATS cannot be reached; ``ContractViolation`` (and
+        nothing published or queued) if the contract refuses any of ``events``."""
         if not events:
             return []
         async with self._lock:
             if await self._queue.count() == 0:
                 try:
                     return await self._inner.publish_many(events)
+                except ContractViolation:
+                    raise  # refused, not unreachable: queueing it would block the queue
                 except Exception as exc:
                     log.warning("NATS unreachable (%s): buffering on disk",
                                 type(exc).__name__ or exc)  # fmt: skip
+            # Checked before queueing (the inner publisher checks what it publishes).
+            subjects = [nats_subject_for(self._site, validate_envelope(e)) for e in events]
             await self._enqueue(events)
         self._start_flusher()
         # Not in the stream yet: no sequence number.
-        return [
-            PublishReceipt(e.id, nats_subject_for(self._site, validate_envelope(e)), None)
-            for e in events
-        ]
+        receipts = zip(events, subjects, strict=True)
+        return [PublishReceipt(e.id, subject, None) for e, subject in receipts]
+
+    async def store(self, events: list[CloudEvent]) -> None:
+        """Queue ``events`` on disk first, then send them in the background (``drain`` waits
+        for that): for a record that must survive the process being stopped while NATS is
+        slow to answer. ``ContractViolation`` (and nothing queued) if the contract refuses
+        any of them."""
+        if not events:
+            return
+        for event in events:
+            validate_envelope(event)
+        async with self._lock:
+            await self._enqueue(events)
+        self._start_flusher()
 
     async def _enqueue(self, events: list[CloudEvent]) -> None:
         dropped = await self._queue.run(self._queue.append, events, self.max_events)
@@ -224,6 +262,12 @@ class StoreAndForward:
                 if not batch:
                     log.info("store-and-forward buffer empty: publishing directly again")
                     return
+                refused = _refused(batch)
+                if refused:
+                    # Queued before the contract changed, or by an older version: it can never
+                    # go out and must not hold back what waits behind it.
+                    await self._queue.run(self._queue.remove, refused)
+                    continue
                 try:
                     await self._inner.publish_many([event for _, event in batch])
                 except Exception as exc:

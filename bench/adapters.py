@@ -11,13 +11,19 @@ MTConnect client, as fast as they go, against merely reading and splitting the s
 
 Prints lines/s and events/s for each, and the ratio to the baseline.
 
-    .venv/bin/python bench/adapters.py [--repeat 5]
+4. The rest of the fleet (issue 15): Haas MDC, Heidenhain LSV2, RS-232 status lines, Sparkplug B
+   and FANUC FOCAS, each against its loopback peer from ``tests/`` (``bench/adapters_<protocol>.py``
+   measures one): polls, messages or lines per second through the real adapter, and events
+   published, against a bare client loop reading the same peer the same way in the same run.
+
+    .venv/bin/python bench/adapters.py [--repeat 5] [--seconds 3] [--only haas,lsv2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -122,7 +128,17 @@ async def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=5, help="runs of each; the best is shown")
     parser.add_argument("--count", type=int, default=1000, help="MTConnect sample count")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="how long each of the fleet's runs lasts"
+    )
+    parser.add_argument(
+        "--only", default="", help=f"only these of the fleet's protocols: {','.join(FLEET)}"
+    )
     args = parser.parse_args()
+    only = [p for p in args.only.split(",") if p]
+    if only:
+        await fleet(only, args.seconds)
+        return
     lines = (FIXTURES / "demo_agent_okuma_shdr.txt").read_text().splitlines()
     await report(lines, "Okuma capture", args.repeat, args.count)
     # The capture is mostly axis positions, which map to nothing; this one changes a part count
@@ -133,6 +149,36 @@ async def main() -> None:
         for n in range(20_000)
     ]
     await report(dense, "Synthetic, two changes a line", args.repeat, args.count)
+    await fleet(list(FLEET), args.seconds)
+
+
+# The rest of the fleet: one module per protocol beside this file, each with
+# ``async def measure(seconds) -> dict`` (protocol, unit, baseline_per_s, adapter_per_s, events,
+# events_per_s, note).
+FLEET = ("haas", "lsv2", "serial", "sparkplug", "focas")
+
+
+async def fleet(protocols: list[str], seconds: float) -> None:
+    print(f"\nThe rest of the fleet: each peer on loopback, {seconds:g} s per run")
+    row = "  {:<11}{:<10}{:>14}{:>14}{:>8}{:>10}{:>11}"
+    print(row.format("protocol", "unit", "bare loop/s", "adapter/s", "ratio", "events", "events/s"))
+    notes = []
+    for protocol in protocols:
+        path = Path(__file__).with_name(f"adapters_{protocol}.py")
+        spec = importlib.util.spec_from_file_location(f"bench_adapters_{protocol}", path)
+        assert spec is not None and spec.loader is not None, path
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        figures = await module.measure(seconds)
+        base, adapter = figures["baseline_per_s"], figures["adapter_per_s"]
+        print(row.format(
+            protocol, figures["unit"], f"{base:,.0f}", f"{adapter:,.0f}",
+            f"{adapter / base:.2f}" if base else "—", f"{figures['events']:,}",
+            f"{figures['events_per_s']:,.0f}",
+        ))  # fmt: skip
+        if figures.get("note"):
+            notes.append(f"  {protocol}: {figures['note']}")
+    print("\n".join(notes))
 
 
 async def report(lines: list[str], name: str, repeat: int, count: int) -> None:

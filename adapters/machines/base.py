@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -168,6 +170,19 @@ class Published(Generic[V]):
             del times[:drop], self._values[:drop]
 
 
+def url_host(host: str) -> str:
+    """A host as it goes in a URL or a source: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+async def stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stop`` is set; whether it is (a polled adapter's pause)."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
+
+
 def config_file(value: Path | None, info: ValidationInfo) -> Path | None:
     """A file named in the config: relative to the config file's folder, and it must exist
     (a pydantic validator body; ``load_adapters`` passes the folder as context)."""
@@ -187,3 +202,30 @@ def report_bad_input(
     shown = shown if len(shown) <= 200 else shown[:200] + "…"
     log.warning("%s %s: %s; got %s", events.source, events.machine_id, what, shown)
     return events.condition("warning", None, f"bad-input|{key}", BAD_INPUT_CODE, what)
+
+
+def problem_changes(
+    log: logging.Logger,
+    events: MachineEvents,
+    reported: Mapping[str, str],
+    problems: Iterable[tuple[str, str, object]],
+    at: datetime,
+) -> tuple[list[CloudEvent], dict[str, str]]:
+    """A polled control's wrong answers, as conditions: each ``(item, what, raw)`` of this poll
+    reported once while it lasts (``reported`` is what was reported, item by item), and one
+    ``normal`` ``ADAPTER_INPUT`` once none is left. Returns the events and what is reported now;
+    the caller keeps that with the rest of its state, so a failed publish reports it again."""
+    found: list[CloudEvent] = []
+    now: dict[str, str] = {}
+    for item, what, raw in problems:
+        now[item] = what
+        if reported.get(item) == what:
+            continue  # reported already: an answer stuck wrong is reported once
+        key = f"{item}|{at.isoformat()}|{what}"
+        event = report_bad_input(log, events, what, raw, key)
+        # The id does not depend on the time; the event belongs to the poll that saw it.
+        found.append(event.model_copy(update={"time": at}))
+    if reported and not now:
+        key = f"bad-input-cleared|{at.isoformat()}"
+        found.append(events.condition("normal", at, key, native_code=BAD_INPUT_CODE))
+    return found, now

@@ -29,10 +29,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.machines.focas import FocasConfig
+from adapters.machines.haas import HaasConfig
+from adapters.machines.lsv2 import Lsv2Config
 from adapters.machines.modbus import ModbusConfig
 from adapters.machines.mtconnect import MtconnectConfig
 from adapters.machines.opcua import OpcuaConfig
+from adapters.machines.serial_line import SerialConfig
 from adapters.machines.shdr import ShdrConfig
+from adapters.machines.sparkplug import SparkplugConfig
 from hub.settings import ConfigError, section_values, validation_problems
 
 SECTION = "adapters"
@@ -59,6 +64,11 @@ class AdaptersConfig(BaseModel):
     shdr: list[ShdrConfig] = []
     opcua: list[OpcuaConfig] = []
     modbus: list[ModbusConfig] = []
+    serial: list[SerialConfig] = []
+    focas: list[FocasConfig] = []
+    sparkplug: list[SparkplugConfig] = []
+    lsv2: list[Lsv2Config] = []
+    haas: list[HaasConfig] = []
 
 
 def adapters_section(

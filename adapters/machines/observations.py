@@ -161,6 +161,31 @@ class MachineObserver:
             read = {**self._waiting.pop(at)[1], item: new}
         return [self._execution_event(at, uid, read)]
 
+    def polled(
+        self, execution: str | None, mode: str | None, program: str | None, at: datetime
+    ) -> list[CloudEvent]:
+        """A polled control's execution, mode and program as read in one poll: one execution
+        event when any of them changed, never one per item (which would tell the hub of
+        combinations the machine never was in). ``None`` is "not read this poll" (a program
+        hidden while the control is busy, a mode it did not answer): it stays as last
+        published, never a made-up change. The values must be the contract's already."""
+        read = {
+            "execution": execution or self.execution,
+            "mode": mode or self.mode,
+            "program": program if program is not None else self.program,
+        }
+        if all(self._published[item].repeats(value, at) for item, value in read.items()):
+            return []
+        for item, value in read.items():
+            self._published[item].add(value, at)
+            setattr(self, item, value)
+        uid = f"execution|{at.isoformat()}|{read['execution']}|{read['mode']}|{read['program']}"
+        return [
+            self.events.execution(
+                read["execution"] or "UNAVAILABLE", at, uid, read["mode"], read["program"]
+            )
+        ]
+
     def _execution_event(self, at: datetime, uid: str, read: dict[str, Any]) -> CloudEvent:
         """One execution event at ``at``: the items ``read`` then, the others as in effect at
         that time (as published), else as last read."""

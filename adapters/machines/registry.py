@@ -7,16 +7,26 @@ from typing import Any
 
 from adapters.machines.base import MachineAdapter
 from adapters.machines.config import AdaptersConfig
+from adapters.machines.focas import FocasAdapter
+from adapters.machines.haas import HaasAdapter
+from adapters.machines.lsv2 import Lsv2Adapter
 from adapters.machines.modbus import ModbusAdapter
 from adapters.machines.mtconnect import MtconnectAdapter
 from adapters.machines.opcua import OpcuaAdapter
+from adapters.machines.serial_line import SerialLineAdapter
 from adapters.machines.shdr import ShdrAdapter
+from adapters.machines.sparkplug import SparkplugAdapter
 
 PROTOCOLS: dict[str, Callable[[Any], MachineAdapter]] = {
     "mtconnect": MtconnectAdapter,
     "shdr": ShdrAdapter,
     "opcua": OpcuaAdapter,
     "modbus": ModbusAdapter,
+    "serial": SerialLineAdapter,
+    "focas": FocasAdapter,
+    "sparkplug": SparkplugAdapter,
+    "lsv2": Lsv2Adapter,
+    "haas": HaasAdapter,
 }
 
 

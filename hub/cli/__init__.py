@@ -30,7 +30,19 @@ from __future__ import annotations
 
 import typer
 
-from hub.cli import adapter, audit, contracts, demo, erp, nats, projections, replay, serve, store
+from hub.cli import (
+    adapter,
+    audit,
+    contracts,
+    demo,
+    dnc,
+    erp,
+    nats,
+    projections,
+    replay,
+    serve,
+    store,
+)
 
 app = typer.Typer(
     help="mes-hub: event-sourced IT-OT integration hub.", no_args_is_help=True, add_completion=False
@@ -39,6 +51,7 @@ app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.add_typer(contracts.app, name="contracts")
 app.add_typer(adapter.app, name="adapter")
+app.add_typer(dnc.app, name="dnc")
 app.add_typer(projections.app, name="projections")
 app.add_typer(nats.app, name="nats")
 app.add_typer(erp.app, name="erp")

@@ -197,3 +197,63 @@ async def test_a_second_adapter_on_the_same_buffer_is_refused_until_the_first_is
     await first.close()
     again = StoreAndForward(InMemoryPublisher(), tmp_path / "buffer", "default")
     await again.close()
+
+
+async def test_an_event_the_contract_refuses_is_raised_to_the_caller_never_queued(
+    tmp_path: Path,
+) -> None:
+    from contracts import ContractViolation
+
+    refused = cloud_event("mes.machine.partcount.v1", "M1", {"count": -1, "kind": "all"})
+    # NATS down: refused, not buffered (it could never go out and would block the queue).
+    forward = StoreAndForward(Unreachable(), tmp_path, "default")
+    with pytest.raises(ContractViolation):
+        await forward.publish_many([*readings(0, 2), refused])
+    with pytest.raises(ContractViolation):
+        await forward.store([refused])
+    assert forward.waiting() == 0
+    await forward.publish_many(readings(0, 3))  # later events are queued as ever
+    assert forward.waiting() == 3
+    await forward.close()
+    # NATS up: refused too, and what was queued goes out.
+    reachable = InMemoryPublisher()
+    forward = StoreAndForward(reachable, tmp_path, "default")
+    with pytest.raises(ContractViolation):
+        await forward.publish_many([refused])
+    assert await forward.drain(timeout=10)
+    await forward.close()
+    assert [e.id for _, e in reachable.published] == [f"M1-count-{n}" for n in range(3)]
+
+
+async def test_store_queues_on_disk_before_nats_is_tried(tmp_path: Path) -> None:
+    reachable = InMemoryPublisher()
+    forward = StoreAndForward(reachable, tmp_path, "default")
+    await forward.store(readings(0, 2))
+    # On disk already: a process stopped now keeps them for its next run.
+    assert forward.waiting() == 2 and reachable.published == []
+    assert await forward.drain(timeout=10)
+    await forward.close()
+    assert [e.id for _, e in reachable.published] == ["M1-count-0", "M1-count-1"]
+
+
+async def test_a_queued_event_the_contract_now_refuses_is_dropped_not_blocking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Queued by an older version (before it checked): it must not hold back what follows.
+    first = StoreAndForward(Unreachable(), tmp_path, "default")
+    await first.publish_many(readings(0, 1))
+    await first.close()
+    refused = cloud_event("mes.machine.partcount.v1", "M1", {"count": -1, "kind": "all"})
+    with sqlite3.connect(tmp_path / "buffer.sqlite") as db:
+        db.execute("INSERT INTO waiting (event) VALUES (?)", (refused.model_dump_json(),))
+    db.close()
+    second = StoreAndForward(Unreachable(), tmp_path, "default")
+    await second.publish_many(readings(1, 3))
+    await second.close()
+    reachable = InMemoryPublisher()
+    third = StoreAndForward(reachable, tmp_path, "default")
+    with caplog.at_level(logging.ERROR):
+        assert await third.drain(timeout=10)
+    await third.close()
+    assert [e.id for _, e in reachable.published] == [f"M1-count-{n}" for n in range(3)]
+    assert f"dropped waiting event {refused.id}" in caplog.text

@@ -1,0 +1,571 @@
+"""The Haas MDC adapter against a loopback control (tests/haas_peer.py) over real TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapter
+from adapters.machines.config import AdapterConfigError, load_adapters
+from adapters.machines.haas import HaasAdapter, HaasConfig, ReplyReader
+from hub.ports import InMemoryPublisher
+from tests.conftest import eventually
+from tests.haas_peer import HaasPeer
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "adapters" / "haas.md"
+QUERY = re.compile(r"^\?Q(100|104|500|600 \d+)$")
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[HaasPeer]:
+    control = HaasPeer(program="O00012", status="IDLE", mode="MEM", parts=0, macros={3901: 380})
+    await control.start()
+    yield control
+    await control.stop()
+
+
+def config(peer: HaasPeer, **kwargs: Any) -> HaasConfig:
+    return HaasConfig.model_validate(
+        {
+            "machine_id": "VF2-1",
+            "host": "127.0.0.1",
+            "port": peer.port,
+            "poll_s": 0.02,
+            "timeout_s": 1.0,
+            "reconnect_max_s": 0.2,
+            **kwargs,
+        }
+    )
+
+
+def facts(publisher: InMemoryPublisher) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, data) of every published event, in publish order."""
+    return [(subject.rsplit(".", 1)[1], e.envelope.data) for subject, e in publisher.published]
+
+
+def of_kind(publisher: InMemoryPublisher, kind: str) -> list[dict[str, Any]]:
+    return [data for k, data in facts(publisher) if k == kind]
+
+
+class Running:
+    """An adapter's ``run`` as a task, stopped (and checked not to have crashed) at the end."""
+
+    def __init__(self, adapter: HaasAdapter, publisher: Any) -> None:
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(adapter.run(publisher, self.stop))
+
+    async def finish(self) -> None:
+        assert not self.task.done(), "the adapter stopped on its own"
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def polls(peer: HaasPeer, n: int) -> None:
+    """Wait until the control has been asked ``?Q500`` ``n`` more times (polls, not seconds)."""
+    target = peer.queries.count("?Q500") + n
+    await eventually(lambda: peer.queries.count("?Q500") >= target)
+
+
+async def settle(publisher: InMemoryPublisher, peer: HaasPeer, count: int) -> None:
+    """Wait for ``count`` events, then a few more polls (which must add nothing)."""
+    await eventually(lambda: len(publisher.published) >= count)
+    await polls(peer, 4)
+    published = len(publisher.published)
+    assert published == count, f"{published} events, the first extra: {facts(publisher)[count]}"
+
+
+INITIAL = [
+    ("availability", {"availability": "AVAILABLE"}),
+    ("condition", {"level": "normal"}),
+    ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00012"}),
+    ("partcount", {"count": 380, "kind": "all"}),
+]
+
+
+def test_adapter_satisfies_the_port() -> None:
+    adapter: MachineAdapter = HaasAdapter(HaasConfig(machine_id="M1", host="haas"))
+    assert adapter.protocol == "haas"
+    assert HaasAdapter.protocol == "haas"
+
+
+async def test_publishes_the_state_then_only_changes_each_once(peer: HaasPeer) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    assert facts(publisher) == INITIAL
+
+    # Cycle start: Q500 says STATUS, BUSY (no program, no parts): ACTIVE, program kept.
+    peer.set(status="BUSY")
+    await settle(publisher, peer, 5)
+    peer.macro(3901, 381)  # M30 at the end of the cycle: #3901 counts, read while BUSY
+    await settle(publisher, peer, 6)
+    peer.set(status="FEED HOLD")
+    await settle(publisher, peer, 7)
+    peer.set(status="IDLE", mode="MDI", program="MDI")  # one poll sees all three: one event
+    await settle(publisher, peer, 8)
+    peer.set(mode="(ZERO RET)")  # older controls put the mode in parentheses
+    await settle(publisher, peer, 9)
+    peer.set(mode="MEM", program="O00013")
+    await settle(publisher, peer, 10)
+    await running.finish()
+
+    assert facts(publisher)[4:] == [
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("partcount", {"count": 381, "kind": "all"}),
+        ("execution", {"execution": "FEED_HOLD", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("execution", {"execution": "READY", "mode": "MANUAL_DATA_INPUT"}),  # MDI: no program
+        ("execution", {"execution": "READY", "mode": "MANUAL"}),
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00013"}),
+    ]
+    events = [e.envelope for _, e in publisher.published]
+    assert all(e.subject == "VF2-1" for e in events)
+    assert all(e.source == f"haas://127.0.0.1:{peer.port}" for e in events)
+    assert len({e.id for e in events}) == len(events)
+    # The event time is the poll's: the first poll's four events share it, later ones differ.
+    assert len({e.time for e in events[:4]}) == 1
+    assert len({e.time for e in events[3:]}) == len(events[3:])
+    assert all(QUERY.match(q) for q in peer.queries), set(peer.queries)
+
+
+async def test_the_same_state_read_again_publishes_nothing_new(peer: HaasPeer) -> None:
+    # A restarted adapter republishes the state, each event with the time of its own first
+    # poll; within a run, polls of an unchanged machine send nothing at all.
+    sent: list[Any] = []
+
+    class Recording(InMemoryPublisher):
+        async def publish_many(self, events: list[Any]) -> list[Any]:
+            sent.extend(events)
+            return await super().publish_many(events)
+
+    publisher = Recording()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await eventually(lambda: len(sent) == 4)
+    await polls(peer, 20)
+    await running.finish()
+    assert len(sent) == 4
+
+
+async def test_busy_hides_program_and_parts_and_nothing_made_up_is_published(
+    peer: HaasPeer,
+) -> None:
+    peer.set(parts=10)
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer, part_count_source="q500")), publisher)
+    await settle(publisher, peer, 4)
+    assert of_kind(publisher, "partcount") == [{"count": 10, "kind": "all"}]
+
+    # While BUSY the control shows neither: the next program and the next parts stay unseen.
+    peer.set(status="BUSY", program="O00020", parts=11)
+    await settle(publisher, peer, 5)
+    assert facts(publisher)[-1] == (
+        "execution",
+        {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"},
+    )
+    peer.set(parts=12)
+    await polls(peer, 5)
+    assert len(publisher.published) == 5  # nothing from a reply that shows nothing
+
+    peer.set(status="IDLE")
+    await settle(publisher, peer, 7)
+    await running.finish()
+    assert facts(publisher)[5:] == [
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00020"}),
+        ("partcount", {"count": 12, "kind": "all"}),
+    ]
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["MACRO-value", "MACRO-n-value"])
+async def test_a_macro_change_is_one_part_count(peer: HaasPeer, numbered: bool) -> None:
+    peer.set(numbered_macros=numbered)
+    peer.macro(3902, 2)
+    publisher = InMemoryPublisher()
+    adapter = HaasAdapter(config(peer, part_counter_macro=3901, bad_part_macro=3902))
+    running = Running(adapter, publisher)
+    await settle(publisher, peer, 5)
+    peer.macro(3901, 383)
+    await settle(publisher, peer, 6)
+    peer.macro(3902, 3)
+    await settle(publisher, peer, 7)
+    peer.macro(3901, 0)  # reset at the control: published as it is, the hub sees a reset
+    await settle(publisher, peer, 8)
+    await running.finish()
+    assert of_kind(publisher, "partcount") == [
+        {"count": 380, "kind": "all"},
+        {"count": 2, "kind": "bad"},
+        {"count": 383, "kind": "all"},
+        {"count": 3, "kind": "bad"},
+        {"count": 0, "kind": "all"},
+    ]
+    assert "?Q600 3902" in peer.queries
+
+
+class OtherClient:
+    """Another MDC client on the same control (a shop's own monitor), asking its own queries
+    in a loop; the control sends its replies to our adapter too."""
+
+    QUERIES = ("?Q500", "?Q600 100", "?Q104", "?Q600 3901", "?Q200", "?Q600 5021", "?Q100")
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received = b""
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.task = asyncio.create_task(self._loop(reader, writer))
+
+    async def _loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                for query in self.QUERIES:
+                    writer.write(query.encode() + b"\r\n")
+                    await writer.drain()
+                    with_reply = asyncio.wait_for(reader.read(4096), 1)
+                    self.received += await with_reply
+                    await asyncio.sleep(0.005)
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        assert self.task is not None and not self.task.done(), "the other client failed"
+        self.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self.task
+
+
+@pytest.mark.parametrize("numbered", [False, True], ids=["MACRO-value", "MACRO-n-value"])
+async def test_a_second_client_changes_nothing_we_publish(peer: HaasPeer, numbered: bool) -> None:
+    # The other client reads #100 (777), #5021 (-12.5) and #3901 too; its replies reach us.
+    peer.set(numbered_macros=numbered)
+    peer.macro(100, 777)
+    peer.macro(5021, -12.5)
+    other = OtherClient(peer.port)
+    await other.start()
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    for change, count in [
+        ({"status": "BUSY"}, 5),
+        ({"macros": {**peer.macros, 3901: 381}}, 6),
+        ({"status": "IDLE", "program": "O00013"}, 7),
+        ({"macros": {**peer.macros, 3901: 382}}, 8),
+        ({"mode": "JOG"}, 9),
+    ]:
+        peer.set(**change)
+        await settle(publisher, peer, count)
+    await other.stop()
+    await running.finish()
+
+    assert facts(publisher) == [
+        *INITIAL,
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("partcount", {"count": 381, "kind": "all"}),
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00013"}),
+        ("partcount", {"count": 382, "kind": "all"}),
+        ("execution", {"execution": "READY", "mode": "MANUAL", "program": "O00013"}),
+    ]
+    # The broadcast really happened: the other client got our replies, and we got its.
+    assert b"MACRO, " in other.received and b"SERIAL NUMBER" in other.received
+    assert peer.queries.count("?Q600 100") > 3
+
+
+async def test_a_third_client_is_refused_and_ours_still_works(peer: HaasPeer) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    other = OtherClient(peer.port)
+    await other.start()
+    await eventually(lambda: peer.clients == 2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.port)
+    assert await asyncio.wait_for(reader.read(100), 5) == b""  # closed at once
+    writer.close()
+    assert peer.refused == 1
+    peer.set(status="BUSY")
+    await settle(publisher, peer, 5)
+    await other.stop()
+    await running.finish()
+    assert facts(publisher)[-1][1]["execution"] == "ACTIVE"
+
+
+async def test_the_adapter_as_third_client_is_unavailable_until_a_place_frees(
+    peer: HaasPeer,
+) -> None:
+    first, second = OtherClient(peer.port), OtherClient(peer.port)
+    await first.start()
+    await second.start()
+    await eventually(lambda: peer.clients == 2)
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await eventually(lambda: peer.refused >= 3)  # it tries again, and is refused again
+    assert [kind for kind, _ in facts(publisher)] == ["availability", "condition"]
+    (condition,) = of_kind(publisher, "condition")
+    assert condition["native_code"] == CONNECTION_CODE
+    assert "two MDC clients" in condition["message"]
+    await second.stop()
+    await eventually(lambda: len(publisher.published) >= 7)
+    await first.stop()
+    await running.finish()
+    assert facts(publisher)[2:] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+        ("condition", {"level": "normal"}),
+        *INITIAL[2:],
+    ]
+
+
+async def test_a_dropped_connection_is_unavailable_once_then_back(
+    peer: HaasPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="adapters.machines.haas")
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+
+    await peer.stop()  # the control goes away: the connection drops, reconnects are refused
+    await eventually(lambda: sum("still no answer" in r.getMessage() for r in caplog.records) >= 3)
+    (unavailable, lost) = facts(publisher)[4:]
+    assert unavailable == ("availability", {"availability": "UNAVAILABLE"})
+    assert lost[1]["level"] == "unavailable" and lost[1]["native_code"] == CONNECTION_CODE
+    # The connection closed or reset, or (if the loss came between two polls) refused.
+    assert lost[1]["message"].startswith(f"Haas MDC 127.0.0.1:{peer.port}: ")
+    peer.set(status="BUSY")  # the machine went on meanwhile
+    peer.macro(3901, 385)
+    await peer.start(peer.port)
+    await settle(publisher, peer, 10)
+    await peer.drop()  # the control's network restarts; it takes connections again at once
+    await eventually(lambda: len(publisher.published) >= 14)
+    await running.finish()
+    lost_again = of_kind(publisher, "condition")[-2]
+    assert lost_again["level"] == "unavailable" and lost_again["native_code"] == CONNECTION_CODE
+    assert facts(publisher)[6:] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("partcount", {"count": 385, "kind": "all"}),
+        ("availability", {"availability": "UNAVAILABLE"}),
+        ("condition", lost_again),
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+    ]
+    assert any("control not answering" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_hung_control_is_a_loss_and_the_adapter_recovers(peer: HaasPeer) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer, timeout_s=0.3)), publisher)
+    await settle(publisher, peer, 4)
+    peer.hang()
+    await eventually(lambda: len(publisher.published) == 6)
+    lost = of_kind(publisher, "condition")[-1]
+    assert lost["level"] == "unavailable" and lost["native_code"] == CONNECTION_CODE
+    assert "no answer to ?Q" in lost["message"] and "within 0.3 s" in lost["message"]
+    peer.set(status="FEED HOLD")
+    peer.hang(False)
+    await settle(publisher, peer, 9)
+    await running.finish()
+    assert facts(publisher)[6:] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+        ("execution", {"execution": "FEED_HOLD", "mode": "AUTOMATIC", "program": "O00012"}),
+    ]
+
+
+async def test_unreachable_from_the_start_publishes_unavailable_once() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nobody listens here once the socket is closed
+    nobody = HaasPeer()
+    nobody.port = port
+    publisher = InMemoryPublisher()
+    adapter = HaasAdapter(config(nobody))
+    running = Running(adapter, publisher)
+    await eventually(lambda: len(publisher.published) == 2)
+    with pytest.raises(ConnectionError, match=f"cannot connect to 127.0.0.1:{port}"):
+        await adapter.check()
+    await running.finish()
+    assert of_kind(publisher, "availability") == [{"availability": "UNAVAILABLE"}]
+    (condition,) = of_kind(publisher, "condition")
+    assert condition["message"].startswith(f"Haas MDC 127.0.0.1:{port}: cannot connect")
+
+
+async def test_garbage_is_a_warning_once_and_the_adapter_goes_on(
+    peer: HaasPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    peer.garbage()
+    await eventually(lambda: len(publisher.published) == 6)
+    warning, cleared = of_kind(publisher, "condition")[-2:]
+    assert warning == {
+        "level": "warning",
+        "native_code": BAD_INPUT_CODE,
+        "message": "the control sent bytes outside any reply (9 bytes)",
+    }
+    assert cleared == {"level": "normal", "native_code": BAD_INPUT_CODE}
+    # A reply cut short by the next one (which is read): not taken for the reply it began.
+    peer.garbage(b"\x02PROGRAM, O1\x02SERIAL NUMBER, 1\x17\r\n>")
+    await eventually(lambda: len(of_kind(publisher, "condition")) == 5)
+    peer.set(status="BUSY")
+    await settle(publisher, peer, 9)
+    await running.finish()
+    warning, cleared = of_kind(publisher, "condition")[3:]
+    assert warning["message"] == "the control sent a reply without its end (ETB) (12 bytes)"
+    assert cleared == {"level": "normal", "native_code": BAD_INPUT_CODE}
+    assert facts(publisher)[-1][1]["execution"] == "ACTIVE"
+    assert "bytes outside any reply" in caplog.text and "junk" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"status": "DANCING"}, "Q500: status 'DANCING' is not known"),
+        ({"mode": "WARP"}, "Q104: mode 'WARP' is not known"),
+        ({"macros": {3901: 380.5}}, "macro #3901 is '380.500000': a part counter must be a "),
+        ({"macros": {3901: -1}}, "macro #3901 is '-1.000000': a part counter must be a "),
+        ({"replies": {"?Q500": "PROGRAM, O1, IDLE"}}, "Q500: expected 'PROGRAM, <program>, "),
+        ({"replies": {"?Q600 3901": "UNKNOWN"}}, "?Q600 3901: the control answered UNKNOWN"),
+    ],
+)
+async def test_a_bad_reply_is_one_warning_and_nothing_else_changes(
+    peer: HaasPeer, change: dict[str, Any], message: str
+) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    previous = {name: getattr(peer, name) for name in change}
+    peer.set(**change)
+    await settle(publisher, peer, 5)  # one warning, however many polls
+    peer.set(**previous)
+    await settle(publisher, peer, 6)
+    await running.finish()
+    warning, cleared = facts(publisher)[4:]
+    assert warning[1]["level"] == "warning" and warning[1]["native_code"] == BAD_INPUT_CODE
+    assert warning[1]["message"].startswith(message)
+    assert cleared == ("condition", {"level": "normal", "native_code": BAD_INPUT_CODE})
+
+
+async def test_an_alarm_is_stopped_with_a_fault_until_it_clears(peer: HaasPeer) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    peer.set(status="ALARM ON")
+    await settle(publisher, peer, 6)
+    peer.set(status="IDLE")
+    await settle(publisher, peer, 8)
+    await running.finish()
+    assert facts(publisher)[4:] == [
+        ("execution", {"execution": "STOPPED", "mode": "AUTOMATIC", "program": "O00012"}),
+        (
+            "condition",
+            {
+                "level": "fault",
+                "native_code": "ALARM",
+                "message": "the control reports ALARM ON (Q500); the alarm is on its ALARMS screen",
+            },
+        ),
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("condition", {"level": "normal", "native_code": "ALARM"}),
+    ]
+
+
+async def test_a_failed_publish_is_retried_with_the_next_poll(peer: HaasPeer) -> None:
+    class FailingOnce(InMemoryPublisher):
+        failed = False
+
+        async def publish_many(self, events: list[Any]) -> list[Any]:
+            if not self.failed and len(self.published) == 4:
+                self.failed = True
+                raise ConnectionError("NATS is down")
+            return await super().publish_many(events)
+
+    publisher = FailingOnce()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    peer.set(status="BUSY")
+    await settle(publisher, peer, 5)
+    await running.finish()
+    assert publisher.failed
+    assert facts(publisher)[-1][1]["execution"] == "ACTIVE"
+
+
+async def test_check_returns_the_state_without_publishing(peer: HaasPeer) -> None:
+    adapter = HaasAdapter(config(peer, modes={"(setup)": "MANUAL"}))
+    peer.set(mode="SETUP")
+    events = await adapter.check()
+    assert [(e.type.split(".")[2], e.data) for e in events] == [
+        *INITIAL[:2],
+        ("execution", {"execution": "READY", "mode": "MANUAL", "program": "O00012"}),
+        INITIAL[3],
+    ]
+    assert adapter.serial_number == "1234567"
+    assert len(peer.queries) == 4  # ?Q100 once, then one poll
+
+
+async def test_the_newer_reply_form_is_read_too(peer: HaasPeer) -> None:
+    peer.set(ngc_framing=True)  # ">payload\r\n", as the NGC control's documentation writes it
+    events = await HaasAdapter(config(peer)).check()
+    assert [(e.type.split(".")[2], e.data) for e in events] == INITIAL
+
+
+async def test_another_machine_at_the_address_is_not_published(peer: HaasPeer) -> None:
+    adapter = HaasAdapter(config(peer, serial_number="7654321"))
+    with pytest.raises(ConnectionError, match="serial number '1234567', not '7654321'"):
+        await adapter.check()
+    publisher = InMemoryPublisher()
+    running = Running(adapter, publisher)
+    await eventually(lambda: len(publisher.published) == 2)
+    await running.finish()
+    assert of_kind(publisher, "availability") == [{"availability": "UNAVAILABLE"}]
+    assert of_kind(publisher, "partcount") == []
+
+
+def test_replies_split_across_reads_and_both_busy_spellings() -> None:
+    reader = ReplyReader()
+    stream = b"\x02STATUS, BUSY\x17\r\n>\x02STATUS BUSY\x17\r\n>>MODE, MEM\r\n>"
+    replies = [r for byte in stream for r in reader.feed(bytes([byte]))]
+    assert [r.fields for r in replies] == [("STATUS", "BUSY")] * 2 + [("MODE", "MEM")]
+    assert reader.take_junk() == []
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "reason"),
+    [
+        ("port = 99999", "port", "less than or equal to 65535"),
+        ('part_count_source = "m30"', "part_count_source", "'macro' or 'q500'"),
+        ("part_counter_macro = 0", "part_counter_macro", "greater than or equal to 1"),
+        ('modes = { SETUP = "SETUP" }', "modes.SETUP", "'AUTOMATIC'"),
+        ("write_macros = true", "write_macros", "Extra inputs are not permitted"),
+    ],
+)
+def test_the_config_file_error_names_file_key_and_reason(
+    tmp_path: Path, line: str, key: str, reason: str
+) -> None:
+    path = tmp_path / "mes-hub.toml"
+    path.write_text(f'[[adapters.haas]]\nmachine_id = "VF2-1"\nhost = "haas"\n{line}\n')
+    with pytest.raises(AdapterConfigError) as caught:
+        load_adapters(path)
+    text = str(caught.value)
+    assert str(path) in text and f"'adapters.haas.0.{key}'" in text and reason in text
+
+
+def test_the_bad_part_macro_must_differ_from_the_part_counter() -> None:
+    with pytest.raises(ValidationError, match="bad_part_macro #3901 is the part counter macro"):
+        HaasConfig(machine_id="M1", host="haas", bad_part_macro=3901)
+
+
+def test_the_documented_example_is_valid(tmp_path: Path) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    example = next(b for b in blocks if "[[adapters.haas]]" in b)
+    path = tmp_path / "mes-hub.toml"
+    path.write_text(example)
+    (entry,) = load_adapters(path).haas
+    assert entry.machine_id == "VF2-3" and entry.bad_part_macro == 3902

@@ -1,0 +1,695 @@
+"""The Sparkplug B adapter against a real MQTT broker (amqtt's, in its own process) and an edge
+node that speaks Sparkplug B through paho-mqtt with payloads encoded by pysparkplug
+(``tests/sparkplug_peer.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pysparkplug import DataType
+
+from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapter
+from adapters.machines.config import AdapterConfigError, load_adapters
+from adapters.machines.sparkplug import (
+    BrokerLost,
+    SparkplugAdapter,
+    SparkplugConfig,
+    SparkplugMachine,
+)
+from hub.ports import InMemoryPublisher
+from tests.conftest import eventually
+from tests.integration.test_modbus_adapter import Running, facts, of_kind
+from tests.sparkplug_peer import Broker, EdgeNode, free_port, self_signed_certificate
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "adapters" / "sparkplug.md"
+PRESS = {"Running": (DataType.BOOLEAN, False), "Parts": (DataType.UINT32, 100)}
+
+
+class Recorder(InMemoryPublisher):
+    """Keeps every event offered, duplicates included (``published`` drops repeated ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offered: list[str] = []
+
+    async def publish_many(self, events: list[Any]) -> list[Any]:
+        self.offered += [e.id for e in events]
+        return await super().publish_many(events)
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    server = Broker()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[EdgeNode]]:
+    """Edge nodes a test starts, closed at its end."""
+    started: list[EdgeNode] = []
+    yield started
+    for node in started:
+        node.close()
+
+
+def edge(nodes: list[EdgeNode], broker: Broker, **kwargs: Any) -> EdgeNode:
+    node = EdgeNode(broker.port, metrics=kwargs.pop("metrics", PRESS), **kwargs)
+    nodes.append(node)
+    return node
+
+
+def config(
+    broker: Broker, machines: list[dict[str, Any]] | None = None, **kwargs: Any
+) -> SparkplugConfig:
+    return SparkplugConfig.model_validate(
+        {
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "group_id": "Plant1",
+            "keepalive_s": 2,
+            "timeout_s": 1.0,
+            "reconnect_max_s": 0.5,
+            "rebirth_interval_s": 0.2,
+            "check_wait_s": 5.0,
+            "machines": machines
+            or [
+                {
+                    "machine_id": "PRESS-1",
+                    "edge_node": "Line1",
+                    "execution": {"metric": "Running"},
+                    "part_count": "Parts",
+                }
+            ],
+            **kwargs,
+        }
+    )
+
+
+def at_ms(milliseconds: int) -> datetime:
+    return datetime.fromtimestamp(milliseconds / 1000, UTC)
+
+
+def times(publisher: InMemoryPublisher) -> list[datetime]:
+    return [e.envelope.time for _, e in publisher.published]
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[Running]]:
+    running: list[Running] = []
+    yield running
+    for item in running:
+        if not item.task.done():
+            item.stop.set()
+            await asyncio.wait_for(item.task, 10)
+
+
+def run(started: list[Running], adapter: SparkplugAdapter, publisher: Any) -> Running:
+    running = Running(adapter, publisher)  # type: ignore[arg-type]
+    started.append(running)
+    return running
+
+
+def test_adapter_satisfies_the_port() -> None:
+    adapter: MachineAdapter = SparkplugAdapter(
+        SparkplugConfig(
+            host="broker",
+            group_id="G",
+            machines=[SparkplugMachine(machine_id="M1", edge_node="N1", part_count="Parts")],
+        )
+    )
+    assert adapter.protocol == "sparkplug"
+
+
+async def test_births_then_every_change_once_with_its_time(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker)
+    node.connect()  # born before the adapter runs: it asks for a rebirth on connecting
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    await eventually(lambda: len(publisher.published) == 3)
+    assert node.rebirth_requests == 1
+    assert facts(publisher) == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("execution", {"execution": "STOPPED"}),
+        ("partcount", {"count": 100, "kind": "all"}),
+    ]
+    born = node.tags[None]
+    assert times(publisher)[1:] == [
+        at_ms(born["Running"].timestamp),
+        at_ms(born["Parts"].timestamp),
+    ]
+
+    # DATA by alias only: each change once, at the metric's own time (not arrival).
+    started_at = node.set(Running=True, timestamp=1_700_000_000_000 + 5)
+    counted_at = node.set(Parts=101, timestamp=1_700_000_000_000 + 9)
+    stopped_at = node.set(Running=False, Parts=102, timestamp=1_700_000_000_000 + 20)
+    await eventually(lambda: len(publisher.published) == 7)
+    assert facts(publisher)[3:] == [
+        ("execution", {"execution": "ACTIVE"}),
+        ("partcount", {"count": 101, "kind": "all"}),
+        ("execution", {"execution": "STOPPED"}),
+        ("partcount", {"count": 102, "kind": "all"}),
+    ]
+    assert times(publisher)[3:] == [at_ms(started_at), at_ms(counted_at)] + [at_ms(stopped_at)] * 2
+    events = [e.envelope for _, e in publisher.published]
+    assert {e.subject for e in events} == {"PRESS-1"}
+    assert {e.source for e in events} == {"sparkplug://Plant1/Line1"}
+
+    # A rebirth repeats the same values (same timestamps): nothing new is offered.
+    offered = len(publisher.offered)
+    node.publish_births()
+    node.set(Parts=103, timestamp=1_700_000_000_000 + 30)  # and then goes on
+    await eventually(lambda: len(publisher.published) == 8)
+    assert publisher.offered[offered:] == [publisher.published[-1][1].envelope.id]
+    assert len(set(publisher.offered)) == len(publisher.offered)
+
+
+async def test_a_rereading_adapter_gives_the_same_ids(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker)
+    node.connect()
+    node.set(Running=True, Parts=7)
+    first, second = Recorder(), Recorder()
+    run(started, SparkplugAdapter(config(broker)), first)
+    await eventually(lambda: len(first.published) == 3)
+    run(started, SparkplugAdapter(config(broker)), second)  # its rebirth request: births again
+    await eventually(lambda: len(second.published) == 3)
+    # The values carry their own timestamps: the same facts, the same ids. AVAILABLE is
+    # stamped with the birth it was read from, a new one.
+    assert [e.envelope.id for _, e in first.published[1:]] == [
+        e.envelope.id for _, e in second.published[1:]
+    ]
+
+
+async def test_devices_are_machines_and_ddeath_makes_one_unavailable(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(
+        nodes,
+        broker,
+        metrics={"Temperature": (DataType.DOUBLE, 21.5)},
+        devices={
+            "Lathe": {"State": (DataType.INT32, 0), "Count": (DataType.INT64, 5)},
+            "Mill": {"State": (DataType.INT32, 1), "Count": (DataType.INT64, 9)},
+        },
+    )
+    machines = [
+        {
+            "machine_id": machine_id,
+            "edge_node": "Line1",
+            "device": device,
+            "execution": {
+                "metric": "State",
+                "values": {"0": "READY", "1": "ACTIVE", "-1": "STOPPED"},
+            },
+            "part_count": "Count",
+        }
+        for machine_id, device in (("LATHE-1", "Lathe"), ("MILL-1", "Mill"))
+    ]
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker, machines)), publisher)
+    node.connect()
+
+    def of(machine: str) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            (s.rsplit(".", 1)[1], e.envelope.data)
+            for s, e in publisher.published
+            if e.envelope.subject == machine
+        ]
+
+    await eventually(lambda: len(of("LATHE-1")) == 3 and len(of("MILL-1")) == 3)
+    assert of("LATHE-1") == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("execution", {"execution": "READY"}),
+        ("partcount", {"count": 5, "kind": "all"}),
+    ]
+    node.set("Lathe", State=-1)  # a negative Int32 (two's complement on the wire)
+    node.device_death("Mill")
+    await eventually(lambda: len(of("LATHE-1")) == 4 and len(of("MILL-1")) == 5)
+    assert of("LATHE-1")[3] == ("execution", {"execution": "STOPPED"})
+    unavailable, condition = of("MILL-1")[3:]
+    assert unavailable == ("availability", {"availability": "UNAVAILABLE"})
+    assert condition[1]["native_code"] == CONNECTION_CODE
+    assert "Plant1/Line1/Mill is offline (DDEATH)" in condition[1]["message"]
+    node.device_death("Mill")  # again: still one UNAVAILABLE
+    node.set("Lathe", Count=6)
+    await eventually(lambda: len(of("LATHE-1")) == 5)
+    assert len(of("MILL-1")) == 5
+
+
+async def test_a_node_death_with_its_bdseq_makes_its_machines_unavailable_once(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker, bd_seq=7)
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 3)
+
+    node.drop()  # no DISCONNECT: the broker publishes the will, NDEATH bdSeq 7
+    await eventually(lambda: len(publisher.published) == 5)
+    unavailable, condition = facts(publisher)[3:]
+    assert unavailable == ("availability", {"availability": "UNAVAILABLE"})
+    assert condition[1]["level"] == "unavailable"
+    assert condition[1]["native_code"] == CONNECTION_CODE
+    assert condition[1]["message"] == "Sparkplug edge node Plant1/Line1 is offline (NDEATH bdSeq 7)"
+
+    node.tags[None]["Parts"].value = 150  # made while offline; the next birth says so
+    node.connect()  # bdSeq 8
+    await eventually(lambda: len(publisher.published) == 8)
+    assert facts(publisher)[5:] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+        ("partcount", {"count": 150, "kind": "all"}),
+    ]
+
+
+async def test_a_stale_node_death_is_ignored(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker, bd_seq=0)
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 3)
+    node.close()
+    node.connect()  # bdSeq 1: a new session
+    # The will of session 0, delivered late (as when a session is taken over), and one
+    # from long ago across the wrap (255): both are of earlier sessions.
+    node.send_raw("NDEATH", node.death(0))
+    node.send_raw("NDEATH", node.death(255))
+    node.set(Parts=101)  # sent after the stale deaths: the adapter has read them when it comes
+    await eventually(lambda: len(publisher.published) == 4)
+    assert facts(publisher)[3] == ("partcount", {"count": 101, "kind": "all"})
+    assert "UNAVAILABLE" not in str(facts(publisher))
+
+
+async def test_pysparkplug_clean_disconnect_death_is_misnumbered_and_honoured(
+    broker: Broker, started: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    """pysparkplug 0.6's ``EdgeNode.disconnect`` publishes an NDEATH whose bdSeq is the next
+    session's (its NBIRTH had the one before). The node is gone all the same."""
+    from pysparkplug import Client, MessageType, Metric, QoS, Topic
+    from pysparkplug import EdgeNode as PyEdgeNode
+
+    caplog.set_level(logging.INFO, logger="adapters.machines.sparkplug")
+    seen: list[tuple[str, int]] = []  # (NBIRTH|NDEATH, bdSeq) as the broker delivers them
+    watcher = Client()
+
+    def remember(_client: Any, message: Any) -> None:
+        kind = message.topic.message_type.name
+        metrics = message.payload.metrics if kind == "NBIRTH" else (message.payload.bd_seq_metric,)
+        seen.extend((kind, m.value) for m in metrics if m.name == "bdSeq")
+
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker, request_rebirth=False)), publisher)
+    watcher.connect("127.0.0.1", port=broker.port, blocking=False)
+    for kind in (MessageType.NBIRTH, MessageType.NDEATH):
+        topic = Topic(group_id="Plant1", message_type=kind, edge_node_id="Line1")
+        watcher.subscribe(topic, QoS.AT_LEAST_ONCE, remember)
+    await eventually(lambda: any("subscribed" in r.getMessage() for r in caplog.records))
+    node = PyEdgeNode(
+        "Plant1",
+        "Line1",
+        [
+            Metric(timestamp=None, name="Running", datatype=DataType.BOOLEAN, value=True),
+            Metric(timestamp=None, name="Parts", datatype=DataType.UINT64, value=3),
+        ],
+    )
+    node.connect("127.0.0.1", port=broker.port, blocking=False)
+    await eventually(lambda: len(publisher.published) == 3)
+    node.disconnect()
+    await eventually(lambda: len(publisher.published) == 5)
+    watcher.disconnect()
+    assert facts(publisher)[3][1] == {"availability": "UNAVAILABLE"}
+    (birth,) = [b for k, b in seen if k == "NBIRTH"]
+    (death,) = [d for k, d in seen if k == "NDEATH"]
+    assert death == (birth + 1) % 256  # the known problem, as the broker carried it
+    assert any("honoured as this session's death" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_seq_gap_requests_a_rebirth_and_values_wait_for_it(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker)
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 3)
+    asked = node.rebirth_requests
+    node.answer_rebirth = False
+    node.skip_seq()  # a message lost on the way
+    node.set(Parts=200)
+    await eventually(lambda: node.rebirth_requests == asked + 1)
+    node.set(Parts=201)  # in sequence again, but the node is not trusted before a birth
+    node.publish_births()  # the birth says where it stands
+    await eventually(lambda: len(publisher.published) == 4)
+    # 200 and 201 by DATA were not taken: had they been, 200 would be here.
+    assert facts(publisher)[3:] == [("partcount", {"count": 201, "kind": "all"})]
+
+
+async def test_data_before_any_birth_is_ignored_and_a_rebirth_requested(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker)
+    node.answer_rebirth = False
+    node.connect()  # its NBIRTH is gone before the adapter listens
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    await eventually(lambda: node.rebirth_requests == 1)  # on connecting
+
+    def data_without_birth_asks_again() -> bool:
+        node.set(Running=True)  # until the rebirth interval (0.2 s) has passed
+        return node.rebirth_requests >= 2
+
+    await eventually(data_without_birth_asks_again)
+    assert publisher.published == []
+    node.publish_births()
+    await eventually(lambda: len(publisher.published) == 3)
+    assert facts(publisher)[1] == ("execution", {"execution": "ACTIVE"})
+
+
+async def test_request_rebirth_false_sends_no_command(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="adapters.machines.sparkplug")
+    node = edge(nodes, broker)
+    node.connect()
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker, request_rebirth=False)), publisher)
+    await eventually(lambda: any("subscribed" in r.getMessage() for r in caplog.records))
+    node.set(Running=True)
+    node.skip_seq()
+    node.set(Running=False)
+    node.close()
+    node.connect()  # a birth of its own accord
+    await eventually(lambda: len(publisher.published) == 3)
+    assert node.rebirth_requests == 0
+
+
+async def test_garbage_and_wrong_types_are_warnings_and_the_adapter_goes_on(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    node = edge(
+        nodes,
+        broker,
+        metrics={
+            "Running": (DataType.BOOLEAN, False),
+            "Parts": (DataType.STRING, "twelve"),
+            "Mode": (DataType.STRING, "AUTOMATIC"),
+        },
+    )
+    machines = [
+        {
+            "machine_id": "PRESS-1",
+            "edge_node": "Line1",
+            "execution": {"metric": "Running"},
+            "mode": {"metric": "Mode"},
+            "part_count": "Parts",
+        }
+    ]
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker, machines)), publisher)
+    node.connect()
+    await eventually(lambda: len(of_kind(publisher, "condition")) == 1)
+    (wrong_type,) = of_kind(publisher, "condition")
+    assert wrong_type["level"] == "warning"
+    assert wrong_type["native_code"] == BAD_INPUT_CODE
+    assert wrong_type["message"] == "Line1: metric 'Parts': a count, got 'twelve'"
+
+    node.send_raw("NDATA", b"\x0a\xff\xff\xff")  # not a Sparkplug payload
+    await eventually(lambda: len(of_kind(publisher, "condition")) == 2)
+    garbage = of_kind(publisher, "condition")[1]
+    assert garbage["native_code"] == BAD_INPUT_CODE
+    assert garbage["message"].startswith("Line1: NDATA spBv1.0/Plant1/NDATA/Line1: payload:")
+    node.set_metrics({"Mode": "DANCING"})
+    await eventually(lambda: len(of_kind(publisher, "condition")) == 3)
+    assert "'DANCING' is not a controller mode" in of_kind(publisher, "condition")[2]["message"]
+    node.set(Running=True)  # and on it goes
+    await eventually(
+        lambda: {"execution": "ACTIVE", "mode": "AUTOMATIC"} in of_kind(publisher, "execution")
+    )
+    assert any("a count, got 'twelve'" in r.getMessage() for r in caplog.records)
+
+
+async def test_flag_and_alarm_code_conditions(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(
+        nodes,
+        broker,
+        metrics={"Door Open": (DataType.BOOLEAN, False), "Alarm": (DataType.UINT16, 0)},
+    )
+    machines = [
+        {
+            "machine_id": "PRESS-1",
+            "edge_node": "Line1",
+            "conditions": [
+                {"metric": "Door Open", "native_code": "DOOR", "level": "warning"},
+                {"metric": "Alarm"},
+            ],
+        }
+    ]
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker, machines)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 1)
+    node.set_metrics({"Door Open": True})
+    node.set(Alarm=17)
+    node.set(Alarm=23)
+    node.set(Alarm=0)
+    node.set_metrics({"Door Open": False})
+    await eventually(lambda: len(of_kind(publisher, "condition")) == 6)
+    assert [(c["level"], c.get("native_code")) for c in of_kind(publisher, "condition")] == [
+        ("warning", "DOOR"),
+        ("fault", "17"),
+        ("normal", "17"),
+        ("fault", "23"),
+        ("normal", "23"),
+        ("normal", "DOOR"),
+    ]
+    assert of_kind(publisher, "condition")[1]["message"] == "alarm 17 (Alarm)"
+
+
+async def test_a_broker_restart_makes_machines_unavailable_once_then_back(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="adapters.machines.sparkplug")
+    node = edge(nodes, broker)
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 3)
+
+    broker.kill()
+    await eventually(lambda: len(publisher.published) == 5)
+    await eventually(lambda: sum("cannot connect" in r.getMessage() for r in caplog.records) >= 3)
+    unavailable, condition = facts(publisher)[3:]
+    assert unavailable == ("availability", {"availability": "UNAVAILABLE"})
+    assert condition[1]["native_code"] == CONNECTION_CODE
+    assert condition[1]["message"].startswith(f"MQTT broker 127.0.0.1:{broker.port} unreachable: ")
+    assert len(publisher.published) == 5  # three failed reconnects: still one UNAVAILABLE
+
+    broker.start()  # the same port
+    node.drop()
+    node.connect()  # the edge node reconnects too: a new session
+    counted_at = node.set(Parts=120)  # published after the restart: must arrive
+    await eventually(lambda: ("partcount", {"count": 120, "kind": "all"}) in facts(publisher))
+    assert facts(publisher)[5:7] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+    ]
+    assert times(publisher)[-1] == at_ms(counted_at)
+    assert of_kind(publisher, "availability").count({"availability": "UNAVAILABLE"}) == 1
+
+
+async def test_a_hung_broker_is_lost_and_found_again(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    node = edge(nodes, broker)
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 3)
+    broker.pause()  # connections stay open, nothing is answered
+    try:
+        await eventually(lambda: len(publisher.published) == 5)
+    finally:
+        broker.resume()
+    assert (
+        "no answer" in facts(publisher)[4][1]["message"]
+        or "closed" in facts(publisher)[4][1]["message"]
+    )
+    await eventually(
+        lambda: ("availability", {"availability": "AVAILABLE"}) in facts(publisher)[5:], timeout=30
+    )
+
+
+async def test_host_state_online_retained_and_offline_on_stop(
+    broker: Broker, started: list[Running]
+) -> None:
+    from amqtt.client import MQTTClient
+
+    publisher = Recorder()
+    running = run(started, SparkplugAdapter(config(broker, host_id="mes-hub-1")), publisher)
+
+    async def state() -> dict[str, Any]:
+        client = MQTTClient(config={"auto_reconnect": False, "plugins": {}})
+        await client.connect(f"mqtt://127.0.0.1:{broker.port}")
+        try:
+            await client.subscribe([("spBv1.0/STATE/mes-hub-1", 1)])
+            message = await client.deliver_message(timeout_duration=5)
+            return dict(json.loads(bytes(message.data)))
+        finally:
+            await client.disconnect()
+
+    async def online() -> bool:
+        return (await state())["online"] is True
+
+    await eventually(online)
+    await running.finish()
+    assert (await state())["online"] is False
+
+
+async def test_credentials_reach_the_broker_and_never_the_log(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    node = edge(nodes, broker)
+    node.connect()
+    publisher = Recorder()
+    cfg = config(broker, username="hub", password="s3cret-Pa55")
+    assert "s3cret" not in repr(cfg)
+    run(started, SparkplugAdapter(cfg), publisher)
+    await eventually(lambda: len(publisher.published) == 3)
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+
+
+async def test_tls_with_the_brokers_ca(
+    nodes: list[EdgeNode], started: list[Running], tmp_path: Path
+) -> None:
+    certificate, key = self_signed_certificate(tmp_path)
+    broker = Broker(tls=(certificate, key))
+    broker.start()
+    try:
+        node = edge(nodes, broker)  # on the plain listener
+        node.connect()
+        secure = config(broker, port=broker.tls_port, tls=True, ca_file=str(certificate))
+        publisher = Recorder()
+        run(started, SparkplugAdapter(secure), publisher)
+        await eventually(lambda: len(publisher.published) == 3)
+
+        # A broker whose certificate the adapter cannot check is refused.
+        untrusted = config(broker, port=broker.tls_port, tls=True)
+        with pytest.raises(BrokerLost, match="CERTIFICATE_VERIFY_FAILED"):
+            await SparkplugAdapter(untrusted).check()
+    finally:
+        for item in started:
+            item.stop.set()
+        broker.kill()
+
+
+async def test_check_returns_the_births_without_publishing(
+    broker: Broker, nodes: list[EdgeNode]
+) -> None:
+    node = edge(nodes, broker)
+    node.connect()
+    node.set(Running=True, Parts=42)
+    events = await SparkplugAdapter(config(broker)).check()
+    assert [(e.type.split(".")[2], e.data) for e in events] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("execution", {"execution": "ACTIVE"}),
+        ("partcount", {"count": 42, "kind": "all"}),
+    ]
+
+
+async def test_without_amqtt_the_adapter_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "amqtt.client", None)  # as if not installed
+    adapter = SparkplugAdapter(
+        SparkplugConfig(
+            host="broker",
+            group_id="G",
+            machines=[SparkplugMachine(machine_id="M1", edge_node="N1", part_count="Parts")],
+        )
+    )
+    with pytest.raises(RuntimeError, match=r"install mes-hub\[sparkplug\]"):
+        await adapter.check()
+
+
+async def test_check_of_an_unreachable_broker_raises() -> None:
+    unreachable = SparkplugConfig.model_validate(
+        {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "group_id": "G",
+            "timeout_s": 1.0,
+            "machines": [{"machine_id": "M1", "edge_node": "N1", "part_count": "Parts"}],
+        }
+    )
+    with pytest.raises(BrokerLost, match="cannot connect"):
+        await SparkplugAdapter(unreachable).check()
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "message"),
+    [
+        ('group_id = "a/b"', "adapters.sparkplug.0.group_id", "should match pattern"),
+        ('machines = [{machine_id = "M 1", edge_node = "N", part_count = "P"}]',
+         "adapters.sparkplug.0.machines.0.machine_id", "should match pattern"),
+        ('machines = [{machine_id = "M1", edge_node = "N"}]',
+         "adapters.sparkplug.0.machines.0", "map at least one metric"),
+        ('machines = [{machine_id = "M1", edge_node = "N", program = "Prog"}]',
+         "adapters.sparkplug.0.machines.0", "mode and program need an execution metric"),
+        ('machines = [{machine_id = "M1", edge_node = "N", '
+         'execution = {metric = "S", values = {"1" = "RUNNING"}}}]',
+         "adapters.sparkplug.0.machines.0.execution.values.1", "Input should be 'ACTIVE'"),
+        ('machines = [{machine_id = "M1", edge_node = "N", part_count = "P"}, '
+         '{machine_id = "M2", edge_node = "N", part_count = "P"}]',
+         "adapters.sparkplug.0.machines", "'N' is mapped to more than one machine"),
+        ('ca_file = "nowhere.pem"', "adapters.sparkplug.0.ca_file", "no such file"),
+        ('password = "x"', "adapters.sparkplug.0", "a password needs a username"),
+        ("keepalive_s = 1", "adapters.sparkplug.0.keepalive_s", "greater than or equal to 2"),
+    ],
+)  # fmt: skip
+def test_the_config_file_error_names_the_key(
+    tmp_path: Path, entry: str, key: str, message: str
+) -> None:
+    lines = {
+        "host": 'host = "broker"',
+        "group_id": 'group_id = "G"',
+        "machines": 'machines = [{machine_id = "M1", edge_node = "N", part_count = "P"}]',
+    }
+    name = entry.split(" ", 1)[0]
+    lines[name] = entry
+    path = tmp_path / "mes-hub.toml"
+    path.write_text("[[adapters.sparkplug]]\n" + "\n".join(lines.values()) + "\n")
+    with pytest.raises(AdapterConfigError) as caught:
+        load_adapters(path)
+    text = str(caught.value)
+    assert str(path) in text and f"'{key}'" in text and message in text, text
+
+
+def test_the_documented_example_is_valid(tmp_path: Path) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    example = next(b for b in blocks if "[[adapters.sparkplug]]" in b)
+    path = tmp_path / "mes-hub.toml"
+    path.write_text(example)
+    (tmp_path / "plant-ca.pem").write_text("a CA certificate\n")  # named by the example
+    (entry,) = load_adapters(path).sparkplug
+    assert [m.machine_id for m in entry.machines] == ["PRESS-3", "LATHE-7"]
+    assert entry.password is not None and entry.username == "mes-hub"
