@@ -62,17 +62,26 @@ class Broker:
     anyone), ``pause``/``resume`` it (a hung broker: connections open, nothing answered), and
     ``start`` it again on the same port."""
 
-    def __init__(self, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        passwords: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         # With (certificate, key): a second listener speaking MQTT over TLS on ``tls_port``.
         self.tls = tls
         self.tls_port = free_port() if tls else None
+        # With a password file (``password_file``): no anonymous client is let in.
+        self.passwords = passwords
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
-        tls = [str(self.tls_port), *map(str, self.tls)] if self.tls else []
+        args = ["--passwords", str(self.passwords)] if self.passwords else []
+        if self.tls:
+            args += [str(self.tls_port), *map(str, self.tls)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.sparkplug_peer", "broker", str(self.port), *tls],
+            [sys.executable, "-m", "tests.sparkplug_peer", "broker", str(self.port), *args],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -105,7 +114,17 @@ class Broker:
         os.kill(self.process.pid, signal.SIGCONT)
 
 
-async def _serve_broker(port: int, tls: list[str]) -> None:
+def password_file(folder: Path, users: dict[str, str]) -> Path:
+    """A broker password file (``user:argon2 hash`` lines, as amqtt's FileAuthPlugin reads)."""
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    path = folder / "passwords"
+    hasher = Argon2Hasher()
+    path.write_text("".join(f"{user}:{hasher.hash(pw)}\n" for user, pw in users.items()))
+    return path
+
+
+async def _serve_broker(port: int, tls: list[str], passwords: str | None = None) -> None:
     from amqtt.broker import Broker as AmqttBroker
 
     listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}
@@ -118,12 +137,15 @@ async def _serve_broker(port: int, tls: list[str]) -> None:
             "certfile": certfile,
             "keyfile": keyfile,
         }
+    plugins: dict[str, Any] = {
+        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": not passwords}
+    }
+    if passwords:
+        plugins["amqtt.plugins.authentication.FileAuthPlugin"] = {"password_file": passwords}
     broker = AmqttBroker(
         {
             "listeners": listeners,
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
+            "plugins": plugins,
         }
     )
     await broker.start()
@@ -156,8 +178,10 @@ class EdgeNode:
         metrics: dict[str, tuple[DataType, Any]] | None = None,
         devices: dict[str, dict[str, tuple[DataType, Any]]] | None = None,
         bd_seq: int = 0,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.port, self.group, self.node = port, group, node
+        self.credentials = credentials  # (username, password) for a broker that asks
         self.bd_seq = bd_seq - 1  # incremented by each connect
         self.answer_rebirth = True  # republish the births on a rebirth request
         self.rebirth_requests = 0  # NCMD Node Control/Rebirth = true received
@@ -203,6 +227,8 @@ class EdgeNode:
         )
         will = NDeath(timestamp=now_ms(), bd_seq_metric=self._bd_seq_metric())
         client.will_set(self.topic("NDEATH"), will.encode(), qos=1, retain=False)
+        if self.credentials is not None:
+            client.username_pw_set(*self.credentials)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.message_callback_add(self.topic("NCMD"), self._on_command)
@@ -334,4 +360,8 @@ class EdgeNode:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["broker"]:
-        asyncio.run(_serve_broker(int(sys.argv[2]), sys.argv[3:]))
+        rest = sys.argv[3:]
+        passwords = None
+        if rest[:1] == ["--passwords"]:
+            passwords, rest = rest[1], rest[2:]
+        asyncio.run(_serve_broker(int(sys.argv[2]), rest, passwords))

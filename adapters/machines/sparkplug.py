@@ -12,37 +12,44 @@ of the config is an edge node, or one device of an edge node; its metrics are na
 - ``conditions``: a flag metric (true or non-zero: a fault with the configured native code) or an
   alarm-code metric (non-zero: a fault with that code; 0 clears it).
 
-Births define aliases; DATA messages may name metrics by alias only. Event time is the metric's
-timestamp, else the payload's. Ids derive from group/node/device, metric, timestamp and value, so a
+Births define aliases; DATA messages may name metrics by alias only. Execution, mode and program
+of one message with one time make one execution event. Event time is the metric's timestamp,
+else the payload's; a message without any (Sparkplug requires them), or a time the hub would
+refuse (more than 300 s ahead) or that cannot be true (before 2000), gets its arrival time and an
+``ADAPTER_INPUT`` warning once while it lasts. Ids derive from group/node/device, metric,
+timestamp and value (for arrival times: the birth's bdSeq, the seq and the arrival), so a
 message delivered twice, or a rebirth repeating values, publishes nothing new.
 
 Session rules (Sparkplug 3.0): ``seq`` runs 0..255 per edge node across its births and DATA; a
-gap, or DATA before any birth, makes the adapter distrust the node, request a rebirth (an NCMD
-``Node Control/Rebirth``, unless ``request_rebirth = false``) and ignore its values until the next
-NBIRTH. An NDEATH is honoured when its ``bdSeq`` is the current NBIRTH's, or numbered after it
-(pysparkplug 0.6 numbers a clean disconnect's NDEATH like the next session); one numbered before
-it is a stale death of an earlier session and is ignored. A valid NDEATH makes every machine of
-the node ``UNAVAILABLE`` once, with an ``unavailable`` condition ``ADAPTER_CONNECTION``; a DDEATH
-its device's machine. The next birth publishes ``AVAILABLE`` and the birth's values.
+gap, DATA before any birth, or a message that cannot be read, makes the adapter distrust the
+node, request a rebirth (an NCMD ``Node Control/Rebirth``, unless ``request_rebirth = false``)
+and ignore its values until the next NBIRTH. An NDEATH is honoured when its ``bdSeq`` is the
+current NBIRTH's, or exactly one after it (pysparkplug 0.6 numbers a clean disconnect's NDEATH
+like the next session); any other is another session's, ignored, and a rebirth is requested to
+check the node lives. A valid NDEATH makes every machine of the node ``UNAVAILABLE`` once, with
+an ``unavailable`` condition ``ADAPTER_CONNECTION``; a DDEATH its device's machine, and so does
+an NBIRTH whose DBIRTHs (over at the node's next other message, or after ``BIRTHS_WAIT_S``) leave
+the device out. The next birth publishes ``AVAILABLE`` and the birth's values.
 
 Losing the broker (refused, closed, or no answer to a ping) does the same for every machine and
 the adapter reconnects with backoff, resubscribes and requests rebirths. A payload that is not
-Sparkplug B, or a metric of the wrong type for its mapping, is logged and published as an
-``ADAPTER_INPUT`` warning; the adapter goes on. With ``host_id`` the adapter also publishes the
-Sparkplug 3.0 host ``STATE`` (retained, with a will saying offline). See
-``docs/adapters/sparkplug.md``.
+Sparkplug B (or over 1 MiB), or a metric of the wrong type for its mapping, is logged and
+published as an ``ADAPTER_INPUT`` warning; the adapter goes on. With ``host_id`` the adapter
+also publishes the Sparkplug 3.0 host ``STATE`` (retained, with a will saying offline, one
+timestamp per connection). See ``docs/adapters/sparkplug.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -57,8 +64,20 @@ from pydantic import (
     model_validator,
 )
 
-from adapters.machines.base import MachineEvents, config_file, report_bad_input
-from adapters.machines.observations import EXECUTIONS, MODES, MachineObserver, Meaning
+from adapters.machines.base import (
+    MachineEvents,
+    config_file,
+    report_bad_input,
+    stopped,
+    url_host,
+)
+from adapters.machines.observations import (
+    EXECUTIONS,
+    MAX_COUNT,
+    MODES,
+    MachineObserver,
+    Meaning,
+)
 from adapters.machines.sparkplug_payload import (
     Metric,
     Payload,
@@ -79,6 +98,10 @@ NAMESPACE = "spBv1.0"
 SEQ_MODULUS = 256  # seq and bdSeq run 0..255 and wrap
 RECONNECT_MIN_S = 0.25
 RECEIVE_WAIT_S = 0.5  # how often the receive loop looks at ``stop``
+BIRTHS_WAIT_S = 2.0  # after an NBIRTH, how long its DBIRTHs may take at the most
+MAX_PAYLOAD_BYTES = 1 << 20  # a larger payload is reported, not decoded
+MAX_AHEAD = timedelta(seconds=300)  # the hub refuses events further ahead (max_clock_skew_s)
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)  # a time before this is a clock never set
 INSTALL_HINT = "the Sparkplug adapter needs amqtt: install mes-hub[sparkplug]"
 
 # A Sparkplug id (group, edge node, device): a topic level, so no '/', '+' or '#'.
@@ -140,6 +163,10 @@ class SparkplugMachine(BaseModel):
         if (self.mode or self.program) and not self.execution:
             # Mode and program travel with an execution event (contract v1).
             raise ValueError("mode and program need an execution metric")
+        metrics = [condition.metric for condition in self.conditions]
+        if len(set(metrics)) != len(metrics):
+            # One metric, one condition: two would share its id and item (one NORMAL for both).
+            raise ValueError("a metric is given to more than one condition")
         mapped = (self.execution, self.part_count, self.bad_count, self.conditions)
         if not any(mapped):
             raise ValueError(
@@ -156,7 +183,7 @@ class SparkplugConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str
+    host: Annotated[str, StringConstraints(min_length=1, max_length=253)]
     port: int = Field(default=1883, ge=1, le=65535)  # 8883 when left out with TLS
     group_id: SparkplugId
     machines: list[SparkplugMachine] = Field(min_length=1)
@@ -209,20 +236,10 @@ class SparkplugConfig(BaseModel):
         return self
 
     def broker(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{url_host(self.host)}:{self.port}"
 
 
 # --- what the messages mean --------------------------------------------------------------------
-
-
-def _when(milliseconds: int | None, fallback: datetime) -> datetime:
-    if milliseconds is None:
-        return fallback
-    try:
-        return datetime.fromtimestamp(milliseconds / 1000, UTC)
-    except (OverflowError, OSError, ValueError):
-        return fallback
 
 
 def _text(value: Value) -> str:
@@ -234,6 +251,20 @@ def _text(value: Value) -> str:
     if isinstance(value, bytes):
         return value.hex()
     return str(value)
+
+
+def _shown(value: object) -> str:
+    """A value as a message shows it: its repr, cut (a condition message has a length limit)."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:64] + "…"
+
+
+def _key(value: object) -> str:
+    """A value as part of an id key: as it is when short, else its digest."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= 128:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
 
 def _whole(value: Value) -> int | None:
@@ -268,58 +299,61 @@ class _Machine:
         for condition in config.conditions:
             self.roles.setdefault(condition.metric, []).append(condition)
 
-    def bad(self, what: str, raw: object, uid: str | None = None) -> list[CloudEvent]:
-        """An ``ADAPTER_INPUT`` warning. With ``uid`` (what was read: metric, timestamp,
-        value) its id is stable, so a rebirth repeating the same bad value adds nothing."""
+    def bad(self, what: str, raw: object, key: str) -> list[CloudEvent]:
+        """An ``ADAPTER_INPUT`` warning. ``key`` (what was read: metric, time, value; or the
+        problem and the session) makes its id stable, so reading it again adds nothing."""
         what = f"{self.config.scope()}: {what}"
-        if uid is None:
-            return self.observer.bad(what, raw)
-        return [report_bad_input(log, self.events, what, raw, f"{uid}|{what}")]
+        return [report_bad_input(log, self.events, what, raw, f"{key}|{what}")]
 
-    def observe(self, name: str, value: Value, at: datetime, uid: str) -> list[CloudEvent]:
-        events: list[CloudEvent] = []
-        for role in self.roles.get(name, ()):
-            if isinstance(role, ConditionMetric):
-                events += self._condition(role, value, at, uid)
-            elif role == "execution":
-                events += self._state("execution", name, value, at, uid)
-            elif role == "mode":
-                events += self._state("controller_mode", name, value, at, uid)
-            elif role == "program":
-                if isinstance(value, bytes | bool):
-                    what = f"metric {name!r}: a program name, got {value!r}"
-                    events += self.bad(what, value, uid)
-                else:
-                    events += self.observer.value("program", name, _text(value), at, uid)
-            else:
-                count = _whole(value)
-                if count is None:
-                    events += self.bad(f"metric {name!r}: a count, got {value!r}", value, uid)
-                else:
-                    meaning: Meaning = "bad_part_count" if role == "bad_count" else "part_count"
-                    events += self.observer.value(meaning, name, str(count), at, uid)
-        return events
-
-    def _state(
-        self,
-        meaning: Literal["execution", "controller_mode"],
-        name: str,
-        value: Value,
-        at: datetime,
-        uid: str,
+    def observe(
+        self, role: str | ConditionMetric, name: str, value: Value, at: datetime, uid: str
     ) -> list[CloudEvent]:
-        mapped = self.config.execution if meaning == "execution" else self.config.mode
+        """A count or condition metric's value (execution, mode and program go by ``state``)."""
+        if isinstance(role, ConditionMetric):
+            return self._condition(role, value, at, uid)
+        count = _whole(value)
+        if count is None or not 0 <= count <= MAX_COUNT:
+            return self.bad(f"metric {name!r}: a count, got {_shown(value)}", value, uid)
+        meaning: Meaning = "bad_part_count" if role == "bad_count" else "part_count"
+        return self.observer.value(meaning, name, str(count), at, uid)
+
+    def reading(
+        self, role: str, name: str, value: Value, uid: str
+    ) -> tuple[str | None, list[CloudEvent]]:
+        """An execution, mode or program metric's value as the contract's, or ``None`` and a
+        warning when it means none."""
+        if role == "program":
+            if isinstance(value, bytes | bool):
+                what = f"metric {name!r}: a program name, got {_shown(value)}"
+                return None, self.bad(what, value, uid)
+            return _text(value)[:256] or None, []
+        mapped = self.config.execution if role == "execution" else self.config.mode
         assert mapped is not None
         table: dict[str, str] = dict(mapped.values)
-        if not table and meaning == "execution" and isinstance(value, bool):
+        if not table and role == "execution" and isinstance(value, bool):
             table = {"true": "ACTIVE", "false": "STOPPED"}
         key = _text(value)
-        names = EXECUTIONS if meaning == "execution" else MODES
+        names = EXECUTIONS if role == "execution" else MODES
         state = table.get(key) if table else (key.upper() if isinstance(value, str) else None)
         if state is None or state not in names:
-            what = "an execution" if meaning == "execution" else "a controller mode"
-            return self.bad(f"metric {name!r}: {key!r} is not {what} in its table", value, uid)
-        return self.observer.value(meaning, name, state, at, uid)
+            what = "an execution" if role == "execution" else "a controller mode"
+            problem = f"metric {name!r}: {_shown(key)} is not {what} in its table"
+            return None, self.bad(problem, value, uid)
+        return state, []
+
+    def state(self, read: dict[str, str | None], at: datetime) -> list[CloudEvent]:
+        """Execution, mode and program read in one message at one time: one execution event
+        (never one per metric, which would tell of combinations the machine never was in)."""
+        execution, mode, program = read.get("execution"), read.get("mode"), read.get("program")
+        if execution is None and mode is None and program is None:
+            return []
+        observer = self.observer
+        if execution is None and observer.execution is None:
+            # No execution known yet: mode and program wait for the first one, which carries them.
+            observer.mode = mode or observer.mode
+            observer.program = program if program is not None else observer.program
+            return []
+        return observer.polled(execution, mode, program, at)
 
     def _condition(
         self, condition: ConditionMetric, value: Value, at: datetime, uid: str
@@ -328,15 +362,15 @@ class _Machine:
         level = condition.level.upper()
         if condition.native_code is not None:
             if not isinstance(value, bool | int | float):
-                return self.bad(f"metric {name!r}: a flag, got {value!r}", value, uid)
+                return self.bad(f"metric {name!r}: a flag, got {_shown(value)}", value, uid)
             active = bool(value)
             message = condition.message or (name if active else None)
             return self.observer.condition(
                 name, level if active else "NORMAL", condition.native_code, message, at, uid
             )
         if isinstance(value, bytes | bool) or (isinstance(value, float) and _whole(value) is None):
-            return self.bad(f"metric {name!r}: an alarm code, got {value!r}", value, uid)
-        code = _text(value).strip()
+            return self.bad(f"metric {name!r}: an alarm code, got {_shown(value)}", value, uid)
+        code = _text(value).strip()[:128]
         if code in ("", "0"):
             return self.observer.condition(name, "NORMAL", None, None, at, uid)
         events = [
@@ -359,18 +393,42 @@ class _Node:
     born: bool = False  # values trusted: an NBIRTH came and no seq was missed since
     seq: int | None = None  # the last seq read
     devices_born: set[str] = field(default_factory=set)
+    births_end: float | None = None  # after an NBIRTH: when its DBIRTHs are over at the latest
     aliases: dict[str | None, dict[int, str]] = field(default_factory=dict)
     datatypes: dict[str | None, dict[str, int]] = field(default_factory=dict)
     rebirth_wanted: bool = False  # a rebirth request is to be sent
     rebirth_asked_at: float | None = None  # monotonic time of the last rebirth request
+    waiting_told: bool = False  # "waiting for its next birth" logged (request_rebirth false)
+    reported: set[str] = field(default_factory=set)  # problems reported, once while they last
+    last_arrival: datetime | None = None  # arrival times are kept distinct, message by message
 
     def all_machines(self) -> list[_Machine]:
         return list(self.machines.values())
 
+    def arrival(self, now: datetime) -> datetime:
+        """``now`` as this message's arrival time, later than the previous message's: a time
+        that stands in for a missing timestamp must tell two messages apart."""
+        last = self.last_arrival
+        if last is not None and now <= last:
+            now = last + timedelta(microseconds=1)
+        self.last_arrival = now
+        return now
+
+
+@dataclass
+class _Message:
+    """What one DATA or BIRTH message says, and when it arrived."""
+
+    kind: str
+    device: str | None
+    payload: Payload
+    arrival: datetime
+
 
 class SparkplugHost:
     """The host application's rules, without I/O: ``receive`` turns one MQTT message into
-    events; ``take_rebirths`` names the edge nodes to ask for a rebirth."""
+    events; ``take_rebirths`` names the edge nodes to ask for a rebirth; ``tick`` gives the
+    events that time makes (the DBIRTHs of an NBIRTH are over)."""
 
     def __init__(self, config: SparkplugConfig) -> None:
         self.config = config
@@ -387,6 +445,7 @@ class SparkplugHost:
         for node in self.nodes.values():
             node.born = False
             node.seq = None
+            node.births_end = None
         message = f"MQTT broker {self.config.broker()} unreachable: {why}"
         return [e for machine in self.machines() for e in machine.observer.lost(message)]
 
@@ -395,15 +454,19 @@ class SparkplugHost:
         for node in self.nodes.values():
             node.born = False
             node.seq = None
+            node.births_end = None
             self.ask_rebirth(node, "the host (re)connected", force=True)
 
     def ask_rebirth(self, node: _Node, why: str, force: bool = False) -> None:
         """Note that ``node`` must be born again; ``take_rebirths`` says when to ask it."""
+        where = f"{self.config.group_id}/{node.name}"
         if not self.config.request_rebirth:
-            log.info("%s/%s: %s; waiting for its next birth", self.config.group_id, node.name, why)
+            if not node.waiting_told:  # once until its next birth, not on every message
+                log.info("%s: %s; waiting for its next birth", where, why)
+                node.waiting_told = True
             return
         if not node.rebirth_wanted:
-            log.info("%s/%s: %s; requesting a rebirth", self.config.group_id, node.name, why)
+            log.info("%s: %s; requesting a rebirth", where, why)
         node.rebirth_wanted = True
         if force:
             node.rebirth_asked_at = None
@@ -423,6 +486,15 @@ class SparkplugHost:
                 due.append(node.name)
         return due
 
+    def tick(self, now: float | None = None) -> list[CloudEvent]:
+        """The events time makes: an NBIRTH's DBIRTHs over ``BIRTHS_WAIT_S`` after it."""
+        now = time.monotonic() if now is None else now
+        events: list[CloudEvent] = []
+        for node in self.nodes.values():
+            if node.births_end is not None and now >= node.births_end:
+                events += self._births_over(node)
+        return events
+
     def receive(self, topic: str, data: bytes, now: datetime | None = None) -> list[CloudEvent]:
         """The events one message makes (none for topics of other groups or nodes)."""
         now = now or datetime.now(UTC)
@@ -438,123 +510,191 @@ class SparkplugHost:
             return []  # another node, or a command (NCMD, DCMD)
         if (device is None) != kind.startswith("N"):
             return []  # not a Sparkplug topic (a device message needs a device, a node none)
+        # Sparkplug sends an NBIRTH's DBIRTHs before anything else of the node: any other
+        # message ends them.
+        events = self._births_over(node) if kind != "DBIRTH" else []
+        if len(data) > MAX_PAYLOAD_BYTES:
+            what = f"{kind} {topic}: {len(data)} bytes, more than {MAX_PAYLOAD_BYTES} read"
+            return events + self._unreadable(node, kind, device, what, data)
         try:
             payload = decode_payload(data)
         except PayloadError as exc:
-            return self._bad_payload(node, device, f"{kind} {topic}: {exc}", data)
+            return events + self._unreadable(node, kind, device, f"{kind} {topic}: {exc}", data)
         if kind == "NDEATH":
-            return self._node_death(node, payload)
+            return events + self._node_death(node, payload)
+        message = _Message(kind, device, payload, node.arrival(now))
         if kind == "NBIRTH":
-            return self._node_birth(node, payload, now)
+            return events + self._node_birth(node, message)
         if not node.born:
             self.ask_rebirth(node, f"{kind} before its NBIRTH (or after a missed message)")
-            return []
+            return events
         if payload.seq is None or payload.seq == node.seq:
             if payload.seq is None:
                 node.born = False
                 self.ask_rebirth(node, f"{kind} without seq")
-            return []  # the same message again (an MQTT QoS 1 duplicate)
+            return events  # the same message again (an MQTT QoS 1 duplicate)
         expected = ((node.seq or 0) + 1) % SEQ_MODULUS
         if payload.seq != expected:
             node.born = False
             self.ask_rebirth(node, f"{kind} seq {payload.seq}, expected {expected}: missed")
-            return []
+            return events
         node.seq = payload.seq
         if kind == "NDATA":
-            return self._apply(node, None, payload, now)
+            return events + self._apply(node, message)
         assert device is not None
         if kind == "DBIRTH":
-            return self._device_birth(node, device, payload, now)
+            return events + self._device_birth(node, message)
         if kind == "DDEATH":
-            return self._device_death(node, device)
+            return events + self._device_death(node, device, "DDEATH")
         if device not in node.devices_born:
             self.ask_rebirth(node, f"DDATA of device {device} before its DBIRTH")
-            return []
-        return self._apply(node, device, payload, now)
+            return events
+        return events + self._apply(node, message)
 
-    def _bad_payload(
-        self, node: _Node, device: str | None, what: str, data: bytes
+    def _report(
+        self, node: _Node, device: str | None, problem: str, what: str, raw: object
     ) -> list[CloudEvent]:
+        """``what`` as an ``ADAPTER_INPUT`` warning of the device's machine (a node's message:
+        of every machine of the node), once while ``problem`` lasts (until the next NBIRTH, or
+        until the caller forgets it). Its id depends on the problem and the session only."""
+        if problem in node.reported:
+            return []
+        node.reported.add(problem)
         machine = node.machines.get(device)
-        if machine is not None:
-            return machine.bad(what, data)
-        if device is None and node.machines:
-            return [e for m in node.all_machines() for e in m.bad(what, data)]
-        log.warning("%s: %s", self.config.group_id, what)
-        return []
+        machines = [machine] if machine is not None else []
+        if device is None and machine is None:
+            machines = node.all_machines()
+        if not machines:
+            log.warning("%s/%s: %s", self.config.group_id, node.name, what)
+        key = f"{problem}|bdSeq {node.bd_seq}"
+        return [e for m in machines for e in m.bad(what, raw, key)]
 
-    def _node_birth(self, node: _Node, payload: Payload, now: datetime) -> list[CloudEvent]:
-        bd_seq = payload.metric("bdSeq")
-        value = bd_seq.value() if bd_seq is not None else None
-        node.bd_seq = _whole(value) if value is not None else None
+    def _unreadable(
+        self, node: _Node, kind: str, device: str | None, what: str, data: bytes
+    ) -> list[CloudEvent]:
+        """A message that cannot be read: reported once until the next NBIRTH. What it said is
+        lost, so the node's values are not trusted before its next birth (a rebirth is asked);
+        an unreadable NDEATH is honoured when no birth is known, else checked by a rebirth."""
+        events = self._report(node, device, f"unreadable|{kind}|{device}", what, data[:64])
+        if kind == "NDEATH" and node.bd_seq is None:
+            return events + self._death(node, "NDEATH unreadable")
+        node.born = False
+        self.ask_rebirth(node, f"an unreadable {kind}", force=kind == "NDEATH")
+        return events
+
+    def _time(
+        self, node: _Node, message: _Message, stamp: int | None
+    ) -> tuple[datetime, str | None, list[CloudEvent]]:
+        """When a metric (``stamp``: its timestamp, else the payload's) happened, its time as
+        part of an id key (``None``: the message had none, the time is its arrival), and the
+        warnings its time gives: none, or a time the hub would refuse (later than the
+        adapter's clock allows) or that cannot be true (before 2000), replaced by arrival."""
+        if stamp is None:
+            what = "messages without timestamps: times are arrival times"
+            problem = f"no-timestamps|{message.device}"
+            return message.arrival, None, self._report(node, message.device, problem, what, None)
+        try:
+            at = datetime.fromtimestamp(stamp / 1000, UTC)
+        except (OverflowError, OSError, ValueError):
+            at = None
+        if at is not None and EARLIEST <= at <= message.arrival + MAX_AHEAD:
+            node.reported.discard(f"clock|{message.device}")  # the node's clock is right (again)
+            return at, str(stamp), []
+        what = (
+            f"{message.kind} timestamp {stamp} ms is not a time the hub can take "
+            f"(before 2000 or more than {MAX_AHEAD.seconds} s ahead): arrival time used"
+        )
+        problem = f"clock|{message.device}"
+        return message.arrival, None, self._report(node, message.device, problem, what, stamp)
+
+    def _node_birth(self, node: _Node, message: _Message) -> list[CloudEvent]:
+        payload = message.payload
+        node.bd_seq = _bd_seq(payload)
         node.born = True
+        node.waiting_told = False
+        node.reported.clear()
         node.seq = payload.seq
         node.devices_born.clear()
+        if any(d is not None for d in node.machines):
+            node.births_end = time.monotonic() + BIRTHS_WAIT_S
         node.aliases.clear()
         node.datatypes.clear()
-        events: list[CloudEvent] = []
-        machine = node.machines.get(None)
-        if machine is not None:
-            at = _when(payload.timestamp, now)
-            uid = f"NBIRTH|{node.bd_seq}|{payload.timestamp}"
-            events += machine.observer.value("availability", "NBIRTH", "AVAILABLE", at, uid)
-        return events + self._apply(node, None, payload, now, birth=True)
+        return self._born(node, None, message) + self._apply(node, message, birth=True)
 
-    def _device_birth(
-        self, node: _Node, device: str, payload: Payload, now: datetime
-    ) -> list[CloudEvent]:
+    def _device_birth(self, node: _Node, message: _Message) -> list[CloudEvent]:
+        device = message.device
+        assert device is not None
         node.devices_born.add(device)
         node.aliases.pop(device, None)
         node.datatypes.pop(device, None)
-        events: list[CloudEvent] = []
+        return self._born(node, device, message) + self._apply(node, message, birth=True)
+
+    def _born(self, node: _Node, device: str | None, message: _Message) -> list[CloudEvent]:
         machine = node.machines.get(device)
-        if machine is not None:
-            at = _when(payload.timestamp, now)
-            uid = f"DBIRTH|{node.bd_seq}|{payload.timestamp}"
-            events += machine.observer.value("availability", "DBIRTH", "AVAILABLE", at, uid)
-        return events + self._apply(node, device, payload, now, birth=True)
+        if machine is None:
+            return []
+        at, stamp, events = self._time(node, message, message.payload.timestamp)
+        stamp = stamp or f"arrival {message.arrival.isoformat()}"
+        uid = f"{message.kind}|{node.bd_seq}|{stamp}"
+        return events + machine.observer.value("availability", message.kind, "AVAILABLE", at, uid)
+
+    def _births_over(self, node: _Node) -> list[CloudEvent]:
+        """After an NBIRTH, its DBIRTHs are over: a configured device not born again is not
+        known to be there (its DDEATH may have come while the node was not trusted)."""
+        if node.births_end is None:
+            return []
+        node.births_end = None
+        events: list[CloudEvent] = []
+        for device in node.machines:
+            if device is not None and device not in node.devices_born:
+                why = f"no DBIRTH after the NBIRTH bdSeq {node.bd_seq}"
+                events += self._device_death(node, device, why)
+        return events
 
     def _node_death(self, node: _Node, payload: Payload) -> list[CloudEvent]:
-        metric = payload.metric("bdSeq")
-        raw = metric.value() if metric is not None else None
-        bd_seq = _whole(raw) if raw is not None else None
+        bd_seq = _bd_seq(payload)
         where = f"{self.config.group_id}/{node.name}"
         current = node.bd_seq
-        if bd_seq is not None and current is not None and bd_seq != current:
-            ahead = (bd_seq - current) % SEQ_MODULUS
-            if ahead >= SEQ_MODULUS // 2:
-                # Numbered before the current session: the will of an earlier connection,
-                # delivered late (a session taken over). The node is alive.
-                log.info("%s: stale NDEATH bdSeq %d ignored (current NBIRTH bdSeq %d)",
-                         where, bd_seq, current)  # fmt: skip
-                return []
-            # Numbered after the current session: no earlier session can have sent it. Some
-            # edge nodes (pysparkplug 0.6) number a clean disconnect's NDEATH like the next
-            # session; the node is gone all the same.
+        if current is None:
+            return self._death(node, f"NDEATH bdSeq {bd_seq}")  # no birth to check it against
+        if bd_seq is None:
+            # It may be this session's or an old one: a rebirth (or its absence) tells.
+            self.ask_rebirth(node, "an NDEATH without bdSeq", force=True)
+            return []
+        if bd_seq == current:
+            return self._death(node, f"NDEATH bdSeq {bd_seq}")
+        if bd_seq == (current + 1) % SEQ_MODULUS:
+            # pysparkplug 0.6 sets up the next session's will right after its births, and its
+            # clean disconnect publishes that NDEATH: numbered one after its NBIRTH.
             log.warning("%s: NDEATH bdSeq %d follows NBIRTH bdSeq %d; honoured as this "
-                        "session's death", where, bd_seq, current)  # fmt: skip
+                        "session's death (a clean disconnect numbered one ahead)",
+                        where, bd_seq, current)  # fmt: skip
+            return self._death(node, f"NDEATH bdSeq {bd_seq}")
+        # Another session's death (a late will, a node that numbers its sessions anew after a
+        # restart): ignored, as Sparkplug says. A rebirth request checks that the node lives.
+        log.info("%s: NDEATH bdSeq %d ignored (current NBIRTH bdSeq %d)", where, bd_seq, current)
+        self.ask_rebirth(node, f"a stale NDEATH bdSeq {bd_seq}", force=True)
+        return []
+
+    def _death(self, node: _Node, why: str) -> list[CloudEvent]:
         node.born = False
         node.seq = None
+        node.births_end = None
         node.devices_born.clear()
-        why = f"Sparkplug edge node {where} is offline (NDEATH bdSeq {bd_seq})"
-        return [e for m in node.all_machines() for e in m.observer.lost(why)]
+        where = f"{self.config.group_id}/{node.name}"
+        reason = f"Sparkplug edge node {where} is offline ({why})"
+        return [e for m in node.all_machines() for e in m.observer.lost(reason)]
 
-    def _device_death(self, node: _Node, device: str) -> list[CloudEvent]:
+    def _device_death(self, node: _Node, device: str, why: str) -> list[CloudEvent]:
         node.devices_born.discard(device)
         machine = node.machines.get(device)
         if machine is None:
             return []
-        why = f"Sparkplug device {self.config.group_id}/{node.name}/{device} is offline (DDEATH)"
-        return machine.observer.lost(why)
+        where = f"{self.config.group_id}/{node.name}/{device}"
+        return machine.observer.lost(f"Sparkplug device {where} is offline ({why})")
 
-    def _apply(
-        self,
-        node: _Node,
-        device: str | None,
-        payload: Payload,
-        now: datetime,
-        birth: bool = False,
-    ) -> list[CloudEvent]:
+    def _apply(self, node: _Node, message: _Message, birth: bool = False) -> list[CloudEvent]:
+        device, payload = message.device, message.payload
         machine = node.machines.get(device)
         aliases = node.aliases.setdefault(device, {})
         datatypes = node.datatypes.setdefault(device, {})
@@ -570,39 +710,58 @@ class SparkplugHost:
             if name is None and metric.alias is not None:
                 name = aliases.get(metric.alias)
                 if name is None and machine is not None:
+                    # Its birth was missed or is wrong: reported once, and a rebirth asked.
                     what = f"alias {metric.alias} was not defined by the birth"
-                    events += machine.bad(what, metric.alias)
+                    problem = f"alias|{device}|{metric.alias}"
+                    events += self._report(node, device, problem, what, metric.alias)
+                    self.ask_rebirth(node, f"{message.kind} with an undefined alias")
                     continue
             if machine is not None and name is not None and name in machine.roles:
                 mapped.append((name, metric))
         if machine is None:
             return events
-        # Mode and program first: read before the execution of the same message, they travel
-        # in its event (one event, not an execution without them followed by one with them).
-        mapped.sort(key=lambda item: not {"mode", "program"} & set(machine.roles[item[0]]))
+        states: dict[datetime, dict[str, str | None]] = {}
+        others: list[CloudEvent] = []  # counts and conditions, after the state of their message
         for name, metric in mapped:
-            events += self._metric(machine, name, metric, datatypes.get(name), payload, now)
-        return events
-
-    @staticmethod
-    def _metric(
-        machine: _Machine,
-        name: str,
-        metric: Metric,
-        birth_datatype: int | None,
-        payload: Payload,
-        now: datetime,
-    ) -> list[CloudEvent]:
-        try:
-            value = metric.value(metric.datatype or birth_datatype)
-        except PayloadError as exc:
             stamp = metric.timestamp if metric.timestamp is not None else payload.timestamp
-            return machine.bad(str(exc), metric.raw, f"{name}|{stamp}|{metric.raw!r}")
-        if value is None:
-            return []  # a null metric: its value is not known, nothing to tell
-        stamp = metric.timestamp if metric.timestamp is not None else payload.timestamp
-        uid = f"{name}|{stamp}|{_text(value)}"
-        return machine.observe(name, value, _when(stamp, now), uid)
+            at, stamp_key, warnings = self._time(node, message, stamp)
+            events += warnings
+            if stamp_key is None:  # arrival time: unique to this message
+                stamp_key = f"arrival|{node.bd_seq}|{payload.seq}|{_ns(message.arrival)}"
+            try:
+                value = metric.value(metric.datatype or datatypes.get(name))
+            except PayloadError as exc:
+                key = f"{name}|{stamp_key}|{_key(metric.raw)}"
+                events += machine.bad(str(exc), metric.raw, key)
+                continue
+            if value is None:
+                continue  # a null metric: its value is not known, nothing to tell
+            uid = f"{name}|{stamp_key}|{_key(_text(value))}"
+            for role in machine.roles[name]:
+                if isinstance(role, str) and role in ("execution", "mode", "program"):
+                    read, warnings = machine.reading(role, name, value, uid)
+                    events += warnings
+                    if read is not None:
+                        states.setdefault(at, {})[role] = read
+                else:
+                    others += machine.observe(role, name, value, at, uid)
+        for at in sorted(states):
+            events += machine.state(states[at], at)
+        return events + others
+
+
+def _bd_seq(payload: Payload) -> int | None:
+    """The ``bdSeq`` metric of an NBIRTH or NDEATH; ``None`` when missing or not a number."""
+    metric = payload.metric("bdSeq")
+    try:
+        value = metric.value() if metric is not None else None
+    except PayloadError:
+        return None
+    return _whole(value) if value is not None else None
+
+
+def _ns(at: datetime) -> int:
+    return int(at.timestamp()) * 1_000_000_000 + at.microsecond * 1000
 
 
 # --- MQTT ----------------------------------------------------------------------------------------
@@ -627,6 +786,10 @@ class _Received:
     data: bytes
 
 
+def _received(message: Any) -> _Received:
+    return _Received(str(message.topic), bytes(message.data or b""))
+
+
 class SparkplugAdapter:
     """Reads one broker's Sparkplug group for the configured machines (see the docstring)."""
 
@@ -635,6 +798,8 @@ class SparkplugAdapter:
     def __init__(self, config: SparkplugConfig) -> None:
         self.config = config
         self.host = SparkplugHost(config)
+        self._heard = False  # the current MQTT session brought a message
+        self._state_ms = 0  # the host STATE timestamp of the current MQTT session
 
     def machine_ids(self) -> list[str]:
         return [m.machine_id for m in self.config.machines]
@@ -643,31 +808,32 @@ class SparkplugAdapter:
         first = min(RECONNECT_MIN_S, self.config.reconnect_max_s)
         backoff = first
         while not stop.is_set():
-            heard = False
+            self._heard = False
+            why = "the session ended"
             try:
                 client = await self._connect()
             except BrokerLost as exc:
-                log.warning("%s: %s; retrying in %.2f s", self.config.broker(), exc, backoff)
-                await self._publish(publisher, self.host.broker_lost(str(exc)), stop)
+                why = str(exc)
             else:
                 try:
-                    heard = await self._session(client, publisher, stop)
+                    await self._session(client, publisher, stop)
                 except BrokerLost as exc:
-                    log.warning("%s: %s", self.config.broker(), exc)
-                    await self._publish(publisher, self.host.broker_lost(str(exc)), stop)
+                    why = str(exc)
                 except Exception as exc:
                     # Whatever else went wrong, the adapter must live on: reconnect.
                     log.exception("%s: session failed", self.config.broker())
                     why = f"session failed ({type(exc).__name__})"
-                    await self._publish(publisher, self.host.broker_lost(why), stop)
                 finally:
                     await self._close(client, clean=stop.is_set())
             if stop.is_set():
                 return
-            # Only a session that brought messages resets the backoff.
-            backoff = first if heard else min(backoff * 2, self.config.reconnect_max_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
+            if self._heard:
+                backoff = first  # the broker was working: a new failure starts the backoff again
+            log.warning("%s: %s; reconnecting in %.2f s", self.config.broker(), why, backoff)
+            await self._publish(publisher, self.host.broker_lost(why), stop)
+            if await stopped(stop, backoff):
+                return
+            backoff = min(backoff * 2, self.config.reconnect_max_s)
 
     async def check(self) -> list[CloudEvent]:
         """Connect, subscribe, request rebirths (if allowed) and return the events of what comes
@@ -684,7 +850,7 @@ class SparkplugAdapter:
                 message = await self._receive(client, min(left, RECEIVE_WAIT_S))
                 if message is None and self._all_born():
                     break  # every machine born, and then a moment of quiet
-                if message is not None:
+                if message is not None and message.topic != self._state_topic():
                     events += self.host.receive(message.topic, message.data)
                 await self._send_rebirths(client)
         finally:
@@ -708,11 +874,12 @@ class SparkplugAdapter:
             "plugins": {},
             "connection": {"uri": self._uri()},
         }
+        # Sparkplug 3.0: one timestamp for this connection's will, online and offline STATE.
+        self._state_ms = _ms()
         if config.host_id is not None:
-            # Sparkplug 3.0: the broker says the host is offline when it loses us.
             options["will"] = {
                 "topic": self._state_topic(),
-                "message": json.dumps({"online": False, "timestamp": _ms()}),
+                "message": self._state(online=False).decode(),
                 "qos": 1,
                 "retain": True,
             }
@@ -739,50 +906,77 @@ class SparkplugAdapter:
     def _uri(self) -> str:
         return f"{'mqtts' if self.config.tls else 'mqtt'}://{self.config.broker()}"
 
-    def _state_topic(self) -> str:
+    def _state_topic(self) -> str | None:
+        if self.config.host_id is None:
+            return None
         return f"{NAMESPACE}/STATE/{self.config.host_id}"
 
+    def _state(self, online: bool) -> bytes:
+        return json.dumps({"online": online, "timestamp": self._state_ms}).encode()
+
     async def _subscribe(self, client: MQTTClient) -> None:
-        topic = f"{NAMESPACE}/{self.config.group_id}/#"
-        try:
-            codes = await asyncio.wait_for(client.subscribe([(topic, 1)]), self.config.timeout_s)
-        except Exception as exc:
-            raise BrokerLost(f"subscribing to {topic} failed: {_reason(exc)}") from None
-        if any(code == 0x80 for code in codes):
-            raise BrokerLost(f"the broker refused the subscription to {topic}")
-        log.info("%s: subscribed to %s", self.config.broker(), topic)
-        if self.config.host_id is not None:
-            state = json.dumps({"online": True, "timestamp": _ms()}).encode()
-            await self._publish_mqtt(client, self._state_topic(), state, qos=1, retain=True)
+        topics = [f"{NAMESPACE}/{self.config.group_id}/#"]
+        state_topic = self._state_topic()
+        if state_topic is not None:
+            topics.append(state_topic)  # to say online again if told offline (Sparkplug 3.0)
+        for topic in topics:
+            try:
+                codes = await asyncio.wait_for(
+                    client.subscribe([(topic, 1)]), self.config.timeout_s
+                )
+            except Exception as exc:
+                raise BrokerLost(f"subscribing to {topic} failed: {_reason(exc)}") from None
+            if any(code == 0x80 for code in codes):
+                raise BrokerLost(f"the broker refused the subscription to {topic}")
+        log.info("%s: subscribed to %s", self.config.broker(), topics[0])
+        if state_topic is not None:
+            await self._publish_mqtt(client, state_topic, self._state(True), qos=1, retain=True)
         self.host.connected()
 
     async def _session(
         self, client: MQTTClient, publisher: EventPublisher, stop: asyncio.Event
-    ) -> bool:
-        """Read until the broker is lost or ``stop``; whether any message came."""
+    ) -> None:
+        """Read until the broker is lost (``BrokerLost``) or ``stop``."""
         await self._subscribe(client)
-        heard = False
         loop = asyncio.get_running_loop()
         quiet_since = loop.time()
         while not stop.is_set():
             await self._send_rebirths(client)
+            events = self.host.tick()
             message = await self._receive(client, RECEIVE_WAIT_S)
             if message is None:
                 if loop.time() - quiet_since >= self.config.keepalive_s / 2:
                     await self._ping(client)
                     quiet_since = loop.time()
-                continue
-            heard = True
-            quiet_since = loop.time()
-            events = self.host.receive(message.topic, message.data)
+            else:
+                self._heard = True
+                quiet_since = loop.time()
+                if message.topic == self._state_topic():
+                    await self._state_read(client, message.data)
+                else:
+                    events += self.host.receive(message.topic, message.data)
             if events:
                 await self._publish(publisher, events, stop)
-        return heard
+
+    async def _state_read(self, client: MQTTClient, data: bytes) -> None:
+        """Our own STATE as the broker has it: said offline for this connection (or an older
+        one), a stale will or another's message, we say online again (Sparkplug 3.0)."""
+        try:
+            state = json.loads(data)
+            offline = state.get("online") is False
+            older = int(state.get("timestamp", 0)) <= self._state_ms
+        except (ValueError, TypeError, AttributeError):
+            offline, older = True, True  # not a STATE message: ours must be there
+        state_topic = self._state_topic()
+        if offline and older and state_topic is not None:
+            log.info("%s: host STATE read offline; saying online again", self.config.broker())
+            await self._publish_mqtt(client, state_topic, self._state(True), qos=1, retain=True)
 
     async def _receive(self, client: MQTTClient, wait_s: float) -> _Received | None:
-        """The next message, or ``None`` after ``wait_s`` without one. Raises ``BrokerLost``."""
+        """The next message, or ``None`` after ``wait_s`` without one. Raises ``BrokerLost``
+        once the connection is closed and every message received before is read."""
         if not client.session.transitions.is_connected():
-            raise BrokerLost("the broker closed the connection")
+            return self._left_over(client, "the broker closed the connection")
         try:
             message = await client.deliver_message(timeout_duration=wait_s)
         except TimeoutError:
@@ -792,12 +986,21 @@ class SparkplugAdapter:
             if task is not None and task.cancelling():
                 raise  # we are being cancelled
             # amqtt cancels its waiting readers when the connection closes.
-            raise BrokerLost("the broker closed the connection") from None
+            return self._left_over(client, "the broker closed the connection")
         except Exception as exc:
-            raise BrokerLost(f"connection lost: {_reason(exc)}") from None
+            return self._left_over(client, f"connection lost: {_reason(exc)}")
         if message is None:
             return None
-        return _Received(str(message.topic), bytes(message.data or b""))
+        return _received(message)
+
+    @staticmethod
+    def _left_over(client: MQTTClient, why: str) -> _Received:
+        """A message received before the connection closed, still to be read; else
+        ``BrokerLost``."""
+        try:
+            return _received(client.session.delivered_message_queue.get_nowait())
+        except asyncio.QueueEmpty:
+            raise BrokerLost(why) from None
 
     async def _ping(self, client: MQTTClient) -> None:
         try:
@@ -837,28 +1040,33 @@ class SparkplugAdapter:
             except Exception:
                 log.exception("%s: publishing %d events failed; retrying in %.2f s",
                               self.config.broker(), len(events), wait)  # fmt: skip
-            if stop.is_set():
+            if await stopped(stop, wait):
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
             wait = min(wait * 2, self.config.reconnect_max_s)
 
     async def _close(self, client: MQTTClient, clean: bool) -> None:
-        """Disconnect (saying offline first when the host STATE is kept); never raises."""
+        """End the connection; never raises. ``clean`` (the adapter stops): say offline and
+        DISCONNECT. Otherwise (the session failed) drop the socket without a DISCONNECT, so
+        that the broker publishes the will: the host STATE offline."""
         with contextlib.suppress(Exception):
             connected = client.session is not None and client.session.transitions.is_connected()
-            if connected and clean and self.config.host_id is not None:
-                offline = json.dumps({"online": False, "timestamp": _ms()}).encode()
-                await asyncio.wait_for(
-                    client.publish(self._state_topic(), offline, qos=1, retain=True),
-                    self.config.timeout_s,
-                )
-            if connected:
+            state_topic = self._state_topic()
+            if connected and clean:
+                if state_topic is not None:
+                    await asyncio.wait_for(
+                        client.publish(state_topic, self._state(False), qos=1, retain=True),
+                        self.config.timeout_s,
+                    )
                 await asyncio.wait_for(client.disconnect(), self.config.timeout_s)
-            else:
-                await client.cancel_tasks()
-                if client._handler is not None:
-                    await asyncio.wait_for(client._handler.stop(), self.config.timeout_s)
+                return
+            handler = client._handler
+            # amqtt's StreamWriterAdapter keeps the asyncio StreamWriter as ``_writer``.
+            writer = getattr(getattr(handler, "writer", None), "_writer", None)
+            if writer is not None:
+                writer.transport.abort()
+            await client.cancel_tasks()
+            if handler is not None:
+                await asyncio.wait_for(handler.stop(), self.config.timeout_s)
 
 
 def _ms() -> int:

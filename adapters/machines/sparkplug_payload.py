@@ -14,8 +14,9 @@ ten bytes, a string that is not UTF-8) raise ``PayloadError`` with what was wron
 
 Integers: ``int_value`` is a uint32 and ``long_value`` a uint64 on the wire; a signed datatype
 is its two's complement. Encoders differ in how they widen a negative Int8/16/32 (Eclipse Tahu
-sign-extends to 32 bits, pysparkplug adds 2**bits), so the value is read from the datatype's own
-width: both give the same number.
+sign-extends to 32 bits, pysparkplug adds 2**bits), so both forms are read: the same number. A
+value that is neither (an Int8 of 300, a UInt8 of 256) raises ``PayloadError``, never masked into
+another number. An Int64 in ``int_value`` (32 bits) takes its sign from bit 31.
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ class Metric:
         kind = datatype if datatype is not None else self.datatype
         raw, field = self.raw, self.raw_field
         if kind in _SIGNED_BITS and field in (10, 11) and isinstance(raw, int):
-            bits = _SIGNED_BITS[kind]
-            raw &= (1 << bits) - 1
-            return raw - (1 << bits) if raw >> (bits - 1) else raw
+            # The datatype's width, or the field's when narrower (an Int64 in int_value).
+            width = 32 if field == 10 else 64
+            bits = min(_SIGNED_BITS[kind], width)
+            if raw < 1 << bits:  # its own width's two's complement (pysparkplug)
+                return raw - (1 << bits) if raw >> (bits - 1) else raw
+            if raw >= (1 << width) - (1 << (bits - 1)):  # sign-extended to the field (Tahu)
+                return raw - (1 << width)
+            name = DATATYPE_NAMES[kind]
+            raise PayloadError(f"metric {self.name or self.alias!r}: {raw} is not an {name}")
         if kind in _UNSIGNED_BITS and field in (10, 11) and isinstance(raw, int):
-            return raw & ((1 << _UNSIGNED_BITS[kind]) - 1)
+            if raw >> _UNSIGNED_BITS[kind]:
+                name = DATATYPE_NAMES[kind]
+                raise PayloadError(f"metric {self.name or self.alias!r}: {raw} is not a {name}")
+            return raw
         if kind == BOOLEAN and field == 14:
             return bool(raw)
         if (kind == FLOAT and field == 12) or (kind == DOUBLE and field == 13):

@@ -6,6 +6,7 @@
 - ``projections``: ``rebuild``, ``catch-up`` and ``status`` of the views;
 - ``contracts``: ``export`` of the JSON Schemas;
 - ``nats``: ``credentials`` of an identity for an adapter host (``hub.nats_auth``);
+- ``dnc``: ``send`` a program to an RS-232 machine by drip feed, and its record (``program_sent``);
 - ``erp``: ``check`` each ERP of ``[[erp]]`` once, ``reconcile`` what they were told;
 - ``replay``: ``replay`` (the history out as CloudEvents) and ``import`` (a fresh hub from it);
 - ``store``: ``new-key`` for encryption at rest;

@@ -35,7 +35,10 @@ if TYPE_CHECKING:  # the adapters are imported when an adapter command runs
 
 log = logging.getLogger("hub.cli")  # the CLI's one logger, whichever group logs
 app = typer.Typer(help="Machine and ERP adapters.", no_args_is_help=True)
-PROTOCOL_HELP = "mtconnect, shdr, opcua, modbus (entries of the config file) or simulator"
+PROTOCOL_HELP = (
+    "mtconnect, shdr, opcua, modbus, haas, lsv2, serial, sparkplug, focas (entries of the config "
+    "file) or simulator"
+)
 
 
 @app.command("run")

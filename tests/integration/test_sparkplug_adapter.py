@@ -9,26 +9,38 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pysparkplug import DataType
+from pysparkplug import DataType, DBirth, DDeath, NBirth, NData, NDeath
+from pysparkplug import Metric as SpbMetric
+from pysparkplug._protobuf import Payload as PbPayload
 
 from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapter
 from adapters.machines.config import AdapterConfigError, load_adapters
 from adapters.machines.sparkplug import (
+    BIRTHS_WAIT_S,
+    MAX_PAYLOAD_BYTES,
     BrokerLost,
     SparkplugAdapter,
     SparkplugConfig,
+    SparkplugHost,
     SparkplugMachine,
 )
 from hub.ports import InMemoryPublisher
 from tests.conftest import eventually
 from tests.integration.test_modbus_adapter import Running, facts, of_kind
-from tests.sparkplug_peer import Broker, EdgeNode, free_port, self_signed_certificate
+from tests.sparkplug_peer import (
+    Broker,
+    EdgeNode,
+    free_port,
+    password_file,
+    self_signed_certificate,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "adapters" / "sparkplug.md"
 PRESS = {"Running": (DataType.BOOLEAN, False), "Parts": (DataType.UINT32, 100)}
@@ -529,10 +541,8 @@ async def test_a_hung_broker_is_lost_and_found_again(
         await eventually(lambda: len(publisher.published) == 5)
     finally:
         broker.resume()
-    assert (
-        "no answer" in facts(publisher)[4][1]["message"]
-        or "closed" in facts(publisher)[4][1]["message"]
-    )
+    # Found by the adapter's own ping (keepalive_s / 2 of quiet), not by a closed socket.
+    assert "no answer to a ping within 1.0 s" in facts(publisher)[4][1]["message"]
     await eventually(
         lambda: ("availability", {"availability": "AVAILABLE"}) in facts(publisher)[5:], timeout=30
     )
@@ -564,18 +574,32 @@ async def test_host_state_online_retained_and_offline_on_stop(
     assert (await state())["online"] is False
 
 
-async def test_credentials_reach_the_broker_and_never_the_log(
-    broker: Broker, nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture
+async def test_credentials_let_the_adapter_in_and_never_reach_the_log(
+    nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
+    """A broker that lets no anonymous client in: the right password is needed, and is never
+    logged (not even by amqtt at DEBUG)."""
     caplog.set_level(logging.DEBUG)
-    node = edge(nodes, broker)
-    node.connect()
-    publisher = Recorder()
-    cfg = config(broker, username="hub", password="s3cret-Pa55")
-    assert "s3cret" not in repr(cfg)
-    run(started, SparkplugAdapter(cfg), publisher)
-    await eventually(lambda: len(publisher.published) == 3)
-    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+    users = {"hub": "s3cret-Pa55", "edge": "edge-Pa55"}
+    broker = Broker(passwords=password_file(tmp_path, users))
+    broker.start()
+    try:
+        node = edge(nodes, broker, credentials=("edge", users["edge"]))
+        node.connect()
+        for refused in ({}, {"username": "hub", "password": "wrong-Pa55"}):
+            with pytest.raises(BrokerLost, match=r"connection refused \(CONNACK [45]\)"):
+                await SparkplugAdapter(config(broker, **refused)).check()
+        cfg = config(broker, username="hub", password=users["hub"])
+        assert "s3cret" not in repr(cfg)
+        publisher = Recorder()
+        run(started, SparkplugAdapter(cfg), publisher)
+        await eventually(lambda: len(publisher.published) == 3)
+        assert not any("s3cret" in r.getMessage() or "Pa55" in r.getMessage()
+                       for r in caplog.records)  # fmt: skip
+    finally:
+        for item in started:
+            item.stop.set()
+        broker.kill()
 
 
 async def test_tls_with_the_brokers_ca(
@@ -664,6 +688,10 @@ async def test_check_of_an_unreachable_broker_raises() -> None:
         ('ca_file = "nowhere.pem"', "adapters.sparkplug.0.ca_file", "no such file"),
         ('password = "x"', "adapters.sparkplug.0", "a password needs a username"),
         ("keepalive_s = 1", "adapters.sparkplug.0.keepalive_s", "greater than or equal to 2"),
+        ('host = ""', "adapters.sparkplug.0.host", "at least 1 character"),
+        ('machines = [{machine_id = "M1", edge_node = "N", conditions = ['
+         '{metric = "Alarm", native_code = "A"}, {metric = "Alarm", native_code = "B"}]}]',
+         "adapters.sparkplug.0.machines.0", "a metric is given to more than one condition"),
     ],
 )  # fmt: skip
 def test_the_config_file_error_names_the_key(
@@ -693,3 +721,419 @@ def test_the_documented_example_is_valid(tmp_path: Path) -> None:
     (entry,) = load_adapters(path).sparkplug
     assert [m.machine_id for m in entry.machines] == ["PRESS-3", "LATHE-7"]
     assert entry.password is not None and entry.username == "mes-hub"
+
+
+# --- The host's rules, message by message (payloads encoded by pysparkplug, no broker) ----------
+
+T0 = 1_764_000_000_000  # the edge node's clock, in milliseconds
+LINE1 = {
+    "machine_id": "PRESS-1",
+    "edge_node": "Line1",
+    "execution": {"metric": "State", "values": {"0": "READY", "1": "ACTIVE", "2": "STOPPED"}},
+    "mode": {"metric": "Mode"},
+    "program": "Program",
+    "part_count": "Parts",
+}
+STATE = {"State": (DataType.INT32, 0), "Mode": (DataType.STRING, "MANUAL"),
+         "Program": (DataType.STRING, "O100"), "Parts": (DataType.UINT32, 10)}  # fmt: skip
+
+
+class Wire:
+    """Edge node Line1's messages as pysparkplug encodes them: births give every metric its
+    name and alias, DATA names them by alias only; ``seq`` counts across all of them."""
+
+    def __init__(
+        self, metrics: dict[str, tuple[DataType, Any]], bd_seq: int = 0, stamped: bool = True
+    ) -> None:
+        self.types = {name: datatype for name, (datatype, _) in metrics.items()}
+        self.values = {name: value for name, (_, value) in metrics.items()}
+        self.aliases = {name: alias for alias, name in enumerate(metrics, start=1)}
+        self.bd_seq, self.seq, self.stamped = bd_seq, -1, stamped
+
+    def _encode(self, payload: Any) -> bytes:
+        data = payload.encode()
+        if self.stamped:
+            return bytes(data)
+        message = PbPayload.FromString(data)  # the same without any timestamp
+        message.ClearField("timestamp")
+        for metric in message.metrics:
+            if metric.name != "bdSeq":
+                metric.ClearField("timestamp")
+        return bytes(message.SerializeToString())
+
+    def _metrics(self, names: Any, birth: bool, at: int) -> tuple[SpbMetric, ...]:
+        return tuple(
+            SpbMetric(
+                timestamp=at,
+                name=name if birth else None,
+                alias=self.aliases[name],
+                datatype=self.types[name],
+                value=self.values[name],
+            )
+            for name in names
+        )
+
+    def _next(self) -> int:
+        self.seq = (self.seq + 1) % 256
+        return self.seq
+
+    def nbirth(self, at: int = T0) -> tuple[str, bytes]:
+        self.seq = -1
+        bd_seq = SpbMetric(timestamp=at, name="bdSeq", datatype=DataType.INT64, value=self.bd_seq)
+        metrics = (*self._metrics(self.values, True, at), bd_seq)
+        payload = NBirth(timestamp=at, seq=self._next(), metrics=metrics)
+        return "spBv1.0/Plant1/NBIRTH/Line1", self._encode(payload)
+
+    def ndata(self, at: int, **values: Any) -> tuple[str, bytes]:
+        self.values.update(values)
+        payload = NData(timestamp=at, seq=self._next(), metrics=self._metrics(values, False, at))
+        return "spBv1.0/Plant1/NDATA/Line1", self._encode(payload)
+
+    def dbirth(self, device: str, at: int = T0) -> tuple[str, bytes]:
+        payload = DBirth(
+            timestamp=at, seq=self._next(), metrics=self._metrics(self.values, True, at)
+        )
+        return f"spBv1.0/Plant1/DBIRTH/Line1/{device}", self._encode(payload)
+
+    def ddeath(self, device: str, at: int = T0) -> tuple[str, bytes]:
+        payload = DDeath(timestamp=at, seq=self._next())
+        return f"spBv1.0/Plant1/DDEATH/Line1/{device}", self._encode(payload)
+
+    def ndeath(self, bd_seq: int, at: int = T0) -> tuple[str, bytes]:
+        metric = SpbMetric(timestamp=at, name="bdSeq", datatype=DataType.INT64, value=bd_seq)
+        return "spBv1.0/Plant1/NDEATH/Line1", NDeath(timestamp=at, bd_seq_metric=metric).encode()
+
+
+def host(machines: list[dict[str, Any]] | None = None, **kwargs: Any) -> SparkplugHost:
+    return SparkplugHost(
+        SparkplugConfig.model_validate(
+            {"host": "broker", "group_id": "Plant1", "machines": machines or [LINE1], **kwargs}
+        )
+    )
+
+
+def said(events: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.type.split(".")[2], e.data) for e in events]
+
+
+def warnings_of(events: list[Any]) -> list[str]:
+    return [e.data["message"] for e in events if e.data.get("native_code") == BAD_INPUT_CODE]
+
+
+def test_mode_program_and_execution_of_one_message_are_one_event() -> None:
+    rules, wire = host(), Wire(STATE)
+    events = rules.receive(*wire.nbirth())
+    assert said(events)[:2] == [
+        ("availability", {"availability": "AVAILABLE"}),
+        ("execution", {"execution": "READY", "mode": "MANUAL", "program": "O100"}),
+    ]
+    # One NDATA: the machine went from READY in MANUAL to ACTIVE in AUTOMATIC running O200.
+    # (READY, AUTOMATIC) never happened: no event may say so.
+    events = rules.receive(*wire.ndata(T0 + 10, State=1, Mode="AUTOMATIC", Program="O200"))
+    assert said(events) == [
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O200"})
+    ]
+    assert events[0].time == at_ms(T0 + 10)
+    # The mode alone: the same execution in the new mode.
+    assert said(rules.receive(*wire.ndata(T0 + 20, Mode="MANUAL"))) == [
+        ("execution", {"execution": "ACTIVE", "mode": "MANUAL", "program": "O200"})
+    ]
+
+
+def test_mode_before_any_execution_waits_for_it() -> None:
+    machine = {**LINE1, "part_count": None}
+    rules, wire = host([machine]), Wire({"Mode": (DataType.STRING, "EDIT")})
+    # A birth with a mode but no execution (State is null): no execution is made up to carry
+    # the mode; the first real one carries it.
+    wire.types["State"], wire.aliases["State"], wire.values["State"] = DataType.INT32, 9, None
+    assert said(rules.receive(*wire.nbirth())) == [("availability", {"availability": "AVAILABLE"})]
+    assert said(rules.receive(*wire.ndata(T0 + 5, State=2))) == [
+        ("execution", {"execution": "STOPPED", "mode": "EDIT"})
+    ]
+
+
+def test_without_timestamps_times_are_arrival_times_and_each_change_counts() -> None:
+    rules, wire = host(), Wire(STATE, stamped=False)
+    arrived = [datetime(2026, 11, 30, 12, 0, s, tzinfo=UTC) for s in range(6)]
+    events = rules.receive(*wire.nbirth(), now=arrived[0])
+    assert warnings_of(events) == ["Line1: messages without timestamps: times are arrival times"]
+    assert {e.time for e in events if not warnings_of([e])} == {arrived[0]}
+    for second, state in enumerate((1, 2, 1, 2), start=1):  # ACTIVE, STOPPED, ACTIVE, STOPPED
+        events += rules.receive(*wire.ndata(0, State=state), now=arrived[second])
+    executions = [e for e in events if e.type.endswith(".execution.v1")]
+    assert [e.data["execution"] for e in executions] == [
+        "READY", "ACTIVE", "STOPPED", "ACTIVE", "STOPPED",
+    ]  # fmt: skip
+    assert [e.time for e in executions] == arrived[:5]
+    assert len({e.id for e in events}) == len(events)  # the hub drops none of them
+    assert len(warnings_of(events)) == 1  # one warning for the node, not one per message
+    # Two messages arriving in the same microsecond still have different times.
+    late = rules.receive(*wire.ndata(0, State=1), now=arrived[4])
+    assert late[0].time > arrived[4]
+
+
+def test_times_the_hub_would_refuse_are_arrival_times_with_one_warning() -> None:
+    rules, wire = host(), Wire(STATE)
+    rules.receive(*wire.nbirth())
+    now = datetime.now(UTC)
+    year_2100 = 4_102_444_800_000
+    events = rules.receive(*wire.ndata(year_2100, State=1), now=now)
+    assert said(events)[1] == ("execution", {"execution": "ACTIVE", "mode": "MANUAL",
+                                              "program": "O100"})  # fmt: skip
+    assert events[1].time == now  # not 2100: the hub would refuse it (clock skew)
+    (warning,) = warnings_of(events)
+    assert "timestamp 4102444800000 ms is not a time the hub can take" in warning
+    # While it lasts, no new warning; a right time ends it; 1970 is wrong again.
+    events = rules.receive(*wire.ndata(year_2100 + 1, State=2), now=now + timedelta(seconds=1))
+    assert warnings_of(events) == []
+    assert events[0].time == now + timedelta(seconds=1)
+    assert rules.receive(*wire.ndata(T0 + 100, State=1))[0].time == at_ms(T0 + 100)
+    events = rules.receive(*wire.ndata(5_000, State=2))
+    assert len(warnings_of(events)) == 1
+
+
+def test_a_device_not_born_again_after_an_nbirth_is_unavailable() -> None:
+    devices = [
+        {"machine_id": machine_id, "edge_node": "Line1", "device": device, "part_count": "Parts"}
+        for machine_id, device in (("LATHE-1", "Lathe"), ("MILL-1", "Mill"))
+    ]
+    rules, wire = host(devices), Wire({"Parts": (DataType.UINT32, 1)})
+    events = rules.receive(*wire.nbirth())
+    events += rules.receive(*wire.dbirth("Lathe")) + rules.receive(*wire.dbirth("Mill"))
+    assert [e.subject for e in events if e.data == {"availability": "AVAILABLE"}] == [
+        "LATHE-1", "MILL-1",
+    ]  # fmt: skip
+    wire.seq += 1  # a message lost: the node is not trusted until it is born again
+    assert rules.receive(*wire.ndata(T0 + 1, Parts=2)) == []
+    assert rules.receive(*wire.ddeath("Mill")) == []  # not trusted: not read
+    # The rebirth has no DBIRTH for the mill: once the node's next message says the births
+    # are over, the mill is not there any more.
+    events = rules.receive(*wire.nbirth()) + rules.receive(*wire.dbirth("Lathe"))
+    assert "availability" not in dict(said(events))
+    events = rules.receive(*wire.ndata(T0 + 2, Parts=3))
+    lost = [e for e in events if e.subject == "MILL-1"]
+    assert said(lost)[0] == ("availability", {"availability": "UNAVAILABLE"})
+    assert "no DBIRTH after the NBIRTH bdSeq 0" in lost[1].data["message"]
+    # Without any message after the births, time says it.
+    rules.receive(*wire.nbirth())
+    rules.receive(*wire.dbirth("Mill"))
+    assert rules.tick() == []  # not yet
+    events = rules.tick(time.monotonic() + BIRTHS_WAIT_S)
+    assert (events[0].subject, events[0].data) == ("LATHE-1", {"availability": "UNAVAILABLE"})
+
+
+def test_only_this_sessions_node_death_is_honoured() -> None:
+    rules, wire = host(), Wire(STATE, bd_seq=0)
+    rules.receive(*wire.nbirth())
+    assert rules.take_rebirths() == []
+    # A node that numbers its sessions anew after a restart: NBIRTH bdSeq 0 now, and a will
+    # of a session long gone (bdSeq 17) delivered late. Ignored, and a rebirth checks.
+    assert rules.receive(*wire.ndeath(17)) == []
+    assert rules.take_rebirths() == ["Line1"]
+    assert rules.receive(*wire.ndeath(17)) == []
+    assert rules.take_rebirths() == ["Line1"]  # asked again at once: a death may be real
+    # pysparkplug's clean disconnect: one ahead of its NBIRTH. Honoured.
+    events = rules.receive(*wire.ndeath(1))
+    assert said(events)[0] == ("availability", {"availability": "UNAVAILABLE"})
+    assert events[1].data["message"] == (
+        "Sparkplug edge node Plant1/Line1 is offline (NDEATH bdSeq 1)"
+    )
+    rules.receive(*wire.nbirth())
+    assert said(rules.receive(*wire.ndeath(0)))[0] == ("availability",
+                                                       {"availability": "UNAVAILABLE"})  # fmt: skip
+
+
+def test_with_request_rebirth_false_a_mismatched_death_leaves_the_node_as_it_was(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="adapters.machines.sparkplug")
+    rules, wire = host(request_rebirth=False), Wire(STATE, bd_seq=4)
+    rules.receive(*wire.nbirth())
+    assert rules.receive(*wire.ndeath(17)) == []  # ignored: the machine stays AVAILABLE
+    assert rules.take_rebirths() == []
+    assert any("NDEATH bdSeq 17 ignored" in r.getMessage() for r in caplog.records)
+    wire.seq += 1
+    for n in range(5):  # a gap, then DATA: logged once, not once per message
+        rules.receive(*wire.ndata(T0 + n, Parts=20 + n))
+    waiting = [r for r in caplog.records if "waiting for its next birth" in r.getMessage()]
+    assert len(waiting) == 1
+
+
+def test_an_unreadable_or_unnumbered_death_is_checked_by_a_rebirth() -> None:
+    rules, wire = host(), Wire(STATE)
+    # No birth known: an NDEATH that cannot be read can only be the node's.
+    events = rules.receive("spBv1.0/Plant1/NDEATH/Line1", b"\x0a\xff")
+    assert ("availability", {"availability": "UNAVAILABLE"}) in said(events)
+    rules.receive(*wire.nbirth())
+    rules.take_rebirths()
+    events = rules.receive("spBv1.0/Plant1/NDEATH/Line1", b"\x0a\xff")
+    assert ("availability", {"availability": "UNAVAILABLE"}) not in said(events)
+    assert len(warnings_of(events)) == 1
+    assert rules.take_rebirths() == ["Line1"]
+    rules.receive(*wire.nbirth())
+    no_bd_seq = NDeath(timestamp=T0, bd_seq_metric=SpbMetric(
+        timestamp=T0, name="other", datatype=DataType.INT64, value=0)).encode()  # fmt: skip
+    assert rules.receive("spBv1.0/Plant1/NDEATH/Line1", no_bd_seq) == []
+    assert rules.take_rebirths() == ["Line1"]
+
+
+def test_garbage_and_undefined_aliases_are_reported_once_and_a_rebirth_asked() -> None:
+    rules, wire = host(), Wire(STATE)
+    rules.receive(*wire.nbirth())
+    rules.take_rebirths()
+    events: list[Any] = []
+    for _ in range(5):
+        events += rules.receive("spBv1.0/Plant1/NDATA/Line1", b"\x0a\xff\xff\xff")
+    assert len(warnings_of(events)) == 1
+    assert rules.take_rebirths() == ["Line1"]
+    rules.receive(*wire.nbirth())
+    events = []
+    for _ in range(5):
+        unknown = SpbMetric(timestamp=T0, name=None, alias=99, datatype=DataType.INT32, value=1)
+        data = NData(timestamp=T0 + 1, seq=wire._next(), metrics=(unknown,)).encode()
+        events += rules.receive("spBv1.0/Plant1/NDATA/Line1", data)
+    assert warnings_of(events) == ["Line1: alias 99 was not defined by the birth"]
+    assert rules.nodes["Line1"].rebirth_wanted  # sent once rebirth_interval_s has passed
+
+
+def test_a_huge_payload_is_reported_without_being_read() -> None:
+    rules, wire = host(), Wire(STATE)
+    rules.receive(*wire.nbirth())
+    huge = b"\x0a" + b"\xff" * MAX_PAYLOAD_BYTES
+    (warning,) = warnings_of(rules.receive("spBv1.0/Plant1/NDATA/Line1", huge))
+    assert f"{len(huge)} bytes, more than {MAX_PAYLOAD_BYTES} read" in warning
+    # A long value in a wrong place: the message shows it cut.
+    rules = host([{"machine_id": "PRESS-1", "edge_node": "Line1", "part_count": "Parts"}])
+    wire = Wire({"Parts": (DataType.STRING, "x" * 100_000)})
+    (warning,) = warnings_of(rules.receive(*wire.nbirth()))
+    assert warning == f"Line1: metric 'Parts': a count, got '{'x' * 63}…"
+
+
+# --- The MQTT side ---------------------------------------------------------------------------
+
+
+async def test_reconnect_backoff_doubles_after_waiting_and_starts_again_after_a_session(
+    broker: Broker, nodes: list[EdgeNode], started: list[Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="adapters.machines.sparkplug")
+    node = edge(nodes, broker)
+    publisher = Recorder()
+    run(started, SparkplugAdapter(config(broker, reconnect_max_s=1.0)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 3)
+
+    def waits() -> list[tuple[float, float]]:
+        """(when, seconds) of each "reconnecting in" the adapter logged."""
+        found = [(r.created, r.getMessage()) for r in caplog.records]
+        return [(t, float(m.split("reconnecting in ")[1].split()[0]))
+                for t, m in found if "reconnecting in" in m]  # fmt: skip
+
+    broker.kill()
+    await eventually(lambda: len(waits()) >= 4)
+    assert [seconds for _, seconds in waits()[:4]] == [0.25, 0.5, 1.0, 1.0]
+    for (logged, seconds), (next_logged, _) in zip(waits(), waits()[1:], strict=False):
+        assert next_logged - logged >= seconds - 0.01  # it waited before trying again
+    broker.start()
+    node.drop()
+    node.connect()
+    await eventually(
+        lambda: ("availability", {"availability": "AVAILABLE"}) in facts(publisher)[5:]
+    )
+    seen = len(waits())
+    broker.kill()  # the session brought messages: the backoff starts again
+    await eventually(lambda: len(waits()) >= seen + 2)
+    assert [seconds for _, seconds in waits()[seen : seen + 2]] == [0.25, 0.5]
+
+
+async def test_messages_received_before_the_connection_closed_are_read() -> None:
+    """amqtt keeps what it received in the session's queue: a closed connection must not
+    throw it away (a fake client: the order of a close and a delivery cannot be forced on a
+    real socket)."""
+
+    class Transitions:
+        def is_connected(self) -> bool:
+            return False
+
+    class Message:
+        topic, data = "spBv1.0/Plant1/NDATA/Line1", bytearray(b"\x08\x01")
+
+    class Session:
+        transitions = Transitions()
+        delivered_message_queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    class Client:
+        session = Session()
+
+    Client.session.delivered_message_queue.put_nowait(Message())
+    adapter = SparkplugAdapter(config(Broker(port=1)))
+    received = await adapter._receive(Client(), 0.1)  # type: ignore[arg-type]
+    assert received is not None and (received.topic, received.data) == (Message.topic, b"\x08\x01")
+    with pytest.raises(BrokerLost, match="closed the connection"):
+        await adapter._receive(Client(), 0.1)  # type: ignore[arg-type]
+
+
+async def test_host_state_will_on_a_failed_session_and_online_again_when_told_offline(
+    broker: Broker, started: list[Running]
+) -> None:
+    from amqtt.client import MQTTClient
+
+    watcher = MQTTClient(config={"auto_reconnect": False, "plugins": {}})
+    await watcher.connect(f"mqtt://127.0.0.1:{broker.port}")
+    await watcher.subscribe([("spBv1.0/STATE/mes-hub-1", 1)])
+    states: list[dict[str, Any]] = []
+
+    async def watch() -> None:
+        while True:
+            message = await watcher.deliver_message()
+            states.append(json.loads(bytes(message.data)))
+
+    watching = asyncio.create_task(watch())
+    try:
+        adapter = SparkplugAdapter(config(broker, host_id="mes-hub-1"))
+        ticks = adapter.host.tick
+        failed = False
+
+        def tick_failing_once(now: float | None = None) -> list[Any]:
+            nonlocal failed
+            if not failed:
+                failed = True
+                raise RuntimeError("a bug in the session")  # the session fails, not stops
+            return ticks(now)
+
+        adapter.host.tick = tick_failing_once  # type: ignore[method-assign]
+        running = run(started, adapter, Recorder())
+        await eventually(lambda: len(states) >= 3)
+        first, will, second = states[:3]
+        # The will (no DISCONNECT was sent) carries the first connection's timestamp.
+        assert (first["online"], will["online"], second["online"]) == (True, False, True)
+        assert will["timestamp"] == first["timestamp"] < second["timestamp"]
+
+        # Told offline for its own connection: it says online again, with the same timestamp.
+        offline = {"online": False, "timestamp": second["timestamp"]}
+        await watcher.publish("spBv1.0/STATE/mes-hub-1", json.dumps(offline).encode(), qos=1,
+                              retain=True)  # fmt: skip
+        await eventually(lambda: offline in states and states[-1] == second)
+        told = states.index(offline)
+        assert states[told + 1 :] == [second]
+        await running.finish()
+        await eventually(lambda: states[-1] == offline)  # said by the adapter on its stop
+    finally:
+        watching.cancel()
+        await watcher.disconnect()
+
+
+def test_the_amqtt_internals_the_adapter_relies_on_are_there() -> None:
+    """amqtt 0.12 has no public way to pass credentials outside the URI (which it logs), to
+    abort a connection so that the will is sent, or to read what was received once closed:
+    the adapter uses these private names. A new amqtt without them fails here, clearly."""
+    from amqtt.adapters import StreamWriterAdapter
+    from amqtt.client import MQTTClient
+    from amqtt.session import Session
+
+    client = MQTTClient(config={"auto_reconnect": False, "plugins": {}})
+    assert callable(client._init_session) and callable(client._do_connect)
+    assert hasattr(client, "_handler")
+    assert StreamWriterAdapter(writer=object())._writer is not None  # type: ignore[arg-type]
+    session = Session()
+    assert isinstance(session.delivered_message_queue, asyncio.Queue)
+    assert hasattr(session, "transitions")

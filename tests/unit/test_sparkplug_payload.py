@@ -83,6 +83,33 @@ def test_negative_small_ints_as_tahu_writes_them() -> None:
     assert decode_payload(pb.SerializeToString()).metrics[0].value() == -1
 
 
+@pytest.mark.parametrize(
+    ("datatype", "field", "raw", "problem"),
+    [
+        (DataType.INT8, "int_value", 300, "300 is not an Int8"),
+        (DataType.INT8, "int_value", 0xFFFF_0000, "4294901760 is not an Int8"),
+        (DataType.UINT8, "int_value", 256, "256 is not a UInt8"),
+        (DataType.UINT16, "long_value", 1 << 40, "1099511627776 is not a UInt16"),
+    ],
+)
+def test_a_value_beyond_its_datatype_is_an_error_not_another_number(
+    datatype: DataType, field: str, raw: int, problem: str
+) -> None:
+    pb = PbPayload()
+    metric = pb.metrics.add()
+    metric.name, metric.datatype = "M", datatype
+    setattr(metric, field, raw)
+    with pytest.raises(PayloadError, match=problem):
+        decode_payload(pb.SerializeToString()).metrics[0].value()
+
+
+def test_an_int64_in_int_value_keeps_its_sign() -> None:
+    pb = PbPayload()
+    metric = pb.metrics.add()
+    metric.name, metric.datatype, metric.int_value = "M", DataType.INT64, 0xFFFF_FFFE
+    assert decode_payload(pb.SerializeToString()).metrics[0].value() == -2
+
+
 def test_null_metrics_have_no_value() -> None:
     metric = Metric(timestamp=T, name="Program", datatype=DataType.STRING, value=None)
     (read,) = decode_payload(DData(timestamp=T, seq=1, metrics=(metric,)).encode()).metrics
