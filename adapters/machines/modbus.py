@@ -27,7 +27,6 @@ condition with code ``ADAPTER_INPUT`` clears the warning. See ``docs/adapters/mo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -48,10 +47,11 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from adapters.machines.base import (
-    BAD_INPUT_CODE,
     CONNECTION_CODE,
     MachineEvents,
-    report_bad_input,
+    problem_changes,
+    stopped,
+    url_host,
 )
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
@@ -402,9 +402,8 @@ class ModbusAdapter:
 
     def __init__(self, config: ModbusConfig) -> None:
         self.config = config
-        host = f"[{config.host}]" if ":" in config.host else config.host
         self.events = MachineEvents(
-            config.machine_id, f"modbus://{host}:{config.port}/{config.unit}"
+            config.machine_id, f"modbus://{url_host(config.host)}:{config.port}/{config.unit}"
         )
         self._registers: dict[str, ModbusRegister] = {r.meaning: r for r in config.registers}
 
@@ -425,13 +424,13 @@ class ModbusAdapter:
                     next_poll += self.config.poll_s
                     if next_poll < loop.time():
                         next_poll = loop.time()  # a slow PLC: do not burst to catch up
-                    if await _stopped(stop, next_poll - loop.time()):
+                    if await stopped(stop, next_poll - loop.time()):
                         return
             except PlcLost as exc:
                 state = await self._lost(state, publisher, str(exc), backoff)
             finally:
                 connection.close()
-            if await _stopped(stop, backoff):
+            if await stopped(stop, backoff):
                 return
             backoff = min(backoff * 2, self.config.reconnect_max_s)
 
@@ -579,26 +578,10 @@ class ModbusAdapter:
     def _problem_changes(
         self, old: _State, new: _State, readings: dict[str, _Reading], at: datetime
     ) -> list[CloudEvent]:
-        events = []
-        new.problems = {m: r.problem for m, r in readings.items() if r.problem is not None}
-        for meaning, problem in new.problems.items():
-            if old.problems.get(meaning) == problem:
-                continue  # reported already; a register stuck wrong is reported once
-            register = self._registers[meaning]
-            what = f"register {register.name()}: {problem}"
-            key = self._key(meaning, at, problem)
-            event = report_bad_input(log, self.events, what, readings[meaning].raw, key)
-            # The id does not depend on the time; the event belongs to the poll that saw it.
-            events.append(event.model_copy(update={"time": at}))
-        if old.problems and not new.problems:
-            key = f"bad-input-cleared|{at.isoformat()}"
-            events.append(self.events.condition("normal", at, key, native_code=BAD_INPUT_CODE))
+        problems = [
+            (meaning, f"register {self._registers[meaning].name()}: {r.problem}", r.raw)
+            for meaning, r in readings.items()
+            if r.problem is not None
+        ]
+        events, new.problems = problem_changes(log, self.events, old.problems, problems, at)
         return events
-
-
-async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` or until ``stop`` is set; whether it is."""
-    if seconds > 0:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
-    return stop.is_set()
