@@ -39,6 +39,7 @@ class HaasPeer:
         macros: dict[int, float] | None = None,
         numbered_macros: bool = False,
         ngc_framing: bool = False,
+        busy_answers_all: bool = False,
     ) -> None:
         self.serial = serial
         self.program = program
@@ -48,6 +49,8 @@ class HaasPeer:
         self.macros: dict[int, float] = dict(macros or {})
         self.numbered_macros = numbered_macros  # "MACRO, <n>, <value>" instead of "MACRO, <value>"
         self.ngc_framing = ngc_framing  # ">payload\r\n" instead of STX payload ETB CR LF >
+        # "STATUS, BUSY" to every query while busy (Setting 143's wording allows that reading)
+        self.busy_answers_all = busy_answers_all
         self.replies: dict[str, str] = {}  # query -> payload sent instead of the real answer
         self.queries: list[str] = []
         self.refused = 0  # clients closed because two were connected
@@ -107,6 +110,8 @@ class HaasPeer:
     def answer(self, query: str) -> str:
         if query in self.replies:
             return self.replies[query]
+        if self.busy_answers_all and self.status == "BUSY" and query != "?Q100":
+            return "STATUS, BUSY"
         if query == "?Q100":
             return f"SERIAL NUMBER, {self.serial}"
         if query == "?Q101":

@@ -13,6 +13,9 @@ then every ``poll_s`` it asks, one query at a time:
   when ``part_count_source = "q500"``;
 - ``?Q104``: ``MODE, MEM``: the execution event's controller mode.
 
+Should a control answer ``STATUS, BUSY`` to ``?Q600`` or ``?Q104`` too while it runs, the count
+or the mode stays as it was until a poll shows it.
+
 Replies come as ``<STX>payload<ETB><CR><LF>>``; the newer form ``>payload<CR><LF>`` is read
 too. The control allows two MDC clients and sends every reply to both, so a reply is matched
 to its query by its leading field, and replies to the other client's queries are skipped. A
@@ -358,6 +361,7 @@ class _Reading:
     mode: ControllerMode | None = None
     counts: tuple[tuple[str, int], ...] = ()  # (kind, count)
     problems: tuple[tuple[str, str, str], ...] = ()  # (item, what was wrong, raw)
+    macros_unread: bool = False  # the macro replies could not be told apart this poll
 
 
 def _is(*names: str) -> Callable[[Reply], bool]:
@@ -366,6 +370,8 @@ def _is(*names: str) -> Callable[[Reply], bool]:
 
 def _macro(variable: int) -> Callable[[Reply], bool]:
     def accepts(reply: Reply) -> bool:
+        if reply.name == "STATUS":
+            return True  # "STATUS, BUSY": a control may answer any query so while it runs
         if reply.name != "MACRO":
             return False
         # "MACRO, <value>" names no variable; "MACRO, <n>, <value>" does: it must be ours.
@@ -398,6 +404,8 @@ async def _read(session: _Session, config: HaasConfig) -> _Reading:
         except _Refused:
             problems.append((item, f"?Q600 {variable}: the control answered UNKNOWN", "UNKNOWN"))
             continue
+        if reply.name == "STATUS":
+            continue  # busy: not shown now (the count comes with a later poll)
         plain_asked += len(reply.fields) == 2
         value = _count(reply.fields[-1])
         if value is None:
@@ -430,16 +438,19 @@ async def _read(session: _Session, config: HaasConfig) -> _Reading:
 
     mode: ControllerMode | None = None
     try:
-        reply = await session.ask("?Q104", _is("MODE"))
+        reply = await session.ask("?Q104", _is("MODE", "STATUS"))
     except _Refused:
         problems.append(("Q104", "?Q104: the control answered UNKNOWN", "UNKNOWN"))
     else:
-        written = _mode_key(reply.fields[1])
-        mode = config.modes.get(written) or MODES.get(written)
-        if mode is None:
-            problems.append(("Q104", f"Q104: mode {reply.fields[1]!r} is not known", str(reply)))
+        if reply.name == "MODE":  # not "STATUS, BUSY": then the mode stays as it was
+            written = _mode_key(reply.fields[1])
+            mode = config.modes.get(written) or MODES.get(written)
+            if mode is None:
+                what = f"Q104: mode {reply.fields[1]!r} is not known"
+                problems.append(("Q104", what, str(reply)))
 
-    if session.plain_macros - plain_before > plain_asked:
+    macros_unread = session.plain_macros - plain_before > plain_asked
+    if macros_unread:
         # More "MACRO, <value>" replies than we asked for: the other client read macros in the
         # meantime, and which value is ours cannot be told. Read again next poll.
         log.debug("%s: macro replies of another client during the poll; read again", config.host)
@@ -448,7 +459,16 @@ async def _read(session: _Session, config: HaasConfig) -> _Reading:
         problems = macro_problems + problems
     for what, junk in session.replies.take_junk():
         problems.append(("stream", what, repr(junk)))
-    return _Reading(execution, status, program, program_shown, mode, tuple(counts), tuple(problems))
+    return _Reading(
+        execution,
+        status,
+        program,
+        program_shown,
+        mode,
+        tuple(counts),
+        tuple(problems),
+        macros_unread,
+    )
 
 
 def _q500_status(reply: Reply) -> tuple[str | None, str | None]:
@@ -676,12 +696,15 @@ class HaasAdapter:
         """Each problem once while it lasts; a ``normal`` when none is left."""
         events = []
         problems = {item: what for item, what, _ in reading.problems}
+        if reading.macros_unread:
+            # Not read this poll: a macro reported wrong stays so until a poll reads it.
+            problems |= {i: w for i, w in machine.problems.items() if i.startswith("macro #")}
         for item, what, raw in reading.problems:
             if machine.problems.get(item) == what:
                 continue  # reported already: a reply stuck wrong is reported once
             key = f"{item}|{at.isoformat()}|{what}"
             event = report_bad_input(log, self.events, what, raw, key)
-            # The id does not depend on the time; the event belongs to the poll that saw it.
+            # Stamped when made; the warning belongs to the poll that saw the reply.
             events.append(event.model_copy(update={"time": at}))
         if machine.problems and not problems:
             key = f"bad-input-cleared|{at.isoformat()}"

@@ -182,6 +182,26 @@ async def test_busy_hides_program_and_parts_and_nothing_made_up_is_published(
     ]
 
 
+async def test_a_control_busy_to_every_query_is_neither_lost_nor_made_up(peer: HaasPeer) -> None:
+    # Should a control answer STATUS, BUSY to ?Q600 and ?Q104 too while it runs: ACTIVE, the
+    # mode and the count kept until it shows them again.
+    peer.set(busy_answers_all=True)
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    peer.set(status="BUSY", mode="MDI")
+    peer.macro(3901, 381)
+    await settle(publisher, peer, 5)
+    peer.set(status="IDLE")
+    await settle(publisher, peer, 7)
+    await running.finish()
+    assert facts(publisher)[4:] == [
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("execution", {"execution": "READY", "mode": "MANUAL_DATA_INPUT", "program": "O00012"}),
+        ("partcount", {"count": 381, "kind": "all"}),
+    ]
+
+
 @pytest.mark.parametrize("numbered", [False, True], ids=["MACRO-value", "MACRO-n-value"])
 async def test_a_macro_change_is_one_part_count(peer: HaasPeer, numbered: bool) -> None:
     peer.set(numbered_macros=numbered)
@@ -216,6 +236,7 @@ class OtherClient:
     def __init__(self, port: int) -> None:
         self.port = port
         self.received = b""
+        self.stopping = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -224,20 +245,20 @@ class OtherClient:
 
     async def _loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while True:
+            while not self.stopping.is_set():
                 for query in self.QUERIES:
                     writer.write(query.encode() + b"\r\n")
                     await writer.drain()
-                    with_reply = asyncio.wait_for(reader.read(4096), 1)
-                    self.received += await with_reply
+                    async with asyncio.timeout(5):
+                        self.received += await reader.read(4096)
                     await asyncio.sleep(0.005)
         finally:
             writer.close()
 
     async def stop(self) -> None:
         assert self.task is not None and not self.task.done(), "the other client failed"
-        self.task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        self.stopping.set()
+        async with asyncio.timeout(10):
             await self.task
 
 
@@ -275,6 +296,36 @@ async def test_a_second_client_changes_nothing_we_publish(peer: HaasPeer, number
     # The broadcast really happened: the other client got our replies, and we got its.
     assert b"MACRO, " in other.received and b"SERIAL NUMBER" in other.received
     assert peer.queries.count("?Q600 100") > 3
+
+
+async def test_a_bad_macro_is_one_warning_also_while_the_other_client_reads_macros(
+    peer: HaasPeer,
+) -> None:
+    # Polls in which the macro replies cannot be told apart neither repeat nor clear it.
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    other = OtherClient(peer.port)
+    await other.start()
+    peer.macro(3901, 380.5)
+    await eventually(lambda: len(publisher.published) == 5)
+    await polls(peer, 40)
+    peer.macro(3901, 381)
+    await settle(publisher, peer, 7)
+    await other.stop()
+    await running.finish()
+    assert facts(publisher)[4:] == [
+        (
+            "condition",
+            {
+                "level": "warning",
+                "native_code": BAD_INPUT_CODE,
+                "message": "macro #3901 is '380.500000': a part counter must be a whole number ≥ 0",
+            },
+        ),
+        ("partcount", {"count": 381, "kind": "all"}),
+        ("condition", {"level": "normal", "native_code": BAD_INPUT_CODE}),
+    ]
 
 
 async def test_a_third_client_is_refused_and_ours_still_works(peer: HaasPeer) -> None:
