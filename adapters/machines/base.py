@@ -183,6 +183,32 @@ async def stopped(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
+S = TypeVar("S")
+
+
+async def publish_or_keep(
+    publisher: EventPublisher, events: list[CloudEvent], old: S, new: S, log: logging.Logger
+) -> S:
+    """A polled adapter's state after a poll: ``new`` once its events are published, ``old``
+    if publishing failed, so the next poll finds the same changes again (nothing waits in
+    memory; the store-and-forward buffer behind the publisher is what keeps events while NATS
+    is away, so a failure here is that buffer failing)."""
+    if not events:
+        return new
+    try:
+        await publisher.publish_many(events)
+    except Exception:
+        first = events[0]
+        log.exception(
+            "%s %s: publishing %d events failed; the next poll publishes the changes again",
+            first.source,
+            first.subject,
+            len(events),
+        )
+        return old
+    return new
+
+
 def config_file(value: Path | None, info: ValidationInfo) -> Path | None:
     """A file named in the config: relative to the config file's folder, and it must exist
     (a pydantic validator body; ``load_adapters`` passes the folder as context)."""

@@ -62,7 +62,13 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapters.machines.base import BAD_INPUT_CODE, MachineEvents, stopped, url_host
+from adapters.machines.base import (
+    BAD_INPUT_CODE,
+    MachineEvents,
+    publish_or_keep,
+    stopped,
+    url_host,
+)
 from adapters.machines.observations import MachineObserver, Meaning
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
@@ -540,21 +546,7 @@ class FocasAdapter:
     async def _publish(
         self, publisher: EventPublisher, events: list[CloudEvent], old: _Run, new: _Run
     ) -> _Run:
-        """The new state once its events are published; the old one if publishing failed, so
-        the next poll finds the same changes again (nothing waits in memory)."""
-        if not events:
-            return new
-        try:
-            await publisher.publish_many(events)
-        except Exception:
-            log.exception(
-                "%s %s: publishing %d events failed; the next poll publishes the changes again",
-                self.events.source,
-                self.config.machine_id,
-                len(events),
-            )
-            return old
-        return new
+        return await publish_or_keep(publisher, events, old, new, log)
 
     async def _lost(
         self, publisher: EventPublisher, state: _Run, why: str, retry_in: float

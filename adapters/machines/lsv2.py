@@ -48,7 +48,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from adapters.machines.base import MachineEvents, problem_changes, stopped
+from adapters.machines.base import MachineEvents, problem_changes, publish_or_keep, stopped
 from adapters.machines.observations import MachineObserver, Meaning
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
@@ -735,21 +735,7 @@ class Lsv2Adapter:
     async def _publish(
         self, publisher: EventPublisher, events: list[CloudEvent], old: _Run, new: _Run
     ) -> _Run:
-        """The new state once its events are published; the old one if publishing failed, so
-        the next poll finds the same changes again (nothing waits in memory)."""
-        if not events:
-            return new
-        try:
-            await publisher.publish_many(events)
-        except Exception:
-            log.exception(
-                "%s %s: publishing %d events failed; the next poll publishes the changes again",
-                self.events.source,
-                self.config.machine_id,
-                len(events),
-            )
-            return old
-        return new
+        return await publish_or_keep(publisher, events, old, new, log)
 
     async def _lost(self, publisher: EventPublisher, why: str, retry_in: float) -> None:
         machine = self.config.machine_id

@@ -50,6 +50,7 @@ from adapters.machines.base import (
     CONNECTION_CODE,
     MachineEvents,
     problem_changes,
+    publish_or_keep,
     stopped,
     url_host,
 )
@@ -487,21 +488,7 @@ class ModbusAdapter:
     async def _publish(
         self, publisher: EventPublisher, events: list[CloudEvent], old: _State, new: _State
     ) -> _State:
-        """The new state once its events are published; the old one if publishing failed, so
-        the next poll finds the same changes again."""
-        if not events:
-            return new
-        try:
-            await publisher.publish_many(events)
-        except Exception:
-            log.exception(
-                "%s %s: publishing %d events failed; retrying with the next poll",
-                self.events.source,
-                self.config.machine_id,
-                len(events),
-            )
-            return old
-        return new
+        return await publish_or_keep(publisher, events, old, new, log)
 
     def _availability(self, available: bool, at: datetime) -> CloudEvent:
         value = "AVAILABLE" if available else "UNAVAILABLE"
