@@ -20,27 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.machines.focas import FocasAdapter, FocasConfig, encode_request  # noqa: E402
+from bench.adapters import Counting  # noqa: E402
 from tests.focas_peer import FocasPeer, PeerAlarm  # noqa: E402
-
-
-def _counting_publisher() -> Any:
-    """``Counting`` of ``bench/adapters.py`` (by path: ``adapters`` is the package's name)."""
-    path = Path(__file__).with_name("adapters.py")
-    spec = importlib.util.spec_from_file_location("bench_adapters", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Counting()
 
 
 async def _changing(peer: FocasPeer) -> None:
@@ -97,7 +86,7 @@ async def measure(seconds: float) -> dict[str, object]:
         request = encode_request(adapter.calls)  # the bytes only: the loop is its own
         baseline = await _bare_loop(peer.port, request, seconds) / seconds
 
-        publisher = _counting_publisher()
+        publisher = Counting()
         stop = asyncio.Event()
         before = peer.requests
         task = asyncio.create_task(adapter.run(publisher, stop))

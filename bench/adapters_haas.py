@@ -20,29 +20,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.machines.haas import HaasAdapter, HaasConfig  # noqa: E402
+from bench.adapters import Counting  # noqa: E402
 from tests.haas_peer import HaasPeer  # noqa: E402
 
 QUERIES = (b"?Q600 3901\r\n", b"?Q500\r\n", b"?Q104\r\n")
-
-
-def _counting_publisher() -> Any:
-    """``Counting`` of ``bench/adapters.py`` (by path: ``adapters`` is the package's name)."""
-    path = Path(__file__).with_name("adapters.py")
-    spec = importlib.util.spec_from_file_location("bench_adapters", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Counting()
 
 
 async def _changing(peer: HaasPeer) -> None:
@@ -83,7 +72,7 @@ async def measure(seconds: float) -> dict[str, object]:
     )
     try:
         baseline = await _bare_loop(peer.port, seconds) / seconds
-        publisher = _counting_publisher()
+        publisher = Counting()
         stop = asyncio.Event()
         before = peer.queries.count("?Q500")
         task = asyncio.create_task(HaasAdapter(config).run(publisher, stop))

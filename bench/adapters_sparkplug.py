@@ -31,29 +31,11 @@ from pysparkplug import DataType  # noqa: E402
 
 from adapters.machines.sparkplug import SparkplugAdapter, SparkplugConfig  # noqa: E402
 from adapters.machines.sparkplug_payload import decode_payload  # noqa: E402
-from contracts import CloudEvent, nats_subject_for, validate_envelope  # noqa: E402
-from hub.ports import PublishReceipt  # noqa: E402
+from bench.adapters import Counting  # noqa: E402
+from contracts import CloudEvent  # noqa: E402
 from tests.sparkplug_peer import Broker, EdgeNode  # noqa: E402
 
 GROUP = "Bench"
-
-
-class Counting:
-    """Validates each event and makes its subject, as the NATS publisher does; keeps a count."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def publish(self, event: CloudEvent) -> PublishReceipt:
-        (receipt,) = await self.publish_many([event])
-        return receipt
-
-    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
-        self.count += len(events)
-        return [
-            PublishReceipt(e.id, nats_subject_for("default", validate_envelope(e)), None)
-            for e in events
-        ]
 
 
 class Producer:
