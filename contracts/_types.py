@@ -168,7 +168,14 @@ class ProgramSentV1(_Data):
     size_bytes: StrictInt = Field(
         ge=0, description="The program's length in bytes: what a complete send delivers"
     )
-    sent_bytes: StrictInt = Field(ge=0, description="Bytes that went out on the wire")
+    sent_bytes: StrictInt = Field(
+        ge=0,
+        description=(
+            "Of size_bytes, how many were written to the port: the program's bytes as sent "
+            "(line ends converted if the sender was told to), tape leader NULs not counted; "
+            "sha256 is of the file as stored"
+        ),
+    )
     outcome: Literal["completed", "cancelled", "failed"]
     started_at: EventTime = Field(description="When the first byte went out")
     port: StrictStr | None = Field(

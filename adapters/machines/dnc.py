@@ -398,18 +398,19 @@ class DripFeed:
                 if waiting < queued:
                     last_progress = now
                 queued = waiting
-                if now - last_progress > options.write_timeout_s:
+                # Idle by our own pacing is no lack of progress: the clock runs from then.
+                if now - max(last_progress, next_write) > options.write_timeout_s:
                     return self._stopped("failed", position, self._no_progress())
                 if now < next_write or waiting:
                     # The line is still carrying the last chunk: wait, listening for XOFF.
-                    self._take_input(max(next_write - now, 0.002))
+                    self._take_input(max(next_write - now, 0.0005))
                     continue
                 written = self._write(payload[position : position + options.chunk_bytes])
                 if not written:  # the driver's buffer is full
                     self._take_input(0.005)
                     continue
-                self._ends += data.count(self.program.end, max(position, leader),
-                                                position + written)  # fmt: skip
+                block_ends = data.count(self.program.end, max(position, leader), position + written)
+                self._ends += block_ends  # the running block count: never a rescan
                 position += written
                 last_progress = now
                 next_write = max(now, next_write) + written / self._bytes_per_s

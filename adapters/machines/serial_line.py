@@ -28,7 +28,9 @@ encoding does not have, control characters: a wrong baud rate) is one warning pe
 
 The port opened is ``AVAILABLE``. The port gone (unplugged USB adapter, open fails, read error)
 is ``UNAVAILABLE`` once with an ``ADAPTER_CONNECTION`` condition; the adapter reopens the
-device path with backoff. Silence is not loss: an idle machine prints nothing. See
+device path with backoff, which starts over only after a session that read something. Reading
+never waits for publishing: one task reads and stamps into a bounded queue, another publishes.
+Silence is not loss: an idle machine prints nothing. See
 ``docs/adapters/serial.md``.
 """
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich.markup import escape
@@ -52,13 +53,16 @@ from hub.cli.shared import (
     err_console,
     setup_logging,
 )
+from hub.settings import redacted_url
 
 if TYPE_CHECKING:
     from adapters.forward import StoreAndForward
     from adapters.machines.dnc import NcProgram, SendJournal, SendResult
     from adapters.machines.serial_line import SerialConfig
+    from contracts import CloudEvent
     from hub.config import Config
     from hub.nats_auth import Credentials
+    from hub.ports import PublishReceipt
 
 log = logging.getLogger("hub.cli")
 app = typer.Typer(help="DNC: send NC programs to machines over RS-232.", no_args_is_help=True)
@@ -240,17 +244,76 @@ def _user() -> str | None:
         return None
 
 
+class _Unreachable:
+    """The hub's NATS when nothing answers at its address: every publish fails at once."""
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt:
+        raise ConnectionRefusedError(f"nothing answers at {redacted_url(self.url)}")
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        raise ConnectionRefusedError(f"nothing answers at {redacted_url(self.url)}")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def close(self) -> None:
+        return None
+
+
+async def _answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts a connection at the NATS URL's first server. Asked first
+    because a connect in progress to a NATS that refuses can fail to end when it is cancelled
+    (the client retries without end, and Python 3.11's ``wait_for`` may swallow the cancel):
+    a command must never hang on the way out."""
+    first = urlsplit(url.split(",")[0].strip())
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(first.hostname or "127.0.0.1", first.port or 4222), timeout
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+@dataclass(frozen=True)
+class _MachineBuffer:
+    """A machine's buffer, and whether NATS answered when it was opened."""
+
+    forward: StoreAndForward
+    reachable: bool
+
+    async def store(self, events: list[CloudEvent]) -> None:
+        await self.forward.store(events)
+
+    def waiting(self) -> int:
+        return self.forward.waiting()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for what waits to go out (not at all without NATS)."""
+        if not self.reachable:
+            return self.waiting() == 0
+        return await self.forward.drain(timeout)
+
+
 @contextlib.asynccontextmanager
-async def _buffer(link: HubLink, machine_id: str) -> AsyncIterator[StoreAndForward]:
+async def _buffer(link: HubLink, machine_id: str) -> AsyncIterator[_MachineBuffer]:
     """The store-and-forward buffer of one machine's sends (its own, so that two sends to two
     machines never share one), in front of the hub's NATS; ``BufferInUse`` once another dnc
-    command has held it for ``BUSY_RETRY_S``."""
+    command has held it for ``BUSY_RETRY_S``. With nothing answering at the NATS address, its
+    ``drain`` returns at once."""
     from adapters.forward import BufferInUse, StoreAndForward
     from hub.nats import ConnectingPublisher
 
     settings, adapters = link.config.hub, link.config.adapters
     assert adapters is not None
-    nats = ConnectingPublisher(link.url, settings.site, "mes-hub-dnc", credentials=link.credentials)
+    nats: ConnectingPublisher | _Unreachable = _Unreachable(link.url)
+    if await _answers(link.url):
+        nats = ConnectingPublisher(
+            link.url, settings.site, "mes-hub-dnc", credentials=link.credentials
+        )
     waited = 0.0
     while True:
         try:
@@ -265,7 +328,7 @@ async def _buffer(link: HubLink, machine_id: str) -> AsyncIterator[StoreAndForwa
             await asyncio.sleep(0.2)
             waited += 0.2
     try:
-        yield buffer
+        yield _MachineBuffer(buffer, not isinstance(nats, _Unreachable))
     finally:
         await buffer.close()
         await nats.close()

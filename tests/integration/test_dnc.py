@@ -396,3 +396,14 @@ async def test_the_journal_says_how_far_a_send_got_and_is_left_alone_while_it_ru
     own = program_sent_event(entry, program, result, "operator1")
     assert leftover.event.id == own.id
     assert record.envelope.time >= record.data.started_at  # type: ignore[union-attr]
+
+
+async def test_an_error_of_the_progress_display_is_not_taken_for_the_port(
+    control: FakeControl, tmp_path: Path
+) -> None:
+    def broken(update: Progress) -> None:
+        raise RuntimeError("the display broke")
+
+    program_file = write_program(tmp_path / "part.nc", blocks=20)
+    with pytest.raises(RuntimeError, match="the display broke"):
+        await asyncio.to_thread(send, control, program_file, broken)
