@@ -134,14 +134,17 @@ class _Queue:
 
 
 def _refused(batch: list[tuple[int, CloudEvent]]) -> list[int]:
-    """The queued events the contract refuses, each logged as an error (they are dropped)."""
+    """The queued events the contract refuses (queued by an older version that did not check),
+    each logged as an error with the whole event, so what is dropped from the queue is kept in
+    the log; waiting behind them forever would hold back every event after them."""
     refused = []
     for seq, event in batch:
         try:
             validate_envelope(event)
         except ContractViolation as exc:
             log.error("store-and-forward: dropped waiting event %s (%s): the contract refuses "
-                      "it: %s", event.id, event.type, exc.reason)  # fmt: skip
+                      "it: %s; the event: %s", event.id, event.type, exc.reason,
+                      event.model_dump_json())  # fmt: skip
             refused.append(seq)
     return refused
 
