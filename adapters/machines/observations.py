@@ -162,17 +162,24 @@ class MachineObserver:
         return [self._execution_event(at, uid, read)]
 
     def polled(
-        self, execution: str | None, mode: str | None, program: str | None, at: datetime
+        self,
+        execution: str | None,
+        mode: str | None,
+        program: str | None,
+        at: datetime,
+        *,
+        program_read: bool = False,
     ) -> list[CloudEvent]:
         """A polled control's execution, mode and program as read in one poll: one execution
         event when any of them changed, never one per item (which would tell the hub of
         combinations the machine never was in). ``None`` is "not read this poll" (a program
         hidden while the control is busy, a mode it did not answer): it stays as last
-        published, never a made-up change. The values must be the contract's already."""
+        published, never a made-up change; with ``program_read``, a ``None`` program was read
+        and is none (a control in MDI). The values must be the contract's already."""
         read = {
             "execution": execution or self.execution,
             "mode": mode or self.mode,
-            "program": program if program is not None else self.program,
+            "program": program if program is not None or program_read else self.program,
         }
         if all(self._published[item].repeats(value, at) for item, value in read.items()):
             return []
