@@ -75,6 +75,11 @@ class _Queue:
             "CREATE TABLE IF NOT EXISTS waiting (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
             "event TEXT NOT NULL)"
         )
+        # Queued events the contract refuses, kept with the reason (a dead letter on disk).
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS refused (seq INTEGER PRIMARY KEY, event TEXT NOT NULL, "
+            "reason TEXT NOT NULL)"
+        )
         self.size = self._count()
 
     def append(self, events: list[CloudEvent], max_events: int) -> int:
@@ -112,6 +117,25 @@ class _Queue:
         self._db.executemany("DELETE FROM waiting WHERE seq = ?", [(s,) for s in seqs])
         self.size = self._count()
 
+    def set_aside(self, refused: list[tuple[int, str]]) -> None:
+        """Move waiting events the contract refuses to ``refused``, with the reason, in one
+        transaction: kept on disk, no longer in the way of what waits behind them."""
+        self.opened.result()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO refused (seq, event, reason) "
+                "SELECT seq, event, ? FROM waiting WHERE seq = ?",
+                [(reason, seq) for seq, reason in refused],
+            )
+            self._db.executemany("DELETE FROM waiting WHERE seq = ?", [(s,) for s, _ in refused])
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self.size = self._count()
+
     def remove_through(self, seq: int) -> None:
         self.opened.result()
         self.size -= self._db.execute("DELETE FROM waiting WHERE seq <= ?", (seq,)).rowcount
@@ -133,19 +157,19 @@ class _Queue:
             self._worker.shutdown(wait=False)
 
 
-def _refused(batch: list[tuple[int, CloudEvent]]) -> list[int]:
+def _refused(batch: list[tuple[int, CloudEvent]]) -> list[tuple[int, str]]:
     """The queued events the contract refuses (queued by an older version that did not check),
-    each logged as an error with the whole event, so what is dropped from the queue is kept in
-    the log; waiting behind them forever would hold back every event after them."""
+    with the reason, each logged as an error: they are set aside in the buffer's ``refused``
+    table, since waiting behind them forever would hold back every event after them."""
     refused = []
     for seq, event in batch:
         try:
             validate_envelope(event)
         except ContractViolation as exc:
-            log.error("store-and-forward: dropped waiting event %s (%s): the contract refuses "
-                      "it: %s; the event: %s", event.id, event.type, exc.reason,
-                      event.model_dump_json())  # fmt: skip
-            refused.append(seq)
+            log.error("store-and-forward: set aside waiting event %s (%s) in the buffer's "
+                      "'refused' table: the contract refuses it: %s", event.id, event.type,
+                      exc.reason)  # fmt: skip
+            refused.append((seq, exc.reason))
     return refused
 
 
@@ -193,6 +217,7 @@ class StoreAndForward:
         self.max_events = max_events
         self._retry_max_s = retry_max_s
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         self._lock = asyncio.Lock()  # one publisher at a time keeps the order
         self.buffered = 0  # events that went through the queue
         self.dropped = 0  # events dropped because the queue was full
@@ -212,6 +237,9 @@ class StoreAndForward:
         nothing published or queued) if the contract refuses any of ``events``."""
         if not events:
             return []
+        # The whole batch is checked before any of it goes out: a refused event in the middle
+        # must not leave the ones before it published and the caller told that none were.
+        subjects = [nats_subject_for(self._site, validate_envelope(e)) for e in events]
         async with self._lock:
             if await self._queue.count() == 0:
                 try:
@@ -221,8 +249,6 @@ class StoreAndForward:
                 except Exception as exc:
                     log.warning("NATS unreachable (%s): buffering on disk",
                                 type(exc).__name__ or exc)  # fmt: skip
-            # Checked before queueing (the inner publisher checks what it publishes).
-            subjects = [nats_subject_for(self._site, validate_envelope(e)) for e in events]
             await self._enqueue(events)
         self._start_flusher()
         # Not in the stream yet: no sequence number.
@@ -259,7 +285,7 @@ class StoreAndForward:
 
     async def _flush(self) -> None:
         backoff = 0.2
-        while True:
+        while not self._closing:
             async with self._lock:
                 batch = await self._queue.run(self._queue.oldest, FLUSH_BATCH)
                 if not batch:
@@ -269,7 +295,7 @@ class StoreAndForward:
                 if refused:
                     # Queued before the contract changed, or by an older version: it can never
                     # go out and must not hold back what waits behind it.
-                    await self._queue.run(self._queue.remove, refused)
+                    await self._queue.run(self._queue.set_aside, refused)
                     continue
                 try:
                     await self._inner.publish_many([event for _, event in batch])
@@ -292,10 +318,16 @@ class StoreAndForward:
         return await self._queue.count() == 0
 
     async def close(self) -> None:
+        self._closing = True
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            # Cancelled until it ends: on Python 3.11 a ``wait_for`` inside the inner publisher
+            # can swallow one cancel (its future done in the same turn), and the flusher would
+            # go on retrying a NATS that is away, with ``close`` waiting on it for ever.
+            while not self._flusher.done():
+                self._flusher.cancel()
+                await asyncio.wait({self._flusher}, timeout=0.5)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                self._flusher.result()
         await self._queue.close()
         if self._claim >= 0:
             os.close(self._claim)  # the lock goes with it

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import ValidationInfo
 
-from contracts import CloudEvent
+from contracts import CloudEvent, ContractViolation, validate_envelope
 from hub.ports import EventPublisher
 
 BAD_INPUT_CODE = "ADAPTER_INPUT"
@@ -197,6 +197,20 @@ async def publish_or_keep(
         return new
     try:
         await publisher.publish_many(events)
+    except ContractViolation:
+        # An event this adapter made wrongly: retrying would refuse it for ever and the
+        # machine would stand still. It is logged whole; the others go out.
+        accepted = []
+        for event in events:
+            try:
+                validate_envelope(event)
+            except ContractViolation as exc:
+                log.error("%s %s: the contract refuses an event, not published: %s; the event: "
+                          "%s", event.source, event.subject, exc.reason,
+                          event.model_dump_json())  # fmt: skip
+            else:
+                accepted.append(event)
+        return await publish_or_keep(publisher, accepted, old, new, log)
     except Exception:
         first = events[0]
         log.exception(

@@ -4,6 +4,8 @@ and every event arrives in the hub's store once, in order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -236,7 +238,7 @@ async def test_store_queues_on_disk_before_nats_is_tried(tmp_path: Path) -> None
     assert [e.id for _, e in reachable.published] == ["M1-count-0", "M1-count-1"]
 
 
-async def test_a_queued_event_the_contract_now_refuses_is_dropped_not_blocking(
+async def test_a_queued_event_the_contract_now_refuses_is_set_aside_not_blocking(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Queued by an older version (before it checked): it must not hold back what follows.
@@ -256,4 +258,48 @@ async def test_a_queued_event_the_contract_now_refuses_is_dropped_not_blocking(
         assert await third.drain(timeout=10)
     await third.close()
     assert [e.id for _, e in reachable.published] == [f"M1-count-{n}" for n in range(3)]
-    assert f"dropped waiting event {refused.id}" in caplog.text
+    assert f"set aside waiting event {refused.id}" in caplog.text
+    # Kept on disk with the reason, not deleted.
+    with sqlite3.connect(tmp_path / "buffer.sqlite") as db:
+        rows = db.execute("SELECT event, reason FROM refused").fetchall()
+    db.close()
+    assert [json.loads(event)["id"] for event, _ in rows] == [refused.id]
+    assert "count" in rows[0][1]
+
+
+async def test_a_batch_with_a_refused_event_publishes_none_of_it(tmp_path: Path) -> None:
+    from contracts import ContractViolation
+
+    refused = cloud_event("mes.machine.partcount.v1", "M1", {"count": -1, "kind": "all"})
+    reachable = InMemoryPublisher()
+    forward = StoreAndForward(reachable, tmp_path, "default")
+    with pytest.raises(ContractViolation):
+        await forward.publish_many([*readings(0, 2), refused])
+    await forward.close()
+    # Not the two before it either: the caller was told none went out.
+    assert reachable.published == []
+
+
+class SwallowsOneCancel:
+    """A publisher to a NATS that refuses, which swallows a cancel as ``asyncio.wait_for`` on
+    Python 3.11 can when its inner future finishes in the same turn."""
+
+    async def publish(self, event: CloudEvent) -> PublishReceipt:
+        raise AssertionError("not used")
+
+    async def publish_many(self, events: list[CloudEvent]) -> list[PublishReceipt]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+        raise ConnectionRefusedError("refused")
+
+
+async def test_close_ends_while_nats_refuses_even_if_a_cancel_is_swallowed(
+    tmp_path: Path,
+) -> None:
+    forward = StoreAndForward(SwallowsOneCancel(), tmp_path, "default", retry_max_s=0.05)
+    await forward.publish_many(readings(0, 3))
+    await asyncio.sleep(0.3)  # the flusher is retrying
+    await asyncio.wait_for(forward.close(), 10)
+    reopened = StoreAndForward(Unreachable(), tmp_path, "default")
+    assert reopened.waiting() == 3  # nothing lost by closing
+    await reopened.close()
