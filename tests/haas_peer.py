@@ -11,10 +11,14 @@ table; see docs/adapters/haas.md): ASCII query lines ``?Q100``, ``?Q104``, ``?Q5
     anything    UNKNOWN
 
 At most two clients are served at a time; a third is closed at once. Every reply goes to
-every connected client, as the control does. Knobs: the machine's state (``set``), ``drop()``
-(close the connections), ``hang()`` (accept, read, never answer), ``garbage()`` (junk bytes to
-every client), ``replies`` (a fixed, possibly malformed, payload for a query). Every query line
-received is kept in ``queries``.
+every connected client, as the control does. Queries are answered one at a time, in the order
+they came, whichever client sent them. Knobs: the machine's state (``set``), ``drop()`` (close
+the connections), ``hang()`` (accept, read, never answer), ``garbage()`` (junk bytes to every
+client now), ``noise`` (junk sent before every reply, one entry after the other), ``replies`` (a
+fixed, possibly malformed or non-ASCII, payload for a query), ``delay_s`` (the time the control
+takes for each answer), ``interleave`` (before answering a query, answer another client's query
+first, as if that client had sent it just before: the deterministic form of two clients asking
+at once; that query is not in ``queries``). Every query line received is kept in ``queries``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ class HaasPeer:
         # "STATUS, BUSY" to every query while busy (Setting 143's wording allows that reading)
         self.busy_answers_all = busy_answers_all
         self.replies: dict[str, str] = {}  # query -> payload sent instead of the real answer
+        self.delay_s = 0.0  # each answer takes this long (a slow control, a busy network)
+        # query -> the other client's query the control answers just before it
+        self.interleave: dict[str, str] = {}
+        self.noise: list[bytes] = []  # junk sent before every reply, in turn
+        self._noise_at = 0
+        self._answering = asyncio.Lock()  # one query at a time, as the control's MDC task
         self.queries: list[str] = []
         self.refused = 0  # clients closed because two were connected
         self.port = 0
@@ -135,9 +145,25 @@ class HaasPeer:
         return "UNKNOWN"
 
     def frame(self, payload: str) -> bytes:
+        # UTF-8: a non-ASCII payload (a test's malformed reply) goes out as its bytes.
         if self.ngc_framing:
-            return b">" + payload.encode("ascii") + b"\r\n"
-        return b"\x02" + payload.encode("ascii") + b"\x17\r\n>"
+            return b">" + payload.encode() + b"\r\n"
+        return b"\x02" + payload.encode() + b"\x17\r\n>"
+
+    async def _respond(self, query: str) -> None:
+        async with self._answering:
+            other = self.interleave.get(query)
+            for asked in ([other] if other else []) + [query]:
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                self._broadcast(self.frame(self.answer(asked)))
+
+    def _broadcast(self, reply: bytes) -> None:
+        if self.noise:
+            reply = self.noise[self._noise_at % len(self.noise)] + reply
+            self._noise_at += 1
+        for client in list(self._clients):
+            client.write(reply)  # every reply goes to every client
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._clients) >= MAX_CLIENTS:
@@ -155,11 +181,8 @@ class HaasPeer:
                     if not query:
                         continue
                     self.queries.append(query)
-                    if self._hung:
-                        continue
-                    reply = self.frame(self.answer(query))
-                    for client in list(self._clients):
-                        client.write(reply)  # every reply goes to every client
+                    if not self._hung:
+                        await self._respond(query)
         except (ConnectionError, OSError):
             pass
         finally:

@@ -18,21 +18,27 @@ or the mode stays as it was until a poll shows it.
 
 Replies come as ``<STX>payload<ETB><CR><LF>>``; the newer form ``>payload<CR><LF>`` is read
 too. The control allows two MDC clients and sends every reply to both, so a reply is matched
-to its query by its leading field, and replies to the other client's queries are skipped. A
-``MACRO, <value>`` reply does not say which variable it holds: when more of them arrive during
-a poll than the adapter asked for, the other client was reading macros too, and that poll's
-macro values are not used (the next poll reads them again; counters are cumulative, nothing is
-lost).
+to its query by its leading field, and replies to the other client's queries are skipped.
+Three replies can answer a macro query and say nothing of whose query they answer: ``MACRO,
+<value>`` (no variable named), ``STATUS, BUSY`` and ``UNKNOWN``. When more of them arrive during
+a poll than the adapter's own queries took, the other client's may have been taken for the
+adapter's: that poll's macro values and its ``UNKNOWN`` answers are not used (the next poll
+reads again; counters are cumulative, nothing is lost). An ``UNKNOWN`` may be the other
+client's, so the adapter waits a few of its round trips for its own answer after one; a poll
+with the other client's traffic reports a refusal only once it repeated over three polls.
 
 The control has no timestamps: every event carries the time of the poll that saw it, and its
-id derives from that time and the value, so a poll repeating the state publishes nothing. The
-first poll of a run publishes the whole state, with a ``normal`` condition without a code (no
-condition of this machine is active but those it reports). A connection refused or closed, or
-a query without an answer within ``timeout_s``, is a loss: ``UNAVAILABLE`` and an
-``ADAPTER_CONNECTION`` condition, once; the adapter reconnects with backoff. A reply it cannot
-read (an unknown status or mode, a fractional or negative counter, an ``UNKNOWN`` answer,
-bytes that are no reply) is logged and published once as an ``ADAPTER_INPUT`` warning; a
-``normal`` clears it when every reply reads well again.
+id derives from that time and the value (a retried publish is dropped downstream as a
+duplicate). A poll repeating the state publishes nothing, because the adapter keeps what it
+published. The first poll of a run publishes the whole state, with a ``normal`` condition
+without a code (no condition of this machine is active but those it reports). A connection
+refused or closed, or a query without an answer within ``timeout_s``, is a loss:
+``UNAVAILABLE`` and an ``ADAPTER_CONNECTION`` condition, once; the adapter reconnects with
+backoff, and what the control shows then is read anew (a program hidden by BUSY is not carried
+over the loss). A reply it cannot read (an unknown status or mode, a fractional or negative
+counter, an ``UNKNOWN`` answer, bytes that are no reply) is logged and published as an
+``ADAPTER_INPUT`` warning once while it lasts; a ``normal`` clears it when every reply reads
+well again.
 
 The adapter only ever sends ``?Q`` queries: it has no way to write macros or settings. See
 ``docs/adapters/haas.md``.
@@ -53,7 +59,13 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from adapters.machines.base import BAD_INPUT_CODE, MachineEvents, report_bad_input
+from adapters.machines.base import (
+    MachineEvents,
+    problem_changes,
+    publish_or_keep,
+    stopped,
+    url_host,
+)
 from adapters.machines.observations import MachineObserver, Meaning
 from contracts import CloudEvent, Token
 from hub.ports import EventPublisher
@@ -64,8 +76,17 @@ ControllerMode = Literal["AUTOMATIC", "MANUAL", "MANUAL_DATA_INPUT", "SEMI_AUTOM
 
 STX, ETB = 0x02, 0x17
 MAX_REPLY = 4096  # bytes: a reply never comes close; more without its end is not a reply
+MAX_PENDING = 256  # replies waiting to be matched to a query; a flood beyond is not an answer
+JUNK_SAMPLES = 3  # pieces of junk kept (and logged) per poll; the rest are only counted
+JUNK_SAMPLE_BYTES = 80
+JUNK = "the control sent bytes that are no reply"
 RECONNECT_MIN_S = 0.25
-UNKNOWN_GRACE_S = 0.5  # after an UNKNOWN, how long our own answer may still come
+# After an UNKNOWN that may answer the other client, our own answer may still come: we wait
+# this many of the longest round trips seen in the session (at least GRACE_MIN_S, at most
+# timeout_s; the whole timeout_s before the first round trip is known).
+GRACE_ROUND_TRIPS = 4
+GRACE_MIN_S = 0.1
+REFUSALS_TO_REPORT = 3  # polls in a row with UNKNOWN, when the other client was asking too
 ALARM_CODE = "ALARM"
 BUSY_HINT = " (a control takes two MDC clients at most)"
 
@@ -102,7 +123,7 @@ class HaasConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     machine_id: Token
-    host: str
+    host: str = Field(min_length=1)
     port: int = Field(default=5051, ge=1, le=65535)  # the number in Setting 143
     poll_s: float = Field(default=1.0, gt=0, le=3600)
     timeout_s: float = Field(default=3.0, gt=0, le=60)
@@ -121,7 +142,13 @@ class HaasConfig(BaseModel):
         return {_mode_key(mode): meaning for mode, meaning in value.items()}
 
     @model_validator(mode="after")
-    def _two_different_counters(self) -> HaasConfig:
+    def _counters_that_can_be_read(self) -> HaasConfig:
+        if self.part_count_source == "q500" and "part_counter_macro" in self.model_fields_set:
+            # Silently not reading the macro the user named would count the wrong counter.
+            raise ValueError(
+                f"part_counter_macro #{self.part_counter_macro} is not read with "
+                'part_count_source = "q500" (the count is then Q500\'s PARTS): remove one'
+            )
         if self.bad_part_macro is not None and self.bad_part_macro == self.part_counter_macro:
             raise ValueError(
                 f"bad_part_macro #{self.bad_part_macro} is the part counter macro: "
@@ -130,8 +157,7 @@ class HaasConfig(BaseModel):
         return self
 
     def source(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"haas://{host}:{self.port}"
+        return f"haas://{url_host(self.host)}:{self.port}"
 
     def macros(self) -> list[tuple[int, str]]:
         """(variable, counter kind) read by ``?Q600`` each poll."""
@@ -158,6 +184,14 @@ class Reply:
     def name(self) -> str:
         return self.fields[0]
 
+    @property
+    def unowned(self) -> bool:
+        """Whether it could answer a macro query without saying whose: ``MACRO, <value>``
+        (no variable named), ``STATUS, BUSY``, ``UNKNOWN``, or a reply that cannot be read."""
+        return self.name in ("STATUS", "UNKNOWN", "") or (
+            self.name == "MACRO" and len(self.fields) == 2
+        )
+
     @classmethod
     def parse(cls, text: str) -> Reply | None:
         """The reply in ``text``, or None when it is not one (junk, a DPRNT line)."""
@@ -174,16 +208,26 @@ class Reply:
         return ", ".join(self.fields)
 
 
+# A reply that came but cannot be read (not ASCII, no 'NAME, value', cut short): it answers
+# some query, perhaps ours, which then has no answer to read this poll. (Its bytes are junk.)
+UNREADABLE = Reply(("",))
+UNANSWERED = ("UNKNOWN", "")  # the names of replies that answer a query without an answer
+
+
 class ReplyReader:
     """Splits what the control sends into replies and junk.
 
     A reply is ``STX payload ETB``, followed by CR LF and the ``>`` prompt; a line
     ``>payload`` is one too (the form of the newer control's documentation). Outside replies
-    only line ends, prompts and spaces are expected: anything else is junk."""
+    only line ends, prompts and spaces are expected: anything else is junk. Junk is counted,
+    and the first few pieces kept, until taken: a control spewing noise between two polls an
+    hour apart costs no memory."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self.junk: list[tuple[str, bytes]] = []  # what was not a reply, since last taken
+        self.junk_pieces = 0
+        self.junk_bytes = 0
+        self.junk_samples: list[tuple[str, bytes]] = []
 
     def feed(self, data: bytes) -> list[Reply]:
         self._buffer += data
@@ -208,11 +252,13 @@ class ReplyReader:
             restart = buffer.find(STX, 1)
             if restart > 0 and (end < 0 or restart < end):
                 self._junk(bytes(buffer[:restart]), "a reply without its end (ETB)")
+                replies.append(UNREADABLE)
                 del buffer[:restart]
                 continue
             if end < 0:
                 if len(buffer) > MAX_REPLY:
                     self._junk(bytes(buffer), f"more than {MAX_REPLY} bytes without a reply's end")
+                    replies.append(UNREADABLE)
                     buffer.clear()
                 break
             payload = bytes(buffer[1:end])
@@ -220,13 +266,22 @@ class ReplyReader:
             reply = Reply.parse(payload.decode("ascii", errors="replace"))
             if reply is None:
                 self._junk(payload, "a reply that is not 'NAME, value'")
+                replies.append(UNREADABLE)
             else:
                 replies.append(reply)
         return replies
 
-    def take_junk(self) -> list[tuple[str, bytes]]:
-        junk, self.junk = self.junk, []
-        return junk
+    def take_junk(self) -> str | None:
+        """What was not a reply since last taken, summed up; None when there was nothing."""
+        if not self.junk_pieces:
+            return None
+        samples = "; ".join(f"{what}: {data!r}" for what, data in self.junk_samples)
+        more = " …" if self.junk_pieces > len(self.junk_samples) else ""
+        pieces = f"{self.junk_pieces} piece{'s' if self.junk_pieces > 1 else ''}"
+        summary = f"{pieces}, {self.junk_bytes} bytes: {samples}{more}"
+        self.junk_pieces = self.junk_bytes = 0
+        self.junk_samples = []
+        return summary
 
     def _outside(self, data: bytes, replies: list[Reply]) -> None:
         for raw in data.split(b"\n"):
@@ -241,7 +296,10 @@ class ReplyReader:
             self._junk(line.lstrip(b">"), "bytes outside any reply")
 
     def _junk(self, data: bytes, what: str) -> None:
-        self.junk.append((f"the control sent {what} ({len(data)} bytes)", data[:200]))
+        self.junk_pieces += 1
+        self.junk_bytes += len(data)
+        if len(self.junk_samples) < JUNK_SAMPLES:
+            self.junk_samples.append((what, data[:JUNK_SAMPLE_BYTES]))
 
 
 # --- the connection --------------------------------------------------------------------------
@@ -251,14 +309,10 @@ class HaasLost(ConnectionError):
     """The control did not answer (refused, closed, no answer within the timeout)."""
 
 
-class _Refused(Exception):
-    """The control answered UNKNOWN to our query."""
-
-
 class _Session:
-    """One TCP connection to the control's MDC port. A task receives all the time (so
-    "received before a query was sent" is exact, also after a pause between polls); queries
-    are asked one at a time."""
+    """One TCP connection to the control's MDC port. A task receives all the time and counts
+    every reply (ours and the other client's); replies are kept for matching only while a
+    query waits for its answer. Queries are asked one at a time."""
 
     def __init__(
         self, config: HaasConfig, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -267,10 +321,13 @@ class _Session:
         self._reader = reader
         self._writer = writer
         self.replies = ReplyReader()
-        self._pending: deque[Reply] = deque()
+        self._pending: deque[Reply] = deque(maxlen=MAX_PENDING)
+        self._asking = False  # a query waits for its answer
         self._arrived = asyncio.Event()
         self._ended: HaasLost | None = None  # why the connection ended, once it has
-        self.plain_macros = 0  # "MACRO, <value>" replies seen (ours and the other client's)
+        self.received = 0  # replies since the poll began, ours and the other client's
+        self.unowned = 0  # of those, replies that could answer a macro query (Reply.unowned)
+        self.round_trip: float | None = None  # the longest wait for an answer in this session
         self._receiving = asyncio.create_task(self._receive())
 
     @classmethod
@@ -283,61 +340,87 @@ class _Session:
             raise HaasLost(f"cannot connect to {config.host}:{config.port} ({reason})") from exc
         return cls(config, reader, writer)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._receiving.cancel()
         self._writer.close()
+        await asyncio.wait([self._receiving])  # gone before the next session starts
 
     async def _receive(self) -> None:
         try:
             while data := await self._reader.read(1 << 16):
-                self._pending.extend(self.replies.feed(data))
+                for reply in self.replies.feed(data):
+                    self.received += 1
+                    self.unowned += reply.unowned
+                    if self._asking:
+                        self._pending.append(reply)
                 self._arrived.set()
             self._ended = HaasLost(f"the control closed the connection{BUSY_HINT}")
         except OSError as exc:
             reason = str(exc) or type(exc).__name__
             self._ended = HaasLost(f"connection lost ({reason}){BUSY_HINT}")
-        self._arrived.set()
+        except Exception as exc:
+            # Whatever it was, the connection is of no use any more: the poll waiting for an
+            # answer must learn so now, not at its timeout.
+            log.exception("%s: reading from the control failed", self.config.source())
+            self._ended = HaasLost(f"reading from the control failed ({type(exc).__name__})")
+        finally:
+            self._arrived.set()
 
-    def discard_pending(self) -> None:
-        """Forget replies received so far: none of them answers a query sent after now."""
-        while self._pending:
-            self._count(self._pending.popleft())
+    def begin_poll(self) -> None:
+        """Count the replies of one poll from now on."""
+        self.received = self.unowned = 0
 
-    def _count(self, reply: Reply) -> None:
-        if reply.name == "MACRO" and len(reply.fields) == 2:
-            self.plain_macros += 1
+    def _grace(self) -> float:
+        """How long our answer may still come after an UNKNOWN that may be the other
+        client's: a few of the longest round trips seen (a slow control answers the other
+        client's query first, then ours)."""
+        timeout = self.config.timeout_s
+        if self.round_trip is None:
+            return timeout
+        return min(timeout, max(GRACE_MIN_S, GRACE_ROUND_TRIPS * self.round_trip))
 
     async def ask(self, query: str, accepts: Callable[[Reply], bool]) -> Reply:
         """Send ``query`` and return the first reply after it that ``accepts`` takes; replies
-        to the other client's queries are skipped. Raises ``_Refused`` when the control
-        answered UNKNOWN (and nothing we take followed), ``HaasLost`` when nothing came."""
-        self.discard_pending()
+        to the other client's queries are skipped. An ``UNKNOWN`` or ``UNREADABLE`` reply when
+        such came and nothing we take followed; raises ``HaasLost`` when nothing came."""
         if self._ended is not None:
             raise self._ended
+        self._pending.clear()  # received before the query was sent: no answer to it
+        self._asking = True
+        try:
+            return await self._answer(query, accepts)
+        finally:
+            self._asking = False
+            self._pending.clear()
+
+    async def _answer(self, query: str, accepts: Callable[[Reply], bool]) -> Reply:
         loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
             self._writer.write(query.encode("ascii") + b"\r\n")
             async with asyncio.timeout(self.config.timeout_s):
                 await self._writer.drain()
         except (OSError, TimeoutError) as exc:
             raise HaasLost(f"cannot send {query} ({str(exc) or type(exc).__name__})") from exc
-        deadline = loop.time() + self.config.timeout_s
-        refused_by = None  # the deadline for our answer once an UNKNOWN came
+        deadline = sent + self.config.timeout_s
+        unanswered: Reply | None = None  # the first UNKNOWN or unreadable reply
+        refused_by = deadline  # the deadline for our answer once one came
         while True:
             while self._pending:
                 reply = self._pending.popleft()
-                self._count(reply)
                 if accepts(reply):
+                    self.round_trip = max(self.round_trip or 0.0, loop.time() - sent)
                     return reply
-                if reply.name == "UNKNOWN" and refused_by is None:
+                if reply.name in UNANSWERED and unanswered is None:
                     # Ours, unless it answers the other client: then ours still comes.
-                    refused_by = min(deadline, loop.time() + UNKNOWN_GRACE_S)
+                    unanswered = reply
+                    refused_by = min(deadline, loop.time() + self._grace())
             if self._ended is not None:
                 raise self._ended
-            left = (refused_by or deadline) - loop.time()
+            left = refused_by - loop.time()
             if left <= 0:
-                if refused_by is not None:
-                    raise _Refused(query)
+                if unanswered is not None:
+                    return unanswered
                 raise HaasLost(f"no answer to {query} within {self.config.timeout_s:g} s")
             self._arrived.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -357,11 +440,38 @@ class _Reading:
     execution: str | None = None
     status: str | None = None  # Q500's status as the control wrote it
     program: str | None = None
-    program_shown: bool = False  # Q500 shows the program (not while BUSY)
+    program_shown: bool = False  # Q500 shows the program (not while BUSY); MDI shows none
     mode: ControllerMode | None = None
     counts: tuple[tuple[str, int], ...] = ()  # (kind, count)
     problems: tuple[tuple[str, str, str], ...] = ()  # (item, what was wrong, raw)
-    macros_unread: bool = False  # the macro replies could not be told apart this poll
+    refused: tuple[tuple[str, str], ...] = ()  # (item, what): our query answered UNKNOWN
+    unread: tuple[str, ...] = ()  # items not read: the reply unreadable, or maybe not ours
+    other_traffic: bool = False  # replies to the other client's queries came in this poll
+
+
+class _Poll:
+    """One poll's queries, and the replies they took: the rest is the other client's."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.taken = 0
+        self.taken_unowned = 0
+        session.begin_poll()
+
+    async def ask(self, query: str, accepts: Callable[[Reply], bool]) -> Reply:
+        reply = await self.session.ask(query, accepts)
+        self.taken += 1  # the control answers each query once
+        self.taken_unowned += reply.unowned
+        return reply
+
+    def other_traffic(self) -> bool:
+        return self.session.received > self.taken
+
+    def foreign_unowned(self) -> bool:
+        """Whether more replies that could answer a macro query came than ours took: then
+        one of them may have been the other client's (what stays unmatched, possibly ours,
+        is counted here too, received or not yet taken)."""
+        return self.session.unowned > self.taken_unowned
 
 
 def _is(*names: str) -> Callable[[Reply], bool]:
@@ -390,23 +500,24 @@ def _count(text: str) -> int | None:
 
 async def _read(session: _Session, config: HaasConfig) -> _Reading:
     """One poll: the counter macros, Q500 and Q104. Raises ``HaasLost``."""
+    poll = _Poll(session)
     problems: list[tuple[str, str, str]] = []
+    refused: list[tuple[str, str]] = []
     counts: list[tuple[str, int]] = []
-    session.discard_pending()
-    plain_before = session.plain_macros
-    plain_asked = 0
     macro_counts: list[tuple[str, int]] = []
     macro_problems: list[tuple[str, str, str]] = []
+    unread: list[str] = []  # answered with a reply that cannot be read (its bytes are junk)
     for variable, kind in config.macros():
         item = f"macro #{variable}"
-        try:
-            reply = await session.ask(f"?Q600 {variable}", _macro(variable))
-        except _Refused:
-            problems.append((item, f"?Q600 {variable}: the control answered UNKNOWN", "UNKNOWN"))
+        reply = await poll.ask(f"?Q600 {variable}", _macro(variable))
+        if reply is UNREADABLE:
+            unread.append(item)
+            continue
+        if reply.name == "UNKNOWN":
+            refused.append((item, f"?Q600 {variable}: the control answered UNKNOWN"))
             continue
         if reply.name == "STATUS":
             continue  # busy: not shown now (the count comes with a later poll)
-        plain_asked += len(reply.fields) == 2
         value = _count(reply.fields[-1])
         if value is None:
             what = f"{item} is {reply.fields[-1]!r}: a part counter must be a whole number ≥ 0"
@@ -418,10 +529,11 @@ async def _read(session: _Session, config: HaasConfig) -> _Reading:
     status: str | None = None
     program: str | None = None
     program_shown = False
-    try:
-        reply = await session.ask("?Q500", _is("PROGRAM", "STATUS"))
-    except _Refused:
-        problems.append(("Q500", "?Q500: the control answered UNKNOWN", "UNKNOWN"))
+    reply = await poll.ask("?Q500", _is("PROGRAM", "STATUS"))
+    if reply is UNREADABLE:
+        unread.append("Q500")
+    elif reply.name == "UNKNOWN":
+        refused.append(("Q500", "?Q500: the control answered UNKNOWN"))
     else:
         status, wrong = _q500_status(reply)
         if wrong is not None:
@@ -437,28 +549,34 @@ async def _read(session: _Session, config: HaasConfig) -> _Reading:
                     counts.append(("all", int(reply.fields[4])))
 
     mode: ControllerMode | None = None
-    try:
-        reply = await session.ask("?Q104", _is("MODE", "STATUS"))
-    except _Refused:
-        problems.append(("Q104", "?Q104: the control answered UNKNOWN", "UNKNOWN"))
-    else:
-        if reply.name == "MODE":  # not "STATUS, BUSY": then the mode stays as it was
-            written = _mode_key(reply.fields[1])
-            mode = config.modes.get(written) or MODES.get(written)
-            if mode is None:
-                what = f"Q104: mode {reply.fields[1]!r} is not known"
-                problems.append(("Q104", what, str(reply)))
+    reply = await poll.ask("?Q104", _is("MODE", "STATUS"))
+    if reply is UNREADABLE:
+        unread.append("Q104")
+    elif reply.name == "UNKNOWN":
+        refused.append(("Q104", "?Q104: the control answered UNKNOWN"))
+    elif reply.name == "MODE":  # not "STATUS, BUSY": then the mode stays as it was
+        written = _mode_key(reply.fields[1])
+        mode = config.modes.get(written) or MODES.get(written)
+        if mode is None:
+            problems.append(("Q104", f"Q104: mode {reply.fields[1]!r} is not known", str(reply)))
 
-    macros_unread = session.plain_macros - plain_before > plain_asked
-    if macros_unread:
-        # More "MACRO, <value>" replies than we asked for: the other client read macros in the
-        # meantime, and which value is ours cannot be told. Read again next poll.
-        log.debug("%s: macro replies of another client during the poll; read again", config.host)
+    if poll.foreign_unowned():
+        # The other client's MACRO, STATUS or UNKNOWN came while we asked: which macro value,
+        # and which UNKNOWN, is ours cannot be told. Read again next poll.
+        log.debug(
+            "%s: the other client's replies came between ours; macro values not used this poll",
+            config.source(),
+        )
+        unread += [f"macro #{variable}" for variable, _ in config.macros()]
+        unread += [item for item, _ in refused]
+        refused = []
     else:
         counts = macro_counts + counts
         problems = macro_problems + problems
-    for what, junk in session.replies.take_junk():
-        problems.append(("stream", what, repr(junk)))
+    junk = session.replies.take_junk()
+    if junk is not None:
+        log.debug("%s: %s (%s)", config.source(), JUNK, junk)
+        problems.append(("stream", JUNK, junk))
     return _Reading(
         execution,
         status,
@@ -467,7 +585,9 @@ async def _read(session: _Session, config: HaasConfig) -> _Reading:
         mode,
         tuple(counts),
         tuple(problems),
-        macros_unread,
+        tuple(refused),
+        tuple(unread),
+        poll.other_traffic(),
     )
 
 
@@ -490,17 +610,20 @@ class _Machine:
 
     observer: MachineObserver
     polled: bool = False  # the first poll of the run published the whole state
-    problems: dict[str, str] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # item -> what, as reported
+    refusals: dict[str, int] = field(default_factory=dict)  # item -> polls in a row UNKNOWN
     last: _Reading | None = None
     last_at: datetime | None = None
 
     def repeats(self, reading: _Reading, at: datetime) -> bool:
         """Whether ``reading`` is the last poll's again, later: it has nothing new. (A poll
-        earlier than the last, the host's clock set back, goes through the whole rule.)"""
+        earlier than the last, the host's clock set back, goes through the whole rule; so
+        does one with an UNKNOWN, which counts the polls it lasts.)"""
         last_at = self.last_at
         return (
             self.polled
             and reading == self.last
+            and not reading.refused
             and last_at is not None
             and at >= last_at
             and not self.observer.connection_down
@@ -537,7 +660,7 @@ class HaasAdapter:
                     next_poll += self.config.poll_s
                     if next_poll < loop.time():
                         next_poll = loop.time()  # a slow control: do not burst to catch up
-                    if await _stopped(stop, next_poll - loop.time()):
+                    if await stopped(stop, next_poll - loop.time()):
                         return
             except HaasLost as exc:
                 machine = await self._lost(machine, publisher, str(exc), backoff)
@@ -548,8 +671,8 @@ class HaasAdapter:
                 machine = await self._lost(machine, publisher, reason, backoff)
             finally:
                 if session is not None:
-                    session.close()
-            if await _stopped(stop, backoff):
+                    await session.close()
+            if await stopped(stop, backoff):
                 return
             backoff = min(backoff * 2, self.config.reconnect_max_s)
 
@@ -561,7 +684,7 @@ class HaasAdapter:
             at = datetime.now(UTC)
             reading = await _read(session, self.config)
         finally:
-            session.close()
+            await session.close()
         return self._changes(self._new_machine(), reading, at)
 
     async def _connect(self) -> _Session:
@@ -569,20 +692,16 @@ class HaasAdapter:
         session = await _Session.open(self.config)
         try:
             reply = await session.ask("?Q100", _is("SERIAL NUMBER"))
-        except _Refused:
-            serial = None
+            serial = None if reply.name in UNANSWERED else reply.fields[1]
+            expected = self.config.serial_number
+            if expected is not None and serial != expected:
+                raise HaasLost(
+                    f"the control answers serial number {serial!r}, not {expected!r}: "
+                    "another machine at this address?"
+                )
         except BaseException:
-            session.close()
+            await session.close()
             raise
-        else:
-            serial = reply.fields[1]
-        expected = self.config.serial_number
-        if expected is not None and serial != expected:
-            session.close()
-            raise HaasLost(
-                f"the control answers serial number {serial!r}, not {expected!r}: "
-                "another machine at this address?"
-            )
         self.serial_number = serial
         log.info(
             "%s %s: connected to the control with serial number %s",
@@ -599,16 +718,18 @@ class HaasAdapter:
         reading = await _read(session, self.config)
         if machine.repeats(reading, at):
             return machine  # the same as last poll: nothing to publish
-        before = copy.deepcopy(machine)
-        events = self._changes(machine, reading, at)
-        return await self._publish(publisher, events, before, machine)
+        # Decided on a copy: should anything fail on the way, ``machine`` is still what was
+        # published, and the next poll finds the same changes again.
+        new = copy.deepcopy(machine)
+        events = self._changes(new, reading, at)
+        return await publish_or_keep(publisher, events, machine, new, log)
 
     async def _lost(
         self, machine: _Machine, publisher: EventPublisher, reason: str, retry_in: float
     ) -> _Machine:
-        before = copy.deepcopy(machine)
         config = self.config
-        events = machine.observer.lost(f"Haas MDC {config.host}:{config.port}: {reason}")
+        new = copy.deepcopy(machine)
+        events = new.observer.lost(f"Haas MDC {config.host}:{config.port}: {reason}")
         if not events:
             log.debug("%s %s: still no answer (%s)", self.events.source, config.machine_id, reason)
             return machine
@@ -620,30 +741,18 @@ class HaasAdapter:
             retry_in,
             config.reconnect_max_s,
         )
-        machine.last = None  # the next answer is published against what was published
-        return await self._publish(publisher, events, before, machine)
-
-    async def _publish(
-        self, publisher: EventPublisher, events: list[CloudEvent], old: _Machine, new: _Machine
-    ) -> _Machine:
-        """The new state once its events are published; the old one if publishing failed, so
-        the next poll finds the same changes again."""
-        if not events:
-            return new
-        try:
-            await publisher.publish_many(events)
-        except Exception:
-            log.exception(
-                "%s %s: publishing %d events failed; retrying with the next poll",
-                self.events.source,
-                self.config.machine_id,
-                len(events),
-            )
-            return old
-        return new
+        # What the control shows once back is read anew: the execution, mode and program from
+        # before the loss are not carried into the first event after it (a program BUSY hides
+        # then is not known, and is left out rather than made up).
+        observer = new.observer
+        observer.execution = observer.mode = observer.program = None
+        new.last = None
+        new.refusals = {}
+        return await publish_or_keep(publisher, events, machine, new, log)
 
     def _changes(self, machine: _Machine, reading: _Reading, at: datetime) -> list[CloudEvent]:
-        """The events that take the hub from what ``machine`` published to ``reading``."""
+        """The events that take the hub from what ``machine`` published to ``reading``
+        (``machine`` is updated to match)."""
         observer = machine.observer
         stamp = at.isoformat()
         events = observer.value("availability", "Q500", "AVAILABLE", at, f"available|{stamp}")
@@ -651,8 +760,17 @@ class HaasAdapter:
             # A fresh run knows every condition of the machine: clear what an earlier run left.
             events.append(self.events.condition("normal", at, f"conditions|{stamp}|reset"))
             machine.polled = True
+        if reading.execution is not None or (
+            reading.mode is not None and observer.execution is not None
+        ):
+            events += observer.polled(
+                reading.execution,
+                reading.mode,
+                reading.program,
+                at,
+                program_read=reading.program_shown,
+            )
         if reading.execution is not None:
-            events += self._execution(observer, reading, at)
             if reading.status == "ALARM ON":
                 text = "the control reports ALARM ON (Q500); the alarm is on its ALARMS screen"
                 uid = f"alarm|{stamp}|on"
@@ -660,8 +778,6 @@ class HaasAdapter:
             else:
                 uid = f"alarm|{stamp}|off"
                 events += observer.condition("alarm", "NORMAL", ALARM_CODE, None, at, uid)
-        elif reading.mode is not None and observer.execution is not None:
-            events += self._execution(observer, reading, at)
         for kind, count in reading.counts:
             meaning: Meaning = "bad_part_count" if kind == "bad" else "part_count"
             uid = f"count:{kind}|{stamp}|{count}"
@@ -670,53 +786,31 @@ class HaasAdapter:
         machine.last, machine.last_at = reading, at
         return events
 
-    def _execution(
-        self, observer: MachineObserver, reading: _Reading, at: datetime
-    ) -> list[CloudEvent]:
-        """One execution event with mode and program when any of them changed. What the poll
-        did not read (the program while BUSY, a mode the control did not answer) stays as
-        last published: never a made-up change."""
-        read = {
-            "execution": reading.execution or observer.execution,
-            "mode": reading.mode or observer.mode,
-            "program": reading.program if reading.program_shown else observer.program,
-        }
-        if all(observer.published(item).repeats(value, at) for item, value in read.items()):
-            return []
-        for item, value in read.items():
-            observer.published(item).add(value, at)
-            setattr(observer, item, value)
-        uid = f"execution|{at.isoformat()}|{read['execution']}|{read['mode']}|{read['program']}"
-        execution = read["execution"] or "UNAVAILABLE"
-        return [self.events.execution(execution, at, uid, read["mode"], read["program"])]
-
     def _problem_changes(
         self, machine: _Machine, reading: _Reading, at: datetime
     ) -> list[CloudEvent]:
-        """Each problem once while it lasts; a ``normal`` when none is left."""
-        events = []
-        problems = {item: what for item, what, _ in reading.problems}
-        if reading.macros_unread:
-            # Not read this poll: a macro reported wrong stays so until a poll reads it.
-            problems |= {i: w for i, w in machine.problems.items() if i.startswith("macro #")}
-        for item, what, raw in reading.problems:
-            if machine.problems.get(item) == what:
-                continue  # reported already: a reply stuck wrong is reported once
-            key = f"{item}|{at.isoformat()}|{what}"
-            event = report_bad_input(log, self.events, what, raw, key)
-            # Stamped when made; the warning belongs to the poll that saw the reply.
-            events.append(event.model_copy(update={"time": at}))
-        if machine.problems and not problems:
-            key = f"bad-input-cleared|{at.isoformat()}"
-            events.append(self.events.condition("normal", at, key, native_code=BAD_INPUT_CODE))
-        machine.problems = problems
+        """This poll's wrong answers, each reported once while it lasts. An UNKNOWN is
+        reported when no other client asked during the poll (it is ours), else once it
+        repeated over ``REFUSALS_TO_REPORT`` polls; an item not read this poll keeps what was
+        reported for it, neither reported again nor cleared."""
+        problems = list(reading.problems)
+        unread = set(reading.unread)
+        refusals: dict[str, int] = {}
+        for item, what in reading.refused:
+            refusals[item] = machine.refusals.get(item, 0) + 1
+            if not reading.other_traffic or refusals[item] >= REFUSALS_TO_REPORT:
+                problems.append((item, what, "UNKNOWN"))
+            else:
+                unread.add(item)  # maybe the other client's UNKNOWN: wait whether it repeats
+        for item in reading.unread:
+            if item in machine.refusals:
+                refusals[item] = machine.refusals[item]
+        machine.refusals = refusals
+        read = {item for item, _, _ in problems}
+        problems += [
+            (item, what, what)
+            for item, what in machine.problems.items()
+            if item in unread and item not in read
+        ]
+        events, machine.problems = problem_changes(log, self.events, machine.problems, problems, at)
         return events
-
-
-async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` or until ``stop`` is set; whether it is."""
-    if seconds > 0:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await stop.wait()
-    return stop.is_set()

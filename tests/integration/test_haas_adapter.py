@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapter
 from adapters.machines.config import AdapterConfigError, load_adapters
-from adapters.machines.haas import HaasAdapter, HaasConfig, ReplyReader
+from adapters.machines.haas import JUNK, HaasAdapter, HaasConfig, ReplyReader
 from hub.ports import InMemoryPublisher
 from tests.conftest import eventually
 from tests.haas_peer import HaasPeer
@@ -264,6 +264,9 @@ class OtherClient:
 
 @pytest.mark.parametrize("numbered", [False, True], ids=["MACRO-value", "MACRO-n-value"])
 async def test_a_second_client_changes_nothing_we_publish(peer: HaasPeer, numbered: bool) -> None:
+    # A real second client, asking all the time: where its replies fall among ours is up to
+    # chance, so this checks only the outcome, whatever the interleaving (the tests above force
+    # each interleaving with the peer's knobs and check the adapter saw it).
     # The other client reads #100 (777), #5021 (-12.5) and #3901 too; its replies reach us.
     peer.set(numbered_macros=numbered)
     peer.macro(100, 777)
@@ -324,6 +327,112 @@ async def test_a_bad_macro_is_one_warning_also_while_the_other_client_reads_macr
             },
         ),
         ("partcount", {"count": 381, "kind": "all"}),
+        ("condition", {"level": "normal", "native_code": BAD_INPUT_CODE}),
+    ]
+
+
+@pytest.mark.parametrize("ours", ["MACRO, 380.000000", "UNKNOWN", "STATUS, BUSY"])
+async def test_the_other_clients_macro_is_never_taken_for_ours(
+    peer: HaasPeer, ours: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Forced interleaving: the other client's ?Q600 100 (MACRO, 777) is answered just before
+    # our ?Q600 3901, whose own answer is a MACRO, an UNKNOWN or STATUS, BUSY. Which of the
+    # two replies is ours cannot be told: no count and no UNKNOWN from those polls.
+    caplog.set_level(logging.DEBUG, logger="adapters.machines.haas")
+    peer.macro(100, 777)
+    peer.set(interleave={"?Q600 3901": "?Q600 100"}, replies={"?Q600 3901": ours})
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 3)
+    await polls(peer, 10)
+    assert facts(publisher) == [*INITIAL[:3]]
+    assert "macro values not used this poll" in caplog.text
+    # The other client stops reading macros: our own answer is read, as it is.
+    peer.set(interleave={})
+    if ours == "UNKNOWN":
+        await settle(publisher, peer, 4)
+        assert facts(publisher)[3][1]["message"] == "?Q600 3901: the control answered UNKNOWN"
+    peer.set(replies={})
+    await settle(publisher, peer, 6 if ours == "UNKNOWN" else 4)  # (and the warning cleared)
+    await running.finish()
+    assert of_kind(publisher, "partcount") == [{"count": 380, "kind": "all"}]
+
+
+async def test_the_other_clients_replies_between_ours_change_nothing(
+    peer: HaasPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Forced interleaving: before each of our queries the control answers one of the other
+    # client's (its Q500, its model, its mode). None of them can be taken for a macro value,
+    # except its Q500 while BUSY (STATUS, BUSY): then macro counts wait for the cycle's end.
+    caplog.set_level(logging.DEBUG, logger="adapters.machines.haas")
+    peer.set(interleave={"?Q600 3901": "?Q500", "?Q500": "?Q102", "?Q104": "?Q104"})
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    assert facts(publisher) == INITIAL
+    assert "macro values not used" not in caplog.text
+    peer.set(status="BUSY")
+    await settle(publisher, peer, 5)
+    peer.macro(3901, 381)  # counted during the cycle: not readable while the other asks Q500
+    await polls(peer, 5)
+    assert len(publisher.published) == 5
+    assert "macro values not used this poll" in caplog.text
+    peer.set(status="IDLE", program="O00013")
+    await settle(publisher, peer, 7)
+    peer.set(mode="JOG")
+    await settle(publisher, peer, 8)
+    await running.finish()
+    assert facts(publisher)[4:] == [
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"}),
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00013"}),
+        ("partcount", {"count": 381, "kind": "all"}),
+        ("execution", {"execution": "READY", "mode": "MANUAL", "program": "O00013"}),
+    ]
+
+
+async def test_a_slow_control_answering_the_other_clients_unknown_first_is_no_refusal(
+    peer: HaasPeer,
+) -> None:
+    # 0.55 s per answer, one at a time: the other client's unknown query, sent just before
+    # ours, is answered UNKNOWN 0.55 s before our answer comes. Not a refusal: the adapter
+    # waits a few round trips for its own answer (at connect, the whole timeout), so the
+    # serial number checks and the execution is published. (The count is not: an UNKNOWN
+    # came that could have answered our macro query; it waits for a poll without one.)
+    peer.set(delay_s=0.55, interleave={"?Q100": "?Q999", "?Q500": "?Q999"})
+    adapter = HaasAdapter(config(peer, timeout_s=3.0, serial_number="1234567"))
+    events = await adapter.check()
+    assert [(e.type.split(".")[2], e.data) for e in events] == INITIAL[:3]
+
+
+async def test_an_unknown_while_the_other_client_asks_is_reported_once_it_repeats(
+    peer: HaasPeer,
+) -> None:
+    # Our ?Q104 is really answered UNKNOWN, and the other client's model query comes in
+    # between: the UNKNOWN might be the other client's, so one poll reports nothing…
+    peer.set(replies={"?Q104": "UNKNOWN"}, interleave={"?Q104": "?Q102"})
+    events = await HaasAdapter(config(peer)).check()
+    assert [(e.type.split(".")[2], e.data) for e in events] == [
+        *INITIAL[:2],
+        ("execution", {"execution": "READY", "program": "O00012"}),  # the mode is not known
+        INITIAL[3],
+    ]
+    # …and polls in a row answering UNKNOWN report it, once.
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 5)
+    peer.set(replies={})
+    await settle(publisher, peer, 7)
+    await running.finish()
+    assert facts(publisher)[4:] == [
+        (
+            "condition",
+            {
+                "level": "warning",
+                "native_code": BAD_INPUT_CODE,
+                "message": "?Q104: the control answered UNKNOWN",
+            },
+        ),
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00012"}),
         ("condition", {"level": "normal", "native_code": BAD_INPUT_CODE}),
     ]
 
@@ -389,22 +498,27 @@ async def test_a_dropped_connection_is_unavailable_once_then_back(
     assert lost[1]["message"].startswith(f"Haas MDC 127.0.0.1:{peer.port}: ")
     peer.set(status="BUSY")  # the machine went on meanwhile
     peer.macro(3901, 385)
+    peer.set(program="O00020")  # …and may have started another program: BUSY hides which
     await peer.start(peer.port)
     await settle(publisher, peer, 10)
     await peer.drop()  # the control's network restarts; it takes connections again at once
-    await eventually(lambda: len(publisher.published) >= 14)
+    await settle(publisher, peer, 14)
+    peer.set(status="IDLE")
+    await settle(publisher, peer, 15)
     await running.finish()
     lost_again = of_kind(publisher, "condition")[-2]
     assert lost_again["level"] == "unavailable" and lost_again["native_code"] == CONNECTION_CODE
     assert facts(publisher)[6:] == [
         ("availability", {"availability": "AVAILABLE"}),
         ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
-        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC", "program": "O00012"}),
+        # The program before the loss is not carried over it: no program until Q500 shows one.
+        ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC"}),
         ("partcount", {"count": 385, "kind": "all"}),
         ("availability", {"availability": "UNAVAILABLE"}),
         ("condition", lost_again),
         ("availability", {"availability": "AVAILABLE"}),
         ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+        ("execution", {"execution": "READY", "mode": "AUTOMATIC", "program": "O00020"}),
     ]
     assert any("control not answering" in r.getMessage() for r in caplog.records)
 
@@ -456,12 +570,11 @@ async def test_garbage_is_a_warning_once_and_the_adapter_goes_on(
     peer.garbage()
     await eventually(lambda: len(publisher.published) == 6)
     warning, cleared = of_kind(publisher, "condition")[-2:]
-    assert warning == {
-        "level": "warning",
-        "native_code": BAD_INPUT_CODE,
-        "message": "the control sent bytes outside any reply (9 bytes)",
-    }
+    assert warning == {"level": "warning", "native_code": BAD_INPUT_CODE, "message": JUNK}
     assert cleared == {"level": "normal", "native_code": BAD_INPUT_CODE}
+    assert (
+        "1 piece, 9 bytes: bytes outside any reply: b'" in caplog.text and "#@!junk" in caplog.text
+    )
     # A reply cut short by the next one (which is read): not taken for the reply it began.
     peer.garbage(b"\x02PROGRAM, O1\x02SERIAL NUMBER, 1\x17\r\n>")
     await eventually(lambda: len(of_kind(publisher, "condition")) == 5)
@@ -469,10 +582,45 @@ async def test_garbage_is_a_warning_once_and_the_adapter_goes_on(
     await settle(publisher, peer, 9)
     await running.finish()
     warning, cleared = of_kind(publisher, "condition")[3:]
-    assert warning["message"] == "the control sent a reply without its end (ETB) (12 bytes)"
+    assert warning["message"] == JUNK
     assert cleared == {"level": "normal", "native_code": BAD_INPUT_CODE}
+    assert "a reply without its end (ETB): b'" in caplog.text and "PROGRAM, O1'" in caplog.text
     assert facts(publisher)[-1][1]["execution"] == "ACTIVE"
-    assert "bytes outside any reply" in caplog.text and "junk" in caplog.text
+
+
+async def test_junk_is_one_warning_while_it_lasts(
+    peer: HaasPeer, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    # Five junk lines of different lengths at once: one warning, the pieces in the log.
+    lines = [b"#" * n + b"\r\n" for n in (1, 5, 12, 40, 300)]
+    peer.garbage(b"".join(lines))
+    await settle(publisher, peer, 6)
+    assert "5 pieces, 358 bytes: bytes outside any reply: b'#'; " in caplog.text
+    # Junk before every reply, a different length each time, poll after poll: still one.
+    peer.set(noise=[b"\x00" * n + b"\r\n" for n in (3, 7, 11, 13)])
+    await settle(publisher, peer, 7)
+    await polls(peer, 10)
+    peer.set(noise=[])
+    await settle(publisher, peer, 8)
+    await running.finish()
+    assert facts(publisher)[4:] == [
+        ("condition", {"level": "warning", "native_code": BAD_INPUT_CODE, "message": JUNK}),
+        ("condition", {"level": "normal", "native_code": BAD_INPUT_CODE}),
+        ("condition", {"level": "warning", "native_code": BAD_INPUT_CODE, "message": JUNK}),
+        ("condition", {"level": "normal", "native_code": BAD_INPUT_CODE}),
+    ]
+
+
+def test_junk_between_polls_is_counted_not_kept() -> None:
+    reader = ReplyReader()
+    reader.feed(b"".join(b"junk %d\r\n" % n for n in range(10_000)) + b"\x02MODE, MEM\x17")
+    assert len(reader.junk_samples) == 3 and reader.junk_pieces == 10_000
+    summary = reader.take_junk()
+    assert summary is not None and summary.startswith("10000 pieces, 88890 bytes: ")
+    assert summary.endswith(" …") and reader.take_junk() is None
 
 
 @pytest.mark.parametrize(
@@ -484,6 +632,7 @@ async def test_garbage_is_a_warning_once_and_the_adapter_goes_on(
         ({"macros": {3901: -1}}, "macro #3901 is '-1.000000': a part counter must be a "),
         ({"replies": {"?Q500": "PROGRAM, O1, IDLE"}}, "Q500: expected 'PROGRAM, <program>, "),
         ({"replies": {"?Q600 3901": "UNKNOWN"}}, "?Q600 3901: the control answered UNKNOWN"),
+        ({"replies": {"?Q104": "MODE, MÉM"}}, JUNK),  # not ASCII: no reply the control sends
     ],
 )
 async def test_a_bad_reply_is_one_warning_and_nothing_else_changes(
@@ -548,6 +697,62 @@ async def test_a_failed_publish_is_retried_with_the_next_poll(peer: HaasPeer) ->
     assert facts(publisher)[-1][1]["execution"] == "ACTIVE"
 
 
+async def test_a_failure_while_deciding_loses_no_change(
+    peer: HaasPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Something fails after the poll's execution was taken in, before anything is published:
+    # the session starts over, and the change is published then, not taken as published.
+    original = HaasAdapter._problem_changes
+    failures: list[str] = []
+
+    def failing_once(self: HaasAdapter, machine: Any, reading: Any, at: Any) -> Any:
+        if reading.execution == "ACTIVE" and not failures:
+            failures.append("failed")
+            raise RuntimeError("a bug")
+        return original(self, machine, reading, at)
+
+    monkeypatch.setattr(HaasAdapter, "_problem_changes", failing_once)
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(peer)), publisher)
+    await settle(publisher, peer, 4)
+    peer.set(status="BUSY")
+    await settle(publisher, peer, 9)
+    await running.finish()
+    assert failures
+    unavailable, lost, available, back, active = facts(publisher)[4:]
+    assert lost[1]["message"].endswith("session failed (RuntimeError)")
+    assert (unavailable, available, back) == (
+        ("availability", {"availability": "UNAVAILABLE"}),
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
+    )
+    assert active == ("execution", {"execution": "ACTIVE", "mode": "AUTOMATIC"})
+
+
+async def test_a_failure_while_receiving_is_a_loss_at_once_and_the_adapter_recovers(
+    peer: HaasPeer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = ReplyReader.feed
+
+    def feed(self: ReplyReader, data: bytes) -> Any:
+        if b"BOOM" in data:
+            raise RuntimeError("a bug")
+        return original(self, data)
+
+    monkeypatch.setattr(ReplyReader, "feed", feed)
+    publisher = InMemoryPublisher()
+    # A timeout far beyond the test: the loss must come from the failure, not from waiting.
+    running = Running(HaasAdapter(config(peer, timeout_s=60, poll_s=0.05)), publisher)
+    await settle(publisher, peer, 4)
+    peer.garbage(b"BOOM\r\n")
+    await settle(publisher, peer, 8)
+    await running.finish()
+    lost = facts(publisher)[5][1]
+    assert lost["message"].endswith("reading from the control failed (RuntimeError)")
+    assert [kind for kind, _ in facts(publisher)[4:]] == ["availability", "condition"] * 2
+    assert "reading from the control failed" in caplog.text and "a bug" in caplog.text
+
+
 async def test_check_returns_the_state_without_publishing(peer: HaasPeer) -> None:
     adapter = HaasAdapter(config(peer, modes={"(setup)": "MANUAL"}))
     peer.set(mode="SETUP")
@@ -584,7 +789,7 @@ def test_replies_split_across_reads_and_both_busy_spellings() -> None:
     stream = b"\x02STATUS, BUSY\x17\r\n>\x02STATUS BUSY\x17\r\n>>MODE, MEM\r\n>"
     replies = [r for byte in stream for r in reader.feed(bytes([byte]))]
     assert [r.fields for r in replies] == [("STATUS", "BUSY")] * 2 + [("MODE", "MEM")]
-    assert reader.take_junk() == []
+    assert reader.take_junk() is None
 
 
 @pytest.mark.parametrize(
@@ -611,6 +816,26 @@ def test_the_config_file_error_names_file_key_and_reason(
 def test_the_bad_part_macro_must_differ_from_the_part_counter() -> None:
     with pytest.raises(ValidationError, match="bad_part_macro #3901 is the part counter macro"):
         HaasConfig(machine_id="M1", host="haas", bad_part_macro=3901)
+
+
+def test_a_counter_macro_that_would_not_be_read_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "mes-hub.toml"
+    path.write_text(
+        '[[adapters.haas]]\nmachine_id = "VF2-1"\nhost = "haas"\n'
+        'part_count_source = "q500"\npart_counter_macro = 3905\n'
+    )
+    with pytest.raises(AdapterConfigError) as caught:
+        load_adapters(path)
+    text = str(caught.value)
+    assert str(path) in text and "'adapters.haas.0'" in text
+    assert 'part_counter_macro #3905 is not read with part_count_source = "q500"' in text
+    # Without part_counter_macro, "q500" reads Q500's PARTS (and no macro).
+    assert HaasConfig(machine_id="M1", host="haas", part_count_source="q500").macros() == []
+
+
+def test_an_empty_host_is_an_error() -> None:
+    with pytest.raises(ValidationError, match="host"):
+        HaasConfig(machine_id="M1", host="")
 
 
 def test_the_documented_example_is_valid(tmp_path: Path) -> None:
