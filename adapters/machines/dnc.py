@@ -46,6 +46,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from adapters.machines.base import MachineEvents
 from adapters.machines.serial_line import (
     DncOptions,
@@ -54,7 +56,7 @@ from adapters.machines.serial_line import (
     SerialConfig,
     open_port,
 )
-from contracts import CloudEvent, validate_envelope
+from contracts import CloudEvent, ContractViolation, Token, validate_envelope
 
 if TYPE_CHECKING:
     import serial  # type: ignore[import-untyped]
@@ -68,6 +70,7 @@ END_OF_BLOCK = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 PROGRESS_EVERY_S = 0.1
 JOURNAL_EVERY_BYTES = 1024  # the journal's position lags the port by less than this
 PACE = 0.95  # of the line's nominal rate: a UART clock a little slow still keeps up
+STALE_TMP_S = 60.0  # a journal being built (".*.tmp") unlocked for this long: its sender died
 _BLANK = b" \t\r\x00"
 # The program's name as the control knows it: O1234 (ISO/Fanuc), :1234, or <NAME> (Fanuc 30i).
 _PROGRAM_NAME = re.compile(rb"^\s*(O\d{1,8}|:\d{1,8}|<[^>\r\n]{1,64}>)", re.IGNORECASE)
@@ -95,6 +98,11 @@ class NcProgram:
         everything is sent)."""
         return min(self.data.count(self.end, 0, offset) + 1, self.blocks)
 
+    @property
+    def file_text(self) -> str:
+        """The file's name as text to print and record (bytes that are not UTF-8 as ``\\xNN``)."""
+        return _text(self.file)
+
     @cached_property  # a drip-fed program can be hundreds of megabytes: counted once
     def blocks(self) -> int:
         return self.data.rstrip(b"\r\n").count(self.end) + 1
@@ -111,7 +119,7 @@ def read_program(path: Path, end_of_block: str = "as-is", bytesize: int = 8) -> 
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ProgramRefused(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise ProgramRefused(f"{_text(str(path))}: cannot read ({exc.strerror or exc})") from None
     lines = raw.splitlines()
     # Blanks and tape leader/trailer NULs around a '%' are no content.
     marks = [i for i, line in enumerate(lines) if line.strip(_BLANK) == b"%"]
@@ -119,8 +127,8 @@ def read_program(path: Path, end_of_block: str = "as-is", bytesize: int = 8) -> 
     if not filled or len(marks) != 2 or (marks[0], marks[1]) != (filled[0], filled[-1]):
         found = {0: "no '%' line", 1: "one '%' line"}.get(len(marks), f"{len(marks)} '%' lines")
         raise ProgramRefused(
-            f"{path}: not one program between '%' lines ({found}); a drip feed sends a file "
-            "that starts with a '%' line and ends with one, nothing added"
+            f"{_text(str(path))}: not one program between '%' lines ({found}); a drip feed "
+            "sends a file that starts with a '%' line and ends with one, nothing added"
         )
     _check_bytes(path, raw, bytesize)
     data = raw
@@ -130,7 +138,7 @@ def read_program(path: Path, end_of_block: str = "as-is", bytesize: int = 8) -> 
     after = lines[marks[0] + 1] if marks[0] + 1 < len(lines) else b""
     found_name = _PROGRAM_NAME.match(after)
     name = found_name.group(1).decode("ascii", "replace") if found_name else path.stem
-    return NcProgram(str(path), name or path.name, data, hashlib.sha256(raw).hexdigest())
+    return NcProgram(str(path), _text(name or path.name), data, hashlib.sha256(raw).hexdigest())
 
 
 def _check_bytes(path: Path, raw: bytes, bytesize: int) -> None:
@@ -148,7 +156,7 @@ def _check_bytes(path: Path, raw: bytes, bytesize: int) -> None:
         byte = raw[offset]
         name = _CONTROL_NAMES.get(byte, "a control character")
         raise ProgramRefused(
-            f"{path}: byte 0x{byte:02X} ({name}) at offset {offset} (line "
+            f"{_text(str(path))}: byte 0x{byte:02X} ({name}) at offset {offset} (line "
             f"{line(offset)}): inside a program only TAB, CR and LF are "
             "sent as control characters (DC1-DC4 are flow control on the line)"
         )
@@ -156,7 +164,7 @@ def _check_bytes(path: Path, raw: bytes, bytesize: int) -> None:
     wide = next((i for i, b in enumerate(raw) if b > widest), None) if max(raw) > widest else None
     if wide is not None:
         raise ProgramRefused(
-            f"{path}: byte 0x{raw[wide]:02X} at offset {wide} (line "
+            f"{_text(str(path))}: byte 0x{raw[wide]:02X} at offset {wide} (line "
             f"{line(wide)}) does not fit the port's {bytesize} data bits: "
             "it would arrive cut (use bytesize = 8, or remove it)"
         )
@@ -180,6 +188,10 @@ class SendResult:
     message: str | None
     block: int
     pauses: int  # how many times the control said XOFF
+
+
+class JournalUnwritable(Exception):
+    """The send journal cannot be written: nothing must be sent (it would not be recorded)."""
 
 
 class _PortFailed(Exception):
@@ -207,33 +219,40 @@ class SendJournal:
         self._fd = -1
         self._offset = 0
         self._failed = False
+        self.holds_record = False  # ``finish`` wrote the record: the next command can store it
 
     def begin(self, started_at: datetime) -> None:
-        """Write the journal (``OSError`` if it cannot be: then nothing must be sent)."""
+        """Write the journal (``JournalUnwritable`` if it cannot be: then nothing must be sent)."""
         config, program = self.config, self.program
         header = {
             "machine_id": config.machine_id,
             "source": config.source(),
             "data": _record_data(config, program, self.sent_by, started_at),
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
         stamp = started_at.strftime("%Y%m%dT%H%M%S%f")
         name = f"{config.machine_id}.{stamp}.{os.getpid()}"
         building = self.directory / f".{name}.tmp"
-        fd = os.open(building, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(building, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise JournalUnwritable(f"{building}: {exc.strerror or exc}") from None
         try:
             # Locked before it has its name: a reader never sees an unlocked half journal.
             fcntl.flock(fd, fcntl.LOCK_EX)
             first = json.dumps(header).encode() + b"\n"
             os.write(fd, first + _position_line(0, 0))
             os.fsync(fd)
-            self.path = self.directory / f"{name}.journal"
-            os.replace(building, self.path)
-        except BaseException:
+            path = self.directory / f"{name}.journal"
+            os.replace(building, path)
+            _sync_directory(self.directory)  # the new name survives a power cut too
+        except BaseException as exc:
             os.close(fd)
             building.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise JournalUnwritable(f"{building}: {exc.strerror or exc}") from None
             raise
-        self._fd, self._offset = fd, len(first)
+        self.path, self._fd, self._offset = path, fd, len(first)
 
     def advance(self, sent: int, elapsed_s: float) -> None:
         """The program bytes that have surely gone out, ``elapsed_s`` after the start."""
@@ -256,6 +275,8 @@ class SendJournal:
             os.fsync(self._fd)
         except OSError as exc:
             log.warning("the send journal %s cannot take the record: %s", self.path, exc)
+        else:
+            self.holds_record = True
 
     def end(self) -> None:
         """The send's record is stored: the journal goes."""
@@ -265,6 +286,31 @@ class SendJournal:
             self.path.unlink(missing_ok=True)
         os.close(self._fd)  # the lock goes with it
         self._fd = -1
+
+    def set_aside(self) -> Path | None:
+        """The send's record cannot be made (the contract refuses it): the journal is kept as
+        ``.unreadable`` for a person to read, and reported by every ``mes-hub dnc flush``."""
+        if self._fd < 0 or self.path is None:
+            return None
+        kept = self.path.with_suffix(".unreadable")
+        try:
+            os.replace(self.path, kept)
+            _sync_directory(self.directory)
+        except OSError as exc:
+            log.error("the send journal %s cannot be set aside: %s", self.path, exc)
+            kept = self.path
+        os.close(self._fd)
+        self._fd = -1
+        return kept
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the entry, not only the file's bytes)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _position_line(sent: int, elapsed_s: float) -> bytes:
@@ -280,9 +326,12 @@ class LeftoverSend:
     journal: Path
 
 
-def leftover_sends(directory: Path) -> Iterator[LeftoverSend]:
+def leftover_sends(directory: Path, held: list[Path] | None = None) -> Iterator[LeftoverSend]:
     """The sends in ``directory`` whose sender is gone, each while its journal is held: remove
-    ``journal`` once the record is stored (else the next command finds it again)."""
+    ``journal`` once the record is stored (else the next command finds it again). The journals
+    another process holds (a send in progress, or another command recording it) are appended
+    to ``held``. Journals that were never finished being built are removed."""
+    _remove_stale_tmp(directory)
     for path in sorted(directory.glob("*.journal")):
         try:
             fd = os.open(path, os.O_RDWR)
@@ -292,7 +341,9 @@ def leftover_sends(directory: Path) -> Iterator[LeftoverSend]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue  # its sender is still sending
+                if held is not None:
+                    held.append(path)
+                continue
             if os.fstat(fd).st_nlink == 0:
                 continue  # ended and removed while we waited for the lock
             try:
@@ -302,17 +353,51 @@ def leftover_sends(directory: Path) -> Iterator[LeftoverSend]:
                 log.error("the send journal %s cannot be read (%s): kept as %s", path, exc,
                           unreadable)  # fmt: skip
                 os.replace(path, unreadable)
+                _sync_directory(directory)
                 continue
             yield found
         finally:
             os.close(fd)
 
 
+def unreadable_journals(directory: Path) -> list[Path]:
+    """The journals set aside because no record could be made of them: a person must look."""
+    return sorted(directory.glob("*.unreadable"))
+
+
+def _remove_stale_tmp(directory: Path) -> None:
+    """Remove the journals whose sender died while building them (before the first byte was
+    sent: nothing to record). One still locked is being built; a young one may be about to be."""
+    for path in directory.glob(".*.tmp"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(fd).st_mtime > STALE_TMP_S:
+                path.unlink(missing_ok=True)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+
+
+_TOKEN: TypeAdapter[str] = TypeAdapter(Token)
+
+
 def _leftover(text: bytes, path: Path) -> LeftoverSend:
     first, second, third, *_ = [*text.split(b"\n"), b""]
     header = json.loads(first)
     if third.strip():  # the send ended and its record was made: that is the record
-        return LeftoverSend(header["machine_id"], CloudEvent.model_validate_json(third), path)
+        try:
+            event = CloudEvent.model_validate_json(third)
+        except ValueError as exc:  # torn by a crash while it was written: the position tells
+            log.warning("the record in the send journal %s is cut (%s): recording the send "
+                        "from its position", path, type(exc).__name__)  # fmt: skip
+        else:
+            # The subject names the buffer's folder: a token, never a path.
+            return LeftoverSend(_TOKEN.validate_python(event.subject), event, path)
     sent_text, elapsed_text = second.split()
     sent, elapsed_ms = int(sent_text), int(elapsed_text)
     data: dict[str, Any] = dict(header["data"])
@@ -326,7 +411,7 @@ def _leftover(text: bytes, path: Path) -> LeftoverSend:
     )[:1024]
     ended_at = started_at + timedelta(milliseconds=elapsed_ms)
     event = _record_event(header["machine_id"], header["source"], data, started_at, ended_at)
-    return LeftoverSend(header["machine_id"], event, path)
+    return LeftoverSend(event.subject, event, path)
 
 
 class DripFeed:
@@ -359,7 +444,7 @@ class DripFeed:
         self._cancel.set()
 
     def send(self) -> SendResult:
-        """Send the program. With a journal, ``OSError`` from writing it is raised before
+        """Send the program. With a journal, ``JournalUnwritable`` is raised before
         anything is sent."""
         options = self.options
         leader = options.leader_nuls
@@ -539,7 +624,7 @@ def _record_data(
 ) -> dict[str, Any]:
     data: dict[str, Any] = {
         "program": program.name[:256],
-        "file": program.file[:1024],
+        "file": program.file_text[:1024],
         "sha256": program.sha256,
         "size_bytes": len(program.data),
         "started_at": started_at.isoformat(),
@@ -548,6 +633,12 @@ def _record_data(
     if sent_by:
         data["sent_by"] = sent_by[:128]
     return data
+
+
+def _text(name: str) -> str:
+    """A file name as text the record can carry: bytes that are not UTF-8 (kept by Python as
+    lone surrogates, which the contract refuses) are written as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _record_event(
@@ -561,7 +652,12 @@ def _record_event(
     same send (machine, program hash, start) has the same id."""
     events = MachineEvents(machine_id, source)
     key = f"program_sent|{data['sha256']}|{started_at.isoformat()}"
-    event = events.event("mes.machine.program_sent.v1", data, ended_at, key)
+    try:
+        event = events.event("mes.machine.program_sent.v1", data, ended_at, key)
+    except ValidationError as exc:  # the envelope itself (a source too long): the same refusal
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ContractViolation(f"{where}: {error['msg']}", field=where) from None
     validate_envelope(event)
     return event
 
@@ -577,3 +673,11 @@ def program_sent_event(
         data["message"] = result.message
     return _record_event(config.machine_id, config.source(), data, result.started_at,
                          result.ended_at)  # fmt: skip
+
+
+def trial_record(config: SerialConfig, program: NcProgram, sent_by: str | None) -> CloudEvent:
+    """The record a send of ``program`` would make, checked before the port is opened: a send
+    the contract would refuse to record is not started (``ContractViolation``)."""
+    now = datetime.now(UTC)
+    result = SendResult("completed", len(program.data), now, now, None, program.blocks, 0)
+    return program_sent_event(config, program, result, sent_by)

@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from adapters.machines.dnc import SendJournal, read_program
+from adapters.machines.serial_line import SerialConfig
 from hub.bootstrap import Hub
 from tests.conftest import api_client, api_key, eventually
 from tests.e2e.test_adapter_cli import MES_HUB, mes_hub
@@ -230,3 +236,116 @@ async def test_records_made_while_nats_is_down_wait_on_disk_and_flush_delivers_t
         await eventually(lambda: _count(records(http, hub), 2))
         found = await records(http, hub)
     assert sorted(r["data"]["outcome"] for r in found) == ["cancelled", "completed"]
+
+
+def journals(config: Path) -> Path:
+    return config.parent / "adapter-data" / "adapter-buffer" / "dnc" / "journal"
+
+
+@pytest.mark.parametrize("output", ["terminal", "pipe"])
+async def test_a_send_whose_terminal_or_pipe_closed_is_cancelled_and_recorded_once(
+    hub: Hub, tmp_path: Path, output: str
+) -> None:
+    # The terminal window closes (its pty gone: writes fail with EIO, and SIGHUP comes), or the
+    # pipe the output went to closes (a pager quit): the send is cancelled, and its record is
+    # still made although nothing can be printed.
+    program_file = write_program(tmp_path / "flange.nc")
+    control = FakeControl(tmp_path / "ttyH")
+    config = dnc_config(tmp_path / "h.toml", control.link, hub.nats_url)
+    command = [*MES_HUB, "dnc", "send", "--config", str(config), "--machine", "LATHE-3",
+               str(program_file)]  # fmt: skip
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TERM": "xterm"}
+    if output == "terminal":
+        master, slave = os.openpty()
+        process = subprocess.Popen(command, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+    else:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        await eventually(lambda: len(control.received) > 2000, timeout=60)
+        if output == "terminal":
+            os.close(master)  # writing to the terminal fails from now on
+        else:
+            assert process.stdout is not None and process.stderr is not None
+            process.stdout.close()
+            process.stderr.close()
+        process.send_signal(signal.SIGHUP)
+        code = await asyncio.to_thread(process.wait, 60)
+        assert code == 130
+        assert list(journals(config).glob("*")) == []  # recorded: no journal is left
+        async with api_client(hub) as http:
+            await eventually(lambda: _count(records(http, hub), 1))
+            (record,) = await records(http, hub)
+        assert record["data"]["outcome"] == "cancelled"
+        sent = record["data"]["sent_bytes"]
+        await eventually(lambda: len(control.received) >= sent)
+        assert bytes(control.received) == program_file.read_bytes()[:sent]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        control.close()
+
+
+async def test_a_file_name_that_is_not_utf8_is_sent_and_recorded(hub: Hub, tmp_path: Path) -> None:
+    program_file = Path(os.fsdecode(bytes(tmp_path) + b"/fl\xe4nsch.nc"))  # latin-1 "flänsch"
+    write_program(program_file, blocks=20)
+    control = FakeControl(tmp_path / "ttyU")
+    try:
+        config = dnc_config(tmp_path / "u.toml", control.link, hub.nats_url)
+        code, out, err = await mes_hub(
+            "dnc", "send", "--config", str(config), "--machine", "LATHE-3", str(program_file)
+        )
+    finally:
+        control.close()
+    assert code == 0, out + err
+    assert "recorded in the hub" in out
+    async with api_client(hub) as http:
+        await eventually(lambda: _count(records(http, hub), 1))
+        (record,) = await records(http, hub)
+    # The name's byte that is not UTF-8 is written as \xNN; the program's name is the control's.
+    assert record["data"]["file"] == f"{tmp_path}/fl\\xe4nsch.nc"
+    assert record["data"]["program"] == "O1234"
+    assert record["data"]["outcome"] == "completed"
+
+
+async def test_a_send_the_contract_could_not_record_is_refused_before_the_port_opens(
+    tmp_path: Path,
+) -> None:
+    # A device path so long that the record's source ("serial://<port>") exceeds the
+    # contract's 1024 characters: the send could not be recorded, so it is not started (the
+    # port, which does not exist, is not even tried).
+    link = tmp_path / ("d" * 1100)
+    config = dnc_config(tmp_path / "r.toml", link, "nats://127.0.0.1:1")
+    program = write_program(tmp_path / "flange.nc", blocks=3)
+    code, _, err = await mes_hub(
+        "dnc", "send", "--config", str(config), "--machine", "LATHE-3", str(program)
+    )
+    err = " ".join(err.split())
+    assert code == 2, err
+    assert "refused: the send could not be recorded" in err and "cannot open" not in err
+    assert not journals(config).exists()
+
+
+async def test_two_commands_catching_up_at_once_record_a_killed_send_once(
+    hub: Hub, tmp_path: Path
+) -> None:
+    config = dnc_config(tmp_path / "t.toml", tmp_path / "ttyT", hub.nats_url)
+    entry = SerialConfig.model_validate({"machine_id": "LATHE-3", "port": str(tmp_path / "ttyT")})
+    program = read_program(write_program(tmp_path / "flange.nc"))
+    journal = SendJournal(journals(config), entry, program, "operator1")
+    journal.begin(datetime.now(UTC))
+    journal.advance(4096, 2.0)
+    os.close(journal._fd)  # the sender was killed mid-send
+    first, second = await asyncio.gather(
+        mes_hub("dnc", "flush", "--config", str(config)),
+        mes_hub("dnc", "flush", "--config", str(config)),
+    )
+    outs = " ".join(first[1].split()) + " ".join(second[1].split())
+    assert outs.count("LATHE-3: recorded a send whose sender was interrupted") == 1, outs
+    # The other command found nothing, or the journal held by the first: "may still wait".
+    assert {first[0], second[0]} <= {0, 1}
+    assert list(journals(config).glob("*")) == []
+    async with api_client(hub) as http:
+        await eventually(lambda: _count(records(http, hub), 1))
+        (record,) = await records(http, hub)
+    assert record["data"]["outcome"] == "failed" and record["data"]["sent_bytes"] == 4096

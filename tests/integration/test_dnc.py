@@ -5,15 +5,18 @@ Real pyserial, a real pty, the sender's own XON/XOFF."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import re
+import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.markup import escape
 
 from adapters.machines import dnc
 from adapters.machines.dnc import (
@@ -27,10 +30,14 @@ from adapters.machines.dnc import (
     open_port,
     program_sent_event,
     read_program,
+    trial_record,
+    unreadable_journals,
 )
 from adapters.machines.serial_line import SerialConfig, SerialLineAdapter
 from contracts import ContractViolation, validate_envelope
 from hub.bootstrap import Hub
+from hub.cli import dnc as cli_dnc
+from hub.cli.dnc import HubLink, _catch_up, _link, _record
 from hub.ports import InMemoryPublisher
 from tests.conftest import api_client, api_key, eventually
 from tests.integration.test_modbus_adapter import Running
@@ -407,3 +414,225 @@ async def test_an_error_of_the_progress_display_is_not_taken_for_the_port(
     program_file = write_program(tmp_path / "part.nc", blocks=20)
     with pytest.raises(RuntimeError, match="the display broke"):
         await asyncio.to_thread(send, control, program_file, broken)
+
+
+# ``mes-hub dnc``'s catch-up (``hub.cli.dnc._catch_up``), in this process: the records of sends
+# whose sender died, and every machine's buffer, against a real hub or none.
+
+
+def hub_link(tmp_path: Path, nats_url: str = "nats://127.0.0.1:1") -> HubLink:
+    path = tmp_path / "mes-hub.toml"
+    path.write_text(
+        f'[hub]\nnats_url = "{nats_url}"\ndata_dir = "{tmp_path / "data"}"\n\n'
+        f'[[adapters.serial]]\nmachine_id = "LATHE-3"\nport = "{tmp_path / "ttyX"}"\n'
+    )
+    return _link(path, None, None)
+
+
+def died_mid_send(link: HubLink, tmp_path: Path, record: str | None = None) -> SendJournal:
+    """A sender that wrote its journal, got 2,048 bytes out and died; with ``record`` (an
+    outcome) it died after making its record but before storing it."""
+    entry = config(tmp_path / "ttyX")
+    program = read_program(write_program(tmp_path / "part.nc"))
+    journal = SendJournal(link.journals, entry, program, "operator1")
+    started = datetime.now(UTC)
+    journal.begin(started)
+    journal.advance(2048, 1.5)
+    if record is not None:
+        result = SendResult(record, 3000, started, started + timedelta(seconds=2), "why", 9, 1)  # type: ignore[arg-type]
+        journal.finish(program_sent_event(entry, program, result, "operator1"))
+    os.close(journal._fd)  # killed: the lock goes
+    return journal
+
+
+def flat(text: str) -> str:
+    """Printed text without the line breaks Rich puts in long words and lines."""
+    return "".join(text.split())
+
+
+def catch_up(link: HubLink) -> int:
+    return _catch_up(link, timeout=5, quiet=False)
+
+
+async def test_a_journal_that_holds_its_record_is_stored_once_with_the_original_outcome(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Killed between making the record and storing it: the record is the sender's own.
+    link = hub_link(tmp_path, hub.nats_url)
+    died_mid_send(link, tmp_path, record="cancelled")
+    assert await asyncio.to_thread(catch_up, link) == 0
+    out = flat(capsys.readouterr().out)
+    assert flat("LATHE-3: recorded a send whose sender was interrupted: O1234") in out
+    assert flat("cancelled at 3,000 of") in out
+    assert list(link.journals.iterdir()) == []
+    assert await asyncio.to_thread(catch_up, link) == 0  # nothing left to record
+    assert flat("nothing waits") in flat(capsys.readouterr().out)
+    async with api_client(hub) as http:
+        await eventually(lambda: _nonempty(audit(http, hub)))
+        (stored,) = await audit(http, hub)
+    assert stored["data"]["outcome"] == "cancelled" and stored["data"]["sent_bytes"] == 3000
+
+
+async def audit(http: Any, hub: Hub) -> list[Any]:
+    await hub.wait_caught_up()
+    answer = await http.get(
+        "/api/v1/audit/events",
+        params={"type": "mes.machine.program_sent.v1"},
+        headers={"Authorization": f"Bearer {api_key('auditor')}"},
+    )
+    events: list[Any] = answer.json()["events"]
+    return events
+
+
+def test_a_record_line_torn_by_a_crash_falls_back_to_the_journals_position(
+    tmp_path: Path,
+) -> None:
+    link = hub_link(tmp_path)
+    journal = died_mid_send(link, tmp_path, record="cancelled")
+    assert journal.path is not None
+    os.truncate(journal.path, journal.path.stat().st_size - 40)  # the record line cut short
+    (leftover,) = leftover_sends(link.journals)
+    record = validate_envelope(leftover.event)
+    assert (record.data.outcome, record.data.sent_bytes) == ("failed", 2048)  # type: ignore[union-attr]
+    assert leftover.machine_id == "LATHE-3" and journal.path.exists()  # not set aside
+
+
+def test_journals_set_aside_held_or_waiting_are_told_on_every_flush(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = hub_link(tmp_path)
+    link.journals.mkdir(parents=True)
+    (link.journals / "LATHE-3.20260101T000000000000.1.journal").write_bytes(b"{not json\n")
+    for _ in range(2):  # the unreadable journal is set aside, then told again
+        assert catch_up(link) == 1
+        err = flat(capsys.readouterr().err)
+        assert (
+            flat("LATHE-3.20260101T000000000000.1.unreadable: a send whose record could not") in err
+        )
+    # A send in progress (its journal locked by its sender): its record is not in the hub yet.
+    running = died_mid_send(link, tmp_path)
+    assert running.path is not None
+    fd = os.open(running.path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert catch_up(link) == 2
+        out = flat(capsys.readouterr().out)
+        assert (
+            flat(f"{running.path}: a send in progress") in out and flat("nothing waits") not in out
+        )
+    finally:
+        os.close(fd)
+    # Its sender died: recorded (waits for NATS) and the set-aside journal still told.
+    assert catch_up(link) == 2
+    captured = capsys.readouterr()
+    assert flat("LATHE-3: 1 record(s) wait (NATS unreachable)") in flat(captured.out)
+    assert flat(".unreadable: a send whose record could not") in flat(captured.err)
+
+
+def test_a_buffer_held_by_another_command_counts_as_waiting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_dnc, "BUSY_RETRY_S", 0.2)
+    link = hub_link(tmp_path)
+    journal = died_mid_send(link, tmp_path)
+    (link.folder / "LATHE-3").mkdir(parents=True)
+    (link.folder / "LATHE-3" / "buffer.sqlite").touch()
+    fd = os.open(link.folder / "LATHE-3" / "buffer.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another mes-hub dnc command holds LATHE-3's buffer
+    try:
+        # The leftover journal waits, and the buffer was not flushed: both may hold records.
+        assert catch_up(link) == 2
+    finally:
+        os.close(fd)
+    out = flat(capsys.readouterr().out)
+    assert flat(f"{journal.path} waits") in out and flat("LATHE-3: not flushed now") in out
+    assert flat("nothing waits") not in out
+    assert journal.path is not None and journal.path.exists()
+
+
+def test_a_broken_buffer_is_told_and_the_other_machines_go_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = hub_link(tmp_path)
+    broken = link.folder / "MILL-9"
+    broken.mkdir(parents=True)
+    (broken / "buffer.sqlite").write_bytes(b"this is not a database" * 100)
+    died_mid_send(link, tmp_path)  # LATHE-3, whose buffer is fine
+    assert catch_up(link) == 2  # LATHE-3's record waits for NATS; MILL-9's buffer may hold some
+    captured = capsys.readouterr()
+    err, out = flat(captured.err), flat(captured.out)
+    assert flat(f"MILL-9: the buffer {broken} is broken (DatabaseError") in err
+    assert flat("LATHE-3: recorded a send whose sender was interrupted") in out
+    assert flat("LATHE-3: 1 record(s) wait (NATS unreachable)") in out
+
+
+def test_a_journal_whose_sender_died_building_it_is_removed_after_a_minute(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    old, young, held = (directory / f".LATHE-3.{n}.tmp" for n in ("old", "young", "held"))
+    for path in (old, young, held):
+        path.write_bytes(b"{")
+    long_ago = time.time() - 120
+    for path in (old, held):
+        os.utime(path, (long_ago, long_ago))
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # its sender is still building it
+    try:
+        assert list(leftover_sends(directory)) == []
+    finally:
+        os.close(fd)
+    assert (old.exists(), young.exists(), held.exists()) == (False, True, True)
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_as_text(tmp_path: Path) -> None:
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/\xff\xfe.nc"))
+    write_program(path, blocks=3, name="(NONE)")
+    program = read_program(path)
+    assert program.name == "\\xff\\xfe" and program.file_text == f"{tmp_path}/\\xff\\xfe.nc"
+    record = validate_envelope(trial_record(config(tmp_path / "ttyX"), program, None))
+    assert record.data.file == program.file_text  # type: ignore[union-attr]
+
+
+def test_a_record_the_contract_refuses_keeps_the_journal_set_aside(tmp_path: Path) -> None:
+    entry = SerialConfig.model_validate(
+        {"machine_id": "LATHE-3", "port": "/dev/" + "d" * 1100}  # the source is too long
+    )
+    program = read_program(write_program(tmp_path / "part.nc", blocks=3))
+    with pytest.raises(ContractViolation, match="source"):
+        trial_record(entry, program, None)
+    journal = SendJournal(tmp_path / "journal", config(tmp_path / "ttyX"), program, None)
+    journal.begin(datetime.now(UTC))
+    assert journal.path is not None
+    kept = journal.set_aside()
+    assert kept == journal.path.with_suffix(".unreadable") and kept.exists()
+    assert unreadable_journals(tmp_path / "journal") == [kept]
+
+
+@pytest.mark.parametrize("journal_takes_it", [True, False])
+def test_a_record_that_cannot_be_stored_is_kept_in_the_journal_or_printed(
+    tmp_path: Path, journal_takes_it: bool
+) -> None:
+    link = hub_link(tmp_path)
+    (link.folder / "LATHE-3").mkdir(parents=True)
+    (link.folder / "LATHE-3" / "buffer.sqlite").write_bytes(b"this is not a database" * 100)
+    entry = config(tmp_path / "ttyX")
+    program = read_program(write_program(tmp_path / "part.nc"))
+    journal = SendJournal(link.journals, entry, program, "operator1")
+    started = datetime.now(UTC)
+    journal.begin(started)
+    assert journal.path is not None
+    if not journal_takes_it:  # the disk refuses the record (full, gone read-only)
+        os.close(journal._fd)
+        journal._fd = os.open(journal.path, os.O_RDONLY)
+    result = SendResult("completed", len(program.data), started, started, None, 364, 0)
+    told = flat(" ".join(line for line, _ in _record(link, entry, program, result, journal)))
+    assert flat(f"LATHE-3: the buffer {link.folder / 'LATHE-3'} is broken") in told
+    event = program_sent_event(entry, program, result, "operator1")
+    if journal_takes_it:
+        assert flat(f"the record waits in the send journal {journal.path}") in told
+        assert journal.path.read_bytes().split(b"\n")[2] == event.model_dump_json().encode()
+    else:
+        assert flat("the record could not be kept") in told
+        assert flat(escape(event.model_dump_json())) in told
