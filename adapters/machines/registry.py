@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from adapters.machines.base import MachineAdapter
+from adapters.machines.base import MachineAdapter, url_host
 from adapters.machines.config import AdaptersConfig
 from adapters.machines.focas import FocasAdapter
 from adapters.machines.haas import HaasAdapter
@@ -37,11 +37,12 @@ def build_adapters(config: AdaptersConfig, protocol: str | None = None) -> list[
 
 
 def describe(adapter: MachineAdapter) -> str:
-    """One line for the console: protocol and peer."""
+    """One line for the console: protocol and peer (a URL, an endpoint such as a serial
+    device, or host and port, an IPv6 address in brackets)."""
     config = getattr(adapter, "config", None)
     peer = (
         getattr(config, "url", None)
         or getattr(config, "endpoint", None)
-        or f"{getattr(config, 'host', '?')}:{getattr(config, 'port', '?')}"
+        or f"{url_host(str(getattr(config, 'host', '?')))}:{getattr(config, 'port', '?')}"
     )
     return f"{adapter.protocol} {peer}"

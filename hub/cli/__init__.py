@@ -6,7 +6,8 @@
 - ``projections``: ``rebuild``, ``catch-up`` and ``status`` of the views;
 - ``contracts``: ``export`` of the JSON Schemas;
 - ``nats``: ``credentials`` of an identity for an adapter host (``hub.nats_auth``);
-- ``dnc``: ``send`` a program to an RS-232 machine by drip feed, and its record (``program_sent``);
+- ``dnc``: ``send`` a program to an RS-232 machine by drip feed and record it (``program_sent``),
+  ``flush`` the records that wait;
 - ``erp``: ``check`` each ERP of ``[[erp]]`` once, ``reconcile`` what they were told;
 - ``replay``: ``replay`` (the history out as CloudEvents) and ``import`` (a fresh hub from it);
 - ``store``: ``new-key`` for encryption at rest;

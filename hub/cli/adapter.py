@@ -173,7 +173,11 @@ def adapter_check(
                 events = await asyncio.wait_for(adapter.check(), timeout)
             except Exception as exc:
                 failures += 1
-                failure = f"✗ {describe(adapter)}: {type(exc).__name__}: {exc}"
+                # ``wait_for`` gives up with a TimeoutError that says nothing.
+                why = str(exc) or (
+                    f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else ""
+                )
+                failure = f"✗ {describe(adapter)}: {type(exc).__name__}: {why}"
                 err_console.print(f"[red]{escape(failure)}[/]")
                 continue
             table = Table(

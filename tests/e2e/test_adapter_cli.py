@@ -180,3 +180,34 @@ def test_adapter_run_reads_the_config_file_once(
     ((settings, link, adapters, protocol),) = ran
     assert (settings.nats_url, link.url, protocol) == ("nats://127.0.0.1:1",) * 2 + ("shdr",)
     assert [entry.machine_id for entry in adapters.shdr] == ["OKUMA-1"]
+
+
+async def test_check_names_a_control_that_does_not_answer_within_the_timeout(
+    tmp_path: Path,
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never answers: a hung control
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = tmp_path / "mes-hub.toml"
+    config.write_text(
+        f'[[adapters.haas]]\nmachine_id = "VF2-3"\nhost = "127.0.0.1"\nport = {port}\n'
+        "timeout_s = 30\n"
+    )
+    try:
+        code, _, err = await mes_hub("adapter", "check", "--config", str(config), "--timeout", "1")
+    finally:
+        server.close()
+    assert code == 1
+    assert "haas 127.0.0.1" in err and "no answer within 1 s" in err, err
+
+
+def test_the_console_names_an_ipv6_peer_in_brackets() -> None:
+    from adapters.machines.config import AdaptersConfig
+    from adapters.machines.registry import build_adapters, describe
+
+    config = AdaptersConfig.model_validate(
+        {"focas": [{"machine_id": "ROBODRILL-1", "host": "fd00::31", "part_count_macro": 3901}]}
+    )
+    assert [describe(a) for a in build_adapters(config)] == ["focas [fd00::31]:8193"]
