@@ -162,7 +162,7 @@ class FocasConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     machine_id: Token
-    host: str
+    host: str = Field(min_length=1)
     port: int = Field(default=8193, ge=1, le=65535)
     poll_s: float = Field(default=1.0, gt=0, le=3600)
     timeout_s: float = Field(default=3.0, gt=0, le=60)
@@ -366,7 +366,8 @@ class Session:
                 asyncio.open_connection(config.host, config.port), config.timeout_s
             )
         except (OSError, TimeoutError) as exc:
-            raise FocasLost(f"cannot connect to {config.host}:{config.port} ({exc!r})") from exc
+            where = f"{url_host(config.host)}:{config.port}"
+            raise FocasLost(f"cannot connect to {where} ({exc!r})") from exc
         frame_type, payload = await self.exchange(frame(OPEN_REQUEST, OPEN_PAYLOAD))
         if frame_type == OPEN_REFUSED:
             raise FocasLost("the control refused the session: every FOCAS session is in use")
@@ -461,16 +462,16 @@ class FocasAdapter:
         self.config = config
         self.events = MachineEvents(config.machine_id, config.source())
         calls = [Call(STATINFO), Call(RDPRGNUM)]
-        # (meaning, macro variable, its call)
-        self._counters: list[tuple[Meaning, int, Call]] = []
-        counters: tuple[tuple[Meaning, int | None], ...] = (
-            ("part_count", config.part_count_macro),
-            ("bad_part_count", config.bad_count_macro),
+        # (meaning, the config key that names it, macro variable, its call)
+        self._counters: list[tuple[Meaning, str, int, Call]] = []
+        counters: tuple[tuple[Meaning, str, int | None], ...] = (
+            ("part_count", "part_count_macro", config.part_count_macro),
+            ("bad_part_count", "bad_count_macro", config.bad_count_macro),
         )
-        for meaning, macro in counters:
+        for meaning, key, macro in counters:
             if macro is not None:
                 call = Call(RDMACRO, (macro, macro, 0, 0, 0))
-                self._counters.append((meaning, macro, call))
+                self._counters.append((meaning, key, macro, call))
                 calls.append(call)
         if config.alarms == "messages":
             # type -1: every alarm type; with text, ALARM_TEXT characters each.
@@ -487,14 +488,15 @@ class FocasAdapter:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             session = Session(self.config)
-            heard = False
             try:
                 await session.open()
                 log.info("%s %s: session open", self.events.source, self.config.machine_id)
                 next_poll = loop.time()
                 while not stop.is_set():
                     state = await self._poll(session, state, publisher)
-                    heard = True
+                    # Only a session that brought data starts the backoff over: a control
+                    # that accepts and hangs up at once is retried ever more slowly.
+                    backoff = first_backoff
                     next_poll += self.config.poll_s
                     if next_poll < loop.time():
                         next_poll = loop.time()  # a slow control: do not burst to catch up
@@ -512,13 +514,10 @@ class FocasAdapter:
                 state = await self._lost(publisher, state, reason, backoff)
             finally:
                 await session.close()
-            if stop.is_set():
-                break
-            # Only a session that brought data resets the backoff: a control that accepts and
-            # hangs up at once is retried ever more slowly.
-            backoff = first_backoff if heard else min(backoff * 2, self.config.reconnect_max_s)
+            # Wait first, then double: the wait is the one ``_lost`` announced.
             if await stopped(stop, backoff):
                 break
+            backoff = min(backoff * 2, self.config.reconnect_max_s)
 
     async def check(self) -> list[CloudEvent]:
         """Open a session, poll once and return the first events of ``run`` (nothing is
@@ -553,7 +552,7 @@ class FocasAdapter:
     ) -> _Run:
         config = self.config
         before = copy.deepcopy(state)
-        events = state.observer.lost(f"FOCAS {config.host}:{config.port}: {why}")
+        events = state.observer.lost(f"FOCAS {url_host(config.host)}:{config.port}: {why}")
         if not events:
             log.debug("%s %s: still not answering (%s)", self.events.source, config.machine_id, why)
             return state
@@ -652,14 +651,14 @@ class FocasAdapter:
                     level, code, name = ALARM_STATUS.get(status.alarm, UNKNOWN_ALARM_STATUS)
                     flag = (level, code, f"alarm status {status.alarm} ({name})")
                 events += self._status_condition(state, "alarm", flag, at)
-        for meaning, macro, call in self._counters:
+        for meaning, key, macro, call in self._counters:
             answer = by_call[call]
             if answer.error:
                 continue
             try:
                 count = decode_macro(answer.data[:8]) if len(answer.data) >= 8 else None
             except BadValue as exc:
-                problem(f"#{macro}", f"macro #{macro} ({meaning}): {exc}", answer.data)
+                problem(f"#{macro}", f"macro #{macro} ({key}): {exc}", answer.data)
                 continue
             if count is None:
                 problem(

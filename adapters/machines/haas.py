@@ -5,8 +5,8 @@ One ``HaasConfig`` is one control and one machine. Once per connection the adapt
 ``?Q100`` (the serial number: logged, and checked against ``serial_number`` when configured);
 then every ``poll_s`` it asks, one query at a time:
 
-- ``?Q600 <n>`` for the part counter macro (``part_counter_macro``, by default #3901, the M30
-  counter) and, when configured, the bad-part macro: partcount ``all`` / ``bad``;
+- ``?Q600 <n>`` for the part counter macro (``part_count_macro``, by default #3901, the M30
+  counter) and, when configured, ``bad_count_macro``: partcount ``all`` / ``bad``;
 - ``?Q500``: ``PROGRAM, O00012, IDLE, PARTS, 380``, or ``STATUS, BUSY`` while a program runs
   (no program and no parts then): execution (IDLE READY, BUSY ACTIVE, FEED HOLD FEED_HOLD,
   ALARM ON STOPPED with a ``fault`` condition ``ALARM``), the program, and the parts counter
@@ -129,8 +129,8 @@ class HaasConfig(BaseModel):
     timeout_s: float = Field(default=3.0, gt=0, le=60)
     reconnect_max_s: float = Field(default=5.0, gt=0, le=3600)
     part_count_source: Literal["macro", "q500"] = "macro"
-    part_counter_macro: int = Field(default=3901, ge=1, le=99999)
-    bad_part_macro: int | None = Field(default=None, ge=1, le=99999)
+    part_count_macro: int = Field(default=3901, ge=1, le=99999)
+    bad_count_macro: int | None = Field(default=None, ge=1, le=99999)
     serial_number: str | None = Field(default=None, min_length=1, max_length=64)
     modes: dict[str, ControllerMode] = {}  # Q104 mode -> controller mode; wins over MODES
 
@@ -143,15 +143,15 @@ class HaasConfig(BaseModel):
 
     @model_validator(mode="after")
     def _counters_that_can_be_read(self) -> HaasConfig:
-        if self.part_count_source == "q500" and "part_counter_macro" in self.model_fields_set:
+        if self.part_count_source == "q500" and "part_count_macro" in self.model_fields_set:
             # Silently not reading the macro the user named would count the wrong counter.
             raise ValueError(
-                f"part_counter_macro #{self.part_counter_macro} is not read with "
+                f"part_count_macro #{self.part_count_macro} is not read with "
                 'part_count_source = "q500" (the count is then Q500\'s PARTS): remove one'
             )
-        if self.bad_part_macro is not None and self.bad_part_macro == self.part_counter_macro:
+        if self.bad_count_macro is not None and self.bad_count_macro == self.part_count_macro:
             raise ValueError(
-                f"bad_part_macro #{self.bad_part_macro} is the part counter macro: "
+                f"bad_count_macro #{self.bad_count_macro} is also part_count_macro: "
                 "bad parts need a counter of their own"
             )
         return self
@@ -161,9 +161,9 @@ class HaasConfig(BaseModel):
 
     def macros(self) -> list[tuple[int, str]]:
         """(variable, counter kind) read by ``?Q600`` each poll."""
-        read = [(self.part_counter_macro, "all")] if self.part_count_source == "macro" else []
-        if self.bad_part_macro is not None:
-            read.append((self.bad_part_macro, "bad"))
+        read = [(self.part_count_macro, "all")] if self.part_count_source == "macro" else []
+        if self.bad_count_macro is not None:
+            read.append((self.bad_count_macro, "bad"))
         return read
 
 
@@ -337,7 +337,9 @@ class _Session:
                 reader, writer = await asyncio.open_connection(config.host, config.port)
         except (OSError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
-            raise HaasLost(f"cannot connect to {config.host}:{config.port} ({reason})") from exc
+            raise HaasLost(
+                f"cannot connect to {url_host(config.host)}:{config.port} ({reason})"
+            ) from exc
         return cls(config, reader, writer)
 
     async def close(self) -> None:
@@ -729,7 +731,7 @@ class HaasAdapter:
     ) -> _Machine:
         config = self.config
         new = copy.deepcopy(machine)
-        events = new.observer.lost(f"Haas MDC {config.host}:{config.port}: {reason}")
+        events = new.observer.lost(f"Haas MDC {url_host(config.host)}:{config.port}: {reason}")
         if not events:
             log.debug("%s %s: still no answer (%s)", self.events.source, config.machine_id, reason)
             return machine

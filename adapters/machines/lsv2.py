@@ -126,7 +126,7 @@ DNC_MEANING = (
 )
 PLCDEBUG_MEANING = (
     "PLC memory cannot be read, so the part counters cannot; check plc_password, or leave "
-    "part_count and bad_part_count out"
+    "part_count and bad_count out"
 )
 
 
@@ -164,7 +164,7 @@ class Lsv2Config(BaseModel):
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
     part_count: str | None = None  # PLC address of the good-and-bad parts counter, e.g. "D1200"
-    bad_part_count: str | None = None  # PLC address of the bad parts counter
+    bad_count: str | None = None  # PLC address of the bad parts counter
     plc_password: SecretStr | None = None  # for the PLCDEBUG login; never shown in logs
     # Error classes published as warnings; every other class is a fault.
     warning_classes: frozenset[int] = frozenset({1, 7, 9})
@@ -181,14 +181,14 @@ class Lsv2Config(BaseModel):
             )
         return value
 
-    @field_validator("part_count", "bad_part_count")
+    @field_validator("part_count", "bad_count")
     @classmethod
     def _counter_address(cls, value: str | None) -> str | None:
         return None if value is None else plc_address(value)
 
     def counters(self) -> dict[str, str]:
         """kind (``all``, ``bad``) -> PLC address, for the counters configured."""
-        pairs = (("all", self.part_count), ("bad", self.bad_part_count))
+        pairs = (("all", self.part_count), ("bad", self.bad_count))
         return {kind: address for kind, address in pairs if address is not None}
 
 
@@ -408,7 +408,7 @@ class Session:
             area, number = _split(address)
             memory, size, _ = _NUMERIC_AREAS[area]
             words = 2 if size == 4 else 1  # a double word: its two words, low word first
-            what = f"PLC {address} ({'part_count' if kind == 'all' else 'bad_part_count'})"
+            what = f"PLC {address} ({'part_count' if kind == 'all' else 'bad_count'})"
             read = functools.partial(
                 self.client.read_plc_memory,
                 number // min(size, 2),
@@ -715,10 +715,12 @@ class Lsv2Adapter:
 
     async def check(self) -> list[CloudEvent]:
         """Connect, read once and return the first events of ``run``. A control that does not
-        answer raises ``ControlLost`` or the socket's ``OSError`` (refused, reset, timed out), a
-        refused login (``DNC`` or ``PLCDEBUG``) ``LoginRefused`` (a ``ConnectionError`` too), a
-        telegram that is not LSV2 ``BrokenTelegram``."""
-        session = Session(self.config, strict=True)
+        answer raises ``ControlLost`` (a ``ConnectionError``; the socket's own errors, refused,
+        reset or timed out, as ``cannot connect to host:port (…)``), a refused login (``DNC``
+        or ``PLCDEBUG``) ``LoginRefused`` (a ``ConnectionError`` too), a telegram that is not
+        LSV2 ``BrokenTelegram``."""
+        config = self.config
+        session = Session(config, strict=True)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsv2-check")
         try:
             await self._call(executor, session, session.open, None)
@@ -727,6 +729,11 @@ class Lsv2Adapter:
             with contextlib.suppress(Exception):
                 await self._call(executor, session, session.close, None, LOGOUT_S)
             return self._changes(self._new_run(), reading, at)
+        except (ControlLost, LoginRefused):
+            raise  # ConnectionErrors that say what happened already
+        except OSError as exc:  # the socket's: refused, reset, timed out (TimeoutError too)
+            why = _describe_loss(exc, config.timeout_s)
+            raise ControlLost(f"cannot connect to {config.host}:{config.port} ({why})") from exc
         finally:
             session.abort()
             executor.submit(session.discard)

@@ -263,7 +263,7 @@ async def test_a_counter_with_decimals_and_a_bad_counter(peer: FocasPeer) -> Non
     await eventually(lambda: len(warnings(publisher)) == 1)
     await peer.served(10)
     assert warnings(publisher) == [
-        "macro #3902 (bad_part_count): a count must be a whole number, got 2.5"
+        "macro #3902 (bad_count_macro): a count must be a whole number, got 2.5"
     ]  # once, however many polls
     first_poll = [e.envelope for _, e in publisher.published[:5]]
     assert first_poll[-1].data["native_code"] == BAD_INPUT_CODE
@@ -445,6 +445,52 @@ async def test_unreachable_from_the_start_publishes_unavailable_once(
     assert condition["message"].startswith(f"FOCAS 127.0.0.1:{nobody.port}: cannot connect")
     with pytest.raises(ConnectionError, match="cannot connect"):
         await FocasAdapter(config(nobody)).check()
+
+
+async def test_reconnects_wait_first_then_double_as_the_log_says(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The waits are recorded, not slept: the order of wait and doubling is the logic tested.
+    nobody = FocasPeer()
+    await nobody.start()
+    await nobody.stop()  # connection refused
+    waits: list[float] = []
+    stop = asyncio.Event()
+
+    async def recorded(_: asyncio.Event, seconds: float) -> bool:
+        waits.append(seconds)
+        if len(waits) == 6:
+            stop.set()
+        await asyncio.sleep(0)
+        return stop.is_set()
+
+    monkeypatch.setattr("adapters.machines.focas.stopped", recorded)
+    caplog.set_level(logging.WARNING, logger="adapters.machines.focas")
+    adapter = FocasAdapter(config(nobody, reconnect_max_s=2.0))
+    await asyncio.wait_for(adapter.run(InMemoryPublisher(), stop), 10)
+    assert waits == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "reconnecting from 0.25 s up to 2.0 s apart" in warning
+
+
+async def test_an_ipv6_host_is_bracketed_in_the_loss() -> None:
+    nobody = FocasPeer()
+    await nobody.start()
+    await nobody.stop()  # its port, on ::1 too: nothing listens (or no IPv6 at all)
+    publisher = InMemoryPublisher()
+    running = Running(FocasAdapter(config(nobody, host="::1")), publisher)
+    await eventually(lambda: len(publisher.published) == 2)
+    await running.finish()
+    (condition,) = of_kind(publisher, "condition")
+    where = f"[::1]:{nobody.port}"
+    assert condition["message"].startswith(f"FOCAS {where}: cannot connect to {where} (")
+
+
+def test_an_empty_host_is_an_error() -> None:
+    with pytest.raises(ValidationError) as caught:
+        FocasConfig(machine_id="M1", host="")
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("host",) and error["type"] == "string_too_short"
 
 
 def test_a_bad_entry_names_its_field() -> None:

@@ -207,7 +207,7 @@ async def test_a_macro_change_is_one_part_count(peer: HaasPeer, numbered: bool) 
     peer.set(numbered_macros=numbered)
     peer.macro(3902, 2)
     publisher = InMemoryPublisher()
-    adapter = HaasAdapter(config(peer, part_counter_macro=3901, bad_part_macro=3902))
+    adapter = HaasAdapter(config(peer, part_count_macro=3901, bad_count_macro=3902))
     running = Running(adapter, publisher)
     await settle(publisher, peer, 5)
     peer.macro(3901, 383)
@@ -561,6 +561,21 @@ async def test_unreachable_from_the_start_publishes_unavailable_once() -> None:
     assert condition["message"].startswith(f"Haas MDC 127.0.0.1:{port}: cannot connect")
 
 
+async def test_an_ipv6_host_is_bracketed_in_the_loss() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # on ::1 too, nobody listens there (or no IPv6 at all)
+    nobody = HaasPeer()
+    nobody.port = port
+    publisher = InMemoryPublisher()
+    running = Running(HaasAdapter(config(nobody, host="::1")), publisher)
+    await eventually(lambda: len(publisher.published) == 2)
+    await running.finish()
+    (condition,) = of_kind(publisher, "condition")
+    where = f"[::1]:{port}"
+    assert condition["message"].startswith(f"Haas MDC {where}: cannot connect to {where} (")
+
+
 async def test_garbage_is_a_warning_once_and_the_adapter_goes_on(
     peer: HaasPeer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -797,7 +812,7 @@ def test_replies_split_across_reads_and_both_busy_spellings() -> None:
     [
         ("port = 99999", "port", "less than or equal to 65535"),
         ('part_count_source = "m30"', "part_count_source", "'macro' or 'q500'"),
-        ("part_counter_macro = 0", "part_counter_macro", "greater than or equal to 1"),
+        ("part_count_macro = 0", "part_count_macro", "greater than or equal to 1"),
         ('modes = { SETUP = "SETUP" }', "modes.SETUP", "'AUTOMATIC'"),
         ("write_macros = true", "write_macros", "Extra inputs are not permitted"),
     ],
@@ -813,23 +828,23 @@ def test_the_config_file_error_names_file_key_and_reason(
     assert str(path) in text and f"'adapters.haas.0.{key}'" in text and reason in text
 
 
-def test_the_bad_part_macro_must_differ_from_the_part_counter() -> None:
-    with pytest.raises(ValidationError, match="bad_part_macro #3901 is the part counter macro"):
-        HaasConfig(machine_id="M1", host="haas", bad_part_macro=3901)
+def test_the_bad_count_macro_must_differ_from_the_part_count_macro() -> None:
+    with pytest.raises(ValidationError, match="bad_count_macro #3901 is also part_count_macro"):
+        HaasConfig(machine_id="M1", host="haas", bad_count_macro=3901)
 
 
 def test_a_counter_macro_that_would_not_be_read_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "mes-hub.toml"
     path.write_text(
         '[[adapters.haas]]\nmachine_id = "VF2-1"\nhost = "haas"\n'
-        'part_count_source = "q500"\npart_counter_macro = 3905\n'
+        'part_count_source = "q500"\npart_count_macro = 3905\n'
     )
     with pytest.raises(AdapterConfigError) as caught:
         load_adapters(path)
     text = str(caught.value)
     assert str(path) in text and "'adapters.haas.0'" in text
-    assert 'part_counter_macro #3905 is not read with part_count_source = "q500"' in text
-    # Without part_counter_macro, "q500" reads Q500's PARTS (and no macro).
+    assert 'part_count_macro #3905 is not read with part_count_source = "q500"' in text
+    # Without part_count_macro, "q500" reads Q500's PARTS (and no macro).
     assert HaasConfig(machine_id="M1", host="haas", part_count_source="q500").macros() == []
 
 
@@ -844,4 +859,4 @@ def test_the_documented_example_is_valid(tmp_path: Path) -> None:
     path = tmp_path / "mes-hub.toml"
     path.write_text(example)
     (entry,) = load_adapters(path).haas
-    assert entry.machine_id == "VF2-3" and entry.bad_part_macro == 3902
+    assert entry.machine_id == "VF2-3" and entry.bad_count_macro == 3902

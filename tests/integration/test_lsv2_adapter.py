@@ -20,6 +20,7 @@ from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapt
 from adapters.machines.config import AdapterConfigError, load_adapters
 from adapters.machines.lsv2 import (
     DNC_MEANING,
+    ControlLost,
     LoginRefused,
     Lsv2Adapter,
     Lsv2Config,
@@ -151,7 +152,7 @@ async def test_the_plc_counter_counting_up_gives_each_count_once(peer: Lsv2Peer)
     peer.set_plc("D1200", 0)
     peer.set_plc("W100", 0)
     publisher = InMemoryPublisher()
-    adapter = Lsv2Adapter(config(peer, part_count="D1200", bad_part_count="W100"))
+    adapter = Lsv2Adapter(config(peer, part_count="D1200", bad_count="W100"))
     running = Running(adapter, publisher)
     await eventually(lambda: len(of_kind(publisher, "partcount")) == 2)
     for count in range(1, 6):
@@ -358,7 +359,7 @@ async def test_an_answer_cut_short_by_a_reset_ends_in_a_loss_and_recovers(
 async def test_bad_plc_values_are_reported_once_and_the_rest_goes_on(peer: Lsv2Peer) -> None:
     peer.set_plc("W10", -1)
     publisher = InMemoryPublisher()
-    adapter = Lsv2Adapter(config(peer, part_count="D16384", bad_part_count="W10"))
+    adapter = Lsv2Adapter(config(peer, part_count="D16384", bad_count="W10"))
     running = Running(adapter, publisher)
     await eventually(lambda: len(of_kind(publisher, "condition")) == 3)
     await polled(peer, 4)
@@ -373,7 +374,7 @@ async def test_bad_plc_values_are_reported_once_and_the_rest_goes_on(peer: Lsv2P
     warnings = sorted(c["message"] for c in of_kind(publisher, "condition")[1:3])
     assert warnings == [
         "PLC D16384 (part_count): beyond the control's PLC memory",
-        "PLC W10 (bad_part_count): a count cannot be negative "
+        "PLC W10 (bad_count): a count cannot be negative "
         "(a word past 32767 reads negative: use a double word)",
     ]
     # The out-of-range address stays wrong, so the warning is not cleared.
@@ -387,12 +388,10 @@ async def test_a_double_word_anywhere_in_word_memory_reads_as_the_plc_holds_it(
     # pyLSV2 1.8 reads as a DWORD (the first half only), read here as its two words.
     peer.set_plc("D16380", 70_000)  # more than a word holds
     peer.set_plc("D16376", -5)
-    events = await Lsv2Adapter(config(peer, part_count="D16380", bad_part_count="D16376")).check()
+    events = await Lsv2Adapter(config(peer, part_count="D16380", bad_count="D16376")).check()
     data = [e.data for e in events]
     assert {"count": 70_000, "kind": "all"} in data
-    assert "PLC D16376 (bad_part_count): a count cannot be negative" in [
-        d.get("message") for d in data
-    ]
+    assert "PLC D16376 (bad_count): a count cannot be negative" in [d.get("message") for d in data]
 
 
 async def test_the_plc_password_opens_plc_memory_and_is_never_logged(
@@ -621,6 +620,15 @@ async def test_stopping_during_a_hung_call_returns_at_once_and_publishes_no_loss
     await eventually(lambda: not lsv2_threads("TNC-HUNG"))
 
 
+async def test_check_on_a_control_that_does_not_answer_names_it(peer: Lsv2Peer) -> None:
+    peer.hang()  # the connection is accepted, no telegram is answered
+    with pytest.raises(ControlLost) as silent:
+        await Lsv2Adapter(config(peer, timeout_s=0.2)).check()
+    where = f"127.0.0.1:{peer.port}"
+    assert str(silent.value) == f"cannot connect to {where} (no answer within 0.2 s)"
+    assert isinstance(silent.value, ConnectionError)
+
+
 def test_an_ipv6_address_is_refused_plainly() -> None:
     with pytest.raises(ValidationError) as caught:
         Lsv2Config(machine_id="M1", host="fd00::40")
@@ -685,8 +693,10 @@ async def test_unreachable_from_the_start_publishes_unavailable_once(
     nobody = Lsv2Peer()
     await nobody.start()
     await nobody.stop()  # its port: nothing listens there
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ControlLost) as refused:  # the socket's error, named as the others do
         await Lsv2Adapter(config(nobody)).check()
+    assert str(refused.value).startswith(f"cannot connect to 127.0.0.1:{nobody.port} (")
+    assert "Connection refused" in str(refused.value)
     publisher = InMemoryPublisher()
     adapter = Lsv2Adapter(config(nobody, reconnect_max_s=0.8))
     running = Running(adapter, publisher)

@@ -23,7 +23,7 @@ def test_the_readme_shows_every_protocol_and_each_example_is_valid(tmp_path: Pat
     adapters = build_adapters(config)
     assert sorted(a.protocol for a in adapters) == sorted(PROTOCOLS)
     # Worked examples: the entries are read as the README's comments say.
-    assert config.haas[0].part_counter_macro == 3901
+    assert config.haas[0].part_count_macro == 3901
     assert config.serial[0].patterns[0].meaning == "part_count"
     assert config.sparkplug[0].machines[0].edge_node == "Press3-Gateway"
 
