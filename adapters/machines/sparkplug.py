@@ -29,7 +29,10 @@ like the next session); any other is another session's, ignored, and a rebirth i
 check the node lives. A valid NDEATH makes every machine of the node ``UNAVAILABLE`` once, with
 an ``unavailable`` condition ``ADAPTER_CONNECTION``; a DDEATH its device's machine, and so does
 an NBIRTH whose DBIRTHs (over at the node's next other message, or after ``BIRTHS_WAIT_S``) leave
-the device out. The next birth publishes ``AVAILABLE`` and the birth's values.
+the device out. The next birth publishes ``AVAILABLE`` and the birth's values. A machine's first
+birth of a run, and its first after a loss, first publishes a ``normal`` condition without a
+code: a birth shows every condition, so the hub's active ones (an earlier run's included) are
+cleared and the birth's active ones raised again.
 
 Losing the broker (refused, closed, or no answer to a ping) does the same for every machine and
 the adapter reconnects with backoff, resubscribes and requests rebirths. A payload that is not
@@ -382,6 +385,15 @@ class _Machine:
         message = condition.message or f"alarm {code} ({name})"
         return events + self.observer.condition(name, level, code, message, at, uid)
 
+    def reset_conditions(self, at: datetime, key: str) -> CloudEvent:
+        """A ``normal`` without a code, for a birth that follows no birth of this run, or a
+        loss: the hub clears every condition of the machine it holds (what an earlier run, or
+        the time out of reach, left), and the birth raises again those it shows active. The
+        observer forgets which codes it published active, so that it publishes them again."""
+        for codes in self.observer.active_codes.values():
+            codes.clear()
+        return self.events.condition("normal", at, key)
+
 
 @dataclass
 class _Node:
@@ -619,7 +631,8 @@ class SparkplugHost:
             node.births_end = time.monotonic() + BIRTHS_WAIT_S
         node.aliases.clear()
         node.datatypes.clear()
-        return self._born(node, None, message) + self._apply(node, message, birth=True)
+        events, reset = self._born(node, None, message)
+        return events + self._apply(node, message, birth=True, reset=reset)
 
     def _device_birth(self, node: _Node, message: _Message) -> list[CloudEvent]:
         device = message.device
@@ -627,16 +640,36 @@ class SparkplugHost:
         node.devices_born.add(device)
         node.aliases.pop(device, None)
         node.datatypes.pop(device, None)
-        return self._born(node, device, message) + self._apply(node, message, birth=True)
+        events, reset = self._born(node, device, message)
+        return events + self._apply(node, message, birth=True, reset=reset)
 
-    def _born(self, node: _Node, device: str | None, message: _Message) -> list[CloudEvent]:
+    def _born(
+        self, node: _Node, device: str | None, message: _Message
+    ) -> tuple[list[CloudEvent], tuple[str, datetime] | None]:
+        """AVAILABLE at the birth's time, after the conditions' reset when the machine was not
+        available before it (its first birth in this run, or the first after a loss); with
+        the reset's key and time (``None``: no reset), which the birth's conditions take."""
         machine = node.machines.get(device)
         if machine is None:
-            return []
-        at, stamp, events = self._time(node, message, message.payload.timestamp)
+            return [], None
+        at, stamp, warnings = self._time(node, message, message.payload.timestamp)
         stamp = stamp or f"arrival {message.arrival.isoformat()}"
         uid = f"{message.kind}|{node.bd_seq}|{stamp}"
-        return events + machine.observer.value("availability", message.kind, "AVAILABLE", at, uid)
+        events: list[CloudEvent] = []
+        reset = None
+        if machine.observer.available is not True:
+            # A birth lists every metric: the machine's conditions are exactly those it shows.
+            # A fault that cleared while this run was not listening would stay active in the
+            # hub (the observer, not knowing it was active, would drop its NORMAL): clear all
+            # first, before anything else of the machine (warnings included), then the birth
+            # raises what is active. The key is the birth's and the loss's (a birth after a
+            # loss may repeat an earlier one's time), so a re-read adds nothing.
+            key = f"{uid}|conditions reset|{machine.observer.lost_at}"
+            events.append(machine.reset_conditions(at, key))
+            reset = (key, at)
+        events += warnings
+        events += machine.observer.value("availability", message.kind, "AVAILABLE", at, uid)
+        return events, reset
 
     def _births_over(self, node: _Node) -> list[CloudEvent]:
         """After an NBIRTH, its DBIRTHs are over: a configured device not born again is not
@@ -693,7 +726,17 @@ class SparkplugHost:
         where = f"{self.config.group_id}/{node.name}/{device}"
         return machine.observer.lost(f"Sparkplug device {where} is offline ({why})")
 
-    def _apply(self, node: _Node, message: _Message, birth: bool = False) -> list[CloudEvent]:
+    def _apply(
+        self,
+        node: _Node,
+        message: _Message,
+        birth: bool = False,
+        reset: tuple[str, datetime] | None = None,
+    ) -> list[CloudEvent]:
+        """The events of a DATA or birth message's mapped metrics. After a conditions' reset
+        (``reset``: its key and time), a condition is stamped no earlier than the reset and its
+        id carries the reset's key: the same fault read before the reset (same metric, time and
+        value) must reach the hub again, and after the reset by event time too."""
         device, payload = message.device, message.payload
         machine = node.machines.get(device)
         aliases = node.aliases.setdefault(device, {})
@@ -743,6 +786,12 @@ class SparkplugHost:
                     events += warnings
                     if read is not None:
                         states.setdefault(at, {})[role] = read
+                elif isinstance(role, ConditionMetric) and reset is not None:
+                    # Active at the birth, after the reset: never stamped before it (read by
+                    # event time, a fault from before the reset would be cleared by it).
+                    key, reset_at = reset
+                    at = max(at, reset_at)
+                    others += machine.observe(role, name, value, at, f"{uid}|{key}")
                 else:
                     others += machine.observe(role, name, value, at, uid)
         for at in sorted(states):

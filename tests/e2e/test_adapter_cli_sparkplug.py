@@ -53,7 +53,7 @@ async def test_check_prints_what_the_births_would_publish(
     config = press_config(tmp_path / "mes-hub.toml", edge_node)
     code, out, err = await mes_hub("adapter", "check", "--config", str(config))
     assert code == 0, err
-    assert f"sparkplug 127.0.0.1:{edge_node.port}: 3 events" in out
+    assert f"sparkplug 127.0.0.1:{edge_node.port}: 4 events" in out
     assert "PRESS-9" in out and "mes.machine.execution.v1" in out and "O1234" in out
     assert edge_node.rebirth_requests == 1  # check asked for the births
 

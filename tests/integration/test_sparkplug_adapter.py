@@ -108,12 +108,27 @@ def config(
     )
 
 
+RESET = ("condition", {"level": "normal"})  # a first birth's: the hub's conditions cleared
+
+
+def told(publisher: InMemoryPublisher) -> list[tuple[str, dict[str, Any]]]:
+    """What the adapter published, without the conditions' resets of first births (tested on
+    their own): what the tests of other rules are about."""
+    return [fact for fact in facts(publisher) if fact != RESET]
+
+
+def conditions_told(publisher: InMemoryPublisher) -> list[dict[str, Any]]:
+    return [data for kind, data in told(publisher) if kind == "condition"]
+
+
 def at_ms(milliseconds: int) -> datetime:
     return datetime.fromtimestamp(milliseconds / 1000, UTC)
 
 
 def times(publisher: InMemoryPublisher) -> list[datetime]:
-    return [e.envelope.time for _, e in publisher.published]
+    """The times of what ``told`` gives."""
+    return [e.envelope.time for (_, e), fact in zip(publisher.published, facts(publisher),
+                                                    strict=True) if fact != RESET]  # fmt: skip
 
 
 @pytest.fixture
@@ -150,9 +165,9 @@ async def test_births_then_every_change_once_with_its_time(
     node.connect()  # born before the adapter runs: it asks for a rebirth on connecting
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker)), publisher)
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
     assert node.rebirth_requests == 1
-    assert facts(publisher) == [
+    assert told(publisher) == [
         ("availability", {"availability": "AVAILABLE"}),
         ("execution", {"execution": "STOPPED"}),
         ("partcount", {"count": 100, "kind": "all"}),
@@ -167,8 +182,8 @@ async def test_births_then_every_change_once_with_its_time(
     started_at = node.set(Running=True, timestamp=1_700_000_000_000 + 5)
     counted_at = node.set(Parts=101, timestamp=1_700_000_000_000 + 9)
     stopped_at = node.set(Running=False, Parts=102, timestamp=1_700_000_000_000 + 20)
-    await eventually(lambda: len(publisher.published) == 7)
-    assert facts(publisher)[3:] == [
+    await eventually(lambda: len(told(publisher)) == 7)
+    assert told(publisher)[3:] == [
         ("execution", {"execution": "ACTIVE"}),
         ("partcount", {"count": 101, "kind": "all"}),
         ("execution", {"execution": "STOPPED"}),
@@ -183,7 +198,7 @@ async def test_births_then_every_change_once_with_its_time(
     offered = len(publisher.offered)
     node.publish_births()
     node.set(Parts=103, timestamp=1_700_000_000_000 + 30)  # and then goes on
-    await eventually(lambda: len(publisher.published) == 8)
+    await eventually(lambda: len(told(publisher)) == 8)
     assert publisher.offered[offered:] == [publisher.published[-1][1].envelope.id]
     assert len(set(publisher.offered)) == len(publisher.offered)
 
@@ -196,13 +211,13 @@ async def test_a_rereading_adapter_gives_the_same_ids(
     node.set(Running=True, Parts=7)
     first, second = Recorder(), Recorder()
     run(started, SparkplugAdapter(config(broker)), first)
-    await eventually(lambda: len(first.published) == 3)
+    await eventually(lambda: len(told(first)) == 3)
     run(started, SparkplugAdapter(config(broker)), second)  # its rebirth request: births again
-    await eventually(lambda: len(second.published) == 3)
+    await eventually(lambda: len(told(second)) == 3)
     # The values carry their own timestamps: the same facts, the same ids. AVAILABLE is
     # stamped with the birth it was read from, a new one.
-    assert [e.envelope.id for _, e in first.published[1:]] == [
-        e.envelope.id for _, e in second.published[1:]
+    assert [e.envelope.id for _, e in first.published[2:]] == [
+        e.envelope.id for _, e in second.published[2:]
     ]
 
 
@@ -239,7 +254,7 @@ async def test_devices_are_machines_and_ddeath_makes_one_unavailable(
         return [
             (s.rsplit(".", 1)[1], e.envelope.data)
             for s, e in publisher.published
-            if e.envelope.subject == machine
+            if e.envelope.subject == machine and e.envelope.data != RESET[1]
         ]
 
     await eventually(lambda: len(of("LATHE-1")) == 3 and len(of("MILL-1")) == 3)
@@ -269,11 +284,11 @@ async def test_a_node_death_with_its_bdseq_makes_its_machines_unavailable_once(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
 
     node.drop()  # no DISCONNECT: the broker publishes the will, NDEATH bdSeq 7
-    await eventually(lambda: len(publisher.published) == 5)
-    unavailable, condition = facts(publisher)[3:]
+    await eventually(lambda: len(told(publisher)) == 5)
+    unavailable, condition = told(publisher)[3:]
     assert unavailable == ("availability", {"availability": "UNAVAILABLE"})
     assert condition[1]["level"] == "unavailable"
     assert condition[1]["native_code"] == CONNECTION_CODE
@@ -281,8 +296,8 @@ async def test_a_node_death_with_its_bdseq_makes_its_machines_unavailable_once(
 
     node.tags[None]["Parts"].value = 150  # made while offline; the next birth says so
     node.connect()  # bdSeq 8
-    await eventually(lambda: len(publisher.published) == 8)
-    assert facts(publisher)[5:] == [
+    await eventually(lambda: len(told(publisher)) == 8)
+    assert told(publisher)[5:] == [
         ("availability", {"availability": "AVAILABLE"}),
         ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
         ("partcount", {"count": 150, "kind": "all"}),
@@ -296,7 +311,7 @@ async def test_a_stale_node_death_is_ignored(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
     node.close()
     node.connect()  # bdSeq 1: a new session
     # The will of session 0, delivered late (as when a session is taken over), and one
@@ -304,9 +319,9 @@ async def test_a_stale_node_death_is_ignored(
     node.send_raw("NDEATH", node.death(0))
     node.send_raw("NDEATH", node.death(255))
     node.set(Parts=101)  # sent after the stale deaths: the adapter has read them when it comes
-    await eventually(lambda: len(publisher.published) == 4)
-    assert facts(publisher)[3] == ("partcount", {"count": 101, "kind": "all"})
-    assert "UNAVAILABLE" not in str(facts(publisher))
+    await eventually(lambda: len(told(publisher)) == 4)
+    assert told(publisher)[3] == ("partcount", {"count": 101, "kind": "all"})
+    assert "UNAVAILABLE" not in str(told(publisher))
 
 
 async def test_pysparkplug_clean_disconnect_death_is_misnumbered_and_honoured(
@@ -342,11 +357,11 @@ async def test_pysparkplug_clean_disconnect_death_is_misnumbered_and_honoured(
         ],
     )
     node.connect("127.0.0.1", port=broker.port, blocking=False)
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
     node.disconnect()
-    await eventually(lambda: len(publisher.published) == 5)
+    await eventually(lambda: len(told(publisher)) == 5)
     watcher.disconnect()
-    assert facts(publisher)[3][1] == {"availability": "UNAVAILABLE"}
+    assert told(publisher)[3][1] == {"availability": "UNAVAILABLE"}
     (birth,) = [b for k, b in seen if k == "NBIRTH"]
     (death,) = [d for k, d in seen if k == "NDEATH"]
     assert death == (birth + 1) % 256  # the known problem, as the broker carried it
@@ -360,7 +375,7 @@ async def test_a_seq_gap_requests_a_rebirth_and_values_wait_for_it(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
     asked = node.rebirth_requests
     node.answer_rebirth = False
     node.skip_seq()  # a message lost on the way
@@ -368,9 +383,9 @@ async def test_a_seq_gap_requests_a_rebirth_and_values_wait_for_it(
     await eventually(lambda: node.rebirth_requests == asked + 1)
     node.set(Parts=201)  # in sequence again, but the node is not trusted before a birth
     node.publish_births()  # the birth says where it stands
-    await eventually(lambda: len(publisher.published) == 4)
+    await eventually(lambda: len(told(publisher)) == 4)
     # 200 and 201 by DATA were not taken: had they been, 200 would be here.
-    assert facts(publisher)[3:] == [("partcount", {"count": 201, "kind": "all"})]
+    assert told(publisher)[3:] == [("partcount", {"count": 201, "kind": "all"})]
 
 
 async def test_data_before_any_birth_is_ignored_and_a_rebirth_requested(
@@ -390,8 +405,8 @@ async def test_data_before_any_birth_is_ignored_and_a_rebirth_requested(
     await eventually(data_without_birth_asks_again)
     assert publisher.published == []
     node.publish_births()
-    await eventually(lambda: len(publisher.published) == 3)
-    assert facts(publisher)[1] == ("execution", {"execution": "ACTIVE"})
+    await eventually(lambda: len(told(publisher)) == 3)
+    assert told(publisher)[1] == ("execution", {"execution": "ACTIVE"})
 
 
 async def test_request_rebirth_false_sends_no_command(
@@ -408,7 +423,7 @@ async def test_request_rebirth_false_sends_no_command(
     node.set(Running=False)
     node.close()
     node.connect()  # a birth of its own accord
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
     assert node.rebirth_requests == 0
 
 
@@ -436,20 +451,20 @@ async def test_garbage_and_wrong_types_are_warnings_and_the_adapter_goes_on(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker, machines)), publisher)
     node.connect()
-    await eventually(lambda: len(of_kind(publisher, "condition")) == 1)
-    (wrong_type,) = of_kind(publisher, "condition")
+    await eventually(lambda: len(conditions_told(publisher)) == 1)
+    (wrong_type,) = conditions_told(publisher)
     assert wrong_type["level"] == "warning"
     assert wrong_type["native_code"] == BAD_INPUT_CODE
     assert wrong_type["message"] == "Line1: metric 'Parts': a count, got 'twelve'"
 
     node.send_raw("NDATA", b"\x0a\xff\xff\xff")  # not a Sparkplug payload
-    await eventually(lambda: len(of_kind(publisher, "condition")) == 2)
-    garbage = of_kind(publisher, "condition")[1]
+    await eventually(lambda: len(conditions_told(publisher)) == 2)
+    garbage = conditions_told(publisher)[1]
     assert garbage["native_code"] == BAD_INPUT_CODE
     assert garbage["message"].startswith("Line1: NDATA spBv1.0/Plant1/NDATA/Line1: payload:")
     node.set_metrics({"Mode": "DANCING"})
-    await eventually(lambda: len(of_kind(publisher, "condition")) == 3)
-    assert "'DANCING' is not a controller mode" in of_kind(publisher, "condition")[2]["message"]
+    await eventually(lambda: len(conditions_told(publisher)) == 3)
+    assert "'DANCING' is not a controller mode" in conditions_told(publisher)[2]["message"]
     node.set(Running=True)  # and on it goes
     await eventually(
         lambda: {"execution": "ACTIVE", "mode": "AUTOMATIC"} in of_kind(publisher, "execution")
@@ -478,14 +493,14 @@ async def test_flag_and_alarm_code_conditions(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker, machines)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 1)
+    await eventually(lambda: len(told(publisher)) == 1)
     node.set_metrics({"Door Open": True})
     node.set(Alarm=17)
     node.set(Alarm=23)
     node.set(Alarm=0)
     node.set_metrics({"Door Open": False})
-    await eventually(lambda: len(of_kind(publisher, "condition")) == 6)
-    assert [(c["level"], c.get("native_code")) for c in of_kind(publisher, "condition")] == [
+    await eventually(lambda: len(conditions_told(publisher)) == 6)
+    assert [(c["level"], c.get("native_code")) for c in conditions_told(publisher)] == [
         ("warning", "DOOR"),
         ("fault", "17"),
         ("normal", "17"),
@@ -493,7 +508,75 @@ async def test_flag_and_alarm_code_conditions(
         ("normal", "23"),
         ("normal", "DOOR"),
     ]
-    assert of_kind(publisher, "condition")[1]["message"] == "alarm 17 (Alarm)"
+    assert conditions_told(publisher)[1]["message"] == "alarm 17 (Alarm)"
+
+
+class IntoHub(Recorder):
+    """Records what is offered, and publishes it into a running hub."""
+
+    def __init__(self, hub: Any) -> None:
+        super().__init__()
+        self.hub = hub
+
+    async def publish_many(self, events: list[Any]) -> list[Any]:
+        await self.hub.publisher.publish_many(events)
+        return await super().publish_many(events)
+
+
+async def test_a_new_run_clears_what_cleared_while_no_adapter_listened(
+    hub: Any, broker: Broker, nodes: list[EdgeNode], started: list[Running]
+) -> None:
+    """A fault that clears while the adapter is stopped: the new run's first birth shows it
+    clear, which the new run, not knowing it was active, could not tell by a NORMAL with its
+    code. The birth lists every metric: a NORMAL without a code clears all, then the birth
+    raises again what is still active (with a new id: the same reading as before would be a
+    duplicate the hub drops)."""
+    node = edge(
+        nodes,
+        broker,
+        metrics={"Overload": (DataType.BOOLEAN, False), "Alarm": (DataType.UINT16, 0)},
+    )
+    machines = [
+        {
+            "machine_id": "PRESS-1",
+            "edge_node": "Line1",
+            "conditions": [{"metric": "Overload", "native_code": "OVERLOAD"}, {"metric": "Alarm"}],
+        }
+    ]
+    publisher = IntoHub(hub)  # one hub, both runs
+
+    def active() -> set[str]:
+        machine = hub.store.machine(hub.settings.site, "PRESS-1")
+        return set(machine.conditions) if machine is not None else set()
+
+    first = run(started, SparkplugAdapter(config(broker, machines)), publisher)
+    node.connect()
+    await eventually(lambda: len(publisher.published) == 2)
+    assert facts(publisher) == [RESET, ("availability", {"availability": "AVAILABLE"})]
+    node.set_metrics({"Overload": True})
+    node.set(Alarm=17)
+    await eventually(lambda: active() == {"OVERLOAD", "17"})
+    alarm_17 = publisher.published[-1][1].envelope
+    await first.finish()
+
+    node.set_metrics({"Overload": False})  # no adapter listens
+    seen = len(publisher.published)
+    run(started, SparkplugAdapter(config(broker, machines)), publisher)  # asks for a rebirth
+    await eventually(lambda: len(publisher.published) == seen + 3)
+    assert facts(publisher)[seen:] == [
+        RESET,  # before anything else of the machine
+        ("availability", {"availability": "AVAILABLE"}),
+        ("condition", {"level": "fault", "native_code": "17", "message": "alarm 17 (Alarm)"}),
+    ]
+    reset, _, again = [e.envelope for _, e in publisher.published[seen:]]
+    # Alarm 17 is still active at the birth: raised again at the reset's time, never before
+    # it (read by event time, a fault from before the reset would be cleared by it).
+    assert again.time == reset.time > alarm_17.time and again.id != alarm_17.id
+    # In the hub: not OVERLOAD (it cleared while no adapter listened), and alarm 17 again, as
+    # known from the birth that showed it active.
+    await eventually(lambda: active() == {"17"})
+    machine = hub.store.machine(hub.settings.site, "PRESS-1")
+    assert machine.conditions["17"]["since"] == reset.time.isoformat()
 
 
 async def test_a_broker_restart_makes_machines_unavailable_once_then_back(
@@ -504,23 +587,23 @@ async def test_a_broker_restart_makes_machines_unavailable_once_then_back(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
 
     broker.kill()
-    await eventually(lambda: len(publisher.published) == 5)
+    await eventually(lambda: len(told(publisher)) == 5)
     await eventually(lambda: sum("cannot connect" in r.getMessage() for r in caplog.records) >= 3)
-    unavailable, condition = facts(publisher)[3:]
+    unavailable, condition = told(publisher)[3:]
     assert unavailable == ("availability", {"availability": "UNAVAILABLE"})
     assert condition[1]["native_code"] == CONNECTION_CODE
     assert condition[1]["message"].startswith(f"MQTT broker 127.0.0.1:{broker.port} unreachable: ")
-    assert len(publisher.published) == 5  # three failed reconnects: still one UNAVAILABLE
+    assert len(told(publisher)) == 5  # three failed reconnects: still one UNAVAILABLE
 
     broker.start()  # the same port
     node.drop()
     node.connect()  # the edge node reconnects too: a new session
     counted_at = node.set(Parts=120)  # published after the restart: must arrive
-    await eventually(lambda: ("partcount", {"count": 120, "kind": "all"}) in facts(publisher))
-    assert facts(publisher)[5:7] == [
+    await eventually(lambda: ("partcount", {"count": 120, "kind": "all"}) in told(publisher))
+    assert told(publisher)[5:7] == [
         ("availability", {"availability": "AVAILABLE"}),
         ("condition", {"level": "normal", "native_code": CONNECTION_CODE}),
     ]
@@ -535,16 +618,16 @@ async def test_a_hung_broker_is_lost_and_found_again(
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
     broker.pause()  # connections stay open, nothing is answered
     try:
-        await eventually(lambda: len(publisher.published) == 5)
+        await eventually(lambda: len(told(publisher)) == 5)
     finally:
         broker.resume()
     # Found by the adapter's own ping (keepalive_s / 2 of quiet), not by a closed socket.
-    assert "no answer to a ping within 1.0 s" in facts(publisher)[4][1]["message"]
+    assert "no answer to a ping within 1.0 s" in told(publisher)[4][1]["message"]
     await eventually(
-        lambda: ("availability", {"availability": "AVAILABLE"}) in facts(publisher)[5:], timeout=30
+        lambda: ("availability", {"availability": "AVAILABLE"}) in told(publisher)[5:], timeout=30
     )
 
 
@@ -593,7 +676,7 @@ async def test_credentials_let_the_adapter_in_and_never_reach_the_log(
         assert "s3cret" not in repr(cfg)
         publisher = Recorder()
         run(started, SparkplugAdapter(cfg), publisher)
-        await eventually(lambda: len(publisher.published) == 3)
+        await eventually(lambda: len(told(publisher)) == 3)
         assert not any("s3cret" in r.getMessage() or "Pa55" in r.getMessage()
                        for r in caplog.records)  # fmt: skip
     finally:
@@ -614,7 +697,7 @@ async def test_tls_with_the_brokers_ca(
         secure = config(broker, port=broker.tls_port, tls=True, ca_file=str(certificate))
         publisher = Recorder()
         run(started, SparkplugAdapter(secure), publisher)
-        await eventually(lambda: len(publisher.published) == 3)
+        await eventually(lambda: len(told(publisher)) == 3)
 
         # A broker whose certificate the adapter cannot check is refused.
         untrusted = config(broker, port=broker.tls_port, tls=True)
@@ -634,6 +717,7 @@ async def test_check_returns_the_births_without_publishing(
     node.set(Running=True, Parts=42)
     events = await SparkplugAdapter(config(broker)).check()
     assert [(e.type.split(".")[2], e.data) for e in events] == [
+        RESET,
         ("availability", {"availability": "AVAILABLE"}),
         ("execution", {"execution": "ACTIVE"}),
         ("partcount", {"count": 42, "kind": "all"}),
@@ -823,7 +907,8 @@ def warnings_of(events: list[Any]) -> list[str]:
 def test_mode_program_and_execution_of_one_message_are_one_event() -> None:
     rules, wire = host(), Wire(STATE)
     events = rules.receive(*wire.nbirth())
-    assert said(events)[:2] == [
+    assert said(events)[:3] == [
+        RESET,
         ("availability", {"availability": "AVAILABLE"}),
         ("execution", {"execution": "READY", "mode": "MANUAL", "program": "O100"}),
     ]
@@ -840,13 +925,38 @@ def test_mode_program_and_execution_of_one_message_are_one_event() -> None:
     ]
 
 
+def test_a_birth_after_a_loss_resets_the_conditions_and_raises_the_active_again() -> None:
+    machine = {**LINE1, "conditions": [{"metric": "Door", "native_code": "DOOR"}]}
+    rules, wire = host([machine]), Wire({**STATE, "Door": (DataType.BOOLEAN, True)})
+    first = rules.receive(*wire.nbirth())
+    assert said(first)[:2] == [RESET, ("availability", {"availability": "AVAILABLE"})]
+    (door,) = [e for e in first if e.data.get("native_code") == "DOOR"]
+    assert door.data["level"] == "fault"
+    # A rebirth of the same session (the node was not lost): nothing to reset, nothing new.
+    rules.receive(*wire.ndata(T0 + 1, Parts=11))
+    assert said(rules.receive(*wire.nbirth(T0 + 2))) == []
+    # Lost, then born again, even with the very first birth's values and times: its
+    # conditions may have changed meanwhile, so a reset comes first (not the first one's id,
+    # which the hub would drop) and the door, still open, is raised again.
+    rules.receive(*wire.ndeath(0))
+    events = rules.receive(*wire.nbirth(T0))
+    assert said(events)[:2] == [RESET, ("availability", {"availability": "AVAILABLE"})]
+    assert events[0].time == at_ms(T0) and events[0].id != first[0].id
+    (again,) = [e for e in events if e.data.get("native_code") == "DOOR"]
+    assert (again.data, again.time) == (door.data, door.time) and again.id != door.id
+    # The same birth read again (a duplicate delivery): nothing new.
+    assert rules.receive(*wire.nbirth(T0)) == []
+
+
 def test_mode_before_any_execution_waits_for_it() -> None:
     machine = {**LINE1, "part_count": None}
     rules, wire = host([machine]), Wire({"Mode": (DataType.STRING, "EDIT")})
     # A birth with a mode but no execution (State is null): no execution is made up to carry
     # the mode; the first real one carries it.
     wire.types["State"], wire.aliases["State"], wire.values["State"] = DataType.INT32, 9, None
-    assert said(rules.receive(*wire.nbirth())) == [("availability", {"availability": "AVAILABLE"})]
+    assert said(rules.receive(*wire.nbirth())) == [
+        RESET, ("availability", {"availability": "AVAILABLE"}),
+    ]  # fmt: skip
     assert said(rules.receive(*wire.ndata(T0 + 5, State=2))) == [
         ("execution", {"execution": "STOPPED", "mode": "EDIT"})
     ]
@@ -1020,7 +1130,7 @@ async def test_reconnect_backoff_doubles_after_waiting_and_starts_again_after_a_
     publisher = Recorder()
     run(started, SparkplugAdapter(config(broker, reconnect_max_s=1.0)), publisher)
     node.connect()
-    await eventually(lambda: len(publisher.published) == 3)
+    await eventually(lambda: len(told(publisher)) == 3)
 
     def waits() -> list[tuple[float, float]]:
         """(when, seconds) of each "reconnecting in" the adapter logged."""
@@ -1036,9 +1146,7 @@ async def test_reconnect_backoff_doubles_after_waiting_and_starts_again_after_a_
     broker.start()
     node.drop()
     node.connect()
-    await eventually(
-        lambda: ("availability", {"availability": "AVAILABLE"}) in facts(publisher)[5:]
-    )
+    await eventually(lambda: ("availability", {"availability": "AVAILABLE"}) in told(publisher)[5:])
     seen = len(waits())
     broker.kill()  # the session brought messages: the backoff starts again
     await eventually(lambda: len(waits()) >= seen + 2)
