@@ -75,5 +75,5 @@ async def test_adapter_run_feeds_the_hub_until_ctrl_c(hub: Hub, tmp_path: Path) 
         out, err = await asyncio.wait_for(process.communicate(), 30)
         await peer.stop()
     assert process.returncode == 0, err.decode()[-2000:]
-    assert f"haas 127.0.0.1:{peer.port}" in out.decode()
+    assert f"haas 127.0.0.1:{peer.port}" in " ".join(out.decode().split())
     assert all(query.startswith("?Q") for query in peer.queries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -80,6 +81,7 @@ async def test_adapter_run_serial_feeds_a_running_hub_until_ctrl_c(
     process = await asyncio.create_subprocess_exec(
         *MES_HUB, "adapter", "run", "serial", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "400"},  # a device path wider than the console
     )  # fmt: skip
     site = hub.settings.site
 
@@ -99,4 +101,6 @@ async def test_adapter_run_serial_feeds_a_running_hub_until_ctrl_c(
         out, err = await asyncio.wait_for(process.communicate(), 30)
         machine.close()
     assert process.returncode == 0, err.decode()[-2000:]
-    assert f"adapter serial {machine.link}" in out.decode()
+    assert f"adapter serial {machine.link}" in " ".join(
+        out.decode().split()
+    )  # Rich wraps long lines
