@@ -39,8 +39,8 @@ from hub.bootstrap import Hub
 from hub.cli import dnc as cli_dnc
 from hub.cli.dnc import HubLink, _catch_up, _link, _record
 from hub.ports import InMemoryPublisher
+from tests.adapter_harness import Running
 from tests.conftest import api_client, api_key, eventually
-from tests.integration.test_modbus_adapter import Running
 from tests.serial_peer import FakeControl
 
 BAUD = 38_400  # 3,840 bytes/s on the line; the control executes 2,500 bytes/s: it must pause

@@ -33,6 +33,7 @@ from adapters.machines.focas import (
 )
 from contracts import CloudEvent
 from hub.ports import InMemoryPublisher, PublishReceipt
+from tests.adapter_harness import Running, facts, of_kind
 from tests.conftest import eventually
 from tests.focas_peer import VACANT, FocasPeer, PeerAlarm, macro_bytes
 
@@ -59,30 +60,8 @@ def config(peer: FocasPeer, **kwargs: Any) -> FocasConfig:
     return FocasConfig.model_validate({**values, **kwargs})
 
 
-def facts(publisher: InMemoryPublisher) -> list[tuple[str, dict[str, Any]]]:
-    """(kind, data) of every published event, in publish order."""
-    return [(subject.rsplit(".", 1)[1], e.envelope.data) for subject, e in publisher.published]
-
-
-def of_kind(publisher: InMemoryPublisher, kind: str) -> list[dict[str, Any]]:
-    return [data for k, data in facts(publisher) if k == kind]
-
-
 def warnings(publisher: InMemoryPublisher) -> list[str]:
     return [c["message"] for c in of_kind(publisher, "condition") if c["level"] == "warning"]
-
-
-class Running:
-    """An adapter's ``run`` as a task, stopped (and checked not to have crashed) at the end."""
-
-    def __init__(self, adapter: FocasAdapter, publisher: Any) -> None:
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(adapter.run(publisher, self.stop))
-
-    async def finish(self) -> None:
-        assert not self.task.done(), "the adapter stopped on its own"
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10)
 
 
 def test_adapter_satisfies_the_port() -> None:

@@ -17,6 +17,7 @@ from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapt
 from adapters.machines.config import AdapterConfigError, load_adapters
 from adapters.machines.haas import JUNK, HaasAdapter, HaasConfig, ReplyReader
 from hub.ports import InMemoryPublisher
+from tests.adapter_harness import Running, facts, of_kind
 from tests.conftest import eventually
 from tests.haas_peer import HaasPeer
 
@@ -44,28 +45,6 @@ def config(peer: HaasPeer, **kwargs: Any) -> HaasConfig:
             **kwargs,
         }
     )
-
-
-def facts(publisher: InMemoryPublisher) -> list[tuple[str, dict[str, Any]]]:
-    """(kind, data) of every published event, in publish order."""
-    return [(subject.rsplit(".", 1)[1], e.envelope.data) for subject, e in publisher.published]
-
-
-def of_kind(publisher: InMemoryPublisher, kind: str) -> list[dict[str, Any]]:
-    return [data for k, data in facts(publisher) if k == kind]
-
-
-class Running:
-    """An adapter's ``run`` as a task, stopped (and checked not to have crashed) at the end."""
-
-    def __init__(self, adapter: HaasAdapter, publisher: Any) -> None:
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(adapter.run(publisher, self.stop))
-
-    async def finish(self) -> None:
-        assert not self.task.done(), "the adapter stopped on its own"
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10)
 
 
 async def polls(peer: HaasPeer, n: int) -> None:

@@ -27,6 +27,7 @@ from adapters.machines.lsv2 import (
     Reading,
 )
 from hub.ports import InMemoryPublisher
+from tests.adapter_harness import Running, facts, of_kind
 from tests.conftest import eventually
 from tests.lsv2_peer import T_ER_BAD_FORMAT, Lsv2Peer, PeerError, refusal, telegram
 
@@ -56,30 +57,8 @@ def config(peer: Lsv2Peer, **kwargs: Any) -> Lsv2Config:
     )
 
 
-def facts(publisher: InMemoryPublisher) -> list[tuple[str, dict[str, Any]]]:
-    """(kind, data) of every published event, in publish order."""
-    return [(subject.rsplit(".", 1)[1], e.envelope.data) for subject, e in publisher.published]
-
-
-def of_kind(publisher: InMemoryPublisher, kind: str) -> list[dict[str, Any]]:
-    return [data for k, data in facts(publisher) if k == kind]
-
-
 def times(publisher: InMemoryPublisher, kind: str) -> list[datetime]:
     return [e.envelope.time for s, e in publisher.published if s.rsplit(".", 1)[1] == kind]
-
-
-class Running:
-    """An adapter's ``run`` as a task, stopped (and checked not to have crashed) at the end."""
-
-    def __init__(self, adapter: Lsv2Adapter, publisher: Any) -> None:
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(adapter.run(publisher, self.stop))
-
-    async def finish(self) -> None:
-        assert not self.task.done(), "the adapter stopped on its own"
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10)
 
 
 async def polled(peer: Lsv2Peer, n: int) -> None:

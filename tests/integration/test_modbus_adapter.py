@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -21,6 +20,7 @@ from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapt
 from adapters.machines.config import AdapterConfigError, load_adapters
 from adapters.machines.modbus import ModbusAdapter, ModbusConfig, ModbusRegister
 from hub.ports import InMemoryPublisher
+from tests.adapter_harness import Running, facts, of_kind
 from tests.conftest import eventually
 from tests.counting import stored_counters
 
@@ -139,28 +139,6 @@ MAIN_MAP = [
     {"address": 2, "type": "uint32", "word_order": "little", "meaning": "bad_count"},
     {"address": 4, "meaning": "alarm_code"},
 ]
-
-
-def facts(publisher: InMemoryPublisher) -> list[tuple[str, dict[str, Any]]]:
-    """(kind, data as sent) of every published event, in publish order."""
-    return [(subject.rsplit(".", 1)[1], e.envelope.data) for subject, e in publisher.published]
-
-
-def of_kind(publisher: InMemoryPublisher, kind: str) -> list[dict[str, Any]]:
-    return [data for k, data in facts(publisher) if k == kind]
-
-
-class Running:
-    """An adapter's ``run`` as a task, stopped (and checked not to have crashed) at the end."""
-
-    def __init__(self, adapter: ModbusAdapter, publisher: Any) -> None:
-        self.stop = asyncio.Event()
-        self.task = asyncio.create_task(adapter.run(publisher, self.stop))
-
-    async def finish(self) -> None:
-        assert not self.task.done(), "the adapter stopped on its own"
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10)
 
 
 def test_adapter_satisfies_the_port() -> None:

@@ -17,8 +17,8 @@ from adapters.machines.base import BAD_INPUT_CODE, CONNECTION_CODE, MachineAdapt
 from adapters.machines.config import AdapterConfigError, load_adapters
 from adapters.machines.serial_line import SerialConfig, SerialLineAdapter, SerialLineParser
 from hub.ports import InMemoryPublisher
+from tests.adapter_harness import Running, facts
 from tests.conftest import eventually
-from tests.integration.test_modbus_adapter import Running, facts
 from tests.serial_peer import SerialMachine
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "adapters" / "serial.md"

@@ -32,8 +32,8 @@ from adapters.machines.sparkplug import (
     SparkplugMachine,
 )
 from hub.ports import InMemoryPublisher
+from tests.adapter_harness import Running, facts, of_kind
 from tests.conftest import eventually
-from tests.integration.test_modbus_adapter import Running, facts, of_kind
 from tests.sparkplug_peer import (
     Broker,
     EdgeNode,
