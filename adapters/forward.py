@@ -26,7 +26,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,8 +85,7 @@ class _Queue:
     def append(self, events: list[CloudEvent], max_events: int) -> int:
         """Queue ``events``; returns how many of the oldest were dropped to stay in bounds."""
         self.opened.result()  # the open's own error, if it failed
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._db.executemany(
                 "INSERT INTO waiting (event) VALUES (?)", [(e.model_dump_json(),) for e in events]
             )
@@ -97,11 +96,6 @@ class _Queue:
                     "(SELECT seq FROM waiting ORDER BY seq LIMIT ?)",
                     (excess,),
                 )
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
         self.size = self._count()
         return max(0, excess)
 
@@ -112,33 +106,34 @@ class _Queue:
         ).fetchall()
         return [(seq, CloudEvent.model_validate_json(text)) for seq, text in rows]
 
-    def remove(self, seqs: list[int]) -> None:
-        self.opened.result()
-        self._db.executemany("DELETE FROM waiting WHERE seq = ?", [(s,) for s in seqs])
-        self.size = self._count()
-
     def set_aside(self, refused: list[tuple[int, str]]) -> None:
         """Move waiting events the contract refuses to ``refused``, with the reason, in one
         transaction: kept on disk, no longer in the way of what waits behind them."""
         self.opened.result()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._db.executemany(
                 "INSERT OR REPLACE INTO refused (seq, event, reason) "
                 "SELECT seq, event, ? FROM waiting WHERE seq = ?",
                 [(reason, seq) for seq, reason in refused],
             )
             self._db.executemany("DELETE FROM waiting WHERE seq = ?", [(s,) for s, _ in refused])
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
         self.size = self._count()
 
     def remove_through(self, seq: int) -> None:
         self.opened.result()
         self.size -= self._db.execute("DELETE FROM waiting WHERE seq <= ?", (seq,)).rowcount
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed whole, or rolled back whole."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM waiting").fetchone()[0])
