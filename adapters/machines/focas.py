@@ -614,7 +614,7 @@ class FocasAdapter:
 
         if not state.polled:
             # A fresh run knows every condition of the machine: clear what an earlier run left.
-            events.append(self.events.condition("normal", at, f"conditions|{stamp}|reset"))
+            events.append(observer.reset_conditions(at, f"conditions|{stamp}|reset"))
             state.polled = True
         events += observer.value("availability", "focas", "AVAILABLE", at, f"{stamp}|available")
         by_call = dict(zip(self.calls, answers, strict=True))

@@ -760,7 +760,7 @@ class HaasAdapter:
         events = observer.value("availability", "Q500", "AVAILABLE", at, f"available|{stamp}")
         if not machine.polled:
             # A fresh run knows every condition of the machine: clear what an earlier run left.
-            events.append(self.events.condition("normal", at, f"conditions|{stamp}|reset"))
+            events.append(observer.reset_conditions(at, f"conditions|{stamp}|reset"))
             machine.polled = True
         if reading.execution is not None or (
             reading.mode is not None and observer.execution is not None

@@ -784,7 +784,7 @@ class Lsv2Adapter:
         if not state.cleared:
             # The control's error list is this machine's only source of conditions: a fresh
             # run clears what an earlier one left active.
-            events.append(self.events.condition("normal", at, f"conditions|{stamp}|reset"))
+            events.append(observer.reset_conditions(at, f"conditions|{stamp}|reset"))
             state.cleared = True
         execution = None if reading.program_state is None else EXECUTIONS[reading.program_state]
         mode = None if reading.mode is None else MODES[reading.mode]

@@ -114,6 +114,16 @@ class MachineObserver:
             ),
         ]
 
+    def reset_conditions(self, at: datetime, key: str) -> CloudEvent:
+        """A ``normal`` without a code, for an adapter that sees all of a machine's conditions
+        at once (a poll, a birth): the hub clears every condition of the machine it holds
+        (what an earlier run, or the time out of reach, left), and what the adapter reads
+        next raises again those still active. This observer forgets which codes it published
+        active, so that it publishes them again."""
+        for codes in self.active_codes.values():
+            codes.clear()
+        return self.events.condition("normal", at, key)
+
     def bad(self, what: str, raw: object) -> list[CloudEvent]:
         key = f"{time.time_ns()}|{raw!r:.200}"
         return [report_bad_input(self._log, self.events, what, raw, key)]

@@ -390,9 +390,7 @@ class _Machine:
         loss: the hub clears every condition of the machine it holds (what an earlier run, or
         the time out of reach, left), and the birth raises again those it shows active. The
         observer forgets which codes it published active, so that it publishes them again."""
-        for codes in self.observer.active_codes.values():
-            codes.clear()
-        return self.events.condition("normal", at, key)
+        return self.observer.reset_conditions(at, key)
 
 
 @dataclass
